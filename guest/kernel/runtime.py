@@ -1,0 +1,912 @@
+"""DOC: tasks, wait queues, the clock and the scheduler of the guest kernel model.
+
+Every piece of guest code runs in a :class:`Task` (the model's ``task_struct``) of a runtime:
+
+- :class:`FreeRunning` runs tasks as real threads. Preemption points cost nothing and the clock
+  is the host's monotonic clock. Threads that no runtime spawned (a unit test calling a lock
+  directly, a console thread) are adopted into a process-wide default free-running runtime, so
+  the locking API needs no setup.
+- :class:`Deterministic` runs one task at a time. Tasks are threads handing a baton to each
+  other; at every preemption point (lock, unlock, fence operation, allocation, device step) a
+  seeded strategy picks who runs next, CHESS/Loom style, so the same seed replays the same
+  interleaving step for step. The clock is virtual: it moves only by :func:`advance` or, when
+  every task is blocked and some wait has a timeout, by jumping to the earliest deadline (trio's
+  autojump clock). A state where nothing can run and nothing can time out is a deadlock and
+  raises :class:`DeadlockError` naming every task, the locks it holds and what it waits for.
+
+Blocking always goes through :class:`WaitQueue.wait_event` (the kernel's ``wait_event()``), so a
+blocked task hands the baton over instead of spinning, and its ``wait_reason`` says why it sleeps.
+
+Usage::
+
+    from gemu.guest.kernel import runtime
+
+    def main():
+        done = runtime.Completion("worker done")
+        runtime.spawn(lambda: done.complete(), name="worker")
+        done.wait_for_completion()
+        return runtime.now_ns()
+
+    rt = runtime.Deterministic(seed=7)
+    rt.run(main)             # same seed, same rt.event_log, byte for byte
+    again = runtime.Deterministic(seed=0, replay=rt.schedule)   # replays rt's decisions
+
+A failed deterministic run (a task exception, a lockdep report in strict mode, a deadlock)
+re-raises the error from :meth:`Runtime.run` with ``seed`` and ``replay_hint`` attributes and a
+note naming the command that reproduces it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import threading
+import time
+from bisect import insort
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from gemu.guest import errors
+from gemu.guest.errors import Erestartsys
+
+_local = threading.local()
+_tids = itertools.count(1)
+
+TaskExitHook = Callable[["Task"], None]
+_task_exit_hooks: list[TaskExitHook] = []
+
+
+def add_task_exit_hook(hook: TaskExitHook) -> None:
+    """Run ``hook(task)`` in every task that returns normally, as it exits (lockdep's
+    "lock held when returning to user space" check uses this)."""
+    if hook not in _task_exit_hooks:
+        _task_exit_hooks.append(hook)
+
+
+class DeadlockError(RuntimeError):
+    """No task can run and no timed wait is pending; the message lists every task."""
+
+    seed: int | None = None
+    replay_hint: str = ""
+
+
+class LivelockError(RuntimeError):
+    """A deterministic run went past ``max_steps`` preemption points."""
+
+    seed: int | None = None
+    replay_hint: str = ""
+
+
+class ReplayDivergence(RuntimeError):
+    """A replayed schedule names a task that cannot run: the program is not deterministic."""
+
+
+class _Killed(BaseException):
+    """Unwinds the tasks of an aborted deterministic run; never escapes the runtime."""
+
+
+class Task:
+    """A guest kernel thread. Kernel: struct task_struct.
+
+    ``held_locks`` is lockdep's stack of the locks this task holds (newest last). The lockdep
+    fields ``fence_signalling_depth`` (explicit dma_fence signalling sections),
+    ``published_fences`` (id -> fence this task published and has not handed off) and
+    ``signalling_stack`` (where the current signalling section started) belong to
+    :mod:`gemu.guest.locking.lockdep`.
+    """
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        name: str,
+        tid: int,
+        fn: Callable[..., Any] | None = None,
+        args: tuple = (),
+        kwargs: dict | None = None,
+    ) -> None:
+        self.name = name
+        self.tid = tid
+        self.runtime = runtime
+        self.held_locks: list = []
+        self.signal_pending = False
+        self.fence_signalling_depth = 0
+        self.published_fences: dict[int, object] = {}
+        self.signalling_stack: object = None
+        self.signalling_mark = 0
+        self.atomic_depth = 0
+        self.done = False
+        self.result: Any = None
+        self.exception: BaseException | None = None
+        self._fn = fn
+        self._args = args
+        self._kwargs = kwargs or {}
+        self._wait_reason: str | Callable[[], str] | None = None
+        self._waiting_on: WaitQueue | None = None
+        self._exit_wq = WaitQueue(f"exit of {name}")
+        # Deterministic runtime only.
+        self._baton: threading.Lock | None = None
+        self._blocked = False
+        self._deadline: int | None = None
+        self._priority = 0.0
+
+    def __repr__(self) -> str:
+        state = "done" if self.done else ("blocked" if self._blocked else "runnable")
+        return f"<Task {self.tid} {self.name!r} {state}>"
+
+    def __lt__(self, other: Task) -> bool:  # run queues are kept in tid order
+        return self.tid < other.tid
+
+    @property
+    def wait_reason(self) -> str | None:
+        """What the task sleeps on, or None when it is not waiting."""
+        reason = self._wait_reason
+        return reason() if callable(reason) else reason
+
+    @wait_reason.setter
+    def wait_reason(self, reason: str | Callable[[], str] | None) -> None:
+        self._wait_reason = reason
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait until the task has finished; True if it did. ``timeout`` is in seconds of the
+        runtime clock (virtual seconds in deterministic mode)."""
+        timeout_ns = None if timeout is None else int(timeout * 1e9)
+        return self._exit_wq.wait_event(
+            lambda: self.done, timeout_ns=timeout_ns, reason=f"join {self.name}"
+        )
+
+    def send_signal(self) -> None:
+        """Make a signal pending and wake the task's current wait. Kernel: send_sig()."""
+        self.runtime.signal(self)
+
+    def clear_signal(self) -> None:
+        """Forget the pending signal (the model's return to user space)."""
+        self.signal_pending = False
+
+
+def current() -> Task:
+    """The running guest task. Kernel: current.
+
+    A thread that no runtime spawned is adopted as a task of the default free-running runtime.
+    """
+    try:
+        return _local.task
+    except AttributeError:
+        task = Task(_DEFAULT, threading.current_thread().name, next(_tids))
+        _local.task = task
+        return task
+
+
+def current_runtime() -> Runtime:
+    """The runtime of the running task."""
+    return current().runtime
+
+
+def default_runtime() -> FreeRunning:
+    """The free-running runtime that adopts threads no runtime spawned."""
+    return _DEFAULT
+
+
+def preempt(reason: str) -> None:
+    """A preemption point; ``reason`` names the operation for the event log.
+
+    Free-running: nothing. Deterministic: the scheduler may switch to another runnable task.
+    """
+    task = current()
+    task.runtime._preempt(task, reason)
+
+
+def now_ns() -> int:
+    """The runtime clock in nanoseconds. Kernel: ktime_get_ns()."""
+    return current().runtime.now_ns()
+
+
+def spawn(fn: Callable[..., Any], *args: Any, name: str, **kwargs: Any) -> Task:
+    """Start ``fn(*args, **kwargs)`` as a new task of the current runtime. Kernel: kthread_run()."""
+    return current().runtime.spawn(fn, *args, name=name, **kwargs)
+
+
+def advance(ns: int) -> None:
+    """Let ``ns`` nanoseconds of runtime clock pass, then reach a preemption point."""
+    task = current()
+    task.runtime.advance(ns)
+    task.runtime._preempt(task, f"advance {ns}")
+
+
+def sleep_ns(ns: int) -> None:
+    """Sleep for ``ns`` nanoseconds of runtime clock; other tasks run meanwhile. Kernel:
+    schedule_timeout_uninterruptible()."""
+    WaitQueue("sleep").wait_event(lambda: False, timeout_ns=ns, reason=f"sleep {ns} ns")
+
+
+def log(event: str) -> None:
+    """Append ``event`` to the current runtime's event log."""
+    current().runtime.log(event)
+
+
+class WaitQueue:
+    """Tasks sleeping until a condition holds. Kernel: wait_queue_head_t with wait_event().
+
+    ``lock`` guards the state the waiters test: change that state under ``lock``, then call
+    :meth:`wake_up_all` (with or without ``lock`` held). Never reach a preemption point while
+    holding ``lock``.
+    """
+
+    __slots__ = ("_cond", "_det_waiters", "_free_waiters", "lock", "name")
+
+    def __init__(self, name: str = "waitqueue") -> None:
+        self.name = name
+        self.lock = threading.RLock()
+        self._det_waiters: list[Task] = []
+        self._free_waiters = 0
+        self._cond: threading.Condition | None = None
+
+    def __repr__(self) -> str:
+        return f"<WaitQueue {self.name!r}>"
+
+    def wait_event(
+        self,
+        cond: Callable[[], bool],
+        timeout_ns: int | None = None,
+        interruptible: bool = False,
+        reason: str | Callable[[], str] | None = None,
+    ) -> bool:
+        """Sleep until ``cond()`` is true; call without ``lock`` held.
+
+        Kernel: wait_event_timeout() / wait_event_interruptible_timeout()
+        [include/linux/wait.h]
+
+        ``cond`` is evaluated with ``lock`` held (it may claim what it waited for, as a lock's
+        slow path does). Returns True once ``cond()`` was true, False when ``timeout_ns`` of
+        runtime clock passed first (``0`` polls once). ``reason`` (a string, or a callable
+        producing one) becomes the task's ``wait_reason``; by default the queue's name.
+
+        Raises:
+            Erestartsys: ``interruptible`` and the task has a signal pending.
+        """
+        task = current()
+        return task.runtime._wait_event(
+            task, self, cond, timeout_ns, interruptible, reason or f"wait {self.name}"
+        )
+
+    def wake_up_all(self) -> None:
+        """Wake every task sleeping on this queue; each re-tests its condition.
+        Kernel: wake_up_all()."""
+        if self._det_waiters:
+            waiters, self._det_waiters = self._det_waiters, []
+            for task in waiters:
+                task.runtime._wake(task)
+        if self._free_waiters:
+            self._notify_threads()
+
+    def _notify_threads(self) -> None:
+        with self.lock:
+            if self._cond is not None:
+                self._cond.notify_all()
+
+    def has_sleepers(self) -> bool:
+        """Whether any task sleeps here. Kernel: wq_has_sleeper()."""
+        return bool(self._det_waiters or self._free_waiters)
+
+
+_COMPLETE_ALL = 1 << 62
+
+
+class Completion:
+    """A one-way "it happened" event tasks can wait for. Kernel: struct completion.
+
+    ``done`` counts completions not yet consumed by a waiter (``complete_all`` makes it
+    unbounded until :meth:`reinit`).
+    """
+
+    def __init__(self, name: str = "completion") -> None:
+        self.name = name
+        self.done = 0
+        self.wq = WaitQueue(name)
+
+    def complete(self) -> None:
+        """Let one waiter through. Kernel: complete()."""
+        with self.wq.lock:
+            if self.done != _COMPLETE_ALL:
+                self.done += 1
+        self.wq.wake_up_all()
+
+    def complete_all(self) -> None:
+        """Let every current and future waiter through. Kernel: complete_all()."""
+        with self.wq.lock:
+            self.done = _COMPLETE_ALL
+        self.wq.wake_up_all()
+
+    def reinit(self) -> None:
+        """Kernel: reinit_completion()."""
+        with self.wq.lock:
+            self.done = 0
+
+    def _consume(self) -> bool:
+        if not self.done:
+            return False
+        if self.done != _COMPLETE_ALL:
+            self.done -= 1
+        return True
+
+    def wait_for_completion(self) -> None:
+        """Kernel: wait_for_completion()."""
+        self.wq.wait_event(self._consume, reason=f"completion {self.name}")
+
+    def wait_for_completion_timeout(self, timeout_ns: int) -> bool:
+        """True if completed within ``timeout_ns``. Kernel: wait_for_completion_timeout()."""
+        return self.wq.wait_event(
+            self._consume, timeout_ns=timeout_ns, reason=f"completion {self.name}"
+        )
+
+    def wait_for_completion_interruptible(self) -> None:
+        """Kernel: wait_for_completion_interruptible().
+
+        Raises:
+            Erestartsys: a signal is pending.
+        """
+        self.wq.wait_event(self._consume, interruptible=True, reason=f"completion {self.name}")
+
+    def try_wait_for_completion(self) -> bool:
+        """Consume a completion if one is available. Kernel: try_wait_for_completion()."""
+        with self.wq.lock:
+            return self._consume()
+
+    def completion_done(self) -> bool:
+        """Whether a waiter would pass without sleeping. Kernel: completion_done()."""
+        return bool(self.done)
+
+
+class Runtime:
+    """What both runtimes share; use :class:`FreeRunning` or :class:`Deterministic`."""
+
+    deterministic = False
+    seed: int | None = None
+    strategy = "free"
+
+    def __init__(self, strict: bool | None = None) -> None:
+        self._strict = strict
+        self.lockdep: Any = None  # gemu.guest.locking.lockdep owns this slot
+        self.tasks: list[Task] = []
+        self.steps = 0
+        self.schedule: list[int] = []
+        self._stamps: dict[object, itertools.count] = {}
+
+    @property
+    def strict(self) -> bool:
+        """Violations raise (True) or are counted (False); defaults to errors.is_strict()."""
+        return errors.is_strict() if self._strict is None else self._strict
+
+    @strict.setter
+    def strict(self, value: bool | None) -> None:
+        self._strict = value
+
+    @property
+    def replay_hint(self) -> str:
+        return ""
+
+    def next_stamp(self, key: object) -> int:
+        """A per-runtime increasing counter per ``key`` (ww acquire stamps)."""
+        counter = self._stamps.get(key)
+        if counter is None:
+            counter = self._stamps[key] = itertools.count(1)
+        return next(counter)
+
+    def _task_name(self) -> str:
+        task = getattr(_local, "task", None)
+        return task.name if task is not None and task.runtime is self else "-"
+
+    def _run_exit_hooks(self, task: Task) -> None:
+        for hook in _task_exit_hooks:
+            hook(task)
+
+    # Overridden by both runtimes.
+    def now_ns(self) -> int:
+        raise NotImplementedError
+
+    def _preempt(self, task: Task, reason: str) -> None:
+        raise NotImplementedError
+
+    def _wait_event(self, task, wq, cond, timeout_ns, interruptible, reason) -> bool:
+        raise NotImplementedError
+
+    def _wake(self, task: Task) -> None:
+        raise NotImplementedError
+
+    def wake_task(self, task: Task) -> None:
+        """Make ``task`` re-test the condition it sleeps on. Kernel: wake_up_process()."""
+        raise NotImplementedError
+
+    def signal(self, task: Task) -> None:
+        """Make a signal pending on ``task`` and wake its wait."""
+        task.signal_pending = True
+        self.wake_task(task)
+
+
+class FreeRunning(Runtime):
+    """Tasks are real threads; preemption points are free; the clock is the host's.
+
+    ``event_log`` keeps the last ``log_size`` events.
+    """
+
+    def __init__(
+        self, seed: int | None = None, *, strict: bool | None = None, log_size: int = 10_000
+    ) -> None:
+        super().__init__(strict)
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.event_log: deque[str] = deque(maxlen=log_size)
+        self._failure: BaseException | None = None
+        self._failure_lock = threading.Lock()
+
+    def now_ns(self) -> int:
+        return time.monotonic_ns()
+
+    def _preempt(self, task: Task, reason: str) -> None:
+        pass
+
+    def log(self, event: str) -> None:
+        self.event_log.append(f"{self._task_name()} {event}")
+
+    def advance(self, ns: int) -> None:
+        """The host clock cannot be moved: sleep for ``ns`` instead."""
+        time.sleep(ns / 1e9)
+
+    def spawn(self, fn: Callable[..., Any], *args: Any, name: str, **kwargs: Any) -> Task:
+        task = Task(self, name, next(_tids), fn, args, kwargs)
+        self.tasks.append(task)
+        thread = threading.Thread(target=self._thread_main, args=(task,), name=name, daemon=True)
+        thread.start()
+        return task
+
+    def _thread_main(self, task: Task) -> None:
+        _local.task = task
+        try:
+            task.result = task._fn(*task._args, **task._kwargs)
+            self._run_exit_hooks(task)
+        except BaseException as exc:
+            task.exception = exc
+            with self._failure_lock:
+                if self._failure is None:
+                    self._failure = exc
+        finally:
+            with task._exit_wq.lock:
+                task.done = True
+            task._exit_wq.wake_up_all()
+
+    def run(self, main_fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``main_fn(*args)`` as task "main" in the calling thread, then wait for every
+        task it spawned; re-raise the first task exception."""
+        main = Task(self, "main", next(_tids), main_fn, args)
+        self.tasks.append(main)
+        saved = getattr(_local, "task", None)
+        _local.task = main
+        try:
+            main.result = main_fn(*args)
+            self._run_exit_hooks(main)
+        except BaseException as exc:
+            main.exception = exc
+            with self._failure_lock:
+                if self._failure is None:
+                    self._failure = exc
+        finally:
+            main.done = True
+            if saved is None:
+                del _local.task
+            else:
+                _local.task = saved
+        i = 0
+        while i < len(self.tasks):  # tasks may spawn tasks while we join
+            self.tasks[i].join()
+            i += 1
+        if self._failure is not None:
+            raise self._failure
+        return main.result
+
+    def _wait_event(self, task, wq, cond, timeout_ns, interruptible, reason) -> bool:
+        with wq.lock:
+            if cond():
+                return True
+            if timeout_ns == 0:
+                return False
+            if interruptible and task.signal_pending:
+                raise Erestartsys(msg=f"signal pending while waiting on {wq.name}")
+            if wq._cond is None:
+                wq._cond = threading.Condition(wq.lock)
+            deadline = None if timeout_ns is None else time.monotonic_ns() + timeout_ns
+            wq._free_waiters += 1
+            task._waiting_on = wq
+            task._wait_reason = reason
+            try:
+                while True:
+                    if deadline is None:
+                        wq._cond.wait()
+                    else:
+                        remaining = deadline - time.monotonic_ns()
+                        if remaining <= 0:
+                            return bool(cond())
+                        wq._cond.wait(remaining / 1e9)
+                    if cond():
+                        return True
+                    if interruptible and task.signal_pending:
+                        raise Erestartsys(msg=f"signal pending while waiting on {wq.name}")
+            finally:
+                wq._free_waiters -= 1
+                task._waiting_on = None
+                task._wait_reason = None
+
+    def _wake(self, task: Task) -> None:
+        self.wake_task(task)
+
+    def wake_task(self, task: Task) -> None:
+        wq = task._waiting_on
+        if wq is not None:
+            wq._notify_threads()
+
+
+class _Worker:
+    """A pooled thread that runs deterministic tasks one after another."""
+
+    def __init__(self) -> None:
+        self.baton = threading.Lock()
+        self.baton.acquire()
+        self.job: tuple[Deterministic, Task] | None = None
+        self.thread = threading.Thread(target=self._loop, name="gemu-task", daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            self.baton.acquire()
+            if self.job is None:
+                return
+            rt, task = self.job
+            self.job = None
+            _local.task = task
+            handoff = rt._run_task(task)
+            keep = _POOL.put(self)
+            handoff.release()
+            if not keep:
+                return
+
+
+class _Pool:
+    MAX_IDLE = 64
+
+    def __init__(self) -> None:
+        self._idle: list[_Worker] = []
+        self._lock = threading.Lock()
+
+    def get(self) -> _Worker:
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+        return _Worker()
+
+    def put(self, worker: _Worker) -> bool:
+        with self._lock:
+            if len(self._idle) < self.MAX_IDLE:
+                self._idle.append(worker)
+                return True
+        return False
+
+
+_POOL = _Pool()
+
+
+class Deterministic(Runtime):
+    """One task runs at a time; a seeded strategy picks the next at every preemption point.
+
+    Args:
+        seed: seeds every choice (schedule, PCT priorities, injected faults).
+        strategy: ``"random"`` picks uniformly among runnable tasks; ``"pct"`` runs the
+            highest-priority runnable task, with ``pct_depth - 1`` priority drops at steps
+            drawn uniformly from ``1..pct_steps`` (Probabilistic Concurrency Testing).
+        pct_depth: bug depth PCT targets.
+        replay: task ids to pick at the first scheduling decisions (a recorded
+            ``rt.schedule``); the strategy takes over when it runs out.
+        max_steps: raise :class:`LivelockError` past this many preemption points.
+        pct_steps: PCT's estimate of the run's length in steps (measure one run's
+            ``rt.steps``); default 64.
+
+    A runtime runs once: ``rt.event_log`` (``"<step> <task> <event>"`` lines),
+    ``rt.schedule`` (the task id picked at every decision with more than one runnable task)
+    and ``rt.steps`` describe that run.
+    """
+
+    deterministic = True
+
+    def __init__(
+        self,
+        seed: int,
+        strategy: str = "random",
+        pct_depth: int = 3,
+        replay: list[int] | None = None,
+        max_steps: int | None = None,
+        *,
+        pct_steps: int | None = None,
+        strict: bool | None = None,
+    ) -> None:
+        super().__init__(strict)
+        if strategy not in ("random", "pct"):
+            raise ValueError(f"unknown strategy {strategy!r}: use 'random' or 'pct'")
+        self.seed = seed
+        self.strategy = strategy
+        self.pct_depth = pct_depth
+        self.max_steps = max_steps
+        self.rng = random.Random(seed)
+        self._random = self.rng.random
+        self.event_log: list[str] = []
+        self._replay = list(replay) if replay else None
+        self._replay_pos = 0
+        self._now = 0
+        self._runnable: list[Task] = []
+        self._timed: list[Task] = []
+        self._by_tid: dict[int, Task] = {}
+        self._alive = 0
+        self._next_tid = 1
+        self._failure: BaseException | None = None
+        self._aborting = False
+        self._started = False
+        self._done = threading.Lock()
+        self._pct = strategy == "pct"
+        self._change_points: dict[int, float] = {}
+        if self._pct:
+            span = max(1, pct_steps or 64)
+            points = self.rng.sample(range(1, span + 1), min(max(pct_depth - 1, 0), span))
+            # Priorities below every task's initial one (which is >= pct_depth).
+            self._change_points = {step: pct_depth - 1 - i for i, step in enumerate(points)}
+
+    @property
+    def replay_hint(self) -> str:
+        hint = f"gemu explore --replay {self.seed} --strategy {self.strategy}"
+        if self._pct:
+            hint += f" --pct-depth {self.pct_depth}"
+        return hint
+
+    def now_ns(self) -> int:
+        return self._now
+
+    def log(self, event: str) -> None:
+        self.event_log.append(f"{self.steps} {self._task_name()} {event}")
+
+    def advance(self, ns: int) -> None:
+        """Move the virtual clock forward by ``ns``; waits whose deadline passed time out."""
+        self._now += ns
+        if self._timed:
+            for task in sorted(t for t in self._timed if t._deadline <= self._now):
+                self._wake(task)
+
+    # Running.
+
+    def run(self, main_fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``main_fn(*args)`` as task "main" until every task has finished.
+
+        Raises:
+            DeadlockError: nothing can run and no wait can time out.
+            LivelockError: more than ``max_steps`` preemption points.
+            BaseException: the first exception a task raised, with ``seed`` and
+                ``replay_hint`` attributes.
+        """
+        if self._started:
+            raise RuntimeError("a Deterministic runtime runs once; make a new one")
+        self._started = True
+        main = self._new_task(main_fn, args, {}, "main")
+        self._done.acquire()
+        main._baton.release()
+        self._done.acquire()  # released by the last task to finish
+        self._done.release()
+        if self._failure is not None:
+            raise self._failure
+        return main.result
+
+    def spawn(self, fn: Callable[..., Any], *args: Any, name: str, **kwargs: Any) -> Task:
+        task = self._new_task(fn, args, kwargs, name)
+        parent = current()
+        if parent.runtime is self:
+            self._preempt(parent, f"spawn {name}")
+        return task
+
+    def _new_task(self, fn, args, kwargs, name) -> Task:
+        task = Task(self, name, self._next_tid, fn, args, kwargs)
+        self._next_tid += 1
+        task._priority = self.pct_depth + self._random()
+        worker = _POOL.get()
+        worker.job = (self, task)
+        task._baton = worker.baton
+        self.tasks.append(task)
+        self._by_tid[task.tid] = task
+        self._alive += 1
+        insort(self._runnable, task)
+        return task
+
+    def _run_task(self, task: Task) -> threading.Lock:
+        """Body of a worker for one task; returns the baton to hand over next."""
+        if not self._aborting:
+            try:
+                task.result = task._fn(*task._args, **task._kwargs)
+                self._run_exit_hooks(task)
+            except _Killed:
+                pass
+            except BaseException as exc:
+                task.exception = exc
+                self._fail(exc)
+        return self._exit(task)
+
+    def _exit(self, task: Task) -> threading.Lock:
+        task.done = True
+        self._alive -= 1
+        if task in self._runnable:
+            self._runnable.remove(task)
+        task._exit_wq.wake_up_all()
+        if self._aborting:
+            return self._kill_next()
+        if self._alive == 0:
+            return self._done
+        nxt = self._pick_or_advance()
+        if nxt is None:
+            self._fail(self._deadlock())
+            return self._kill_next()
+        return nxt._baton
+
+    def _kill_next(self) -> threading.Lock:
+        for task in self.tasks:
+            if not task.done:
+                return task._baton
+        return self._done
+
+    def _fail(self, exc: BaseException) -> None:
+        self._aborting = True
+        if self._failure is not None:
+            return
+        self._failure = exc
+        try:
+            exc.seed = self.seed
+            exc.replay_hint = self.replay_hint
+        except AttributeError:  # exceptions with __slots__
+            pass
+        exc.add_note(
+            f"gemu: deterministic run failed at step {self.steps} "
+            f"(seed {self.seed}, strategy {self.strategy}); replay: {self.replay_hint}"
+        )
+
+    # Scheduling.
+
+    def _pick(self) -> Task | None:
+        runnable = self._runnable
+        if len(runnable) <= 1:
+            return runnable[0] if runnable else None
+        if self._replay is not None and self._replay_pos < len(self._replay):
+            tid = self._replay[self._replay_pos]
+            self._replay_pos += 1
+            task = self._by_tid.get(tid)
+            if task is None or task not in runnable:
+                raise ReplayDivergence(
+                    f"replay decision {self._replay_pos - 1} picks task {tid}, but only "
+                    f"{[t.tid for t in runnable]} can run"
+                )
+        elif self._pct:
+            task = max(runnable, key=_priority)
+        else:
+            task = runnable[int(self._random() * len(runnable))]
+        self.schedule.append(task.tid)
+        return task
+
+    def _pick_or_advance(self) -> Task | None:
+        if not self._runnable and self._timed:
+            self._now = max(self._now, min(t._deadline for t in self._timed))
+            for task in sorted(t for t in self._timed if t._deadline <= self._now):
+                self._wake(task)
+        return self._pick()
+
+    def _switch(self, task: Task, nxt: Task) -> None:
+        nxt._baton.release()
+        task._baton.acquire()
+        if self._aborting:
+            raise _Killed
+
+    def _preempt(self, task: Task, reason: str) -> None:
+        if self._aborting:
+            raise _Killed
+        self.steps += 1
+        self.event_log.append(f"{self.steps} {task.name} {reason}")
+        if self.max_steps is not None and self.steps > self.max_steps:
+            self._fail(
+                LivelockError(
+                    f"no end after {self.max_steps} steps (seed {self.seed}, strategy "
+                    f"{self.strategy}); last events:\n  " + "\n  ".join(self.event_log[-10:])
+                )
+            )
+            raise _Killed
+        if self._change_points:
+            low = self._change_points.get(self.steps)
+            if low is not None:
+                task._priority = low
+        nxt = self._pick()
+        if nxt is not task:
+            self._switch(task, nxt)
+
+    def _block(self, task: Task, deadline: int | None) -> None:
+        task._blocked = True
+        self._runnable.remove(task)
+        if deadline is not None:
+            task._deadline = deadline
+            self._timed.append(task)
+        nxt = self._pick_or_advance()
+        if nxt is None:
+            self._fail(self._deadlock())
+            raise _Killed
+        if nxt is not task:
+            self._switch(task, nxt)
+
+    def _wake(self, task: Task) -> None:
+        if task._blocked and not task.done:
+            task._blocked = False
+            if task._deadline is not None:
+                self._timed.remove(task)
+                task._deadline = None
+            insort(self._runnable, task)
+
+    def wake_task(self, task: Task) -> None:
+        self._wake(task)
+
+    def _wait_event(self, task, wq, cond, timeout_ns, interruptible, reason) -> bool:
+        lock = wq.lock
+        with lock:
+            if cond():
+                return True
+        if timeout_ns == 0:
+            return False
+        if interruptible and task.signal_pending:
+            raise Erestartsys(msg=f"signal pending while waiting on {wq.name}")
+        if self._aborting:
+            raise _Killed
+        deadline = None if timeout_ns is None else self._now + timeout_ns
+        task._wait_reason = reason
+        task._waiting_on = wq
+        waiters = wq._det_waiters
+        try:
+            while True:
+                waiters = wq._det_waiters
+                waiters.append(task)
+                self._block(task, deadline)
+                with lock:
+                    if cond():
+                        return True
+                if interruptible and task.signal_pending:
+                    raise Erestartsys(msg=f"signal pending while waiting on {wq.name}")
+                if deadline is not None and self._now >= deadline:
+                    return False
+        finally:
+            task._wait_reason = None
+            task._waiting_on = None
+            if task in wq._det_waiters:
+                wq._det_waiters.remove(task)
+
+    # Reports.
+
+    def _deadlock(self) -> DeadlockError:
+        lines = [
+            f"deadlock: no task can run and no timed wait is pending "
+            f"(step {self.steps}, seed {self.seed}, strategy {self.strategy})"
+        ]
+        lines += [describe_task(t) for t in self.tasks if not t.done]
+        lines.append(f"replay: {self.replay_hint}")
+        return DeadlockError("\n".join(lines))
+
+
+def _priority(task: Task) -> float:
+    return task._priority
+
+
+def describe_task(task: Task) -> str:
+    """One line: the task, the locks it holds (oldest first) and what it waits for."""
+    held = ", ".join(_lock_name(h.lock) for h in task.held_locks) or "nothing"
+    state = f"waits for {task.wait_reason}" if task.wait_reason else "runnable"
+    return f"  task {task.tid} {task.name!r}: holds {held}; {state}"
+
+
+def _lock_name(lock: object) -> str:
+    return getattr(lock, "name", None) or repr(lock)
+
+
+_DEFAULT = FreeRunning()

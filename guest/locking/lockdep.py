@@ -1,0 +1,599 @@
+"""DOC: lockdep, the validator of lock order and locking context in the guest kernel model.
+
+Every lock of the model reports to lockdep when a task acquires and releases it, naming the
+lock's :class:`LockClass` (all reservation objects share one class, as all ``dma_resv`` share
+``reservation_ww_class_mutex``). Lockdep keeps, per runtime:
+
+- each task's stack of held locks (``Task.held_locks``), for :func:`assert_held` and for the
+  deadlock report of the deterministic scheduler;
+- an acquisition-order graph over classes. Taking B while holding A records A -> B together
+  with the stack that did it; if B -> ... -> A already exists, the order is inverted and the
+  report shows the stack that recorded the existing order and the current one. Trylocks add no
+  order. The graph starts primed like the kernel's ``dma_resv_lockdep()``: mmap_lock ->
+  reservation_ww_class_acquire -> reservation_ww_class_mutex -> fs_reclaim -> i_mmap_rwsem,
+  and fence waits (``dma_fence_map``) allowed under all of them except i_mmap_rwsem;
+- the dma_fence signalling critical section: between :func:`dma_fence_begin_signalling` and
+  :func:`dma_fence_end_signalling`, and implicitly from :func:`fence_published` (a task installs
+  a fence it must signal into a reservation object) to :func:`fence_handed_off` (the job is
+  pushed to the scheduler or the fence signals). Inside it, a blocking lock of a class that
+  fence waits depend on (a reservation lock, mmap_lock), a reclaimable allocation
+  (:func:`might_alloc`) or a fence wait (:func:`dma_fence_might_wait`) is reported.
+
+A violation becomes a :class:`LockdepReport`. When the runtime is strict (tests) it is raised
+as :class:`LockdepError`, a :class:`~gemu.guest.errors.KernelWarning`; otherwise it is counted
+in :func:`reports` (each distinct violation once, with a count) and logged in the event log.
+
+Usage::
+
+    from gemu.guest.locking import lockdep
+
+    class Foo:
+        name = "foo#1"
+
+    FOO_CLASS = lockdep.LockClass("foo_lock")
+    foo = Foo()
+    lockdep.acquire(foo, FOO_CLASS)
+    lockdep.assert_held(foo)
+    lockdep.might_alloc()            # GFP_KERNEL under foo: records foo_lock -> fs_reclaim
+    lockdep.release(foo)
+
+    cookie = lockdep.dma_fence_begin_signalling()
+    lockdep.might_alloc()            # reported: reclaim may wait on the fence we must signal
+    lockdep.dma_fence_end_signalling(cookie)
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+import threading
+import traceback
+from collections import deque
+from dataclasses import dataclass, field
+
+from gemu.guest.errors import KernelWarning
+from gemu.guest.kernel import runtime
+from gemu.guest.kernel.runtime import Task, current
+
+
+class LockClass:
+    """A class of locks ordered as one (the kernel's ``lock_class_key``)."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"LockClass({self.name!r})"
+
+
+MMAP_LOCK = LockClass("mmap_lock")
+RESV_ACQUIRE_CLASS = LockClass("reservation_ww_class_acquire")
+RESV_CLASS = LockClass("reservation_ww_class_mutex")
+FS_RECLAIM = LockClass("fs_reclaim")
+I_MMAP = LockClass("i_mmap_rwsem")
+MMU_NOTIFIER = LockClass("mmu_notifier_invalidate_range_start")
+DMA_FENCE_MAP = LockClass("dma_fence_map")
+
+
+class LockMap:
+    """A lockdep map that is not a lock: something a task can be "inside" (fs_reclaim, a
+    fence wait). Kernel: struct lockdep_map."""
+
+    __slots__ = ("cls", "name")
+
+    def __init__(self, cls: LockClass) -> None:
+        self.cls = cls
+        self.name = cls.name
+
+    def __repr__(self) -> str:
+        return f"<LockMap {self.name}>"
+
+
+_FS_RECLAIM_MAP = LockMap(FS_RECLAIM)
+_FENCE_WAIT_MAP = LockMap(DMA_FENCE_MAP)
+
+
+class HeldLock:
+    """One entry of a task's held-lock stack. Kernel: struct held_lock."""
+
+    __slots__ = ("cls", "lock", "nest", "read", "trylock")
+
+    def __init__(self, lock: object, cls: LockClass, trylock: bool, read: bool, nest: object):
+        self.lock = lock
+        self.cls = cls
+        self.trylock = trylock
+        self.read = read
+        self.nest = nest
+
+    def __repr__(self) -> str:
+        return f"<held {_name(self.lock)} ({self.cls.name})>"
+
+
+@dataclass
+class LockdepReport:
+    """One violation. ``kind`` is one of: inversion, signalling, recursive, not-held,
+    unbalanced, held-at-exit, sleep-in-atomic, ww-misuse, mutex-misuse."""
+
+    kind: str
+    message: str
+    stacks: list[str] = field(default_factory=list)
+    task: str = ""
+    count: int = 1
+
+    def __str__(self) -> str:
+        parts = [f"lockdep {self.kind}: {self.message}"]
+        parts += self.stacks
+        return "\n".join(parts)
+
+
+class LockdepError(KernelWarning):
+    """A lockdep report raised in strict mode; ``report`` holds the details."""
+
+    def __init__(self, report: LockdepReport) -> None:
+        super().__init__(str(report))
+        self.report = report
+
+
+@dataclass(frozen=True)
+class _Origin:
+    """Where an order A -> B was first seen."""
+
+    task: str
+    held: str
+    taken: str
+    stack: traceback.StackSummary | None
+    label: str = ""
+
+    def format(self, title: str) -> str:
+        where = self.label if self.label else _fmt(self.stack)
+        return f"{title}: {self.task} took {self.taken} while holding {self.held}\n{where}"
+
+
+class LockdepState:
+    """Lockdep's per-runtime state: the order graph, reports and fence publishers."""
+
+    def __init__(self) -> None:
+        self.after: dict[LockClass, dict[LockClass, _Origin]] = {
+            cls: dict(succ) for cls, succ in _PRIMED.items()
+        }
+        self.reports: list[LockdepReport] = []
+        self.by_key: dict[object, LockdepReport] = {}
+        self.publisher: dict[int, Task] = {}
+        self.lock = threading.Lock()
+
+
+def _state(rt: runtime.Runtime | None = None) -> LockdepState:
+    rt = rt or current().runtime
+    st = rt.lockdep
+    if st is None:
+        st = rt.lockdep = LockdepState()
+    return st
+
+
+def _name(lock: object) -> str:
+    return getattr(lock, "name", None) or repr(lock)
+
+
+def _capture(skip: int = 2) -> traceback.StackSummary:
+    frames = traceback.walk_stack(sys._getframe(skip))
+    summary = traceback.StackSummary.extract(frames, limit=20, lookup_lines=False)
+    summary.reverse()
+    return summary
+
+
+def _fmt(summary: traceback.StackSummary | None) -> str:
+    return "".join(summary.format()).rstrip() if summary else "  (no stack)"
+
+
+# Reporting.
+
+
+def report(kind: str, message: str, *, key: object = None, stacks: list[str] | None = None):
+    """Report a violation in the current task: raise :class:`LockdepError` in strict mode,
+    else count it. ``key`` deduplicates repeated reports (default: kind and message)."""
+    task = current()
+    rt = task.runtime
+    st = _state(rt)
+    if stacks is None:
+        stacks = [f"current stack ({task.name}):\n" + _fmt(_capture())]
+    key = (kind, message) if key is None else key
+    with st.lock:
+        rep = st.by_key.get(key)
+        if rep is None:
+            rep = LockdepReport(kind, message, stacks, task.name)
+            st.by_key[key] = rep
+            st.reports.append(rep)
+        else:
+            rep.count += 1
+    rt.log(f"lockdep {kind}: {message.splitlines()[0]}")
+    if rt.strict:
+        raise LockdepError(rep)
+    return rep
+
+
+def reports() -> list[LockdepReport]:
+    """Violations counted in the current runtime (non-strict mode), each once."""
+    return list(_state().reports)
+
+
+def reset(graph: bool = False) -> None:
+    """Forget the current runtime's reports (and with ``graph``, the learned lock order)."""
+    st = _state()
+    with st.lock:
+        st.reports.clear()
+        st.by_key.clear()
+        if graph:
+            st.after = {cls: dict(succ) for cls, succ in _PRIMED.items()}
+
+
+# Acquire and release.
+
+
+def in_signalling(task: Task | None = None) -> bool:
+    """Whether the task is inside a dma_fence signalling critical section."""
+    task = task or current()
+    return bool(task.fence_signalling_depth or task.published_fences)
+
+
+def acquire(
+    lock: object,
+    cls: LockClass,
+    *,
+    trylock: bool = False,
+    read: bool = False,
+    nest: object = None,
+) -> None:
+    """Record that the current task has taken (or is about to block on) ``lock``.
+
+    Kernel: lock_acquire() [kernel/locking/lockdep.c]
+
+    ``nest`` is the object under which locks of one class may nest (a ww acquire context,
+    the kernel's ``nest_lock``); without it, blocking on a second lock of a held class is
+    reported as recursive locking.
+    """
+    task = current()
+    held = task.held_locks
+    if held or task.fence_signalling_depth or task.published_fences:
+        _check_acquire(task, held, lock, cls, trylock, read, nest)
+    held.append(HeldLock(lock, cls, trylock, read, nest))
+
+
+def _check_acquire(task, held, lock, cls, trylock, read, nest) -> None:
+    for entry in held:
+        if entry.lock is lock and not (read and entry.read):
+            report(
+                "recursive",
+                f"possible recursive locking: {task.name} takes {_name(lock)} ({cls.name}) "
+                f"which it already holds",
+                key=("recursive", id(lock)),
+            )
+            return
+    if trylock:
+        return
+    if nest is None and not read:
+        for entry in held:
+            if entry.cls is cls:
+                report(
+                    "recursive",
+                    f"possible recursive locking: {task.name} takes {_name(lock)} while "
+                    f"holding {_name(entry.lock)}, both {cls.name}, without an acquire context",
+                    key=("recursive-class", cls),
+                )
+                return
+    st = _state(task.runtime)
+    mark = min(task.signalling_mark, len(held)) if in_signalling(task) else -1
+    # As the kernel does: order the new lock after the newest held lock, and after any
+    # trylocks above it (non-trylock entries already ordered themselves after older ones).
+    # A signalling section sits in the stack where it began.
+    for i in range(len(held) - 1, -1, -1):
+        if i < mark:
+            _order(task, st, DMA_FENCE_MAP, _FENCE_WAIT_MAP, cls, lock)
+            return
+        entry = held[i]
+        if entry.cls is not cls:
+            _order(task, st, entry.cls, entry.lock, cls, lock)
+        if not entry.trylock:
+            return
+    if mark >= 0:
+        _order(task, st, DMA_FENCE_MAP, _FENCE_WAIT_MAP, cls, lock)
+
+
+def _order(task, st, prev_cls, prev_lock, cls, lock) -> None:
+    succ = st.after.get(prev_cls)
+    if succ is not None and cls in succ:
+        return
+    path = _path(st, cls, prev_cls)
+    if path is None:
+        origin = _Origin(task.name, _name(prev_lock), _name(lock), _capture(4))
+        with st.lock:
+            st.after.setdefault(prev_cls, {})[cls] = origin
+        return
+    _report_cycle(task, st, prev_cls, prev_lock, cls, lock, path)
+
+
+def _path(st: LockdepState, src: LockClass, dst: LockClass) -> list[LockClass] | None:
+    """Classes from src to dst along recorded orders, or None."""
+    came_from: dict[LockClass, LockClass | None] = {src: None}
+    queue = deque([src])
+    while queue:
+        node = queue.popleft()
+        if node is dst:
+            path = [node]
+            while came_from[path[-1]] is not None:
+                path.append(came_from[path[-1]])
+            return path[::-1]
+        for nxt in st.after.get(node, ()):
+            if nxt not in came_from:
+                came_from[nxt] = node
+                queue.append(nxt)
+    return None
+
+
+_HINTS = {
+    (FS_RECLAIM, RESV_CLASS): "shrinkers run inside fs_reclaim and may only trylock "
+    "reservation objects (dma_resv_trylock)",
+    (DMA_FENCE_MAP, FS_RECLAIM): "reclaim may wait for the fence this task must signal: "
+    "no GFP_KERNEL allocation between publishing a fence and signalling it",
+    (DMA_FENCE_MAP, RESV_CLASS): "fences are waited for under reservation locks: no blocking "
+    "dma_resv_lock between publishing a fence and signalling it",
+}
+
+
+def _report_cycle(task, st, prev_cls, prev_lock, cls, lock, path) -> None:
+    chain = " -> ".join(c.name for c in path)
+    signalling = DMA_FENCE_MAP in (prev_cls, cls)
+    if prev_cls is DMA_FENCE_MAP:
+        what = (
+            "a reclaimable allocation (might_alloc)"
+            if cls is FS_RECLAIM
+            else f"blocking on {_name(lock)} ({cls.name})"
+        )
+        message = (
+            f"{task.name}: {what} inside a dma_fence signalling critical section, but "
+            f"{chain} is a recorded order (fences are waited for under {cls.name})"
+        )
+    elif cls is DMA_FENCE_MAP:
+        message = (
+            f"{task.name}: fence wait while holding {_name(prev_lock)} ({prev_cls.name}), "
+            f"but {chain} is a recorded order ({prev_cls.name} is taken inside a dma_fence "
+            f"signalling critical section)"
+        )
+    else:
+        message = (
+            f"possible circular locking dependency: {task.name} takes {_name(lock)} "
+            f"({cls.name}) while holding {_name(prev_lock)} ({prev_cls.name}), but "
+            f"{chain} is a recorded order"
+        )
+    hint = _HINTS.get((prev_cls, cls))
+    if hint:
+        message += f"\nhint: {hint}"
+    stacks = [
+        st.after[a][b].format(f"existing order {a.name} -> {b.name}")
+        for a, b in itertools.pairwise(path)
+    ]
+    if signalling and task.signalling_stack is not None and prev_cls is DMA_FENCE_MAP:
+        stacks.append(f"signalling section began at:\n{_fmt(task.signalling_stack)}")
+    stacks.append(
+        f"new order {prev_cls.name} -> {cls.name}: {task.name} takes {_name(lock)}\n"
+        + _fmt(_capture(4))
+    )
+    report(
+        "signalling" if signalling else "inversion",
+        message,
+        key=("order", prev_cls, cls),
+        stacks=stacks,
+    )
+
+
+def release(lock: object, task: Task | None = None) -> None:
+    """Record that ``lock`` was released (by default from the current task's stack).
+
+    Kernel: lock_release() [kernel/locking/lockdep.c]
+    """
+    task = task or current()
+    held = task.held_locks
+    if held and held[-1].lock is lock:
+        held.pop()
+        return
+    for i in range(len(held) - 1, -1, -1):
+        if held[i].lock is lock:
+            del held[i]
+            return
+    report(
+        "unbalanced",
+        f"bad unlock balance: {task.name} releases {_name(lock)} which it does not hold",
+        key=("unbalanced", id(lock)),
+    )
+
+
+def held(lock: object) -> bool:
+    """Whether the current task holds ``lock``. Kernel: lockdep_is_held()."""
+    return any(entry.lock is lock for entry in current().held_locks)
+
+
+def assert_held(lock: object) -> None:
+    """Report unless the current task holds ``lock``. Kernel: lockdep_assert_held()."""
+    task = current()
+    for entry in task.held_locks:
+        if entry.lock is lock:
+            return
+    report(
+        "not-held",
+        f"{task.name} must hold {_name(lock)} here but does not",
+        key=("not-held", id(lock)),
+    )
+
+
+def might_sleep() -> None:
+    """Report sleeping in atomic context. Kernel: might_sleep() [include/linux/kernel.h]"""
+    task = current()
+    if task.atomic_depth:
+        report("sleep-in-atomic", f"{task.name}: sleeping function called from atomic context")
+
+
+def might_lock(cls: LockClass) -> None:
+    """Record the order of taking a lock of ``cls`` here without taking it.
+    Kernel: might_lock() [include/linux/lockdep.h]"""
+    probe = LockMap(cls)
+    acquire(probe, cls, nest=probe)
+    release(probe)
+
+
+def fs_reclaim_acquire() -> None:
+    """Enter memory reclaim (the shrinkers run inside it). Kernel: fs_reclaim_acquire()."""
+    acquire(_FS_RECLAIM_MAP, FS_RECLAIM)
+
+
+def fs_reclaim_release() -> None:
+    """Kernel: fs_reclaim_release() [mm/page_alloc.c]"""
+    release(_FS_RECLAIM_MAP)
+
+
+def might_alloc(reclaimable: bool = True) -> None:
+    """An allocation that may enter direct reclaim (GFP_KERNEL) when ``reclaimable``.
+
+    Kernel: might_alloc() [include/linux/sched/mm.h]
+
+    Inside reclaim (PF_MEMALLOC) allocations do not recurse into it, so nothing is recorded.
+    """
+    if not reclaimable:
+        return
+    task = current()
+    might_sleep()
+    for entry in task.held_locks:
+        if entry.lock is _FS_RECLAIM_MAP:
+            return
+    acquire(_FS_RECLAIM_MAP, FS_RECLAIM)
+    release(_FS_RECLAIM_MAP)
+
+
+# The dma_fence signalling critical section.
+
+
+def _enter_signalling(task: Task) -> None:
+    task.signalling_mark = len(task.held_locks)
+    task.signalling_stack = _capture(3)
+
+
+def _leave_signalling(task: Task) -> None:
+    if not (task.fence_signalling_depth or task.published_fences):
+        task.signalling_stack = None
+
+
+def dma_fence_begin_signalling() -> bool:
+    """Enter a fence signalling critical section; returns the cookie for the end.
+
+    Kernel: dma_fence_begin_signalling() [drivers/dma-buf/dma-fence.c]
+
+    The cookie is True when the task already was inside a section (nesting is allowed).
+    """
+    task = current()
+    nested = in_signalling(task)
+    if not nested:
+        _enter_signalling(task)
+    task.fence_signalling_depth += 1
+    return nested
+
+
+def dma_fence_end_signalling(cookie: bool) -> None:
+    """Kernel: dma_fence_end_signalling() [drivers/dma-buf/dma-fence.c]"""
+    task = current()
+    if task.fence_signalling_depth <= 0:
+        report("unbalanced", f"{task.name}: dma_fence_end_signalling without a begin")
+        return
+    task.fence_signalling_depth -= 1
+    _leave_signalling(task)
+
+
+def dma_fence_might_wait() -> None:
+    """Annotate a fence wait. Kernel: __dma_fence_might_wait() [drivers/dma-buf/dma-fence.c]
+
+    Inside a signalling section a fence wait can wait for the task itself and is reported;
+    elsewhere it orders every held lock before ``dma_fence_map``.
+    """
+    task = current()
+    if in_signalling(task):
+        stacks = []
+        if task.signalling_stack is not None:
+            stacks.append(f"signalling section began at:\n{_fmt(task.signalling_stack)}")
+        stacks.append(f"fence wait ({task.name}):\n{_fmt(_capture())}")
+        report(
+            "signalling",
+            f"{task.name}: fence wait inside a dma_fence signalling critical section "
+            f"(the fence waited for may need this task to signal first)",
+            key=("signalling-wait",),
+            stacks=stacks,
+        )
+        return
+    acquire(_FENCE_WAIT_MAP, DMA_FENCE_MAP)
+    release(_FENCE_WAIT_MAP)
+
+
+def fence_published(fence: object) -> None:
+    """A fence became visible to other tasks (dma_resv_add_fence). If the current task must
+    signal it (``fence.signal_owner is current()``), the task is now inside the signalling
+    critical section until :func:`fence_handed_off`."""
+    task = current()
+    if getattr(fence, "signal_owner", None) is not task:
+        return
+    key = id(fence)
+    if key in task.published_fences:
+        return
+    if not in_signalling(task):
+        _enter_signalling(task)
+    task.published_fences[key] = fence
+    _state(task.runtime).publisher[key] = task
+
+
+def fence_handed_off(fence: object) -> None:
+    """The task that published ``fence`` no longer has to signal it (the job was pushed to
+    the scheduler, or the fence signalled); its implicit section for this fence ends."""
+    st = _state()
+    with st.lock:
+        task = st.publisher.pop(id(fence), None)
+    if task is None:
+        return
+    task.published_fences.pop(id(fence), None)
+    _leave_signalling(task)
+
+
+def _check_task_exit(task: Task) -> None:
+    if task.held_locks:
+        names = ", ".join(_name(e.lock) for e in task.held_locks)
+        task.held_locks.clear()
+        report("held-at-exit", f"task {task.name} exited holding {names}")
+    if task.fence_signalling_depth:
+        task.fence_signalling_depth = 0
+        report("held-at-exit", f"task {task.name} exited inside a dma_fence signalling section")
+
+
+runtime.add_task_exit_hook(_check_task_exit)
+
+
+def _prime() -> dict[LockClass, dict[LockClass, _Origin]]:
+    """The order graph after the kernel's boot-time dma_resv_lockdep()."""
+    after: dict[LockClass, dict[LockClass, _Origin]] = {}
+    origin_label = "  primed at boot, as dma_resv_lockdep() [drivers/dma-buf/dma-resv.c] does"
+
+    def order(a: LockClass, b: LockClass) -> None:
+        after.setdefault(a, {})[b] = _Origin("boot", a.name, b.name, None, origin_label)
+
+    # mmap_read_lock; ww_acquire_init; dma_resv_lock; fs_reclaim_acquire;
+    # i_mmap_lock_write/unlock; mmu notifier map { __dma_fence_might_wait } ...
+    order(MMAP_LOCK, RESV_ACQUIRE_CLASS)
+    order(MMAP_LOCK, RESV_CLASS)
+    order(RESV_ACQUIRE_CLASS, RESV_CLASS)
+    order(RESV_CLASS, FS_RECLAIM)
+    order(FS_RECLAIM, I_MMAP)
+    order(FS_RECLAIM, MMU_NOTIFIER)
+    order(MMU_NOTIFIER, DMA_FENCE_MAP)
+    # Fence waits are allowed under each of these directly as well.
+    order(MMAP_LOCK, DMA_FENCE_MAP)
+    order(RESV_CLASS, DMA_FENCE_MAP)
+    order(FS_RECLAIM, DMA_FENCE_MAP)
+    return after
+
+
+_PRIMED = _prime()
