@@ -175,9 +175,7 @@ class Attempt:
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc_type is None:
             return False
-        if issubclass(exc_type, _Restart | Edeadlk) and is_contended(self.ex):
-            return True
-        return False
+        return issubclass(exc_type, _Restart | Edeadlk) and is_contended(self.ex)
 
 
 def until_all_locked(ex: DrmExec) -> Iterator[Attempt]:

@@ -171,13 +171,12 @@ def test_interrupted_lock_releases_everything(objs):
         dma_resv.lock(b.resv, None)
 
         def submitter():
-            with drm_exec.init(DRM_EXEC_INTERRUPTIBLE_WAIT, 0) as ex:
-                with pytest.raises(Eintr):
-                    for attempt in drm_exec.until_all_locked(ex):
-                        with attempt:
-                            drm_exec.lock_obj(ex, a)
-                            runtime.current().send_signal()
-                            drm_exec.lock_obj(ex, b)
+            with drm_exec.init(DRM_EXEC_INTERRUPTIBLE_WAIT, 0) as ex, pytest.raises(Eintr):
+                for attempt in drm_exec.until_all_locked(ex):
+                    with attempt:
+                        drm_exec.lock_obj(ex, a)
+                        runtime.current().send_signal()
+                        drm_exec.lock_obj(ex, b)
             assert not dma_resv.is_locked(a.resv)
             runtime.current().clear_signal()
 
