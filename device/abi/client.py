@@ -1,0 +1,740 @@
+"""DOC: the client side of the device protocol.
+
+:class:`DeviceClient` is what a machine (or a test) uses to drive the device model: register
+reads and writes, posted doorbell writes, interrupts, guest memory, reset, stepping and the
+debugger's memory view. Guest RAM is a :class:`SharedMemory` (a memfd mapped in this process);
+:meth:`DeviceClient.attach_memory` passes its descriptor over a UNIX socket, so device DMA is
+a plain memory access, and falls back to serving in-band ``DMA_READ``/``DMA_WRITE`` requests on
+TCP and serial links, without the caller choosing::
+
+    from gemu.device.abi import regs
+    from gemu.device.abi.client import DeviceClient, SharedMemory
+
+    dev = DeviceClient.connect("unix:/tmp/gpu.sock")      # connects and sends VERSION
+    ram = SharedMemory(16 << 20)
+    dev.attach_memory(ram)
+    assert dev.readl(regs.GPU_ID.offset) == regs.GPU_ID_VALUE
+    dev.writel_posted(regs.RING_DOORBELL.offset, 1)
+    event = dev.wait_irq(timeout=1.0)                      # IrqEvent or None
+
+Demultiplexing. One byte stream carries three kinds of traffic towards the client: replies to
+requests, ``IRQ`` messages (posted, at any time) and, with in-band memory, the device's
+``DMA_READ``/``DMA_WRITE`` requests, which the device waits for before it can answer anything
+else. There is no reader thread on the hot path. Instead, whichever thread needs input holds
+the *reader role* (a flag under one condition variable) and reads frames itself:
+
+- a reply to its own request ends the wait (one ``send`` and one ``recv`` per register round
+  trip, which is what keeps it close to a raw socket echo);
+- a reply for another thread is stashed by msg_id and that thread is woken; it finds the reply
+  without touching the socket;
+- an ``IRQ`` message updates :attr:`DeviceClient.irq_level`, is queued for :meth:`wait_irq`
+  and is handed to :attr:`DeviceClient.on_irq`, which runs after the reader role is given up
+  (so it may itself talk to the device);
+- a DMA request is served on the spot from :class:`SharedMemory` (the device is blocked on
+  it).
+
+Threads without the role wait on the condition variable for their reply or for the role.
+When nobody is waiting, IRQs and in-band DMA would sit unread, so :meth:`start_service`
+starts an optional background thread that ``select``\\ s on the socket and takes the role only
+when it is free (non-blocking), reading just what is there. Error replies raise
+:class:`DeviceError` (errno and the device's text); a closed or broken connection raises
+:class:`DeviceGone` in every waiting thread at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import mmap
+import os
+import select
+import struct
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from . import link
+from . import protocol as p
+from .enums import CpState
+
+log = logging.getLogger("gemu.device.client")
+
+_HDR = p.HEADER_FAST
+_PAIR = p.REG_READ_REQ_FAST
+_REG1 = struct.Struct("<III")
+_REPLY = int(p.MsgFlags.REPLY)
+_ERROR = int(p.MsgFlags.ERROR)
+_NO_REPLY = int(p.MsgFlags.NO_REPLY)
+_REG_READ = int(p.Command.REG_READ)
+_REG_WRITE = int(p.Command.REG_WRITE)
+_IRQ = int(p.Command.IRQ)
+_DMA_READ = int(p.Command.DMA_READ)
+_DMA_WRITE = int(p.Command.DMA_WRITE)
+IRQ_QUEUE_MAX = 4096
+
+
+class DeviceError(Exception):
+    """The device refused a request: ``errno`` and the device's ``text`` say why."""
+
+    def __init__(self, errno: int, text: str = "", command: str = "") -> None:
+        self.errno = errno
+        self.text = text
+        self.command = command
+        try:
+            name = p.ProtoError(errno).name
+        except ValueError:
+            name = f"errno {errno}"
+        where = f"{command}: " if command else ""
+        super().__init__(f"{where}{name}: {text}" if text else f"{where}{name}")
+
+
+class DeviceGone(ConnectionError):
+    """The connection to the device is closed or broken."""
+
+
+@dataclass(frozen=True)
+class IrqEvent:
+    """One IRQ message: the line level and the status registers behind it."""
+
+    level: bool
+    irq_status: int
+    mmu_int_stat: int
+    sequence: int
+
+
+@dataclass(frozen=True)
+class StepResult:
+    executed: int
+    cp_state: CpState
+    clock_ns: int
+    irq_level: bool
+
+
+class SharedMemory:
+    """Guest RAM: a memfd of ``size`` bytes mapped shared in this process.
+
+    ``fd`` is what the device maps; ``buf`` is a writable memoryview of the whole range."""
+
+    def __init__(self, size: int, name: str = "gemu-guest-ram") -> None:
+        if size <= 0 or size % mmap.PAGESIZE:
+            raise ValueError(f"guest memory size {size:#x} must be a positive multiple of 4 KiB")
+        self.size = size
+        self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(self.fd, size)
+            self._map = mmap.mmap(
+                self.fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE
+            )
+        except OSError:
+            os.close(self.fd)
+            raise
+        self.buf = memoryview(self._map)
+
+    def _check(self, addr: int, size: int) -> None:
+        if addr < 0 or size < 0 or addr + size > self.size:
+            raise ValueError(
+                f"[{addr:#x}, {addr + size:#x}) is outside guest memory ({self.size:#x} bytes)"
+            )
+
+    def read(self, addr: int, size: int) -> bytes:
+        self._check(addr, size)
+        return self.buf[addr : addr + size].tobytes()
+
+    def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
+        n = memoryview(data).nbytes
+        self._check(addr, n)
+        self.buf[addr : addr + n] = data
+
+    def read_u32(self, addr: int) -> int:
+        self._check(addr, 4)
+        return struct.unpack_from("<I", self.buf, addr)[0]
+
+    def write_u32(self, addr: int, value: int) -> None:
+        self._check(addr, 4)
+        struct.pack_into("<I", self.buf, addr, value & 0xFFFFFFFF)
+
+    def read_u64(self, addr: int) -> int:
+        self._check(addr, 8)
+        return struct.unpack_from("<Q", self.buf, addr)[0]
+
+    def write_u64(self, addr: int, value: int) -> None:
+        self._check(addr, 8)
+        struct.pack_into("<Q", self.buf, addr, value & 0xFFFFFFFFFFFFFFFF)
+
+    def close(self) -> None:
+        if self.fd < 0:
+            return
+        self.buf.release()
+        self._map.close()
+        os.close(self.fd)
+        self.fd = -1
+
+    def __enter__(self) -> SharedMemory:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _command_name(command: int) -> str:
+    try:
+        return p.Command(command).name
+    except ValueError:
+        return f"command {command}"
+
+
+class DeviceClient:
+    """A connection to one device model. Thread-safe; see the module doc for the design."""
+
+    def __init__(
+        self, conn: link.Connection, *, name: str = "gemu", reply_timeout: float | None = None
+    ) -> None:
+        self.conn = conn
+        self.name = name
+        self.reply_timeout = reply_timeout
+        self.on_irq: Callable[[IrqEvent], None] | None = None
+        self.features = p.Features(0)
+        self.device_features = p.Features(0)
+        self.device_name = ""
+        self.gpu_id = 0
+        self.max_message = p.MAX_MESSAGE
+        self.posted_errors: deque[DeviceError] = deque(maxlen=64)
+        self._send_lock = threading.Lock()
+        self._cond = threading.Condition(threading.Lock())
+        self._reading = False
+        self._replies: dict[int, tuple[int, int, int, bytes]] = {}
+        self._waiting: set[int] = set()
+        self._gone: DeviceGone | None = None
+        self._next_id = 0
+        self._irqs: deque[IrqEvent] = deque(maxlen=IRQ_QUEUE_MAX)
+        self._callbacks: list[IrqEvent] = []
+        self._irq_level = False
+        self._mem: SharedMemory | None = None
+        self._buf = bytearray(1 << 16)
+        self._view = memoryview(self._buf)
+        self._start = 0
+        self._end = 0
+        self._service: threading.Thread | None = None
+        self._closed = False
+        self.counters = dict(requests=0, irqs=0, irqs_dropped=0, dma_served=0, dma_bytes=0)
+
+    @classmethod
+    def connect(
+        cls,
+        spec: str,
+        *,
+        handshake: bool = True,
+        timeout: float | None = 10.0,
+        name: str = "gemu",
+        reply_timeout: float | None = None,
+    ) -> DeviceClient:
+        """Connect to ``spec`` (``unix:``, ``tcp:``, ``serial:``) and, by default, handshake."""
+        conn = link.connect(spec, timeout=reply_timeout if spec.startswith("serial:") else timeout)
+        client = cls(conn, name=name, reply_timeout=reply_timeout)
+        if handshake:
+            try:
+                client.handshake()
+            except BaseException:
+                client.close()
+                raise
+        return client
+
+    # --- requests --------------------------------------------------------------------------
+
+    def handshake(self) -> p.Features:
+        """Send VERSION; return the features both ends support."""
+        mine = p.Features.IN_BAND_DMA | p.Features.STEPPED_CLOCK | p.Features.DEBUG
+        if self.conn.supports_fds:
+            mine |= p.Features.FD_PASSING
+        payload = p.VERSION_REQ.build(
+            dict(
+                major=p.PROTOCOL_MAJOR,
+                minor=p.PROTOCOL_MINOR,
+                features=int(mine),
+                name=self.name.encode(),
+            )
+        )
+        reply = p.parse_payload(
+            p.VERSION_REPLY, p.Command.VERSION, self._call(p.Command.VERSION, payload), reply=True
+        )
+        self.device_features = p.Features(reply.features)
+        self.features = mine & self.device_features
+        self.device_name = bytes(reply.name).decode("utf-8", "replace")
+        self.gpu_id = reply.gpu_id
+        self.max_message = reply.max_message
+        return self.features
+
+    def readl(self, offset: int) -> int:
+        """Read one register (a round trip)."""
+        return _REG1.unpack(self._call(_REG_READ, _PAIR.pack(offset, 1)))[2]
+
+    def readl_many(self, offset: int, count: int) -> list[int]:
+        """Read ``count`` consecutive registers in one round trip."""
+        reply = self._call(_REG_READ, _PAIR.pack(offset, count))
+        return list(struct.unpack_from(f"<{count}I", reply, 8))
+
+    def debug_readl(self, offset: int, count: int = 1) -> int | list[int]:
+        """Side-effect-free register read (what a debugger sees); a list if ``count`` > 1."""
+        reply = self._call(p.Command.DEBUG_READ, _PAIR.pack(offset, count))
+        values = list(struct.unpack_from(f"<{count}I", reply, 8))
+        return values[0] if count == 1 else values
+
+    def writel(self, offset: int, value: int) -> None:
+        """Write one register and wait for the device to acknowledge it."""
+        self._call(_REG_WRITE, _PAIR.pack(offset, value & 0xFFFFFFFF))
+
+    def writel_posted(self, offset: int, value: int) -> None:
+        """Write one register without waiting (a doorbell). A failure shows up later in
+        :attr:`posted_errors` and the log."""
+        body = _PAIR.pack(offset, value & 0xFFFFFFFF)
+        with self._send_lock:
+            self._send(_HDR.pack(self._new_id(), _REG_WRITE, 24, _NO_REPLY, 0) + body)
+
+    def reset(self) -> None:
+        """Reset the device (registers, TLBs, CP); guest memory stays attached."""
+        self._call(p.Command.RESET)
+
+    def step(self, max_packets: int, ticks_ns: int = 0) -> StepResult:
+        """STEPPED mode: advance the device clock by ``ticks_ns``, then run at most
+        ``max_packets`` packets."""
+        payload = p.STEP_REQ.build(dict(max_packets=max_packets, ticks_ns=ticks_ns))
+        executed, state, clock_ns, level = p.STEP_REPLY_FAST.unpack(
+            self._call(p.Command.STEP, payload)
+        )
+        return StepResult(executed, CpState(state), clock_ns, bool(level))
+
+    def set_clock_mode(self, mode: p.ClockMode | int) -> None:
+        self._call(p.Command.CLOCK_MODE, p.CLOCK_MODE_REQ.build(dict(mode=int(mode))))
+
+    def mem_read(self, space: int, addr: int, size: int) -> bytes:
+        """Read device memory through AS ``space`` (or ``protocol.SPACE_PHYS``), the
+        debugger's way: no fault registers change; a fault raises DeviceError(EFAULT)."""
+        out = bytearray()
+        while len(out) < size:
+            chunk = min(size - len(out), p.MAX_DMA)
+            a = addr + len(out)
+            reply = self._call(p.Command.MEM_READ, p.MEM_REQ_FAST.pack(space, chunk, a))
+            out += reply[p.DMA_REQ_FAST.size :]
+        return bytes(out)
+
+    def mem_write(self, space: int, addr: int, data: bytes | bytearray | memoryview) -> None:
+        """Write device memory through AS ``space`` (or ``protocol.SPACE_PHYS``)."""
+        mv = memoryview(data).cast("B")
+        for off in range(0, len(mv), p.MAX_DMA):
+            chunk = mv[off : off + p.MAX_DMA]
+            self._call(
+                p.Command.MEM_WRITE,
+                p.MEM_REQ_FAST.pack(space, len(chunk), addr + off) + bytes(chunk),
+            )
+
+    def stats(self) -> dict:
+        """The device's counters (and its server's, under ``"server"``)."""
+        data = json.loads(bytes(self._call(p.Command.STATS)))
+        data["client"] = self.statistics()
+        return data
+
+    def statistics(self) -> dict:
+        """This client's own counters."""
+        return dict(self.counters, irq_queue=len(self._irqs), irq_level=self._irq_level)
+
+    def attach_memory(self, mem: SharedMemory) -> str:
+        """Give the device guest memory: by descriptor where the link can pass one, in band
+        otherwise. Returns ``"fd"`` or ``"in-band"``."""
+        by_fd = bool(self.features & p.Features.FD_PASSING) and self.conn.supports_fds
+        flags = p.MemMapFlags.FD if by_fd else p.MemMapFlags.IN_BAND
+        payload = p.MEM_MAP_REQ.build(dict(base=0, size=mem.size, flags=int(flags)))
+        self._mem = mem  # in-band DMA may start as soon as the device has the reply out
+        try:
+            self._call(p.Command.MEM_MAP, payload, fds=[mem.fd] if by_fd else None)
+        except BaseException:
+            self._mem = None
+            raise
+        return "fd" if by_fd else "in-band"
+
+    def detach_memory(self) -> None:
+        self._call(p.Command.MEM_UNMAP)
+        self._mem = None
+
+    @property
+    def memory(self) -> SharedMemory | None:
+        return self._mem
+
+    # --- interrupts ------------------------------------------------------------------------
+
+    @property
+    def irq_level(self) -> bool:
+        """The interrupt line as of the last IRQ message received."""
+        return self._irq_level
+
+    def wait_irq(self, timeout: float | None = None) -> IrqEvent | None:
+        """The oldest IRQ message not yet taken, waiting up to ``timeout`` seconds for one
+        (None: forever). None on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        cond = self._cond
+        with cond:
+            while True:
+                if self._irqs:
+                    return self._irqs.popleft()
+                if self._gone is not None:
+                    raise self._gone
+                if not self._reading:
+                    self._reading = True
+                    break
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return None
+                cond.wait(left)
+        try:
+            while True:
+                self._read_some(deadline)
+                with cond:
+                    if self._irqs:
+                        return self._irqs.popleft()
+                if deadline is not None and time.monotonic() >= deadline:
+                    return None
+        finally:
+            self._release_role()
+
+    def drain_irqs(self) -> list[IrqEvent]:
+        """Every queued IRQ message, without waiting."""
+        with self._cond:
+            out = list(self._irqs)
+            self._irqs.clear()
+        return out
+
+    def start_service(self, interval: float = 0.1) -> None:
+        """Serve IRQs and in-band DMA in a background thread while no caller is reading."""
+        if self._service is not None:
+            return
+        self._service = threading.Thread(
+            target=self._service_loop, args=(interval,), name="gemu-client-service", daemon=True
+        )
+        self._service.start()
+
+    def close(self) -> None:
+        """Close the connection; waiting threads get DeviceGone."""
+        if self._closed:
+            return
+        self._closed = True
+        with self._cond:
+            if self._gone is None:
+                self._gone = DeviceGone("the client closed the connection")
+            self._cond.notify_all()
+        self.conn.close()
+        if self._service is not None and self._service is not threading.current_thread():
+            self._service.join(timeout=5)
+
+    def __enter__(self) -> DeviceClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- plumbing --------------------------------------------------------------------------
+
+    def _new_id(self) -> int:
+        """Next request id (1..65535; 0 is never used). Called with the send lock held."""
+        self._next_id = self._next_id % 0xFFFF + 1
+        return self._next_id
+
+    def _send(self, data: bytes, fds: list[int] | None = None) -> None:
+        """Send a frame; the send lock is held by the caller."""
+        if self._gone is not None:
+            raise self._gone
+        try:
+            if fds:
+                self.conn.send_fds(data, fds)
+            else:
+                self.conn.sendall(data)
+        except link.TransportError:
+            raise
+        except OSError as exc:
+            raise self._lost(f"sending to the device failed: {exc}") from None
+
+    def _call(self, command: int, payload: bytes = b"", *, fds: list[int] | None = None) -> bytes:
+        """Send a request and return its reply payload (DeviceError on an error reply)."""
+        with self._send_lock:
+            msg_id = self._new_id()
+            self._waiting.add(msg_id)
+            try:
+                self._send(_HDR.pack(msg_id, command, 16 + len(payload), 0, 0) + payload, fds)
+            except BaseException:
+                self._waiting.discard(msg_id)
+                raise
+        self.counters["requests"] += 1
+        r_command, flags, error, data = self._wait_reply(msg_id)
+        if flags & _ERROR:
+            raise DeviceError(error, data.decode("utf-8", "replace"), _command_name(command))
+        if r_command != command:
+            raise DeviceError(
+                p.ProtoError.EPROTO,
+                f"reply to id {msg_id} is for {_command_name(r_command)}",
+                _command_name(command),
+            )
+        return data
+
+    def _wait_reply(self, msg_id: int) -> tuple[int, int, int, bytes]:
+        cond = self._cond
+        with cond:
+            while True:
+                reply = self._replies.pop(msg_id, None)
+                if reply is not None:
+                    self._waiting.discard(msg_id)
+                    return reply
+                if self._gone is not None:
+                    self._waiting.discard(msg_id)
+                    raise self._gone
+                if not self._reading:
+                    self._reading = True
+                    break
+                cond.wait()
+        try:
+            while True:
+                r_id, reply = self._next_reply()
+                if r_id == msg_id:
+                    self._waiting.discard(msg_id)
+                    return reply
+                with cond:
+                    self._replies[r_id] = reply
+                    cond.notify_all()
+        except DeviceGone:
+            self._waiting.discard(msg_id)
+            raise
+        finally:
+            self._release_role()
+
+    def _release_role(self) -> None:
+        with self._cond:
+            self._reading = False
+            callbacks, self._callbacks = self._callbacks, []
+            self._cond.notify_all()
+        handler = self.on_irq
+        if handler is not None:
+            for event in callbacks:
+                try:
+                    handler(event)
+                except Exception:
+                    log.exception("on_irq handler failed")
+
+    def _lost(self, why: str) -> DeviceGone:
+        with self._cond:
+            if self._gone is None:
+                self._gone = DeviceGone(why)
+                log.info("device connection lost: %s", why)
+            self._cond.notify_all()
+            return self._gone
+
+    # --- reading (reader role held) --------------------------------------------------------
+
+    def _next_reply(self) -> tuple[int, tuple[int, int, int, bytes]]:
+        """Read frames until a reply someone waits for arrives; handle everything else."""
+        while True:
+            frame = self._parse_frame()
+            if frame is None:
+                self._fill(block=True)
+                continue
+            result = self._dispatch(*frame)
+            if result is not None:
+                return result
+
+    def _read_some(self, deadline: float | None) -> None:
+        """Handle buffered frames, or wait until ``deadline`` for input and handle it."""
+        if self._handle_buffered():
+            return
+        fd = self.conn.fileno()
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if fd is not None:
+            try:
+                ready, _, _ = select.select([fd], (), (), left)
+            except (OSError, ValueError):
+                raise self._lost("the connection is closed") from None
+            if not ready:
+                return
+            self._fill(block=True)
+        elif not self._fill(block=False):
+            time.sleep(min(0.005, left) if left is not None else 0.005)
+            return
+        self._handle_buffered()
+
+    def _handle_buffered(self) -> bool:
+        """Handle every complete buffered frame (stashing replies); True if there was one."""
+        progressed = False
+        while (frame := self._parse_frame()) is not None:
+            progressed = True
+            result = self._dispatch(*frame)
+            if result is not None:
+                with self._cond:
+                    self._replies[result[0]] = result[1]
+                    self._cond.notify_all()
+        return progressed
+
+    def _fill(self, *, block: bool) -> bool:
+        if self._end == len(self._buf):
+            self._make_room(1)
+        try:
+            n = self.conn.recv_into(self._view[self._end :], block=block)
+        except TimeoutError:
+            raise self._lost(f"no data from the device within {self.reply_timeout} s") from None
+        except (OSError, ValueError) as exc:
+            raise self._lost(f"reading from the device failed: {exc}") from None
+        if n is None:
+            return False
+        if n == 0:
+            raise self._lost("the device closed the connection")
+        self._end += n
+        return True
+
+    def _make_room(self, need: int) -> None:
+        if self._start:
+            pending = self._end - self._start
+            self._buf[:pending] = self._buf[self._start : self._end]
+            self._start, self._end = 0, pending
+        if len(self._buf) - self._end < need:
+            self._view.release()
+            self._buf.extend(bytes(need - (len(self._buf) - self._end)))
+            self._view = memoryview(self._buf)
+
+    def _parse_frame(self):
+        avail = self._end - self._start
+        if avail < 16:
+            return None
+        msg_id, command, size, flags, error = _HDR.unpack_from(self._buf, self._start)
+        if size < 16 or size > p.MAX_MESSAGE:
+            raise self._lost(f"the device sent a frame of impossible size {size}: framing lost")
+        if avail < size:
+            if len(self._buf) - self._start < size:
+                self._make_room(size - avail)
+            return None
+        start = self._start
+        payload = bytes(self._view[start + 16 : start + size])
+        self._start = start + size
+        if self._start == self._end:
+            self._start = self._end = 0
+        return msg_id, command, size, flags, error, payload
+
+    def _dispatch(self, msg_id, command, size, flags, error, payload):
+        """Handle one frame; return (msg_id, reply) for a reply someone waits for."""
+        if flags & _REPLY:
+            if msg_id in self._waiting:
+                return msg_id, (command, flags, error, payload)
+            text = payload.decode("utf-8", "replace")
+            if flags & _ERROR:
+                exc = DeviceError(error, text, _command_name(command))
+                if msg_id == 0:  # not an answer to anything: the device refuses the connection
+                    raise self._lost(f"the device refused the connection: {exc}")
+                self.posted_errors.append(exc)
+                log.warning("posted request id %d failed: %s", msg_id, exc)
+            else:
+                log.warning("unexpected %s reply id %d", _command_name(command), msg_id)
+            return None
+        if command == _IRQ:
+            self._on_irq_message(payload)
+        elif command in (_DMA_READ, _DMA_WRITE):
+            self._serve_dma(msg_id, command, size, flags, error, payload)
+        else:
+            hdr = p.Header(msg_id, command, size, flags, error)
+            log.warning("the device sent an unexpected request: %s", hdr.describe())
+            if not flags & _NO_REPLY:
+                self._reply(
+                    p.error_frame(
+                        hdr,
+                        p.ProtoError.EPROTO,
+                        f"{_command_name(command)} is not a request a client serves",
+                    )
+                )
+        return None
+
+    def _on_irq_message(self, payload: bytes) -> None:
+        if len(payload) != p.IRQ_MSG_FAST.size:
+            log.warning("IRQ message with a %d-byte payload ignored", len(payload))
+            return
+        level, status, mmu, seq = p.IRQ_MSG_FAST.unpack(payload)
+        event = IrqEvent(bool(level), status, mmu, seq)
+        self.counters["irqs"] += 1
+        with self._cond:
+            self._irq_level = event.level
+            if len(self._irqs) == self._irqs.maxlen:
+                self.counters["irqs_dropped"] += 1
+            self._irqs.append(event)
+            if self.on_irq is not None:
+                self._callbacks.append(event)
+            self._cond.notify_all()
+
+    def _reply(self, frame: bytes) -> None:
+        with self._send_lock:
+            self._send(frame)
+
+    def _serve_dma(self, msg_id, command, size, flags, error, payload) -> None:
+        hdr = p.Header(msg_id, command, size, flags, error)
+        name = _command_name(command)
+        mem = self._mem
+        if len(payload) < p.DMA_REQ_FAST.size:
+            self._reply(p.error_frame(hdr, p.ProtoError.EBADMSG, f"{name} payload too short"))
+            return
+        addr, n = p.DMA_REQ_FAST.unpack_from(payload)
+        if mem is None:
+            self._reply(p.error_frame(hdr, p.ProtoError.ENODEV, f"{name}: no guest memory"))
+            return
+        if addr + n > mem.size:
+            text = f"{name} {addr:#x}+{n:#x} is outside guest memory ({mem.size:#x} bytes)"
+            log.warning("refused: %s", text)
+            self._reply(p.error_frame(hdr, p.ProtoError.EFAULT, text))
+            return
+        self.counters["dma_served"] += 1
+        self.counters["dma_bytes"] += n
+        if command == _DMA_READ:
+            if len(payload) != p.DMA_REQ_FAST.size:
+                self._reply(p.error_frame(hdr, p.ProtoError.EBADMSG, f"{name} payload size"))
+                return
+            data = mem.buf[addr : addr + n]
+            out = p.DMA_REQ_FAST.pack(addr, n)
+            self._reply(_HDR.pack(msg_id, command, 16 + len(out) + n, _REPLY, 0) + out + data)
+        else:
+            data = memoryview(payload)[p.DMA_REQ_FAST.size :]
+            if len(data) != n:
+                text = f"{name} says {n} bytes but carries {len(data)}"
+                self._reply(p.error_frame(hdr, p.ProtoError.EBADMSG, text))
+                return
+            mem.buf[addr : addr + n] = data
+            out = p.DMA_REQ_FAST.pack(addr, n)
+            self._reply(_HDR.pack(msg_id, command, 16 + len(out), _REPLY, 0) + out)
+
+    def _service_loop(self, interval: float) -> None:
+        cond = self._cond
+        while not self._closed and self._gone is None:
+            fd = self.conn.fileno()
+            if fd is None:
+                ready = True
+            else:
+                try:
+                    ready = bool(select.select([fd], (), (), interval)[0])
+                except (OSError, ValueError):
+                    return
+            if not ready:
+                continue
+            with cond:
+                if self._reading:
+                    cond.wait(interval)  # a caller is reading; it handles what came in
+                    continue
+                self._reading = True
+            try:
+                self._read_some(time.monotonic() if fd is not None else time.monotonic() + 0.01)
+            except DeviceGone:
+                return
+            except Exception:
+                log.exception("client service thread failed")
+                return
+            finally:
+                self._release_role()
+
+
+__all__ = [
+    "DeviceClient",
+    "DeviceError",
+    "DeviceGone",
+    "IrqEvent",
+    "SharedMemory",
+    "StepResult",
+]
