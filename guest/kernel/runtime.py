@@ -841,6 +841,7 @@ class Deterministic(Runtime):
     def _wake(self, task: Task) -> None:
         if task._blocked and not task.done:
             task._blocked = False
+            task._wait_reason = None
             if task._deadline is not None:
                 self._timed.remove(task)
                 task._deadline = None
@@ -861,13 +862,11 @@ class Deterministic(Runtime):
         if self._aborting:
             raise _Killed
         deadline = None if timeout_ns is None else self._now + timeout_ns
-        task._wait_reason = reason
         task._waiting_on = wq
-        waiters = wq._det_waiters
         try:
             while True:
-                waiters = wq._det_waiters
-                waiters.append(task)
+                task._wait_reason = reason
+                wq._det_waiters.append(task)
                 self._block(task, deadline)
                 with lock:
                     if cond():
@@ -900,7 +899,16 @@ def _priority(task: Task) -> float:
 
 def describe_task(task: Task) -> str:
     """One line: the task, the locks it holds (oldest first) and what it waits for."""
-    held = ", ".join(_lock_name(h.lock) for h in task.held_locks) or "nothing"
+    # A lock's lockdep entry is pushed before its owner blocks on it; that one is waited for.
+    waiting_on = task._waiting_on
+    held = (
+        ", ".join(
+            _lock_name(h.lock)
+            for h in task.held_locks
+            if waiting_on is None or getattr(h.lock, "wq", None) is not waiting_on
+        )
+        or "nothing"
+    )
     state = f"waits for {task.wait_reason}" if task.wait_reason else "runnable"
     return f"  task {task.tid} {task.name!r}: holds {held}; {state}"
 

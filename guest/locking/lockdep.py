@@ -176,9 +176,17 @@ def _name(lock: object) -> str:
     return getattr(lock, "name", None) or repr(lock)
 
 
+_PLUMBING = (threading.__file__, runtime.__file__, __file__)
+
+
 def _capture(skip: int = 2) -> traceback.StackSummary:
-    frames = traceback.walk_stack(sys._getframe(skip))
-    summary = traceback.StackSummary.extract(frames, limit=20, lookup_lines=False)
+    """The caller's stack, outermost first, without thread and runtime plumbing."""
+    frames = [
+        (f, lineno)
+        for f, lineno in traceback.walk_stack(sys._getframe(skip))
+        if f.f_code.co_filename not in _PLUMBING
+    ]
+    summary = traceback.StackSummary.extract(iter(frames[:16]), lookup_lines=False)
     summary.reverse()
     return summary
 
