@@ -62,7 +62,12 @@ class DmaFenceFlag(IntFlag):
     USER_BITS = 1 << 5
 
 
+# Plain ints on the hot paths: IntFlag arithmetic costs more than the rest of an operation.
 _SIGNALED = int(DmaFenceFlag.SIGNALED)
+_SEQNO64 = int(DmaFenceFlag.SEQNO64)
+_TIMESTAMP = int(DmaFenceFlag.TIMESTAMP)
+_ENABLE_SIGNAL = int(DmaFenceFlag.ENABLE_SIGNAL)
+_INITIALIZED = int(DmaFenceFlag.INITIALIZED)
 
 
 class DmaFenceOps:
@@ -148,7 +153,7 @@ def _fence_init(fence: DmaFence, ops, context: int, seqno: int, flags: int) -> N
     fence.ops = ops if ops is not None else _DEFAULT_OPS
     fence.context = context
     fence.seqno = seqno
-    fence.flags = flags | DmaFenceFlag.INITIALIZED
+    fence.flags = flags | _INITIALIZED
     fence.error = 0
     fence.refcount = 1
     fence.timestamp = 0
@@ -173,7 +178,7 @@ def init64(fence: DmaFence, ops: DmaFenceOps | None, context: int, seqno: int) -
 
     Kernel: dma_fence_init64() [drivers/dma-buf/dma-fence.c]
     """
-    _fence_init(fence, ops, context, seqno, DmaFenceFlag.SEQNO64)
+    _fence_init(fence, ops, context, seqno, _SEQNO64)
 
 
 _context_lock = threading.Lock()
@@ -200,7 +205,8 @@ def get(fence: DmaFence | None) -> DmaFence | None:
     """Take a reference. Kernel: dma_fence_get() [include/linux/dma-fence.h]"""
     if fence is not None:
         with fence.lock:
-            warn_on(fence.refcount <= 0, f"dma_fence_get on a released fence {fence!r}")
+            if fence.refcount <= 0:
+                warn_on(True, f"dma_fence_get on a released fence {fence!r}")
             fence.refcount += 1
     return fence
 
@@ -216,7 +222,8 @@ def put(fence: DmaFence | None) -> None:
     if fence is None:
         return
     with fence.lock:
-        if warn_on(fence.refcount <= 0, f"dma_fence_put: refcount underflow on {fence!r}"):
+        if fence.refcount <= 0:
+            warn_on(True, f"dma_fence_put: refcount underflow on {fence!r}")
             return
         fence.refcount -= 1
         if fence.refcount:
@@ -249,7 +256,7 @@ def timeline_name(fence: DmaFence) -> str:
 
 
 def _seqno_after(fence: DmaFence, f1: int, f2: int) -> bool:
-    if fence.flags & DmaFenceFlag.SEQNO64:
+    if fence.flags & _SEQNO64:
         return f1 > f2
     delta = (f1 - f2) & 0xFFFFFFFF
     return 0 < delta < 0x80000000
@@ -263,7 +270,8 @@ def is_later(f1: DmaFence, f2: DmaFence) -> bool:
     Seqnos compare with 32-bit wraparound unless ``f1`` was made with :func:`init64`. Fences of
     different contexts cannot be ordered: warn and return False.
     """
-    if warn_on(f1.context != f2.context, f"is_later: contexts differ ({f1!r} vs {f2!r})"):
+    if f1.context != f2.context:
+        warn_on(True, f"is_later: contexts differ ({f1!r} vs {f2!r})")
         return False
     return _seqno_after(f1, f1.seqno, f2.seqno)
 
@@ -275,7 +283,8 @@ def is_later_or_same(f1: DmaFence, f2: DmaFence) -> bool:
 
 def later(f1: DmaFence, f2: DmaFence) -> DmaFence | None:
     """Return the later of two fences of one context. Kernel: dma_fence_later()"""
-    if warn_on(f1.context != f2.context, f"later: contexts differ ({f1!r} vs {f2!r})"):
+    if f1.context != f2.context:
+        warn_on(True, f"later: contexts differ ({f1!r} vs {f2!r})")
         return None
     return f1 if is_later(f1, f2) else f2
 
@@ -297,7 +306,7 @@ def _signal(fence: DmaFence, timestamp: int | None) -> bool:
         if fence.flags & _SIGNALED:
             return True
         fence.timestamp = runtime.now_ns() if timestamp is None else timestamp
-        fence.flags |= _SIGNALED | DmaFenceFlag.TIMESTAMP
+        fence.flags |= _SIGNALED | _TIMESTAMP
         callbacks = fence.cb_list
         fence.cb_list = []
         fence.ops = None
@@ -375,7 +384,8 @@ def set_error(fence: DmaFence, error: int) -> None:
 
     Setting it after the signal, or passing anything but a negative errno, warns.
     """
-    warn_on(fence.flags & _SIGNALED, f"set_error on already signaled {fence!r}")
+    if fence.flags & _SIGNALED:
+        warn_on(True, f"set_error on already signaled {fence!r}")
     if warn_on(
         not -_MAX_ERRNO <= error < 0, f"set_error: error must be a negative errno, not {error!r}"
     ):
@@ -411,9 +421,9 @@ def enable_sw_signaling(fence: DmaFence) -> None:
     Kernel: dma_fence_enable_sw_signaling() [drivers/dma-buf/dma-fence.c]
     """
     with fence.lock:
-        if fence.flags & (_SIGNALED | DmaFenceFlag.ENABLE_SIGNAL):
+        if fence.flags & (_SIGNALED | _ENABLE_SIGNAL):
             return
-        fence.flags |= DmaFenceFlag.ENABLE_SIGNAL
+        fence.flags |= _ENABLE_SIGNAL
         ops = fence.ops
     if ops is not None and not ops.enable_signaling(fence):
         check_and_signal(fence)

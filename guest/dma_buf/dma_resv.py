@@ -298,7 +298,8 @@ def add_fence(obj: DmaResv, fence: DmaFence, usage: DmaResvUsage) -> None:
     grows the list so the run continues).
     """
     assert_held(obj)
-    warn_on(dma_fence.is_container(fence), f"add_fence: container fence {fence!r}; add members")
+    if dma_fence.is_container(fence):
+        warn_on(True, f"add_fence: container fence {fence!r}; add its members instead")
     runtime.preempt("dma_resv.add_fence")
     dma_fence.get(fence)
     lockdep.fence_published(fence)
@@ -315,9 +316,8 @@ def add_fence(obj: DmaResv, fence: DmaFence, usage: DmaResvUsage) -> None:
                 table[i] = (fence, usage)
                 dma_fence.put(old)
                 return
-    if warn_on(
-        fobj is None or fobj.num_fences >= fobj.max_fences,
-        f"add_fence on {obj!r} without a reserved slot: call reserve_fences after locking",
+    if (fobj is None or fobj.num_fences >= fobj.max_fences) and warn_on(
+        True, f"add_fence on {obj!r} without a reserved slot: call reserve_fences after locking"
     ):
         if fobj is None:
             fobj = obj.fences = DmaResvList(0)
