@@ -1,0 +1,413 @@
+"""DOC: GEM, the driver-neutral buffer object, its handles and the eviction entry point.
+
+A :class:`DrmGemObject` is a buffer of ``size`` bytes (a whole number of pages) owned by a
+:class:`DrmDevice`. Its lifetime is a reference count: :func:`get` and :func:`put`, the last
+``put`` calling ``funcs.free``. Userspace names objects through per-file handles
+(:class:`DrmFile`); a handle holds one reference. Every object carries its own reservation
+object ``resv`` (a :class:`~gemu.guest.dma_buf.dma_resv.DmaResv`): its lock serialises every
+change of the object's backing storage and its fences say which GPU work still uses it.
+
+The memory manager reclaims an object through :func:`evict_locked`: with the reservation lock
+held it refuses (``Ebusy``) while a fence of the device's *idle usage* is unsignalled, and
+otherwise calls the driver's ``funcs.evict``. The idle usage is READ by default, as in the
+kernel; a driver whose page-table updates or preemption fences sit at BOOKKEEP chooses
+BOOKKEEP so that those fences also keep the object resident::
+
+    dev = gem.DrmDevice(allocator, swap, idle_usage=DmaResvUsage.BOOKKEEP)
+    obj = gem_shmem.create(dev, 8192)            # one reference, owned by the caller
+    handle = gem.handle_create(file, obj)        # the handle takes its own reference
+    gem.put(obj)                                 # now the handle keeps it alive
+    dma_resv.lock(obj.resv, None)
+    try:
+        gem.evict_locked(obj)                    # Ebusy while BOOKKEEP fences are pending
+    finally:
+        dma_resv.unlock(obj.resv)
+    gem.handle_delete(file, handle)              # last reference: funcs.free runs
+
+``DrmDevice.semantics`` picks between the two versions of the shmem helper the model knows:
+``"v19"`` (default: the shrinker-enabled helper of the v19 series) and ``"mainline"`` (the
+helper as merged in Linux 6.16+). ``docs/shmem.md`` lists what differs.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from gemu.guest.dma_buf import dma_resv
+from gemu.guest.dma_buf.dma_resv import DmaResv, DmaResvUsage
+from gemu.guest.errors import Ebusy, Einval, warn_on
+from gemu.guest.mm.shmem import ShmemFile
+
+if TYPE_CHECKING:
+    from gemu.guest.drm.gem_lru import DrmGemLru
+
+__all__ = [
+    "PAGE_SHIFT",
+    "PAGE_SIZE",
+    "SEMANTICS",
+    "DrmDevice",
+    "DrmFile",
+    "DrmGemObject",
+    "DrmGemObjectFuncs",
+    "evict_locked",
+    "get",
+    "get_unless_zero",
+    "handle_create",
+    "handle_delete",
+    "object_lookup",
+    "put",
+]
+
+PAGE_SHIFT = 12
+PAGE_SIZE = 1 << PAGE_SHIFT
+SEMANTICS = ("v19", "mainline")
+"""The shmem-helper versions :attr:`DrmDevice.semantics` may name."""
+
+# Reference counts are atomics in the kernel; one process-wide lock plays that role here, so
+# that an object needs no lock of its own (100k objects must stay small).
+_atomic = threading.Lock()
+_serial = itertools.count(1)
+
+
+def page_align(size: int) -> int:
+    """Round ``size`` up to whole pages. Kernel: PAGE_ALIGN()"""
+    return (size + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+
+
+class DrmDevice:
+    """The GEM-relevant part of a DRM device. Kernel: struct drm_device [include/drm/drm_device.h]
+
+    ``allocator`` hands out the frames of guest RAM, ``swap`` takes evicted pages.
+    ``shmem_mm`` is the shmem helper's shrinker state (the kernel's ``dev->shmem_mm``), None
+    until :func:`gemu.guest.drm.gem_shmem_shrinker.drmm_gem_shmem_init` runs; without it no
+    object is ever placed on an LRU or reclaimed. ``idle_usage`` is the dma_resv usage up to
+    which fences must have signalled before :func:`evict_locked` lets an object go.
+    ``leaked`` keeps the objects a v19 free refused to release (their counters were not zero),
+    so a test can find them; ``object_count`` is the number of live objects.
+    """
+
+    __slots__ = (
+        "allocator",
+        "idle_usage",
+        "leaked",
+        "object_count",
+        "semantics",
+        "shmem_mm",
+        "swap",
+        "unique",
+    )
+
+    def __init__(
+        self,
+        allocator: Any,
+        swap: Any = None,
+        *,
+        semantics: str = "v19",
+        idle_usage: DmaResvUsage = DmaResvUsage.READ,
+        unique: str = "gemu",
+    ) -> None:
+        if semantics not in SEMANTICS:
+            raise ValueError(f"semantics must be one of {SEMANTICS}, not {semantics!r}")
+        self.allocator = allocator
+        self.swap = swap
+        self.semantics = semantics
+        self.idle_usage = DmaResvUsage(idle_usage)
+        self.unique = unique
+        self.shmem_mm: Any = None
+        self.object_count = 0
+        self.leaked: list[DrmGemObject] = []
+
+    @property
+    def v19(self) -> bool:
+        """Whether the device models the v19 shrinker-enabled helper."""
+        return self.semantics == "v19"
+
+    def __repr__(self) -> str:
+        return f"<DrmDevice {self.unique} {self.semantics} objects={self.object_count}>"
+
+
+class DrmGemObjectFuncs:
+    """Per-driver object callbacks; each is optional. Kernel: struct drm_gem_object_funcs
+
+    ``free(obj)`` releases the object when its last reference goes. ``evict(obj)`` gives the
+    object's pages back to the system; it runs with the reservation lock held, raises a
+    :class:`~gemu.guest.errors.KernelError` on failure, and must take the object off every LRU
+    it frees (``drm_gem_lru_scan`` checks that). ``print_info(obj, out)`` adds lines to a debug
+    dump. One instance is shared by every object of a driver.
+    """
+
+    __slots__ = ("evict", "free", "print_info")
+
+    def __init__(
+        self,
+        *,
+        free: Callable[[DrmGemObject], None] | None = None,
+        evict: Callable[[DrmGemObject], None] | None = None,
+        print_info: Callable[[DrmGemObject, list[str]], None] | None = None,
+    ) -> None:
+        self.free = free
+        self.evict = evict
+        self.print_info = print_info
+
+    def replace(self, **changes: Any) -> DrmGemObjectFuncs:
+        """A copy with some callbacks changed (a driver wrapping the helper's defaults)."""
+        fields = {name: getattr(self, name) for name in self.__slots__}
+        fields.update(changes)
+        return DrmGemObjectFuncs(**fields)
+
+
+class DrmGemObject:
+    """A GEM buffer object. Kernel: struct drm_gem_object [include/drm/drm_gem.h]
+
+    Invariants: ``size`` is a positive multiple of :data:`PAGE_SIZE` and never changes;
+    ``refcount`` > 0 while anyone may use the object (it is freed when it drops to 0);
+    ``handle_count`` counts the handles naming it, each also holding one reference; ``lru`` is
+    the :class:`~gemu.guest.drm.gem_lru.DrmGemLru` the object is on (None when on none) and
+    changes only under that LRU's lock, with ``lru_prev``/``lru_next`` its links there (the
+    kernel's ``lru_node``). ``filp`` is the shmem file backing the object (None for a private
+    object, e.g. an import). ``dma_buf`` is set while the object is exported and
+    ``import_attach`` when it was imported; the shrinker leaves both kinds alone. ``name`` is the
+    global (flink) name, 0 when unnamed.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "dev",
+        "dma_buf",
+        "filp",
+        "funcs",
+        "handle_count",
+        "import_attach",
+        "lru",
+        "lru_next",
+        "lru_prev",
+        "name",
+        "refcount",
+        "resv",
+        "size",
+    )
+
+    def __init__(self) -> None:
+        self.dev: DrmDevice | None = None
+        self.size = 0
+        self.refcount = 0
+        self.handle_count = 0
+        self.funcs: DrmGemObjectFuncs | None = None
+        self.resv: DmaResv | None = None
+        self.filp: Any = None
+        self.dma_buf: Any = None
+        self.import_attach: Any = None
+        self.lru: DrmGemLru | None = None
+        self.lru_prev: DrmGemObject | None = None
+        self.lru_next: DrmGemObject | None = None
+        self.name = 0
+
+    @property
+    def base(self) -> DrmGemObject:
+        """The object itself, so helper code reads like the kernel's ``shmem->base``."""
+        return self
+
+    @property
+    def npages(self) -> int:
+        """Size in pages (the kernel's ``obj->size >> PAGE_SHIFT``)."""
+        return self.size >> PAGE_SHIFT
+
+    def __repr__(self) -> str:
+        label = self.resv.lock.name if self.resv is not None else "uninit"
+        return f"<{type(self).__name__} {label} size={self.size} ref={self.refcount}>"
+
+
+def private_object_init(dev: DrmDevice, obj: DrmGemObject, size: int) -> None:
+    """Initialise an object that has no shmem file (an import or a driver-private buffer).
+
+    Kernel: drm_gem_private_object_init() [drivers/gpu/drm/drm_gem.c]
+
+    Raises:
+        Einval: ``size`` is not a positive multiple of the page size.
+    """
+    if warn_on(size <= 0 or size % PAGE_SIZE, f"GEM object size {size} is not whole pages"):
+        raise Einval(msg=f"object size {size}")
+    obj.dev = dev
+    obj.size = size
+    obj.refcount = 1
+    obj.handle_count = 0
+    obj.resv = dma_resv.init(name=f"bo{next(_serial)}")
+    obj.filp = None
+    obj.lru = None
+    with _atomic:
+        dev.object_count += 1
+
+
+def object_init(dev: DrmDevice, obj: DrmGemObject, size: int) -> None:
+    """Initialise an object backed by a new shmem file of ``size`` bytes.
+
+    Kernel: drm_gem_object_init() [drivers/gpu/drm/drm_gem.c]
+    """
+    private_object_init(dev, obj, size)
+    obj.filp = ShmemFile(dev.allocator, dev.swap, size, name=obj.resv.lock.name)
+
+
+def object_release(obj: DrmGemObject) -> None:
+    """Release what :func:`object_init` set up: LRU membership, the shmem file, the resv.
+
+    Kernel: drm_gem_object_release() [drivers/gpu/drm/drm_gem.c]
+
+    Releasing the shmem file gives back every frame and swap slot it still holds.
+    """
+    from gemu.guest.drm import gem_lru  # gem_lru builds on this module
+
+    gem_lru.remove(obj)
+    if obj.filp is not None:
+        obj.filp.release()
+        obj.filp = None
+    dma_resv.fini(obj.resv)
+    with _atomic:
+        obj.dev.object_count -= 1
+
+
+def get(obj: DrmGemObject) -> DrmGemObject:
+    """Take a reference. Kernel: drm_gem_object_get() [include/drm/drm_gem.h]"""
+    with _atomic:
+        bad = obj.refcount <= 0
+        if not bad:
+            obj.refcount += 1
+    warn_on(bad, f"drm_gem_object_get on freed {obj!r}")
+    return obj
+
+
+def get_unless_zero(obj: DrmGemObject) -> bool:
+    """Take a reference unless the object is already being freed.
+
+    Kernel: kref_get_unless_zero(&obj->refcount) [include/linux/kref.h]
+    """
+    with _atomic:
+        if obj.refcount == 0:
+            return False
+        obj.refcount += 1
+        return True
+
+
+def put(obj: DrmGemObject | None) -> None:
+    """Drop a reference; the last one calls ``funcs.free``.
+
+    Kernel: drm_gem_object_put() / drm_gem_object_free() [drivers/gpu/drm/drm_gem.c]
+    """
+    if obj is None:
+        return
+    with _atomic:
+        bad = obj.refcount <= 0
+        if not bad:
+            obj.refcount -= 1
+        last = not bad and obj.refcount == 0
+    if warn_on(bad, f"drm_gem_object_put: refcount underflow on {obj!r}"):
+        return
+    if last:
+        free = obj.funcs.free if obj.funcs is not None else None
+        if warn_on(free is None, f"{obj!r} has no free callback"):
+            return
+        free(obj)
+
+
+def evict_locked(obj: DrmGemObject) -> None:
+    """Reclaim the object's memory through the driver, if the GPU no longer uses it.
+
+    Kernel: drm_gem_evict_locked() [drivers/gpu/drm/drm_gem.c] (``drm_gem_evict`` before v6.16)
+    Locking: caller holds ``obj.resv`` (asserted).
+
+    The object is idle when every fence up to the device's ``idle_usage`` has signalled (the
+    kernel hard-codes READ; a device may choose BOOKKEEP). An object without an ``evict``
+    callback is left alone and the call succeeds.
+
+    Raises:
+        Ebusy: a fence up to ``idle_usage`` has not signalled.
+        KernelError: whatever ``funcs.evict`` raises.
+    """
+    dma_resv.assert_held(obj.resv)
+    if not dma_resv.test_signaled(obj.resv, obj.dev.idle_usage):
+        raise Ebusy(msg=f"{obj!r} has unsignalled fences up to {obj.dev.idle_usage.name}")
+    evict = obj.funcs.evict if obj.funcs is not None else None
+    if evict is not None:
+        evict(obj)
+
+
+# --- handles ------------------------------------------------------------------------------
+
+
+class DrmFile:
+    """An open DRM file: the handles its owner created. Kernel: struct drm_file
+
+    Handles are small positive integers; the lowest free one is handed out first, as
+    ``idr_alloc(&file->object_idr, obj, 1, 0, ...)`` does. Each handle holds one object
+    reference and one ``handle_count``.
+    """
+
+    __slots__ = ("_free", "_next", "dev", "object_idr", "table_lock")
+
+    def __init__(self, dev: DrmDevice) -> None:
+        self.dev = dev
+        self.object_idr: dict[int, DrmGemObject] = {}
+        self.table_lock = threading.Lock()
+        self._free: list[int] = []
+        self._next = 1
+
+    def __repr__(self) -> str:
+        return f"<DrmFile {len(self.object_idr)} handles>"
+
+
+def handle_create(file: DrmFile, obj: DrmGemObject) -> int:
+    """Name ``obj`` in ``file`` with a new handle, which takes its own reference.
+
+    Kernel: drm_gem_handle_create() [drivers/gpu/drm/drm_gem.c]
+    """
+    get(obj)
+    with _atomic:
+        obj.handle_count += 1
+    with file.table_lock:
+        if file._free:
+            handle = heapq.heappop(file._free)
+        else:
+            handle = file._next
+            file._next += 1
+        file.object_idr[handle] = obj
+    return handle
+
+
+def object_lookup(file: DrmFile, handle: int) -> DrmGemObject | None:
+    """The object named by ``handle`` with a new reference, or None.
+
+    Kernel: drm_gem_object_lookup() [drivers/gpu/drm/drm_gem.c]
+    """
+    with file.table_lock:
+        obj = file.object_idr.get(handle)
+        if obj is not None:
+            get(obj)
+    return obj
+
+
+def handle_delete(file: DrmFile, handle: int) -> None:
+    """Remove ``handle`` and drop its reference.
+
+    Kernel: drm_gem_handle_delete() [drivers/gpu/drm/drm_gem.c]
+
+    Raises:
+        Einval: no such handle.
+    """
+    with file.table_lock:
+        obj = file.object_idr.pop(handle, None)
+        if obj is not None:
+            heapq.heappush(file._free, handle)
+    if obj is None:
+        raise Einval(msg=f"no GEM handle {handle}")
+    with _atomic:
+        obj.handle_count -= 1
+    put(obj)
+
+
+def release(file: DrmFile) -> None:
+    """Drop every handle of a closing file. Kernel: drm_gem_release() [drivers/gpu/drm/drm_gem.c]"""
+    for handle in sorted(file.object_idr):
+        handle_delete(file, handle)
