@@ -388,7 +388,7 @@ def stop(sched: DrmGpuScheduler, bad: DrmSchedJob | None) -> None:
         if parent is not None and dma_fence.remove_callback(parent, job.cb):
             dma_fence.put(parent)
             job.s_fence.parent = None
-            sched.credit_count -= job.credits
+            _add_credits(sched, -job.credits)
             continue
         with sched.job_list_lock:
             sched.pending_list.remove(job)
@@ -410,7 +410,7 @@ def start(sched: DrmGpuScheduler, errno_: int = 0) -> None:
     with sched.job_list_lock:
         jobs = list(sched.pending_list)
     for job in jobs:
-        sched.credit_count += job.credits
+        _add_credits(sched, job.credits)
         parent = job.s_fence.parent
         if parent is None:
             _job_done(job, errno_ or -errno.ECANCELED)
@@ -844,8 +844,8 @@ def _run_one(sched: DrmGpuScheduler) -> None:
     if job is None:
         return
     s_fence = job.s_fence
-    sched.credit_count += job.credits
     with sched.job_list_lock:
+        sched.credit_count += job.credits
         sched.pending_list.append(job)
         _start_timeout(sched)
     error = 0
@@ -866,13 +866,19 @@ def _run_one(sched: DrmGpuScheduler) -> None:
     _wake(sched.job_scheduled)
 
 
+def _add_credits(sched: DrmGpuScheduler, delta: int) -> None:
+    # The kernel's atomic_add/atomic_sub: hardware-fence callbacks run in other tasks.
+    with sched.job_list_lock:
+        sched.credit_count += delta
+
+
 def _job_done_cb(fence: DmaFence, cb: DmaFenceCb) -> None:
     _job_done(cb.job, fence.error)
 
 
 def _job_done(job: DrmSchedJob, result: int) -> None:
     sched = job.s_fence.sched
-    sched.credit_count -= job.credits
+    _add_credits(sched, -job.credits)
     finished = job.s_fence.finished
     if result and not dma_fence.test_signaled_flag(finished):
         dma_fence.set_error(finished, result)
