@@ -45,6 +45,7 @@ Usage::
 from __future__ import annotations
 
 import itertools
+import os
 import sys
 import threading
 import traceback
@@ -176,7 +177,9 @@ def _name(lock: object) -> str:
     return getattr(lock, "name", None) or repr(lock)
 
 
-_PLUMBING = (threading.__file__, runtime.__file__, __file__)
+# Thread and runtime plumbing, and the lock implementations themselves.
+_PLUMBING = (threading.__file__, runtime.__file__)
+_LOCKING_DIR = os.path.dirname(__file__)
 
 
 def _capture(skip: int = 2) -> traceback.StackSummary:
@@ -185,6 +188,7 @@ def _capture(skip: int = 2) -> traceback.StackSummary:
         (f, lineno)
         for f, lineno in traceback.walk_stack(sys._getframe(skip))
         if f.f_code.co_filename not in _PLUMBING
+        and os.path.dirname(f.f_code.co_filename) != _LOCKING_DIR
     ]
     summary = traceback.StackSummary.extract(iter(frames[:16]), lookup_lines=False)
     summary.reverse()
