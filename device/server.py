@@ -12,8 +12,9 @@ threads and no locks, the way QEMU's main loop drives a device model:
   line, ``IRQ_STATUS`` or ``MMU_INT_STAT`` changed (the IRQ goes out *before* the reply, so a
   client that has the reply of a register write also knows the line it caused);
 - in ``FREE`` clock mode the command processor runs in batches (``gpu.run(BATCH)``) between
-  non-blocking polls while it has work, and re-polls at ``gpu.wait_deadline_ns()`` while a
-  WAIT_MEM is pending; in ``STEPPED`` mode it runs only inside ``STEP``;
+  non-blocking polls while it has work, and every ``WAIT_POLL_S`` while a WAIT_MEM is pending
+  (guest memory changes without a message, so the device must look again; the WAIT_MEM
+  timeout is the device model's business); in ``STEPPED`` mode it runs only inside ``STEP``;
 - guest memory comes as a descriptor (``MEM_MAP`` with SCM_RIGHTS over a UNIX socket:
   :class:`~gemu.device.memory.MappedMemory`) or in band (TCP, serial:
   :class:`~gemu.device.memory.InBandMemory`, whose accesses become ``DMA_READ``/``DMA_WRITE``
@@ -48,13 +49,14 @@ from typing import Any
 from gemu.device import transport
 from gemu.device.abi import protocol as p
 from gemu.device.abi import regs
+from gemu.device.abi.enums import CpState
 from gemu.device.memory import BusError, InBandMemory, MappedMemory
 
 log = logging.getLogger("gemu.device.server")
 guest_log = logging.getLogger("gemu.device.guest_error")
 
 BATCH = 256  # packets per CP batch between two polls in FREE mode
-MAX_POLL_WAIT_S = 0.05  # longest sleep while a WAIT_MEM is pending
+WAIT_POLL_S = 200e-6  # how often a pending WAIT_MEM re-reads guest memory in FREE mode
 DMA_TIMEOUT_S = 30.0  # a client that does not answer a DMA request for this long is dead
 SERIAL_RETRY_S = 1.0
 NAME = b"gemu-device"
@@ -153,7 +155,8 @@ class DeviceServer:
             dma_bytes=0,
             batches=0,
         )
-        self._stepped = bool(getattr(gpu, "stepped", False))
+        self._stepped = bool(gpu.clock.stepped)
+        self._next_wait_poll = 0.0
         if self._serial_spec:
             self._open_serial()
 
@@ -243,25 +246,29 @@ class DeviceServer:
             self._open_serial()
 
     def _cp_work(self) -> float | None:
-        """Run a CP batch if there is work; return how long the loop may sleep."""
+        """Run a CP batch if there is work; return how long the loop may sleep (None: until
+        input arrives)."""
         if self._stepped:
             return None
         gpu = self.gpu
-        deadline = gpu.wait_deadline_ns()
-        if gpu.has_work() or (deadline is not None and deadline <= time.monotonic_ns()):
-            try:
-                gpu.run(BATCH)
-            except Exception:
-                log.exception("the command processor raised; the device stays up")
-            self.counters["batches"] += 1
-            self._flush_irq()
-            s = self.session
-            if s is not None and not s.alive:
-                self._end_session("connection lost during DMA")
-            return 0.0
-        if deadline is None:
-            return None
-        return min(max(0.0, (deadline - time.monotonic_ns()) / 1e9), MAX_POLL_WAIT_S)
+        if not gpu.has_work():
+            if gpu.cp_state() != CpState.WAITING:
+                return None
+            # a WAIT_MEM polls guest memory, which the client writes without telling us
+            left = self._next_wait_poll - time.monotonic()
+            if left > 0:
+                return left
+            self._next_wait_poll = time.monotonic() + WAIT_POLL_S
+        try:
+            gpu.run(BATCH)
+        except Exception:
+            log.exception("the command processor raised; the device stays up")
+        self.counters["batches"] += 1
+        self._flush_irq()
+        s = self.session
+        if s is not None and not s.alive:
+            self._end_session("connection lost during DMA")
+        return 0.0
 
     # --- connections -----------------------------------------------------------------------
 
@@ -269,6 +276,11 @@ class DeviceServer:
         conn = self.listener.accept()
         if conn is None:
             return
+        s = self.session
+        if s is not None and s.conn.fileno() is not None:
+            # the client may have hung up just before: take what it sent, see the end of stream
+            while self.session is s and self._receive(s, block=False):
+                pass
         if self.session is not None:
             self.counters["refused"] += 1
             text = (
@@ -321,15 +333,16 @@ class DeviceServer:
 
     # --- reading frames --------------------------------------------------------------------
 
-    def _receive(self, s: _Session, *, block: bool) -> None:
-        """Read what the client sent and handle every complete frame."""
+    def _receive(self, s: _Session, *, block: bool) -> bool:
+        """Read what the client sent and handle every complete frame; False if nothing came."""
         try:
             if not self._fill(s, block=block):
-                return
+                return False
         except _Disconnected as exc:
             self._end_session(str(exc))
-            return
+            return False
         self._drain(s)
+        return True
 
     def _fill(self, s: _Session, *, block: bool) -> bool:
         if s.end == len(s.buf):
@@ -712,11 +725,7 @@ class DeviceServer:
         return b""
 
     def _set_stepped(self, stepped: bool) -> None:
-        setter = getattr(self.gpu, "set_stepped", None)
-        if setter is not None:
-            setter(stepped)
-        else:
-            self.gpu.stepped = stepped
+        self.gpu.set_stepped(stepped)
         self._stepped = stepped
 
     def _memory_request(self, command: p.Command, space: int, size: int) -> None:

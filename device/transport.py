@@ -47,6 +47,7 @@ __all__ = [
     "Spec",
     "SpecError",
     "TransportError",
+    "check_listen",
     "connect",
     "listen",
     "open_serial",
@@ -130,6 +131,14 @@ def _claim_unix_path(path: str, text: str) -> None:
     finally:
         probe.close()
     raise SpecError(f"transport spec {text!r}: another process is listening on {path}")
+
+
+def check_listen(text: str) -> Spec:
+    """Validate a spec for listening without binding anything (SpecError if unusable)."""
+    spec = parse_spec(text)
+    if spec.kind == "tcp":
+        _loopback_address(spec, text)
+    return spec
 
 
 def listen(text: str, *, backlog: int = 2) -> Listener:

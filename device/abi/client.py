@@ -94,6 +94,10 @@ class DeviceGone(ConnectionError):
     """The connection to the device is closed or broken."""
 
 
+class _SendFailed(Exception):
+    """A send failed; raised with the send lock held, turned into DeviceGone outside it."""
+
+
 @dataclass(frozen=True)
 class IrqEvent:
     """One IRQ message: the line level and the status registers behind it."""
@@ -289,8 +293,11 @@ class DeviceClient:
         """Write one register without waiting (a doorbell). A failure shows up later in
         :attr:`posted_errors` and the log."""
         body = _PAIR.pack(offset, value & 0xFFFFFFFF)
-        with self._send_lock:
-            self._send(_HDR.pack(self._new_id(), _REG_WRITE, 24, _NO_REPLY, 0) + body)
+        try:
+            with self._send_lock:
+                self._send(_HDR.pack(self._new_id(), _REG_WRITE, 24, _NO_REPLY, 0) + body)
+        except _SendFailed as exc:
+            raise self._lost(str(exc)) from None
 
     def reset(self) -> None:
         """Reset the device (registers, TLBs, CP); guest memory stays attached."""
@@ -451,18 +458,38 @@ class DeviceClient:
         except link.TransportError:
             raise
         except OSError as exc:
-            raise self._lost(f"sending to the device failed: {exc}") from None
+            raise _SendFailed(f"sending to the device failed: {exc}") from None
+
+    def _salvage(self) -> None:
+        """After a failed send, handle what the device sent before it closed (if nobody else
+        is reading): typically the frame that refused the connection."""
+        with self._cond:
+            if self._reading:
+                return
+            self._reading = True
+        try:
+            while self._fill(block=False):
+                self._handle_buffered()
+            self._handle_buffered()
+        except DeviceGone:
+            pass
+        finally:
+            self._release_role()
 
     def _call(self, command: int, payload: bytes = b"", *, fds: list[int] | None = None) -> bytes:
         """Send a request and return its reply payload (DeviceError on an error reply)."""
-        with self._send_lock:
-            msg_id = self._new_id()
-            self._waiting.add(msg_id)
-            try:
-                self._send(_HDR.pack(msg_id, command, 16 + len(payload), 0, 0) + payload, fds)
-            except BaseException:
-                self._waiting.discard(msg_id)
-                raise
+        try:
+            with self._send_lock:
+                msg_id = self._new_id()
+                self._waiting.add(msg_id)
+                try:
+                    self._send(_HDR.pack(msg_id, command, 16 + len(payload), 0, 0) + payload, fds)
+                except BaseException:
+                    self._waiting.discard(msg_id)
+                    raise
+        except _SendFailed as exc:
+            self._salvage()  # the device may have said why before it hung up
+            raise self._lost(str(exc)) from None
         self.counters["requests"] += 1
         r_command, flags, error, data = self._wait_reply(msg_id)
         if flags & _ERROR:
@@ -663,8 +690,11 @@ class DeviceClient:
             self._cond.notify_all()
 
     def _reply(self, frame: bytes) -> None:
-        with self._send_lock:
-            self._send(frame)
+        try:
+            with self._send_lock:
+                self._send(frame)
+        except _SendFailed as exc:
+            raise self._lost(str(exc)) from None
 
     def _serve_dma(self, msg_id, command, size, flags, error, payload) -> None:
         hdr = p.Header(msg_id, command, size, flags, error)

@@ -29,6 +29,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -204,7 +205,7 @@ class FakeGpu:
     IRQ_CLEAR lowers it again."""
 
     def __init__(self, *, stepped: bool = False) -> None:
-        self.stepped = stepped
+        self.clock = SimpleNamespace(stepped=stepped)
         self.values: dict[int, int] = {regs.GPU_ID.offset: regs.GPU_ID_VALUE}
         self.memory = None
         self.on_irq = None
@@ -249,6 +250,16 @@ class FakeGpu:
         else:
             self.values[off] = val
 
+    @property
+    def stepped(self) -> bool:
+        return self.clock.stepped
+
+    def set_stepped(self, stepped: bool) -> None:
+        self.clock.stepped = stepped
+
+    def cp_state(self) -> CpState:
+        return CpState.RUNNING if self.pending else CpState.IDLE
+
     def has_work(self) -> bool:
         return bool(self.pending) and not self.stepped
 
@@ -273,11 +284,7 @@ class FakeGpu:
 
     def step(self, max_packets: int, ticks_ns: int) -> tuple[int, int, int]:
         self.clock_ns += ticks_ns
-        saved, self.stepped = self.stepped, False
-        try:
-            done = self.run(max_packets)
-        finally:
-            self.stepped = saved
+        done = self.run(max_packets)
         return done, CpState.IDLE, self.clock_ns
 
     def mem_read(self, space: int, addr: int, size: int) -> bytes:
