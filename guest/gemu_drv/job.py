@@ -1,0 +1,326 @@
+"""DOC: gemu GPU jobs and the submit path, which is the validation sequence.
+
+A submit turns a command buffer plus a list of BOs into a :class:`GemuJob` pushed to the
+driver's drm_sched scheduler. The order of the steps is the whole point (``docs/validation.md``
+explains each step and what breaks when it moves)::
+
+    1. drm_sched_job_init                     sched.job_init          may fail, still abortable
+    2. drm_exec: lock every BO, reserve one   drm_exec.prepare_obj    may back off (-EDEADLK)
+       fence slot on each
+    3. validate each BO (resv held):          validate_bo()
+         purged (madv < 0)  -> fail (-EINVAL) before anything is published
+         evicted            -> drm_gem_shmem_swapin_locked   (allocates frames)
+         drm_gem_shmem_get_pages_sgt_locked                  (frames for the page table)
+         map into the GPU VM + TLB flush      vm.map_pages         (may allocate tables)
+       add implicit dependencies              sched.job_add_implicit_dependencies
+    4. under the entity's submit lock:
+         drm_sched_job_arm                    point of no return: seqno, finished fence
+         dma_resv_add_fence(finished)         WRITE for written BOs, READ for read ones
+         drm_sched_entity_push_job
+    5. drm_exec_fini                          unlock every BO
+
+Deliberately wrong orders for the validation-order tests are chosen with :class:`SubmitOrder`
+on the driver (``GemuDriver.order``); the default is :attr:`SubmitOrder.CORRECT` and nothing
+but a test should change it.
+
+``run_job`` binds the VM to an AS slot and writes the job's ring slot (SET_AS,
+INDIRECT_BUFFER, FENCE) with a posted doorbell; ``free_job`` releases the slot, the command
+buffer space and the BO references; ``timedout_job`` is the reset path.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import Enum, IntFlag
+from typing import TYPE_CHECKING, Any
+
+from gemu.guest.dma_buf import dma_fence, dma_resv
+from gemu.guest.dma_buf.dma_resv import DmaResvUsage
+from gemu.guest.drm import drm_exec
+from gemu.guest.drm import sched as drm_sched
+from gemu.guest.errors import Einval, KernelError, warn_on
+from gemu.guest.gemu_drv.vm import PAGE_SIZE, Prot
+
+if TYPE_CHECKING:
+    from gemu.guest.gemu_drv.uapi import GemuBo, GemuDriver, GemuFile
+
+log = logging.getLogger("gemu.guest.gemu_drv")
+
+
+class BoAccess(IntFlag):
+    """How a job uses a BO (the uAPI's per-BO flags)."""
+
+    READ = 1
+    WRITE = 2
+
+
+class SubmitOrder(Enum):
+    """Where the submit path puts its steps. Only :attr:`CORRECT` is a working driver; the
+    other values are the deliberately wrong orders the validation-order tests run."""
+
+    CORRECT = "correct"
+    FENCE_BEFORE_SWAPIN = "fence-before-swapin"
+    """Arm and add the finished fence to the resvs before validating (Boris's draft order):
+    swapin then allocates inside the fence signalling critical section."""
+    FENCE_AFTER_UNLOCK = "fence-after-unlock"
+    """Push and unlock first, add the fences afterwards: between unlock and the fence the BOs
+    look idle and the shrinker may evict them under the running job."""
+    ARM_BEFORE_FAILING_STEP = "arm-before-failing-step"
+    """Arm before validating: a validation failure leaves an armed job that cannot be pushed."""
+    NO_TLB_FLUSH = "no-tlb-flush"
+    """Rewrite page tables without flushing the TLB (unmap at eviction, remap at swap-in)."""
+
+
+@dataclass
+class BoRef:
+    """One BO of a job and how the job uses it."""
+
+    bo: GemuBo
+    access: BoAccess
+
+    @property
+    def write(self) -> bool:
+        return bool(self.access & BoAccess.WRITE)
+
+
+class GemuJob(drm_sched.DrmSchedJob):
+    """A gemu GPU job. Kernel: struct panfrost_job.
+
+    ``ib_va``/``ib_dwords`` locate the command buffer in the file's VM; ``hw_fence`` is the
+    ring fence once ``run_job`` ran; ``message`` says why the job failed.
+    """
+
+    def __init__(
+        self, file: GemuFile, refs: list[BoRef], ib_va: int, ib_dwords: int, cmd_chunk: Any
+    ) -> None:
+        super().__init__()
+        self.file = file
+        self.vm = file.vm
+        self.refs = refs
+        self.ib_va = ib_va
+        self.ib_dwords = ib_dwords
+        self.cmd_chunk = cmd_chunk
+        self.hw_fence = None
+        self.message = ""
+        self.pushed_failed: KernelError | None = None
+        self.as_held = False
+        self.in_fences: list[dma_fence.DmaFence] = []
+        self.fence: dma_fence.DmaFence | None = None
+
+
+@dataclass
+class SubmitHooks:
+    """Points where a test can act in the middle of a submit (fault injection, like the
+    kernel's fail_function). Empty in normal use."""
+
+    after_unlock: list[Callable[[GemuJob], None]] = field(default_factory=list)
+    after_validate: list[Callable[[GemuJob], None]] = field(default_factory=list)
+
+
+def validate_bo(drv: GemuDriver, job: GemuJob, ref: BoRef) -> None:
+    """Make one BO resident and mapped in the job's VM. Caller holds ``bo.resv``.
+
+    Kernel: the validation step of a submit (panfrost_job_push's lookup + the v19 flow:
+    drm_gem_shmem_swapin_locked, drm_gem_shmem_get_pages_sgt_locked, panfrost_mmu_map).
+    """
+    bo = ref.bo
+    obj = bo.obj
+    dma_resv.assert_held(obj.resv)
+    if drv.shmem.is_purged(obj):
+        raise Einval(
+            msg=f"BO {bo.name} was purged by the shrinker (madvise DONTNEED): its contents are "
+            "gone, it cannot be used by a job"
+        )
+    drv.shmem.swapin_locked(obj)
+    pfns = drv.shmem.pages_sgt_locked(obj)
+    mapping = bo.mapping(job.vm)
+    if mapping is None:
+        raise Einval(msg=f"BO {bo.name} is not bound in this file's GPU VM (vm_bind it first)")
+    if not mapping.mapped:
+        job.vm.map_pages(mapping.va, [pfn << 12 for pfn in pfns], mapping.prot)
+        mapping.mapped = True
+
+
+def _usage(ref: BoRef) -> DmaResvUsage:
+    return DmaResvUsage.WRITE if ref.write else DmaResvUsage.READ
+
+
+def submit(drv: GemuDriver, job: GemuJob) -> dma_fence.DmaFence:
+    """Run the validation sequence for ``job`` and push it; returns its finished fence.
+
+    Kernel: panfrost_ioctl_submit() → panfrost_job_push(), with the steps in the order
+    documented in docs/validation.md (or a deliberately wrong :class:`SubmitOrder`).
+    On failure before arm the job is cleaned up and the error raised; nothing was published.
+    """
+    order = drv.order
+    entity = job.file.entity
+    try:
+        drm_sched.job_init(job, entity, 1, owner=job.file)
+    except BaseException:
+        drv.release_job_resources(job)
+        raise
+    armed = False
+    objs = [r.bo.obj for r in job.refs]
+    try:
+        for fence in job.in_fences:
+            drm_sched.job_add_dependency(job, dma_fence.get(fence))
+        with drm_exec.init(drm_exec.DRM_EXEC_INTERRUPTIBLE_WAIT, len(objs)) as ex:
+            for attempt in drm_exec.until_all_locked(ex):
+                with attempt:
+                    for obj in objs:
+                        drm_exec.prepare_obj(ex, obj, 1)
+                        drm_exec.retry_on_contention(ex)
+            if order in (SubmitOrder.FENCE_BEFORE_SWAPIN, SubmitOrder.ARM_BEFORE_FAILING_STEP):
+                _arm(drv, job)
+                armed = True
+                if order is SubmitOrder.FENCE_BEFORE_SWAPIN:
+                    _add_fences(job)
+            for ref in job.refs:
+                validate_bo(drv, job, ref)
+                drm_sched.job_add_implicit_dependencies(job, ref.bo.obj, ref.write)
+            for hook in drv.hooks.after_validate:
+                hook(job)
+            if order is SubmitOrder.FENCE_AFTER_UNLOCK:
+                with entity_lock(job):
+                    _arm(drv, job)
+                    armed = True
+                    drm_sched.entity_push_job(job)
+            else:
+                with entity_lock(job):
+                    if not armed:
+                        _arm(drv, job)
+                        armed = True
+                    if order is not SubmitOrder.FENCE_BEFORE_SWAPIN:
+                        _add_fences(job)
+                    drm_sched.entity_push_job(job)
+        # drm_exec_fini: every BO unlocked here
+        if order is SubmitOrder.FENCE_AFTER_UNLOCK:
+            for hook in drv.hooks.after_unlock:
+                hook(job)
+            _add_fences_relocking(job)
+    except BaseException as exc:
+        _submit_failed(drv, job, armed, exc)
+        raise
+    return job.s_fence.finished
+
+
+class entity_lock:
+    """The per-entity submit lock arm and push run under (panfrost's sched_lock)."""
+
+    def __init__(self, job: GemuJob) -> None:
+        self.lock: threading.Lock = job.file.submit_lock
+
+    def __enter__(self) -> None:
+        self.lock.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.lock.release()
+
+
+def _arm(drv: GemuDriver, job: GemuJob) -> None:
+    drm_sched.job_arm(job)
+    job.fence = job.s_fence.finished
+
+
+def _add_fences(job: GemuJob) -> None:
+    """dma_resv_add_fence(finished) on every BO; the slots were reserved while locking."""
+    finished = job.s_fence.finished
+    for ref in job.refs:
+        dma_resv.add_fence(ref.bo.obj.resv, finished, _usage(ref))
+
+
+def _add_fences_relocking(job: GemuJob) -> None:
+    """The FENCE_AFTER_UNLOCK mutant: lock each BO again to add the fence, too late."""
+    finished = job.s_fence.finished
+    for ref in job.refs:
+        resv = ref.bo.obj.resv
+        dma_resv.lock(resv, None)
+        try:
+            dma_resv.reserve_fences(resv, 1)
+            dma_resv.add_fence(resv, finished, _usage(ref))
+        finally:
+            dma_resv.unlock(resv)
+
+
+def _submit_failed(drv: GemuDriver, job: GemuJob, armed: bool, exc: BaseException) -> None:
+    """Undo a failed submit. Before arm: drm_sched_job_cleanup and drop the references.
+
+    After arm the job must still be pushed (arm is the point of no return); the correct order
+    never fails there. The ARM_BEFORE_FAILING_STEP mutant does what a buggy driver does and
+    cleans the armed job up, which drm_sched reports.
+    """
+    if armed and drv.order is not SubmitOrder.ARM_BEFORE_FAILING_STEP:
+        if job._state == drm_sched._JobState.ARMED:
+            # keep the scheduler consistent: push the job as failed
+            job.pushed_failed = (
+                exc if isinstance(exc, KernelError) else KernelError(errno.EIO, str(exc))
+            )
+            job.message = f"submit failed after arm: {exc}"
+            with entity_lock(job):
+                drm_sched.entity_push_job(job)
+        return
+    drv.release_job_resources(job)
+    drm_sched.job_cleanup(job)
+
+
+class GemuSchedOps(drm_sched.DrmSchedBackendOps):
+    """The driver's scheduler backend. Kernel: panfrost_sched_ops."""
+
+    def __init__(self, drv: GemuDriver) -> None:
+        self.drv = drv
+
+    def run_job(self, job: GemuJob) -> dma_fence.DmaFence | None:
+        """Kernel: panfrost_job_run() — bind the AS and write the ring slot."""
+        if job.pushed_failed is not None:
+            raise job.pushed_failed
+        finished = job.s_fence.finished
+        if finished.error:
+            return None  # cancelled (guilty entity, reset)
+        drv = self.drv
+        as_nr = drv.gpu.mmu.as_get(job.vm)
+        job.as_held = True
+        fence = drv.gpu.emit_job(as_nr, job.ib_va, job.ib_dwords, job)
+        job.hw_fence = fence
+        return fence
+
+    def timedout_job(self, job: GemuJob) -> drm_sched.DrmGpuSchedStat:
+        """Kernel: panfrost_job_timedout() — reset the GPU, resubmit the innocent jobs."""
+        return self.drv.recover(job)
+
+    def free_job(self, job: GemuJob) -> None:
+        """Kernel: panfrost_job_free()."""
+        if job.hw_fence is not None and job.hw_fence.message:
+            job.message = job.hw_fence.message
+        self.drv.release_job_resources(job)
+        drm_sched.job_cleanup(job)
+
+
+def job_error_message(job: GemuJob) -> str:
+    if job.message:
+        return job.message
+    if job.hw_fence is not None and job.hw_fence.message:
+        return job.hw_fence.message
+    return ""
+
+
+def bo_pages(npages_or_size: int) -> int:
+    return (npages_or_size + PAGE_SIZE - 1) // PAGE_SIZE
+
+
+__all__ = [
+    "BoAccess",
+    "BoRef",
+    "GemuJob",
+    "GemuSchedOps",
+    "Prot",
+    "Sequence",
+    "SubmitHooks",
+    "SubmitOrder",
+    "submit",
+    "validate_bo",
+    "warn_on",
+]

@@ -1,0 +1,688 @@
+"""DOC: the gemu driver as a guest program sees it: BOs, CPU maps, VM binds, submits, waits.
+
+:class:`GemuDriver` is the device-level driver state (``struct panfrost_device`` plus
+``drm_driver``): the GEM device, the GPU core (:mod:`.gpu`), the scheduler, the shrinker glue.
+:meth:`GemuDriver.open` gives a :class:`GemuFile`, one per client (``struct drm_file`` +
+``panfrost_file_priv``), with its own GPU VM and scheduler entity. Its methods are the ioctls::
+
+    f = machine.open()
+    h = f.create_bo(64 << 10)                     # DRM_IOCTL_GEMU_CREATE_BO
+    va = f.vm_bind(h)                             # DRM_IOCTL_GEMU_VM_BIND
+    f.write(h, 0, b"\\x01" * 4096)                  # mmap + CPU store
+    out = f.create_bo(4096); out_va = f.vm_bind(out)
+    cmd = pk.crc32(va, 4096, out_va)
+    fence = f.submit(cmd, bos=[(h, READ), (out, WRITE)])   # DRM_IOCTL_GEMU_SUBMIT
+    f.wait(fence, timeout=5.0)                    # raises with the GPU's error if the job failed
+    crc = int.from_bytes(f.read(out, 0, 4), "little")
+    f.madvise(h, willneed=False)                  # purgeable from now on
+    f.close_bo(h)
+
+BO memory comes from the GEM shmem helper (v19 shrinker API). BOs get their pages at
+creation (``drm_gem_shmem_get_pages``: allocated, *not* pinned), so the shrinker may evict
+idle ones to swap and purge DONTNEED ones; every submit validates its BOs again
+(:mod:`.job`). The driver wraps the shrinker's evict callback so an evicted or purged BO is
+unmapped from every GPU VM (with a TLB flush) before its frames are freed.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import threading
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from gemu.device.abi import packets as pk
+from gemu.guest.dma_buf import dma_fence, dma_resv
+from gemu.guest.dma_buf.dma_fence import DmaFence
+from gemu.guest.drm import gem, gem_shmem, gem_shmem_shrinker
+from gemu.guest.drm import sched as drm_sched
+from gemu.guest.errors import Einval, Enoent, Etimedout, KernelError
+from gemu.guest.gemu_drv import job as gjob
+from gemu.guest.gemu_drv.gpu import GemuGpu, KernelFrames
+from gemu.guest.gemu_drv.job import BoAccess, BoRef, GemuJob, SubmitHooks, SubmitOrder
+from gemu.guest.gemu_drv.vm import PAGE_SIZE, GpuVm, Prot
+from gemu.guest.kernel import runtime
+from gemu.guest.mm import page_alloc
+
+log = logging.getLogger("gemu.guest.gemu_drv")
+
+READ = BoAccess.READ
+WRITE = BoAccess.WRITE
+DEFAULT_TIMEOUT_NS = 500_000_000
+CMD_POOL_SIZE = 256 << 10
+
+
+@dataclass
+class VmMapping:
+    """A BO bound into a VM. Kernel: struct drm_gpuva (with panfrost_gem_mapping's is_mapped).
+
+    ``mapped`` is True while the PTEs point at the BO's current frames; eviction clears it.
+    """
+
+    vm: GpuVm
+    va: int
+    npages: int
+    prot: Prot
+    mapped: bool = False
+
+
+class GemuBo:
+    """Driver data of one BO. Kernel: struct panfrost_gem_object (the shmem object is ``obj``)."""
+
+    __slots__ = ("__weakref__", "mappings", "name", "obj", "pinned")
+
+    def __init__(self, obj, name: str) -> None:
+        self.obj = obj
+        self.name = name
+        self.mappings: list[VmMapping] = []
+        self.pinned = False
+
+    def mapping(self, vm: GpuVm) -> VmMapping | None:
+        for m in self.mappings:
+            if m.vm is vm:
+                return m
+        return None
+
+    def __repr__(self) -> str:
+        return f"<GemuBo {self.name} {self.obj.size} bytes>"
+
+
+class JobFence:
+    """The out-fence of a submit: the job's finished fence plus why it failed, if it did."""
+
+    __slots__ = ("fence", "job", "seqno")
+
+    def __init__(self, job: GemuJob) -> None:
+        self.job = job
+        self.fence: DmaFence = job.fence
+        self.seqno = self.fence.seqno
+
+    @property
+    def signaled(self) -> bool:
+        return dma_fence.is_signaled(self.fence)
+
+    @property
+    def error(self) -> int:
+        return self.fence.error
+
+    @property
+    def message(self) -> str:
+        return gjob.job_error_message(self.job)
+
+    def __repr__(self) -> str:
+        return f"<JobFence {self.seqno} {'signaled' if self.signaled else 'pending'}>"
+
+
+class ShmemHelper:
+    """The driver's view of the GEM shmem helper (v19 API), in one place."""
+
+    m = None
+
+    def __init__(self) -> None:
+        self.m = gem_shmem
+
+    def is_purged(self, obj) -> bool:
+        return obj.madv < 0
+
+    def swapin_locked(self, obj) -> None:
+        gem_shmem.swapin_locked(obj)
+
+    def pages_sgt_locked(self, obj) -> Sequence[int]:
+        """Frame numbers of the BO's pages in order (from its sg table)."""
+        return gem_shmem.get_pages_sgt_locked(obj).pfns
+
+
+class AllocatorFrames:
+    """Kernel memory (page tables, ring, fence page) from the page allocator."""
+
+    def __init__(self, allocator) -> None:
+        self.pa = page_alloc
+        self.allocator = allocator
+        self.mem = allocator.physmem.mem
+        self.frames = 0
+
+    def alloc_table_frame(self) -> int:
+        pfn = self.allocator.alloc_page(self.pa.GFP_KERNEL | self.pa.Gfp.ZERO)
+        self.frames += 1
+        return pfn << 12
+
+    def free_table_frame(self, pa: int) -> None:
+        self.allocator.free_page(pa >> 12)
+        self.frames -= 1
+
+    def alloc_contiguous(self, npages: int) -> int | None:
+        try:
+            pfns = self.allocator.alloc_contig(npages, self.pa.GFP_KERNEL | self.pa.Gfp.ZERO)
+        except KernelError:
+            return None
+        self.frames += npages
+        return pfns[0] << 12
+
+    def free_contiguous(self, pa: int, npages: int) -> None:
+        first = pa >> 12
+        self.allocator.free_pages(list(range(first, first + npages)))
+        self.frames -= npages
+
+
+class GemuDriver:
+    """The gemu DRM driver bound to one GPU. Kernel: panfrost_device + panfrost_drm_driver.
+
+    ``order`` picks the submit order (:class:`~.job.SubmitOrder`, CORRECT unless a test wants
+    a wrong one); ``hooks`` lets tests act in the middle of a submit.
+    """
+
+    def __init__(
+        self,
+        dev: gem.DrmDevice,
+        bus,
+        frames: KernelFrames | None = None,
+        *,
+        order: SubmitOrder = SubmitOrder.CORRECT,
+        timeout_ns: int = DEFAULT_TIMEOUT_NS,
+        name: str = "gemu0",
+    ) -> None:
+        self.dev = dev
+        self.frames = frames or AllocatorFrames(dev.allocator)
+        self.gpu = GemuGpu(bus, self.frames, name=name)
+        self.shmem = ShmemHelper()
+        self.order = SubmitOrder.CORRECT
+        self.timeout_ns = timeout_ns
+        self.hooks = SubmitHooks()
+        self.sched: drm_sched.DrmGpuScheduler | None = None
+        self.files: list[GemuFile] = []
+        self.bos: dict[int, GemuBo] = {}
+        self.funcs = gem_shmem.FUNCS.replace(evict=self._evict, free=self._free)
+        self._bo_serial = 0
+        self.lock = threading.Lock()
+        self.set_order(order)
+
+    def set_order(self, order: SubmitOrder) -> None:
+        """Choose the submit order (the validation-order tests' switch)."""
+        self.order = SubmitOrder(order)
+        self.gpu.mmu.skip_flush = self.order is SubmitOrder.NO_TLB_FLUSH
+
+    # -- probe / remove --------------------------------------------------------------------
+    def probe(self) -> None:
+        """Kernel: panfrost_probe() — GPU up, scheduler up, shrinker registered."""
+        self.gpu.probe()
+        self.sched = drm_sched.init(
+            gjob.GemuSchedOps(self),
+            name=f"{self.gpu.name}-js0",
+            credit_limit=self.gpu.ring_slots - 2,
+            timeout_ns=self.timeout_ns,
+        )
+        if self.dev.shmem_mm is None:
+            gem_shmem_shrinker.drmm_gem_shmem_init(self.dev)
+
+    def remove(self) -> None:
+        """Close every file, stop the scheduler and the GPU. Kernel: panfrost_remove()."""
+        for f in list(self.files):
+            f.close()
+        if self.sched is not None:
+            drm_sched.fini(self.sched)
+            self.sched = None
+        self.gpu.remove()
+
+    def open(self) -> GemuFile:
+        """Kernel: panfrost_open()."""
+        f = GemuFile(self)
+        self.files.append(f)
+        return f
+
+    # -- BO glue ---------------------------------------------------------------------------
+    def _unmap_all(self, bo: GemuBo) -> None:
+        for m in bo.mappings:
+            if m.mapped:
+                m.vm.unmap_pages(m.va, m.npages)  # TLB flush inside
+                m.mapped = False
+
+    def _evict(self, obj) -> None:
+        """The shrinker's evict callback, wrapped: unmap from every VM (with TLB flush)
+        before the helper frees the frames. Kernel: panfrost_gem_evict() / the v19 driver
+        evict callback (panfrost_gem_shrinker: panfrost_gem_teardown_mappings_locked)."""
+        bo = self.bos.get(id(obj))
+        if bo is not None:
+            self._unmap_all(bo)
+        gem_shmem_shrinker.default_evict(obj)
+
+    def _free(self, obj) -> None:
+        """Kernel: panfrost_gem_free_object() — unmap and give back VA, then the helper's free."""
+        bo = self.bos.pop(id(obj), None)
+        if bo is not None:
+            self._unmap_all(bo)
+            for m in bo.mappings:
+                m.vm.free_va(m.va)
+            bo.mappings.clear()
+            if bo.pinned:
+                gem_shmem.unpin(obj)
+                bo.pinned = False
+            if obj.pages_use_count:
+                gem_shmem.put_pages(obj)  # the reference new_bo took
+        gem_shmem.object_free(obj)
+
+    def new_bo(self, size: int, name: str | None = None) -> GemuBo:
+        """Create a shmem BO with its pages (allocated, not pinned). Kernel:
+        panfrost_gem_create() + drm_gem_shmem_get_pages()."""
+        obj = gem_shmem.create(self.dev, gem.page_align(size), self.funcs)
+        self._bo_serial += 1
+        bo = GemuBo(obj, name or f"bo{self._bo_serial}")
+        self.bos[id(obj)] = bo
+        try:
+            self.shmem.m.get_pages(obj)
+        except BaseException:
+            gem.put(obj)
+            raise
+        return bo
+
+    # -- jobs ------------------------------------------------------------------------------
+    def release_job_resources(self, job: GemuJob) -> None:
+        """Give back what a job held: AS user, command space, BO references."""
+        f = job.file
+        if job.as_held:
+            self.gpu.mmu.as_put(job.vm)
+            job.as_held = False
+        if job.cmd_chunk is not None:
+            job.file.cmd_pool.free(job.cmd_chunk)
+            job.cmd_chunk = None
+        for ref in job.refs:
+            gem.put(ref.bo.obj)
+        job.refs = []
+        with f.inflight_lock:
+            f.inflight -= 1
+        f.idle_wq.wake_up_all()
+
+    def recover(self, job: GemuJob) -> drm_sched.DrmGpuSchedStat:
+        """A job timed out: reset the GPU, fail it, resubmit the innocent ones.
+
+        Kernel: panfrost_job_timedout() → panfrost_reset(): drm_sched_stop, GPU soft reset,
+        re-emit the jobs that were queued behind the hung one, drm_sched_start.
+        """
+        hw = job.hw_fence
+        if hw is not None and dma_fence.is_signaled(hw):
+            return drm_sched.DrmGpuSchedStat.NO_HANG
+        sched = self.sched
+        ms = self.timeout_ns // 1_000_000
+        message = f"job {job.id} timed out after {ms} ms (GPU hang): GPU reset"
+        job.message = message
+        drm_sched.stop(sched, job)
+        with sched.job_list_lock:
+            pending = list(sched.pending_list)
+        for j in pending:
+            j.as_held = False
+        self.gpu.reset(hw, message)
+        resubmitted = 0
+        for j in pending:
+            if j is job or j.s_fence.parent is not None:
+                continue
+            try:
+                fence = sched.ops.run_job(j)
+            except KernelError as exc:
+                j.message = f"lost in GPU reset and could not be resubmitted: {exc}"
+                continue
+            if fence is not None:
+                j.s_fence.parent = dma_fence.get(fence)
+                resubmitted += 1
+        self.gpu.stats.resubmitted += resubmitted
+        log.error("%s: %s; %d innocent job(s) resubmitted", self.gpu.name, message, resubmitted)
+        drm_sched.start(sched, -errno.ETIMEDOUT)
+        return drm_sched.DrmGpuSchedStat.RESET
+
+
+class CmdPool:
+    """Command-buffer space of a file: one pinned BO mapped read+exec in the file's VM,
+    handed out first-in first-out (jobs of one file finish in order). Kernel: amdgpu's IB
+    suballocator (amdgpu_sa) in spirit."""
+
+    def __init__(self, f: GemuFile, size: int = CMD_POOL_SIZE) -> None:
+        self.file = f
+        drv = f.drv
+        self.bo = drv.new_bo(size, name=f"{f.name}-cmdpool")
+        obj = self.bo.obj
+        drv.shmem.m.pin(obj)
+        self.bo.pinned = True
+        self.size = obj.size
+        self.va = f.vm.alloc_va(self.size)
+        m = VmMapping(f.vm, self.va, obj.npages, Prot.READ | Prot.EXEC)
+        self.bo.mappings.append(m)
+        dma_resv.lock(obj.resv, None)
+        try:
+            pfns = drv.shmem.pages_sgt_locked(obj)
+        finally:
+            dma_resv.unlock(obj.resv)
+        self.pas = [pfn << 12 for pfn in pfns]
+        f.vm.map_pages(self.va, self.pas, m.prot)
+        m.mapped = True
+        self.mem = drv.frames.mem
+        self.head = 0  # oldest live byte
+        self.tail = 0  # next free byte
+        self.used = 0
+        self.chunks: deque[list] = deque()  # [start, size, freed]
+        self.wq = runtime.WaitQueue(f"{f.name}.cmdpool")
+        self.lock = threading.Lock()
+
+    def alloc(self, data: bytes) -> tuple[list, int]:
+        """Copy ``data`` into the pool; returns (chunk, GPU VA). Waits for old jobs if full."""
+        n = (len(data) + 3) & ~3
+        if n > self.size // 2:
+            raise Einval(msg=f"command buffer of {len(data)} bytes exceeds {self.size // 2}")
+        while True:
+            with self.lock:
+                start = self.tail
+                if start + n > self.size:
+                    waste = self.size - start
+                    start = 0
+                else:
+                    waste = 0
+                if self.used + waste + n <= self.size:
+                    if waste:
+                        self.chunks.append([self.tail, waste, True])
+                    chunk = [start, n, False]
+                    self.chunks.append(chunk)
+                    self.used += waste + n
+                    self.tail = (start + n) % self.size
+                    break
+            self.wq.wait_event(lambda: self._room(n), timeout_ns=5_000_000_000)
+        self._copy(start, data)
+        return chunk, self.va + start
+
+    def _room(self, n: int) -> bool:
+        with self.lock:
+            return self.used + 2 * n <= self.size or not self.chunks
+
+    def _copy(self, off: int, data: bytes) -> None:
+        mem, pas = self.mem, self.pas
+        pos = 0
+        while pos < len(data):
+            page, in_page = divmod(off + pos, PAGE_SIZE)
+            k = min(len(data) - pos, PAGE_SIZE - in_page)
+            pa = pas[page] + in_page
+            mem[pa : pa + k] = data[pos : pos + k]
+            pos += k
+
+    def free(self, chunk: list) -> None:
+        with self.lock:
+            chunk[2] = True
+            while self.chunks and self.chunks[0][2]:
+                _start, size, _ = self.chunks.popleft()
+                self.used -= size
+            if not self.chunks:
+                self.used = 0
+        self.wq.wake_up_all()
+
+    def destroy(self) -> None:
+        obj = self.bo.obj
+        gem.put(obj)
+
+
+class CpuMap:
+    """A CPU mapping of a BO (mmap of the fake offset). Every access goes through the fault
+    path: a page that was evicted is swapped in first; a purged BO raises SIGBUS.
+
+    Kernel: drm_gem_shmem_fault() behind the mmap.
+    """
+
+    def __init__(self, f: GemuFile, bo: GemuBo) -> None:
+        self.file = f
+        self.bo = bo
+
+    def read(self, offset: int, size: int) -> bytes:
+        return self.file.drv.cpu_access(self.bo, offset, size, None)
+
+    def write(self, offset: int, data: bytes) -> None:
+        self.file.drv.cpu_access(self.bo, offset, len(data), data)
+
+
+def _cpu_access(drv: GemuDriver, bo: GemuBo, offset: int, size: int, data) -> bytes:
+    obj = bo.obj
+    if offset < 0 or size < 0 or offset + size > obj.size:
+        raise Einval(msg=f"access {offset}+{size} outside {bo.name} ({obj.size} bytes)")
+    m = drv.shmem.m
+    out = bytearray()
+    mem = drv.frames.mem
+    pos = offset
+    end = offset + size
+    while pos < end:
+        page, in_page = divmod(pos, PAGE_SIZE)
+        k = min(end - pos, PAGE_SIZE - in_page)
+        pfn = m.fault(obj, page << 12)  # takes the resv, swaps in; SigBus when purged
+        pa = (pfn << 12) + in_page
+        if data is None:
+            out += mem[pa : pa + k]
+        else:
+            mem[pa : pa + k] = data[pos - offset : pos - offset + k]
+        pos += k
+    return bytes(out)
+
+
+GemuDriver.cpu_access = _cpu_access
+
+
+class GemuFile:
+    """An open file of the gemu driver: handles, a GPU VM, a scheduler entity.
+
+    Kernel: struct drm_file + struct panfrost_file_priv. Every public method models one ioctl
+    (or the mmap of a BO).
+    """
+
+    _serial = 0
+
+    def __init__(self, drv: GemuDriver) -> None:
+        GemuFile._serial += 1
+        self.drv = drv
+        self.name = f"file{GemuFile._serial}"
+        self.drm = gem.DrmFile(drv.dev)
+        self.vm = GpuVm(drv.gpu.mmu, self.name)
+        self.entity = drm_sched.entity_init(drm_sched.DrmSchedPriority.NORMAL, [drv.sched])
+        self.submit_lock = threading.Lock()
+        self.inflight = 0
+        self.inflight_lock = threading.Lock()
+        self.idle_wq = runtime.WaitQueue(f"{self.name}.idle")
+        self.cmd_pool = CmdPool(self)
+        self.closed = False
+
+    # -- BOs -------------------------------------------------------------------------------
+    def _lookup(self, handle: int) -> GemuBo:
+        obj = gem.object_lookup(self.drm, handle)
+        if obj is None:
+            raise Enoent(msg=f"no BO handle {handle} in {self.name}")
+        gem.put(obj)
+        return self.drv.bos[id(obj)]
+
+    def create_bo(self, size: int, name: str | None = None) -> int:
+        """DRM_IOCTL_GEMU_CREATE_BO: a new shmem BO; returns its handle."""
+        bo = self.drv.new_bo(size, name)
+        handle = gem.handle_create(self.drm, bo.obj)
+        gem.put(bo.obj)
+        return handle
+
+    def bo(self, handle: int) -> GemuBo:
+        return self._lookup(handle)
+
+    def close_bo(self, handle: int) -> None:
+        """DRM_IOCTL_GEM_CLOSE. A BO still used by a job lives until the job is freed."""
+        self._lookup(handle)
+        gem.handle_delete(self.drm, handle)
+
+    def mmap(self, handle: int) -> CpuMap:
+        """mmap of the BO: every access faults pages in (swap-in) or SIGBUSes (purged)."""
+        return CpuMap(self, self._lookup(handle))
+
+    def write(self, handle: int, offset: int, data: bytes) -> None:
+        self.mmap(handle).write(offset, data)
+
+    def read(self, handle: int, offset: int, size: int) -> bytes:
+        return self.mmap(handle).read(offset, size)
+
+    def madvise(self, handle: int, willneed: bool) -> bool:
+        """DRM_IOCTL_GEMU_MADVISE: returns whether the BO still has its contents (retained).
+
+        Kernel: panfrost_ioctl_madvise() → drm_gem_shmem_madvise().
+        """
+        bo = self._lookup(handle)
+        return bool(self.drv.shmem.m.madvise(bo.obj, 0 if willneed else 1))
+
+    def pin(self, handle: int) -> None:
+        """Pin the BO's pages (never evicted or purged until unpinned). Kernel:
+        drm_gem_shmem_pin()."""
+        bo = self._lookup(handle)
+        self.drv.shmem.m.pin(bo.obj)
+        bo.pinned = True
+
+    def unpin(self, handle: int) -> None:
+        bo = self._lookup(handle)
+        self.drv.shmem.m.unpin(bo.obj)
+        bo.pinned = False
+
+    # -- VM --------------------------------------------------------------------------------
+    def vm_bind(self, handle: int, va: int | None = None, prot: Prot | None = None) -> int:
+        """DRM_IOCTL_GEMU_VM_BIND: reserve a GPU VA range for the BO; returns the VA. The
+        pages are mapped by the next submit that lists the BO (validation)."""
+        bo = self._lookup(handle)
+        if bo.mapping(self.vm) is not None:
+            raise Einval(msg=f"{bo.name} is already bound in {self.name}")
+        obj = bo.obj
+        addr = self.vm.alloc_va(obj.size, va)
+        prot = Prot.READ | Prot.WRITE | Prot.EXEC if prot is None else Prot(prot)
+        bo.mappings.append(VmMapping(self.vm, addr, obj.npages, prot))
+        return addr
+
+    def vm_unbind(self, handle: int) -> None:
+        """DRM_IOCTL_GEMU_VM_UNBIND: unmap (with TLB flush) and free the VA. The BO must be
+        idle in this VM (no unsignalled fence)."""
+        bo = self._lookup(handle)
+        m = bo.mapping(self.vm)
+        if m is None:
+            raise Einval(msg=f"{bo.name} is not bound in {self.name}")
+        obj = bo.obj
+        dma_resv.lock(obj.resv, None)
+        try:
+            if not dma_resv.test_signaled(obj.resv, dma_resv.DmaResvUsage.BOOKKEEP):
+                from gemu.guest.errors import Ebusy
+
+                raise Ebusy(msg=f"{bo.name} is still used by a job")
+            if m.mapped:
+                self.vm.unmap_pages(m.va, m.npages)
+            bo.mappings.remove(m)
+            self.vm.free_va(m.va)
+        finally:
+            dma_resv.unlock(obj.resv)
+
+    def va_of(self, handle: int) -> int:
+        m = self._lookup(handle).mapping(self.vm)
+        if m is None:
+            raise Einval(msg=f"handle {handle} is not bound")
+        return m.va
+
+    # -- submit / wait ---------------------------------------------------------------------
+    def submit(
+        self,
+        cmd: bytes | tuple[int, int, int],
+        bos: Iterable[tuple[int, BoAccess | int]] = (),
+        in_fences: Sequence[JobFence | DmaFence] = (),
+    ) -> JobFence:
+        """DRM_IOCTL_GEMU_SUBMIT: run a command buffer on the GPU.
+
+        ``cmd`` is packet bytes (copied into the file's command pool) or ``(handle, offset,
+        size)`` of a BO that holds them (the BO is validated like the others, for READ).
+        ``bos`` lists every BO the commands touch with READ and/or WRITE. ``in_fences`` are
+        waited for before the job runs. Returns the out-fence.
+        """
+        refs: list[BoRef] = []
+        seen: dict[int, BoRef] = {}
+        try:
+            for handle, access in bos:
+                self._add_ref(refs, seen, handle, BoAccess(access))
+            chunk = None
+            if isinstance(cmd, bytes | bytearray | memoryview):
+                data = bytes(cmd)
+                if not data or len(data) % 4:
+                    raise Einval(msg=f"command buffer must be whole dwords, not {len(data)} bytes")
+                chunk, ib_va = self.cmd_pool.alloc(data)
+                ib_dwords = len(data) // 4
+            else:
+                handle, offset, size = cmd
+                if size <= 0 or size % 4 or offset % 4:
+                    raise Einval(msg="command buffer offset and size must be whole dwords")
+                ref = self._add_ref(refs, seen, handle, BoAccess.READ)
+                if offset + size > ref.bo.obj.size:
+                    raise Einval(msg=f"command buffer {offset}+{size} outside {ref.bo.name}")
+                m = ref.bo.mapping(self.vm)
+                if m is None:
+                    raise Einval(msg=f"command BO {ref.bo.name} is not bound (vm_bind it)")
+                ib_va, ib_dwords = m.va + offset, size // 4
+        except BaseException:
+            for r in refs:
+                gem.put(r.bo.obj)
+            raise
+        job = GemuJob(self, refs, ib_va, ib_dwords, chunk)
+        with self.inflight_lock:
+            self.inflight += 1
+        job.in_fences = [f.fence if isinstance(f, JobFence) else f for f in in_fences]
+        if self.closed:
+            raise Einval(msg=f"{self.name} is closed")
+        gjob.submit(self.drv, job)
+        return JobFence(job)
+
+    def _add_ref(self, refs, seen, handle: int, access: BoAccess) -> BoRef:
+        if not access or access & ~(BoAccess.READ | BoAccess.WRITE):
+            raise Einval(msg=f"bad access flags {int(access):#x} for handle {handle}")
+        obj = gem.object_lookup(self.drm, handle)
+        if obj is None:
+            raise Enoent(msg=f"no BO handle {handle} in {self.name}")
+        if id(obj) in seen:
+            gem.put(obj)
+            ref = seen[id(obj)]
+            ref.access |= access
+            return ref
+        ref = BoRef(self.drv.bos[id(obj)], access)
+        refs.append(ref)
+        seen[id(obj)] = ref
+        return ref
+
+    def wait(self, fence: JobFence | DmaFence, timeout: float | None = 10.0) -> None:
+        """DRM_IOCTL_GEMU_WAIT: wait for a job. Raises Etimedout when it did not finish in
+        ``timeout`` seconds, or the job's error (with the GPU's message) when it failed."""
+        f = fence.fence if isinstance(fence, JobFence) else fence
+        ns = dma_fence.MAX_SCHEDULE_TIMEOUT if timeout is None else int(timeout * 1e9)
+        if dma_fence.wait_timeout(f, True, ns) == 0:
+            raise Etimedout(msg=f"job fence {f.seqno} not signalled within {timeout} s")
+        if f.error:
+            msg = fence.message if isinstance(fence, JobFence) else ""
+            raise KernelError(-f.error, msg or f"job failed with {f.error}")
+
+    def nop(self) -> bytes:
+        return pk.nop()
+
+    def close(self) -> None:
+        """Kernel: panfrost_postclose() — flush the entity, drop handles, destroy the VM."""
+        if self.closed:
+            return
+        self.closed = True
+        drm_sched.entity_destroy(self.entity)
+        self.idle_wq.wait_event(lambda: self.inflight == 0)
+        gem.release(self.drm)
+        self.cmd_pool.destroy()
+        # BOs still referenced elsewhere (other files) keep their mapping objects of this VM;
+        # drop those before the page tables go.
+        for bo in list(self.drv.bos.values()):
+            m = bo.mapping(self.vm)
+            if m is not None:
+                bo.mappings.remove(m)
+        self.vm.fini()
+        if self in self.drv.files:
+            self.drv.files.remove(self)
+
+
+__all__ = [
+    "READ",
+    "WRITE",
+    "BoAccess",
+    "CpuMap",
+    "GemuBo",
+    "GemuDriver",
+    "GemuFile",
+    "JobFence",
+    "SubmitOrder",
+]

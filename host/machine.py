@@ -1,0 +1,241 @@
+"""DOC: a machine: guest RAM, a device, the guest kernel's memory manager and the gemu driver.
+
+:class:`Machine` assembles what ``gemu boot`` will run: guest RAM as one memfd
+(:class:`~gemu.device.abi.client.SharedMemory`) shared with the device, the virtual GPU (a
+spawned ``gemu device`` process by default, a device server on a thread with
+``device="inproc"``, or any transport spec of a device already running), the page allocator
+and swap device of the guest, a GEM device with the shmem shrinker, and the probed gemu
+driver. ``open()`` gives a guest program its uAPI file::
+
+    with Machine(ram_size=16 << 20, swap_size=32 << 20) as m:
+        f = m.open()
+        h = f.create_bo(4096)
+        ...
+    # shutdown: files closed, driver removed, device stopped, leaks checked by the caller
+
+``check_clean()`` is what tests call after a run: no leaked frame or swap slot, no GEM object
+left, no lockdep report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import selectors
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from gemu.device.abi.client import DeviceClient, SharedMemory
+from gemu.guest.dma_buf.dma_resv import DmaResvUsage
+from gemu.guest.drm import gem
+from gemu.guest.gemu_drv.job import SubmitOrder
+from gemu.guest.gemu_drv.uapi import DEFAULT_TIMEOUT_NS, GemuDriver, GemuFile
+from gemu.guest.locking import lockdep
+from gemu.guest.mm.page_alloc import PageAllocator, PhysMem
+from gemu.guest.mm.swap import SwapDevice
+
+log = logging.getLogger("gemu.host.machine")
+
+READY_PREFIX = "gemu-device: listening on "
+PAGE_SIZE = 4096
+
+
+def _gemu_command() -> list[str]:
+    exe = Path(sys.executable).parent / "gemu"
+    if exe.exists():
+        return [str(exe)]
+    found = shutil.which("gemu")
+    return [found] if found else [sys.executable, "-m", "gemu.host"]
+
+
+class Machine:
+    """One emulated machine with the gemu GPU.
+
+    Args:
+        ram_size: guest RAM in bytes (a multiple of 4 KiB).
+        swap_size: swap in bytes (0: no swap; the shrinker can then only purge).
+        device: ``"spawn"`` (a ``gemu device`` child process), ``"inproc"`` (a device server
+            on a thread of this process) or a transport spec (``unix:PATH``, ``tcp:H:P``...).
+        order: the driver's submit order; :attr:`SubmitOrder.CORRECT` unless a test runs a
+            deliberately wrong one.
+        timeout_ns: the job timeout (a job running longer is a hang: GPU reset).
+        reserved_frames: frames at the bottom of RAM the allocator never hands out.
+        poison_on_free: freed frames are filled with 0xAA, so a stale GPU mapping reads
+            garbage that checksums notice.
+    """
+
+    def __init__(
+        self,
+        ram_size: int = 16 << 20,
+        swap_size: int = 32 << 20,
+        device: str = "spawn",
+        *,
+        order: SubmitOrder = SubmitOrder.CORRECT,
+        timeout_ns: int = DEFAULT_TIMEOUT_NS,
+        reserved_frames: int = 1,
+        poison_on_free: bool = True,
+        watermarks: tuple[int, int, int] | None = None,
+        device_args: tuple[str, ...] = (),
+    ) -> None:
+        self.ram_size = ram_size
+        self.device_kind = device
+        self._tmp = tempfile.TemporaryDirectory(prefix="gemu-machine-")
+        self._proc: subprocess.Popen | None = None
+        self._server = None
+        self._server_thread: threading.Thread | None = None
+        self.client: DeviceClient | None = None
+        self.ram = SharedMemory(ram_size)
+        try:
+            spec = self._start_device(device, device_args)
+            self.client = DeviceClient.connect(spec, name="gemu-machine")
+            self.memory_mode = self.client.attach_memory(self.ram)
+            if self.memory_mode != "fd":
+                self.client.start_service()
+            self.physmem = PhysMem(self.ram.buf)
+            self.allocator = PageAllocator(
+                self.physmem,
+                reserved_frames=reserved_frames,
+                watermarks=watermarks,
+                poison_on_free=poison_on_free,
+            )
+            self.swap = SwapDevice(swap_size // PAGE_SIZE) if swap_size else None
+            self.dev = gem.DrmDevice(
+                self.allocator, self.swap, idle_usage=DmaResvUsage.BOOKKEEP, unique="gemu0"
+            )
+            self.driver = GemuDriver(self.dev, self.client, order=order, timeout_ns=timeout_ns)
+            self.driver.probe()
+            self.kernel_frames = self.allocator.nr_used
+        except BaseException:
+            self.shutdown()
+            raise
+        self._down = False
+
+    # -- device ----------------------------------------------------------------------------
+    def _start_device(self, device: str, device_args: tuple[str, ...]) -> str:
+        if device == "spawn":
+            sock = f"unix:{self._tmp.name}/device.sock"
+            self._device_log = Path(self._tmp.name) / "device.log"
+            with open(self._device_log, "wb") as logf:
+                self._proc = subprocess.Popen(
+                    [
+                        *_gemu_command(),
+                        "device",
+                        "--listen",
+                        sock,
+                        "--log",
+                        "warning",
+                        *device_args,
+                    ],
+                    stdout=subprocess.PIPE,
+                    stderr=logf,
+                    stdin=subprocess.DEVNULL,
+                )
+            return self._wait_ready(self._proc, 20.0)
+        if device == "inproc":
+            from gemu.device.gpu import Gpu
+            from gemu.device.server import DeviceServer
+
+            self._server = DeviceServer(Gpu(), f"unix:{self._tmp.name}/device.sock")
+            self._server_thread = threading.Thread(
+                target=self._server.serve_forever, name="gemu-device", daemon=True
+            )
+            self._server_thread.start()
+            return self._server.address
+        return device
+
+    @staticmethod
+    def _wait_ready(proc: subprocess.Popen, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        buf = b""
+        with selectors.DefaultSelector() as sel:
+            sel.register(proc.stdout, selectors.EVENT_READ)
+            while b"\n" not in buf:
+                left = deadline - time.monotonic()
+                if left <= 0 or not sel.select(left):
+                    raise RuntimeError(f"gemu device printed no ready line within {timeout} s")
+                chunk = os.read(proc.stdout.fileno(), 4096)
+                if not chunk:
+                    raise RuntimeError(f"gemu device exited with {proc.wait()} before it was ready")
+                buf += chunk
+        line = buf.split(b"\n", 1)[0].decode()
+        if not line.startswith(READY_PREFIX):
+            raise RuntimeError(f"unexpected first line from gemu device: {line!r}")
+        return line[len(READY_PREFIX) :].strip()
+
+    def device_log(self) -> str:
+        path = getattr(self, "_device_log", None)
+        return path.read_text(errors="replace") if path and path.exists() else ""
+
+    # -- guest -----------------------------------------------------------------------------
+    def open(self) -> GemuFile:
+        """Open the GPU: a new uAPI file with its own GPU VM."""
+        return self.driver.open()
+
+    def reclaim(self, nr_pages: int) -> int:
+        """Run direct reclaim for ``nr_pages`` (as memory pressure would); returns pages freed."""
+        return self.allocator.direct_reclaim(nr_pages)
+
+    def check_clean(self) -> None:
+        """Assert that everything the guest allocated was given back: no GEM object, no
+        frame beyond the driver's own, no swap slot, no lockdep report, no leaked object."""
+        problems = []
+        if self.dev.object_count:
+            problems.append(f"{self.dev.object_count} GEM objects still alive")
+        if self.dev.leaked:
+            problems.append(f"leaked objects: {self.dev.leaked!r}")
+        kernel = self.driver.frames.frames
+        if self.allocator.nr_used != kernel:
+            problems.append(
+                f"{self.allocator.nr_used} frames in use, only the driver's {kernel} expected"
+            )
+        if self.swap is not None and self.swap.nr_used_slots:
+            problems.append(f"{self.swap.nr_used_slots} swap slots in use")
+        reports = lockdep.reports()
+        if reports:
+            problems.append("lockdep: " + "; ".join(r.message for r in reports))
+        if problems:
+            raise AssertionError("machine not clean: " + " | ".join(problems))
+
+    # -- teardown --------------------------------------------------------------------------
+    def shutdown(self) -> None:
+        """Remove the driver, stop the device, release guest RAM."""
+        if getattr(self, "_down", False):
+            return
+        self._down = True
+        drv = getattr(self, "driver", None)
+        if drv is not None:
+            with contextlib.suppress(Exception):
+                drv.remove()
+        if self.client is not None:
+            with contextlib.suppress(Exception):
+                self.client.close()
+        if self._proc is not None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait(timeout=10)
+            self._proc.stdout.close()
+        if self._server is not None:
+            self._server.stop()
+            if self._server_thread is not None:
+                self._server_thread.join(timeout=10)
+        swap = getattr(self, "swap", None)
+        if swap is not None:
+            swap.close()
+        with contextlib.suppress(Exception):
+            self.ram.close()
+        self._tmp.cleanup()
+
+    def __enter__(self) -> Machine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
