@@ -227,10 +227,11 @@ def scan(
             finally:
                 gem.put(obj)
                 lru.lock.lock()
-        # Whatever was looked at and not freed goes to the tail, in the order it was met.
+    finally:
+        # Whatever was looked at and not freed goes to the tail, in the order it was met
+        # (also when a callback raised: no object may stay on the private list).
         while still_in_lru.first is not None:
             move_tail_locked(lru, still_in_lru.first)
-    finally:
         lru.lock.unlock()
     return freed
 
