@@ -3,6 +3,8 @@ skipping objects being freed, trylock failures, the callback contract, tickets, 
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from gemu.guest.dma_buf import dma_resv
@@ -56,7 +58,7 @@ def check(lru: DrmGemLru) -> None:
     assert lru.count == sum(o.npages for o in objs)
     assert all(o.lru is lru for o in objs)
     assert (lru.first, lru.last) == ((objs[0], objs[-1]) if objs else (None, None))
-    for prev, nxt in zip(objs, objs[1:]):
+    for prev, nxt in itertools.pairwise(objs):
         assert prev.lru_next is nxt and nxt.lru_prev is prev
 
 
