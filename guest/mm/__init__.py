@@ -8,13 +8,17 @@
 
 Usage::
 
-    from gemu.guest.mm import GFP_KERNEL, PAGE_SIZE, PageAllocator, PhysMem
+    from gemu.guest.mm import PAGE_SIZE, PageAllocator, PhysMem, ShmemFile, SwapDevice
 
     ram = PhysMem(bytearray(256 * PAGE_SIZE))
     allocator = PageAllocator(ram)
-    pfns = allocator.alloc_pages(8, GFP_KERNEL)
-    allocator.free_pages(pfns)
+    swap = SwapDevice(256)
+    f = ShmemFile(allocator, swap, 8 * PAGE_SIZE)
+    f.get_pages()
+    f.writeout()
+    f.release()
     allocator.assert_no_leaks()
+    swap.assert_no_leaks()
 """
 
 from gemu.guest.mm.page_alloc import (
@@ -29,6 +33,7 @@ from gemu.guest.mm.page_alloc import (
     PhysMem,
     Watermarks,
 )
+from gemu.guest.mm.shmem import ShmemFile
 from gemu.guest.mm.shrinker import (
     SHRINK_EMPTY,
     SHRINK_STOP,
@@ -38,6 +43,7 @@ from gemu.guest.mm.shrinker import (
     shrink_slab,
     unregister_shrinker,
 )
+from gemu.guest.mm.swap import SwapDevice
 
 __all__ = [
     "GFP_ATOMIC",
@@ -51,8 +57,10 @@ __all__ = [
     "Gfp",
     "PageAllocator",
     "PhysMem",
+    "ShmemFile",
     "ShrinkControl",
     "Shrinker",
+    "SwapDevice",
     "Watermarks",
     "register_shrinker",
     "shrink_slab",

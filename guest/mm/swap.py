@@ -1,0 +1,375 @@
+"""DOC: the swap device that evicted guest pages are written to.
+
+A :class:`SwapDevice` is ``nr_slots`` page-sized slots, held in one preallocated buffer
+(``backing="memory"``) or in a file of ``nr_slots * PAGE_SIZE`` bytes read and written with
+``os.pread``/``os.pwrite`` (``backing=<path>``). Slots are allocated and freed like frames; a
+slot's contents are only meaningful between a successful write and the slot's free.
+
+Usage::
+
+    swap = SwapDevice(1024)
+    slots = swap.alloc_slots(2)
+    swap.write_slots(slots[0], frames_view)     # two consecutive slots at once
+    data = swap.read_slot(slots[1])
+    swap.free_slots(slots)
+    swap.assert_no_leaks()
+
+I/O errors can be injected (:meth:`SwapDevice.inject`): a counted number of failing reads or
+writes, or a seeded per-page failure rate. A failing call raises :class:`~gemu.guest.errors.Eio`
+before touching anything, so the caller keeps its data: a page whose write-out failed stays
+resident, a page whose read failed stays in its slot and can be read again.
+
+Modelled on ``mm/swapfile.c`` and ``mm/page_io.c``. The model writes no swap header (every slot
+holds data), has one device and no priorities, and allocates slots last-freed-first, lowest
+first on a fresh device, so a batch of slots is usually consecutive (the kernel's swap
+clusters) and a run of pages moves in one copy.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+from array import array
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from gemu.guest.errors import Einval, Eio, Enospc, warn_on
+from gemu.guest.kernel import runtime
+from gemu.guest.mm.page_alloc import PAGE_SHIFT, PAGE_SIZE
+
+_FREE = 0
+_USED = 1
+
+
+@dataclass
+class SwapStats:
+    """Counters of a :class:`SwapDevice`.
+
+    ``pswpout``/``pswpin``: pages written/read (the kernel's vmstat names); ``bytes_out``/
+    ``bytes_in`` the same in bytes; ``write_errors``/``read_errors``: calls that failed with
+    ``-EIO``; ``alloc_failures``: ``-ENOSPC`` returns; ``high_water``: most slots ever in use.
+    """
+
+    pswpout: int = 0
+    pswpin: int = 0
+    bytes_out: int = 0
+    bytes_in: int = 0
+    write_errors: int = 0
+    read_errors: int = 0
+    alloc_failures: int = 0
+    high_water: int = 0
+
+
+class SwapDevice:
+    """A swap area of ``nr_slots`` page slots. Kernel: struct swap_info_struct.
+
+    Invariant: every slot is exactly one of free or in use, and
+    ``get_nr_swap_pages() + nr_used_slots == nr_slots``.
+
+    Args:
+        nr_slots: size in pages.
+        backing: ``"memory"`` for a buffer in this process, or a file path (created or
+            truncated to size; the caller owns the file).
+        name: for messages ("swap0").
+    """
+
+    __slots__ = (
+        "_fd",
+        "_free",
+        "_inject_read",
+        "_inject_write",
+        "_lock",
+        "_mem",
+        "_rate",
+        "_rng",
+        "_state",
+        "_stats",
+        "backing",
+        "name",
+        "nr_slots",
+    )
+
+    def __init__(
+        self, nr_slots: int, backing: str | os.PathLike = "memory", *, name: str = "swap0"
+    ):
+        if nr_slots < 0:
+            raise ValueError(f"nr_slots must be >= 0, got {nr_slots}")
+        self.name = name
+        self.nr_slots = nr_slots
+        self.backing = backing
+        self._fd: int | None = None
+        self._mem: memoryview | None = None
+        if backing == "memory":
+            self._mem = memoryview(bytearray(nr_slots << PAGE_SHIFT))
+        else:
+            fd = os.open(backing, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                os.ftruncate(fd, nr_slots << PAGE_SHIFT)
+            except BaseException:
+                os.close(fd)
+                raise
+            self._fd = fd
+        self._lock = threading.Lock()
+        self._state = bytearray(nr_slots)
+        self._free = array("q", range(nr_slots - 1, -1, -1))
+        self._stats = SwapStats()
+        self._inject_read = 0
+        self._inject_write = 0
+        self._rate = 0.0
+        self._rng = random.Random(0)
+
+    def __repr__(self) -> str:
+        return f"<SwapDevice {self.name} {len(self._free)}/{self.nr_slots} free>"
+
+    def close(self) -> None:
+        """Release the backing buffer or close the file. Kernel: swapoff (without swap-in)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if self._mem is not None:
+            self._mem.release()
+            self._mem = None
+
+    def __enter__(self) -> SwapDevice:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # Accounting.
+
+    def get_nr_swap_pages(self) -> int:
+        """Free slots. Kernel: get_nr_swap_pages() [include/linux/swap.h]"""
+        return len(self._free)
+
+    @property
+    def nr_free_slots(self) -> int:
+        return len(self._free)
+
+    @property
+    def nr_used_slots(self) -> int:
+        return self.nr_slots - len(self._free)
+
+    @property
+    def total_swap_pages(self) -> int:
+        """Kernel: total_swap_pages."""
+        return self.nr_slots
+
+    def is_allocated(self, slot: int) -> bool:
+        return 0 <= slot < self.nr_slots and self._state[slot] == _USED
+
+    def used_slots(self) -> list[int]:
+        st = self._state
+        return [s for s in range(self.nr_slots) if st[s] == _USED]
+
+    def statistics(self) -> SwapStats:
+        """A snapshot of the counters."""
+        return replace(self._stats)
+
+    def assert_no_leaks(self, expected_used: int = 0) -> None:
+        """Raise AssertionError unless exactly ``expected_used`` slots are in use."""
+        used = self.nr_used_slots
+        if used != expected_used:
+            slots = self.used_slots()
+            shown = ", ".join(map(str, slots[:16])) + (" ..." if len(slots) > 16 else "")
+            raise AssertionError(
+                f"{self.name}: {used} slots in use, expected {expected_used} (in use: {shown})"
+            )
+
+    # Error injection.
+
+    def inject(
+        self, read_errors: int = 0, write_errors: int = 0, *, rate: float = 0.0, seed: int = 0
+    ) -> None:
+        """Make the next ``read_errors`` reads and ``write_errors`` writes fail with ``-EIO``;
+        with ``rate``, every page read or written also fails with that probability, drawn
+        from ``random.Random(seed)``. ``inject()`` with no arguments clears everything.
+
+        Counted errors apply per call (a run of slots fails as one); the rate per page.
+        """
+        if read_errors < 0 or write_errors < 0 or not 0.0 <= rate <= 1.0:
+            raise ValueError("error counts must be >= 0 and rate in [0, 1]")
+        self._inject_read = read_errors
+        self._inject_write = write_errors
+        self._rate = rate
+        self._rng = random.Random(seed)
+
+    def _injected(self, write: bool, slot: int, nr: int) -> None:
+        if write and self._inject_write:
+            self._inject_write -= 1
+        elif not write and self._inject_read:
+            self._inject_read -= 1
+        elif self._rate:
+            rnd = self._rng.random
+            for i in range(nr):
+                if rnd() < self._rate:
+                    slot += i
+                    break
+            else:
+                return
+        else:
+            return
+        if write:
+            self._stats.write_errors += 1
+        else:
+            self._stats.read_errors += 1
+        what = "write" if write else "read"
+        raise Eio(msg=f"{self.name}: injected {what} error at slot {slot}")
+
+    # Slots.
+
+    def alloc_slot(self) -> int:
+        """One free slot. Kernel: folio_alloc_swap() [mm/swapfile.c]
+
+        Raises:
+            Enospc: the device is full.
+        """
+        return self.alloc_slots(1)[0]
+
+    def alloc_slots(self, nr: int) -> list[int]:
+        """``nr`` free slots, all or none; consecutive when the free list allows.
+
+        Kernel: get_swap_pages() [mm/swapfile.c]
+
+        Raises:
+            Enospc: fewer than ``nr`` slots are free (none is taken).
+        """
+        if nr <= 0:
+            raise Einval(msg=f"{self.name}: cannot allocate {nr} slots")
+        runtime.preempt("swap alloc")
+        with self._lock:
+            free = self._free
+            if len(free) < nr:
+                self._stats.alloc_failures += 1
+                raise Enospc(
+                    msg=f"{self.name}: {nr} slots wanted, {len(free)} of {self.nr_slots} free"
+                )
+            got = free[len(free) - nr :]
+            del free[len(free) - nr :]
+            got.reverse()
+            st = self._state
+            for s in got:
+                st[s] = _USED
+            used = self.nr_slots - len(free)
+            if used > self._stats.high_water:
+                self._stats.high_water = used
+            return got.tolist()
+
+    def free_slot(self, slot: int) -> None:
+        """Kernel: swap_free() [mm/swapfile.c]"""
+        self.free_slots([slot])
+
+    def free_slots(self, slots: Sequence[int]) -> None:
+        """Return slots to the device; their contents are gone.
+
+        Kernel: swap_free_nr() / free_swap_and_cache() [mm/swapfile.c]
+
+        Freeing a slot that is not in use is a loud :func:`~gemu.guest.errors.warn_on`; in a
+        non-strict run the bad slots are skipped.
+        """
+        runtime.preempt("swap free")
+        if not slots:
+            return
+        with self._lock:
+            st = self._state
+            nr_slots = self.nr_slots
+            for i, s in enumerate(slots):
+                if not 0 <= s < nr_slots or st[s] != _USED:
+                    for t in slots[:i]:
+                        st[t] = _USED
+                    break
+                st[s] = _FREE
+            else:
+                self._free.extend(reversed(slots))
+                return
+        problems, good, seen = [], [], set()
+        for s in slots:
+            if not 0 <= s < self.nr_slots:
+                problems.append(f"slot {s} is not on {self.name}")
+            elif self._state[s] != _USED or s in seen:
+                problems.append(f"slot {s} freed twice")
+            else:
+                good.append(s)
+                seen.add(s)
+        warn_on(problems, "free_slots: " + "; ".join(problems))
+        if good:
+            self.free_slots(good)
+
+    def _check_run(self, slot: int, nr: int, what: str) -> None:
+        if slot < 0 or slot + nr > self.nr_slots or self._state.count(_USED, slot, slot + nr) != nr:
+            warn_on(True, f"{self.name}: {what} of slots {slot}..{slot + nr - 1}: not all in use")
+            raise Einval(msg=f"{self.name}: {what} of unallocated slots {slot}+{nr}")
+
+    # I/O.
+
+    def write_slot(self, slot: int, data) -> None:
+        """Write one page. Kernel: swap_writepage() [mm/page_io.c]"""
+        self.write_slots(slot, data)
+
+    def write_slots(self, first_slot: int, data) -> None:
+        """Write ``len(data) // PAGE_SIZE`` pages into consecutive slots from ``first_slot``.
+
+        Kernel: swap_writepage() / __swap_writepage() [mm/page_io.c]
+
+        Raises:
+            Eio: an injected write error; no slot was written.
+        """
+        view = memoryview(data).cast("B")
+        nbytes = len(view)
+        nr = nbytes >> PAGE_SHIFT
+        if nbytes != nr << PAGE_SHIFT or not nr:
+            raise Einval(msg=f"{self.name}: write of {nbytes} bytes is not whole pages")
+        runtime.preempt("swap_writepage")
+        self._check_run(first_slot, nr, "write")
+        self._injected(True, first_slot, nr)
+        off = first_slot << PAGE_SHIFT
+        if self._mem is not None:
+            self._mem[off : off + nbytes] = view
+        else:
+            done = 0
+            while done < nbytes:
+                done += os.pwrite(self._fd, view[done:], off + done)
+        s = self._stats
+        s.pswpout += nr
+        s.bytes_out += nbytes
+
+    def read_slot(self, slot: int) -> bytes:
+        """Read one page. Kernel: swap_read_folio() [mm/page_io.c]"""
+        buf = bytearray(PAGE_SIZE)
+        self.read_slots_into(slot, buf)
+        return bytes(buf)
+
+    def read_slot_into(self, slot: int, buf) -> None:
+        """Read one page into a writable buffer (a frame view: no intermediate copy)."""
+        self.read_slots_into(slot, buf)
+
+    def read_slots_into(self, first_slot: int, buf) -> None:
+        """Read consecutive slots from ``first_slot`` into ``buf`` (whole pages).
+
+        Kernel: swap_read_folio() [mm/page_io.c]
+
+        Raises:
+            Eio: an injected read error; ``buf`` is untouched and the slots keep their data.
+        """
+        view = memoryview(buf).cast("B")
+        nbytes = len(view)
+        nr = nbytes >> PAGE_SHIFT
+        if nbytes != nr << PAGE_SHIFT or not nr:
+            raise Einval(msg=f"{self.name}: read of {nbytes} bytes is not whole pages")
+        runtime.preempt("swap_read_folio")
+        self._check_run(first_slot, nr, "read")
+        self._injected(False, first_slot, nr)
+        off = first_slot << PAGE_SHIFT
+        if self._mem is not None:
+            view[:] = self._mem[off : off + nbytes]
+        else:
+            done = 0
+            while done < nbytes:
+                got = os.preadv(self._fd, [view[done:]], off + done)
+                if got <= 0:
+                    raise Eio(msg=f"{self.name}: short read at slot {first_slot}")
+                done += got
+        s = self._stats
+        s.pswpin += nr
+        s.bytes_in += nbytes
