@@ -50,7 +50,7 @@ class KernelError(Exception):
 
     @property
     def name(self) -> str:
-        return _errno.errorcode.get(self.errno, str(self.errno))
+        return _NAMES.get(self.errno) or _errno.errorcode.get(self.errno, str(self.errno))
 
     def __str__(self) -> str:
         return f"-{self.name}: {self.msg}" if self.msg else f"-{self.name}"
@@ -60,10 +60,14 @@ class KernelError(Exception):
 
 
 _BY_ERRNO: dict[int, type[KernelError]] = {}
+# Names as kernel code spells them: Linux aliases EDEADLOCK to EDEADLK and Python's errorcode
+# table picks the alias.
+_NAMES: dict[int, str] = {}
 
 
 def _errno_class(name: str) -> type[KernelError]:
     code = getattr(_errno, name)
+    _NAMES[code] = name
     cls = type(name.capitalize(), (KernelError,), {"errno": code, "__doc__": f"-{name}"})
     cls.__module__ = __name__
     _BY_ERRNO[code] = cls
@@ -92,7 +96,7 @@ Efbig = _errno_class("EFBIG")
 Eoverflow = _errno_class("EOVERFLOW")
 # -ERESTARTSYS is kernel-internal (512); Python's errno has no name for it.
 ERESTARTSYS = 512
-_errno.errorcode.setdefault(ERESTARTSYS, "ERESTARTSYS")
+_NAMES[ERESTARTSYS] = "ERESTARTSYS"
 
 
 class Erestartsys(KernelError):
