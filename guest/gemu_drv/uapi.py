@@ -26,7 +26,6 @@ unmapped from every GPU VM (with a TLB flush) before its frames are freed.
 
 from __future__ import annotations
 
-import errno
 import logging
 import threading
 from collections import deque
@@ -326,7 +325,11 @@ class GemuDriver:
                 resubmitted += 1
         self.gpu.stats.resubmitted += resubmitted
         log.error("%s: %s; %d innocent job(s) resubmitted", self.gpu.name, message, resubmitted)
-        drm_sched.start(sched, -errno.ETIMEDOUT)
+        if hw is not None:
+            # the reset signalled the hung job's ring fence with -ETIMEDOUT; drm_sched_start
+            # hands that error to its finished fence
+            job.s_fence.parent = dma_fence.get(hw)
+        drm_sched.start(sched, 0)
         return drm_sched.DrmGpuSchedStat.RESET
 
 
