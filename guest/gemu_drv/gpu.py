@@ -41,7 +41,7 @@ from typing import Any, Protocol
 
 from gemu.device.abi import packets as pk
 from gemu.device.abi import regs
-from gemu.device.abi.enums import AccessType, CpError, CpState, Irq, MmuFault, Opcode
+from gemu.device.abi.enums import AccessType, CpError, CpState, Irq, MmuFault, Opcode, PacketFlags
 from gemu.guest.dma_buf import dma_fence
 from gemu.guest.dma_buf.dma_fence import DmaFence, DmaFenceOps
 from gemu.guest.errors import Enodev, Etimedout
@@ -60,6 +60,13 @@ RESET_POLLS = 1000
 _ALL_IRQS = Irq.FENCE | Irq.CP_ERROR | Irq.MMU | Irq.RESET_DONE
 _ALL_MMU = (1 << regs.AS_COUNT) - 1 | ((1 << regs.AS_COUNT) - 1) << 16
 _U64 = struct.Struct("<Q")
+# One job slot: SET_AS, INDIRECT_BUFFER, FENCE(PHYS|IRQ), NOP padding to JOB_SLOT_BYTES. The
+# bodies follow the construct declarations of gemu.device.abi.packets (a test compares them).
+_H_SET_AS = pk.header(Opcode.SET_AS, 1)
+_H_IB = pk.header(Opcode.INDIRECT_BUFFER, 3)
+_H_FENCE = pk.header(Opcode.FENCE, 4, PacketFlags.PHYS | PacketFlags.IRQ)
+_H_NOP = pk.header(Opcode.NOP, 4)
+_SLOT = struct.Struct("<" + "4sI" + "4sIII" + "4sIIII" + "4s16x")
 
 
 class DeviceBus(Protocol):
@@ -140,6 +147,7 @@ class GpuStats:
     cp_errors: int = 0
     resets: int = 0
     resubmitted: int = 0
+    doorbells: int = 0
 
 
 class GemuGpu:
@@ -169,6 +177,8 @@ class GemuGpu:
         self.ring_size = 0
         self.ring_slots = 0
         self.tail = 0
+        self.announced_tail = 0
+        self.announced_seqno = 0
         self.fence_pa = 0
         self.features = 0
         self.version = 0
@@ -232,7 +242,8 @@ class GemuGpu:
         w(regs.RING_BASE_HI.offset, self.ring_pa >> 32)
         w(regs.RING_SIZE.offset, self.ring_size)
         w(regs.CP_CONTROL.offset, regs.CP_CONTROL.field("RESET_HEAD").dp(0, 1))
-        self.tail = 0
+        self.tail = self.announced_tail = 0
+        self.announced_seqno = self.completed
         w(regs.MMU_INT_CLEAR.offset, _ALL_MMU)
         w(regs.MMU_INT_MASK.offset, _ALL_MMU)
         w(regs.IRQ_CLEAR.offset, int(_ALL_IRQS | Irq.CP_IDLE))
@@ -273,6 +284,11 @@ class GemuGpu:
         """Write one job slot into the ring and ring the doorbell with posted writes.
 
         Kernel: panfrost_job_hw_submit() (here: ring packets + RING_TAIL + RING_DOORBELL).
+
+        Doorbells are coalesced while the GPU is busy: when jobs already announced to the GPU
+        have not completed, the new slot waits for the interrupt of their completion, whose
+        handler rings once for every slot written meanwhile (:meth:`_kick`). An idle GPU is
+        rung at once.
         """
         with self.lock:
             fence = HwFence(self.fence_context, self.next_seqno, job)
@@ -280,56 +296,93 @@ class GemuGpu:
             self._write_slot(as_nr, ib_va, ib_dwords, fence.seqno)
             self.pending.append(fence)
             self.stats.jobs_emitted += 1
-            self.bus.writel_posted(regs.RING_TAIL.offset, self.tail)
-            self.bus.writel_posted(regs.RING_DOORBELL.offset, 1)
+            if self.announced_seqno <= self.completed:
+                self._kick()
         return fence
+
+    def _kick(self) -> None:
+        """Announce every written slot: RING_TAIL then RING_DOORBELL, both posted."""
+        if self.announced_tail == self.tail:
+            return
+        self.bus.writel_posted(regs.RING_TAIL.offset, self.tail)
+        self.bus.writel_posted(regs.RING_DOORBELL.offset, 1)
+        self.announced_tail = self.tail
+        self.announced_seqno = self.next_seqno - 1
+        self.stats.doorbells += 1
 
     def _write_slot(self, as_nr: int, ib_va: int, ib_dwords: int, seqno: int) -> None:
         if len(self.pending) >= self.ring_slots - 1:
             raise RuntimeError(f"{self.name}: ring overrun (credit limit not respected)")
-        body = (
-            pk.set_as(as_nr)
-            + pk.indirect_buffer(ib_va, ib_dwords)
-            + pk.fence(self.fence_pa, seqno, irq=True, phys=True)
+        fp = self.fence_pa
+        body = _SLOT.pack(
+            _H_SET_AS,
+            as_nr,
+            _H_IB,
+            ib_va & 0xFFFFFFFF,
+            ib_va >> 32,
+            ib_dwords,
+            _H_FENCE,
+            fp & 0xFFFFFFFF,
+            fp >> 32,
+            seqno & 0xFFFFFFFF,
+            seqno >> 32,
+            _H_NOP,
         )
-        body += pk.nop((JOB_SLOT_BYTES - len(body)) // 4 - 1)
         off = self.ring_pa + self.tail
         self.mem[off : off + JOB_SLOT_BYTES] = body
         self.tail = (self.tail + JOB_SLOT_BYTES) % self.ring_size
 
     # -- interrupts ------------------------------------------------------------------------
     def _irq_loop(self) -> None:
+        """The interrupt task: wait for IRQ messages and run the handler.
+
+        Messages that queued up while the handler ran are taken together: one handler run
+        reads the current status, which covers all of them.
+        """
+        bus = self.bus
         while not self._stop:
             try:
-                event = self.bus.wait_irq(IRQ_POLL_S)
+                event = bus.wait_irq(IRQ_POLL_S)
+                events = [event, *bus.drain_irqs()] if event is not None else []
             except Exception as exc:  # DeviceGone: fail everything, stop
                 log.error("%s: device lost: %s", self.name, exc)
                 with self.lock:
                     while self.pending:
                         self._fail(self.pending.popleft(), -errno.ENODEV, f"device lost: {exc}")
                 return
-            if event is None:
-                # Nothing signalled; still pick up fences whose IRQ we may have coalesced.
+            if not any(e.level for e in events):
+                # line low (or no message): fences may still have landed since the last run
                 self.fence_process()
                 continue
-            self.irq_handler()
+            status = 0
+            for e in events:
+                status |= e.irq_status if e.level else 0
+            self.irq_handler(status)
 
-    def irq_handler(self) -> None:
+    def irq_handler(self, hint: int = 0) -> None:
         """Read and clear the interrupt sources and act on them.
 
         Kernel: panfrost_job_irq_handler() + panfrost_mmu_irq_handler() + panfrost_gpu_irq.
+
+        ``hint`` is the IRQ_STATUS carried by the interrupt messages (MSI-style). When it
+        says "fences only", the handler clears FENCE with a posted write and reads the seqno
+        from the fence page, with no register round trip; anything else is read from
+        IRQ_STATUS.
         """
         with self.lock:
-            status = self.bus.readl(regs.IRQ_STATUS.offset)
             self.stats.irqs += 1
-            if status & Irq.MMU:
-                self._mmu_irq()
-            clear = status & ~int(Irq.MMU)
-            if clear:
-                self.bus.writel_posted(regs.IRQ_CLEAR.offset, clear)
-            if status & Irq.CP_ERROR:
-                self._cp_error()
-            self.fence_process()
+            if hint and not hint & ~int(Irq.FENCE):
+                self.bus.writel_posted(regs.IRQ_CLEAR.offset, int(Irq.FENCE))
+            else:
+                status = self.bus.readl(regs.IRQ_STATUS.offset)
+                if status & Irq.MMU:
+                    self._mmu_irq()
+                clear = status & ~int(Irq.MMU)
+                if clear:
+                    self.bus.writel_posted(regs.IRQ_CLEAR.offset, clear)
+                if status & Irq.CP_ERROR:
+                    self._cp_error()
+        self.fence_process()
 
     def _mmu_irq(self) -> None:
         """Decode and clear every latched AS fault. Kernel: panfrost_mmu_irq_handler_thread."""
@@ -390,21 +443,24 @@ class GemuGpu:
         self.bus.writel_posted(cc.offset, cc.field("RESUME").dp(cc.field("ENABLE").dp(0, 1), 1))
 
     def fence_process(self) -> None:
-        """Signal every pending hardware fence up to the seqno in the fence page.
+        """Signal every pending hardware fence up to the seqno in the fence page, and ring the
+        doorbell for slots written while the GPU was busy.
 
         Kernel: amdgpu_fence_process() / panfrost's per-slot fence signalling.
         """
         (seqno,) = _U64.unpack_from(self.mem, self.fence_pa)
-        if seqno == self.completed and not (self.pending and self.pending[0].seqno <= seqno):
-            return
         with self.lock:
-            self.completed = max(self.completed, seqno)
+            if seqno > self.completed:
+                self.completed = seqno
             done = []
-            while self.pending and self.pending[0].seqno <= seqno:
-                done.append(self.pending.popleft())
+            pending = self.pending
+            while pending and pending[0].seqno <= seqno:
+                done.append(pending.popleft())
+            if self.announced_tail != self.tail and self.announced_seqno <= self.completed:
+                self._kick()
         for fence in done:
             dma_fence.check_and_signal(fence)
-            self.stats.fences_signalled += 1
+        self.stats.fences_signalled += len(done)
 
     def _fail(self, fence: HwFence, error: int, message: str) -> None:
         if not dma_fence.test_signaled_flag(fence):

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum, IntFlag
@@ -185,12 +184,12 @@ def submit(drv: GemuDriver, job: GemuJob) -> dma_fence.DmaFence:
             for hook in drv.hooks.after_validate:
                 hook(job)
             if order is SubmitOrder.FENCE_AFTER_UNLOCK:
-                with entity_lock(job):
+                with job.file.submit_lock:
                     _arm(drv, job)
                     armed = True
                     drm_sched.entity_push_job(job)
             else:
-                with entity_lock(job):
+                with job.file.submit_lock:
                     if not armed:
                         _arm(drv, job)
                         armed = True
@@ -206,19 +205,6 @@ def submit(drv: GemuDriver, job: GemuJob) -> dma_fence.DmaFence:
         _submit_failed(drv, job, armed, exc)
         raise
     return job.s_fence.finished
-
-
-class entity_lock:
-    """The per-entity submit lock arm and push run under (panfrost's sched_lock)."""
-
-    def __init__(self, job: GemuJob) -> None:
-        self.lock: threading.Lock = job.file.submit_lock
-
-    def __enter__(self) -> None:
-        self.lock.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.lock.release()
 
 
 def _arm(drv: GemuDriver, job: GemuJob) -> None:
@@ -260,7 +246,7 @@ def _submit_failed(drv: GemuDriver, job: GemuJob, armed: bool, exc: BaseExceptio
                 exc if isinstance(exc, KernelError) else KernelError(errno.EIO, str(exc))
             )
             job.message = f"submit failed after arm: {exc}"
-            with entity_lock(job):
+            with job.file.submit_lock:
                 drm_sched.entity_push_job(job)
         return
     drv.release_job_resources(job)

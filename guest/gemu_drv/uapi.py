@@ -43,6 +43,8 @@ from gemu.guest.gemu_drv.gpu import GemuGpu, KernelFrames
 from gemu.guest.gemu_drv.job import BoAccess, BoRef, GemuJob, SubmitHooks, SubmitOrder
 from gemu.guest.gemu_drv.vm import PAGE_SIZE, GpuVm, Prot
 from gemu.guest.kernel import runtime
+from gemu.guest.locking.lockdep import LockClass
+from gemu.guest.locking.mutex import Mutex
 from gemu.guest.mm import page_alloc
 
 log = logging.getLogger("gemu.guest.gemu_drv")
@@ -51,6 +53,8 @@ READ = BoAccess.READ
 WRITE = BoAccess.WRITE
 DEFAULT_TIMEOUT_NS = 500_000_000
 CMD_POOL_SIZE = 256 << 10
+SCHED_LOCK_CLASS = LockClass("gemu_file.sched_lock")
+"""Lock class of every file's submit lock (arm + add fences + push run under it)."""
 
 
 @dataclass
@@ -478,7 +482,7 @@ class GemuFile:
         self.drm = gem.DrmFile(drv.dev)
         self.vm = GpuVm(drv.gpu.mmu, self.name)
         self.entity = drm_sched.entity_init(drm_sched.DrmSchedPriority.NORMAL, [drv.sched])
-        self.submit_lock = threading.Lock()
+        self.submit_lock = Mutex(f"{self.name}.sched_lock", SCHED_LOCK_CLASS)
         self.inflight = 0
         self.inflight_lock = threading.Lock()
         self.idle_wq = runtime.WaitQueue(f"{self.name}.idle")

@@ -198,3 +198,24 @@ def test_reset_forgets_bindings(mmu):
     mmu.reset()
     assert vm.as_nr is None and vm.as_users == 0
     assert mmu.as_get(vm) == 0
+
+
+def test_ring_slot_matches_the_packet_builders():
+    """The driver's hand-packed 64-byte job slot is exactly what the construct-declared
+    builders of gemu.device.abi.packets produce (SET_AS, INDIRECT_BUFFER, FENCE, NOP)."""
+    from gemu.device.abi import packets as pk
+    from gemu.guest.gemu_drv import gpu
+
+    g = gpu.GemuGpu.__new__(gpu.GemuGpu)
+    g.pending, g.ring_slots, g.tail, g.ring_size = [], 64, 0, 4096
+    g.ring_pa, g.fence_pa = 0, 0x3000
+    g.mem = memoryview(bytearray(4096))
+    g._write_slot(5, 0x1_2345_6000, 7, (1 << 32) + 9)
+    want = (
+        pk.set_as(5)
+        + pk.indirect_buffer(0x1_2345_6000, 7)
+        + pk.fence(0x3000, (1 << 32) + 9, irq=True, phys=True)
+    )
+    want += pk.nop((gpu.JOB_SLOT_BYTES - len(want)) // 4 - 1)
+    assert bytes(g.mem[: gpu.JOB_SLOT_BYTES]) == want
+    assert g.tail == gpu.JOB_SLOT_BYTES
