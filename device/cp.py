@@ -206,8 +206,13 @@ class CommandProcessor:
     # --- register behaviour --------------------------------------------------------------
 
     def control_written(self, value: int) -> None:
-        """CP_CONTROL written: RESET_HEAD, ENABLE (set or cleared), RESUME, in that order."""
+        """CP_CONTROL written: ENABLE cleared, RESET_HEAD, ENABLE set, RESUME, in that order."""
         rf = self.gpu.regs
+        if not value & _ENABLE and self.enabled:
+            self.enabled = False
+            self.error = False
+            self.ib_stack = []
+            self.waiting = None
         if value & _RESET_HEAD:
             if self.enabled:
                 self.gpu.guest_error("CP_CONTROL.RESET_HEAD ignored while the CP is enabled")
@@ -217,11 +222,6 @@ class CommandProcessor:
                 rf.set(regs.RING_TAIL, 0)
         if value & _ENABLE and not self.enabled:
             self._enable()
-        elif not value & _ENABLE and self.enabled:
-            self.enabled = False
-            self.error = False
-            self.ib_stack = []
-            self.waiting = None
         if value & _RESUME:
             rf.set(regs.CP_ERROR, 0)
             rf.set(regs.CP_ERROR_ADDR_LO, 0)
