@@ -194,6 +194,13 @@ class Machine:
             problems.append(
                 f"{self.allocator.nr_used} frames in use, only the driver's {kernel} expected"
             )
+        mm = self.dev.shmem_mm
+        if mm is not None:
+            lrus = {
+                lru.name: lru.count for lru in (mm.lru_pinned, mm.lru_evictable, mm.lru_evicted)
+            }
+            if any(lrus.values()):
+                problems.append(f"shrinker LRUs not empty: {lrus} pages")
         if self.swap is not None and self.swap.nr_used_slots:
             problems.append(f"{self.swap.nr_used_slots} swap slots in use")
         reports = lockdep.reports()

@@ -57,7 +57,7 @@ SCHED_LOCK_CLASS = LockClass("gemu_file.sched_lock")
 """Lock class of every file's submit lock (arm + add fences + push run under it)."""
 
 
-@dataclass
+@dataclass(slots=True)
 class VmMapping:
     """A BO bound into a VM. Kernel: struct drm_gpuva (with panfrost_gem_mapping's is_mapped).
 
@@ -72,15 +72,24 @@ class VmMapping:
 
 
 class GemuBo:
-    """Driver data of one BO. Kernel: struct panfrost_gem_object (the shmem object is ``obj``)."""
+    """Driver data of one BO. Kernel: struct panfrost_gem_object (the shmem object is ``obj``).
 
-    __slots__ = ("__weakref__", "mappings", "name", "obj", "pinned")
+    ``mappings`` lists the VMs it is bound in (usually one); ``serial`` names it in messages.
+    Kept small: a machine may hold 100k BOs.
+    """
 
-    def __init__(self, obj, name: str) -> None:
+    __slots__ = ("__weakref__", "label", "mappings", "obj", "pinned", "serial")
+
+    def __init__(self, obj, serial: int, label: str | None = None) -> None:
         self.obj = obj
-        self.name = name
+        self.serial = serial
+        self.label = label
         self.mappings: list[VmMapping] = []
         self.pinned = False
+
+    @property
+    def name(self) -> str:
+        return self.label or f"bo{self.serial}"
 
     def mapping(self, vm: GpuVm) -> VmMapping | None:
         for m in self.mappings:
@@ -270,7 +279,7 @@ class GemuDriver:
         panfrost_gem_create() + drm_gem_shmem_get_pages()."""
         obj = gem_shmem.create(self.dev, gem.page_align(size), self.funcs)
         self._bo_serial += 1
-        bo = GemuBo(obj, name or f"bo{self._bo_serial}")
+        bo = GemuBo(obj, self._bo_serial, name)
         self.bos[id(obj)] = bo
         try:
             self.shmem.m.get_pages(obj)
