@@ -357,7 +357,11 @@ class GemuGpu:
             status = 0
             for e in events:
                 status |= e.irq_status if e.level else 0
-            self.irq_handler(status)
+            try:
+                self.irq_handler(status)
+            except Exception:  # keep the interrupt task alive; the error is in the log
+                log.exception("%s: interrupt handler failed", self.name)
+                self.errors.append("interrupt handler failed (see log)")
 
     def irq_handler(self, hint: int = 0) -> None:
         """Read and clear the interrupt sources and act on them.

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum, IntFlag
 from typing import TYPE_CHECKING, Any
@@ -41,8 +41,7 @@ from gemu.guest.dma_buf import dma_fence, dma_resv
 from gemu.guest.dma_buf.dma_resv import DmaResvUsage
 from gemu.guest.drm import drm_exec
 from gemu.guest.drm import sched as drm_sched
-from gemu.guest.errors import Einval, KernelError, warn_on
-from gemu.guest.gemu_drv.vm import PAGE_SIZE, Prot
+from gemu.guest.errors import Einval, KernelError
 
 if TYPE_CHECKING:
     from gemu.guest.gemu_drv.uapi import GemuBo, GemuDriver, GemuFile
@@ -117,7 +116,8 @@ class SubmitHooks:
     kernel's fail_function). Empty in normal use."""
 
     after_unlock: list[Callable[[GemuJob], None]] = field(default_factory=list)
-    after_validate: list[Callable[[GemuJob], None]] = field(default_factory=list)
+    """Run by the FENCE_AFTER_UNLOCK order between unlock and the late fence (the window
+    that order opens); the right order has no such point."""
 
 
 def validate_bo(drv: GemuDriver, job: GemuJob, ref: BoRef) -> None:
@@ -181,8 +181,6 @@ def submit(drv: GemuDriver, job: GemuJob) -> dma_fence.DmaFence:
             for ref in job.refs:
                 validate_bo(drv, job, ref)
                 drm_sched.job_add_implicit_dependencies(job, ref.bo.obj, ref.write)
-            for hook in drv.hooks.after_validate:
-                hook(job)
             if order is SubmitOrder.FENCE_AFTER_UNLOCK:
                 with job.file.submit_lock:
                     _arm(drv, job)
@@ -293,20 +291,13 @@ def job_error_message(job: GemuJob) -> str:
     return ""
 
 
-def bo_pages(npages_or_size: int) -> int:
-    return (npages_or_size + PAGE_SIZE - 1) // PAGE_SIZE
-
-
 __all__ = [
     "BoAccess",
     "BoRef",
     "GemuJob",
     "GemuSchedOps",
-    "Prot",
-    "Sequence",
     "SubmitHooks",
     "SubmitOrder",
     "submit",
     "validate_bo",
-    "warn_on",
 ]

@@ -32,7 +32,6 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from gemu.device.abi import packets as pk
 from gemu.guest.dma_buf import dma_fence, dma_resv
 from gemu.guest.dma_buf.dma_fence import DmaFence
 from gemu.guest.drm import gem, gem_shmem, gem_shmem_shrinker
@@ -605,6 +604,8 @@ class GemuFile:
         ``bos`` lists every BO the commands touch with READ and/or WRITE. ``in_fences`` are
         waited for before the job runs. Returns the out-fence.
         """
+        if self.closed:
+            raise Einval(msg=f"{self.name} is closed")
         refs: list[BoRef] = []
         seen: dict[int, BoRef] = {}
         try:
@@ -636,8 +637,6 @@ class GemuFile:
         with self.inflight_lock:
             self.inflight += 1
         job.in_fences = [f.fence if isinstance(f, JobFence) else f for f in in_fences]
-        if self.closed:
-            raise Einval(msg=f"{self.name} is closed")
         gjob.submit(self.drv, job)
         return JobFence(job)
 
@@ -667,9 +666,6 @@ class GemuFile:
         if f.error:
             msg = fence.message if isinstance(fence, JobFence) else ""
             raise KernelError(-f.error, msg or f"job failed with {f.error}")
-
-    def nop(self) -> bytes:
-        return pk.nop()
 
     def close(self) -> None:
         """Kernel: panfrost_postclose() — flush the entity, drop handles, destroy the VM."""
