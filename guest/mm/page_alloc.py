@@ -180,6 +180,48 @@ def frame_runs(pfns: Iterable[int]) -> list[tuple[int, int]]:
     return runs
 
 
+def consecutive_start(seq: Sequence[int]) -> int | None:
+    """``seq[0]`` if ``seq`` (a list or ``array``) counts up by one, else None.
+
+    Whole-object operations take this fast path: a run is checked and updated with one slice
+    operation instead of one Python step per page.
+    """
+    n = len(seq)
+    if not n:
+        return None
+    first = seq[0]
+    if seq[n - 1] - first != n - 1:
+        return None
+    if n > 2:
+        expect = range(first, first + n)
+        if isinstance(seq, array):
+            if seq != array(seq.typecode, expect):
+                return None
+        elif list(seq) != list(expect):
+            return None
+    return first
+
+
+def update_states(state: bytearray, seq: Sequence[int], old: int, new: int) -> bool:
+    """Set ``state[i] = new`` for every ``i`` of ``seq`` if each is in range and ``old``
+    (a repeated ``i`` fails too); all or nothing. Returns whether it did."""
+    start = consecutive_start(seq)
+    n = len(seq)
+    if start is not None and start >= 0:
+        if start + n > len(state) or state.count(old, start, start + n) != n:
+            return False
+        state[start : start + n] = bytes((new,)) * n
+        return True
+    limit = len(state)
+    for i, p in enumerate(seq):
+        if not 0 <= p < limit or state[p] != old:
+            for q in seq[:i]:
+                state[q] = old
+            return False
+        state[p] = new
+    return True
+
+
 # Allocation flags.
 
 
@@ -495,15 +537,14 @@ class PageAllocator:
             got = free[len(free) - nr :]
             del free[len(free) - nr :]
             got.reverse()
-            st = self._state
-            for p in got:
-                st[p] = _USED
+            got = got.tolist()
+            update_states(self._state, got, _FREE, _USED)
             s = self._stats
             s.pages_allocated += nr
             used = self.totalram_pages - len(free)
             if used > s.high_water:
                 s.high_water = used
-            return got.tolist()
+            return got
 
     def _rmqueue_contig(self, nr: int, mark: int) -> list[int] | None:
         with self._lock:
@@ -647,19 +688,8 @@ class PageAllocator:
                 if self.is_allocated(p):
                     self.physmem.fill(p, PAGE_POISON)
         with self._lock:
-            st = self._state
-            nr_frames = self.nr_frames
-            bad = None
-            for i, p in enumerate(pfns):
-                if not 0 <= p < nr_frames or st[p] != _USED:
-                    bad = i
-                    break
-                st[p] = _FREE
-            if bad is not None:
-                for p in pfns[:bad]:  # undo, then free only the good ones below
-                    st[p] = _USED
-            else:
-                self._free.extend(reversed(pfns))
+            if update_states(self._state, pfns, _USED, _FREE):
+                self._free.fromlist(list(pfns[::-1]))
                 self._stats.frees += 1
                 self._stats.pages_freed += len(pfns)
                 return

@@ -37,13 +37,16 @@ Modelled on ``mm/shmem.c``: ``shmem_file_setup``, ``shmem_read_mapping_page_gfp`
   ``get_pages`` is in progress (the GEM shrinker only trylocks); the file checks this and
   warns.
 - Per-page state is one signed 64-bit entry in an ``array('q')``: a frame number (>= 0),
-  :data:`UNPOPULATED` (-1), or a swap slot ``s`` stored as ``-2 - s``. No Python object per
-  page, so 100k small objects cost a few tens of MiB beyond guest RAM.
+  :data:`UNPOPULATED` (-1), or a swap slot ``s`` stored as ``-2 - s``. While *every* page is
+  in swap (an evicted object) the entries are the slot numbers themselves, so evicting and
+  restoring a whole object needs no per-page conversion. No Python object per page: 100k
+  small objects cost a few tens of MiB beyond guest RAM.
 """
 
 from __future__ import annotations
 
 from array import array
+from operator import sub
 
 from gemu.guest.errors import Efault, Einval, KernelError, warn_on
 from gemu.guest.mm.page_alloc import GFP_KERNEL, PAGE_SHIFT, PAGE_SIZE, Gfp, PageAllocator
@@ -54,14 +57,19 @@ UNPOPULATED = -1
 
 
 def _paired_runs(firsts: list[int], seconds: list[int]) -> list[tuple[int, int, int]]:
-    """Runs where both lists count up by one together: ``[(first, second, length), ...]``."""
+    """Runs where both lists count up by one together: ``[(first, second, length), ...]``.
+
+    Both lists hold distinct numbers (a frame or a slot has one owner). If every pair has
+    the same difference and the firsts fill a range, the whole batch is one copy whatever the
+    order: frame ``p`` goes to slot ``p - d`` for every pair.
+    """
     n = len(firsts)
     if not n:
         return []
     a0, b0 = firsts[0], seconds[0]
-    # Fast path: both fully consecutive (a fresh object, or frames/slots reused in order).
-    if firsts == list(range(a0, a0 + n)) and seconds == list(range(b0, b0 + n)):
-        return [(a0, b0, n)]
+    low = min(firsts)
+    if max(firsts) - low == n - 1 and list(map(sub, firsts, seconds)).count(a0 - b0) == n:
+        return [(low, low - (a0 - b0), n)]
     runs = []
     start_a, start_b, length = a0, b0, 1
     for a, b in zip(firsts[1:], seconds[1:]):
@@ -89,6 +97,7 @@ class ShmemFile:
 
     __slots__ = (
         "_pages",
+        "_raw_slots",
         "allocator",
         "name",
         "nr_resident",
@@ -109,6 +118,8 @@ class ShmemFile:
         nr_pages = -(-size // PAGE_SIZE)
         self.size = nr_pages << PAGE_SHIFT
         self._pages = array("q", [UNPOPULATED]) * nr_pages
+        # True while every page is swapped and _pages holds plain slot numbers.
+        self._raw_slots = False
         #: Pages held in frames.
         self.nr_resident = 0
         #: Pages held in swap slots.
@@ -138,11 +149,20 @@ class ShmemFile:
     def page_state(self, index: int) -> tuple[str, int | None]:
         """``("resident", pfn)``, ``("swapped", slot)`` or ``("unpopulated", None)``; for dumps."""
         e = self._pages[index]
+        if self._raw_slots:
+            return "swapped", e
         if e >= 0:
             return "resident", e
         if e == UNPOPULATED:
             return "unpopulated", None
         return "swapped", -2 - e
+
+    def _entries(self) -> array:
+        """The page entries in the encoded form (slots as ``-2 - s``)."""
+        if self._raw_slots:
+            self._pages = array("q", [-2 - slot for slot in self._pages])
+            self._raw_slots = False
+        return self._pages
 
     def _check_live(self, what: str) -> None:
         if warn_on(self.released, f"{self.name}: {what} after release"):
@@ -164,7 +184,9 @@ class ShmemFile:
         if self.nr_resident == len(pages):
             return pages.tolist()
         self._check_live("get_pages")
-        if self.nr_resident == 0:
+        if self._raw_slots:
+            self._swapin_all(gfp)
+        elif self.nr_resident == 0:
             self._populate(range(len(pages)), gfp)
         else:
             self._populate([i for i, e in enumerate(pages) if e < 0], gfp)
@@ -178,13 +200,11 @@ class ShmemFile:
         self._check_live("get_page")
         if not 0 <= index < len(self._pages):
             raise Einval(msg=f"{self.name}: page {index} beyond {len(self._pages)} pages")
-        if self._pages[index] < 0:
+        if self._entries()[index] < 0:
             self._populate([index], gfp)
         return self._pages[index]
 
-    def _populate(self, indices, gfp: Gfp) -> None:
-        pages = self._pages
-        nr = len(indices)
+    def _alloc_frames(self, nr: int, gfp: Gfp) -> list[int]:
         before = (self.nr_resident, self.nr_swapped)
         pfns = self.allocator.alloc_pages(nr, gfp & ~Gfp.ZERO)
         if (self.nr_resident, self.nr_swapped) != before:
@@ -192,9 +212,40 @@ class ShmemFile:
             msg = f"{self.name}: changed during its own get_pages (callers must serialize)"
             warn_on(True, msg)
             raise Einval(msg=msg)
+        return pfns
+
+    def _swapin_all(self, gfp: Gfp) -> None:
+        """Bring back an object whose pages are all in swap (the evicted state)."""
+        slots = self._pages.tolist()
+        pfns = self._alloc_frames(len(slots), gfp)
+        self._read_swap(pfns, slots, pfns)
+        self._pages = array("q", pfns)
+        self._raw_slots = False
+        self.nr_resident = len(pfns)
+        self.nr_swapped = 0
+        self.swap.free_slots(slots)
+
+    def _read_swap(self, pfns: list[int], slots: list[int], new_frames: list[int]) -> None:
+        """Read ``slots`` into the frames ``pfns``; on error free ``new_frames`` (all the
+        frames this call allocated) and re-raise, leaving the slots as they were."""
         phys = self.allocator.physmem
+        read = self.swap.read_slots_into
         try:
-            swap_pfns, slots, zero_pfns = [], [], []
+            for pfn, slot, n in _paired_runs(pfns, slots):
+                read(slot, phys.frames_view(pfn, n))
+        except KernelError:
+            self.allocator.free_pages(new_frames)
+            raise
+
+    def _populate(self, indices, gfp: Gfp) -> None:
+        """Make the pages ``indices`` resident; the entries are in encoded form."""
+        pages = self._pages
+        nr = len(indices)
+        pfns = self._alloc_frames(nr, gfp)
+        swap_pfns, slots, zero_pfns = [], [], []
+        if self.nr_swapped == 0:
+            zero_pfns = pfns
+        else:
             for i, pfn in zip(indices, pfns):
                 e = pages[i]
                 if e == UNPOPULATED:
@@ -202,15 +253,10 @@ class ShmemFile:
                 else:
                     swap_pfns.append(pfn)
                     slots.append(-2 - e)
-            if slots:
-                read = self.swap.read_slots_into
-                for pfn, slot, n in _paired_runs(swap_pfns, slots):
-                    read(slot, phys.frames_view(pfn, n))
-            if zero_pfns:
-                phys.zero_frames(zero_pfns)
-        except KernelError:
-            self.allocator.free_pages(pfns)
-            raise
+        if slots:
+            self._read_swap(swap_pfns, slots, pfns)
+        if zero_pfns:
+            self.allocator.physmem.zero_frames(zero_pfns)
         if nr == len(pages):
             self._pages = array("q", pfns)
         else:
@@ -256,10 +302,14 @@ class ShmemFile:
             self.swap.free_slots(slots)
             raise
         if whole:
-            self._pages = array("q", [-2 - s for s in slots])
+            self._pages = array("q", slots)
+            self._raw_slots = True
         else:
             for i, s in zip(indices, slots):
                 pages[i] = -2 - s
+            if self.nr_swapped + nr == len(pages):
+                self._pages = array("q", [-2 - e for e in pages])
+                self._raw_slots = True
         self.nr_resident = 0
         self.nr_swapped += nr
         self.allocator.free_pages(pfns)
@@ -276,9 +326,13 @@ class ShmemFile:
         pages = self._pages
         if self.nr_resident == 0 and self.nr_swapped == 0:
             return 0
-        pfns = [e for e in pages if e >= 0]
-        slots = [-2 - e for e in pages if e < UNPOPULATED]
+        if self._raw_slots:
+            pfns, slots = [], pages.tolist()
+        else:
+            pfns = [e for e in pages if e >= 0]
+            slots = [-2 - e for e in pages if e < UNPOPULATED]
         self._pages = array("q", [UNPOPULATED]) * len(pages)
+        self._raw_slots = False
         self.nr_resident = 0
         self.nr_swapped = 0
         if pfns:
@@ -302,9 +356,11 @@ class ShmemFile:
     def _span(self, offset: int, n: int, what: str):
         if offset < 0 or n < 0 or offset + n > self.size:
             raise Einval(msg=f"{self.name}: {what} of {n} bytes at {offset} beyond {self.size}")
-        pages = self._pages
         first = offset >> PAGE_SHIFT
         last = (offset + n - 1) >> PAGE_SHIFT
+        if self.nr_resident == len(self._pages):
+            return first, last
+        pages = self._entries()
         for i in range(first, last + 1):
             if pages[i] < 0:
                 state = self.page_state(i)[0]

@@ -36,7 +36,7 @@ from dataclasses import dataclass, replace
 
 from gemu.guest.errors import Einval, Eio, Enospc, warn_on
 from gemu.guest.kernel import runtime
-from gemu.guest.mm.page_alloc import PAGE_SHIFT, PAGE_SIZE
+from gemu.guest.mm.page_alloc import PAGE_SHIFT, PAGE_SIZE, update_states
 
 _FREE = 0
 _USED = 1
@@ -248,13 +248,12 @@ class SwapDevice:
             got = free[len(free) - nr :]
             del free[len(free) - nr :]
             got.reverse()
-            st = self._state
-            for s in got:
-                st[s] = _USED
+            got = got.tolist()
+            update_states(self._state, got, _FREE, _USED)
             used = self.nr_slots - len(free)
             if used > self._stats.high_water:
                 self._stats.high_water = used
-            return got.tolist()
+            return got
 
     def free_slot(self, slot: int) -> None:
         """Kernel: swap_free() [mm/swapfile.c]"""
@@ -272,16 +271,8 @@ class SwapDevice:
         if not slots:
             return
         with self._lock:
-            st = self._state
-            nr_slots = self.nr_slots
-            for i, s in enumerate(slots):
-                if not 0 <= s < nr_slots or st[s] != _USED:
-                    for t in slots[:i]:
-                        st[t] = _USED
-                    break
-                st[s] = _FREE
-            else:
-                self._free.extend(reversed(slots))
+            if update_states(self._state, slots, _USED, _FREE):
+                self._free.fromlist(list(slots[::-1]))
                 return
         problems, good, seen = [], [], set()
         for s in slots:

@@ -166,6 +166,42 @@ def test_swap_read_error_keeps_the_pages_in_swap(mm):
     f.release()
 
 
+def test_read_error_with_mixed_pages_frees_every_new_frame(mm):
+    """A file with one swapped and one never-touched page: a read error while making both
+    resident frees both new frames (the zero-filled one too) and leaves the file as it was."""
+    alloc, swap = mm
+    f = ShmemFile(alloc, swap, 2 * PAGE_SIZE)
+    f.get_page(0)
+    f.write(0, b"kept")
+    f.writeout()
+    swap.inject(read_errors=1)
+    with pytest.raises(Eio):
+        f.get_pages()
+    assert alloc.nr_used == 0
+    assert f.page_state(0)[0] == "swapped" and f.page_state(1) == ("unpopulated", None)
+    f.get_pages()
+    assert f.read(0, 4) == b"kept"
+    f.release()
+
+
+def test_whole_evicted_file_reports_its_slots(mm):
+    """An evicted file (every page in swap) reports each page's slot, and single-page access
+    to it works as for any other file."""
+    alloc, swap = mm
+    f = ShmemFile(alloc, swap, 3 * PAGE_SIZE)
+    f.get_pages()
+    f.write(PAGE_SIZE, b"mid")
+    f.writeout()
+    states = [f.page_state(i) for i in range(3)]
+    assert [s for s, _ in states] == ["swapped"] * 3
+    assert all(swap.is_allocated(slot) for _, slot in states)
+    f.get_page(1)
+    assert f.read(PAGE_SIZE, 3) == b"mid" and f.swapped_pages == 2
+    with pytest.raises(Efault, match="page 0, which is swapped"):
+        f.read(0, 1)
+    f.release()
+
+
 def test_full_swap_is_enospc_and_changes_nothing(mm):
     """writeout needs a slot for every resident page: without enough it raises -ENOSPC and
     the pages stay resident."""
