@@ -3,6 +3,18 @@
 # the pyproject.toml it was made from, so a changed dependency list reinstalls.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# gdb-multiarch: the debugger users attach to the device model; the gdb tests drive it.
+if ! command -v gdb-multiarch >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "setup: installing gdb-multiarch with apt-get" >&2
+        apt-get update -qq >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gdb-multiarch >/dev/null
+    else
+        echo "setup: gdb-multiarch is missing; install it (apt-get install gdb-multiarch) as root" >&2
+        exit 1
+    fi
+fi
 PY=${PYTHON:-python3}
 stamp=.venv/.gemu-setup
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
