@@ -10,6 +10,7 @@ import pytest
 from gemu.device.abi import packets as pk
 from gemu.device.abi import regs
 from gemu.device.abi.enums import CpError, CpState, Irq, Opcode, PacketFlags, WaitFunc
+from gemu.device.abi.protocol import MAX_DMA
 from gemu.device.abi.regs import IB_MAX_DEPTH
 from tests.support.device_rig import DATA, RING_BASE, RING_SIZE, Rig
 
@@ -459,3 +460,50 @@ def test_wait_functions(rig, func, value, ref, holds):
     rig.submit(pk.wait_mem(0x9000, ref, mask=0xFF, function=func, phys=True))
     rig.gpu.run(1)
     assert (rig.gpu.cp_state() is CpState.IDLE) == holds
+
+
+def test_jobs_over_in_band_memory():
+    """The same jobs run when guest memory is reached through DMA messages (no mapping)."""
+    from gemu.device.gpu import Gpu
+    from gemu.device.memory import InBandMemory
+    from tests.support.pagetable import PageTable
+
+    ram = bytearray(8 << 20)
+    dma = []
+
+    def read(pa, n):
+        dma.append(n)
+        return bytes(ram[pa : pa + n])
+
+    def write(pa, data):
+        ram[pa : pa + len(data)] = data
+
+    mem = InBandMemory(len(ram), read, write)
+    gpu = Gpu(stepped=True)
+    gpu.attach_memory(mem)
+    t = PageTable(mem, 0x100000, 0x200000)
+    t.map(VA, 0x400000, 0x3000, write=True)
+    t.map(IB_VA, 0x500000, 0x1000, exec=True)
+    for name, value in (("TRANSTAB_LO", t.root), ("TRANSCFG", 1), ("COMMAND", 1)):
+        gpu.mmio_write(regs.as_reg(1, name).offset, value)
+    body = pk.fill(VA, 0x2000, 0x01020304) + pk.crc32(VA, 0x2000, VA + 0x2000)
+    mem.write(0x500000, body)
+    for reg, value in ((regs.RING_BASE_LO, RING_BASE), (regs.RING_SIZE, RING_SIZE)):
+        gpu.mmio_write(reg.offset, value)
+    gpu.mmio_write(regs.CP_CONTROL.offset, 1)
+
+    def submit(at, data):
+        for i in range(len(data)):
+            ram[RING_BASE + (at + i) % RING_SIZE] = data[i]
+        gpu.mmio_write(regs.RING_TAIL.offset, (at + len(data)) % RING_SIZE)
+        gpu.mmio_write(regs.RING_DOORBELL.offset, 1)
+        while gpu.has_work():
+            gpu.run(100)
+
+    submit(0, pk.nop((RING_SIZE - 12) // 4 - 1))  # the next job wraps around the end
+    job = pk.set_as(1) + pk.indirect_buffer(IB_VA, len(body) // 4)
+    submit(RING_SIZE - 12, job + pk.fence(FENCE, 5, irq=True, phys=True))
+    assert gpu.cp_state() is CpState.IDLE, gpu.debug_read(regs.CP_ERROR.offset)
+    assert mem.read_u32(0x400000 + 0x2000) == zlib.crc32(bytes([4, 3, 2, 1]) * 0x800)
+    assert mem.read_u64(FENCE) == 5
+    assert dma and max(dma) <= MAX_DMA
