@@ -387,6 +387,8 @@ class CommandProcessor:
                     if flags & ~_FLAGS[op]:
                         raise CpStop(CpError.BAD_FLAGS, f"flags {flags:#x} for {Opcode(op).name}")
                     if head + nbytes <= rmask + 1:
+                        if pc + nbytes > memsize:
+                            raise BusError(pc, nbytes)
                         buf = mv if mv is not None else mem.read(pc, nbytes)
                         off = pc + 4 if mv is not None else 4
                     else:  # the packet wraps around the end of the ring

@@ -292,6 +292,20 @@ def test_ring_outside_memory_is_bus_error():
     expect_error(rig, CpError.BUS_ERROR, 0, 2 << 20)
 
 
+def test_ring_packet_running_out_of_memory_is_bus_error():
+    """A ring reaching past guest memory: a packet whose body lies outside is a BUS_ERROR."""
+    rig = Rig(mem_size=1 << 20)
+    base = (1 << 20) - 4096
+    rig.start_ring(base=base, size=8192)  # the second half lies outside guest memory
+    rig.submit(pk.nop(1022))  # 4092 bytes: the next header is the last dword of memory
+    rig.drain()
+    rig.buf[-4:] = pk.fence(FENCE, 1, phys=True)[:4]
+    rig.w(regs.RING_TAIL, 4092 + 20)
+    rig.w(regs.RING_DOORBELL, 1)
+    rig.drain()
+    expect_error(rig, CpError.BUS_ERROR, Opcode.FENCE, base + 4092)
+
+
 def test_no_memory(rig):
     """With guest memory detached, pending work stops with NO_MEMORY."""
     rig.put(pk.nop())
