@@ -64,6 +64,7 @@ log = logging.getLogger("gemu.device.client")
 _HDR = p.HEADER_FAST
 _PAIR = p.REG_READ_REQ_FAST
 _REG1 = struct.Struct("<III")
+_READ1_REPLY = struct.Struct("<HHIIIIII")  # header + offset, count, value
 _REPLY = int(p.MsgFlags.REPLY)
 _ERROR = int(p.MsgFlags.ERROR)
 _NO_REPLY = int(p.MsgFlags.NO_REPLY)
@@ -206,8 +207,9 @@ class DeviceClient:
         self.max_message = p.MAX_MESSAGE
         self.posted_errors: deque[DeviceError] = deque(maxlen=64)
         self._send_lock = threading.Lock()
+        self._role = threading.Lock()  # held by the thread that reads the connection
         self._cond = threading.Condition(threading.Lock())
-        self._reading = False
+        self._sleepers = 0  # threads waiting on _cond (changed under it)
         self._replies: dict[int, tuple[int, int, int, bytes]] = {}
         self._waiting: set[int] = set()
         self._gone: DeviceGone | None = None
@@ -222,6 +224,12 @@ class DeviceClient:
         self._end = 0
         self._service: threading.Thread | None = None
         self._closed = False
+        if isinstance(conn, link.SocketConnection):
+            self._raw_send = conn.sock.sendall
+            self._raw_recv = conn.sock.recv_into
+        else:
+            self._raw_send = conn.sendall
+            self._raw_recv = conn.recv_into
         self.counters = dict(requests=0, irqs=0, irqs_dropped=0, dma_served=0, dma_bytes=0)
 
     @classmethod
@@ -272,7 +280,32 @@ class DeviceClient:
 
     def readl(self, offset: int) -> int:
         """Read one register (a round trip)."""
-        return _REG1.unpack(self._call(_REG_READ, _PAIR.pack(offset, 1)))[2]
+        self.counters["requests"] += 1
+        role = self._role
+        if not role.acquire(False):
+            msg_id = self._send_request(_REG_READ, _PAIR.pack(offset, 1), None, False)
+            reply = self._wait_reply(msg_id)
+            return _REG1.unpack(self._check_reply(_REG_READ, msg_id, reply))[2]
+        try:
+            # the hot path: nothing buffered, and the next frame is our reply, whole
+            msg_id = self._send_request(_REG_READ, _PAIR.pack(offset, 1), None, True)
+            if self._start == self._end:
+                try:
+                    n = self._raw_recv(self._view)
+                except (OSError, ValueError) as exc:
+                    raise self._lost(f"reading from the device failed: {exc}") from None
+                if n == 28:
+                    r_id, _, size, flags, _, _, _, value = _READ1_REPLY.unpack_from(self._buf)
+                    if r_id == msg_id and flags == _REPLY and size == 28:
+                        self._waiting.discard(msg_id)
+                        return value
+                elif not n:
+                    raise self._lost("the device closed the connection")
+                self._end = n
+            reply = self._read_reply(msg_id)
+        finally:
+            self._release_role()
+        return _REG1.unpack(self._check_reply(_REG_READ, msg_id, reply))[2]
 
     def readl_many(self, offset: int, count: int) -> list[int]:
         """Read ``count`` consecutive registers in one round trip."""
@@ -379,30 +412,28 @@ class DeviceClient:
         """The oldest IRQ message not yet taken, waiting up to ``timeout`` seconds for one
         (None: forever). None on timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        cond = self._cond
-        with cond:
-            while True:
-                if self._irqs:
-                    return self._irqs.popleft()
-                if self._gone is not None:
-                    raise self._gone
-                if not self._reading:
-                    self._reading = True
-                    break
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    return None
-                cond.wait(left)
-        try:
-            while True:
-                self._read_some(deadline)
-                with cond:
+        while True:
+            if self._irqs:
+                with self._cond:
                     if self._irqs:
                         return self._irqs.popleft()
-                if deadline is not None and time.monotonic() >= deadline:
+            if self._gone is not None:
+                raise self._gone
+            if self._role.acquire(False):
+                try:
+                    while not self._irqs:
+                        self._read_some(deadline)
+                        if deadline is not None and time.monotonic() >= deadline:
+                            break
+                finally:
+                    self._release_role()
+                if not self._irqs:
                     return None
-        finally:
-            self._release_role()
+                continue
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return None
+            self._sleep(lambda: bool(self._irqs), left)
 
     def drain_irqs(self) -> list[IrqEvent]:
         """Every queued IRQ message, without waiting."""
@@ -454,19 +485,17 @@ class DeviceClient:
             if fds:
                 self.conn.send_fds(data, fds)
             else:
-                self.conn.sendall(data)
+                self._raw_send(data)
         except link.TransportError:
             raise
         except OSError as exc:
             raise _SendFailed(f"sending to the device failed: {exc}") from None
 
-    def _salvage(self) -> None:
+    def _salvage(self, *, role_held: bool) -> None:
         """After a failed send, handle what the device sent before it closed (if nobody else
         is reading): typically the frame that refused the connection."""
-        with self._cond:
-            if self._reading:
-                return
-            self._reading = True
+        if not role_held and not self._role.acquire(False):
+            return
         try:
             while self._fill(block=False):
                 self._handle_buffered()
@@ -474,13 +503,18 @@ class DeviceClient:
         except DeviceGone:
             pass
         finally:
-            self._release_role()
+            if not role_held:
+                self._release_role()
 
-    def _call(self, command: int, payload: bytes = b"", *, fds: list[int] | None = None) -> bytes:
-        """Send a request and return its reply payload (DeviceError on an error reply)."""
+    def _send_request(
+        self, command: int, payload: bytes, fds: list[int] | None, role_held: bool
+    ) -> int:
+        """Send a request that expects a reply; return its msg_id."""
+        if self._gone is not None:
+            raise self._gone
         try:
             with self._send_lock:
-                msg_id = self._new_id()
+                self._next_id = msg_id = self._next_id % 0xFFFF + 1
                 self._waiting.add(msg_id)
                 try:
                     self._send(_HDR.pack(msg_id, command, 16 + len(payload), 0, 0) + payload, fds)
@@ -488,10 +522,27 @@ class DeviceClient:
                     self._waiting.discard(msg_id)
                     raise
         except _SendFailed as exc:
-            self._salvage()  # the device may have said why before it hung up
+            self._salvage(role_held=role_held)  # the device may have said why it hung up
             raise self._lost(str(exc)) from None
+        return msg_id
+
+    def _call(self, command: int, payload: bytes = b"", *, fds: list[int] | None = None) -> bytes:
+        """Send a request and return its reply payload (DeviceError on an error reply)."""
         self.counters["requests"] += 1
-        r_command, flags, error, data = self._wait_reply(msg_id)
+        if self._role.acquire(False):
+            try:
+                msg_id = self._send_request(command, payload, fds, True)
+                reply = self._read_reply(msg_id)
+            finally:
+                self._release_role()
+        else:
+            msg_id = self._send_request(command, payload, fds, False)
+            reply = self._wait_reply(msg_id)
+        return self._check_reply(command, msg_id, reply)
+
+    @staticmethod
+    def _check_reply(command: int, msg_id: int, reply: tuple[int, int, int, bytes]) -> bytes:
+        r_command, flags, error, data = reply
         if flags & _ERROR:
             raise DeviceError(error, data.decode("utf-8", "replace"), _command_name(command))
         if r_command != command:
@@ -502,48 +553,67 @@ class DeviceClient:
             )
         return data
 
+    def _read_reply(self, msg_id: int) -> tuple[int, int, int, bytes]:
+        """With the reader role: read until the reply to ``msg_id``, stashing others'."""
+        try:
+            reply = self._replies.pop(msg_id, None)
+            while reply is None:
+                r_id, r = self._next_reply()
+                if r_id == msg_id:
+                    reply = r
+                else:
+                    with self._cond:
+                        self._replies[r_id] = r
+                        self._cond.notify_all()
+            return reply
+        finally:
+            self._waiting.discard(msg_id)
+
     def _wait_reply(self, msg_id: int) -> tuple[int, int, int, bytes]:
-        cond = self._cond
-        with cond:
+        """Without the reader role: wait for another reader to stash the reply, or for the
+        role to come free and read it ourselves."""
+        try:
             while True:
                 reply = self._replies.pop(msg_id, None)
                 if reply is not None:
-                    self._waiting.discard(msg_id)
                     return reply
                 if self._gone is not None:
-                    self._waiting.discard(msg_id)
                     raise self._gone
-                if not self._reading:
-                    self._reading = True
-                    break
-                cond.wait()
-        try:
-            while True:
-                r_id, reply = self._next_reply()
-                if r_id == msg_id:
-                    self._waiting.discard(msg_id)
-                    return reply
-                with cond:
-                    self._replies[r_id] = reply
-                    cond.notify_all()
-        except DeviceGone:
-            self._waiting.discard(msg_id)
-            raise
+                if self._role.acquire(False):
+                    try:
+                        return self._read_reply(msg_id)
+                    finally:
+                        self._release_role()
+                self._sleep(lambda: msg_id in self._replies)
         finally:
-            self._release_role()
+            self._waiting.discard(msg_id)
+
+    def _sleep(self, ready: Callable[[], bool], timeout: float | None = None) -> None:
+        """Wait until ``ready()``, the reader role is free, the connection is gone or the
+        timeout passes (the reader notifies under the condition)."""
+        with self._cond:
+            self._sleepers += 1
+            try:
+                if not ready() and self._gone is None and self._role.locked():
+                    self._cond.wait(timeout)
+            finally:
+                self._sleepers -= 1
 
     def _release_role(self) -> None:
-        with self._cond:
-            self._reading = False
-            callbacks, self._callbacks = self._callbacks, []
-            self._cond.notify_all()
-        handler = self.on_irq
-        if handler is not None:
-            for event in callbacks:
-                try:
-                    handler(event)
-                except Exception:
-                    log.exception("on_irq handler failed")
+        self._role.release()
+        if self._sleepers:
+            with self._cond:
+                self._cond.notify_all()
+        if self._callbacks:
+            with self._cond:
+                callbacks, self._callbacks = self._callbacks, []
+            handler = self.on_irq
+            if handler is not None:
+                for event in callbacks:
+                    try:
+                        handler(event)
+                    except Exception:
+                        log.exception("on_irq handler failed")
 
     def _lost(self, why: str) -> DeviceGone:
         with self._cond:
@@ -601,7 +671,10 @@ class DeviceClient:
         if self._end == len(self._buf):
             self._make_room(1)
         try:
-            n = self.conn.recv_into(self._view[self._end :], block=block)
+            if block:
+                n = self._raw_recv(self._view[self._end :])
+            else:
+                n = self.conn.recv_into(self._view[self._end :], block=False)
         except TimeoutError:
             raise self._lost(f"no data from the device within {self.reply_timeout} s") from None
         except (OSError, ValueError) as exc:
@@ -732,25 +805,20 @@ class DeviceClient:
             self._reply(_HDR.pack(msg_id, command, 16 + len(out), _REPLY, 0) + out)
 
     def _service_loop(self, interval: float) -> None:
-        cond = self._cond
         while not self._closed and self._gone is None:
             fd = self.conn.fileno()
-            if fd is None:
-                ready = True
-            else:
+            if fd is not None:
                 try:
-                    ready = bool(select.select([fd], (), (), interval)[0])
+                    if not select.select([fd], (), (), interval)[0]:
+                        continue
                 except (OSError, ValueError):
                     return
-            if not ready:
+            if not self._role.acquire(False):
+                # a caller is reading and handles what came in; wait until it is done
+                self._sleep(lambda: False, interval)
                 continue
-            with cond:
-                if self._reading:
-                    cond.wait(interval)  # a caller is reading; it handles what came in
-                    continue
-                self._reading = True
             try:
-                self._read_some(time.monotonic() if fd is not None else time.monotonic() + 0.01)
+                self._read_some(time.monotonic() + (0 if fd is not None else 0.01))
             except DeviceGone:
                 return
             except Exception:

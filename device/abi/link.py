@@ -127,6 +127,7 @@ class Connection:
 
     name = "connection"
     supports_fds = False
+    accept_fds = False  # collect descriptors that come with the data (see take_fds)
 
     def sendall(self, data: bytes | bytearray | memoryview) -> None:
         raise NotImplementedError
@@ -173,14 +174,15 @@ class Connection:
 
 
 class SocketConnection(Connection):
-    """A connected stream socket. With ``accept_fds`` (UNIX only) every read collects
-    SCM_RIGHTS descriptors, which :meth:`take_fds` hands out."""
+    """A connected stream socket. While ``accept_fds`` is set (UNIX only) every read collects
+    SCM_RIGHTS descriptors, which :meth:`take_fds` hands out; otherwise the kernel drops
+    descriptors that come with the data, and reads are a little cheaper."""
 
     def __init__(self, sock: socket.socket, name: str, *, accept_fds: bool = False) -> None:
         self.sock = sock
         self.name = name
         self.supports_fds = sock.family == socket.AF_UNIX
-        self._accept_fds = accept_fds and self.supports_fds
+        self.accept_fds = accept_fds and self.supports_fds
         self._fds: list[int] = []
         self._closed = False
         if sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -199,7 +201,7 @@ class SocketConnection(Connection):
     def recv_into(self, view: memoryview, *, block: bool = True) -> int | None:
         flags = 0 if block else socket.MSG_DONTWAIT
         try:
-            if not self._accept_fds:
+            if not self.accept_fds:
                 return self.sock.recv_into(view, len(view), flags)
             n, ancdata, _msg_flags, _addr = self.sock.recvmsg_into([view], _CMSG_SPACE, flags)
         except (BlockingIOError, InterruptedError):

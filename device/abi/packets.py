@@ -38,6 +38,7 @@ HEADER = Struct(
 )
 HEADER_FAST = struct.Struct("<BBH")
 MAX_LENGTH = 0xFFFF
+NO_FLAGS = PacketFlags(0)
 
 
 def _u64(name: str) -> tuple:
@@ -189,7 +190,7 @@ _FAST = {op: f for op, body in BODIES.items() if (f := _fast_format(body)) is no
 # --- builders ----------------------------------------------------------------------------
 
 
-def header(opcode: Opcode, length: int, flags: PacketFlags = PacketFlags(0)) -> bytes:
+def header(opcode: Opcode, length: int, flags: PacketFlags = NO_FLAGS) -> bytes:
     if not 0 <= length <= MAX_LENGTH:
         raise ValueError(f"packet length must be 0..{MAX_LENGTH} dwords, not {length!r}")
     return HEADER_FAST.pack(int(opcode), int(flags), length)
@@ -201,7 +202,7 @@ def _lohi(v: int) -> tuple[int, int]:
     return v & 0xFFFFFFFF, v >> 32
 
 
-def build(opcode: Opcode, flags: PacketFlags = PacketFlags(0), **fields) -> bytes:
+def build(opcode: Opcode, flags: PacketFlags = NO_FLAGS, **fields) -> bytes:
     """Build any packet from its body fields (64-bit fields may be passed whole: ``addr=``)."""
     body_def = BODIES[opcode]
     values: dict = {}

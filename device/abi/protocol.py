@@ -127,14 +127,14 @@ VERSION_REPLY = Struct(
     "name" / GreedyBytes,
 )
 REG_READ_REQ = Struct("offset" / Int32ul, "count" / Int32ul)
-REG_READ_REPLY = Struct(
-    "offset" / Int32ul, "count" / Int32ul, "values" / Bytes(this.count * 4)
-)
+REG_READ_REPLY = Struct("offset" / Int32ul, "count" / Int32ul, "values" / Bytes(this.count * 4))
 REG_WRITE_REQ = Struct("offset" / Int32ul, "value" / Int32ul)
 IRQ_MSG = Struct(
     "level" / Int32ul, "irq_status" / Int32ul, "mmu_int_stat" / Int32ul, "sequence" / Int32ul
 )
-MEM_MAP_REQ = Struct("base" / Int64ul, "size" / Int64ul, "flags" / Int32ul, "reserved" / Const(0, Int32ul))
+MEM_MAP_REQ = Struct(
+    "base" / Int64ul, "size" / Int64ul, "flags" / Int32ul, "reserved" / Const(0, Int32ul)
+)
 DMA_READ_REQ = Struct("addr" / Int64ul, "size" / Int32ul)
 DMA_READ_REPLY = Struct("addr" / Int64ul, "size" / Int32ul, "data" / Bytes(this.size))
 DMA_WRITE_REQ = Struct("addr" / Int64ul, "size" / Int32ul, "data" / Bytes(this.size))
@@ -146,7 +146,9 @@ STEP_REPLY = Struct(
 CLOCK_MODE_REQ = Struct("mode" / Int32ul)
 MEM_READ_REQ = Struct("space" / Int32ul, "size" / Int32ul, "addr" / Int64ul)
 MEM_READ_REPLY = Struct("addr" / Int64ul, "size" / Int32ul, "data" / Bytes(this.size))
-MEM_WRITE_REQ = Struct("space" / Int32ul, "size" / Int32ul, "addr" / Int64ul, "data" / Bytes(this.size))
+MEM_WRITE_REQ = Struct(
+    "space" / Int32ul, "size" / Int32ul, "addr" / Int64ul, "data" / Bytes(this.size)
+)
 STATS_REPLY = Struct("json" / GreedyBytes)
 
 # Payload of each request and of its successful reply. None: empty payload.
@@ -260,7 +262,9 @@ def parse_payload(fmt: Struct | None, command: int, payload: bytes, *, reply: bo
     what = f"{name} {'reply' if reply else 'request'}"
     if fmt is None:
         if payload:
-            raise FrameError(ProtoError.EBADMSG, f"{what} takes no payload, got {len(payload)} bytes")
+            raise FrameError(
+                ProtoError.EBADMSG, f"{what} takes no payload, got {len(payload)} bytes"
+            )
         return None
     try:
         obj = fmt.parse(payload)

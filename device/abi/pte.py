@@ -112,5 +112,7 @@ def describe(entry: int) -> str:
     """Human-readable form of an entry, for dumps and the debugger."""
     if not entry & VALID:
         return "invalid"
-    perms = "".join(c if entry & bit else "-" for c, bit in (("r", READ), ("w", WRITE), ("x", EXEC)))
+    perms = "".join(
+        c if entry & bit else "-" for c, bit in (("r", READ), ("w", WRITE), ("x", EXEC))
+    )
     return f"{entry_type(entry).name.lower()} {address(entry):#x} {perms}"

@@ -323,7 +323,12 @@ MMU_INT_CLEAR = Register(
     block="MMU",
 )
 MMU_INT_MASK = Register(
-    "MMU_INT_MASK", 0x1008, Access.RW, 0, "Fault bits allowed to raise Irq.MMU.", _mmu_int_fields,
+    "MMU_INT_MASK",
+    0x1008,
+    Access.RW,
+    0,
+    "Fault bits allowed to raise Irq.MMU.",
+    _mmu_int_fields,
     block="MMU",
 )
 MMU_INT_STAT = Register(

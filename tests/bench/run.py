@@ -39,7 +39,16 @@ def fmt(v: float) -> str:
 
 
 def table(rows: list[Row]) -> str:
-    head = ("issue", "benchmark", "value", "unit", "limit (same run)", "limit value", "ratio", "aim")
+    head = (
+        "issue",
+        "benchmark",
+        "value",
+        "unit",
+        "limit (same run)",
+        "limit value",
+        "ratio",
+        "aim",
+    )
     lines = [head]
     for r in rows:
         lines.append(

@@ -40,13 +40,17 @@ def _imports(path: Path, module: str) -> set[str]:
 def test_every_package_is_listed_in_pyproject():
     """Each folder with an __init__.py under device/, guest/ and host/ is a listed package,
     so a wheel (not only an editable install) carries all of gemu."""
-    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    listed = set(
+        tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
     found = set()
     for top, pkg in TOPS.items():
         for init in (ROOT / top).rglob("__init__.py"):
             rel = init.parent.relative_to(ROOT / top).parts
             found.add(".".join([pkg, *rel]))
-    assert found == listed, f"pyproject packages differ: missing {found - listed}, stale {listed - found}"
+    assert found == listed, (
+        f"pyproject packages differ: missing {found - listed}, stale {listed - found}"
+    )
 
 
 def test_guest_imports_only_the_published_device_interface():
