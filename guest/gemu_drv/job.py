@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from gemu.guest.dma_buf import dma_fence, dma_resv
 from gemu.guest.dma_buf.dma_resv import DmaResvUsage
-from gemu.guest.drm import drm_exec
+from gemu.guest.drm import drm_exec, gem_shmem
 from gemu.guest.drm import sched as drm_sched
 from gemu.guest.errors import Einval, KernelError
 
@@ -129,13 +129,13 @@ def validate_bo(drv: GemuDriver, job: GemuJob, ref: BoRef) -> None:
     bo = ref.bo
     obj = bo.obj
     dma_resv.assert_held(obj.resv)
-    if drv.shmem.is_purged(obj):
+    if obj.madv < 0:
         raise Einval(
             msg=f"BO {bo.name} was purged by the shrinker (madvise DONTNEED): its contents are "
             "gone, it cannot be used by a job"
         )
-    drv.shmem.swapin_locked(obj)
-    pfns = drv.shmem.pages_sgt_locked(obj)
+    gem_shmem.swapin_locked(obj)
+    pfns = gem_shmem.get_pages_sgt_locked(obj).pfns
     mapping = bo.mapping(job.vm)
     if mapping is None:
         raise Einval(msg=f"BO {bo.name} is not bound in this file's GPU VM (vm_bind it first)")

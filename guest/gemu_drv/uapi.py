@@ -126,25 +126,6 @@ class JobFence:
         return f"<JobFence {self.seqno} {'signaled' if self.signaled else 'pending'}>"
 
 
-class ShmemHelper:
-    """The driver's view of the GEM shmem helper (v19 API), in one place."""
-
-    m = None
-
-    def __init__(self) -> None:
-        self.m = gem_shmem
-
-    def is_purged(self, obj) -> bool:
-        return obj.madv < 0
-
-    def swapin_locked(self, obj) -> None:
-        gem_shmem.swapin_locked(obj)
-
-    def pages_sgt_locked(self, obj) -> Sequence[int]:
-        """Frame numbers of the BO's pages in order (from its sg table)."""
-        return gem_shmem.get_pages_sgt_locked(obj).pfns
-
-
 class AllocatorFrames:
     """Kernel memory (page tables, ring, fence page) from the page allocator."""
 
@@ -197,7 +178,6 @@ class GemuDriver:
         self.dev = dev
         self.frames = frames or AllocatorFrames(dev.allocator)
         self.gpu = GemuGpu(bus, self.frames, name=name)
-        self.shmem = ShmemHelper()
         self.order = SubmitOrder.CORRECT
         self.timeout_ns = timeout_ns
         self.hooks = SubmitHooks()
@@ -281,7 +261,7 @@ class GemuDriver:
         bo = GemuBo(obj, self._bo_serial, name)
         self.bos[id(obj)] = bo
         try:
-            self.shmem.m.get_pages(obj)
+            gem_shmem.get_pages(obj)
         except BaseException:
             gem.put(obj)
             raise
@@ -344,6 +324,40 @@ class GemuDriver:
         drm_sched.start(sched, 0)
         return drm_sched.DrmGpuSchedStat.RESET
 
+    def cpu_access(self, bo: GemuBo, offset: int, size: int, data: bytes | None) -> bytes:
+        """Read (``data`` None) or write a BO through its CPU mapping.
+
+        Kernel: drm_gem_shmem_fault() behind the mmap: the fault swaps an evicted BO in
+        (or raises SIGBUS when it was purged); the copy then runs with the resv held, so the
+        shrinker cannot take the frames in the middle of it (it would zap the mapping and the
+        access would fault again, which is the retry here).
+        """
+        obj = bo.obj
+        if offset < 0 or size < 0 or offset + size > obj.size:
+            raise Einval(msg=f"access {offset}+{size} outside {bo.name} ({obj.size} bytes)")
+        mem = self.frames.mem
+        while True:
+            gem_shmem.fault(obj, offset & ~(PAGE_SIZE - 1))  # swap-in; SigBus when purged
+            dma_resv.lock(obj.resv, None)
+            try:
+                pages = obj.pages
+                if pages is None or obj.evicted:
+                    continue  # reclaimed between the fault and the lock: fault again
+                out = bytearray()
+                pos, end = offset, offset + size
+                while pos < end:
+                    page, in_page = divmod(pos, PAGE_SIZE)
+                    k = min(end - pos, PAGE_SIZE - in_page)
+                    pa = (pages[page] << 12) + in_page
+                    if data is None:
+                        out += mem[pa : pa + k]
+                    else:
+                        mem[pa : pa + k] = data[pos - offset : pos - offset + k]
+                    pos += k
+                return bytes(out)
+            finally:
+                dma_resv.unlock(obj.resv)
+
 
 class CmdPool:
     """Command-buffer space of a file: one pinned BO mapped read+exec in the file's VM,
@@ -355,7 +369,7 @@ class CmdPool:
         drv = f.drv
         self.bo = drv.new_bo(size, name=f"{f.name}-cmdpool")
         obj = self.bo.obj
-        drv.shmem.m.pin(obj)
+        gem_shmem.pin(obj)
         self.bo.pinned = True
         self.size = obj.size
         self.va = f.vm.alloc_va(self.size)
@@ -363,7 +377,7 @@ class CmdPool:
         self.bo.mappings.append(m)
         dma_resv.lock(obj.resv, None)
         try:
-            pfns = drv.shmem.pages_sgt_locked(obj)
+            pfns = gem_shmem.get_pages_sgt_locked(obj).pfns
         finally:
             dma_resv.unlock(obj.resv)
         self.pas = [pfn << 12 for pfn in pfns]
@@ -449,31 +463,6 @@ class CpuMap:
         self.file.drv.cpu_access(self.bo, offset, len(data), data)
 
 
-def _cpu_access(drv: GemuDriver, bo: GemuBo, offset: int, size: int, data) -> bytes:
-    obj = bo.obj
-    if offset < 0 or size < 0 or offset + size > obj.size:
-        raise Einval(msg=f"access {offset}+{size} outside {bo.name} ({obj.size} bytes)")
-    m = drv.shmem.m
-    out = bytearray()
-    mem = drv.frames.mem
-    pos = offset
-    end = offset + size
-    while pos < end:
-        page, in_page = divmod(pos, PAGE_SIZE)
-        k = min(end - pos, PAGE_SIZE - in_page)
-        pfn = m.fault(obj, page << 12)  # takes the resv, swaps in; SigBus when purged
-        pa = (pfn << 12) + in_page
-        if data is None:
-            out += mem[pa : pa + k]
-        else:
-            mem[pa : pa + k] = data[pos - offset : pos - offset + k]
-        pos += k
-    return bytes(out)
-
-
-GemuDriver.cpu_access = _cpu_access
-
-
 class GemuFile:
     """An open file of the gemu driver: handles, a GPU VM, a scheduler entity.
 
@@ -536,18 +525,18 @@ class GemuFile:
         Kernel: panfrost_ioctl_madvise() → drm_gem_shmem_madvise().
         """
         bo = self._lookup(handle)
-        return bool(self.drv.shmem.m.madvise(bo.obj, 0 if willneed else 1))
+        return bool(gem_shmem.madvise(bo.obj, 0 if willneed else 1))
 
     def pin(self, handle: int) -> None:
         """Pin the BO's pages (never evicted or purged until unpinned). Kernel:
         drm_gem_shmem_pin()."""
         bo = self._lookup(handle)
-        self.drv.shmem.m.pin(bo.obj)
+        gem_shmem.pin(bo.obj)
         bo.pinned = True
 
     def unpin(self, handle: int) -> None:
         bo = self._lookup(handle)
-        self.drv.shmem.m.unpin(bo.obj)
+        gem_shmem.unpin(bo.obj)
         bo.pinned = False
 
     # -- VM --------------------------------------------------------------------------------
