@@ -156,3 +156,25 @@ def test_wait_mem_semaphore_released_by_the_cpu(f):
     f.wait(fence, 5)
     assert u32(f.read(out, 0, 4)) == 42
     f.unpin(sem)
+
+
+@pytest.mark.parametrize("kind", ["inproc", "spec"])
+def test_machine_with_an_inproc_or_already_running_device(kind):
+    """Machine(device=...) also runs the device on a thread of this process, or connects to
+    a device that is already running (any transport spec); the driver works the same."""
+    from tests.support.device import spawn_device
+
+    def run(device: str) -> None:
+        with Machine(ram_size=8 << 20, swap_size=0, device=device) as m:
+            f = m.open()
+            h = f.create_bo(4096)
+            f.wait(f.submit(pk.fill(f.vm_bind(h), 4096, 0x01010101), bos=[(h, WRITE)]), 5)
+            assert f.read(h, 0, 4096) == b"\x01" * 4096
+            f.close()
+            m.check_clean()
+
+    if kind == "inproc":
+        run("inproc")
+    else:
+        with spawn_device() as dev:
+            run(dev.spec)
