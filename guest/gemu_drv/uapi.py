@@ -183,7 +183,7 @@ class GemuDriver:
         self.hooks = SubmitHooks()
         self.sched: drm_sched.DrmGpuScheduler | None = None
         self.files: list[GemuFile] = []
-        self.bos: dict[int, GemuBo] = {}
+        self.bos: dict[object, GemuBo] = {}  # shmem object -> driver data
         self.funcs = gem_shmem.FUNCS.replace(evict=self._evict, free=self._free)
         self._bo_serial = 0
         self.lock = threading.Lock()
@@ -233,18 +233,18 @@ class GemuDriver:
         """The shrinker's evict callback, wrapped: unmap from every VM (with TLB flush)
         before the helper frees the frames. Kernel: panfrost_gem_evict() / the v19 driver
         evict callback (panfrost_gem_shrinker: panfrost_gem_teardown_mappings_locked)."""
-        bo = self.bos.get(id(obj))
+        bo = self.bos.get(obj)
         if bo is not None:
             self._unmap_all(bo)
         gem_shmem_shrinker.default_evict(obj)
 
     def _free(self, obj) -> None:
         """Kernel: panfrost_gem_free_object() — unmap and give back VA, then the helper's free."""
-        bo = self.bos.pop(id(obj), None)
+        bo = self.bos.pop(obj, None)
         if bo is not None:
             self._unmap_all(bo)
             for m in bo.mappings:
-                m.vm.free_va(m.va)
+                m.vm.free_va(m.va, m.npages * PAGE_SIZE)
             bo.mappings.clear()
             if bo.pinned:
                 gem_shmem.unpin(obj)
@@ -259,7 +259,7 @@ class GemuDriver:
         obj = gem_shmem.create(self.dev, gem.page_align(size), self.funcs)
         self._bo_serial += 1
         bo = GemuBo(obj, self._bo_serial, name)
-        self.bos[id(obj)] = bo
+        self.bos[obj] = bo
         try:
             gem_shmem.get_pages(obj)
         except BaseException:
@@ -492,7 +492,7 @@ class GemuFile:
         if obj is None:
             raise Enoent(msg=f"no BO handle {handle} in {self.name}")
         gem.put(obj)
-        return self.drv.bos[id(obj)]
+        return self.drv.bos[obj]
 
     def create_bo(self, size: int, name: str | None = None) -> int:
         """DRM_IOCTL_GEMU_CREATE_BO: a new shmem BO; returns its handle."""
@@ -569,7 +569,7 @@ class GemuFile:
             if m.mapped:
                 self.vm.unmap_pages(m.va, m.npages)
             bo.mappings.remove(m)
-            self.vm.free_va(m.va)
+            self.vm.free_va(m.va, m.npages * PAGE_SIZE)
         finally:
             dma_resv.unlock(obj.resv)
 
@@ -640,7 +640,7 @@ class GemuFile:
             ref = seen[id(obj)]
             ref.access |= access
             return ref
-        ref = BoRef(self.drv.bos[id(obj)], access)
+        ref = BoRef(self.drv.bos[obj], access)
         refs.append(ref)
         seen[id(obj)] = ref
         return ref

@@ -84,15 +84,15 @@ class FrameSource(Protocol):
 class VaAllocator:
     """First-fit allocator of page-aligned VA ranges. Kernel: struct drm_mm (drm_mm_insert_node).
 
-    Holes are kept sorted by start and coalesced on free. Invariant: holes never overlap and
-    no two holes touch.
+    Only the holes are stored (sorted by start, coalesced on free), so an allocation costs no
+    memory: the caller keeps its range, as a drm_mm_node is embedded in its owner. Invariant:
+    holes never overlap and no two holes touch.
     """
 
     def __init__(self, start: int = VA_START, end: int = VA_END) -> None:
         self.start, self.end = start, end
         self._starts: list[int] = [start]
         self._sizes: list[int] = [end - start]
-        self.allocated: dict[int, int] = {}
 
     def alloc(self, size: int, align: int = PAGE_SIZE) -> int:
         """Reserve ``size`` bytes (rounded up to pages); raise Enospc when no hole fits."""
@@ -108,13 +108,17 @@ class VaAllocator:
 
     def reserve(self, va: int, size: int) -> None:
         """Reserve exactly [va, va+size); raise Ebusy if any of it is taken."""
-        size = _page_round(size)
-        if va % PAGE_SIZE or size <= 0 or va < self.start or va + size > self.end:
-            raise Einval(msg=f"bad VA range {va:#x}+{size:#x}")
+        size = self._check(va, size)
         i = bisect.bisect_right(self._starts, va) - 1
         if i < 0 or va + size > self._starts[i] + self._sizes[i]:
             raise Ebusy(msg=f"GPU VA range {va:#x}+{size:#x} overlaps an existing mapping")
         self._take(i, va, size)
+
+    def _check(self, va: int, size: int) -> int:
+        size = _page_round(size)
+        if va % PAGE_SIZE or size <= 0 or va < self.start or va + size > self.end:
+            raise Einval(msg=f"bad VA range {va:#x}+{size:#x}")
+        return size
 
     def _take(self, i: int, va: int, size: int) -> None:
         hs, hl = self._starts[i], self._sizes[i]
@@ -125,14 +129,14 @@ class VaAllocator:
         if hs < va:
             self._starts.insert(i, hs)
             self._sizes.insert(i, va - hs)
-        self.allocated[va] = size
 
-    def free(self, va: int) -> int:
-        """Give back the range that starts at ``va``; returns its size."""
-        size = self.allocated.pop(va, None)
-        if size is None:
-            raise Einval(msg=f"GPU VA {va:#x} is not the start of an allocated range")
+    def free(self, va: int, size: int) -> None:
+        """Give back [va, va+size); -EINVAL if any of it is not allocated (a double free)."""
+        size = self._check(va, size)
         i = bisect.bisect_left(self._starts, va)
+        prev_end = self._starts[i - 1] + self._sizes[i - 1] if i > 0 else self.start
+        if prev_end > va or (i < len(self._starts) and self._starts[i] < va + size):
+            raise Einval(msg=f"GPU VA range {va:#x}+{size:#x} is not allocated")
         self._starts.insert(i, va)
         self._sizes.insert(i, size)
         if i + 1 < len(self._starts) and va + size == self._starts[i + 1]:
@@ -141,7 +145,6 @@ class VaAllocator:
         if i > 0 and self._starts[i - 1] + self._sizes[i - 1] == va:
             self._sizes[i - 1] += self._sizes.pop(i)
             del self._starts[i]
-        return size
 
     @property
     def free_bytes(self) -> int:
@@ -343,10 +346,11 @@ class GpuVm:
             self.va.reserve(va, size)
             return va
 
-    def free_va(self, va: int) -> None:
-        """Give a VA range back (its pages must already be unmapped)."""
+    def free_va(self, va: int, size: int) -> None:
+        """Give a VA range back (its pages must already be unmapped). Kernel:
+        drm_mm_remove_node."""
         with self.lock:
-            self.va.free(va)
+            self.va.free(va, size)
 
     # -- page tables -------------------------------------------------------------------------
     def _l3_table(self, va: int, create: bool) -> int | None:

@@ -78,24 +78,28 @@ def test_va_allocator_first_fit_coalesces_on_free():
     b = va.alloc(2 * PAGE_SIZE)
     c = va.alloc(PAGE_SIZE)
     assert (a, b, c) == (0x10000, 0x11000, 0x13000)
-    va.free(b)
+    va.free(b, 2 * PAGE_SIZE)
     assert va.alloc(PAGE_SIZE) == 0x11000
-    va.free(a)
-    va.free(0x11000)
-    va.free(c)
+    va.free(a, 1)
+    va.free(0x11000, PAGE_SIZE)
+    va.free(c, PAGE_SIZE)
     assert va.free_bytes == 0x10000 and va._starts == [0x10000]
 
 
 def test_va_allocator_errors_name_the_problem():
-    """Exhaustion is -ENOSPC, overlap on a fixed reservation -EBUSY, a bad free -EINVAL."""
+    """Exhaustion is -ENOSPC, overlap on a fixed reservation -EBUSY, freeing what is not
+    allocated (a double free) -EINVAL."""
     va = VaAllocator(0x10000, 0x12000)
     va.reserve(0x11000, PAGE_SIZE)
     with pytest.raises(Ebusy, match="overlaps"):
         va.reserve(0x11000, PAGE_SIZE)
     with pytest.raises(Enospc, match="no free GPU VA"):
         va.alloc(2 * PAGE_SIZE)
-    with pytest.raises(Einval, match="not the start"):
-        va.free(0x10000)
+    with pytest.raises(Einval, match="is not allocated"):
+        va.free(0x10000, PAGE_SIZE)
+    va.free(0x11000, PAGE_SIZE)
+    with pytest.raises(Einval, match="is not allocated"):
+        va.free(0x11000, PAGE_SIZE)
 
 
 def test_lock_region_is_the_smallest_aligned_power_of_two():
