@@ -103,7 +103,7 @@ class Remaining:
 
 def init(lru: DrmGemLru, lock: Mutex) -> None:
     """Make ``lru`` an empty list guarded by ``lock``. Kernel: drm_gem_lru_init()"""
-    DrmGemLru.__init__(lru, lock, lru.name if hasattr(lru, "name") else "lru")
+    DrmGemLru.__init__(lru, lock, getattr(lru, "name", "lru"))
 
 
 def _unlink(lru: DrmGemLru, obj: DrmGemObject) -> None:
