@@ -203,6 +203,12 @@ class Machine:
                 problems.append(f"shrinker LRUs not empty: {lrus} pages")
         if self.swap is not None and self.swap.nr_used_slots:
             problems.append(f"{self.swap.nr_used_slots} swap slots in use")
+        gpu = self.driver.gpu
+        if gpu.pending:
+            problems.append(f"{len(gpu.pending)} jobs still on the ring")
+        busy = [vm.name for vm in gpu.mmu.slots if vm is not None]
+        if busy:
+            problems.append(f"GPU address spaces still bound: {busy}")
         reports = lockdep.reports()
         if reports:
             problems.append("lockdep: " + "; ".join(r.message for r in reports))
