@@ -178,3 +178,44 @@ def test_machine_with_an_inproc_or_already_running_device(kind):
     else:
         with spawn_device() as dev:
             run(dev.spec)
+
+
+def test_bo_closed_while_a_job_uses_it_lives_until_the_job_is_done(f, machine):
+    """Closing the last handle of a BO a running job uses does not free its frames: the job
+    holds a reference until drm_sched frees it, then the BO goes."""
+    sem, buf = f.create_bo(4096), f.create_bo(4096)
+    f.vm_bind(sem)
+    vb = f.vm_bind(buf)
+    f.pin(sem)
+    cmd = pk.wait_mem(f.va_of(sem), 1, function=WaitFunc.EQ) + pk.fill(vb, 4096, 0x77777777)
+    fence = f.submit(cmd, bos=[(sem, READ), (buf, WRITE)])
+    objects = machine.dev.object_count
+    f.close_bo(buf)
+    assert machine.dev.object_count == objects  # still alive: the job has it
+    f.write(sem, 0, (1).to_bytes(4, "little"))
+    f.wait(fence, 5)
+    f.unpin(sem)
+    f.close_bo(sem)
+
+
+def test_vm_bind_and_unbind_rules(f):
+    """A fixed VA that overlaps a binding is -EBUSY; unbinding a BO a job still uses is
+    -EBUSY; once idle it unbinds (PTEs cleared, TLB flushed) and the VA can be reused."""
+    from gemu.guest.errors import Ebusy
+
+    a, b, sem = f.create_bo(8192), f.create_bo(4096), f.create_bo(4096)
+    va = f.vm_bind(a, va=0x4000_0000)
+    with pytest.raises(Ebusy, match="overlaps"):
+        f.vm_bind(b, va=0x4000_1000)
+    f.vm_bind(sem)
+    f.pin(sem)
+    cmd = pk.wait_mem(f.va_of(sem), 1, function=WaitFunc.EQ) + pk.fill(va, 8192, 1)
+    fence = f.submit(cmd, bos=[(sem, READ), (a, WRITE)])
+    with pytest.raises(Ebusy, match="still used by a job"):
+        f.vm_unbind(a)
+    f.write(sem, 0, (1).to_bytes(4, "little"))
+    f.wait(fence, 5)
+    f.vm_unbind(a)
+    assert f.vm.lookup(va) == 0
+    assert f.vm_bind(b, va=0x4000_1000) == 0x4000_1000
+    f.unpin(sem)
