@@ -50,7 +50,9 @@ log = logging.getLogger("gemu.guest.gemu_drv")
 
 READ = BoAccess.READ
 WRITE = BoAccess.WRITE
-DEFAULT_TIMEOUT_NS = 500_000_000
+DEFAULT_TIMEOUT_NS = 2_000_000_000
+"""Job timeout before a hang is declared: panfrost's 500 ms, times four for an emulated GPU
+that shares the host's cores with everything else."""
 CMD_POOL_SIZE = 256 << 10
 SCHED_LOCK_CLASS = LockClass("gemu_file.sched_lock")
 """Lock class of every file's submit lock (arm + add fences + push run under it)."""

@@ -24,7 +24,7 @@ RAM = 8 << 20
 
 @pytest.fixture
 def machine():
-    with Machine(ram_size=RAM, swap_size=32 << 20, device="spawn", timeout_ns=300_000_000) as m:
+    with Machine(ram_size=RAM, swap_size=32 << 20, device="spawn") as m:
         yield m
         m.check_clean()
 
@@ -173,12 +173,19 @@ def test_pinned_and_busy_objects_are_never_reclaimed(machine):
     f.close()
 
 
-def test_gpu_hang_is_recovered_by_timeout_and_reset(machine):
+@pytest.fixture
+def hang_machine():
+    with Machine(ram_size=RAM, swap_size=0, device="spawn", timeout_ns=300_000_000) as m:
+        yield m
+        m.check_clean()
+
+
+def test_gpu_hang_is_recovered_by_timeout_and_reset(hang_machine):
     """gem_reset_stats: a job waits forever (WAIT_MEM with no timeout on a value nobody
     writes). The scheduler's timeout resets the GPU: the hung job fails with -ETIMEDOUT and a
     message saying so, the innocent jobs queued behind it (from another file too) are
     resubmitted and complete, and the GPU keeps working."""
-    m = machine
+    m = hang_machine
     f, g = m.open(), m.open()
     sem = f.create_bo(4096)
     f.vm_bind(sem)
