@@ -223,3 +223,25 @@ def test_ring_slot_matches_the_packet_builders():
     want += pk.nop((gpu.JOB_SLOT_BYTES - len(want)) // 4 - 1)
     assert bytes(g.mem[: gpu.JOB_SLOT_BYTES]) == want
     assert g.tail == gpu.JOB_SLOT_BYTES
+
+
+def test_page_tables_live_in_frames_of_the_guest_page_allocator():
+    """With the real page allocator (as the driver uses it), table frames are counted as
+    used while the VM lives, the walk reads them through guest RAM, and fini gives every
+    frame back."""
+    from gemu.guest.gemu_drv.uapi import AllocatorFrames
+    from gemu.guest.mm.page_alloc import PageAllocator, PhysMem
+
+    ram = PhysMem(bytearray(64 * PAGE_SIZE))
+    alloc = PageAllocator(ram, watermarks=(1, 2, 3))
+    frames = AllocatorFrames(alloc)
+    mmu = GpuMmu(Bus(), frames, as_count=1)
+    vm = GpuVm(mmu, "t")
+    data = alloc.alloc_pages(3)
+    vm.map_pages(VA_START, [pfn << 12 for pfn in data], Prot.READ)
+    assert alloc.nr_used == 3 + 4 and frames.frames == 4
+    assert [pte.address(vm.lookup(VA_START + i * PAGE_SIZE)) >> 12 for i in range(3)] == data
+    vm.unmap_pages(VA_START, 3)
+    vm.fini()
+    alloc.free_pages(data)
+    alloc.assert_no_leaks()
