@@ -187,7 +187,6 @@ class GemuGpu:
         self._stop = False
         self._fault_pending: dict[int, GpuFault] = {}
         self.probed = False
-        self.on_fault = None  # optional hook(fault, fence) for the driver above
 
     # -- probe / remove --------------------------------------------------------------------
     def probe(self) -> None:
@@ -418,7 +417,11 @@ class GemuGpu:
             self.bus.writel_posted(regs.MMU_INT_CLEAR.offset, bits)
 
     def _cp_error(self) -> None:
-        """Fail the job the CP stopped in and resume the ring after its indirect buffer."""
+        """Fail the job the CP stopped in and resume the ring after its indirect buffer.
+
+        Kernel: panfrost_job_handle_err() (+ the CP RESUME that panfrost's job slots do by
+        hardware).
+        """
         err, lo, hi = self.bus.readl_many(regs.CP_ERROR.offset, 3)
         code = CpError(regs.CP_ERROR.field("CODE").ex(err))
         as_nr = regs.CP_ERROR.field("AS").ex(err)
@@ -440,8 +443,6 @@ class GemuGpu:
         if fence is not None and not fence.message:
             fence.message = message
             dma_fence.set_error(fence, error)
-            if self.on_fault is not None:
-                self.on_fault(fence)
         self.errors.append(message)
         log.error("%s: job seqno %s: %s", self.name, fence.seqno if fence else "-", message)
         cc = regs.CP_CONTROL

@@ -41,7 +41,7 @@ from gemu.guest.dma_buf import dma_fence, dma_resv
 from gemu.guest.dma_buf.dma_resv import DmaResvUsage
 from gemu.guest.drm import drm_exec, gem_shmem
 from gemu.guest.drm import sched as drm_sched
-from gemu.guest.errors import Einval, KernelError
+from gemu.guest.errors import Einval, Enodev, KernelError
 
 if TYPE_CHECKING:
     from gemu.guest.gemu_drv.uapi import GemuBo, GemuDriver, GemuFile
@@ -265,9 +265,13 @@ class GemuSchedOps(drm_sched.DrmSchedBackendOps):
         if finished.error:
             return None  # cancelled (guilty entity, reset)
         drv = self.drv
-        as_nr = drv.gpu.mmu.as_get(job.vm)
-        job.as_held = True
-        fence = drv.gpu.emit_job(as_nr, job.ib_va, job.ib_dwords, job)
+        try:
+            as_nr = drv.gpu.mmu.as_get(job.vm)
+            job.as_held = True
+            fence = drv.gpu.emit_job(as_nr, job.ib_va, job.ib_dwords, job)
+        except (ConnectionError, OSError) as exc:  # the device is gone (DeviceGone)
+            job.message = f"GPU device lost: {exc}"
+            raise Enodev(msg=job.message) from exc
         job.hw_fence = fence
         return fence
 

@@ -219,3 +219,18 @@ def test_vm_bind_and_unbind_rules(f):
     assert f.vm.lookup(va) == 0
     assert f.vm_bind(b, va=0x4000_1000) == 0x4000_1000
     f.unpin(sem)
+
+
+def test_device_process_lost_fails_jobs_with_enodev():
+    """If the device process dies, pending and new jobs fail with -ENODEV naming the lost
+    device instead of hanging; the machine still shuts down."""
+    from gemu.guest.errors import Enodev
+
+    with Machine(ram_size=8 << 20, swap_size=0, device="spawn") as m:
+        f = m.open()
+        f.wait(f.submit(pk.nop()), 5)
+        m._proc.kill()
+        m._proc.wait(10)
+        with pytest.raises(Enodev, match="device lost"):
+            for _ in range(3):
+                f.wait(f.submit(pk.nop()), 5)
