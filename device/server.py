@@ -5,9 +5,11 @@
 :mod:`gemu.device.abi.protocol`. Everything happens on one event-loop thread, with no device
 threads and no locks, the way QEMU's main loop drives a device model:
 
-- ``select`` over the listener, the client and any extra readers (:meth:`add_reader`, e.g. a
+- ``epoll`` over the listener, the client and any extra readers (:meth:`add_reader`, e.g. a
   debugger socket); one client at a time, a second connection is refused with an ``EBUSY``
-  frame and a log line;
+  frame and a log line. While the device is idle and only a socket client is there, the loop
+  blocks in that client's ``recv`` instead (bounded by ``SO_RCVTIMEO``, after which it looks
+  at the listener and the wake-up pipe): one system call less per register round trip;
 - every message is handled to completion, then an ``IRQ`` message is posted if the interrupt
   line, ``IRQ_STATUS`` or ``MMU_INT_STAT`` changed (the IRQ goes out *before* the reply, so a
   client that has the reply of a register write also knows the line it caused);
@@ -40,6 +42,7 @@ import json
 import logging
 import os
 import select
+import socket
 import struct
 import time
 from collections import deque
@@ -58,12 +61,14 @@ guest_log = logging.getLogger("gemu.device.guest_error")
 BATCH = 256  # packets per CP batch between two polls in FREE mode
 WAIT_POLL_S = 200e-6  # how often a pending WAIT_MEM re-reads guest memory in FREE mode
 DMA_TIMEOUT_S = 30.0  # a client that does not answer a DMA request for this long is dead
-SERIAL_RETRY_S = 1.0
+IDLE_RECV_US = 50_000  # longest blocking recv on an idle client before looking at the rest
+POLL_S = 0.01  # polling period for links without a descriptor and serial ports to reopen
 NAME = b"gemu-device"
 
 _HDR = p.HEADER_FAST
 _REG1_REPLY = struct.Struct("<HHIIIIII")  # header + offset, count, one value
 _REG1_REPLY_SIZE = _REG1_REPLY.size
+_REG1_REQ = struct.Struct("<HHIIIII")  # header + offset, count
 _REG_PAIR = p.REG_READ_REQ_FAST
 _REPLY = int(p.MsgFlags.REPLY)
 _NO_REPLY = int(p.MsgFlags.NO_REPLY)
@@ -101,6 +106,8 @@ class _Session:
         self.features = p.Features(0)
         self.alive = True
         self.next_id = 0
+        self.direct = False  # the loop may block in this connection's recv (sockets)
+        self.recv: Callable[[memoryview], int] | None = None
 
     def new_id(self) -> int:
         self.next_id = (self.next_id + 1) & 0xFFFF or 1
@@ -139,6 +146,13 @@ class DeviceServer:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
+        self._epoll = select.epoll()
+        self._epoll.register(self._wake_r, select.EPOLLIN)
+        self._listen_fd = -1
+        self._client_fd: int | None = None
+        if self.listener is not None:
+            self._listen_fd = self.listener.fileno()
+            self._epoll.register(self._listen_fd, select.EPOLLIN)
         self._running = False
         self._closed = False
         self._irq_seq = 0
@@ -157,6 +171,7 @@ class DeviceServer:
         )
         self._stepped = bool(gpu.clock.stepped)
         self._next_wait_poll = 0.0
+        self._cp_waiting = gpu.cp_state() == CpState.WAITING
         if self._serial_spec:
             self._open_serial()
 
@@ -186,10 +201,15 @@ class DeviceServer:
 
     def add_reader(self, fileobj: Any, callback: Callable[[], None]) -> None:
         """Call ``callback()`` on the loop thread whenever ``fileobj`` is readable."""
-        self._readers[fileobj if isinstance(fileobj, int) else fileobj.fileno()] = callback
+        fd = fileobj if isinstance(fileobj, int) else fileobj.fileno()
+        if fd not in self._readers:
+            self._epoll.register(fd, select.EPOLLIN)
+        self._readers[fd] = callback
 
     def remove_reader(self, fileobj: Any) -> None:
-        self._readers.pop(fileobj if isinstance(fileobj, int) else fileobj.fileno(), None)
+        fd = fileobj if isinstance(fileobj, int) else fileobj.fileno()
+        if self._readers.pop(fd, None) is not None:
+            self._epoll.unregister(fd)
 
     def close(self) -> None:
         if self._closed:
@@ -199,6 +219,7 @@ class DeviceServer:
             self._end_session("device shutting down")
         if self.listener:
             self.listener.close()
+        self._epoll.close()
         for fd in (self._wake_r, self._wake_w):
             os.close(fd)
 
@@ -212,38 +233,97 @@ class DeviceServer:
         s = self.session
         if s is not None and (s.queued or s.end - s.start >= p.HEADER_SIZE):
             self._drain(s)
-        timeout = self._cp_work()
-        fds = [self._wake_r]
-        if self.listener is not None:
-            fds.append(self.listener.fileno())
+        timeout = None if self._stepped else self._cp_work()
         s = self.session
-        client_fd = s.conn.fileno() if s is not None else None
-        if client_fd is not None:
-            fds.append(client_fd)
-        elif s is not None or self._serial_spec:
-            # no descriptor to wait on (loop://) or a serial port to reopen: poll
-            timeout = SERIAL_RETRY_S / 20 if timeout is None else min(timeout, SERIAL_RETRY_S / 20)
-        fds.extend(self._readers)
+        if timeout is None and s is not None and s.direct and not self._readers:
+            # Idle with one client: block in its recv (bounded by SO_RCVTIMEO) rather than in
+            # epoll, one system call less per request; look at the rest when it times out.
+            if self._serve_direct(s):
+                return
+            timeout = 0.0
+        polling = self._client_fd is None and (self.session is not None or self._serial_spec)
+        if polling and (timeout is None or timeout > POLL_S):
+            timeout = POLL_S  # no descriptor to wait on (loop://), or a serial port to reopen
         try:
-            readable, _, _ = select.select(fds, (), (), timeout)
+            events = self._epoll.poll(-1 if timeout is None else timeout)
         except InterruptedError:
             return
-        if s is not None and (client_fd is None or client_fd in readable):
-            self._receive(s, block=client_fd is not None)
-        if self.listener is not None and self.listener.fileno() in readable:
-            self._accept()
-        if self._wake_r in readable:
-            with contextlib.suppress(BlockingIOError):
-                os.read(self._wake_r, 4096)
-        for fd in readable:
-            cb = self._readers.get(fd)
-            if cb is not None:
+        for fd, _mask in events:
+            if fd == self._client_fd:
+                s = self.session
+                if s is not None:
+                    self._receive(s, block=True)
+            elif fd == self._listen_fd:
+                self._accept()
+            elif fd == self._wake_r:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self._wake_r, 4096)
+            else:
+                cb = self._readers.get(fd)
+                if cb is not None:
+                    try:
+                        cb()
+                    except Exception:
+                        log.exception("reader callback for fd %d failed", fd)
+        if polling:
+            s = self.session
+            if s is not None:
+                if self._client_fd is None:
+                    self._receive(s, block=False)
+            elif self._serial_spec and not self._closed and self._running:
+                self._open_serial()
+
+    def _serve_direct(self, s: _Session) -> bool:
+        """Wait in the client's recv and handle what comes, staying in a tight loop while
+        single-register reads and writes arrive one at a time and the CP has nothing to do.
+        False if nothing came before SO_RCVTIMEO."""
+        if s.end != 0 or s.conn.accept_fds or not s.handshaken:
+            return self._receive(s, block=True)
+        recv, send, buf, view = s.recv, s.conn.sock.sendall, s.buf, s.view
+        gpu = self.gpu
+        mmio_read, mmio_write, has_work = gpu.mmio_read, gpu.mmio_write, gpu.has_work
+        unpack = _REG1_REQ.unpack_from
+        counters = self.counters
+        served = False
+        while True:
+            try:
+                n = recv(view)
+            except (BlockingIOError, InterruptedError):
+                return served
+            except OSError as exc:
+                self._end_session(f"read failed: {exc}")
+                return served
+            if n != 24:
+                break
+            msg_id, command, size, flags, _, offset, arg = unpack(buf)
+            if size != 24 or offset & 3 or offset >= _MMIO_SIZE:
+                break
+            if command == _REG_READ and not flags and arg == 1:
+                value = mmio_read(offset)
+                out = _REG1_REPLY.pack(msg_id, _REG_READ, 28, _REPLY, 0, offset, 1, value)
+            elif command == _REG_WRITE and flags in (0, _NO_REPLY):
+                mmio_write(offset, arg)
+                out = b"" if flags else _HDR.pack(msg_id, _REG_WRITE, 16, _REPLY, 0)
+            else:
+                break
+            counters["messages"] += 1
+            if self._irq_now != self._irq_sent:
+                out = self._irq_frame() + out
+            if out:
                 try:
-                    cb()
-                except Exception:
-                    log.exception("reader callback for fd %d failed", fd)
-        if self.session is None and self._serial_spec and not self._closed and self._running:
-            self._open_serial()
+                    send(out)
+                except OSError as exc:
+                    self._end_session(f"send failed: {exc}")
+                    return True
+            served = True
+            if has_work() or self._cp_waiting or self._readers or not self._running:
+                return True
+        if not n:
+            self._end_session("end of stream")
+            return served
+        s.end = n
+        self._drain(s)
+        return True
 
     def _cp_work(self) -> float | None:
         """Run a CP batch if there is work; return how long the loop may sleep (None: until
@@ -252,7 +332,8 @@ class DeviceServer:
             return None
         gpu = self.gpu
         if not gpu.has_work():
-            if gpu.cp_state() != CpState.WAITING:
+            # only a CP batch can start a WAIT_MEM, so the state is checked after batches
+            if not self._cp_waiting:
                 return None
             # a WAIT_MEM polls guest memory, which the client writes without telling us
             left = self._next_wait_poll - time.monotonic()
@@ -263,6 +344,7 @@ class DeviceServer:
             gpu.run(BATCH)
         except Exception:
             log.exception("the command processor raised; the device stays up")
+        self._cp_waiting = gpu.cp_state() == CpState.WAITING
         self.counters["batches"] += 1
         self._flush_irq()
         s = self.session
@@ -308,6 +390,16 @@ class DeviceServer:
         self.counters["connections"] += 1
         log.info("client connected: %s", conn.name)
         self.session = _Session(conn)
+        if isinstance(conn, transport.SocketConnection):
+            conn.sock.setsockopt(
+                socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 0, IDLE_RECV_US)
+            )
+            self.session.direct = True
+            self.session.recv = conn.sock.recv_into
+        fd = conn.fileno()
+        if fd is not None:
+            self._epoll.register(fd, select.EPOLLIN)
+            self._client_fd = fd
 
     def _end_session(self, why: str) -> None:
         s = self.session
@@ -316,6 +408,9 @@ class DeviceServer:
         self.session = None
         s.alive = False
         log.info("client %s disconnected: %s", s.conn.name, why)
+        if self._client_fd is not None:
+            self._epoll.unregister(self._client_fd)
+            self._client_fd = None
         s.conn.close()
         self._detach_memory(f"client {s.conn.name} went away")
 
@@ -325,6 +420,8 @@ class DeviceServer:
             return
         self._mem = None
         self.gpu.detach_memory()
+        if self.session is not None:
+            self.session.conn.accept_fds = self.session.conn.supports_fds
         try:
             mem.close()
         except Exception:
@@ -688,6 +785,8 @@ class DeviceServer:
                 os.close(fd)  # MappedMemory.from_fd maps it; the descriptor is not needed
         self.gpu.attach_memory(mem)
         self._mem = mem
+        # no descriptor is expected while memory is attached: plain reads are cheaper
+        s.conn.accept_fds = False
         log.info("guest memory attached: %#x bytes, %s", req.size, how)
         return b""
 
@@ -727,6 +826,7 @@ class DeviceServer:
     def _set_stepped(self, stepped: bool) -> None:
         self.gpu.set_stepped(stepped)
         self._stepped = stepped
+        self._cp_waiting = self.gpu.cp_state() == CpState.WAITING
 
     def _memory_request(self, command: p.Command, space: int, size: int) -> None:
         if self._mem is None:

@@ -64,6 +64,7 @@ log = logging.getLogger("gemu.device.client")
 _HDR = p.HEADER_FAST
 _PAIR = p.REG_READ_REQ_FAST
 _REG1 = struct.Struct("<III")
+_READ1_REQ = struct.Struct("<HHIIIII")  # header + offset, count
 _READ1_REPLY = struct.Struct("<HHIIIIII")  # header + offset, count, value
 _REPLY = int(p.MsgFlags.REPLY)
 _ERROR = int(p.MsgFlags.ERROR)
@@ -287,9 +288,16 @@ class DeviceClient:
             reply = self._wait_reply(msg_id)
             return _REG1.unpack(self._check_reply(_REG_READ, msg_id, reply))[2]
         try:
-            # the hot path: nothing buffered, and the next frame is our reply, whole
-            msg_id = self._send_request(_REG_READ, _PAIR.pack(offset, 1), None, True)
-            if self._start == self._end:
+            if self._gone is None and self._start == self._end:
+                # The hot path: nothing buffered, so the next frame is most likely our reply,
+                # whole. Anything else continues on the general path below.
+                with self._send_lock:
+                    self._next_id = msg_id = self._next_id % 0xFFFF + 1
+                    try:
+                        self._raw_send(_READ1_REQ.pack(msg_id, _REG_READ, 24, 0, 0, offset, 1))
+                    except OSError as exc:
+                        self._salvage(role_held=True)
+                        raise self._lost(f"sending to the device failed: {exc}") from None
                 try:
                     n = self._raw_recv(self._view)
                 except (OSError, ValueError) as exc:
@@ -297,14 +305,18 @@ class DeviceClient:
                 if n == 28:
                     r_id, _, size, flags, _, _, _, value = _READ1_REPLY.unpack_from(self._buf)
                     if r_id == msg_id and flags == _REPLY and size == 28:
-                        self._waiting.discard(msg_id)
                         return value
                 elif not n:
                     raise self._lost("the device closed the connection")
+                self._waiting.add(msg_id)
                 self._end = n
+            else:
+                msg_id = self._send_request(_REG_READ, _PAIR.pack(offset, 1), None, True)
             reply = self._read_reply(msg_id)
         finally:
-            self._release_role()
+            role.release()
+            if self._sleepers or self._callbacks:
+                self._after_release()
         return _REG1.unpack(self._check_reply(_REG_READ, msg_id, reply))[2]
 
     def readl_many(self, offset: int, count: int) -> list[int]:
@@ -601,6 +613,12 @@ class DeviceClient:
 
     def _release_role(self) -> None:
         self._role.release()
+        if self._sleepers or self._callbacks:
+            self._after_release()
+
+    def _after_release(self) -> None:
+        """Wake threads waiting for the role or a reply; run IRQ callbacks collected while
+        reading (outside the role, so they may talk to the device)."""
         if self._sleepers:
             with self._cond:
                 self._cond.notify_all()
