@@ -103,7 +103,9 @@ class GemuBo:
 
 
 class JobFence:
-    """The out-fence of a submit: the job's finished fence plus why it failed, if it did."""
+    """The out-fence of a submit: the job's finished fence plus why it failed, if it did.
+
+    Kernel: the sync_file / drm_syncobj a submit ioctl returns (here the fence itself)."""
 
     __slots__ = ("fence", "job", "seqno")
 
@@ -129,7 +131,11 @@ class JobFence:
 
 
 class AllocatorFrames:
-    """Kernel memory (page tables, ring, fence page) from the page allocator."""
+    """Kernel memory (page tables, ring, fence page) from the page allocator.
+
+    Kernel: alloc_page(GFP_KERNEL | __GFP_ZERO) for io-pgtable's tables, dma_alloc_coherent()
+    for the ring (physically contiguous: alloc_contig).
+    """
 
     def __init__(self, allocator) -> None:
         self.pa = page_alloc
