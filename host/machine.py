@@ -180,7 +180,12 @@ class Machine:
         return self.driver.open()
 
     def reclaim(self, nr_pages: int) -> int:
-        """Run direct reclaim for ``nr_pages`` (as memory pressure would); returns pages freed."""
+        """Run direct reclaim for ``nr_pages`` (as memory pressure would).
+
+        Returns what the shrinkers reported freeing; the v19 shmem shrinker reports
+        SHRINK_STOP (counted as 0) once it finds nothing more to take, even after freeing
+        pages, so look at the objects (``evicted``, ``madv``) or ``allocator.nr_free``.
+        """
         return self.allocator.direct_reclaim(nr_pages)
 
     def check_clean(self) -> None:
