@@ -5,6 +5,7 @@
 - :mod:`.pte`: the page-table entry format and the walk;
 - :mod:`.packets`: command-stream packets (construct), builders and a disassembler;
 - :mod:`.protocol`: the wire protocol between a machine and the device model (construct);
+- :mod:`.link`: transport specs and connections (UNIX, loopback TCP, serial) for the client;
 - :mod:`.client`: the client side of that protocol (register access, IRQs, guest memory).
 
 ``docs/hardware.md`` is rendered from these declarations by :mod:`.docgen`.

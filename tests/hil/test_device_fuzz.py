@@ -1,0 +1,455 @@
+"""Fuzz a live ``gemu device`` with hostile frames and command streams.
+
+The fuzzer speaks the wire protocol over a raw UNIX socket (no client library: it must be free
+to send anything). It mixes well-formed requests with random arguments, mutated frames that
+keep the framing (flipped bytes, wrong commands, wrong flags, cut payloads), frames that break
+the framing (the device must answer EMSGSIZE and close), and command streams: random and
+mutated packets written into a ring in shared guest memory, over random page tables, executed
+with doorbells and STEPs. Everything is seeded. Afterwards a fresh client must find the device
+alive and correct: reset values, a job that computes the right CRC, a fence and its IRQ.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import socket
+import struct
+import threading
+import zlib
+
+from gemu.device.abi import packets as pk
+from gemu.device.abi import protocol as p
+from gemu.device.abi import pte, regs
+from gemu.device.abi.client import SharedMemory
+from gemu.device.abi.enums import CpState, Irq, PteType
+from tests.support.device import attached_client, spawn_device
+
+SEED = 0x6E6D75
+FRAMES = 100_000
+STREAMS = 1_500
+RAM = 4 << 20
+RING_PA = 0x10000
+RING_SIZE = 0x4000
+SENTINEL_ID = 0xFFFF
+
+
+class Reader(threading.Thread):
+    """Drains the device's replies so it never blocks on a full socket, splitting the stream
+    into frames (the device's own frames are always well-formed) and remembering sentinels."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__(daemon=True)
+        self.sock = sock
+        self.eof = threading.Event()
+        self.sentinels: list[tuple[int, bytes]] = []
+        self.got_sentinel = threading.Condition()
+        self.frames = 0
+        self.errors = 0
+
+    def run(self) -> None:
+        buf = bytearray()
+        try:
+            while True:
+                chunk = self.sock.recv(1 << 16)
+                if not chunk:
+                    break
+                buf += chunk
+                while len(buf) >= p.HEADER_SIZE:
+                    msg_id, _cmd, size, flags, error = p.HEADER_FAST.unpack_from(buf)
+                    assert p.HEADER_SIZE <= size <= p.MAX_MESSAGE, "device sent a bad frame"
+                    if len(buf) < size:
+                        break
+                    payload = bytes(buf[p.HEADER_SIZE : size])
+                    del buf[:size]
+                    self.frames += 1
+                    if flags & p.MsgFlags.ERROR:
+                        self.errors += 1
+                    if msg_id == SENTINEL_ID and flags & p.MsgFlags.REPLY:
+                        with self.got_sentinel:
+                            self.sentinels.append((error, payload))
+                            self.got_sentinel.notify_all()
+        except OSError:
+            pass
+        finally:
+            self.eof.set()
+            with self.got_sentinel:
+                self.got_sentinel.notify_all()
+
+
+class Fuzzer:
+    def __init__(self, spec: str, rng: random.Random) -> None:
+        self.path = spec.removeprefix("unix:")
+        self.rng = rng
+        self.mem = SharedMemory(RAM)
+        self.sent = 0
+        self.reconnects = 0
+        self.streams = 0
+        self.sock: socket.socket | None = None
+        self.reader: Reader | None = None
+        self.past_replies = 0
+        self.past_errors = 0
+        self.connect()
+
+    # --- connection --------------------------------------------------------------------------
+
+    def connect(self) -> None:
+        if self.sock is not None:
+            self.close()
+            self.past_replies += self.reader.frames
+            self.past_errors += self.reader.errors
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(self.path)
+        self.reader = Reader(self.sock)
+        self.reader.start()
+        self.send(
+            self.frame(
+                p.Command.VERSION,
+                p.VERSION_REQ.build(
+                    dict(major=p.PROTOCOL_MAJOR, minor=0, features=0, name=b"fuzz")
+                ),
+            )
+        )
+        req = p.MEM_MAP_REQ.build(dict(base=0, size=RAM, flags=p.MemMapFlags.FD, reserved=0))
+        socket.send_fds(self.sock, [self.frame(p.Command.MEM_MAP, req)], [self.mem.fd])
+        self.reconnects += 1
+
+    def close(self) -> None:
+        # shutdown() first: the reader thread is blocked in recv() on this socket, and on Linux
+        # close() alone would leave the connection open under it.
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        self.reader.join(timeout=10)
+        assert not self.reader.is_alive(), "reader thread did not stop"
+
+    def send(self, data: bytes) -> bool:
+        try:
+            self.sock.sendall(data)
+            return True
+        except (BrokenPipeError, ConnectionResetError):
+            self.connect()
+            return False
+
+    def frame(
+        self, command: int, payload: bytes = b"", flags: int = 0, msg_id: int | None = None
+    ) -> bytes:
+        mid = self.rng.randrange(0xFFFF) if msg_id is None else msg_id
+        return p.HEADER_FAST.pack(mid, command, p.HEADER_SIZE + len(payload), flags, 0) + payload
+
+    def check_alive(self) -> None:
+        """A side-effect-free read of GPU_ID must come back right, now."""
+        before = len(self.reader.sentinels)
+        self.send(
+            self.frame(p.Command.DEBUG_READ, p.REG_READ_REQ_FAST.pack(0, 1), msg_id=SENTINEL_ID)
+        )
+        with self.reader.got_sentinel:
+            self.reader.got_sentinel.wait_for(
+                lambda: len(self.reader.sentinels) > before or self.reader.eof.is_set(), timeout=30
+            )
+        assert len(self.reader.sentinels) > before, "device stopped answering"
+        error, payload = self.reader.sentinels[-1]
+        assert error == 0
+        assert struct.unpack_from("<I", payload, 8)[0] == regs.GPU_ID_VALUE
+
+    @property
+    def replies(self) -> int:
+        return self.past_replies + self.reader.frames
+
+    @property
+    def error_replies(self) -> int:
+        return self.past_errors + self.reader.errors
+
+    # --- frames ------------------------------------------------------------------------------
+
+    def random_payload(self, command: int) -> bytes:
+        r = self.rng
+        reg = (
+            r.choice(regs.REGISTER_MAP.registers).offset
+            if r.random() < 0.8
+            else r.randrange(1 << 32)
+        )
+        if command in (p.Command.REG_READ, p.Command.DEBUG_READ):
+            return p.REG_READ_REQ_FAST.pack(reg, r.choice([0, 1, 2, 7, 64, 1024, 1025, 1 << 31]))
+        if command == p.Command.REG_WRITE:
+            return p.REG_WRITE_REQ_FAST.pack(reg, r.randrange(1 << 32))
+        if command == p.Command.MEM_READ:
+            space = r.choice([p.SPACE_PHYS, 0, 1, 7, 8, r.randrange(1 << 32)])
+            size = r.choice([0, 1, 4, 4096, p.MAX_DMA, p.MAX_DMA + 1, r.randrange(1 << 32)])
+            return p.MEM_REQ_FAST.pack(space, size, r.randrange(RAM * 2))
+        if command == p.Command.MEM_WRITE:
+            space = r.choice([p.SPACE_PHYS, 0, 3, r.randrange(1 << 32)])
+            data = r.randbytes(r.choice([0, 1, 8, 300]))
+            return p.MEM_REQ_FAST.pack(space, len(data), r.randrange(RAM * 2)) + data
+        if command == p.Command.STEP:
+            return p.STEP_REQ.build(
+                dict(max_packets=r.randrange(64), reserved=0, ticks_ns=r.randrange(1 << 40))
+            )
+        if command == p.Command.CLOCK_MODE:
+            return struct.pack("<I", r.choice([0, 0, 1, 2, r.randrange(1 << 32)]))
+        if command == p.Command.VERSION:
+            return p.VERSION_REQ.build(
+                dict(
+                    major=r.choice([1, 1, 2, 0]),
+                    minor=r.randrange(5),
+                    features=r.randrange(16),
+                    name=r.randbytes(r.randrange(8)),
+                )
+            )
+        if command in (p.Command.DMA_READ, p.Command.DMA_WRITE):
+            return p.DMA_REQ_FAST.pack(r.randrange(1 << 64), r.randrange(1 << 16))
+        return r.randbytes(r.randrange(32))
+
+    def safe_command(self) -> int:
+        # RESET and MEM_UNMAP/MEM_MAP are allowed but rare, so streams get to run.
+        r = self.rng.random()
+        if r < 0.002:
+            return p.Command.RESET
+        if r < 0.003:
+            return p.Command.MEM_UNMAP
+        return self.rng.choice(
+            [
+                p.Command.REG_READ,
+                p.Command.REG_WRITE,
+                p.Command.DEBUG_READ,
+                p.Command.MEM_READ,
+                p.Command.MEM_WRITE,
+                p.Command.STEP,
+                p.Command.CLOCK_MODE,
+                p.Command.STATS,
+                p.Command.VERSION,
+                p.Command.IRQ,
+                p.Command.DMA_READ,
+                p.Command.DMA_WRITE,
+                p.Command.REG_READ,
+                p.Command.REG_WRITE,
+            ]
+        )
+
+    def one_frame(self) -> None:
+        r = self.rng
+        kind = r.random()
+        if kind < 0.45:  # well-formed request, random arguments
+            cmd = self.safe_command()
+            flags = p.MsgFlags.NO_REPLY if r.random() < 0.2 else 0
+            data = self.frame(cmd, self.random_payload(cmd), flags)
+        elif kind < 0.85:  # mutated, framing kept
+            cmd = self.safe_command()
+            data = bytearray(self.frame(cmd, self.random_payload(cmd)))
+            what = r.randrange(5)
+            if what == 0 and len(data) > p.HEADER_SIZE:
+                for _ in range(r.randrange(1, 4)):
+                    i = r.randrange(p.HEADER_SIZE, len(data))
+                    data[i] = r.randrange(256)
+            elif what == 1:
+                struct.pack_into("<H", data, 2, r.randrange(1 << 16))
+            elif what == 2:
+                struct.pack_into("<I", data, 8, r.randrange(1 << 32))
+            elif what == 3:
+                cut = r.randrange(p.HEADER_SIZE, len(data) + 1)
+                data = data[:cut]
+                struct.pack_into("<I", data, 4, len(data))
+            else:
+                data += r.randbytes(r.randrange(1, 40))
+                struct.pack_into("<I", data, 4, len(data))
+            data = bytes(data)
+        elif kind < 0.8503:  # framing lost: the device answers and hangs up
+            size = r.choice([0, 5, 15, p.MAX_MESSAGE + 1, 0xFFFFFFFF])
+            data = p.HEADER_FAST.pack(1, p.Command.REG_READ, size, 0, 0)
+            if self.send(data):
+                assert self.reader.eof.wait(30), f"device kept a connection after size={size}"
+                self.connect()
+            self.sent += 1
+            return
+        else:  # random bytes in a plausible header
+            payload = r.randbytes(r.randrange(64))
+            data = (
+                p.HEADER_FAST.pack(
+                    r.randrange(1 << 16),
+                    r.randrange(1 << 16),
+                    p.HEADER_SIZE + len(payload),
+                    r.randrange(1 << 32),
+                    r.randrange(1 << 32),
+                )
+                + payload
+            )
+        self.send(data)
+        self.sent += 1
+
+    # --- command streams ---------------------------------------------------------------------
+
+    def random_page_tables(self) -> int:
+        """Write a small, partly valid and partly hostile page table; return its root."""
+        r = self.rng
+        root = 0x40000 + r.randrange(16) * 0x1000
+        for table in range(0x40000, 0x50000, 0x1000):
+            for _ in range(r.randrange(1, 12)):
+                idx = r.randrange(512)
+                if r.random() < 0.7:
+                    target = r.choice(
+                        [
+                            0x40000 + r.randrange(16) * 0x1000,
+                            r.randrange(RAM // 4096) * 4096,
+                            r.randrange(1 << 36) << 12 & pte.ADDR_MASK,
+                        ]
+                    )
+                    entry = pte.make(
+                        target,
+                        r.choice(list(PteType)[1:3]),
+                        read=r.random() < 0.8,
+                        write=r.random() < 0.6,
+                        exec=r.random() < 0.5,
+                    )
+                else:
+                    entry = r.randrange(1 << 64)
+                self.mem.write_u64(table + idx * 8, entry)
+        return root
+
+    def random_packet(self) -> bytes:
+        r = self.rng
+        va = r.choice(
+            [r.randrange(1 << 48), r.randrange(RAM), 0, (1 << 48) - 8, r.randrange(1 << 64)]
+        )
+        choice = r.randrange(14)
+        phys = r.random() < 0.4
+        small = r.choice([0, 1, 4, 64, 4096, 70000])
+        try:
+            if choice == 0:
+                return pk.nop(r.randrange(4))
+            if choice == 1:
+                return pk.set_as(r.choice([0, 1, 7, 8, 1 << 31]))
+            if choice == 2:
+                return pk.write_data(
+                    va & ~3, [r.randrange(1 << 32) for _ in range(r.randrange(1, 4))], phys=phys
+                )
+            if choice == 3:
+                return pk.copy(va, r.randrange(RAM), small, phys=phys)
+            if choice == 4:
+                return pk.fill(va, small, r.randrange(1 << 32), phys=phys)
+            if choice == 5:
+                return pk.crc32(va, small, r.randrange(RAM) & ~3, phys=phys)
+            if choice == 6:
+                return pk.atomic_add(va & ~7, r.randrange(1 << 64), phys=phys)
+            if choice == 7:
+                return pk.fence(va & ~7, r.randrange(1 << 64), irq=r.random() < 0.5, phys=phys)
+            if choice == 8:
+                return pk.wait_mem(
+                    va & ~3, r.randrange(4), timeout_us=r.choice([1, 10, 100]), phys=phys
+                )
+            if choice == 9:
+                return pk.indirect_buffer(va & ~3, r.randrange(64))
+            if choice == 10:
+                return pk.tlb_invalidate(r.randrange(9), va & ~0xFFF, r.randrange(1 << 20))
+            if choice == 11:  # unknown opcode or reserved flags
+                n = r.randrange(4)
+                head = struct.pack("<BBH", r.randrange(0x0B, 0x100), r.randrange(256), n)
+                return head + r.randbytes(4 * n)
+        except ValueError:
+            pass
+        # a valid packet with a corrupted header
+        raw = bytearray(pk.fence(0x1000, 1, phys=True))
+        raw[r.randrange(4)] = r.randrange(256)
+        return bytes(raw)
+
+    def one_stream(self) -> None:
+        r = self.rng
+        root = self.random_page_tables()
+        ring = b"".join(self.random_packet() for _ in range(r.randrange(1, 24)))[: RING_SIZE - 64]
+        ring = ring[: len(ring) & ~3]
+        self.mem.write(RING_PA, ring + b"\0" * (RING_SIZE - len(ring)))
+        writes = [
+            (regs.CP_CONTROL.offset, 0),
+            (regs.CP_CONTROL.offset, 4),  # RESET_HEAD
+            (regs.RING_BASE_LO.offset, RING_PA),
+            (regs.RING_BASE_HI.offset, 0),
+            (regs.RING_SIZE.offset, RING_SIZE),
+        ]
+        for as_index in range(r.randrange(1, 3)):
+            writes += [
+                (regs.as_reg(as_index, "TRANSTAB_LO").offset, root),
+                (regs.as_reg(as_index, "TRANSCFG").offset, r.choice([0, 1, 1, 7])),
+                (regs.as_reg(as_index, "COMMAND").offset, r.choice([1, 1, 4, r.randrange(256)])),
+            ]
+        writes += [
+            (regs.IRQ_MASK.offset, 0x1F),
+            (regs.MMU_INT_MASK.offset, 0xFFFFFFFF),
+            (regs.CP_CONTROL.offset, 1),
+            (regs.RING_TAIL.offset, len(ring) if r.random() < 0.9 else r.randrange(1 << 32)),
+            (regs.RING_DOORBELL.offset, 1),
+        ]
+        for _ in range(r.randrange(4)):
+            writes.append((regs.CP_CONTROL.offset, 3))  # RESUME after errors
+            writes.append((regs.MMU_INT_CLEAR.offset, 0xFFFFFFFF))
+        data = b"".join(
+            self.frame(p.Command.REG_WRITE, p.REG_WRITE_REQ_FAST.pack(o, v), p.MsgFlags.NO_REPLY)
+            for o, v in writes
+        )
+        if r.random() < 0.3:
+            data += self.frame(
+                p.Command.STEP, p.STEP_REQ.build(dict(max_packets=64, reserved=0, ticks_ns=1 << 20))
+            )
+        self.send(data)
+        self.sent += len(writes)
+        self.streams += 1
+
+
+def test_device_survives_100k_hostile_frames_and_command_streams():
+    """100,000+ random and mutated frames and 1,500 random command streams over random page
+    tables leave the device process alive; a fresh client then finds it answering correctly:
+    reset values after RESET, a FILL + CRC32 job with the right checksum, a fence with its IRQ."""
+    rng = random.Random(SEED)
+    with spawn_device(log_level="error") as dev:
+        fuzz = Fuzzer(dev.spec, rng)
+        try:
+            while fuzz.sent < FRAMES or fuzz.streams < STREAMS:
+                if fuzz.streams < STREAMS and rng.random() < 0.02:
+                    fuzz.one_stream()
+                else:
+                    fuzz.one_frame()
+                if fuzz.sent % 10_000 < 1 and fuzz.sent:
+                    fuzz.check_alive()
+            fuzz.check_alive()
+            assert fuzz.error_replies > FRAMES // 10, "the fuzzer hardly provoked any error replies"
+        finally:
+            fuzz.close()
+            fuzz.mem.close()
+        assert dev.alive(), "the device process died:\n" + dev.log()[-3000:]
+        assert fuzz.sent >= FRAMES and fuzz.streams >= STREAMS
+
+        with attached_client(dev.spec, size=RAM) as client:
+            client.set_clock_mode(p.ClockMode.FREE)
+            client.reset()
+            assert client.readl(regs.GPU_ID.offset) == regs.GPU_ID_VALUE
+            assert client.readl(regs.IRQ_MASK.offset) == 0
+            assert client.readl(regs.RING_HEAD.offset) == 0
+            assert (
+                regs.CP_STATUS.field("STATE").ex(client.readl(regs.CP_STATUS.offset))
+                == CpState.STOPPED
+            )
+            mem = client.memory
+            data_pa, crc_pa, fence_pa = 0x100000, 0x200000, 0x3000
+            job = (
+                pk.fill(data_pa, 8192, 0x5A5A1234, phys=True)
+                + pk.crc32(data_pa, 8192, crc_pa, phys=True)
+                + pk.fence(fence_pa, 42, irq=True, phys=True)
+            )
+            mem.write(RING_PA, job)
+            client.writel(regs.RING_BASE_LO.offset, RING_PA)
+            client.writel(regs.RING_SIZE.offset, RING_SIZE)
+            client.writel(regs.IRQ_MASK.offset, int(Irq.FENCE | Irq.CP_ERROR))
+            client.writel(regs.CP_CONTROL.offset, 1)
+            client.writel(regs.RING_TAIL.offset, len(job))
+            client.writel_posted(regs.RING_DOORBELL.offset, 1)
+            event = client.wait_irq(timeout=30)
+            while event is not None and not event.irq_status & Irq.FENCE:
+                event = client.wait_irq(timeout=30)
+            assert event is not None and event.irq_status & Irq.FENCE
+            assert mem.read_u64(fence_pa) == 42
+            expected = zlib.crc32(struct.pack("<I", 0x5A5A1234) * 2048)
+            assert mem.read_u32(crc_pa) == expected
+        assert dev.alive()
+        os.environ.get("GEMU_FUZZ_REPORT") and print(
+            f"fuzz: {fuzz.sent} frames, {fuzz.streams} streams, {fuzz.reconnects} connections, "
+            f"{fuzz.replies} replies ({fuzz.error_replies} errors)"
+        )
