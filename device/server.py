@@ -154,6 +154,7 @@ class DeviceServer:
             self._listen_fd = self.listener.fileno()
             self._epoll.register(self._listen_fd, select.EPOLLIN)
         self._running = False
+        self._stop_requested = False
         self._closed = False
         self._irq_seq = 0
         self._irq_sent = (False, 0, 0)
@@ -178,8 +179,9 @@ class DeviceServer:
     # --- public API ------------------------------------------------------------------------
 
     def serve_forever(self) -> None:
-        """Run the event loop until :meth:`stop`."""
-        self._running = True
+        """Run the event loop until :meth:`stop` (a stop requested earlier, e.g. by a signal
+        that arrived before the loop started, ends it at once)."""
+        self._running = not self._stop_requested
         try:
             while self._running:
                 self.run_once()
@@ -188,6 +190,7 @@ class DeviceServer:
 
     def stop(self) -> None:
         """Ask the loop to exit (thread- and signal-safe)."""
+        self._stop_requested = True
         self._running = False
         with contextlib.suppress(OSError):
             os.write(self._wake_w, b"x")

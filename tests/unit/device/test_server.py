@@ -430,3 +430,17 @@ def test_stats_reports_device_and_server_counters(dev):
     assert stats["server"]["connections"] == 1
     assert stats["client"]["requests"] >= 2
     client.close()
+
+
+def test_stop_before_serve_forever_is_not_lost():
+    """A stop() that comes before the loop starts (SIGTERM right after the ready line) still
+    ends serve_forever() at once instead of being overwritten when the loop begins."""
+    import tempfile
+
+    from gemu.device.gpu import Gpu
+    from gemu.device.server import DeviceServer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        server = DeviceServer(Gpu(), f"unix:{tmp}/d.sock")
+        server.stop()
+        server.serve_forever()  # returns instead of blocking forever
