@@ -647,12 +647,17 @@ class PageAllocator:
         return reclaimed
 
     def _reclaim_pass(self, nr_to_reclaim: int, gfp: Gfp) -> int:
+        # Progress is what came back to the free pool, not only what shrinkers say: a v19-style
+        # GEM shrinker answers SHRINK_STOP after a pass that freed everything it could, and the
+        # kernel's reclaim judges progress by watermarks, not by that return value.
+        freed_before = self._stats.pages_freed
         lockdep.fs_reclaim_acquire()
         try:
             with _MemallocScope():
-                reclaimed = _shrinker.shrink_slab(self, nr_to_reclaim, gfp)
+                reported = _shrinker.shrink_slab(self, nr_to_reclaim, gfp)
         finally:
             lockdep.fs_reclaim_release()
+        reclaimed = max(reported, self._stats.pages_freed - freed_before)
         self._stats.pages_reclaimed += reclaimed
         return reclaimed
 
