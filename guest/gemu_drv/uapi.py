@@ -32,6 +32,7 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from gemu.device.abi import regs
 from gemu.guest.dma_buf import dma_fence, dma_resv
 from gemu.guest.dma_buf.dma_fence import DmaFence
 from gemu.guest.drm import gem, gem_shmem, gem_shmem_shrinker
@@ -47,6 +48,7 @@ from gemu.guest.locking.mutex import Mutex
 from gemu.guest.mm import page_alloc
 
 log = logging.getLogger("gemu.guest.gemu_drv")
+_STATUS_HALTED = regs.STATUS.field("HALTED").mask
 
 READ = BoAccess.READ
 WRITE = BoAccess.WRITE
@@ -300,6 +302,9 @@ class GemuDriver:
         """
         hw = job.hw_fence
         if hw is not None and dma_fence.is_signaled(hw):
+            return drm_sched.DrmGpuSchedStat.NO_HANG
+        if self.gpu.bus.readl(regs.STATUS.offset) & _STATUS_HALTED:
+            # a debugger holds the command processor (gdb stub): not a hang, re-arm the timer
             return drm_sched.DrmGpuSchedStat.NO_HANG
         sched = self.sched
         ms = self.timeout_ns // 1_000_000
