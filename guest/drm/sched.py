@@ -405,7 +405,8 @@ def start(sched: DrmGpuScheduler, errno_: int = 0) -> None:
 
     Kernel: drm_sched_start() [drivers/gpu/drm/scheduler/sched_main.c]
 
-    ``errno_`` is the negative errno for the jobs the reset killed (-ECANCELED if 0).
+    ``errno_`` is the negative errno for the jobs the reset killed (-ECANCELED if 0); a job
+    whose hardware fence already signalled finishes with that fence's own error.
     """
     with sched.job_list_lock:
         jobs = list(sched.pending_list)
@@ -418,7 +419,9 @@ def start(sched: DrmGpuScheduler, errno_: int = 0) -> None:
         try:
             dma_fence.add_callback(parent, job.cb, _job_done_cb)
         except Enoent:
-            _job_done(job, parent.error or errno_)
+            # The hardware finished it before the reset: its own fence error is the truth (a
+            # job that completed is innocent, whatever killed its neighbours).
+            _job_done(job, parent.error)
     with sched.job_list_lock:
         _start_timeout(sched)
     wqueue_start(sched)

@@ -371,6 +371,38 @@ def test_stop_start_reset_path():
     assert sorted(driver.freed) == ["a", "b", "c"]
 
 
+def test_start_keeps_the_result_of_a_job_the_hardware_finished():
+    """After a reset, a job the driver re-ran (resubmitted: a new hardware fence) that the
+    hardware already finished cleanly ends with that fence's own status (success) in
+    drm_sched_start(), not with the errno given for the jobs the reset killed."""
+    state = {}
+
+    class Resetting(Driver):
+        def timedout_job(self, job):
+            self.timedout.append(job.name)
+            drm_sched.stop(job.sched, job)
+            other = next(j for j in job.sched.pending_list if j is not job)
+            rerun = DmaFence(None, self.ctx, 100)  # the driver re-ran it after the reset ...
+            dma_fence.signal(rerun)  # ... and it completed before the scheduler restarted
+            other.s_fence.parent = rerun
+            drm_sched.start(job.sched, -errno.EIO)
+            return DrmGpuSchedStat.RESET
+
+    def body(sched, driver):
+        entity = drm_sched.entity_init(DrmSchedPriority.NORMAL, [sched])
+        fa = submit(entity, Job("a"))
+        fb = submit(entity, Job("b"))
+        dma_fence.wait(fa, False)
+        dma_fence.wait(fb, False)
+        state["status"] = [dma_fence.get_status(fa), dma_fence.get_status(fb)]
+        drm_sched.entity_destroy(entity)
+
+    driver = Resetting(auto=False)
+    run_with_sched(body, driver=driver, timeout_ns=10 * MS, credit_limit=2)
+    assert driver.timedout == ["a"]
+    assert state["status"] == [-errno.EIO, 1]
+
+
 def test_run_job_error_fails_the_job():
     """run_job raising an errno fails the job's finished fence with that errno."""
     state = {}
