@@ -6,7 +6,9 @@ the bad value::
 
     gemu device --listen unix:/tmp/gpu.sock          # the device model, QEMU-style
     gemu device --listen tcp:127.0.0.1:0 --stepped   # port 0: the ready line says which
-    gemu demo                                        # spawn a device and run jobs on it
+    gemu boot -m 256M --serial pty                   # the machine, its shell on a pty
+    gemu run examples/jobs/hello.job                 # boot, run job scripts, power off
+    gemu demo                                        # a curated run with a summary
 
 ``gemu device`` prints one ready line on stdout once it listens, for whoever spawned it::
 
@@ -28,6 +30,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 # Each subcommand lives in its own module with ``register(subparsers)``; the module imports
 # what it needs inside its command function, so ``gemu --help`` and start-up stay cheap.
 COMMAND_MODULES = (
+    "gemu.host.cmd_boot",
     "gemu.host.cmd_device",
     "gemu.host.cmd_demo",
 )

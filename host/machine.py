@@ -14,7 +14,8 @@ driver. ``open()`` gives a guest program its uAPI file::
     # shutdown: files closed, driver removed, device stopped, leaks checked by the caller
 
 ``check_clean()`` is what tests call after a run: no leaked frame or swap slot, no GEM object
-left, no lockdep report.
+left, no lockdep report. ``statistics()`` gathers every counter the emulator reports (memory,
+swap, shrinker, GPU, MMU) in one dict; :func:`parse_size` reads QEMU-style sizes (``256M``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import selectors
 import shutil
 import subprocess
@@ -44,6 +46,36 @@ log = logging.getLogger("gemu.host.machine")
 
 READY_PREFIX = "gemu-device: listening on "
 PAGE_SIZE = 4096
+_SUFFIXES = {"": 1 << 20, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str, *, default_unit: str = "M") -> int:
+    """A size like QEMU's ``-m``: ``256M``, ``1G``, ``512K``, ``64`` (MiB unless
+    ``default_unit`` says otherwise), optionally with ``B``/``iB`` (``16MiB``). Raises
+    ValueError naming the problem (``unknown suffix 'X'``)."""
+    m = re.fullmatch(r"\s*(\d+)\s*([A-Za-z]*)\s*", text)
+    if m is None:
+        raise ValueError(f"invalid size {text!r}: not a number with an optional K/M/G suffix")
+    number, suffix = int(m.group(1)), m.group(2).upper()
+    unit = suffix[:1]
+    rest = suffix[1:]
+    if suffix and (unit not in "KMGT" or rest not in ("", "B", "IB")):
+        raise ValueError(f"invalid size {text!r}: unknown suffix {m.group(2)!r} (use K, M or G)")
+    return number * (_SUFFIXES[unit] if suffix else _SUFFIXES[default_unit])
+
+
+def _flag_names(flags) -> str:
+    names = [f.name.lower() for f in type(flags) if f.name and f in flags]
+    return "+".join(names) or "none"
+
+
+def format_size(n: int) -> str:
+    """``16 MiB``, ``4 KiB``, ``1.5 GiB``: sizes in boot logs and summaries."""
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            v = n / (1 << shift)
+            return f"{v:.0f} {unit}" if v == int(v) else f"{v:.1f} {unit}"
+    return f"{n} B"
 
 
 def _gemu_command() -> list[str]:
@@ -68,6 +100,8 @@ class Machine:
         reserved_frames: frames at the bottom of RAM the allocator never hands out.
         poison_on_free: freed frames are filled with 0xAA, so a stale GPU mapping reads
             garbage that checksums notice.
+        kswapd: start the background reclaim task (``gemu boot`` does; tests that count
+            reclaim exactly leave it off).
     """
 
     def __init__(
@@ -82,8 +116,10 @@ class Machine:
         poison_on_free: bool = True,
         watermarks: tuple[int, int, int] | None = None,
         device_args: tuple[str, ...] = (),
+        kswapd: bool = False,
     ) -> None:
         self.ram_size = ram_size
+        self.swap_size = swap_size
         self.device_kind = device
         self._tmp = tempfile.TemporaryDirectory(prefix="gemu-machine-")
         self._proc: subprocess.Popen | None = None
@@ -110,6 +146,8 @@ class Machine:
             )
             self.driver = GemuDriver(self.dev, self.client, order=order, timeout_ns=timeout_ns)
             self.driver.probe()
+            if kswapd:
+                self.allocator.start_kswapd()
             self.kernel_frames = self.allocator.nr_used
             # lockdep keeps reports per runtime; only what happens from here on is ours
             self._lockdep_seen = {id(r): r.count for r in lockdep.reports()}
@@ -188,6 +226,80 @@ class Machine:
         """
         return self.allocator.direct_reclaim(nr_pages)
 
+    def device_lost(self) -> str | None:
+        """Why the device is unreachable (the connection broke or its process died), or None."""
+        gone = getattr(self.client, "_gone", None) if self.client is not None else None
+        if self._proc is not None and self._proc.poll() is not None:
+            return f"gemu device process exited with status {self._proc.returncode}"
+        return str(gone) if gone is not None and not self._down else None
+
+    def boot_log(self) -> list[str]:
+        """What the guest kernel printed while booting: device, memory, swap, ring."""
+        gpu = self.driver.gpu
+        c = self.client
+        from gemu.device.abi import regs
+
+        feats = gpu.features
+        as_count = regs.FEATURES.field("AS_COUNT").ex(feats)
+        va_bits = regs.FEATURES.field("VA_BITS").ex(feats)
+        a = self.allocator
+        wm = a.watermarks
+        lines = [
+            f"gemu: device {c.device_name or 'gemu-gpu'} ({self.device_kind}), "
+            f"GPU_ID {c.gpu_id or regs.GPU_ID_VALUE:#010x}, hardware interface "
+            f"v{regs.VERSION.field('MAJOR').ex(gpu.version)}."
+            f"{regs.VERSION.field('MINOR').ex(gpu.version)}",
+            f"gemu: features: {as_count} address spaces, {va_bits}-bit GPU VA, link "
+            f"{_flag_names(c.device_features)}, guest memory by {self.memory_mode}",
+            f"Memory: {format_size(self.ram_size)} guest RAM, {a.totalram_pages} pages "
+            f"managed, watermarks min/low/high {wm.min}/{wm.low}/{wm.high}",
+        ]
+        if self.swap is not None:
+            lines.append(
+                f"Adding {format_size(self.swap_size)} swap ({self.swap.total_swap_pages} pages)"
+            )
+        else:
+            lines.append("swap: none (the shrinker can only purge)")
+        if a.kswapd is not None:
+            lines.append("kswapd0: started")
+        lines.append(
+            f"{gpu.name}: ring ready: {gpu.ring_size >> 10} KiB, {gpu.ring_slots} slots, "
+            f"job timeout {self.driver.timeout_ns // 1_000_000} ms"
+        )
+        return lines
+
+    def statistics(self) -> dict:
+        """Every counter of the machine in one dict: ``mem`` (page allocator), ``swap``,
+        ``shrinker`` (objects purged/evicted/swapped in, LRU pages), ``gpu`` (jobs, IRQs,
+        faults, resets, MMU), ``objects``."""
+        from dataclasses import asdict
+
+        a = self.allocator
+        out: dict = {
+            "mem": {
+                "total_pages": a.totalram_pages,
+                "free_pages": a.nr_free,
+                **asdict(a.statistics()),
+            },
+            "objects": self.dev.object_count,
+        }
+        if self.swap is not None:
+            out["swap"] = {
+                "total_pages": self.swap.total_swap_pages,
+                "used_pages": self.swap.nr_used_slots,
+                **asdict(self.swap.statistics()),
+            }
+        mm = self.dev.shmem_mm
+        if mm is not None:
+            out["shrinker"] = {
+                **mm.stats.as_dict(),
+                "lru_pinned_pages": mm.lru_pinned.count,
+                "lru_evictable_pages": mm.lru_evictable.count,
+                "lru_evicted_pages": mm.lru_evicted.count,
+            }
+        out["gpu"] = self.driver.gpu.statistics()
+        return out
+
     def check_clean(self) -> None:
         """Assert that everything the guest allocated was given back: no GEM object, no
         frame beyond the driver's own, no swap slot, no lockdep report, no leaked object."""
@@ -228,6 +340,10 @@ class Machine:
         if getattr(self, "_down", False):
             return
         self._down = True
+        alloc = getattr(self, "allocator", None)
+        if alloc is not None:
+            with contextlib.suppress(Exception):
+                alloc.stop_kswapd()
         drv = getattr(self, "driver", None)
         if drv is not None:
             with contextlib.suppress(Exception):

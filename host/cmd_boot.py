@@ -1,0 +1,390 @@
+"""``gemu boot`` and ``gemu run``: assemble the machine, boot the guest, run its shell.
+
+``boot`` gives the shell on a console (stdio, a pty, a socket, a serial port); ``run`` runs
+job scripts and powers off. Both exit with:
+
+====  =====================================================================================
+ 0    every expectation held; no unexpected GPU fault, lockdep report, lost data or warning
+ 1    something failed: an expectation, a command of a script, or one of the above
+ 2    bad command line or a job script that does not parse (file:line on stderr)
+ 3    the machine could not boot or lost its device (unreachable, died mid-run)
+130   interrupted (Ctrl-C); the machine was still powered off cleanly
+====  =====================================================================================
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+from gemu.host.cli import _transport_spec
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_MACHINE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+LOG_ITEMS = ("guest_errors", "guest", "device", "debug", "none")
+
+
+def _size_arg(text: str) -> int:
+    from gemu.host.machine import parse_size
+
+    try:
+        n = parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if n < 1 << 20 or n % 4096:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}: at least 1M and a multiple of 4K")
+    return n
+
+
+def _swap_arg(text: str) -> int:
+    from gemu.host.machine import parse_size
+
+    try:
+        n = parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if n % 4096:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}: not a multiple of 4K")
+    return n
+
+
+def _device_arg(text: str) -> str:
+    if text in ("spawn", "inproc"):
+        return text
+    return _transport_spec(text)
+
+
+def _serial_arg(text: str) -> str:
+    from gemu.host.console import ConsoleSpecError, check_spec
+
+    try:
+        return check_spec(text)
+    except ConsoleSpecError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _log_arg(text: str) -> tuple[str, ...]:
+    items = tuple(i.strip() for i in text.split(",") if i.strip())
+    bad = [i for i in items if i not in LOG_ITEMS]
+    if bad or not items:
+        raise argparse.ArgumentTypeError(
+            f"invalid log item {(bad or [text])[0]!r} (choose from {', '.join(LOG_ITEMS)})"
+        )
+    return items
+
+
+def _ms_arg(text: str) -> int:
+    try:
+        ms = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid time {text!r}: milliseconds") from None
+    if ms <= 0:
+        raise argparse.ArgumentTypeError(f"invalid time {text!r}: must be above 0")
+    return int(ms * 1_000_000)
+
+
+def _machine_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "-m",
+        "--memory",
+        type=_size_arg,
+        default=_size_arg("64M"),
+        metavar="SIZE",
+        help="guest RAM, e.g. 16M, 256M, 1G (plain numbers are MiB; default 64M)",
+    )
+    p.add_argument(
+        "--swap",
+        type=_swap_arg,
+        default=None,
+        metavar="SIZE",
+        help="swap device size (default: twice the RAM; 0: no swap)",
+    )
+    p.add_argument(
+        "--device",
+        type=_device_arg,
+        default="spawn",
+        metavar="SPEC",
+        help="spawn (a child `gemu device`, default), inproc, or unix:PATH | tcp:HOST:PORT | "
+        "serial:PORT-or-URL of a `gemu device` started separately",
+    )
+    p.add_argument(
+        "--job-timeout",
+        type=_ms_arg,
+        default=None,
+        metavar="MS",
+        help="GPU job timeout before a hang is declared and the GPU reset (default 2000)",
+    )
+    p.add_argument(
+        "--no-kswapd", action="store_true", help="do not start background reclaim (kswapd)"
+    )
+    p.add_argument(
+        "--trace",
+        metavar="FILE",
+        help="write a Chrome/Perfetto trace-event JSON of the run to FILE",
+    )
+    p.add_argument(
+        "--log",
+        type=_log_arg,
+        default=("guest_errors",),
+        metavar="ITEMS",
+        help="comma list, QEMU -d style: guest_errors (guest kernel warnings and errors, "
+        "default), guest (guest info too), device (the device model's log on stderr), "
+        "debug, none",
+    )
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    boot = sub.add_parser(
+        "boot",
+        help="boot the emulated machine and give its shell on a console",
+        description="Assemble guest RAM, swap and the GPU device model, boot the guest kernel "
+        "model and run its shell (prompt 'gemu# ') on a console.",
+    )
+    _machine_options(boot)
+    boot.add_argument(
+        "--serial",
+        type=_serial_arg,
+        default="stdio",
+        metavar="SPEC",
+        help="console: stdio (default), pty, unix:PATH, tcp:127.0.0.1:PORT, serial:PORT-or-URL",
+    )
+    boot.set_defaults(func=cmd_boot)
+    run = sub.add_parser(
+        "run",
+        help="boot, run job scripts, power off; exit 0 only if every check held",
+        description="Boot the machine, run each job script in order (stopping at the first "
+        "failure), power off and exit 0 only if every expectation held and nothing "
+        "unexpected (GPU fault, lockdep report, lost data, kernel warning) happened.",
+    )
+    run.add_argument("scripts", nargs="+", metavar="SCRIPT", help="job script files")
+    _machine_options(run)
+    run.add_argument(
+        "-q", "--quiet", action="store_true", help="print only failures and the summary"
+    )
+    run.set_defaults(func=cmd_run, memory=None)
+
+
+class _KmsgHandler(logging.Handler):
+    """Guest kernel messages on the console, printk-style: ``[    1.234567] text``."""
+
+    def __init__(self, write, t0: float) -> None:
+        super().__init__()
+        self.write_line = write
+        self.t0 = t0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            msg = record.getMessage()
+        except Exception:
+            msg = str(record.msg)
+        self.write_line(f"[{time.monotonic() - self.t0:12.6f}] {msg}")
+
+
+def _setup_logs(items: tuple[str, ...], write, t0: float) -> _KmsgHandler:
+    from gemu.host.cli import setup_logging
+
+    setup_logging(logging.WARNING, "gemu")
+    level = logging.WARNING
+    if "guest" in items:
+        level = logging.INFO
+    if "debug" in items:
+        level = logging.DEBUG
+    if "none" in items:
+        level = logging.CRITICAL + 1
+    handler = _KmsgHandler(write, t0)
+    guest = logging.getLogger("gemu.guest")
+    guest.handlers[:] = [handler]
+    guest.setLevel(level)
+    guest.propagate = False
+    logging.getLogger("gemu").setLevel(min(level, logging.WARNING))
+    return handler
+
+
+class Session:
+    """One boot: machine + shell + trace, with the output function of the console."""
+
+    def __init__(self, args: argparse.Namespace, write) -> None:
+        self.args = args
+        self.write = write
+        self.t0 = time.monotonic()
+        self.machine = None
+        self.shell = None
+        self.tracer = None
+
+    def kmsg(self, text: str) -> None:
+        self.write(f"[{time.monotonic() - self.t0:12.6f}] {text}")
+
+    def boot(self) -> int | None:
+        """Boot; returns an exit status if it failed."""
+        from gemu.guest import errors
+        from gemu.host.machine import Machine, format_size
+        from gemu.host.shell import Shell
+
+        args = self.args
+        errors.set_strict(False)
+        _setup_logs(args.log, self.write, self.t0)
+        if args.trace:
+            from gemu.host.tracefile import TraceWriter
+
+            self.tracer = TraceWriter(args.trace)
+            self.tracer.start()
+        ram = args.memory
+        swap = 2 * ram if args.swap is None else args.swap
+        self.kmsg(
+            f"gemu: booting with {format_size(ram)} RAM, "
+            f"{format_size(swap) if swap else 'no'} swap, device {args.device}"
+        )
+        extra = {}
+        if args.job_timeout is not None:
+            extra["timeout_ns"] = args.job_timeout
+        dev_args = ("--log", "info") if "device" in args.log else ()
+        try:
+            self.machine = Machine(
+                ram_size=ram,
+                swap_size=swap,
+                device=args.device,
+                kswapd=not args.no_kswapd,
+                device_args=dev_args,
+                **extra,
+            )
+        except Exception as exc:
+            self.kmsg(f"gemu: cannot boot: device {args.device} unreachable or failing: {exc}")
+            return EXIT_MACHINE
+        for line in self.machine.boot_log():
+            self.kmsg(line)
+        self.shell = Shell(self.machine, self.write)
+        self.kmsg(f"gemu: boot done in {(time.monotonic() - self.t0) * 1e3:.0f} ms")
+        return None
+
+    def finish(self, interrupted: bool = False) -> int:
+        """Power off: summary, shutdown, trace file; returns the exit status."""
+        sh, m = self.shell, self.machine
+        status = EXIT_OK
+        if sh is not None:
+            s = sh.poweroff()
+            st = s.stats
+            gpu = st.get("gpu", {})
+            shr = st.get("shrinker", {})
+            self.write(
+                f"summary: {s.commands} commands, {s.checks_passed} checks passed, "
+                f"{s.checks_failed} failed; jobs {gpu.get('jobs_emitted', 0)}, "
+                f"evictions {shr.get('evicted', 0)}, swap-ins {shr.get('swapped_in', 0)}, "
+                f"purges {shr.get('purged', 0)}, GPU faults {gpu.get('mmu_faults', 0)}, "
+                f"resets {gpu.get('resets', 0)}"
+            )
+            for p in s.problems():
+                self.write(f"FAIL: {p}")
+            if s.device_lost:
+                status = EXIT_MACHINE
+            elif not s.ok:
+                status = EXIT_FAILED
+        if m is not None:
+            m.shutdown()
+            if "device" in self.args.log:
+                sys.stderr.write(m.device_log())
+        if self.tracer is not None:
+            self.tracer.close()
+            self.write(f"trace: {len(self.tracer.events)} events written to {self.args.trace}")
+        self.write("reboot: Power down")
+        return EXIT_INTERRUPTED if interrupted else status
+
+
+def cmd_boot(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from gemu.host.console import ConsoleInterrupt, ConsoleSpecError, open_console
+    from gemu.host.shell import PROMPT, DeviceLost, PowerOff
+
+    try:
+        con = open_console(args.serial)
+    except ConsoleSpecError as exc:
+        parser.error(f"argument --serial: {exc}")
+    except OSError as exc:
+        parser.error(f"argument --serial: {exc}")
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    session = Session(args, con.line)
+    interrupted = False
+    try:
+        failed = session.boot()
+        if failed is not None:
+            session.finish()
+            return failed
+        sh = session.shell
+        lineno = 0
+
+        def idle() -> None:
+            sh._check_device()
+
+        while True:
+            text = con.readline(PROMPT, idle)
+            if text is None:
+                con.line("")
+                break
+            lineno += 1
+            try:
+                sh.run_line(text, "<console>", lineno)
+            except PowerOff:
+                break
+    except (ConsoleInterrupt, KeyboardInterrupt):
+        con.line("gemu: interrupted; powering off")
+        interrupted = True
+    except DeviceLost as exc:
+        session.kmsg(f"gemu0: device lost: {exc}; powering off")
+    try:
+        return session.finish(interrupted)
+    finally:
+        con.close()
+
+
+def cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from gemu.host.jobscript import ScriptError, parse_file
+    from gemu.host.shell import PROMPT, DeviceLost, PowerOff, Shell
+
+    scripts = []
+    try:
+        for path in args.scripts:
+            scripts.append(parse_file(path, commands=Shell.COMMANDS))
+    except ScriptError as exc:
+        print(f"gemu run: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.memory is None:
+        args.memory = _size_arg("16M")
+
+    def write(text: str) -> None:
+        print(text, flush=True)
+
+    session = Session(args, write)
+    if args.quiet:
+        session.write = lambda text: None
+    interrupted = False
+    status = None
+    try:
+        failed = session.boot()
+        if failed is not None:
+            session.write = write
+            session.finish()
+            return failed
+        sh = session.shell
+        sh.echo = not args.quiet
+        if args.quiet:
+            sh.write = lambda text: None
+            sh.report = write
+        for path, statements in zip(args.scripts, scripts):
+            if not args.quiet:
+                write(f"{PROMPT}# {path}")
+            try:
+                if not sh.run_statements(statements):
+                    status = EXIT_FAILED
+                    break
+            except PowerOff:
+                break
+    except KeyboardInterrupt:
+        write("gemu: interrupted; powering off")
+        interrupted = True
+    except DeviceLost as exc:
+        write(f"gemu0: device lost: {exc}; powering off")
+    session.write = write
+    code = session.finish(interrupted)
+    if status is not None and code == EXIT_OK:
+        code = status
+    return code

@@ -1,0 +1,1078 @@
+"""DOC: the guest shell: the commands of ``gemu boot``'s console and of job scripts.
+
+:class:`Shell` runs commands against a booted :class:`~gemu.host.machine.Machine` through
+the gemu driver's uAPI (one open :class:`~gemu.guest.gemu_drv.uapi.GemuFile`), the way a
+guest program would, and keeps the bookkeeping CI needs: named BOs and fences, the checksum
+each BO should hold, expectations passed and failed, and at the end whether anything went
+wrong that nobody expected (a GPU fault, a lockdep report, lost data, a kernel warning)::
+
+    with Machine(ram_size=16 << 20) as m:
+        sh = Shell(m, write=print)
+        sh.run_text("a = bo 64K\\nfill a random 1\\nf = submit crc a a\\nwait f\\n")
+        sh.poweroff()
+        assert sh.summary().ok
+
+Every command has ``help``; docs/job-scripts.md lists them with the script grammar.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno as errno_mod
+import inspect
+import logging
+import operator
+import random
+import threading
+import time
+import zlib
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gemu.device.abi import packets as pk
+from gemu.device.abi.enums import WaitFunc
+from gemu.guest.errors import KernelError
+from gemu.guest.gemu_drv.uapi import READ, WRITE, JobFence
+from gemu.guest.kernel import trace
+from gemu.guest.locking import lockdep
+from gemu.host.jobscript import (
+    Arity,
+    ScriptError,
+    Statement,
+    expand,
+    parse,
+    parse_file,
+    parse_line,
+)
+from gemu.host.machine import Machine, format_size, parse_size
+
+log = logging.getLogger("gemu.host.shell")
+
+PROMPT = "gemu# "
+FAULT_VA = 0x7FFF_0000_0000
+"""A GPU VA the VM never hands out: a job touching it faults."""
+WAIT_TIMEOUT_S = 10.0
+_OPS = {
+    "==": operator.eq,
+    "!=": operator.ne,
+    ">": operator.gt,
+    ">=": operator.ge,
+    "<": operator.lt,
+    "<=": operator.le,
+}
+
+
+class ShellError(Exception):
+    """A command failed; ``errno`` is set when the guest kernel returned one."""
+
+    def __init__(self, message: str, errno: int = 0) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
+class ExpectationFailed(ShellError):
+    """An ``expect`` line did not hold."""
+
+
+class PowerOff(Exception):
+    """``poweroff`` was typed (or the script ended)."""
+
+
+class DeviceLost(Exception):
+    """The device became unreachable; the machine cannot go on."""
+
+
+@dataclass
+class BoVar:
+    """A named BO of the shell. ``expected`` is the CRC32 its contents should have (None:
+    unknown, e.g. after a partial GPU write); ``dontneed`` after madvise DONTNEED."""
+
+    name: str
+    handle: int
+    size: int
+    va: int | None
+    expected: int | None = None
+    dontneed: bool = False
+
+
+@dataclass
+class FenceVar:
+    """A submitted job: its out-fence, what it does and which BOs it will change."""
+
+    name: str
+    fence: JobFence
+    what: str
+    writes: list[tuple[BoVar, int | None]] = field(default_factory=list)
+    examined: bool = False
+    settled: bool = False
+
+
+@dataclass
+class Summary:
+    """What a session did and whether it went well (``ok``)."""
+
+    commands: int = 0
+    checks_passed: int = 0
+    checks_failed: int = 0
+    errors: int = 0
+    unexpected_faults: list[str] = field(default_factory=list)
+    unexpected_lockdep: list[str] = field(default_factory=list)
+    lost_data: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    device_lost: str | None = None
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not (
+            self.checks_failed
+            or self.unexpected_faults
+            or self.unexpected_lockdep
+            or self.lost_data
+            or self.warnings
+            or self.device_lost
+        )
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.checks_failed:
+            out.append(f"{self.checks_failed} expectation(s) failed")
+        out += [f"unexpected GPU fault: {f}" for f in self.unexpected_faults]
+        out += [f"unexpected lockdep report: {r}" for r in self.unexpected_lockdep]
+        out += [f"lost data: {d}" for d in self.lost_data]
+        out += [f"kernel warning: {w}" for w in self.warnings]
+        if self.device_lost:
+            out.append(f"device lost: {self.device_lost}")
+        return out
+
+
+def _num(text: str) -> int:
+    """An integer: decimal, 0x hex, or a size with a K/M/G suffix."""
+    try:
+        return int(text, 0)
+    except ValueError:
+        pass
+    try:
+        return parse_size(text, default_unit="")
+    except (ValueError, KeyError):
+        raise ShellError(f"{text!r} is not a number") from None
+
+
+def _size(text: str) -> int:
+    try:
+        n = parse_size(text, default_unit="")
+    except (ValueError, KeyError):
+        try:
+            n = int(text, 0)
+        except ValueError:
+            raise ShellError(f"invalid size {text!r} (e.g. 4096, 64K, 1M)") from None
+    if n <= 0:
+        raise ShellError(f"invalid size {text!r}: must be above 0")
+    return n
+
+
+def _errno_name(e: int) -> str:
+    return errno_mod.errorcode.get(abs(e), str(abs(e)))
+
+
+def _pattern_crc(value: int, size: int) -> int:
+    return zlib.crc32(value.to_bytes(4, "little") * (size // 4))
+
+
+# The command table: name -> (method name, Arity, one-line help). Filled by @command.
+_TABLE: dict[str, tuple[str, Arity, str]] = {}
+
+
+def command(name: str, min_args: int, max_args: int | None, usage: str, *, binds: bool = False):
+    def deco(fn):
+        _TABLE[name] = (fn.__name__, Arity(min_args, max_args, usage, binds), "")
+        fn._help = inspect.cleandoc(fn.__doc__ or "")
+        return fn
+
+    return deco
+
+
+class Shell:
+    """The guest shell over one machine. ``write`` receives every line of output."""
+
+    COMMANDS: dict[str, Arity]
+
+    def __init__(
+        self,
+        machine: Machine,
+        write: Callable[[str], None] = print,
+        *,
+        echo: bool = False,
+        base: Path | None = None,
+    ) -> None:
+        self.m = machine
+        self.write = write
+        self.report = self.say
+        """Where failures (file:line messages) go; ``write`` unless set apart."""
+        self.echo = echo
+        self.base = base or Path.cwd()
+        self.file = machine.open()
+        self.bos: dict[str, BoVar] = {}
+        self.fences: dict[str, FenceVar] = {}
+        self.values: dict[str, str] = {}
+        self.sum = Summary()
+        self.last_error: ShellError | None = None
+        self.expected_lockdep = 0
+        self.expected_lost: set[str] = set()
+        self._lockdep_base = len(lockdep.reports())
+        self._jobs = 0
+        self.bytes_moved = 0
+        self.events: deque = deque(maxlen=10_000)
+        self._events_on = False
+        self._events_lock = threading.Lock()
+        self._down = False
+        self._hang_sems: list[int] = []
+
+    # -- output ------------------------------------------------------------------------------
+    def say(self, text: str = "") -> None:
+        for line in text.splitlines() or [""]:
+            self.write(line)
+
+    # -- running -----------------------------------------------------------------------------
+    def execute(self, st: Statement) -> None:
+        """Run one statement; raises ShellError (or PowerOff/DeviceLost)."""
+        self.sum.commands += 1
+        try:
+            argv = [expand(w, self.values) for w in st.argv]
+        except KeyError as exc:
+            raise ShellError(f"${exc.args[0]} is not set (set {exc.args[0]} VALUE)") from None
+        method, _arity, _ = _TABLE[argv[0]]
+        fn = getattr(self, method)
+        try:
+            result = fn(st, *argv[1:])
+        except (ShellError, PowerOff, DeviceLost):
+            raise
+        except KernelError as exc:
+            raise ShellError(f"{argv[0]}: {exc}", exc.errno) from None
+        except (ConnectionError, OSError) as exc:
+            raise ShellError(f"{argv[0]}: device unreachable: {exc}", errno_mod.ENODEV) from None
+        if st.target is not None and result is None:
+            raise ShellError(f"{argv[0]}: gave no result to bind to {st.target}")
+
+    def _check_device(self) -> None:
+        why = self.m.device_lost()
+        if why is not None:
+            self.sum.device_lost = why
+            raise DeviceLost(why)
+
+    def run_statements(self, statements: list[Statement], *, stop_on_error: bool = True) -> bool:
+        """Run statements in order; returns False at the first failure when
+        ``stop_on_error`` (the message, naming file:line, has been written)."""
+        ok = True
+        for i, st in enumerate(statements):
+            if self.echo:
+                self.say(f"{PROMPT}{st.text}")
+            try:
+                self.execute(st)
+                if st.command != "expect":
+                    self.last_error = None
+            except ExpectationFailed as exc:
+                self.sum.checks_failed += 1
+                self.report(f"{st.where}: {exc}")
+                ok = False
+                if stop_on_error:
+                    return False
+            except ShellError as exc:
+                self.last_error = exc
+                nxt = statements[i + 1] if i + 1 < len(statements) else None
+                self.report(f"{st.where}: {exc}")
+                if nxt is not None and nxt.argv[:2] == ("expect", "error"):
+                    continue
+                self.sum.errors += 1
+                self._check_device()
+                ok = False
+                if stop_on_error:
+                    return False
+            self._check_device()
+        return ok
+
+    def run_text(self, text: str, file: str = "<text>", *, stop_on_error: bool = True) -> bool:
+        return self.run_statements(
+            parse(text, file, commands=self.COMMANDS, base=self.base), stop_on_error=stop_on_error
+        )
+
+    def run_file(self, path: str | Path, *, stop_on_error: bool = True) -> bool:
+        return self.run_statements(
+            parse_file(path, commands=self.COMMANDS), stop_on_error=stop_on_error
+        )
+
+    def run_line(self, text: str, where: str = "<console>", line: int = 1) -> bool:
+        """One console line: parse errors and command errors are printed, not raised."""
+        try:
+            st = parse_line(text, where, line, self.COMMANDS)
+        except ScriptError as exc:
+            self.report(str(exc))
+            self.sum.errors += 1
+            return False
+        return True if st is None else self.run_statements([st], stop_on_error=True)
+
+    # -- lookup ------------------------------------------------------------------------------
+    def _bo(self, name: str) -> BoVar:
+        base = name.split("+", 1)[0]
+        bo = self.bos.get(base)
+        if bo is None:
+            raise ShellError(f"no BO named {base!r}" + self._known("BO", self.bos))
+        return bo
+
+    def _bo_off(self, text: str) -> tuple[BoVar, int]:
+        base, _, off = text.partition("+")
+        bo = self._bo(base)
+        offset = _num(off) if off else 0
+        if not 0 <= offset <= bo.size - 4:
+            raise ShellError(f"offset {offset} outside {bo.name} ({bo.size} bytes)")
+        return bo, offset
+
+    def _fence(self, name: str) -> FenceVar:
+        f = self.fences.get(name)
+        if f is None:
+            raise ShellError(f"no fence named {name!r}" + self._known("fence", self.fences))
+        return f
+
+    @staticmethod
+    def _known(what: str, table: dict) -> str:
+        return f" (known: {', '.join(table)})" if table else f" (no {what} yet)"
+
+    def _new_name(self, st: Statement, prefix: str, n: int) -> str:
+        return st.target or f"{prefix}{n}"
+
+    # -- BOs ---------------------------------------------------------------------------------
+    @command("bo", 1, 2, "[NAME =] bo SIZE [nomap]", binds=True)
+    def cmd_bo(self, st: Statement, size: str, flag: str = "") -> BoVar:
+        """Create a BO of SIZE bytes (K/M/G suffixes) and map it into the GPU VM
+        (``nomap``: leave it unbound). Its pages come from guest RAM at once."""
+        if flag not in ("", "nomap"):
+            raise ShellError(f"bo: unknown flag {flag!r} (only 'nomap')")
+        n = _size(size)
+        h = self.file.create_bo(n, name=st.target)
+        name = self._new_name(st, "bo", h)
+        if name in self.bos:
+            self.file.close_bo(self.bos[name].handle)
+        va = None if flag else self.file.vm_bind(h)
+        bo = BoVar(name, h, self.file.bo(h).obj.size, va, zlib.crc32(bytes(n)))
+        self.bos[name] = bo
+        where = f"GPU VA {va:#x}" if va is not None else "not mapped"
+        self.say(f"{name}: handle {h}, {format_size(bo.size)}, {where}")
+        return bo
+
+    @command("close", 1, None, "close BO...")
+    def cmd_close(self, st: Statement, *names: str) -> None:
+        """Close BO handles (a BO a job still uses lives until the job is done)."""
+        for name in names:
+            bo = self._bo(name)
+            self.file.close_bo(bo.handle)
+            del self.bos[bo.name]
+
+    @command("map", 1, 2, "map BO [VA]")
+    def cmd_map(self, st: Statement, name: str, va: str = "") -> None:
+        """Bind a BO into the GPU VM (at VA if given); jobs map its pages when they run."""
+        bo = self._bo(name)
+        bo.va = self.file.vm_bind(bo.handle, _num(va) if va else None)
+        self.say(f"{bo.name}: GPU VA {bo.va:#x}")
+
+    @command("unmap", 1, 1, "unmap BO")
+    def cmd_unmap(self, st: Statement, name: str) -> None:
+        """Unbind a BO from the GPU VM (it must be idle)."""
+        bo = self._bo(name)
+        self.file.vm_unbind(bo.handle)
+        bo.va = None
+
+    @command("pin", 1, 1, "pin BO")
+    def cmd_pin(self, st: Statement, name: str) -> None:
+        """Pin a BO's pages: never evicted or purged until unpinned."""
+        self.file.pin(self._bo(name).handle)
+
+    @command("unpin", 1, 1, "unpin BO")
+    def cmd_unpin(self, st: Statement, name: str) -> None:
+        """Drop a pin."""
+        self.file.unpin(self._bo(name).handle)
+
+    @command("madvise", 2, 2, "madvise BO dontneed|willneed")
+    def cmd_madvise(self, st: Statement, name: str, advice: str) -> None:
+        """Tell the kernel whether a BO's contents are needed; DONTNEED BOs are purged first
+        under memory pressure, and a purged BO is rejected by submits."""
+        if advice not in ("dontneed", "willneed"):
+            raise ShellError(f"madvise: {advice!r} is not dontneed or willneed")
+        bo = self._bo(name)
+        retained = self.file.madvise(bo.handle, willneed=advice == "willneed")
+        bo.dontneed = advice == "dontneed" or not retained
+        self.say(f"{bo.name}: {'retained' if retained else 'purged'}")
+
+    @command("fill", 2, 3, "fill BO VALUE | fill BO random SEED")
+    def cmd_fill(self, st: Statement, name: str, value: str, seed: str = "") -> None:
+        """Write the whole BO through its CPU mapping: a repeated 32-bit VALUE, or
+        pseudo-random bytes from SEED. The shell remembers the checksum (see verify)."""
+        bo = self._bo(name)
+        if value == "random":
+            if not seed:
+                raise ShellError("fill: random needs a SEED")
+            data = random.Random(_num(seed)).randbytes(bo.size)
+        elif seed:
+            raise ShellError(f"fill: unexpected {seed!r} after the value")
+        else:
+            data = (_num(value) & 0xFFFFFFFF).to_bytes(4, "little") * (bo.size // 4)
+        self.file.write(bo.handle, 0, data)
+        bo.expected = zlib.crc32(data)
+
+    @command("write", 3, 3, "write BO OFFSET HEXBYTES")
+    def cmd_write(self, st: Statement, name: str, offset: str, hexbytes: str) -> None:
+        """Write bytes (hex) at OFFSET through the CPU mapping."""
+        bo = self._bo(name)
+        try:
+            data = bytes.fromhex(hexbytes)
+        except ValueError:
+            raise ShellError(f"write: {hexbytes!r} is not hex bytes") from None
+        self.file.write(bo.handle, _num(offset), data)
+        bo.expected = zlib.crc32(self.file.read(bo.handle, 0, bo.size))
+
+    @command("poke", 2, 2, "poke BO[+OFFSET] VALUE")
+    def cmd_poke(self, st: Statement, where: str, value: str) -> None:
+        """Store a 32-bit VALUE through the CPU mapping (e.g. release a waitmem job)."""
+        bo, off = self._bo_off(where)
+        self.file.write(bo.handle, off, (_num(value) & 0xFFFFFFFF).to_bytes(4, "little"))
+        bo.expected = None
+
+    @command("read", 1, 3, "read BO [OFFSET [LENGTH]]")
+    def cmd_read(self, st: Statement, name: str, offset: str = "0", length: str = "64") -> None:
+        """Hex dump of a BO read through its CPU mapping (swapped in if evicted)."""
+        bo = self._bo(name)
+        off, n = _num(offset), min(_num(length), 4096)
+        data = self.file.read(bo.handle, off, n)
+        for i in range(0, len(data), 16):
+            chunk = data[i : i + 16]
+            self.say(f"{off + i:08x}  {chunk.hex(' ')}")
+
+    @command("crc", 1, 1, "crc BO")
+    def cmd_crc(self, st: Statement, name: str) -> None:
+        """CRC32 of the BO's contents read by the CPU."""
+        bo = self._bo(name)
+        self.say(f"{bo.name}: crc32 {zlib.crc32(self.file.read(bo.handle, 0, bo.size)):#010x}")
+
+    @command("verify", 0, None, "verify [BO...]")
+    def cmd_verify(self, st: Statement, *names: str) -> None:
+        """Check that BOs still hold what was written into them (all BOs with known
+        contents by default, DONTNEED ones excepted). A difference is lost data."""
+        self._settle_all()
+        bos = [self._bo(n) for n in names] if names else list(self.bos.values())
+        checked = 0
+        for bo in bos:
+            if bo.expected is None or bo.dontneed:
+                continue
+            got = zlib.crc32(self.file.read(bo.handle, 0, bo.size))
+            checked += 1
+            if got != bo.expected:
+                msg = f"{bo.name}: contents changed (crc32 {got:#010x}, wrote {bo.expected:#010x})"
+                if bo.name not in self.expected_lost:
+                    self.sum.lost_data.append(msg)
+                raise ExpectationFailed(f"verify {msg}")
+        self.sum.checks_passed += 1
+        self.say(f"verify: {checked} BOs intact")
+
+    # -- jobs --------------------------------------------------------------------------------
+    def _va(self, bo: BoVar) -> int:
+        if bo.va is None:
+            raise ShellError(f"{bo.name} is not mapped in the GPU VM (map it)")
+        return bo.va
+
+    @command("submit", 1, None, "[NAME =] submit KIND ARGS... [after FENCE...]", binds=True)
+    def cmd_submit(self, st: Statement, kind: str, *rest: str) -> FenceVar:
+        """Submit a GPU job; KIND is one of:
+        nop | copy SRC DST | fill DST VALUE | crc SRC DST (CRC32 of SRC into DST+0) |
+        atomic DST[+OFF] ADD | waitmem BO[+OFF] VALUE (until the CPU pokes VALUE) |
+        fault (writes an unmapped GPU VA: MMU fault) | hang (waits forever: timeout, reset).
+        ``after F1 F2`` makes the job wait for other jobs' fences (a fence chain)."""
+        args = list(rest)
+        after: list[FenceVar] = []
+        if "after" in args:
+            i = args.index("after")
+            after = [self._fence(n) for n in args[i + 1 :]]
+            if not after:
+                raise ShellError("submit: 'after' needs fence names")
+            args = args[:i]
+        cmd, bos, writes, what, moved = self._build_job(kind, args)
+        fence = self.file.submit(cmd, bos=bos, in_fences=[f.fence for f in after])
+        self._jobs += 1
+        self.bytes_moved += moved
+        name = self._new_name(st, "f", self._jobs)
+        fv = FenceVar(name, fence, what, writes)
+        self.fences[name] = fv
+        for bo, crc in writes:
+            bo.expected = crc
+        self.say(f"{name}: job {fence.seqno} submitted ({what})")
+        return fv
+
+    def _build_job(self, kind: str, args: list[str]):
+        def need(n: int, usage: str) -> None:
+            if len(args) != n:
+                raise ShellError(f"submit {kind}: usage: submit {kind} {usage}")
+
+        if kind == "nop":
+            need(0, "")
+            return pk.nop(), [], [], "nop", 0
+        if kind == "copy":
+            need(2, "SRC DST")
+            src, dst = self._bo(args[0]), self._bo(args[1])
+            n = min(src.size, dst.size)
+            crc = src.expected if n == src.size == dst.size else None
+            cmd = pk.copy(self._va(src), self._va(dst), n)
+            return (
+                cmd,
+                [(src.handle, READ), (dst.handle, WRITE)],
+                [(dst, crc)],
+                (f"copy {format_size(n)} {src.name} -> {dst.name}"),
+                n,
+            )
+        if kind == "fill":
+            need(2, "DST VALUE")
+            dst, value = self._bo(args[0]), _num(args[1]) & 0xFFFFFFFF
+            cmd = pk.fill(self._va(dst), dst.size, value)
+            return (
+                cmd,
+                [(dst.handle, WRITE)],
+                [(dst, _pattern_crc(value, dst.size))],
+                (f"fill {dst.name} with {value:#010x}"),
+                dst.size,
+            )
+        if kind == "crc":
+            need(2, "SRC DST")
+            src, dst = self._bo(args[0]), self._bo(args[1])
+            cmd = pk.crc32(self._va(src), src.size, self._va(dst))
+            bos = [(src.handle, READ | WRITE)] if src is dst else [(src.handle, READ)]
+            if src is not dst:
+                bos.append((dst.handle, WRITE))
+            return cmd, bos, [(dst, None)], f"crc32 of {src.name} into {dst.name}", src.size
+        if kind == "atomic":
+            need(2, "DST[+OFF] ADD")
+            dst, off = self._bo_off(args[0])
+            cmd = pk.atomic_add(self._va(dst) + off, _num(args[1]))
+            return cmd, [(dst.handle, WRITE)], [(dst, None)], f"atomic add to {args[0]}", 8
+        if kind == "waitmem":
+            need(2, "BO[+OFF] VALUE")
+            bo, off = self._bo_off(args[0])
+            value = _num(args[1]) & 0xFFFFFFFF
+            cmd = pk.wait_mem(self._va(bo) + off, value, function=WaitFunc.EQ)
+            return cmd, [(bo.handle, READ)], [], f"wait until {args[0]} == {value:#x}", 0
+        if kind == "fault":
+            need(0, "")
+            cmd = pk.fill(FAULT_VA, 4096, 0xDEAD)
+            return cmd, [], [], f"fill at unmapped GPU VA {FAULT_VA:#x}", 0
+        if kind == "hang":
+            need(0, "")
+            sem = self.file.create_bo(4096, name="hang-sem")
+            va = self.file.vm_bind(sem)
+            self.file.pin(sem)
+            self._hang_sems.append(sem)
+            cmd = pk.wait_mem(va, 1, function=WaitFunc.EQ)
+            return cmd, [(sem, READ)], [], "wait for a value nobody writes (hang)", 0
+        raise ShellError(
+            f"submit: unknown job kind {kind!r} "
+            "(nop, copy, fill, crc, atomic, waitmem, fault, hang)"
+        )
+
+    def _settle(self, fv: FenceVar, timeout: float | None = WAIT_TIMEOUT_S) -> None:
+        """Wait for a fence; on failure forget what it would have written."""
+        try:
+            self.file.wait(fv.fence, timeout)
+        except KernelError as exc:
+            if exc.errno == errno_mod.ETIMEDOUT and not fv.fence.signaled:
+                raise
+            for bo, _ in fv.writes:
+                bo.expected = None
+            raise
+        finally:
+            if fv.fence.signaled:
+                fv.settled = True
+
+    def _settle_all(self) -> None:
+        for fv in list(self.fences.values()):
+            if not fv.settled:
+                with contextlib.suppress(KernelError):
+                    self._settle(fv)
+
+    @command("wait", 1, None, "wait FENCE... [timeout SECONDS]")
+    def cmd_wait(self, st: Statement, *args: str) -> None:
+        """Wait for jobs to finish; a failed job is an error naming why (EFAULT: GPU MMU
+        fault, EIO: bad command, ETIMEDOUT: hang reset, ENODEV: device lost)."""
+        names = list(args)
+        timeout = WAIT_TIMEOUT_S
+        if "timeout" in names:
+            i = names.index("timeout")
+            if i + 2 != len(names):
+                raise ShellError("wait: 'timeout' takes one value, at the end")
+            timeout = float(names[i + 1])
+            names = names[:i]
+        for name in names:
+            fv = self._fence(name)
+            t0 = time.perf_counter()
+            try:
+                self._settle(fv, timeout)
+            except KernelError as exc:
+                fv.examined = True
+                raise ShellError(f"{fv.name}: job failed: {exc}", exc.errno) from None
+            self.say(f"{fv.name}: signaled ({(time.perf_counter() - t0) * 1e3:.1f} ms)")
+
+    @command("job-timeout", 1, 1, "job-timeout MILLISECONDS")
+    def cmd_job_timeout(self, st: Statement, ms: str) -> None:
+        """Set the scheduler's job timeout (a job running longer is a hang: GPU reset)."""
+        ns = int(float(ms) * 1_000_000)
+        if ns <= 0:
+            raise ShellError("job-timeout: must be above 0")
+        self.m.driver.timeout_ns = ns
+        self.m.driver.sched.timeout = ns
+        self.say(f"job timeout {ns // 1_000_000} ms")
+
+    # -- memory ------------------------------------------------------------------------------
+    @command("pressure", 1, 1, "pressure SIZE")
+    def cmd_pressure(self, st: Statement, size: str) -> None:
+        """Run direct reclaim for SIZE bytes, as an allocation under memory pressure would:
+        the shrinker purges DONTNEED BOs, then evicts idle BOs to swap."""
+        pages = max(1, _size(size) // 4096)
+        self._reclaim(pages)
+
+    @command("drop-caches", 0, 0, "drop-caches")
+    def cmd_drop_caches(self, st: Statement) -> None:
+        """Reclaim everything reclaimable (every idle BO purged or evicted)."""
+        self._reclaim(self.m.allocator.totalram_pages)
+
+    def _reclaim(self, pages: int) -> None:
+        sh = self.m.dev.shmem_mm.stats
+        a = self.m.allocator
+        before = (sh.purged, sh.evicted, a.nr_free)
+        self.m.reclaim(pages)
+        self.say(
+            f"reclaim: {sh.purged - before[0]} purged, {sh.evicted - before[1]} evicted, "
+            f"{a.nr_free - before[2]} pages freed ({a.nr_free} free)"
+        )
+
+    # -- values ------------------------------------------------------------------------------
+    @command("set", 2, 2, "set NAME VALUE")
+    def cmd_set(self, st: Statement, name: str, value: str) -> None:
+        """Set a value that later lines use as $NAME or ${NAME}."""
+        from gemu.host.jobscript import NAME_RE
+
+        if not NAME_RE.match(name):
+            raise ShellError(f"set: {name!r} is not a name")
+        self.values[name] = value
+
+    @command("echo", 0, None, "echo TEXT...")
+    def cmd_echo(self, st: Statement, *words: str) -> None:
+        """Print a line (job scripts use it to label their output)."""
+        self.say(" ".join(words))
+
+    # -- inspection --------------------------------------------------------------------------
+    @command("info", 1, 1, "info objects|shrinker|swap|mem|mmu|ring|fences|lockdep|stats")
+    def cmd_info(self, st: Statement, what: str) -> None:
+        """Show kernel state: objects (BOs with counters and state), shrinker (LRUs and
+        counters), swap, mem (allocator, watermarks, reclaim), mmu (address spaces and
+        mappings), ring, fences, lockdep (reports), stats (everything as key = value)."""
+        fn = getattr(self, f"_info_{what}", None)
+        if fn is None:
+            raise ShellError(
+                f"info: unknown view {what!r} "
+                "(objects, shrinker, swap, mem, mmu, ring, fences, lockdep, stats)"
+            )
+        fn()
+
+    def _obj_state(self, obj) -> str:
+        if obj.madv < 0:
+            return "purged"
+        if obj.evicted:
+            return "evicted"
+        if obj.pages_pin_count:
+            return "pinned"
+        if obj.pages is not None:
+            return "resident"
+        return "no-pages"
+
+    def _info_objects(self) -> None:
+        self.say(f"{'name':<12} {'handle':>6} {'size':>9} {'state':<9} use pin madv  GPU VA")
+        for bo in self.bos.values():
+            obj = self.file.bo(bo.handle).obj
+            va = f"{bo.va:#x}" if bo.va is not None else "-"
+            self.say(
+                f"{bo.name:<12} {bo.handle:>6} {format_size(bo.size):>9} "
+                f"{self._obj_state(obj):<9} {obj.pages_use_count:>3} {obj.pages_pin_count:>3} "
+                f"{obj.madv:>4}  {va}"
+            )
+        self.say(f"{self.m.dev.object_count} GEM objects (the driver's own included)")
+
+    def _info_shrinker(self) -> None:
+        s = self.m.statistics()["shrinker"]
+        self.say(
+            f"LRU pages: evictable {s['lru_evictable_pages']}, evicted "
+            f"{s['lru_evicted_pages']}, pinned {s['lru_pinned_pages']}"
+        )
+        for k in ("scans", "purged", "evicted", "swapped_in"):
+            self.say(f"  {k:<16} {s[k]}")
+        skipped = {k: v for k, v in s.items() if k.startswith("skipped") or k == "evict_errors"}
+        self.say("  " + ", ".join(f"{k} {v}" for k, v in skipped.items()))
+
+    def _info_swap(self) -> None:
+        s = self.m.statistics().get("swap")
+        if s is None:
+            self.say("no swap")
+            return
+        self.say(f"swap: {s['used_pages']} of {s['total_pages']} pages used")
+        self.say(
+            f"  pswpout {s['pswpout']}, pswpin {s['pswpin']}, errors "
+            f"{s['write_errors']}/{s['read_errors']}, high water {s['high_water']}"
+        )
+
+    def _info_mem(self) -> None:
+        s = self.m.statistics()["mem"]
+        wm = self.m.allocator.watermarks
+        self.say(
+            f"mem: {s['free_pages']} of {s['total_pages']} pages free, "
+            f"watermarks {wm.min}/{wm.low}/{wm.high}, high water {s['high_water']}"
+        )
+        self.say(
+            f"  direct reclaim {s['direct_reclaims']} passes ({s['direct_reclaimed']} pages), "
+            f"kswapd {s['kswapd_runs']} runs ({s['kswapd_reclaimed']} pages), "
+            f"failures {s['failures']}"
+        )
+
+    def _info_mmu(self) -> None:
+        gpu = self.m.driver.gpu
+        for i, vm in enumerate(gpu.mmu.slots):
+            if vm is not None:
+                self.say(f"AS{i}: {vm.name} ({vm.as_users} jobs), root table {vm.root_pa:#x}")
+        self.say(f"{self.file.vm.name}: {self.file.vm.mapped_pages} pages mapped")
+        for bo in self.bos.values():
+            if bo.va is None:
+                continue
+            pte = self.file.vm.lookup(bo.va)
+            where = f"pa {pte & ~0xFFF & ((1 << 48) - 1):#x}" if pte else "not mapped"
+            self.say(f"  {bo.va:#014x} {bo.name:<12} {format_size(bo.size):>9}  first page {where}")
+        self.say("  " + ", ".join(f"{k} {v}" for k, v in gpu.mmu.stats.__dict__.items()))
+
+    def _info_ring(self) -> None:
+        gpu = self.m.driver.gpu
+        st = gpu.statistics()
+        self.say(
+            f"ring: {gpu.ring_size >> 10} KiB at {gpu.ring_pa:#x}, {gpu.ring_slots} slots, "
+            f"tail {gpu.tail:#x}, {st['pending']} jobs on the ring, "
+            f"completed seqno {st['completed_seqno']}"
+        )
+        self.say(
+            f"  jobs {st['jobs_emitted']}, doorbells {st['doorbells']}, irqs {st['irqs']}, "
+            f"faults {st['mmu_faults']}, cp errors {st['cp_errors']}, resets {st['resets']}"
+        )
+
+    def _info_fences(self) -> None:
+        for fv in self.fences.values():
+            f = fv.fence
+            state = (
+                (("failed " + _errno_name(f.error)) if f.error else "signaled")
+                if f.signaled
+                else "pending"
+            )
+            self.say(f"{fv.name:<8} job {f.seqno:<5} {state:<16} {fv.what}")
+
+    def _info_lockdep(self) -> None:
+        reports = lockdep.reports()[self._lockdep_base :]
+        if not reports:
+            self.say("lockdep: no reports")
+        for r in reports:
+            self.say(f"lockdep {r.kind} (x{r.count}): {r.message}")
+
+    def _info_stats(self) -> None:
+        def walk(prefix: str, d: dict) -> None:
+            for k, v in d.items():
+                if isinstance(v, dict):
+                    walk(f"{prefix}{k}.", v)
+                else:
+                    self.say(f"{prefix}{k} = {v}")
+
+        walk("", self.m.statistics())
+
+    @command("events", 1, 2, "events on|off|clear|show [N]")
+    def cmd_events(self, st: Statement, what: str, n: str = "40") -> None:
+        """Record guest tracepoints (jobs, evictions, swap-ins, shrinker scans, reclaim,
+        lock contention) and show the last N: the event log of the run."""
+        if what == "on":
+            if not self._events_on:
+                trace.subscribe(self._record)
+                self._events_on = True
+        elif what == "off":
+            if self._events_on:
+                trace.unsubscribe(self._record)
+                self._events_on = False
+        elif what == "clear":
+            self.events.clear()
+        elif what == "show":
+            evs = list(self.events)[-_num(n) :]
+            t0 = evs[0].ts_ns if evs else 0
+            for e in evs:
+                args = " ".join(f"{k}={v}" for k, v in e.args.items())
+                span = {"b": "begin ", "e": "end ", "i": "", "C": "counter "}.get(e.phase, "")
+                ident = f" #{e.id}" if e.id is not None else ""
+                self.say(
+                    f"{(e.ts_ns - t0) / 1e3:>10.1f} us  {e.task:<14} {e.category}.{e.name}"
+                    f"{ident} {span}{args}".rstrip()
+                )
+        else:
+            raise ShellError(f"events: {what!r} is not on, off, clear or show")
+
+    def _record(self, event) -> None:
+        self.events.append(event)
+
+    # -- expectations ------------------------------------------------------------------------
+    @command("expect", 1, None, "expect WHAT ... (see help expect)")
+    def cmd_expect(self, st: Statement, what: str, *args: str) -> None:
+        """Check something; a failure fails the run with file:line. Forms:
+        expect crc BO == VALUE|BO2   (GPU CRC32 of the whole BO)
+        expect value BO[+OFF] OP VALUE   (32-bit word read by the CPU)
+        expect fence F signaled|pending|failed [ERRNO]
+        expect fault [F]             (F, default the last job, failed with a GPU MMU fault)
+        expect error ERRNO           (the previous line failed with ERRNO, e.g. ENOMEM)
+        expect state BO resident|evicted|purged|pinned
+        expect stat NAME OP VALUE    (a counter of 'info stats', e.g. shrinker.evicted > 0)
+        expect event CATEGORY.NAME [OP COUNT]   (recorded with 'events on')
+        expect lockdep N             (N lockdep reports so far; they are then expected)
+        expect lost BO               (BO's contents are allowed to be gone)"""
+        fn = getattr(self, f"_expect_{what}", None)
+        if fn is None:
+            raise ShellError(
+                f"expect: unknown check {what!r} "
+                "(crc, value, fence, fault, error, state, stat, event, lockdep, lost)"
+            )
+        fn(*args)
+        self.sum.checks_passed += 1
+
+    def _cmp(self, what: str, got, op: str, want) -> None:
+        fn = _OPS.get(op)
+        if fn is None:
+            raise ShellError(f"expect {what}: {op!r} is not one of {' '.join(_OPS)}")
+        if not fn(got, want):
+            g = f"{got:#x}" if isinstance(got, int) and got > 9 else str(got)
+            w = f"{want:#x}" if isinstance(want, int) and want > 9 else str(want)
+            raise ExpectationFailed(f"expect {what}: got {g}, expected {op} {w}")
+
+    def _gpu_crc(self, bo: BoVar) -> int:
+        out = self._scratch()
+        fence = self.file.submit(
+            pk.crc32(self._va(bo), bo.size, self.bos["_crc"].va),
+            bos=[(bo.handle, READ), (out, WRITE)],
+        )
+        self.file.wait(fence, WAIT_TIMEOUT_S)
+        self.bytes_moved += bo.size
+        return int.from_bytes(self.file.read(out, 0, 4), "little")
+
+    def _scratch(self) -> int:
+        if "_crc" not in self.bos:
+            h = self.file.create_bo(4096, name="_crc")
+            self.bos["_crc"] = BoVar("_crc", h, 4096, self.file.vm_bind(h), None)
+        return self.bos["_crc"].handle
+
+    def _expect_crc(self, *args: str) -> None:
+        if len(args) != 3:
+            raise ShellError("expect crc: usage: expect crc BO == VALUE|BO2")
+        bo = self._bo(args[0])
+        got = self._gpu_crc(bo)
+        want = self._gpu_crc(self._bo(args[2])) if args[2] in self.bos else _num(args[2])
+        self._cmp(f"crc {bo.name}", got, args[1], want)
+
+    def _expect_value(self, *args: str) -> None:
+        if len(args) != 3:
+            raise ShellError("expect value: usage: expect value BO[+OFF] OP VALUE")
+        bo, off = self._bo_off(args[0])
+        got = int.from_bytes(self.file.read(bo.handle, off, 4), "little")
+        self._cmp(f"value {args[0]}", got, args[1], _num(args[2]) & 0xFFFFFFFF)
+
+    def _last_fence(self) -> FenceVar:
+        if not self.fences:
+            raise ShellError("expect: no job submitted yet")
+        return list(self.fences.values())[-1]
+
+    def _expect_fence(self, *args: str) -> None:
+        if len(args) not in (2, 3):
+            raise ShellError("expect fence: usage: expect fence F signaled|pending|failed [ERRNO]")
+        fv = self._fence(args[0])
+        state = args[1]
+        if state == "pending":
+            if fv.fence.signaled:
+                raise ExpectationFailed(f"expect fence {fv.name}: it is signaled, not pending")
+            return
+        if state not in ("signaled", "failed"):
+            raise ShellError(f"expect fence: {state!r} is not signaled, pending or failed")
+        with_err = self._wait_quiet(fv)
+        fv.examined = True
+        err = fv.fence.error
+        if state == "signaled" and err:
+            raise ExpectationFailed(
+                f"expect fence {fv.name} signaled: it failed with {_errno_name(err)}: "
+                f"{fv.fence.message}"
+            )
+        if state == "failed":
+            if not err:
+                raise ExpectationFailed(f"expect fence {fv.name} failed: it succeeded")
+            if len(args) == 3 and _errno_name(err) != args[2].upper():
+                raise ExpectationFailed(
+                    f"expect fence {fv.name} failed {args[2]}: failed with "
+                    f"{_errno_name(err)} ({fv.fence.message})"
+                )
+        del with_err
+
+    def _wait_quiet(self, fv: FenceVar) -> bool:
+        try:
+            self._settle(fv)
+        except KernelError as exc:
+            if not fv.fence.signaled:
+                raise ExpectationFailed(f"fence {fv.name} did not signal: {exc}") from None
+            return True
+        return False
+
+    def _expect_fault(self, *args: str) -> None:
+        if len(args) > 1:
+            raise ShellError("expect fault: usage: expect fault [FENCE]")
+        fv = self._fence(args[0]) if args else self._last_fence()
+        self._wait_quiet(fv)
+        fv.examined = True
+        err = fv.fence.error
+        if err != -errno_mod.EFAULT:
+            got = _errno_name(err) if err else "no error"
+            raise ExpectationFailed(f"expect fault {fv.name}: the job ended with {got}")
+        self.say(f"{fv.name}: {fv.fence.message}")
+
+    def _expect_error(self, *args: str) -> None:
+        if len(args) != 1:
+            raise ShellError("expect error: usage: expect error ERRNO (e.g. ENOMEM)")
+        want = args[0].upper()
+        if want not in errno_mod.__dict__:
+            raise ShellError(f"expect error: {args[0]!r} is not an errno name")
+        err = self.last_error
+        self.last_error = None
+        if err is None:
+            raise ExpectationFailed(f"expect error {want}: the previous command succeeded")
+        got = _errno_name(err.errno) if err.errno else "a non-kernel error"
+        if got != want:
+            raise ExpectationFailed(f"expect error {want}: it failed with {got}: {err}")
+        for fv in self.fences.values():
+            if f"{fv.name}: job failed" in str(err):
+                fv.examined = True
+
+    def _expect_state(self, *args: str) -> None:
+        if len(args) != 2:
+            raise ShellError("expect state: usage: expect state BO resident|evicted|purged|pinned")
+        bo = self._bo(args[0])
+        got = self._obj_state(self.file.bo(bo.handle).obj)
+        if args[1] not in ("resident", "evicted", "purged", "pinned", "no-pages"):
+            raise ShellError(f"expect state: {args[1]!r} is not a BO state")
+        if got != args[1]:
+            raise ExpectationFailed(f"expect state {bo.name}: it is {got}, not {args[1]}")
+
+    def _stat(self, name: str):
+        node = self.m.statistics()
+        for part in name.split("."):
+            if not isinstance(node, dict) or part not in node:
+                raise ShellError(f"expect stat: no counter {name!r} (see 'info stats')")
+            node = node[part]
+        return node
+
+    def _expect_stat(self, *args: str) -> None:
+        if len(args) != 3:
+            raise ShellError("expect stat: usage: expect stat NAME OP VALUE")
+        self._cmp(f"stat {args[0]}", self._stat(args[0]), args[1], _num(args[2]))
+
+    def _expect_event(self, *args: str) -> None:
+        if len(args) not in (1, 3):
+            raise ShellError("expect event: usage: expect event CATEGORY.NAME [OP COUNT]")
+        if not self._events_on and not self.events:
+            raise ShellError("expect event: no events recorded (use 'events on' first)")
+        cat, _, name = args[0].partition(".")
+        n = sum(1 for e in self.events if e.category == cat and (not name or e.name == name))
+        op, want = (args[1], _num(args[2])) if len(args) == 3 else (">", 0)
+        self._cmp(f"event {args[0]} count", n, op, want)
+
+    def _expect_lockdep(self, *args: str) -> None:
+        if len(args) != 1:
+            raise ShellError("expect lockdep: usage: expect lockdep N")
+        n = len(lockdep.reports()) - self._lockdep_base
+        self._cmp("lockdep reports", n, "==", _num(args[0]))
+        self.expected_lockdep = n
+
+    def _expect_lost(self, *args: str) -> None:
+        if not args:
+            raise ShellError("expect lost: usage: expect lost BO...")
+        for a in args:
+            self.expected_lost.add(self._bo(a).name)
+
+    # -- session -----------------------------------------------------------------------------
+    @command("help", 0, 1, "help [COMMAND]")
+    def cmd_help(self, st: Statement, name: str = "") -> None:
+        """List the commands, or explain one."""
+        if name:
+            entry = _TABLE.get(name)
+            if entry is None:
+                raise ShellError(f"help: no command {name!r}")
+            method, arity, _ = entry
+            self.say(f"usage: {arity.usage}")
+            self.say(getattr(Shell, method)._help)
+            return
+        for _cmd, (method, arity, _) in sorted(_TABLE.items()):
+            para = getattr(Shell, method)._help.split("\n\n", 1)[0].replace("\n", " ")
+            first = para.split(". ", 1)[0].split(": ", 1)[0].rstrip(".")
+            self.say(f"  {arity.usage}\n      {first}")
+        self.say("'help COMMAND' explains one; NAME = binds a result; # starts a comment.")
+
+    @command("include", 1, 1, "include FILE")
+    def cmd_include(self, st: Statement, path: str) -> None:
+        """Run the lines of a job script (relative paths: the including script's folder)."""
+        base = Path(st.file).parent if st.file not in ("<console>", "<text>") else self.base
+        p = Path(path) if Path(path).is_absolute() else base / path
+        statements = parse_file(p, commands=self.COMMANDS)
+        if not self.run_statements(statements):
+            raise ShellError(f"include {path}: stopped at the first failure")
+
+    @command("poweroff", 0, 0, "poweroff")
+    def cmd_poweroff(self, st: Statement) -> None:
+        """Finish: wait for running jobs, check for unexpected failures, power off."""
+        raise PowerOff()
+
+    def poweroff(self) -> Summary:
+        """Wait for what is still running, close the file, and return the summary."""
+        if self._down:
+            return self.sum
+        self._down = True
+        if self.m.device_lost() is None:
+            self._settle_all()
+        s = self.sum
+        for fv in self.fences.values():
+            f = fv.fence
+            if f.signaled and f.error and not fv.examined:
+                s.unexpected_faults.append(
+                    f"{fv.name} ({fv.what}): {_errno_name(f.error)}: {f.message}"
+                )
+        reports = lockdep.reports()[self._lockdep_base :]
+        for r in reports[self.expected_lockdep :]:
+            s.unexpected_lockdep.append(f"{r.kind}: {r.message.splitlines()[0]}")
+        from gemu.guest import errors
+
+        for msg, n in errors.warn_stats().counts.items():
+            s.warnings.append(f"{msg} (x{n})")
+        if self._events_on:
+            trace.unsubscribe(self._record)
+            self._events_on = False
+        s.device_lost = s.device_lost or self.m.device_lost()
+        try:
+            s.stats = self.m.statistics()
+        except Exception:  # statistics of a machine whose device went away
+            s.stats = {}
+        if s.device_lost is None:
+            try:
+                self.file.close()
+            except Exception as exc:
+                s.device_lost = f"closing the GPU file failed: {exc}"
+        return s
+
+    def summary(self) -> Summary:
+        return self.sum
+
+
+Shell.COMMANDS = {name: arity for name, (_m, arity, _h) in _TABLE.items()}
