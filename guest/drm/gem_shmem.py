@@ -50,6 +50,7 @@ from gemu.guest.dma_buf import dma_resv
 from gemu.guest.drm import gem, gem_lru
 from gemu.guest.drm.gem import PAGE_SHIFT, PAGE_SIZE, DrmDevice, DrmGemObject, DrmGemObjectFuncs
 from gemu.guest.errors import Ebusy, Efault, Einval, Enodev, Enomem, KernelError, warn_on
+from gemu.guest.kernel import trace
 from gemu.guest.mm.page_alloc import GFP_KERNEL, frame_runs
 
 __all__ = [
@@ -811,6 +812,8 @@ def purge_locked(shmem: DrmGemShmemObject) -> None:
     shmem.madv = -1
     shmem.evicted = False
     update_lru_locked(shmem)
+    if trace.enabled:
+        trace.instant("gem", "purge", obj=_label(shmem), pages=shmem.size >> PAGE_SHIFT)
 
 
 def purge(shmem: DrmGemShmemObject) -> None:
@@ -845,6 +848,8 @@ def evict_locked(shmem: DrmGemShmemObject) -> None:
     shmem.pages = None
     shmem.evicted = True
     update_lru_locked(shmem)
+    if trace.enabled:
+        trace.instant("gem", "evict", obj=_label(shmem), pages=shmem.size >> PAGE_SHIFT)
 
 
 def swapin_locked(shmem: DrmGemShmemObject) -> None:
@@ -865,12 +870,22 @@ def swapin_locked(shmem: DrmGemShmemObject) -> None:
     if not shmem.evicted:
         update_lru_locked(shmem)
         return
-    _acquire_pages(shmem)
+    if trace.enabled:
+        trace.begin("gem", "swapin", id(shmem), obj=_label(shmem), pages=shmem.size >> PAGE_SHIFT)
+    try:
+        _acquire_pages(shmem)
+    finally:
+        if trace.enabled:
+            trace.end("gem", "swapin", id(shmem), ok=shmem.pages is not None)
     shmem.evicted = False
     mm = shmem.dev.shmem_mm
     if mm is not None:
         mm.stats.swapped_in += 1
     update_lru_locked(shmem)
+
+
+def _label(shmem: DrmGemShmemObject) -> str:
+    return shmem.resv.lock.name if shmem.resv is not None else "?"
 
 
 def update_lru_locked(shmem: DrmGemShmemObject) -> None:

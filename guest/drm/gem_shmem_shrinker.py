@@ -35,6 +35,7 @@ from gemu.guest.drm import gem, gem_lru, gem_shmem
 from gemu.guest.drm.gem import DrmDevice, DrmGemObject
 from gemu.guest.drm.gem_lru import DrmGemLru
 from gemu.guest.errors import Ebusy, KernelError
+from gemu.guest.kernel import trace
 from gemu.guest.locking.mutex import Mutex
 from gemu.guest.mm.shrinker import (
     SHRINK_EMPTY,
@@ -135,6 +136,16 @@ class DrmGemShmem:
         if freed < nr_to_scan:
             freed += gem_lru.scan(self.lru_evictable, nr_to_scan - freed, remaining, self._evict)
         self.stats.skipped_locked += self.lru_evictable.trylock_failed - failed_before
+        if trace.enabled:
+            trace.instant(
+                "shrinker", "scan", nr_to_scan=nr_to_scan, freed=freed, left=remaining.pages
+            )
+            trace.counter(
+                "shrinker",
+                "lru_pages",
+                evictable=self.lru_evictable.count,
+                evicted=self.lru_evicted.count,
+            )
         return freed if freed > 0 and remaining.pages > 0 else SHRINK_STOP
 
     def _try_evict(self, obj: DrmGemObject) -> bool:

@@ -22,10 +22,21 @@ Kernel: include/linux/mutex.h, kernel/locking/mutex.c.
 
 from __future__ import annotations
 
+import itertools
+
 from gemu.guest.errors import Edeadlk, Eintr, Erestartsys
+from gemu.guest.kernel import trace
 from gemu.guest.kernel.runtime import Task, WaitQueue, current, preempt
 from gemu.guest.locking import lockdep
 from gemu.guest.locking.lockdep import LockClass
+
+_wait_ids = itertools.count(1)
+
+
+def next_wait_id() -> int:
+    """A fresh id for a ``lock.wait`` trace span (one per contended acquisition, of a mutex
+    or a ww_mutex)."""
+    return next(_wait_ids)
 
 
 class Mutex:
@@ -89,6 +100,10 @@ class Mutex:
             holder = self.owner.name if self.owner else "nobody"
             return f"mutex {self.name} held by {holder}"
 
+        wait_id = 0
+        if trace.enabled:
+            wait_id = next_wait_id()
+            trace.begin("lock", "wait", wait_id, lock=self.name, holder=reason())
         try:
             wq.wait_event(granted, interruptible=interruptible, reason=reason)
         except Erestartsys:
@@ -97,6 +112,9 @@ class Mutex:
         except BaseException:
             lockdep.release(self)
             raise
+        finally:
+            if wait_id:
+                trace.end("lock", "wait", wait_id, lock=self.name)
 
     def lock(self) -> None:
         """Sleep until the mutex is ours. Kernel: mutex_lock()."""

@@ -47,9 +47,11 @@ Documentation/locking/ww-mutex-design.rst.
 from __future__ import annotations
 
 from gemu.guest.errors import Ealready, Edeadlk, Eintr, Erestartsys
+from gemu.guest.kernel import trace
 from gemu.guest.kernel.runtime import Task, WaitQueue, current, preempt
 from gemu.guest.locking import lockdep
 from gemu.guest.locking.lockdep import LockClass
+from gemu.guest.locking.mutex import next_wait_id
 
 
 class WwClass:
@@ -341,6 +343,10 @@ def _acquire(lock: WwMutex, task: Task, ctx: WwAcquireCtx | None, interruptible:
         holder = lock.owner.name if lock.owner else "nobody"
         return f"ww_mutex {lock.name} held by {holder}"
 
+    wait_id = 0
+    if trace.enabled:
+        wait_id = next_wait_id()
+        trace.begin("lock", "wait", wait_id, lock=lock.name, holder=reason())
     try:
         wq.wait_event(granted_or_dead, interruptible=interruptible, reason=reason)
     except Erestartsys:
@@ -348,6 +354,8 @@ def _acquire(lock: WwMutex, task: Task, ctx: WwAcquireCtx | None, interruptible:
     finally:
         if waiter in lock.waiters:
             lock.waiters.remove(waiter)
+        if wait_id:
+            trace.end("lock", "wait", wait_id, lock=lock.name, died=died)
     if died:
         ctx.contending_lock = lock
         task.runtime.log(f"ww: -EDEADLK for {ctx.name} on {lock.name}")

@@ -51,7 +51,7 @@ from dataclasses import dataclass, replace
 from enum import IntFlag
 
 from gemu.guest.errors import Efault, Einval, Enomem, KernelError, warn_on
-from gemu.guest.kernel import runtime
+from gemu.guest.kernel import runtime, trace
 from gemu.guest.locking import lockdep
 from gemu.guest.mm import shrinker as _shrinker
 
@@ -642,8 +642,13 @@ class PageAllocator:
         Kernel: __perform_reclaim() / try_to_free_pages() [mm/vmscan.c]
         """
         self._stats.direct_reclaims += 1
+        if trace.enabled:
+            trace.begin("mm", "direct_reclaim", runtime.current().tid, nr_to_reclaim=nr_to_reclaim)
         reclaimed = self._reclaim_pass(nr_to_reclaim, gfp)
         self._stats.direct_reclaimed += reclaimed
+        if trace.enabled:
+            trace.end("mm", "direct_reclaim", runtime.current().tid, reclaimed=reclaimed)
+            trace.counter("mm", "free_pages", free=len(self._free))
         return reclaimed
 
     def _reclaim_pass(self, nr_to_reclaim: int, gfp: Gfp) -> int:
@@ -797,4 +802,7 @@ class PageAllocator:
             if reclaimed == 0:
                 break
         self._stats.kswapd_reclaimed += total
+        if trace.enabled:
+            trace.instant("mm", "kswapd", reclaimed=total, free=len(self._free))
+            trace.counter("mm", "free_pages", free=len(self._free))
         return total
