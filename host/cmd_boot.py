@@ -98,7 +98,7 @@ def _machine_options(p: argparse.ArgumentParser) -> None:
         type=_swap_arg,
         default=None,
         metavar="SIZE",
-        help="swap device size (default: twice the RAM; 0: no swap)",
+        help="swap device size (default: four times the RAM; 0: no swap)",
     )
     p.add_argument(
         "--device",
@@ -230,7 +230,7 @@ class Session:
             self.tracer = TraceWriter(args.trace)
             self.tracer.start()
         ram = args.memory
-        swap = 2 * ram if args.swap is None else args.swap
+        swap = 4 * ram if args.swap is None else args.swap
         self.kmsg(
             f"gemu: booting with {format_size(ram)} RAM, "
             f"{format_size(swap) if swap else 'no'} swap, device {args.device}"

@@ -1,6 +1,12 @@
-"""DOC: ``gemu demo``: a device-level tour, driving the GPU the way a driver does.
+"""DOC: ``gemu demo``: a curated emulator run, and the device-level tour.
 
-Until the guest kernel model boots, the demo plays a minimal driver itself: it spawns
+``gemu demo`` (:func:`run_curated`) boots one machine and runs a curated set of the example
+job scripts (examples/jobs: one copy, the validation sequence, purgeable BOs, a GPU fault, a
+working set three times guest RAM, a hang), with progress, then prints a summary: jobs run,
+bytes moved, evictions, swap-ins, purges, faults handled, checks passed.
+
+``gemu demo --device-tour`` (:func:`main`) drives the GPU the way a driver does, with no guest
+kernel: it it spawns
 ``gemu device`` on a temporary UNIX socket, attaches a :class:`SharedMemory` as guest RAM,
 writes 4-level page tables for two address spaces straight into that memory, sets up the
 command ring and runs jobs: FILL, COPY, CRC32 (checked against zlib on the CPU), ATOMIC,
@@ -29,6 +35,7 @@ import time
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from gemu.device.abi import packets as pk
 from gemu.device.abi import pte, regs
@@ -356,3 +363,108 @@ def main(*, memory_mib: int = 64, device: str | None = None) -> int:
     finally:
         ram.close()
     return 0
+
+
+# --- the curated run of ``gemu demo`` -------------------------------------------------------
+
+CURATED = ("hello", "validation", "purgeable", "fault", "pressure", "hang")
+"""Example job scripts ``gemu demo`` runs, in order, on one fresh machine."""
+
+
+def examples_dir() -> Path:
+    """examples/jobs of the source tree (the demo runs from a checkout)."""
+    return Path(__file__).resolve().parent.parent / "examples" / "jobs"
+
+
+def _title(path: Path) -> str:
+    for line in path.read_text().splitlines():
+        if line.startswith("#"):
+            return line.lstrip("# ").strip()
+    return path.stem
+
+
+def run_curated(
+    *,
+    ram_size: int = 16 << 20,
+    swap_size: int = 64 << 20,
+    device: str = "spawn",
+    scripts: tuple[str, ...] = CURATED,
+    out=print,
+) -> int:
+    """Boot one machine, run the curated job scripts with progress, print a summary.
+
+    Returns 0 when every script passed and nothing unexpected happened, else 1."""
+    from gemu.guest import errors
+    from gemu.host.machine import Machine, format_size
+    from gemu.host.shell import DeviceLost, Shell
+
+    errors.set_strict(False)
+    t0 = time.perf_counter()
+    out(
+        f"gemu demo: booting a machine with {format_size(ram_size)} RAM, "
+        f"{format_size(swap_size)} swap, the GPU in its own process"
+    )
+    failed: list[str] = []
+    with Machine(ram_size=ram_size, swap_size=swap_size, device=device, kswapd=True) as m:
+        for line in m.boot_log():
+            out(f"  {line}")
+        sh = Shell(m, write=lambda text: None)
+        sh.report = lambda text: out(f"    FAIL {text}")
+        sh.progress = lambda text: out(f"    ... {text}")
+        for i, name in enumerate(scripts, 1):
+            path = examples_dir() / f"{name}.job"
+            title = _title(path).split(": ", 1)[-1].split(". ", 1)[0].split("; ", 1)[0]
+            out(f"[{i}/{len(scripts)}] {name}.job: {title}")
+            before = m.statistics()
+            passed = sh.sum.checks_passed
+            t = time.perf_counter()
+            try:
+                ok = sh.run_file(path)
+            except DeviceLost as exc:
+                out(f"    device lost: {exc}")
+                failed.append(name)
+                break
+            after = m.statistics()
+            delta = {
+                k: after[g][k] - before[g][k]
+                for g, k in (
+                    ("gpu", "jobs_emitted"),
+                    ("shrinker", "evicted"),
+                    ("shrinker", "swapped_in"),
+                    ("shrinker", "purged"),
+                    ("gpu", "mmu_faults"),
+                    ("gpu", "resets"),
+                )
+            }
+            out(
+                f"    {'ok' if ok else 'FAILED'} in {time.perf_counter() - t:.2f} s: "
+                f"{sh.sum.checks_passed - passed} checks, {delta['jobs_emitted']} jobs, "
+                f"{delta['evicted']} evictions, {delta['swapped_in']} swap-ins, "
+                f"{delta['purged']} purges, {delta['mmu_faults']} faults, "
+                f"{delta['resets']} resets"
+            )
+            if not ok:
+                failed.append(name)
+        s = sh.poweroff()
+    st = s.stats
+    gpu, shr = st.get("gpu", {}), st.get("shrinker", {})
+    out("summary:")
+    out(f"  scripts         {len(scripts) - len(failed)} of {len(scripts)} passed")
+    out(f"  jobs run        {gpu.get('jobs_emitted', 0)}")
+    out(f"  bytes moved     {format_size(sh.bytes_moved)} by GPU copy/fill/crc jobs")
+    out(
+        f"  evictions       {shr.get('evicted', 0)} BOs to swap "
+        f"({st.get('swap', {}).get('pswpout', 0)} pages)"
+    )
+    out(f"  swap-ins        {shr.get('swapped_in', 0)} BOs")
+    out(f"  purges          {shr.get('purged', 0)} DONTNEED BOs")
+    out(
+        f"  faults handled  {gpu.get('mmu_faults', 0)} GPU MMU faults, "
+        f"{gpu.get('resets', 0)} hang resets"
+    )
+    out(f"  checks passed   {s.checks_passed} ({s.checks_failed} failed)")
+    out(f"  lockdep         {len(s.unexpected_lockdep)} unexpected reports")
+    for p in s.problems():
+        out(f"  FAIL: {p}")
+    out(f"  wall time       {time.perf_counter() - t0:.2f} s")
+    return 0 if s.ok and not failed else 1

@@ -211,6 +211,8 @@ class Shell:
         self.write = write
         self.report = self.say
         """Where failures (file:line messages) go; ``write`` unless set apart."""
+        self.progress = self.say
+        """Where ``echo`` lines go (progress of long scripts); ``write`` unless set apart."""
         self.echo = echo
         self.base = base or Path.cwd()
         self.file = machine.open()
@@ -253,6 +255,10 @@ class Shell:
             raise ShellError(f"{argv[0]}: {exc}", exc.errno) from None
         except (ConnectionError, OSError) as exc:
             raise ShellError(f"{argv[0]}: device unreachable: {exc}", errno_mod.ENODEV) from None
+        except Exception as exc:
+            if type(exc).__name__ == "SigBus":  # CPU access to a purged BO
+                raise ShellError(f"{argv[0]}: SIGBUS: {exc}", errno_mod.EFAULT) from None
+            raise ShellError(f"{argv[0]}: {type(exc).__name__}: {exc}") from None
         if st.target is not None and result is None:
             raise ShellError(f"{argv[0]}: gave no result to bind to {st.target}")
 
@@ -282,9 +288,10 @@ class Shell:
             except ShellError as exc:
                 self.last_error = exc
                 nxt = statements[i + 1] if i + 1 < len(statements) else None
-                self.report(f"{st.where}: {exc}")
                 if nxt is not None and nxt.argv[:2] == ("expect", "error"):
+                    self.say(f"{st.where}: {exc}")
                     continue
+                self.report(f"{st.where}: {exc}")
                 self.sum.errors += 1
                 self._check_device()
                 ok = False
@@ -613,7 +620,6 @@ class Shell:
             try:
                 self._settle(fv, timeout)
             except KernelError as exc:
-                fv.examined = True
                 raise ShellError(f"{fv.name}: job failed: {exc}", exc.errno) from None
             self.say(f"{fv.name}: signaled ({(time.perf_counter() - t0) * 1e3:.1f} ms)")
 
@@ -662,8 +668,8 @@ class Shell:
 
     @command("echo", 0, None, "echo TEXT...")
     def cmd_echo(self, st: Statement, *words: str) -> None:
-        """Print a line (job scripts use it to label their output)."""
-        self.say(" ".join(words))
+        """Print a line (job scripts use it to label their output and show progress)."""
+        self.progress(" ".join(words))
 
     # -- inspection --------------------------------------------------------------------------
     @command("info", 1, 1, "info objects|shrinker|swap|mem|mmu|ring|fences|lockdep|stats")
@@ -808,8 +814,11 @@ class Shell:
         elif what == "show":
             evs = list(self.events)[-_num(n) :]
             t0 = evs[0].ts_ns if evs else 0
+            names = self._object_names()
             for e in evs:
-                args = " ".join(f"{k}={v}" for k, v in e.args.items())
+                args = " ".join(
+                    f"{k}={names.get(v, v) if k == 'obj' else v}" for k, v in e.args.items()
+                )
                 span = {"b": "begin ", "e": "end ", "i": "", "C": "counter "}.get(e.phase, "")
                 ident = f" #{e.id}" if e.id is not None else ""
                 self.say(
@@ -818,6 +827,14 @@ class Shell:
                 )
         else:
             raise ShellError(f"events: {what!r} is not on, off, clear or show")
+
+    def _object_names(self) -> dict[str, str]:
+        """Kernel object labels (as tracepoints print them) -> the shell's BO names."""
+        out = {}
+        for bo in self.bos.values():
+            with contextlib.suppress(KernelError):
+                out[self.file.bo(bo.handle).obj.resv.lock.name] = bo.name
+        return out
 
     def _record(self, event) -> None:
         self.events.append(event)

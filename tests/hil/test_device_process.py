@@ -228,9 +228,13 @@ def test_sigterm_stops_the_device_cleanly():
 
 
 def test_demo_runs_end_to_end():
-    """`gemu demo` spawns a device, runs its jobs and reports the fault it provoked."""
+    """`gemu demo --device-tour` spawns a device, runs its jobs and reports the fault it
+    provoked (the curated emulator run is tests/hil/test_demo.py)."""
     proc = subprocess.run(
-        [*gemu_executable(), "demo", "-m", "16"], capture_output=True, text=True, timeout=120
+        [*gemu_executable(), "demo", "--device-tour", "-m", "16"],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
