@@ -24,15 +24,20 @@ sockets: once a client connected).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import select
 import socket
+import struct
 import sys
+import termios
 import threading
+import time
 import tty
 from collections.abc import Callable
 
 POLL_S = 0.2
+DRAIN_S = 2.0
 
 
 class ConsoleInterrupt(Exception):
@@ -156,6 +161,14 @@ class Console:
                 fn()
 
 
+def _pending(fd: int) -> int:
+    """Bytes waiting to be read on a tty fd."""
+    try:
+        return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+    except OSError:
+        return 0
+
+
 def _fd_reader(fd: int) -> Callable[[float], bytes | None]:
     def read(timeout: float) -> bytes | None:
         r, _, _ = select.select([fd], [], [], timeout)
@@ -214,6 +227,15 @@ def open_console(spec: str, notice: Callable[[str], None] | None = None) -> Cons
         notice(f"char device redirected to {path} (label serial0)")
 
         def close() -> None:
+            # Closing the master hangs the line up and drops what the client has not read
+            # yet (the power-down message): give it a bounded moment to read it.
+            # Bytes in flight to the slave show up in FIONREAD only once the tty layer has
+            # moved them, so wait for it to read 0 several polls in a row.
+            deadline = time.monotonic() + DRAIN_S
+            quiet = 0
+            while time.monotonic() < deadline and quiet < 5:
+                quiet = 0 if _pending(slave) else quiet + 1
+                select.select([], [], [], 0.01)
             os.close(master)
             os.close(slave)
 
