@@ -131,9 +131,9 @@ class Console:
             if b in (0x08, 0x7F):
                 if buf:
                     # drop a whole UTF-8 sequence
-                    del buf[-1]
-                    while buf and buf[-1] & 0xC0 == 0x80:
+                    while len(buf) > 1 and buf[-1] & 0xC0 == 0x80:
                         del buf[-1]
+                    del buf[-1]
                     self._echo(b"\b \b")
                 continue
             if b == 0x15:
