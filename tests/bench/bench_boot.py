@@ -1,0 +1,174 @@
+"""Benchmarks of booting the emulator (issue 5).
+
+- **boot to prompt**: ``gemu boot -m 16M`` on a pty until the ``gemu# `` prompt (pexpect,
+  as CI sees it), median of several runs. Aim: at most 0.5 s.
+- **gemu run hello.job**: boot, one copy job with its checks, power off; whole wall time.
+- **where the time goes**: the floor is a bare ``python -c pass`` measured in the same run;
+  the emulator's own imports (``python -c "import gemu.host.cmd_boot, machine, shell,
+  console"`` minus that floor); and the device model's start (``gemu device`` until its ready
+  line), which the boot waits for. The note of the first row splits the boot into these.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pexpect
+
+from tests.bench.common import Row
+from tests.support.device import gemu_executable
+
+ROOT = Path(__file__).resolve().parents[2]
+PY = sys.executable
+
+
+def _median(fn, n: int) -> float:
+    fn()  # warm the page cache and the .pyc files
+    return statistics.median(fn() for _ in range(n))
+
+
+def _python_floor() -> float:
+    t0 = time.perf_counter()
+    subprocess.run([PY, "-c", "pass"], check=True)
+    return time.perf_counter() - t0
+
+
+def _imports() -> float:
+    t0 = time.perf_counter()
+    subprocess.run(
+        [
+            PY,
+            "-c",
+            "import gemu.host.cli, gemu.host.cmd_boot, gemu.host.machine, gemu.host.shell, "
+            "gemu.host.console",
+        ],
+        check=True,
+    )
+    return time.perf_counter() - t0
+
+
+def _device_ready() -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(
+            [*gemu_executable(), "device", "--listen", f"unix:{tmp}/d.sock", "--log", "error"],
+            stdout=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+        )
+        proc.stdout.readline()
+        took = time.perf_counter() - t0
+        proc.terminate()
+        proc.wait(10)
+        proc.stdout.close()
+    return took
+
+
+def _boot_to_prompt() -> float:
+    exe, *pre = gemu_executable()
+    t0 = time.perf_counter()
+    child = pexpect.spawn(exe, [*pre, "boot", "-m", "16M"], timeout=30, encoding="utf-8")
+    child.expect_exact("gemu# ")
+    took = time.perf_counter() - t0
+    child.sendline("poweroff")
+    child.expect(pexpect.EOF)
+    child.close()
+    return took
+
+
+def _run_hello() -> float:
+    t0 = time.perf_counter()
+    subprocess.run(
+        [*gemu_executable(), "run", "-q", str(ROOT / "examples/jobs/hello.job")],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    return time.perf_counter() - t0
+
+
+def _importtime_top(n: int = 6) -> str:
+    """The slowest modules by cumulative import time (python -X importtime)."""
+    proc = subprocess.run(
+        [
+            PY,
+            "-X",
+            "importtime",
+            "-c",
+            "import gemu.host.cmd_boot, gemu.host.machine, gemu.host.shell, gemu.host.console",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+    )
+    rows = []
+    for line in proc.stderr.splitlines():
+        parts = line.split("|")
+        if len(parts) == 3 and parts[1].strip().isdigit():
+            rows.append((int(parts[1]), parts[2].rstrip()))
+    top = [r for r in rows if r[1].lstrip() == r[1] or r[1].startswith("  ")]
+    top.sort(reverse=True)
+    return ", ".join(f"{name.strip()} {us / 1000:.0f} ms" for us, name in top[:n])
+
+
+def bench(quick: bool) -> list[Row]:
+    n = 3 if quick else 7
+    floor = _median(_python_floor, n)
+    imports = _median(_imports, n) - floor
+    device = _median(_device_ready, n)
+    boot = _median(_boot_to_prompt, n)
+    hello = _median(_run_hello, n)
+    rest = boot - floor - imports - device
+    top = _importtime_top()
+    return [
+        Row(
+            5,
+            "boot: gemu boot -m 16M to the prompt (pty)",
+            boot,
+            "s",
+            "python -c pass",
+            floor,
+            "<= 0.5 s",
+            higher_is_better=False,
+            note=(
+                f"python start {floor * 1e3:.0f} ms + emulator imports {imports * 1e3:.0f} ms "
+                f"+ device process to ready line {device * 1e3:.0f} ms (spawned after the "
+                f"imports, waited for) + connect, probe, boot log {rest * 1e3:.0f} ms; "
+                f"slowest imports: {top}"
+            ),
+        ),
+        Row(
+            5,
+            "run: gemu run hello.job (boot, one copy job, checks, power off)",
+            hello,
+            "s",
+            "python -c pass",
+            floor,
+            "informative",
+            higher_is_better=False,
+        ),
+        Row(
+            5,
+            "boot: emulator imports (host + guest + device abi)",
+            imports,
+            "s",
+            "python -c pass",
+            floor,
+            "informative",
+            higher_is_better=False,
+        ),
+        Row(
+            5,
+            "boot: gemu device process start to ready line",
+            device,
+            "s",
+            "python -c pass",
+            floor,
+            "informative",
+            higher_is_better=False,
+        ),
+    ]
