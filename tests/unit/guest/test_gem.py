@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import pytest
 
 from gemu.guest.dma_buf import dma_fence, dma_resv
-from gemu.guest.dma_buf.dma_fence import DmaFence
 from gemu.guest.dma_buf.dma_resv import DmaResvUsage
 from gemu.guest.drm import gem, gem_shmem
 from gemu.guest.errors import Ebusy, Einval, KernelWarning
@@ -16,6 +13,7 @@ from gemu.guest.locking import lockdep
 from gemu.guest.locking.lockdep import LockdepError
 from gemu.guest.mm.page_alloc import PAGE_SIZE, PageAllocator, PhysMem
 from gemu.guest.mm.swap import SwapDevice
+from tests.support.gem import fence_on, locked
 
 
 @pytest.fixture
@@ -61,23 +59,6 @@ def new_object(dev: gem.DrmDevice, rec: Recorder, pages: int = 1) -> gem.DrmGemO
     gem.object_init(dev, obj, pages * PAGE_SIZE)
     obj.funcs = rec.funcs()
     return obj
-
-
-@contextmanager
-def locked(obj):
-    dma_resv.lock(obj.resv, None)
-    try:
-        yield obj
-    finally:
-        dma_resv.unlock(obj.resv)
-
-
-def add_fence(obj, usage: DmaResvUsage) -> DmaFence:
-    fence = DmaFence(None, dma_fence.context_alloc(1), 1)
-    with locked(obj):
-        dma_resv.reserve_fences(obj.resv, 1)
-        dma_resv.add_fence(obj.resv, fence, usage)
-    return fence
 
 
 def test_device_rejects_unknown_semantics(mem):
@@ -190,7 +171,7 @@ def test_evict_locked_is_busy_until_fences_up_to_idle_usage_signal(
     dev = gem.DrmDevice(*mem, idle_usage=idle_usage)
     rec = Recorder()
     obj = new_object(dev, rec)
-    fence = add_fence(obj, fence_usage)
+    fence = fence_on(obj, fence_usage)
     with locked(obj):
         if busy:
             with pytest.raises(Ebusy, match=idle_usage.name):

@@ -6,18 +6,15 @@ from __future__ import annotations
 
 import os
 import tracemalloc
-from contextlib import contextmanager
 
 import pytest
 
 from gemu.guest import errors
-from gemu.guest.dma_buf import dma_resv
 from gemu.guest.drm import gem, gem_shmem
 from gemu.guest.drm.gem_shmem import SigBus
 from gemu.guest.drm.gem_shmem_shrinker import (
     default_evict,
     drmm_gem_shmem_init,
-    drmm_gem_shmem_release,
 )
 from gemu.guest.errors import Ebusy, Einval, Eio, Enomem, KernelWarning
 from gemu.guest.kernel import runtime
@@ -25,6 +22,7 @@ from gemu.guest.locking import lockdep
 from gemu.guest.locking.lockdep import LockdepError
 from gemu.guest.mm.page_alloc import PAGE_SIZE, PageAllocator, PhysMem
 from gemu.guest.mm.swap import SwapDevice
+from tests.support.gem import locked, release_shmem_device
 
 NR_FRAMES = 128
 NR_SLOTS = 64
@@ -52,10 +50,7 @@ def _device(mem, semantics="v19"):
 
 
 def _finish(dev):
-    mm = dev.shmem_mm
-    assert dev.object_count == 0 and not dev.leaked
-    assert (mm.lru_pinned.count, mm.lru_evictable.count, mm.lru_evicted.count) == (0, 0, 0)
-    drmm_gem_shmem_release(dev)
+    release_shmem_device(dev)
 
 
 @pytest.fixture
@@ -83,15 +78,6 @@ def lax():
     yield errors.warn_stats()
     errors.set_strict(was)
     errors.reset_warn_stats()
-
-
-@contextmanager
-def locked(obj):
-    dma_resv.lock(obj.resv, None)
-    try:
-        yield obj
-    finally:
-        dma_resv.unlock(obj.resv)
 
 
 def lru_of(obj) -> str | None:

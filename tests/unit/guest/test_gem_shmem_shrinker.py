@@ -4,8 +4,6 @@ the page allocator, and a submit-versus-reclaim race under the deterministic run
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import pytest
 
 from gemu.guest.dma_buf import dma_fence, dma_resv
@@ -20,32 +18,27 @@ from gemu.guest.drm.gem_shmem_shrinker import (
 from gemu.guest.errors import Ebusy, Enomem
 from gemu.guest.kernel import runtime
 from gemu.guest.locking import lockdep
-from gemu.guest.mm.page_alloc import GFP_KERNEL, PAGE_SIZE, PageAllocator, PhysMem
+from gemu.guest.mm.page_alloc import GFP_KERNEL, PAGE_SIZE
 from gemu.guest.mm.shrinker import SHRINK_EMPTY, SHRINK_STOP, ShrinkControl
-from gemu.guest.mm.swap import SwapDevice
+from tests.support.gem import (
+    assert_nothing_left,
+    fence_on,
+    locked,
+    release_shmem_device,
+    shmem_device,
+)
 
 FUNCS = gem_shmem.FUNCS.replace(evict=default_evict)
 
 
 def machine(frames=64, slots=32, **dev_kw):
-    alloc = PageAllocator(
-        PhysMem(bytearray(frames * PAGE_SIZE)), watermarks=(0, 0, 0), poison_on_free=True
-    )
-    dev = gem.DrmDevice(alloc, SwapDevice(slots), **dev_kw)
-    drmm_gem_shmem_init(dev)
-    return dev
+    return shmem_device(frames, slots, poison_on_free=True, **dev_kw)
 
 
 def finish(dev):
     """Every object gone, nothing on an LRU, no frame or slot or lock or report left."""
-    mm = dev.shmem_mm
-    assert dev.object_count == 0 and not dev.leaked
-    assert (mm.lru_pinned.count, mm.lru_evictable.count, mm.lru_evicted.count) == (0, 0, 0)
-    drmm_gem_shmem_release(dev)
-    dev.allocator.assert_no_leaks()
-    dev.swap.assert_no_leaks()
-    assert not runtime.current().held_locks
-    assert not lockdep.reports()
+    release_shmem_device(dev)
+    assert_nothing_left(dev)
 
 
 @pytest.fixture
@@ -54,15 +47,6 @@ def dev():
     d = machine()
     yield d
     finish(d)
-
-
-@contextmanager
-def locked(obj):
-    dma_resv.lock(obj.resv, None)
-    try:
-        yield obj
-    finally:
-        dma_resv.unlock(obj.resv)
 
 
 def bo(dev, pages=1, madv=0, funcs=FUNCS, fill=b""):
@@ -85,14 +69,6 @@ def drop(*objs):
 
 def scan(dev, nr):
     return dev.shmem_mm.scan_objects(ShrinkControl(gfp_mask=int(GFP_KERNEL), nr_to_scan=nr))
-
-
-def fence_on(obj, usage):
-    fence = DmaFence(None, dma_fence.context_alloc(1), 1)
-    with locked(obj):
-        dma_resv.reserve_fences(obj.resv, 1)
-        dma_resv.add_fence(obj.resv, fence, usage)
-    return fence
 
 
 def test_init_twice_is_ebusy_and_release_unregisters(dev):
