@@ -250,3 +250,50 @@ def test_run_failing_script_stops_at_the_line_and_exits_1(tmp_path):
     assert proc.returncode == 1, proc.stdout
     assert f"{script}:3: expect value a: got 7, expected == 8" in proc.stdout
     assert "not reached\n" not in proc.stdout.replace("echo not reached", "")
+
+
+def test_serial_tcp_loopback_console():
+    """--serial tcp:127.0.0.1:0 picks a port, announces it, and serves the shell to the
+    first client."""
+    child = _spawn("boot", *RAM, "--serial", "tcp:127.0.0.1:0")
+    try:
+        child.expect(r"waiting for connection on tcp:127\.0\.0\.1:(\d+)")
+        sock = socket.create_connection(("127.0.0.1", int(child.match.group(1))), timeout=T)
+        con = pexpect.fdpexpect.fdspawn(sock.fileno(), timeout=T, encoding="utf-8")
+        con.expect_exact(PROMPT)
+        con.send("info mem\r")
+        con.expect(r"mem: \d+ of \d+ pages free")
+        con.expect_exact(PROMPT)
+        con.send("poweroff\r")
+        con.expect("Power down")
+        sock.close()
+        assert _exit_status(child) == 0
+    finally:
+        if child.isalive():
+            child.terminate(force=True)
+
+
+def test_serial_pyserial_url_console():
+    """--serial serial:socket://HOST:PORT goes through pyserial (as a serial port would):
+    the emulator connects out and the shell runs over that line."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    listener.settimeout(T)
+    port = listener.getsockname()[1]
+    child = _spawn("boot", *RAM, "--serial", f"serial:socket://127.0.0.1:{port}")
+    try:
+        conn, _ = listener.accept()
+        con = pexpect.fdpexpect.fdspawn(conn.fileno(), timeout=T, encoding="utf-8")
+        con.expect("ring ready")
+        con.expect_exact(PROMPT)
+        con.send("echo over pyserial\r")
+        con.expect_exact("over pyserial\r\n")
+        con.send("poweroff\r")
+        con.expect("Power down")
+        assert _exit_status(child) == 0
+        conn.close()
+    finally:
+        listener.close()
+        if child.isalive():
+            child.terminate(force=True)

@@ -17,6 +17,7 @@ def shell():
         sh.lines = lines
         yield sh
         sh.poweroff()
+        m.check_clean()  # the shell gives back every BO, frame and swap slot
 
 
 def test_copy_and_checks_pass(shell):
@@ -50,6 +51,18 @@ def test_unexamined_fault_and_lost_data_fail_the_summary(shell):
     problems = " ".join(s.problems())
     assert "unexpected GPU fault: f (fill at unmapped GPU VA" in problems
     assert "lost data: a: contents changed" in problems
+
+
+def test_hang_and_waitmem_jobs_and_fence_chains(shell):
+    """A hang is reset after the job timeout (ETIMEDOUT); a waitmem job runs once poked; a
+    job submitted `after` another waits for it."""
+    assert shell.run_text(
+        "job-timeout 200\nh = submit hang\nwait h\nexpect error ETIMEDOUT\n"
+        "s = bo 4K\nw = submit waitmem s 7\nd = bo 4K\nf = submit fill d 9 after w\n"
+        "expect fence f pending\npoke s 7\nwait f\nexpect value d == 9\n"
+        "expect stat gpu.resets == 1\n"
+    )
+    assert shell.poweroff().ok
 
 
 def test_expect_stat_state_and_fence_forms(shell):
