@@ -46,6 +46,8 @@ log = logging.getLogger("gemu.host.machine")
 
 READY_PREFIX = "gemu-device: listening on "
 PAGE_SIZE = 4096
+SWAP_IN_MEMORY_MAX = 256 << 20
+"""Swap up to this size is a buffer in memory; larger swap is a sparse file."""
 _SUFFIXES = {"": 1 << 20, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
@@ -140,7 +142,12 @@ class Machine:
                 watermarks=watermarks,
                 poison_on_free=poison_on_free,
             )
-            self.swap = SwapDevice(swap_size // PAGE_SIZE) if swap_size else None
+            self.swap = None
+            if swap_size:
+                # a large swap is a sparse file in the machine's directory: an in-memory swap
+                # would be zeroed (touched) up front
+                backing = "memory" if swap_size <= SWAP_IN_MEMORY_MAX else f"{self._tmp.name}/swap"
+                self.swap = SwapDevice(swap_size // PAGE_SIZE, backing)
             self.dev = gem.DrmDevice(
                 self.allocator, self.swap, idle_usage=DmaResvUsage.BOOKKEEP, unique="gemu0"
             )

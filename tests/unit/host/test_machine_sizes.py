@@ -50,3 +50,14 @@ def test_format_size():
         "1.5 GiB",
         "100 B",
     ]
+
+
+def test_large_swap_is_a_sparse_file_small_swap_is_memory():
+    """A swap above 256 MiB lives in a sparse file in the machine's directory (booting
+    `-m 1G` does not zero 4 GiB of memory); a small one is a buffer."""
+    from gemu.host.machine import Machine
+
+    with Machine(ram_size=4 << 20, swap_size=512 << 20, device="inproc") as m:
+        assert str(m.swap.backing).endswith("/swap")
+    with Machine(ram_size=4 << 20, swap_size=8 << 20, device="inproc") as m:
+        assert m.swap.backing == "memory"
