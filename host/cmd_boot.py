@@ -9,6 +9,7 @@ job scripts and powers off. Both exit with:
  2    bad command line or a job script that does not parse (file:line on stderr)
  3    the machine could not boot or lost its device (unreachable, died mid-run)
 130   interrupted (Ctrl-C); the machine was still powered off cleanly
+143   terminated (SIGTERM); the machine was still powered off cleanly
 ====  =====================================================================================
 """
 
@@ -16,12 +17,24 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import time
 
 from gemu.host.cli import _transport_spec
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_MACHINE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_TERMINATED = 143
+
+
+class Terminated(Exception):
+    """SIGTERM: power off cleanly, then exit 143 (QEMU: "terminating on signal 15")."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
 LOG_ITEMS = ("guest_errors", "guest", "device", "debug", "none")
 
 
@@ -303,7 +316,8 @@ def cmd_boot(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     session = Session(args, con.line)
-    interrupted = False
+    interrupted = terminated = False
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         failed = session.boot()
         if failed is not None:
@@ -328,10 +342,15 @@ def cmd_boot(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     except (ConsoleInterrupt, KeyboardInterrupt):
         con.line("gemu: interrupted; powering off")
         interrupted = True
+    except Terminated:
+        con.line("gemu: terminating on signal 15; powering off")
+        terminated = True
     except DeviceLost as exc:
         session.kmsg(f"gemu0: device lost: {exc}; powering off")
     try:
-        return session.finish(interrupted)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        code = session.finish(interrupted)
+        return EXIT_TERMINATED if terminated else code
     finally:
         con.close()
 
@@ -356,8 +375,9 @@ def cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     session = Session(args, write)
     if args.quiet:
         session.write = lambda text: None
-    interrupted = False
+    interrupted = terminated = False
     status = None
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         failed = session.boot()
         if failed is not None:
@@ -381,10 +401,16 @@ def cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     except KeyboardInterrupt:
         write("gemu: interrupted; powering off")
         interrupted = True
+    except Terminated:
+        write("gemu: terminating on signal 15; powering off")
+        terminated = True
     except DeviceLost as exc:
         write(f"gemu0: device lost: {exc}; powering off")
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     session.write = write
     code = session.finish(interrupted)
+    if terminated:
+        return EXIT_TERMINATED
     if status is not None and code == EXIT_OK:
         code = status
     return code

@@ -820,7 +820,7 @@ class Shell:
                     f"{k}={names.get(v, v) if k == 'obj' else v}" for k, v in e.args.items()
                 )
                 span = {"b": "begin ", "e": "end ", "i": "", "C": "counter "}.get(e.phase, "")
-                ident = f" #{e.id}" if e.id is not None else ""
+                ident = f" #{e.id}" if e.id is not None and "obj" not in e.args else ""
                 self.say(
                     f"{(e.ts_ns - t0) / 1e3:>10.1f} us  {e.task:<14} {e.category}.{e.name}"
                     f"{ident} {span}{args}".rstrip()

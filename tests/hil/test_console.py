@@ -297,3 +297,12 @@ def test_serial_pyserial_url_console():
         listener.close()
         if child.isalive():
             child.terminate(force=True)
+
+
+def test_sigterm_powers_off_cleanly_with_143(booted):
+    """SIGTERM (a CI job cancelled) powers the machine off like QEMU ("terminating on
+    signal 15") and exits 143."""
+    booted.kill(15)
+    booted.expect("terminating on signal 15")
+    booted.expect("Power down")
+    assert _exit_status(booted) == 143
