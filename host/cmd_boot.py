@@ -39,7 +39,7 @@ LOG_ITEMS = ("guest_errors", "guest", "device", "debug", "none")
 
 
 def _size_arg(text: str) -> int:
-    from gemu.host.machine import parse_size
+    from gemu.host.sizes import parse_size
 
     try:
         n = parse_size(text)
@@ -51,7 +51,7 @@ def _size_arg(text: str) -> int:
 
 
 def _swap_arg(text: str) -> int:
-    from gemu.host.machine import parse_size
+    from gemu.host.sizes import parse_size
 
     try:
         n = parse_size(text)
@@ -102,7 +102,7 @@ def _machine_options(p: argparse.ArgumentParser) -> None:
         "-m",
         "--memory",
         type=_size_arg,
-        default=_size_arg("64M"),
+        default=64 << 20,
         metavar="SIZE",
         help="guest RAM, e.g. 16M, 256M, 1G (plain numbers are MiB; default 64M)",
     )
@@ -214,6 +214,34 @@ def _setup_logs(items: tuple[str, ...], write, t0: float) -> _KmsgHandler:
     return handler
 
 
+def _prespawn_device(args: argparse.Namespace):
+    """Start ``gemu device`` now, before the guest's modules are imported, so the two
+    start-ups overlap (``Machine(device_process=...)`` waits for its ready line). Returns
+    (process, temporary directory) or None when the device is not spawned."""
+    if args.device != "spawn":
+        return None
+    import os
+    import shutil
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    exe = Path(sys.executable).parent / "gemu"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "gemu.host"]
+    if not exe.exists() and shutil.which("gemu"):
+        cmd = [shutil.which("gemu")]
+    tmp = tempfile.mkdtemp(prefix="gemu-boot-")
+    level = "info" if "device" in args.log else "warning"
+    with open(os.path.join(tmp, "device.log"), "wb") as logf:
+        proc = subprocess.Popen(
+            [*cmd, "device", "--listen", f"unix:{tmp}/device.sock", "--log", level],
+            stdout=subprocess.PIPE,
+            stderr=logf,
+            stdin=subprocess.DEVNULL,
+        )
+    return proc, tmp
+
+
 class Session:
     """One boot: machine + shell + trace, with the output function of the console."""
 
@@ -224,6 +252,7 @@ class Session:
         self.machine = None
         self.shell = None
         self.tracer = None
+        self.prespawned = _prespawn_device(args)
 
     def kmsg(self, text: str) -> None:
         self.write(f"[{time.monotonic() - self.t0:12.6f}] {text}")
@@ -252,6 +281,8 @@ class Session:
         if args.job_timeout is not None:
             extra["timeout_ns"] = args.job_timeout
         dev_args = ("--log", "info") if "device" in args.log else ()
+        if self.prespawned is not None:
+            extra["device_process"] = self.prespawned[0]
         try:
             self.machine = Machine(
                 ram_size=ram,
@@ -294,8 +325,21 @@ class Session:
                 status = EXIT_FAILED
         if m is not None:
             m.shutdown()
+        if self.prespawned is not None:
+            import shutil
+            from pathlib import Path
+
+            proc, tmp = self.prespawned
+            if proc.poll() is None:  # the machine never took it (boot failed early)
+                proc.kill()
+                proc.wait(10)
+            if proc.stdout is not None:
+                proc.stdout.close()
             if "device" in self.args.log:
-                sys.stderr.write(m.device_log())
+                sys.stderr.write((Path(tmp) / "device.log").read_text(errors="replace"))
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif m is not None and "device" in self.args.log:
+            sys.stderr.write(m.device_log())
         if self.tracer is not None:
             self.tracer.close()
             self.write(f"trace: {len(self.tracer.events)} events written to {self.args.trace}")
@@ -367,7 +411,7 @@ def cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         print(f"gemu run: {exc}", file=sys.stderr)
         return EXIT_USAGE
     if args.memory is None:
-        args.memory = _size_arg("16M")
+        args.memory = 16 << 20
 
     def write(text: str) -> None:
         print(text, flush=True)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import selectors
 import shutil
 import subprocess
@@ -41,6 +40,9 @@ from gemu.guest.gemu_drv.uapi import DEFAULT_TIMEOUT_NS, GemuDriver, GemuFile
 from gemu.guest.locking import lockdep
 from gemu.guest.mm.page_alloc import PageAllocator, PhysMem
 from gemu.guest.mm.swap import SwapDevice
+from gemu.host.sizes import flag_names, format_size, parse_size
+
+__all__ = ["Machine", "format_size", "parse_size"]
 
 log = logging.getLogger("gemu.host.machine")
 
@@ -48,36 +50,6 @@ READY_PREFIX = "gemu-device: listening on "
 PAGE_SIZE = 4096
 SWAP_IN_MEMORY_MAX = 256 << 20
 """Swap up to this size is a buffer in memory; larger swap is a sparse file."""
-_SUFFIXES = {"": 1 << 20, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
-def parse_size(text: str, *, default_unit: str = "M") -> int:
-    """A size like QEMU's ``-m``: ``256M``, ``1G``, ``512K``, ``64`` (MiB unless
-    ``default_unit`` says otherwise), optionally with ``B``/``iB`` (``16MiB``). Raises
-    ValueError naming the problem (``unknown suffix 'X'``)."""
-    m = re.fullmatch(r"\s*(\d+)\s*([A-Za-z]*)\s*", text)
-    if m is None:
-        raise ValueError(f"invalid size {text!r}: not a number with an optional K/M/G suffix")
-    number, suffix = int(m.group(1)), m.group(2).upper()
-    unit = suffix[:1]
-    rest = suffix[1:]
-    if suffix and (unit not in "KMGT" or rest not in ("", "B", "IB")):
-        raise ValueError(f"invalid size {text!r}: unknown suffix {m.group(2)!r} (use K, M or G)")
-    return number * (_SUFFIXES[unit] if suffix else _SUFFIXES[default_unit])
-
-
-def _flag_names(flags) -> str:
-    names = [f.name.lower() for f in type(flags) if f.name and f in flags]
-    return "+".join(names) or "none"
-
-
-def format_size(n: int) -> str:
-    """``16 MiB``, ``4 KiB``, ``1.5 GiB``: sizes in boot logs and summaries."""
-    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if n >= 1 << shift:
-            v = n / (1 << shift)
-            return f"{v:.0f} {unit}" if v == int(v) else f"{v:.1f} {unit}"
-    return f"{n} B"
 
 
 def _gemu_command() -> list[str]:
@@ -104,6 +76,10 @@ class Machine:
             garbage that checksums notice.
         kswapd: start the background reclaim task (``gemu boot`` does; tests that count
             reclaim exactly leave it off).
+        device_process: with ``device="spawn"``, a ``gemu device`` already started (stdout a
+            pipe, ready line not yet read) to use instead of starting one: ``gemu boot``
+            starts it before importing the guest, so the two start-ups overlap. The machine
+            owns it from here (terminated at shutdown).
     """
 
     def __init__(
@@ -119,6 +95,7 @@ class Machine:
         watermarks: tuple[int, int, int] | None = None,
         device_args: tuple[str, ...] = (),
         kswapd: bool = False,
+        device_process: subprocess.Popen | None = None,
     ) -> None:
         self.ram_size = ram_size
         self.swap_size = swap_size
@@ -130,7 +107,7 @@ class Machine:
         self.client: DeviceClient | None = None
         self.ram = SharedMemory(ram_size)
         try:
-            spec = self._start_device(device, device_args)
+            spec = self._start_device(device, device_args, device_process)
             self.client = DeviceClient.connect(spec, name="gemu-machine")
             self.memory_mode = self.client.attach_memory(self.ram)
             if self.memory_mode != "fd":
@@ -164,7 +141,12 @@ class Machine:
         self._down = False
 
     # -- device ----------------------------------------------------------------------------
-    def _start_device(self, device: str, device_args: tuple[str, ...]) -> str:
+    def _start_device(
+        self, device: str, device_args: tuple[str, ...], started: subprocess.Popen | None
+    ) -> str:
+        if device == "spawn" and started is not None:
+            self._proc = started
+            return self._wait_ready(started, 20.0)
         if device == "spawn":
             sock = f"unix:{self._tmp.name}/device.sock"
             self._device_log = Path(self._tmp.name) / "device.log"
@@ -257,7 +239,7 @@ class Machine:
             f"v{regs.VERSION.field('MAJOR').ex(gpu.version)}."
             f"{regs.VERSION.field('MINOR').ex(gpu.version)}",
             f"gemu: features: {as_count} address spaces, {va_bits}-bit GPU VA, link "
-            f"{_flag_names(c.device_features)}, guest memory by {self.memory_mode}",
+            f"{flag_names(c.device_features)}, guest memory by {self.memory_mode}",
             f"Memory: {format_size(self.ram_size)} guest RAM, {a.totalram_pages} pages "
             f"managed, watermarks min/low/high {wm.min}/{wm.low}/{wm.high}",
         ]
