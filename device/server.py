@@ -143,6 +143,7 @@ class DeviceServer:
         self.session: _Session | None = None
         self._mem: Any = None
         self._readers: dict[int, Callable[[], None]] = {}
+        self._cp_observers: list[Callable[[], None]] = []
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -208,6 +209,18 @@ class DeviceServer:
         if fd not in self._readers:
             self._epoll.register(fd, select.EPOLLIN)
         self._readers[fd] = callback
+
+    def add_cp_observer(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` on the loop thread after every command-processor batch (and
+        STEP), e.g. for a debugger to notice a breakpoint or an error."""
+        self._cp_observers.append(callback)
+
+    def _observe_cp(self) -> None:
+        for cb in self._cp_observers:
+            try:
+                cb()
+            except Exception:
+                log.exception("command-processor observer %r failed", cb)
 
     def remove_reader(self, fileobj: Any) -> None:
         fd = fileobj if isinstance(fileobj, int) else fileobj.fileno()
@@ -349,6 +362,8 @@ class DeviceServer:
             log.exception("the command processor raised; the device stays up")
         self._cp_waiting = gpu.cp_state() == CpState.WAITING
         self.counters["batches"] += 1
+        if self._cp_observers:
+            self._observe_cp()
         self._flush_irq()
         s = self.session
         if s is not None and not s.alive:
@@ -811,6 +826,8 @@ class DeviceServer:
                 "STEP needs the STEPPED clock mode (send CLOCK_MODE STEPPED first)",
             )
         executed, cp_state, clock_ns = self.gpu.step(req.max_packets, req.ticks_ns)
+        if self._cp_observers:
+            self._observe_cp()
         return p.STEP_REPLY_FAST.pack(
             executed, int(cp_state), clock_ns, int(bool(self.gpu.irq_level))
         )

@@ -8,6 +8,23 @@ import signal
 
 from gemu.host.cli import LOG_LEVELS, READY_LINE, _listen_spec, _log_level, setup_logging
 
+GDB_READY_LINE = "gemu-device: gdb stub on {address}"
+
+
+def _gdb_spec(text: str) -> str:
+    from gemu.device import transport
+
+    spec = "tcp:127.0.0.1:" + text[len("tcp::") :] if text.startswith("tcp::") else text
+    try:
+        parsed = transport.check_listen(spec)
+    except transport.SpecError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if parsed.kind != "tcp":
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: gdb connects over TCP: use tcp::PORT or tcp:127.0.0.1:PORT"
+        )
+    return spec
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     dev = sub.add_parser(
@@ -37,8 +54,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     dev.add_argument(
         "--gdb",
+        type=_gdb_spec,
         metavar="SPEC",
-        help="serve the GDB remote protocol on SPEC (not available yet)",
+        help="serve the GDB remote protocol on SPEC: tcp::PORT or tcp:HOST:PORT (loopback "
+        "only; port 0 picks one, the gdb ready line says which); see docs/gdb.md",
+    )
+    dev.add_argument(
+        "-S",
+        dest="gdb_wait",
+        action="store_true",
+        help="hold the command processor until gdb continues (needs --gdb)",
     )
     dev.set_defaults(func=cmd_device)
 
@@ -48,13 +73,22 @@ def cmd_device(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     from gemu.device.gpu import Gpu
     from gemu.device.server import DeviceServer
 
-    if args.gdb is not None:
-        parser.error(f"argument --gdb: the gdb stub is not available yet (got {args.gdb!r})")
+    if args.gdb_wait and args.gdb is None:
+        parser.error("argument -S: needs --gdb (there is no debugger to continue the device)")
     setup_logging(args.log, "gemu-device")
+    gpu = Gpu(stepped=args.stepped)
     try:
-        server = DeviceServer(Gpu(stepped=args.stepped), args.listen)
+        server = DeviceServer(gpu, args.listen)
     except transport.SpecError as exc:
         parser.error(f"argument --listen: {exc}")
+    if args.gdb is not None:
+        from gemu.device.gdbstub import GdbStub
+
+        try:
+            stub = GdbStub(gpu, args.gdb, wait=args.gdb_wait)
+        except transport.SpecError as exc:
+            parser.error(f"argument --gdb: {exc}")
+        stub.attach(server)
 
     def _stop(signum, _frame) -> None:
         logging.getLogger("gemu.device.server").info(
@@ -65,5 +99,12 @@ def cmd_device(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     print(READY_LINE.format(address=server.address), flush=True)
-    server.serve_forever()
+    if args.gdb is not None:
+        # a second line, after the one spawners wait for: where gdb connects
+        print(GDB_READY_LINE.format(address=stub.address), flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        if args.gdb is not None:
+            stub.close()
     return 0

@@ -1,0 +1,1040 @@
+"""DOC: a GDB remote-serial-protocol stub for the device model (``gemu device --gdb``).
+
+The stub lives in the device process and is served from the :class:`DeviceServer` loop
+(``add_reader`` for its sockets, ``add_cp_observer`` to look at the command processor after
+each batch), so it needs no thread or lock. It reads device state only through the
+side-effect-free debug path (:meth:`Gpu.debug_read`, :meth:`Gpu.mem_read`, ``walk``,
+``mappings``) and controls execution through the debugger hooks of :class:`Gpu`::
+
+    stub = GdbStub(gpu, "tcp::1234", wait=True)   # -S: the CP is held until gdb continues
+    stub.attach(server)
+    server.serve_forever()
+
+What gdb sees (``docs/gdb.md`` is the user guide):
+
+- an aarch64 target (:mod:`.gdb_target`): ``pc`` is the next packet, x0.. the CP state, plus
+  every MMIO register by name in group ``gpu``; ``P`` writes an MMIO register (a real write);
+- memory through the selected space: ``auto`` (the ring's guest-physical window, else the
+  CP's current AS), ``as N`` or ``phys`` (``monitor as N`` / ``monitor phys`` / ``monitor
+  auto``); a failed translation is answered ``E14``;
+- ``Z0``/``Z1`` stop the CP *before* the packet at that address (a ring PA or an IB VA), a step
+  executes exactly one packet, ``Z2``/``Z3``/``Z4`` stop after the packet whose DMA touched the
+  range (``watch:``/``rwatch:``/``awatch:ADDR``), a CP error stops with a signal (SIGSEGV MMU
+  fault, SIGBUS bus error or alignment, SIGALRM WAIT_MEM timeout, SIGILL a bad packet), a
+  0x03 byte halts, ``D`` (or a dropped connection) lets the device run on;
+- ``monitor`` commands (``qRcmd``): see :data:`MONITOR_HELP`.
+
+While gdb holds the CP, STATUS.HALTED reads 1; the guest keeps running and its driver does not
+count the hold as a hang. All-stop only, one thread, one gdb at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import struct
+from collections.abc import Callable
+from typing import Any
+
+from . import transport
+from .abi import packets as pk
+from .abi import regs
+from .abi.enums import AccessType, CpError, MmuFault, Opcode
+from .abi.protocol import SPACE_PHYS
+from .gdb_target import REGISTERS, TARGET_XML
+from .mmu import MemFault, perms_str
+
+log = logging.getLogger("gemu.device.gdbstub")
+
+PACKET_SIZE = 0x4000  # the largest packet we accept and announce (PacketSize, hex)
+MAX_PAYLOAD = PACKET_SIZE * 4  # a packet longer than this (after run-length) is dropped
+
+# gdb's own signal numbers (gdb/signals.def), which the remote protocol uses
+SIGINT, SIGILL, SIGTRAP, SIGBUS, SIGSEGV, SIGALRM = 2, 4, 5, 10, 11, 14
+EFAULT, EINVAL, ENOENT = "E14", "E16", "E02"
+
+ERROR_SIGNALS = {
+    CpError.MMU_FAULT: SIGSEGV,
+    CpError.BUS_ERROR: SIGBUS,
+    CpError.NO_MEMORY: SIGBUS,
+    CpError.BAD_ALIGNMENT: SIGBUS,
+    CpError.WAIT_TIMEOUT: SIGALRM,
+}  # every other CP error is a bad packet: SIGILL
+
+MONITOR_HELP = """\
+gemu GPU monitor commands:
+  help                 this text
+  status               CP state, pc, ring and the memory space gdb uses
+  ring [N]             ring registers and the packets from RING_HEAD to the tail (at most N)
+  dis ADDR [N]         disassemble N packets (default 8) at ADDR in the current space
+  walk VA [AS]         page-table walk of VA (default: the CP's current AS)
+  mappings [AS]        mapped ranges of an AS (default: the CP's current AS)
+  fence                latched FENCE seqno and fence interrupt state
+  fault                why the CP stopped: CP_ERROR and every latched MMU fault
+  reset                soft-reset the device (CONTROL.SOFT_RESET)
+  as N | phys | auto   memory space for x/set/watch: AS N, guest-physical, or auto
+                       (the ring's physical window, else the CP's current AS)
+"""
+
+_HEX = b"0123456789abcdef"
+_ESCAPED = frozenset(b"#$}*")
+
+
+# --- framing -------------------------------------------------------------------------------
+
+
+def checksum(data: bytes) -> int:
+    return sum(data) & 0xFF
+
+
+def escape(payload: bytes) -> bytes:
+    """Binary-escape ``#$}*`` as ``}`` followed by the byte XOR 0x20."""
+    if not any(b in _ESCAPED for b in payload):
+        return payload
+    out = bytearray()
+    for b in payload:
+        if b in _ESCAPED:
+            out += bytes((0x7D, b ^ 0x20))
+        else:
+            out.append(b)
+    return bytes(out)
+
+
+def frame(payload: bytes) -> bytes:
+    """``$payload#cc`` with the payload escaped."""
+    body = escape(payload)
+    return b"$" + body + b"#%02x" % checksum(body)
+
+
+class PacketReader:
+    """Incremental parser of what gdb sends: packets, acks, nacks and the 0x03 interrupt.
+
+    :meth:`feed` returns events: ``("packet", payload)`` (escapes and run-length expanded),
+    ``("bad", why)`` for a packet with a wrong checksum or an overlong one, ``("ack",)``,
+    ``("nack",)`` and ``("interrupt",)``. Bytes outside packets are ignored. The checksum
+    covers the bytes as sent (before unescaping), as in the protocol."""
+
+    def __init__(self, max_payload: int = MAX_PAYLOAD) -> None:
+        self.max_payload = max_payload
+        self._state = "idle"
+        self._raw = bytearray()  # bytes as sent, for the checksum
+        self._data = bytearray()  # decoded payload
+        self._csum = bytearray()
+        self._overflow = False
+
+    def feed(self, data: bytes) -> list[tuple]:
+        events: list[tuple] = []
+        for b in data:
+            st = self._state
+            if st == "idle":
+                if b == 0x24:  # $
+                    self._start()
+                elif b == 0x2B:
+                    events.append(("ack",))
+                elif b == 0x2D:
+                    events.append(("nack",))
+                elif b == 0x03:
+                    events.append(("interrupt",))
+            elif st == "csum":
+                self._csum.append(b)
+                if len(self._csum) == 2:
+                    events.append(self._finish())
+                    self._state = "idle"
+            elif b == 0x24:  # a new packet starts: the previous one was cut short
+                events.append(("bad", "packet restarted before its end"))
+                self._start()
+            elif b == 0x23:  # #
+                self._state = "csum"
+            else:
+                self._raw.append(b)
+                if st == "escape":
+                    self._put(b ^ 0x20)
+                    self._state = "data"
+                elif st == "repeat":
+                    count = b - 29
+                    if count < 0 or not self._data:
+                        self._overflow = self._overflow or "bad run-length"
+                    else:
+                        self._put_many(self._data[-1], count)
+                    self._state = "data"
+                elif b == 0x7D:
+                    self._state = "escape"
+                elif b == 0x2A:
+                    self._state = "repeat"
+                else:
+                    self._put(b)
+        return events
+
+    def _start(self) -> None:
+        self._state = "data"
+        self._raw.clear()
+        self._data.clear()
+        self._csum.clear()
+        self._overflow = False
+
+    def _put(self, b: int) -> None:
+        if len(self._data) >= self.max_payload:
+            self._overflow = self._overflow or "packet too long"
+        else:
+            self._data.append(b)
+
+    def _put_many(self, b: int, count: int) -> None:
+        if len(self._data) + count > self.max_payload:
+            self._overflow = self._overflow or "packet too long"
+        else:
+            self._data += bytes((b,)) * count
+
+    def _finish(self) -> tuple:
+        try:
+            want = int(self._csum.decode("ascii"), 16)
+        except (UnicodeDecodeError, ValueError):
+            return ("bad", f"checksum {bytes(self._csum)!r} is not two hex digits")
+        got = checksum(self._raw)
+        if want != got:
+            return ("bad", f"checksum {want:02x} does not match the data ({got:02x})")
+        if self._overflow:
+            return ("bad", str(self._overflow))
+        return ("packet", bytes(self._data))
+
+
+def _hex_u(value: int, size: int) -> bytes:
+    return value.to_bytes(size, "little").hex().encode()
+
+
+def _parse_int(text: str) -> int:
+    return int(text, 0)
+
+
+# --- the stub ------------------------------------------------------------------------------
+
+
+class GdbStub:
+    """One gdb connection at a time to ``gpu``, on a loopback TCP (or UNIX) ``spec``."""
+
+    def __init__(self, gpu: Any, spec: str, *, wait: bool = False) -> None:
+        self.gpu = gpu
+        if spec.startswith("tcp::"):
+            spec = "tcp:127.0.0.1:" + spec[len("tcp::") :]
+        self.listener = transport.listen(spec, backlog=1)
+        self.listener.sock.setblocking(False)
+        self.address = str(self.listener.spec)
+        self.conn: socket.socket | None = None
+        self.server: Any = None
+        self.reader = PacketReader()
+        self.ack_mode = True
+        self.running = False  # gdb resumed the target and waits for a stop reply
+        self.breakpoints: set[int] = set()
+        self.watchpoints: dict[tuple[int, int, int], int | None] = {}
+        self.space: str | int = "auto"
+        self.last_stop = b"S05"
+        self.stop_text = "not stopped yet"
+        self._hit: bytes | None = None  # stop reply decided by a hook during a run
+        self._errors_seen = 0
+        self._free_step = False
+        self._last_sent = b""
+        self.counters = dict(connections=0, packets=0, bad_packets=0, stops=0)
+        if wait:
+            gpu.halt()
+            self.stop_text = "held from start (-S) until gdb continues"
+
+    # --- wiring --------------------------------------------------------------------------
+
+    def attach(self, server: Any) -> None:
+        """Serve from ``server``'s loop."""
+        self.server = server
+        server.add_reader(self.listener.sock, self._accept)
+        server.add_cp_observer(self.poll)
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self._disconnect("stub closing")
+        if self.server is not None:
+            with contextlib.suppress(Exception):
+                self.server.remove_reader(self.listener.sock)
+        self.listener.close()
+
+    def _accept(self) -> None:
+        try:
+            sock, _peer = self.listener.sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        if self.conn is not None:
+            log.warning("refusing a second gdb connection: one gdb at a time")
+            sock.close()
+            return
+        sock.setblocking(True)
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.conn = sock
+        self.reader = PacketReader()
+        self.ack_mode = True
+        self.counters["connections"] += 1
+        self._connected()
+        if self.server is not None:
+            self.server.add_reader(sock, self._readable)
+        log.info("gdb connected; the command processor is halted")
+
+    def _connected(self) -> None:
+        """A debugger attaches: the CP stops (like QEMU pausing the VM on connect)."""
+        self.gpu.halt()
+        self.running = False
+        self._errors_seen = self.gpu.cp.errors
+        self.last_stop = b"T%02xthread:01;" % SIGTRAP
+        if self.stop_text == "not stopped yet":
+            self.stop_text = "halted by gdb attaching"
+
+    def _disconnect(self, why: str) -> None:
+        """Detach: forget breakpoints and watchpoints, let the device run on."""
+        sock, self.conn = self.conn, None
+        if sock is not None:
+            if self.server is not None:
+                with contextlib.suppress(Exception):
+                    self.server.remove_reader(sock)
+            with contextlib.suppress(OSError):
+                sock.close()
+        self.breakpoints.clear()
+        self.watchpoints.clear()
+        self._install_hooks()
+        self.running = False
+        self._free_step = False
+        self.gpu.resume()
+        log.info("gdb detached (%s); the device runs on", why)
+
+    def _readable(self) -> None:
+        sock = self.conn
+        if sock is None:
+            return
+        try:
+            data = sock.recv(65536)
+        except OSError as exc:
+            self._disconnect(f"read failed: {exc}")
+            return
+        if not data:
+            self._disconnect("connection closed")
+            return
+        self.feed(data)
+
+    # --- input ---------------------------------------------------------------------------
+
+    def feed(self, data: bytes) -> None:
+        """Handle bytes from gdb (the socket callback; tests may call it directly)."""
+        for event in self.reader.feed(data):
+            if self.conn is None:
+                return  # detached by an earlier packet of the same read
+            kind = event[0]
+            if kind == "packet":
+                self.counters["packets"] += 1
+                if self.ack_mode:
+                    self._write(b"+")
+                try:
+                    reply = self.handle(event[1])
+                except Exception:  # never let gdb bring the device down
+                    log.exception("gdb packet %r failed", event[1][:40])
+                    reply = b"E01"
+                if reply is not None:
+                    self.send(reply)
+            elif kind == "bad":
+                self.counters["bad_packets"] += 1
+                log.warning("gdb: bad packet: %s", event[1])
+                if self.ack_mode:
+                    self._write(b"-")
+            elif kind == "nack":
+                if self._last_sent:
+                    self._write(self._last_sent)
+            elif kind == "interrupt":
+                self.interrupt()
+
+    def send(self, payload: bytes) -> None:
+        data = frame(payload)
+        self._last_sent = data
+        self._write(data)
+
+    def _write(self, data: bytes) -> None:
+        sock = self.conn
+        if sock is None:
+            return
+        try:
+            sock.sendall(data)
+        except OSError as exc:
+            self._disconnect(f"send failed: {exc}")
+
+    # --- execution -----------------------------------------------------------------------
+
+    def interrupt(self) -> None:
+        """0x03 from gdb: hold the CP before its next packet."""
+        if not self.running:
+            return
+        self.gpu.halt()
+        self._stop(b"T%02xthread:01;" % SIGINT, "interrupted by gdb (Ctrl-C)")
+
+    def poll(self) -> None:
+        """After a CP batch: report a breakpoint, a watchpoint or a CP error to gdb."""
+        if not self.running:
+            return
+        cp = self.gpu.cp
+        if self._hit is not None:
+            reply, self._hit = self._hit, None
+            self._free_step = b"watch:" in reply
+            self._stop(reply, self._hit_text)
+        elif cp.errors != self._errors_seen:
+            self.gpu.halt()
+            self._stop_on_error()
+
+    def _stop_on_error(self) -> None:
+        cp = self.gpu.cp
+        self._errors_seen = cp.errors
+        code = CpError(regs.CP_ERROR.field("CODE").ex(self.gpu.debug_read(regs.CP_ERROR.offset)))
+        sig = ERROR_SIGNALS.get(code, SIGILL)
+        self._stop(b"T%02xthread:01;" % sig, "CP error: " + self.describe_error())
+
+    def _stop(self, reply: bytes, why: str) -> None:
+        self.running = False
+        self.counters["stops"] += 1
+        self.last_stop = reply
+        self.stop_text = why
+        log.info("stop: %s", why)
+        self.send(reply)
+
+    def _resume(self) -> None:
+        self._free_step = False
+        self._hit = None
+        self._errors_seen = self.gpu.cp.errors
+        self.running = True
+        self.gpu.resume()
+        self.poll()
+
+    def _step(self) -> bytes:
+        """Execute exactly one packet; the reply is the stop it caused."""
+        if self._free_step:
+            # aarch64 watchpoints are "non-steppable": after a watchpoint stop gdb steps over
+            # the accessing instruction before checking the value. Our stop comes after the
+            # packet's DMA already happened, so that step must not run another packet.
+            self._free_step = False
+            return b"T%02xthread:01;" % SIGTRAP
+        gpu = self.gpu
+        errors = gpu.cp.errors
+        self._hit = None
+        gpu.halt()
+        gpu.single_step()
+        hit, self._hit = self._hit, None
+        if gpu.cp.errors != errors:
+            self._errors_seen = gpu.cp.errors
+            code = CpError(regs.CP_ERROR.field("CODE").ex(gpu.debug_read(regs.CP_ERROR.offset)))
+            reply = b"T%02xthread:01;" % ERROR_SIGNALS.get(code, SIGILL)
+            self.stop_text = "CP error: " + self.describe_error()
+        elif hit is not None:
+            reply = hit
+            self.stop_text = self._hit_text
+            self._free_step = True
+        else:
+            reply = b"T%02xthread:01;" % SIGTRAP
+            self.stop_text = "stepped one packet"
+        self.last_stop = reply
+        return reply
+
+    # --- hooks ---------------------------------------------------------------------------
+
+    def _install_hooks(self) -> None:
+        gpu = self.gpu
+        gpu.packet_hook = self._packet_hook if self.breakpoints else None
+        gpu.access_hook = self._access_hook if self.watchpoints else None
+
+    def _packet_hook(self, addr: int, in_ib: bool) -> bool:
+        if addr in self.breakpoints:
+            self._hit = b"T%02xthread:01;" % SIGTRAP
+            self._hit_text = f"breakpoint at {'IB VA' if in_ib else 'ring PA'} {addr:#x}"
+            return True
+        return False
+
+    _hit_text = ""
+
+    def _access_hook(self, addr: int, size: int, write: bool, space: int) -> None:
+        end = addr + size
+        for (kind, waddr, wlen), wspace in self.watchpoints.items():
+            if (kind == 2 and not write) or (kind == 3 and write):
+                continue
+            if wspace is None:
+                if space == SPACE_PHYS:
+                    continue
+            elif wspace != space:
+                continue
+            if addr < waddr + wlen and waddr < end:
+                hit = max(addr, waddr)
+                name = {2: b"watch", 3: b"rwatch", 4: b"awatch"}[kind]
+                self._hit = b"T%02x%s:%x;thread:01;" % (SIGTRAP, name, hit)
+                where = "PA" if space == SPACE_PHYS else f"AS{space} VA"
+                self._hit_text = (
+                    f"{name.decode()}point: {'write' if write else 'read'} of {size} bytes at "
+                    f"{where} {addr:#x} by the packet at {self.gpu.cp._cur_pc:#x}"
+                )
+                self.gpu.halt()
+                return
+
+    # --- registers -----------------------------------------------------------------------
+
+    def next_pc(self) -> int:
+        """The next packet: the failing one in ERROR, else CP_PC skipping drained IBs."""
+        cp = self.gpu.cp
+        if cp.error:
+            return self._error_addr()
+        if cp.waiting is None:
+            for pc, end in reversed(cp.ib_stack):
+                if pc < end:
+                    return pc
+            if cp.ib_stack:
+                return cp.ring_base + cp.head
+        return cp.pc()
+
+    def pc_in_ib(self) -> bool:
+        cp = self.gpu.cp
+        if cp.error:
+            return bool(regs.CP_ERROR.field("IN_IB").ex(self.gpu.debug_read(regs.CP_ERROR.offset)))
+        if cp.waiting is not None:
+            return cp.waiting.in_ib
+        return any(pc < end for pc, end in cp.ib_stack)
+
+    def _error_addr(self) -> int:
+        d = self.gpu.debug_read
+        return d(regs.CP_ERROR_ADDR_LO.offset) | (d(regs.CP_ERROR_ADDR_HI.offset) << 32)
+
+    def core_values(self) -> dict[str, int]:
+        """The values of the aarch64 core registers (see gdb_target.CORE_MAP)."""
+        gpu, cp = self.gpu, self.gpu.cp
+        d = gpu.debug_read
+        return {
+            "x0": int(cp.state()),
+            "x1": d(regs.RING_HEAD.offset),
+            "x2": cp.tail,
+            "x3": cp.as_index,
+            "x4": d(regs.CP_ERROR.offset),
+            "x5": self._error_addr(),
+            "x6": len(cp.ib_stack),
+            "x7": d(regs.CP_PACKETS.offset),
+            "x8": cp.ring_base,
+            "x9": cp.ring_size,
+            "x10": d(regs.FENCE_SEQNO_LO.offset) | (d(regs.FENCE_SEQNO_HI.offset) << 32),
+            "x11": int(self.pc_in_ib()),
+            "x12": d(regs.STATUS.offset),
+            "x13": d(regs.IRQ_STATUS.offset),
+            "x14": d(regs.MMU_INT_RAWSTAT.offset),
+            "pc": self.next_pc(),
+        }
+
+    def register_bytes(self) -> bytes:
+        """Every register in regnum order (the ``g`` reply, before hex)."""
+        core = self.core_values()
+        d = self.gpu.debug_read
+        out = bytearray()
+        for r in REGISTERS:
+            value = d(r.mmio.offset) if r.mmio is not None else core.get(r.name, 0)
+            out += (value & ((1 << r.bits) - 1)).to_bytes(r.size, "little")
+        return bytes(out)
+
+    def _read_register(self, regnum: int) -> bytes:
+        if not 0 <= regnum < len(REGISTERS):
+            return EINVAL.encode()
+        r = REGISTERS[regnum]
+        value = (
+            self.gpu.debug_read(r.mmio.offset)
+            if r.mmio is not None
+            else self.core_values().get(r.name, 0)
+        )
+        return _hex_u(value & ((1 << r.bits) - 1), r.size)
+
+    def _write_register(self, regnum: int, data: bytes) -> bytes:
+        if not 0 <= regnum < len(REGISTERS):
+            return EINVAL.encode()
+        r = REGISTERS[regnum]
+        if r.mmio is None:
+            return EINVAL.encode()  # the CP state is changed through registers, not x0..pc
+        value = int.from_bytes(data[: r.size], "little")
+        self.gpu.mmio_write(r.mmio.offset, value)
+        log.info("gdb wrote %s = %#x", r.mmio.name, value)
+        return b"OK"
+
+    # --- memory --------------------------------------------------------------------------
+
+    def space_for(self, addr: int, size: int) -> int:
+        """The space an access at ``addr`` goes through (an AS index or SPACE_PHYS)."""
+        if self.space == "phys":
+            return SPACE_PHYS
+        if isinstance(self.space, int):
+            return self.space
+        cp = self.gpu.cp
+        if cp.ring_size and cp.ring_base <= addr and addr + size <= cp.ring_base + cp.ring_size:
+            return SPACE_PHYS
+        return cp.as_index
+
+    def space_name(self) -> str:
+        if self.space == "auto":
+            return f"auto (ring PA window, else AS{self.gpu.cp.as_index})"
+        return "phys" if self.space == "phys" else f"AS{self.space}"
+
+    def read_memory(self, addr: int, size: int) -> bytes:
+        return self.gpu.mem_read(self.space_for(addr, size), addr, size)
+
+    def write_memory(self, addr: int, data: bytes) -> None:
+        self.gpu.mem_write(self.space_for(addr, len(data)), addr, data)
+
+    # --- dispatch ------------------------------------------------------------------------
+
+    def handle(self, packet: bytes) -> bytes | None:
+        """The reply to one packet (None: no reply now, e.g. ``c`` until the CP stops)."""
+        if not packet:
+            return b""
+        head = packet[:1]
+        handler = self._simple.get(head)
+        if handler is not None:
+            return handler(self, packet)
+        return b""
+
+    def _q(self, packet: bytes) -> bytes:
+        text = packet.decode("latin-1")
+        name = text.split(":", 1)[0].split(",", 1)[0]
+        if name == "qSupported":
+            return (
+                f"PacketSize={PACKET_SIZE:x};qXfer:features:read+;QStartNoAckMode+;vContSupported+"
+            ).encode()
+        if text.startswith("qXfer:features:read:"):
+            return self._xfer_features(text[len("qXfer:features:read:") :])
+        if name == "qAttached":
+            return b"1"
+        if name == "qC":
+            return b"QC01"
+        if name == "qfThreadInfo":
+            return b"m01"
+        if name == "qsThreadInfo":
+            return b"l"
+        if name == "qSymbol":
+            return b"OK"
+        if name == "qRcmd":
+            return self._rcmd(text.partition(",")[2])
+        return b""
+
+    def _Q(self, packet: bytes) -> bytes:
+        if packet == b"QStartNoAckMode":
+            self.send(b"OK")
+            self.ack_mode = False
+            return None
+        return b""
+
+    def _xfer_features(self, rest: str) -> bytes:
+        annex, _, span = rest.partition(":")
+        if annex != "target.xml":
+            return ENOENT.encode()
+        try:
+            off_s, len_s = span.split(",")
+            off, length = int(off_s, 16), int(len_s, 16)
+        except ValueError:
+            return EINVAL.encode()
+        chunk = TARGET_XML[off : off + length]
+        return (b"l" if off + length >= len(TARGET_XML) else b"m") + chunk
+
+    def _question(self, packet: bytes) -> bytes:
+        # gdb is (re)connecting: like QEMU, drop every breakpoint it may have left
+        self.breakpoints.clear()
+        self.watchpoints.clear()
+        self._install_hooks()
+        return self.last_stop
+
+    def _g(self, packet: bytes) -> bytes:
+        return self.register_bytes().hex().encode()
+
+    def _G(self, packet: bytes) -> bytes:
+        return EINVAL.encode()
+
+    def _p(self, packet: bytes) -> bytes:
+        try:
+            regnum = int(packet[1:], 16)
+        except ValueError:
+            return EINVAL.encode()
+        return self._read_register(regnum)
+
+    def _P(self, packet: bytes) -> bytes:
+        try:
+            num, _, val = packet[1:].partition(b"=")
+            return self._write_register(int(num, 16), bytes.fromhex(val.decode()))
+        except ValueError:
+            return EINVAL.encode()
+
+    def _m(self, packet: bytes) -> bytes:
+        try:
+            a, n = packet[1:].split(b",")
+            addr, size = int(a, 16), int(n, 16)
+        except ValueError:
+            return EINVAL.encode()
+        if size > PACKET_SIZE // 2:
+            size = PACKET_SIZE // 2  # gdb accepts a short read and asks for the rest
+        try:
+            return self.read_memory(addr, size).hex().encode()
+        except MemFault as exc:
+            log.debug("gdb read %#x+%#x: %s", addr, size, exc)
+            return EFAULT.encode()
+
+    def _M(self, packet: bytes) -> bytes:
+        try:
+            spec, _, data = packet[1:].partition(b":")
+            a, n = spec.split(b",")
+            addr, size = int(a, 16), int(n, 16)
+            raw = bytes.fromhex(data.decode())
+        except ValueError:
+            return EINVAL.encode()
+        if len(raw) != size:
+            return EINVAL.encode()
+        return self._store(addr, raw)
+
+    def _X(self, packet: bytes) -> bytes:
+        try:
+            spec, _, raw = packet[1:].partition(b":")
+            a, n = spec.split(b",")
+            addr, size = int(a, 16), int(n, 16)
+        except ValueError:
+            return EINVAL.encode()
+        if len(raw) != size:
+            return EINVAL.encode()
+        return self._store(addr, raw)
+
+    def _store(self, addr: int, raw: bytes) -> bytes:
+        if not raw:
+            return b"OK"
+        try:
+            self.write_memory(addr, raw)
+        except MemFault as exc:
+            log.debug("gdb write %#x+%#x: %s", addr, len(raw), exc)
+            return EFAULT.encode()
+        return b"OK"
+
+    def _c(self, packet: bytes) -> bytes | None:
+        self._resume()
+        return None
+
+    def _s(self, packet: bytes) -> bytes:
+        return self._step()
+
+    def _v(self, packet: bytes) -> bytes | None:
+        if packet == b"vCont?":
+            return b"vCont;c;C;s;S"
+        if packet.startswith(b"vCont;"):
+            actions = [a.split(b":")[0] for a in packet[6:].split(b";") if a]
+            first = actions[0][:1] if actions else b""
+            if first in (b"s", b"S"):
+                return self._step()
+            if first in (b"c", b"C"):
+                self._resume()
+                return None
+            return EINVAL.encode()
+        if packet.startswith(b"vKill"):
+            self.send(b"OK")
+            self._disconnect("vKill (the device keeps running)")
+            return None
+        return b""
+
+    def _D(self, packet: bytes) -> bytes | None:
+        self.send(b"OK")
+        self._disconnect("detach")
+        return None
+
+    def _k(self, packet: bytes) -> None:
+        self._disconnect("kill (the device keeps running)")
+        return None
+
+    def _H(self, packet: bytes) -> bytes:
+        return b"OK"
+
+    def _Z(self, packet: bytes) -> bytes:
+        insert = packet[:1] == b"Z"
+        try:
+            t, a, k = packet[1:].split(b",")[:3]
+            kind, addr, length = int(t), int(a, 16), int(k.split(b";")[0], 16)
+        except ValueError:
+            return EINVAL.encode()
+        if kind in (0, 1):
+            if insert:
+                self.breakpoints.add(addr)
+            else:
+                self.breakpoints.discard(addr)
+        elif kind in (2, 3, 4):
+            key = (kind, addr, max(length, 1))
+            if insert:
+                space = None if self.space == "auto" else self.space_for(addr, key[2])
+                if self.space == "auto" and self.space_for(addr, key[2]) == SPACE_PHYS:
+                    space = SPACE_PHYS
+                self.watchpoints[key] = space
+            else:
+                self.watchpoints.pop(key, None)
+        else:
+            return b""
+        self._install_hooks()
+        return b"OK"
+
+    _simple: dict[bytes, Callable] = {
+        b"q": _q,
+        b"Q": _Q,
+        b"?": _question,
+        b"g": _g,
+        b"G": _G,
+        b"p": _p,
+        b"P": _P,
+        b"m": _m,
+        b"M": _M,
+        b"X": _X,
+        b"c": _c,
+        b"C": _c,
+        b"s": _s,
+        b"S": _s,
+        b"v": _v,
+        b"D": _D,
+        b"k": _k,
+        b"H": _H,
+        b"T": lambda self, p: b"OK",
+        b"Z": _Z,
+        b"z": _Z,
+    }
+
+    # --- monitor -------------------------------------------------------------------------
+
+    def _rcmd(self, hexcmd: str) -> bytes:
+        try:
+            command = bytes.fromhex(hexcmd).decode("utf-8", "replace").strip()
+        except ValueError:
+            return EINVAL.encode()
+        try:
+            text = self.monitor(command)
+        except (ValueError, IndexError, MemFault) as exc:
+            text = f"error: {exc}\n"
+        for i in range(0, len(text), 2000):
+            self.send(b"O" + text[i : i + 2000].encode().hex().encode())
+        return b"OK"
+
+    def monitor(self, command: str) -> str:
+        """Run one monitor command; its output text."""
+        words = command.split()
+        if not words:
+            return MONITOR_HELP
+        name, args = words[0].lower(), words[1:]
+        fn = getattr(self, "_mon_" + name.replace("-", "_"), None)
+        if fn is None:
+            return f"unknown monitor command {name!r}; try 'monitor help'\n"
+        return fn(args)
+
+    def _mon_help(self, args: list[str]) -> str:
+        return MONITOR_HELP
+
+    def _mon_status(self, args: list[str]) -> str:
+        cp = self.gpu.cp
+        where = "IB VA" if self.pc_in_ib() else "ring PA"
+        return (
+            f"CP {cp.state().name}, pc {self.next_pc():#x} ({where}), AS{cp.as_index}, "
+            f"IB depth {len(cp.ib_stack)}, {cp.packets} packets executed\n"
+            f"ring base {cp.ring_base:#x} size {cp.ring_size:#x} head {cp.head:#x} "
+            f"tail {cp.tail:#x}\n"
+            f"memory space: {self.space_name()}\n"
+            f"last stop: {self.stop_text}\n"
+        )
+
+    def _mon_as(self, args: list[str]) -> str:
+        n = _parse_int(args[0])
+        if not 0 <= n < regs.AS_COUNT:
+            raise ValueError(f"no address space {n} (0..{regs.AS_COUNT - 1})")
+        self.space = n
+        return f"memory space: AS{n}\n"
+
+    def _mon_phys(self, args: list[str]) -> str:
+        self.space = "phys"
+        return "memory space: guest-physical\n"
+
+    def _mon_auto(self, args: list[str]) -> str:
+        self.space = "auto"
+        return f"memory space: {self.space_name()}\n"
+
+    def disassemble(self, space: int, addr: int, count: int) -> list[str]:
+        """``count`` packets at ``addr`` in ``space``, one line each (stops at a bad one)."""
+        lines = []
+        for _ in range(count):
+            try:
+                hdr = self.gpu.mem_read(space, addr, 4)
+                length = struct.unpack("<I", hdr)[0] >> 16
+                body = self.gpu.mem_read(space, addr + 4, 4 * length)
+            except MemFault as exc:
+                lines.append(f"{addr:#014x}: <{exc}>")
+                break
+            pkt = pk.decode(hdr + body, 0, addr)
+            lines.append(f"{addr:#014x}: {pk.disassemble_one(pkt)}")
+            if pkt.error and pkt.opcode < 0:
+                break
+            addr += pkt.size
+        return lines
+
+    def _mon_dis(self, args: list[str]) -> str:
+        addr = _parse_int(args[0]) if args else self.next_pc()
+        count = _parse_int(args[1]) if len(args) > 1 else 8
+        return "\n".join(self.disassemble(self.space_for(addr, 4), addr, count)) + "\n"
+
+    _mon_disas = _mon_dis
+    _mon_x = _mon_dis
+
+    def _mon_ring(self, args: list[str]) -> str:
+        cp = self.gpu.cp
+        limit = _parse_int(args[0]) if args else 32
+        out = [
+            f"ring base {cp.ring_base:#x} size {cp.ring_size:#x} head {cp.head:#x} "
+            f"tail {cp.tail:#x} (RING_TAIL register {self.gpu.debug_read(regs.RING_TAIL.offset):#x})"
+            f", CP {cp.state().name}"
+        ]
+        for depth, (pc, end) in enumerate(cp.ib_stack):
+            out.append(f"  IB level {depth + 1}: next {pc:#x}, end {end:#x}")
+        if not cp.ring_size:
+            out.append("  (ring not enabled)")
+            return "\n".join(out) + "\n"
+        head, n = cp.head, 0
+        while head != cp.tail and n < limit:
+            addr = cp.ring_base + head
+            try:
+                hdr = self.gpu.mem_read(SPACE_PHYS, addr, 4)
+                length = struct.unpack("<I", hdr)[0] >> 16
+                size = 4 + 4 * length
+                first = min(size, cp.ring_size - head)
+                raw = self.gpu.mem_read(SPACE_PHYS, addr, first)
+                if first < size:
+                    raw += self.gpu.mem_read(SPACE_PHYS, cp.ring_base, size - first)
+            except MemFault as exc:
+                out.append(f"{addr:#014x}: <{exc}>")
+                break
+            pkt = pk.decode(raw, 0, addr)
+            out.append(f"{addr:#014x}: {pk.disassemble_one(pkt)}")
+            head = (head + size) % cp.ring_size
+            n += 1
+        if head != cp.tail:
+            out.append("  ...")
+        elif n == 0:
+            out.append("  (no packets between head and tail)")
+        return "\n".join(out) + "\n"
+
+    def _as_arg(self, args: list[str], pos: int) -> int:
+        if len(args) > pos:
+            n = _parse_int(args[pos])
+        elif isinstance(self.space, int):
+            n = self.space
+        else:
+            n = self.gpu.cp.as_index
+        if not 0 <= n < regs.AS_COUNT:
+            raise ValueError(f"no address space {n} (0..{regs.AS_COUNT - 1})")
+        return n
+
+    def _mon_walk(self, args: list[str]) -> str:
+        va = _parse_int(args[0])
+        n = self._as_arg(args, 1)
+        rows = self.gpu.walk(n, va)
+        out = [f"AS{n} walk of {va:#x}:"]
+        if not rows:
+            out.append("  (AS disabled or VA out of range)")
+        for level, table, idx, entry in rows:
+            kind = ("invalid", "table", "page", "reserved")[(entry >> 1) & 3] if entry & 1 else "-"
+            perms = perms_str(entry) if level == 3 else ""
+            out.append(
+                f"  L{level} table {table:#x}[{idx}] = {entry:#018x} {kind} "
+                f"-> {entry & 0xFFFFFFFFF000:#x} {perms}".rstrip()
+            )
+        try:
+            pa = self.gpu.translate(n, va, AccessType.READ)
+            out.append(f"  => PA {pa:#x}")
+        except MemFault as exc:
+            out.append(f"  => {exc}")
+        return "\n".join(out) + "\n"
+
+    def _mon_mappings(self, args: list[str]) -> str:
+        n = self._as_arg(args, 0)
+        runs = self.gpu.mappings(n)
+        out = [f"AS{n}: {len(runs)} mapped range(s)"]
+        for va, pa, size, perms in runs:
+            out.append(f"  {va:#014x}-{va + size:#014x} -> PA {pa:#x} {perms} ({size:#x} bytes)")
+        return "\n".join(out) + "\n"
+
+    _mon_maps = _mon_mappings
+
+    def _mon_fence(self, args: list[str]) -> str:
+        d = self.gpu.debug_read
+        seqno = d(regs.FENCE_SEQNO_LO.offset) | (d(regs.FENCE_SEQNO_HI.offset) << 32)
+        raw, mask = d(regs.IRQ_RAWSTAT.offset), d(regs.IRQ_MASK.offset)
+        return (
+            f"last FENCE seqno {seqno}\n"
+            f"IRQ_RAWSTAT {raw:#x} (FENCE {'pending' if raw & 1 else 'clear'}), "
+            f"IRQ_MASK {mask:#x}, IRQ_STATUS {d(regs.IRQ_STATUS.offset):#x}\n"
+        )
+
+    def describe_error(self) -> str:
+        d = self.gpu.debug_read(regs.CP_ERROR.offset)
+        f = regs.CP_ERROR.field
+        code = f("CODE").ex(d)
+        try:
+            code_name = CpError(code).name
+        except ValueError:
+            code_name = f"{code:#x}"
+        try:
+            op = Opcode(f("OPCODE").ex(d)).name
+        except ValueError:
+            op = f"{f('OPCODE').ex(d):#x}"
+        where = "IB VA" if f("IN_IB").ex(d) else "ring PA"
+        text = f"{code_name} at {where} {self._error_addr():#x} (opcode {op}, AS{f('AS').ex(d)})"
+        faults = self.mmu_faults()
+        if faults:
+            text += "; " + "; ".join(faults)
+        return text
+
+    def mmu_faults(self) -> list[str]:
+        out = []
+        d = self.gpu.debug_read
+        for n in range(regs.AS_COUNT):
+            fs = d(regs.as_reg(n, "FAULTSTATUS").offset)
+            if not fs:
+                continue
+            addr = d(regs.as_reg(n, "FAULTADDRESS_LO").offset) | (
+                d(regs.as_reg(n, "FAULTADDRESS_HI").offset) << 32
+            )
+            tmpl = regs.AS_TEMPLATE[6]
+            exc, acc, src = (fld.ex(fs) for fld in tmpl.fields)
+            try:
+                exc_name = MmuFault(exc).name
+            except ValueError:
+                exc_name = f"{exc:#x}"
+            try:
+                src_name = Opcode(src).name
+            except ValueError:
+                src_name = f"{src:#x}"
+            out.append(
+                f"AS{n} {exc_name} on {AccessType(acc).name} at GPU VA {addr:#x} by {src_name}"
+            )
+        return out
+
+    def _mon_fault(self, args: list[str]) -> str:
+        out = [f"last stop: {self.stop_text}"]
+        cp_error = self.gpu.debug_read(regs.CP_ERROR.offset)
+        out.append(f"CP_ERROR: {self.describe_error() if cp_error else 'none'}")
+        faults = self.mmu_faults()
+        out.extend(faults or ["MMU: no latched fault"])
+        return "\n".join(out) + "\n"
+
+    def _mon_reset(self, args: list[str]) -> str:
+        self.gpu.reset()
+        self._errors_seen = self.gpu.cp.errors
+        return "device reset (the debugger's hold is kept)\n"
+
+    def statistics(self) -> dict:
+        return dict(
+            self.counters,
+            address=self.address,
+            connected=self.conn is not None,
+            breakpoints=len(self.breakpoints),
+            watchpoints=len(self.watchpoints),
+        )
+
+
+__all__ = [
+    "MONITOR_HELP",
+    "GdbStub",
+    "PacketReader",
+    "checksum",
+    "escape",
+    "frame",
+]
