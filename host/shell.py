@@ -23,7 +23,6 @@ import inspect
 import logging
 import operator
 import random
-import threading
 import time
 import zlib
 from collections import deque
@@ -33,6 +32,7 @@ from pathlib import Path
 
 from gemu.device.abi import packets as pk
 from gemu.device.abi.enums import WaitFunc
+from gemu.guest.drm.gem_shmem import SigBus
 from gemu.guest.errors import KernelError
 from gemu.guest.gemu_drv.uapi import READ, WRITE, JobFence
 from gemu.guest.kernel import trace
@@ -228,7 +228,6 @@ class Shell:
         self.bytes_moved = 0
         self.events: deque = deque(maxlen=10_000)
         self._events_on = False
-        self._events_lock = threading.Lock()
         self._down = False
         self._hang_sems: list[int] = []
 
@@ -255,9 +254,9 @@ class Shell:
             raise ShellError(f"{argv[0]}: {exc}", exc.errno) from None
         except (ConnectionError, OSError) as exc:
             raise ShellError(f"{argv[0]}: device unreachable: {exc}", errno_mod.ENODEV) from None
+        except SigBus as exc:  # CPU access to a purged BO
+            raise ShellError(f"{argv[0]}: SIGBUS: {exc}", errno_mod.EFAULT) from None
         except Exception as exc:
-            if type(exc).__name__ == "SigBus":  # CPU access to a purged BO
-                raise ShellError(f"{argv[0]}: SIGBUS: {exc}", errno_mod.EFAULT) from None
             raise ShellError(f"{argv[0]}: {type(exc).__name__}: {exc}") from None
         if st.target is not None and result is None:
             raise ShellError(f"{argv[0]}: gave no result to bind to {st.target}")
@@ -685,6 +684,10 @@ class Shell:
             )
         fn()
 
+    def _user_bos(self) -> list[BoVar]:
+        """The BOs the user created (not the shell's own scratch BO)."""
+        return [bo for bo in self.bos.values() if not bo.name.startswith("_")]
+
     def _obj_state(self, obj) -> str:
         if obj.madv < 0:
             return "purged"
@@ -698,7 +701,7 @@ class Shell:
 
     def _info_objects(self) -> None:
         self.say(f"{'name':<12} {'handle':>6} {'size':>9} {'state':<9} use pin madv  GPU VA")
-        for bo in self.bos.values():
+        for bo in self._user_bos():
             obj = self.file.bo(bo.handle).obj
             va = f"{bo.va:#x}" if bo.va is not None else "-"
             self.say(
@@ -749,7 +752,7 @@ class Shell:
             if vm is not None:
                 self.say(f"AS{i}: {vm.name} ({vm.as_users} jobs), root table {vm.root_pa:#x}")
         self.say(f"{self.file.vm.name}: {self.file.vm.mapped_pages} pages mapped")
-        for bo in self.bos.values():
+        for bo in self._user_bos():
             if bo.va is None:
                 continue
             pte = self.file.vm.lookup(bo.va)
