@@ -254,6 +254,18 @@ class Session:
         self.tracer = None
         self.prespawned = _prespawn_device(args)
 
+    def discard(self) -> None:
+        """Stop a device started for a boot that will not happen."""
+        if self.prespawned is not None:
+            import shutil
+
+            proc, tmp = self.prespawned
+            proc.kill()
+            proc.wait(10)
+            proc.stdout.close()
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.prespawned = None
+
     def kmsg(self, text: str) -> None:
         self.write(f"[{time.monotonic() - self.t0:12.6f}] {text}")
 
@@ -400,6 +412,13 @@ def cmd_boot(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.memory is None:
+        args.memory = 16 << 20
+
+    def write(text: str) -> None:
+        print(text, flush=True)
+
+    session = Session(args, write)  # the device starts now, while the scripts are read
     from gemu.host.jobscript import ScriptError, parse_file
     from gemu.host.shell import PROMPT, DeviceLost, PowerOff, Shell
 
@@ -408,15 +427,9 @@ def cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         for path in args.scripts:
             scripts.append(parse_file(path, commands=Shell.COMMANDS))
     except ScriptError as exc:
+        session.discard()
         print(f"gemu run: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    if args.memory is None:
-        args.memory = 16 << 20
-
-    def write(text: str) -> None:
-        print(text, flush=True)
-
-    session = Session(args, write)
     if args.quiet:
         session.write = lambda text: None
     interrupted = terminated = False
