@@ -207,6 +207,7 @@ def test_unreachable_device_is_a_clear_error_with_status_3(tmp_path):
         (["boot", "-m", "12X"], "invalid size '12X': unknown suffix 'X' (use K, M or G)"),
         (["boot", "--swap", "1Q"], "unknown suffix 'Q'"),
         (["boot", "--serial", "carrier-pigeon"], "unknown console 'carrier-pigeon'"),
+        (["boot", "--serial", "tcp:0.0.0.0:5555"], "refusing to listen on 0.0.0.0"),
         (["boot", "--device", "udp:1"], "unknown transport 'udp'"),
         (["boot", "--log", "loud"], "invalid log item 'loud'"),
         (["run"], "the following arguments are required: SCRIPT"),
