@@ -142,7 +142,7 @@ def _machine_options(p: argparse.ArgumentParser) -> None:
         default=("guest_errors",),
         metavar="ITEMS",
         help="comma list, QEMU -d style: guest_errors (guest kernel warnings and errors, "
-        "default), guest (guest info too), device (the device model's log on stderr), "
+        "default), guest (guest info too), device (the device model log, on stderr at power-off), "
         "debug, none",
     )
 
