@@ -206,6 +206,107 @@ def _parse_int(text: str) -> int:
     return int(text, 0)
 
 
+# --- what gdb sees of the CP (also used by the core dumper) --------------------------------
+
+
+def _error_addr(gpu: Any) -> int:
+    d = gpu.debug_read
+    return d(regs.CP_ERROR_ADDR_LO.offset) | (d(regs.CP_ERROR_ADDR_HI.offset) << 32)
+
+
+def next_pc(gpu: Any) -> int:
+    """The next packet: the failing one in ERROR, else CP_PC skipping drained IBs."""
+    cp = gpu.cp
+    if cp.error:
+        return _error_addr(gpu)
+    if cp.waiting is None:
+        for pc, end in reversed(cp.ib_stack):
+            if pc < end:
+                return pc
+        if cp.ib_stack:
+            return cp.ring_base + cp.head
+    return cp.pc()
+
+
+def pc_in_ib(gpu: Any) -> bool:
+    """Whether :func:`next_pc` is a GPU VA in an indirect buffer (else a ring PA)."""
+    cp = gpu.cp
+    if cp.error:
+        return bool(regs.CP_ERROR.field("IN_IB").ex(gpu.debug_read(regs.CP_ERROR.offset)))
+    if cp.waiting is not None:
+        return cp.waiting.in_ib
+    return any(pc < end for pc, end in cp.ib_stack)
+
+
+def core_values(gpu: Any) -> dict[str, int]:
+    """The values of the aarch64 core registers (see gdb_target.CORE_MAP)."""
+    cp = gpu.cp
+    d = gpu.debug_read
+    return {
+        "x0": int(cp.state()),
+        "x1": d(regs.RING_HEAD.offset),
+        "x2": cp.tail,
+        "x3": cp.as_index,
+        "x4": d(regs.CP_ERROR.offset),
+        "x5": _error_addr(gpu),
+        "x6": len(cp.ib_stack),
+        "x7": d(regs.CP_PACKETS.offset),
+        "x8": cp.ring_base,
+        "x9": cp.ring_size,
+        "x10": d(regs.FENCE_SEQNO_LO.offset) | (d(regs.FENCE_SEQNO_HI.offset) << 32),
+        "x11": int(pc_in_ib(gpu)),
+        "x12": d(regs.STATUS.offset),
+        "x13": d(regs.IRQ_STATUS.offset),
+        "x14": d(regs.MMU_INT_RAWSTAT.offset),
+        "pc": next_pc(gpu),
+    }
+
+
+def mmu_faults(gpu: Any) -> list[str]:
+    """Each latched MMU fault in words, e.g. ``AS1 TRANSLATION_L3 on WRITE at GPU VA ...``."""
+    out = []
+    d = gpu.debug_read
+    for n in range(regs.AS_COUNT):
+        fs = d(regs.as_reg(n, "FAULTSTATUS").offset)
+        if not fs:
+            continue
+        addr = d(regs.as_reg(n, "FAULTADDRESS_LO").offset) | (
+            d(regs.as_reg(n, "FAULTADDRESS_HI").offset) << 32
+        )
+        exc, acc, src = (fld.ex(fs) for fld in regs.AS_TEMPLATE[6].fields)
+        try:
+            exc_name = MmuFault(exc).name
+        except ValueError:
+            exc_name = f"{exc:#x}"
+        try:
+            src_name = Opcode(src).name
+        except ValueError:
+            src_name = f"{src:#x}"
+        out.append(f"AS{n} {exc_name} on {AccessType(acc).name} at GPU VA {addr:#x} by {src_name}")
+    return out
+
+
+def describe_error(gpu: Any) -> str:
+    """CP_ERROR (and the MMU faults) in words."""
+    d = gpu.debug_read(regs.CP_ERROR.offset)
+    f = regs.CP_ERROR.field
+    code = f("CODE").ex(d)
+    try:
+        code_name = CpError(code).name
+    except ValueError:
+        code_name = f"{code:#x}"
+    try:
+        op = Opcode(f("OPCODE").ex(d)).name
+    except ValueError:
+        op = f"{f('OPCODE').ex(d):#x}"
+    where = "IB VA" if f("IN_IB").ex(d) else "ring PA"
+    text = f"{code_name} at {where} {_error_addr(gpu):#x} (opcode {op}, AS{f('AS').ex(d)})"
+    faults = mmu_faults(gpu)
+    if faults:
+        text += "; " + "; ".join(faults)
+    return text
+
+
 # --- the stub ------------------------------------------------------------------------------
 
 
@@ -474,52 +575,16 @@ class GdbStub:
     # --- registers -----------------------------------------------------------------------
 
     def next_pc(self) -> int:
-        """The next packet: the failing one in ERROR, else CP_PC skipping drained IBs."""
-        cp = self.gpu.cp
-        if cp.error:
-            return self._error_addr()
-        if cp.waiting is None:
-            for pc, end in reversed(cp.ib_stack):
-                if pc < end:
-                    return pc
-            if cp.ib_stack:
-                return cp.ring_base + cp.head
-        return cp.pc()
+        return next_pc(self.gpu)
 
     def pc_in_ib(self) -> bool:
-        cp = self.gpu.cp
-        if cp.error:
-            return bool(regs.CP_ERROR.field("IN_IB").ex(self.gpu.debug_read(regs.CP_ERROR.offset)))
-        if cp.waiting is not None:
-            return cp.waiting.in_ib
-        return any(pc < end for pc, end in cp.ib_stack)
+        return pc_in_ib(self.gpu)
 
     def _error_addr(self) -> int:
-        d = self.gpu.debug_read
-        return d(regs.CP_ERROR_ADDR_LO.offset) | (d(regs.CP_ERROR_ADDR_HI.offset) << 32)
+        return _error_addr(self.gpu)
 
     def core_values(self) -> dict[str, int]:
-        """The values of the aarch64 core registers (see gdb_target.CORE_MAP)."""
-        gpu, cp = self.gpu, self.gpu.cp
-        d = gpu.debug_read
-        return {
-            "x0": int(cp.state()),
-            "x1": d(regs.RING_HEAD.offset),
-            "x2": cp.tail,
-            "x3": cp.as_index,
-            "x4": d(regs.CP_ERROR.offset),
-            "x5": self._error_addr(),
-            "x6": len(cp.ib_stack),
-            "x7": d(regs.CP_PACKETS.offset),
-            "x8": cp.ring_base,
-            "x9": cp.ring_size,
-            "x10": d(regs.FENCE_SEQNO_LO.offset) | (d(regs.FENCE_SEQNO_HI.offset) << 32),
-            "x11": int(self.pc_in_ib()),
-            "x12": d(regs.STATUS.offset),
-            "x13": d(regs.IRQ_STATUS.offset),
-            "x14": d(regs.MMU_INT_RAWSTAT.offset),
-            "pc": self.next_pc(),
-        }
+        return core_values(self.gpu)
 
     def register_bytes(self) -> bytes:
         """Every register in regnum order (the ``g`` reply, before hex)."""
@@ -964,48 +1029,10 @@ class GdbStub:
         )
 
     def describe_error(self) -> str:
-        d = self.gpu.debug_read(regs.CP_ERROR.offset)
-        f = regs.CP_ERROR.field
-        code = f("CODE").ex(d)
-        try:
-            code_name = CpError(code).name
-        except ValueError:
-            code_name = f"{code:#x}"
-        try:
-            op = Opcode(f("OPCODE").ex(d)).name
-        except ValueError:
-            op = f"{f('OPCODE').ex(d):#x}"
-        where = "IB VA" if f("IN_IB").ex(d) else "ring PA"
-        text = f"{code_name} at {where} {self._error_addr():#x} (opcode {op}, AS{f('AS').ex(d)})"
-        faults = self.mmu_faults()
-        if faults:
-            text += "; " + "; ".join(faults)
-        return text
+        return describe_error(self.gpu)
 
     def mmu_faults(self) -> list[str]:
-        out = []
-        d = self.gpu.debug_read
-        for n in range(regs.AS_COUNT):
-            fs = d(regs.as_reg(n, "FAULTSTATUS").offset)
-            if not fs:
-                continue
-            addr = d(regs.as_reg(n, "FAULTADDRESS_LO").offset) | (
-                d(regs.as_reg(n, "FAULTADDRESS_HI").offset) << 32
-            )
-            tmpl = regs.AS_TEMPLATE[6]
-            exc, acc, src = (fld.ex(fs) for fld in tmpl.fields)
-            try:
-                exc_name = MmuFault(exc).name
-            except ValueError:
-                exc_name = f"{exc:#x}"
-            try:
-                src_name = Opcode(src).name
-            except ValueError:
-                src_name = f"{src:#x}"
-            out.append(
-                f"AS{n} {exc_name} on {AccessType(acc).name} at GPU VA {addr:#x} by {src_name}"
-            )
-        return out
+        return mmu_faults(self.gpu)
 
     def _mon_fault(self, args: list[str]) -> str:
         out = [f"last stop: {self.stop_text}"]

@@ -70,6 +70,7 @@ class Gpu:
         self.on_irq: Callable[[bool, int, int], None] | None = None
         self.packet_hook: Callable[[int, bool], bool] | None = None
         self.access_hook: Callable[[int, int, bool, int], None] | None = None
+        self.reset_hook: Callable[[], None] | None = None  # called before a reset (core dumps)
         self.regs = RegFile()
         self.mmu = Mmu(self, tlb_capacity)
         self.cp = CommandProcessor(self)
@@ -91,6 +92,8 @@ class Gpu:
     def reset(self) -> None:
         """CONTROL.SOFT_RESET: every register to its reset value, TLBs empty, CP stopped, the
         clock back to 0; guest memory is kept. Raises Irq.RESET_DONE."""
+        if self.reset_hook is not None:
+            self.reset_hook()
         self.resets += 1
         self.regs.reset()
         self.mmu.reset()

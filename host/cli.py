@@ -33,6 +33,7 @@ COMMAND_MODULES = (
     "gemu.host.cmd_boot",
     "gemu.host.cmd_device",
     "gemu.host.cmd_demo",
+    "gemu.host.cmd_gdb",
 )
 READY_LINE = "gemu-device: listening on {address}"
 

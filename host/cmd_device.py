@@ -65,6 +65,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="hold the command processor until gdb continues (needs --gdb)",
     )
+    dev.add_argument(
+        "--coredump-dir",
+        metavar="DIR",
+        help="write an ELF core file of the GPU into DIR on each command-processor error and "
+        "on each reset of a busy CP (default: none); read it with `gemu coredump FILE` or "
+        "`gdb-multiarch -c FILE`",
+    )
     dev.set_defaults(func=cmd_device)
 
 
@@ -89,6 +96,13 @@ def cmd_device(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         except transport.SpecError as exc:
             parser.error(f"argument --gdb: {exc}")
         stub.attach(server)
+    if args.coredump_dir is not None:
+        from gemu.device.coredump import CoreDumper
+
+        try:
+            CoreDumper(gpu, args.coredump_dir).attach(server)
+        except OSError as exc:
+            parser.error(f"argument --coredump-dir: {args.coredump_dir!r}: {exc.strerror}")
 
     def _stop(signum, _frame) -> None:
         logging.getLogger("gemu.device.server").info(

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import re
 import struct
+import subprocess
 
 import pexpect
 import pytest
 
 from gemu.device.abi import packets as pk
 from gemu.device.abi import regs
-from tests.support.device import attached_client
+from gemu.device.abi.enums import Irq
+from gemu.host.cmd_gdb import EXTENSION
+from tests.support.device import attached_client, gemu_executable
 from tests.support.gdb import (
     DATA_VA,
     GDB,
@@ -133,20 +136,22 @@ def test_watchpoint_stops_at_the_writing_packet():
 
 
 def test_fault_stops_with_sigsegv_and_monitor_commands():
-    """A job writing an unmapped VA stops gdb with SIGSEGV at the faulting packet; `monitor
-    fault` names the fault; ring, dis, walk, mappings and fence answer; reading an unmapped
+    """A job writing an unmapped VA stops gdb with SIGSEGV at the faulting packet, which the
+    gdb extension shows as a packet in `x/i`; `monitor fault` names the fault; ring, dis, walk, mappings and fence answer; reading an unmapped
     address is an error, not a crash."""
     bad = [pk.fill(DATA_VA, 0x10, 1), pk.fill(0x90_0000, 4, 1)]
     with spawn_gdb_device() as dev, attached_client(dev.spec, size=1 << 20) as client:
         setup_job(client, bad)
         out = gdb_batch(
             dev.gdb_port,
+            f"source {EXTENSION}",
             "monitor ring",
             "monitor as 1",
             f"monitor dis {IB_VA:#x} 2",
             "monitor auto",
             "continue",
             "p/x $pc",
+            "x/2i $pc",
             "monitor fault",
             f"monitor walk {DATA_VA:#x}",
             "monitor mappings",
@@ -155,7 +160,10 @@ def test_fault_stops_with_sigsegv_and_monitor_commands():
             "p $x4",
         )
         assert "Program received signal SIGSEGV" in out, out
-        assert _values(out)[0] == f"{IB_VA + len(bad[0]):#x}", out
+        fault_pc = IB_VA + len(bad[0])
+        assert _values(out)[0] == f"{fault_pc:#x}", out
+        assert f"=> {fault_pc:#x}:\tFILL 0x900000, size=0x4, value=0x1" in out, out
+        assert f"{fault_pc + 4:#x}:\t  .dword 0x00900000  ; FILL +0x4" in out, out
         assert "AS1 TRANSLATION_L2 on WRITE at GPU VA 0x900000 by FILL" in out, out
         assert "INDIRECT_BUFFER 0x200000, 10 dwords" in out, out
         assert "FILL 0x900000, size=0x4, value=0x1" in out, out
@@ -214,3 +222,36 @@ def test_dash_s_needs_gdb(opt, capsys):
         main(["device", "--listen", "tcp:127.0.0.1:0", opt])
     assert exc.value.code == 2
     assert "-S: needs --gdb" in capsys.readouterr().err
+
+
+def test_core_file_of_a_faulting_job(tmp_path):
+    """With --coredump-dir (and no gdb attached) a faulting job leaves a core file:
+    `gemu coredump` summarises it and `gdb-multiarch -c` opens it with pc on the failing
+    packet (decoded by the extension) and the job's GPU memory readable."""
+    bad = [pk.fill(DATA_VA, 0x10, 0x5A5A5A5A), pk.fill(0x90_0000, 4, 1)]
+    cores = tmp_path / "cores"
+    with (
+        spawn_gdb_device("--coredump-dir", str(cores), wait=False) as dev,
+        attached_client(dev.spec, size=1 << 20) as client,
+    ):
+        client.writel(regs.IRQ_MASK.offset, int(Irq.CP_ERROR))
+        setup_job(client, bad)
+        event = client.wait_irq(timeout=20)  # the core is written before the IRQ goes out
+        assert event is not None and event.irq_status & Irq.CP_ERROR
+    (core,) = cores.iterdir()
+    summary = subprocess.run(
+        [*gemu_executable(), "coredump", str(core)], capture_output=True, text=True, check=True
+    ).stdout
+    fault_pc = IB_VA + len(bad[0])
+    assert "MMU_FAULT at IB VA" in summary and f"pc:      {fault_pc:#x}" in summary, summary
+    out = subprocess.run(
+        [GDB, "-nx", "-batch", "-ex", f"source {EXTENSION}", "-c", str(core)]
+        + ["-ex", "p/x $pc", "-ex", "x/i $pc", "-ex", f"x/2xw {DATA_VA:#x}"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    ).stdout
+    assert "Program terminated with signal SIGSEGV" in out, out
+    assert _values(out) == [f"{fault_pc:#x}"], out
+    assert "FILL 0x900000, size=0x4, value=0x1" in out, out
+    assert f"{DATA_VA:#x}:\t0x5a5a5a5a\t0x5a5a5a5a" in out, out

@@ -1,0 +1,58 @@
+"""``gemu coredump`` and ``gemu gdbinit``: post-mortem GPU cores and the gdb extension."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+EXTENSION = Path(__file__).resolve().with_name("gdb_extension.py")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    core = sub.add_parser(
+        "coredump",
+        help="summarise a GPU core file written by `gemu device --coredump-dir`",
+        description="Print why the core was written, the command processor's registers, the "
+        "failing packet, latched MMU faults and the memory segments it holds. "
+        "`gdb-multiarch -c FILE` opens the same file as an aarch64 core.",
+    )
+    core.add_argument("file", metavar="FILE", help="a core file (gemu-*.core)")
+    core.set_defaults(func=cmd_coredump)
+
+    init = sub.add_parser(
+        "gdbinit",
+        help="print gdb commands that load the gemu extension (and attach)",
+        description="Print lines for gdb (or a .gdbinit): `source` the gemu extension "
+        "(command-stream disassembly for x/i and display/i, `gemu` commands) and, with "
+        "--port, attach to a device started with `--gdb tcp::PORT`.",
+    )
+    init.add_argument("--port", type=int, metavar="PORT", help="add `target remote` to PORT")
+    init.set_defaults(func=cmd_gdbinit)
+
+
+def cmd_coredump(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from gemu.device.coredump import summarize
+
+    try:
+        print(summarize(args.file), end="")
+    except FileNotFoundError:
+        parser.error(f"argument FILE: {args.file!r}: no such file")
+    except ValueError as exc:
+        parser.error(f"argument FILE: {exc}")
+    return 0
+
+
+def gdbinit_text(port: int | None = None) -> str:
+    lines = [
+        "# gemu: load the gdb extension (packet disassembler, `gemu` commands); it is",
+        "# self-contained, so gdb's own Python needs nothing from the project's venv",
+        f"source {EXTENSION}",
+    ]
+    if port is not None:
+        lines.append(f"target remote 127.0.0.1:{port}")
+    return "\n".join(lines) + "\n"
+
+
+def cmd_gdbinit(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    print(gdbinit_text(args.port), end="")
+    return 0
