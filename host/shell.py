@@ -64,6 +64,19 @@ _OPS = {
 }
 
 
+def _first_sentence(text: str) -> str:
+    """The text up to the first ". " or ": " outside parentheses (help's one-line summary)."""
+    depth = 0
+    for i, ch in enumerate(text):
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth = max(0, depth - 1)
+        elif ch in ".:" and depth == 0 and (i + 1 == len(text) or text[i + 1] == " "):
+            return text[:i]
+    return text.rstrip(".")
+
+
 class ShellError(Exception):
     """A command failed; ``errno`` is set when the guest kernel returned one."""
 
@@ -1037,8 +1050,7 @@ class Shell:
             return
         for _cmd, (method, arity, _) in sorted(_TABLE.items()):
             para = getattr(Shell, method)._help.split("\n\n", 1)[0].replace("\n", " ")
-            first = para.split(". ", 1)[0].split(": ", 1)[0].rstrip(".")
-            self.say(f"  {arity.usage}\n      {first}")
+            self.say(f"  {arity.usage}\n      {_first_sentence(para)}")
         self.say("'help COMMAND' explains one; NAME = binds a result; # starts a comment.")
 
     @command("include", 1, 1, "include FILE")
