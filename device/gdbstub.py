@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import socket
 import struct
 from collections.abc import Callable
@@ -79,6 +80,7 @@ gemu GPU monitor commands:
 
 _HEX = b"0123456789abcdef"
 _ESCAPED = frozenset(b"#$}*")
+_NEEDS_ESCAPE = re.compile(rb"[#$}*]")
 
 
 # --- framing -------------------------------------------------------------------------------
@@ -90,7 +92,7 @@ def checksum(data: bytes) -> int:
 
 def escape(payload: bytes) -> bytes:
     """Binary-escape ``#$}*`` as ``}`` followed by the byte XOR 0x20."""
-    if not any(b in _ESCAPED for b in payload):
+    if _NEEDS_ESCAPE.search(payload) is None:
         return payload
     out = bytearray()
     for b in payload:

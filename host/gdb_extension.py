@@ -9,7 +9,11 @@ follows as a ``.dword`` line; ``monitor dis ADDR N`` lists whole packets. It add
 
 - ``gemu cp``: the command processor registers by meaning (state, ring, AS, error);
 - ``gemu disasm on|off``: switch the packet disassembler (off: gdb's aarch64 one);
-- ``gemu ring``, ``gemu fault``: shorthands for ``monitor ring`` / ``monitor fault``.
+- ``gemu ring``, ``gemu fault``: shorthands for ``monitor ring`` / ``monitor fault``;
+- ``gemu as N``, ``gemu phys``, ``gemu auto``: switch the stub's memory space and drop what
+  gdb cached of the old one;
+- ``gemu cache on|off``: read GPU memory through gdb's data cache in 4 KiB lines (``x/1024xw``
+  becomes one packet instead of 1024), ``gemu flush`` drops it.
 
 It runs in gdb's embedded Python (the system python3), which cannot import the project's
 virtual environment, so it is self-contained: it imports only the standard library and
@@ -193,7 +197,7 @@ if gdb is not None:
             return _dis.DisassemblerResult(length=4, string=text)
 
     class GemuPrefix(gdb.Command):
-        """gemu GPU commands: gemu cp, gemu ring, gemu fault, gemu disasm on|off."""
+        """gemu GPU commands: cp, ring, fault, as N, phys, auto, cache on|off, flush, disasm on|off."""
 
         def __init__(self) -> None:
             super().__init__("gemu", gdb.COMMAND_USER, prefix=True)
@@ -241,6 +245,48 @@ if gdb is not None:
             GemuDisassembler.enabled = arg.strip() == "on"
             gdb.write(f"gemu packet disassembler {arg.strip()}\n")
 
+    class GemuCache(gdb.Command):
+        """gemu cache on|off: read GPU memory in 4 KiB lines through gdb's data cache.
+
+        gdb reads `x/1024xw` one word per packet; with the cache on it fetches whole 4 KiB
+        lines and keeps them until the GPU runs again (or `gemu flush`). The guest may write
+        memory while the GPU is halted, so flush before trusting a second look."""
+
+        def __init__(self) -> None:
+            super().__init__("gemu cache", gdb.COMMAND_USER)
+
+        def invoke(self, arg, from_tty):
+            if arg.strip() == "on":
+                gdb.execute("set dcache line-size 4096", to_string=True)
+                gdb.execute("set dcache size 256", to_string=True)
+                gdb.execute(f"mem 0 {1 << 48:#x} rw cache", to_string=True)
+                gdb.write("gemu: GPU memory cached in 4 KiB lines until the GPU runs\n")
+            elif arg.strip() == "off":
+                gdb.execute("mem auto", to_string=True)
+                gdb.write("gemu: GPU memory read uncached\n")
+            else:
+                raise gdb.GdbError("usage: gemu cache on|off")
+
+    class GemuFlush(gdb.Command):
+        """Drop gdb's cached GPU memory (see `gemu cache`)."""
+
+        def __init__(self) -> None:
+            super().__init__("gemu flush", gdb.COMMAND_USER)
+
+        def invoke(self, arg, from_tty):
+            gdb.execute("maintenance flush dcache", to_string=True)
+
+    class GemuSpace(gdb.Command):
+        """Switch the memory space (monitor as N / phys / auto) and drop cached memory."""
+
+        def __init__(self, name: str) -> None:
+            self.space = name
+            super().__init__(f"gemu {name}", gdb.COMMAND_USER)
+
+        def invoke(self, arg, from_tty):
+            gdb.execute(f"monitor {self.space} {arg}".rstrip(), from_tty)
+            gdb.execute("maintenance flush dcache", to_string=True)
+
     _dis.register_disassembler(None, "aarch64")  # sourcing the file again replaces it
     _dis.register_disassembler(GemuDisassembler(), "aarch64")
     GemuPrefix()
@@ -248,4 +294,8 @@ if gdb is not None:
     GemuMonitor("ring")
     GemuMonitor("fault")
     GemuDisasm()
+    GemuCache()
+    GemuFlush()
+    for _space in ("as", "phys", "auto"):
+        GemuSpace(_space)
     gdb.write("gemu gdb extension loaded: packet disassembler on; `help gemu` for commands\n")

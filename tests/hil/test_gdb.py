@@ -137,7 +137,8 @@ def test_watchpoint_stops_at_the_writing_packet():
 
 def test_fault_stops_with_sigsegv_and_monitor_commands():
     """A job writing an unmapped VA stops gdb with SIGSEGV at the faulting packet, which the
-    gdb extension shows as a packet in `x/i`; `monitor fault` names the fault; ring, dis, walk, mappings and fence answer; reading an unmapped
+    gdb extension shows as a packet in `x/i` (and `gemu cp` by meaning; memory reads work
+    through `gemu cache on`); `monitor fault` names the fault; ring, dis, walk, mappings and fence answer; reading an unmapped
     address is an error, not a crash."""
     bad = [pk.fill(DATA_VA, 0x10, 1), pk.fill(0x90_0000, 4, 1)]
     with spawn_gdb_device() as dev, attached_client(dev.spec, size=1 << 20) as client:
@@ -152,6 +153,9 @@ def test_fault_stops_with_sigsegv_and_monitor_commands():
             "continue",
             "p/x $pc",
             "x/2i $pc",
+            "gemu cp",
+            "gemu cache on",
+            f"x/2xw {DATA_VA:#x}",
             "monitor fault",
             f"monitor walk {DATA_VA:#x}",
             "monitor mappings",
@@ -164,6 +168,9 @@ def test_fault_stops_with_sigsegv_and_monitor_commands():
         assert _values(out)[0] == f"{fault_pc:#x}", out
         assert f"=> {fault_pc:#x}:\tFILL 0x900000, size=0x4, value=0x1" in out, out
         assert f"{fault_pc + 4:#x}:\t  .dword 0x00900000  ; FILL +0x4" in out, out
+        assert f"CP ERROR, pc {fault_pc:#x} (IB GPU VA), AS1" in out, out
+        assert "CP_ERROR MMU_FAULT" in out, out
+        assert f"{DATA_VA:#x}:\t0x00000001\t0x00000001" in out, out
         assert "AS1 TRANSLATION_L2 on WRITE at GPU VA 0x900000 by FILL" in out, out
         assert "INDIRECT_BUFFER 0x200000, 10 dwords" in out, out
         assert "FILL 0x900000, size=0x4, value=0x1" in out, out
