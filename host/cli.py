@@ -34,6 +34,7 @@ COMMAND_MODULES = (
     "gemu.host.cmd_device",
     "gemu.host.cmd_demo",
     "gemu.host.cmd_gdb",
+    "gemu.host.cmd_explore",
 )
 READY_LINE = "gemu-device: listening on {address}"
 

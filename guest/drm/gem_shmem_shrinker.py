@@ -92,7 +92,16 @@ class DrmGemShmem:
     ``lock`` guards the three LRUs (objects move between them, so they share it).
     """
 
-    __slots__ = ("dev", "lock", "lru_evictable", "lru_evicted", "lru_pinned", "shrinker", "stats")
+    __slots__ = (
+        "dev",
+        "lock",
+        "lru_evictable",
+        "lru_evicted",
+        "lru_pinned",
+        "shrinker",
+        "skip_busy_test",
+        "stats",
+    )
 
     def __init__(self, dev: DrmDevice) -> None:
         self.dev = dev
@@ -101,6 +110,9 @@ class DrmGemShmem:
         self.lru_evictable = DrmGemLru(self.lock, "evictable")
         self.lru_evicted = DrmGemLru(self.lock, "evicted")
         self.stats = ShmemShrinkerStats()
+        # A deliberately wrong shrinker for gemu explore's mutants: evict without the busy
+        # test. Never set in normal use.
+        self.skip_busy_test = False
         self.shrinker = Shrinker(
             dev.unique, self.count_objects, self.scan_objects, private_data=self
         )
@@ -153,7 +165,10 @@ class DrmGemShmem:
             self.stats.skipped_pinned += 1
             return False
         try:
-            gem.evict_locked(obj)
+            if self.skip_busy_test:
+                obj.funcs.evict(obj)
+            else:
+                gem.evict_locked(obj)
         except Ebusy:
             self.stats.skipped_busy += 1
             return False

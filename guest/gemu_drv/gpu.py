@@ -34,7 +34,6 @@ from __future__ import annotations
 import errno
 import logging
 import struct
-import threading
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -45,8 +44,9 @@ from gemu.device.abi.enums import AccessType, CpError, CpState, Irq, MmuFault, O
 from gemu.guest.dma_buf import dma_fence
 from gemu.guest.dma_buf.dma_fence import DmaFence, DmaFenceOps
 from gemu.guest.errors import Enodev, Etimedout
+from gemu.guest.gemu_drv.sync import SpinLock
 from gemu.guest.gemu_drv.vm import FrameSource, GpuMmu
-from gemu.guest.kernel import runtime
+from gemu.guest.kernel import runtime, trace
 from gemu.guest.locking import lockdep
 
 log = logging.getLogger("gemu.guest.gemu_drv")
@@ -168,7 +168,7 @@ class GemuGpu:
         self.stats = GpuStats()
         self.faults: list[GpuFault] = []
         self.errors: list[str] = []
-        self.lock = threading.RLock()  # ring, pending list, reset
+        self.lock = SpinLock(f"{name}.ring", recursive=True)  # ring, pending list, reset
         self.pending: deque[HwFence] = deque()
         self.fence_context = dma_fence.context_alloc(1)
         self.next_seqno = 1
@@ -250,7 +250,8 @@ class GemuGpu:
         w(regs.IRQ_MASK.offset, int(Irq.FENCE | Irq.CP_ERROR | Irq.MMU))
         w(regs.CP_CONTROL.offset, regs.CP_CONTROL.field("ENABLE").dp(0, 1))
         state = regs.CP_STATUS.field("STATE").ex(self.bus.readl(regs.CP_STATUS.offset))
-        if state not in (CpState.IDLE, CpState.RUNNING):
+        # HALTED: a debugger holds the CP (gemu device -S); it starts when gdb continues
+        if state not in (CpState.IDLE, CpState.RUNNING, CpState.HALTED):
             code = regs.CP_ERROR.field("CODE").ex(self.bus.readl(regs.CP_ERROR.offset))
             raise Enodev(msg=f"{self.name}: CP did not start ({CpState(state).name}, {code})")
         self.mmu.reset()
@@ -296,6 +297,10 @@ class GemuGpu:
             self._write_slot(as_nr, ib_va, ib_dwords, fence.seqno)
             self.pending.append(fence)
             self.stats.jobs_emitted += 1
+            if trace.enabled:
+                trace.begin(
+                    "job", "job", fence.seqno, ring=self.name, seqno=fence.seqno, as_nr=as_nr
+                )
             if self.announced_seqno <= self.completed:
                 self._kick()
         return fence
@@ -373,6 +378,8 @@ class GemuGpu:
         from the fence page, with no register round trip; anything else is read from
         IRQ_STATUS.
         """
+        if trace.enabled:
+            trace.instant("irq", "irq", device=self.name, status=hint)
         with self.lock:
             self.stats.irqs += 1
             if hint and not hint & ~int(Irq.FENCE):
@@ -414,6 +421,16 @@ class GemuGpu:
             self.stats.mmu_faults += 1
             self._fault_pending[as_nr] = fault
             log.error("%s: %s", self.name, fault)
+            if trace.enabled:
+                trace.instant(
+                    "mmu",
+                    "fault",
+                    as_nr=as_nr,
+                    vm=fault.vm_name,
+                    va=fault.va,
+                    exception=exc.name,
+                    access=fault.access.name,
+                )
             self.bus.writel_posted(regs.MMU_INT_CLEAR.offset, bits)
 
     def _cp_error(self) -> None:
@@ -472,6 +489,8 @@ class GemuGpu:
         try:
             for fence in done:
                 dma_fence.check_and_signal(fence)
+                if trace.enabled:
+                    trace.end("job", "job", fence.seqno, ring=self.name, error=fence.error)
         finally:
             lockdep.dma_fence_end_signalling(cookie)
         self.stats.fences_signalled += len(done)
@@ -482,6 +501,8 @@ class GemuGpu:
                 fence.message = message
                 dma_fence.set_error(fence, error)
             dma_fence.check_and_signal(fence)
+            if trace.enabled:
+                trace.end("job", "job", fence.seqno, ring=self.name, error=fence.error)
 
     # -- reset -----------------------------------------------------------------------------
     def reset(self, guilty: HwFence | None, message: str) -> list[HwFence]:

@@ -71,6 +71,44 @@ class SubmitOrder(Enum):
     """Arm before validating: a validation failure leaves an armed job that cannot be pushed."""
     NO_TLB_FLUSH = "no-tlb-flush"
     """Rewrite page tables without flushing the TLB (unmap at eviction, remap at swap-in)."""
+    PUSH_OUTSIDE_ENTITY_LOCK = "push-outside-entity-lock"
+    """Arm and add the fences under the entity's submit lock, push after dropping it: two
+    tasks submitting on one entity can push out of arm order."""
+
+
+class Mutant(Enum):
+    """A deliberately wrong driver, for ``gemu explore`` and the validation-order tests.
+
+    ``GemuDriver(mutant=...)`` (or ``Machine(mutant=...)``) switches one on; the default is
+    :attr:`NONE`, the working driver. The submit-order mutants are the :class:`SubmitOrder`
+    values of the same name; the others break the shrinker, its idle test or the driver's
+    memory handling. docs/validation.md lists which invariant catches each.
+    """
+
+    NONE = "none"
+    FENCE_AFTER_UNLOCK = "fence-after-unlock"
+    FENCE_BEFORE_SWAPIN = "fence-before-swapin"
+    ARM_BEFORE_FAILING_STEP = "arm-before-failing-step"
+    PUSH_OUTSIDE_ENTITY_LOCK = "push-outside-entity-lock"
+    NO_TLB_FLUSH = "no-tlb-flush"
+    SHRINKER_SKIPS_BUSY = "shrinker-skips-busy"
+    """The shrinker evicts without testing the object's fences (busy objects too)."""
+    IDLE_READ_FENCES_BOOKKEEP = "idle-read-fences-bookkeep"
+    """The idle test looks at fences up to READ (drm_gem_evict's default) while the driver
+    adds its job fences as BOOKKEEP: a running job's BOs look idle."""
+    CPU_MAP_GET_PAGES = "cpu-map-get-pages"
+    """The command pool, written by the CPU through the frames it looked up once, takes its
+    pages with get_pages where pin is needed: the shrinker may move them."""
+    EVICT_FREES_BEFORE_UNMAP = "evict-frees-before-unmap"
+    """The evict callback frees the frames first and unmaps them from the GPU VMs after."""
+
+    @property
+    def order(self) -> SubmitOrder:
+        """The submit order this mutant runs (CORRECT for the non-submit mutants)."""
+        try:
+            return SubmitOrder(self.value)
+        except ValueError:
+            return SubmitOrder.CORRECT
 
 
 @dataclass
@@ -144,7 +182,9 @@ def validate_bo(drv: GemuDriver, job: GemuJob, ref: BoRef) -> None:
         mapping.mapped = True
 
 
-def _usage(ref: BoRef) -> DmaResvUsage:
+def _usage(ref: BoRef, drv: GemuDriver | None = None) -> DmaResvUsage:
+    if drv is not None and drv.mutant is Mutant.IDLE_READ_FENCES_BOOKKEEP:
+        return DmaResvUsage.BOOKKEEP
     return DmaResvUsage.WRITE if ref.write else DmaResvUsage.READ
 
 
@@ -177,7 +217,7 @@ def submit(drv: GemuDriver, job: GemuJob) -> dma_fence.DmaFence:
                 _arm(drv, job)
                 armed = True
                 if order is SubmitOrder.FENCE_BEFORE_SWAPIN:
-                    _add_fences(job)
+                    _add_fences(drv, job)
             for ref in job.refs:
                 validate_bo(drv, job, ref)
                 drm_sched.job_add_implicit_dependencies(job, ref.bo.obj, ref.write)
@@ -192,17 +232,22 @@ def submit(drv: GemuDriver, job: GemuJob) -> dma_fence.DmaFence:
                         _arm(drv, job)
                         armed = True
                     if order is not SubmitOrder.FENCE_BEFORE_SWAPIN:
-                        _add_fences(job)
+                        _add_fences(drv, job)
+                    if order is not SubmitOrder.PUSH_OUTSIDE_ENTITY_LOCK:
+                        drm_sched.entity_push_job(job)
+                if order is SubmitOrder.PUSH_OUTSIDE_ENTITY_LOCK:
                     drm_sched.entity_push_job(job)
         # drm_exec_fini: every BO unlocked here
         if order is SubmitOrder.FENCE_AFTER_UNLOCK:
             for hook in drv.hooks.after_unlock:
                 hook(job)
-            _add_fences_relocking(job)
+            _add_fences_relocking(drv, job)
     except BaseException as exc:
         _submit_failed(drv, job, armed, exc)
         raise
-    return job.s_fence.finished
+    # Not job.s_fence.finished: once pushed and unlocked the job may already have run and been
+    # freed (free_job drops s_fence); job.fence was taken at arm.
+    return job.fence
 
 
 def _arm(drv: GemuDriver, job: GemuJob) -> None:
@@ -210,22 +255,22 @@ def _arm(drv: GemuDriver, job: GemuJob) -> None:
     job.fence = job.s_fence.finished
 
 
-def _add_fences(job: GemuJob) -> None:
+def _add_fences(drv: GemuDriver, job: GemuJob) -> None:
     """dma_resv_add_fence(finished) on every BO; the slots were reserved while locking."""
     finished = job.s_fence.finished
     for ref in job.refs:
-        dma_resv.add_fence(ref.bo.obj.resv, finished, _usage(ref))
+        dma_resv.add_fence(ref.bo.obj.resv, finished, _usage(ref, drv))
 
 
-def _add_fences_relocking(job: GemuJob) -> None:
+def _add_fences_relocking(drv: GemuDriver, job: GemuJob) -> None:
     """The FENCE_AFTER_UNLOCK mutant: lock each BO again to add the fence, too late."""
-    finished = job.s_fence.finished
+    finished = job.fence  # the job may already have run and been freed
     for ref in job.refs:
         resv = ref.bo.obj.resv
         dma_resv.lock(resv, None)
         try:
             dma_resv.reserve_fences(resv, 1)
-            dma_resv.add_fence(resv, finished, _usage(ref))
+            dma_resv.add_fence(resv, finished, _usage(ref, drv))
         finally:
             dma_resv.unlock(resv)
 
@@ -300,6 +345,7 @@ __all__ = [
     "BoRef",
     "GemuJob",
     "GemuSchedOps",
+    "Mutant",
     "SubmitHooks",
     "SubmitOrder",
     "submit",

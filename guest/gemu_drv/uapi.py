@@ -40,9 +40,9 @@ from gemu.guest.drm import sched as drm_sched
 from gemu.guest.errors import Einval, Enoent, Etimedout, KernelError
 from gemu.guest.gemu_drv import job as gjob
 from gemu.guest.gemu_drv.gpu import GemuGpu, KernelFrames
-from gemu.guest.gemu_drv.job import BoAccess, BoRef, GemuJob, SubmitHooks, SubmitOrder
+from gemu.guest.gemu_drv.job import BoAccess, BoRef, GemuJob, Mutant, SubmitHooks, SubmitOrder
 from gemu.guest.gemu_drv.vm import PAGE_SIZE, GpuVm, Prot
-from gemu.guest.kernel import runtime
+from gemu.guest.kernel import runtime, trace
 from gemu.guest.locking.lockdep import LockClass
 from gemu.guest.locking.mutex import Mutex
 from gemu.guest.mm import page_alloc
@@ -184,11 +184,15 @@ class GemuDriver:
         order: SubmitOrder = SubmitOrder.CORRECT,
         timeout_ns: int = DEFAULT_TIMEOUT_NS,
         name: str = "gemu0",
+        mutant: Mutant = Mutant.NONE,
+        cmd_pool_size: int = CMD_POOL_SIZE,
     ) -> None:
         self.dev = dev
         self.frames = frames or AllocatorFrames(dev.allocator)
         self.gpu = GemuGpu(bus, self.frames, name=name)
         self.order = SubmitOrder.CORRECT
+        self.mutant = Mutant.NONE
+        self.cmd_pool_size = cmd_pool_size
         self.timeout_ns = timeout_ns
         self.hooks = SubmitHooks()
         self.sched: drm_sched.DrmGpuScheduler | None = None
@@ -198,11 +202,27 @@ class GemuDriver:
         self._bo_serial = 0
         self.lock = threading.Lock()
         self.set_order(order)
+        if mutant is not Mutant.NONE:
+            self.set_mutant(mutant)
 
     def set_order(self, order: SubmitOrder) -> None:
         """Choose the submit order (the validation-order tests' switch)."""
         self.order = SubmitOrder(order)
         self.gpu.mmu.skip_flush = self.order is SubmitOrder.NO_TLB_FLUSH
+
+    def set_mutant(self, mutant: Mutant) -> None:
+        """Switch the driver to a deliberately wrong variant (``gemu explore --mutant``);
+        :attr:`Mutant.NONE` is the working driver. Call before the first file is opened."""
+        self.mutant = Mutant(mutant)
+        self.set_order(self.mutant.order)
+        if self.mutant is Mutant.IDLE_READ_FENCES_BOOKKEEP:
+            self.dev.idle_usage = dma_resv.DmaResvUsage.READ
+        self._apply_shrinker_mutant()
+
+    def _apply_shrinker_mutant(self) -> None:
+        mm = self.dev.shmem_mm
+        if mm is not None:
+            mm.skip_busy_test = self.mutant is Mutant.SHRINKER_SKIPS_BUSY
 
     # -- probe / remove --------------------------------------------------------------------
     def probe(self) -> None:
@@ -216,6 +236,7 @@ class GemuDriver:
         )
         if self.dev.shmem_mm is None:
             gem_shmem_shrinker.drmm_gem_shmem_init(self.dev)
+        self._apply_shrinker_mutant()
 
     def remove(self) -> None:
         """Close every file, stop the scheduler and the GPU. Kernel: panfrost_remove()."""
@@ -244,6 +265,11 @@ class GemuDriver:
         before the helper frees the frames. Kernel: panfrost_gem_evict() / the v19 driver
         evict callback (panfrost_gem_shrinker: panfrost_gem_teardown_mappings_locked)."""
         bo = self.bos.get(obj)
+        if self.mutant is Mutant.EVICT_FREES_BEFORE_UNMAP:
+            gem_shmem_shrinker.default_evict(obj)  # wrong: frames freed while still mapped
+            if bo is not None:
+                self._unmap_all(bo)
+            return
         if bo is not None:
             self._unmap_all(bo)
         gem_shmem_shrinker.default_evict(obj)
@@ -309,6 +335,8 @@ class GemuDriver:
         sched = self.sched
         ms = self.timeout_ns // 1_000_000
         message = f"job {job.id} timed out after {ms} ms (GPU hang): GPU reset"
+        if trace.enabled:
+            trace.instant("sched", "timeout", job=job.id, timeout_ms=ms)
         job.message = message
         drm_sched.stop(sched, job)
         with sched.job_list_lock:
@@ -377,13 +405,16 @@ class CmdPool:
     handed out first-in first-out (jobs of one file finish in order). Kernel: amdgpu's IB
     suballocator (amdgpu_sa) in spirit."""
 
-    def __init__(self, f: GemuFile, size: int = CMD_POOL_SIZE) -> None:
+    def __init__(self, f: GemuFile, size: int | None = None) -> None:
         self.file = f
         drv = f.drv
-        self.bo = drv.new_bo(size, name=f"{f.name}-cmdpool")
+        self.bo = drv.new_bo(size or drv.cmd_pool_size, name=f"{f.name}-cmdpool")
         obj = self.bo.obj
-        gem_shmem.pin(obj)
-        self.bo.pinned = True
+        if drv.mutant is not Mutant.CPU_MAP_GET_PAGES:
+            gem_shmem.pin(obj)
+            self.bo.pinned = True
+        # else (the mutant): only new_bo's get_pages holds the pages, which does not keep
+        # them in place; the CPU keeps writing to the frames looked up below
         self.size = obj.size
         self.va = f.vm.alloc_va(self.size)
         m = VmMapping(f.vm, self.va, obj.npages, Prot.READ | Prot.EXEC)
@@ -698,5 +729,6 @@ __all__ = [
     "GemuDriver",
     "GemuFile",
     "JobFence",
+    "Mutant",
     "SubmitOrder",
 ]

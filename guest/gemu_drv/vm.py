@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import bisect
 import struct
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntFlag
@@ -39,6 +38,7 @@ from typing import Protocol
 from gemu.device.abi import pte, regs
 from gemu.device.abi.enums import MmuCommand, TransCfgMode
 from gemu.guest.errors import Ebusy, Einval, Enospc, warn_on
+from gemu.guest.gemu_drv.sync import SpinLock
 
 PAGE_SIZE = regs.PAGE_SIZE
 PAGE_SHIFT = regs.PAGE_SHIFT
@@ -194,7 +194,7 @@ class GpuMmu:
         self.slots: list[GpuVm | None] = [None] * as_count
         self.first_as = first_as
         self.lru: list[int] = []
-        self.lock = threading.RLock()
+        self.lock = SpinLock("gpu_mmu.as_lock", recursive=True)
         self.stats = MmuStats()
         self.skip_flush = False
 
@@ -325,7 +325,7 @@ class GpuVm:
         self.va = VaAllocator()
         self.as_nr: int | None = None
         self.as_users = 0
-        self.lock = threading.RLock()
+        self.lock = SpinLock(f"{name}.pgtable", recursive=True)
         self.root_pa = self._new_table()
         # (level, va >> shift of that level's span) -> table pa; level 0 is the root
         self._tables: dict[tuple[int, int], int] = {(0, 0): self.root_pa}

@@ -1,0 +1,205 @@
+"""``gemu explore``: search thread interleavings of the driver against reclaim for violations."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+MUTANTS = (
+    "none",
+    "fence-after-unlock",
+    "fence-before-swapin",
+    "arm-before-failing-step",
+    "push-outside-entity-lock",
+    "no-tlb-flush",
+    "shrinker-skips-busy",
+    "idle-read-fences-bookkeep",
+    "cpu-map-get-pages",
+    "evict-frees-before-unmap",
+)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}: must be at least 1")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid seed {text!r}: not a whole number") from None
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "explore",
+        help="search schedules of submitters against the shrinker for invariant violations",
+        description="Run a scenario under the deterministic scheduler, one seeded schedule "
+        "after another, and check after each: no GPU fault on a valid job, every BO equal to "
+        "the reference model, no lockdep or fence-signalling report, no deadlock, no leaked "
+        "frame, slot, fence or reference. Stops at the first violation (unless --keep-going), "
+        "shrinks it and writes a reproduction (seed, schedule, replay command, event log, "
+        "trace). Exit status: 0 no violation, 1 violations found.",
+    )
+    p.add_argument(
+        "scenario",
+        nargs="?",
+        default="standard",
+        help="a built-in scenario (standard, small) or a job script file (default: standard)",
+    )
+    p.add_argument("--strategy", choices=("random", "pct"), default="random")
+    p.add_argument("--schedules", type=_positive, default=100, metavar="N")
+    p.add_argument("--seed", type=_seed, default=0, metavar="S", help="seed of schedule 0")
+    p.add_argument(
+        "--workers",
+        type=_positive,
+        default=None,
+        metavar="W",
+        help="parallel processes on this machine (default: the usable CPUs)",
+    )
+    p.add_argument(
+        "--cluster",
+        metavar="ADDRESS",
+        help="send the schedules to a Dask distributed scheduler (tcp://HOST:PORT) instead",
+    )
+    p.add_argument("--keep-going", action="store_true", help="run every schedule")
+    p.add_argument(
+        "--mutant",
+        choices=MUTANTS,
+        default="none",
+        help="run a deliberately wrong driver (docs/validation.md lists them); default none",
+    )
+    p.add_argument("--pct-depth", type=_positive, default=3, metavar="D")
+    p.add_argument("--tasks", type=_positive, default=None, help="submitting tasks")
+    p.add_argument("--jobs", type=_positive, default=None, help="jobs per task")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("explore-out"),
+        metavar="DIR",
+        help="where reproductions go (default: ./explore-out)",
+    )
+    p.add_argument("--no-shrink", action="store_true", help="write the violation unshrunk")
+    p.add_argument(
+        "--replay",
+        metavar="REPRO|SEED",
+        help="run one schedule again: a repro.json written by explore, or a seed",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=cmd_explore)
+
+
+def _config(args: argparse.Namespace, parser: argparse.ArgumentParser):
+    from gemu.host.explore.scenario import ExploreConfig, scenario_from_args
+
+    if Path(args.scenario).is_file():
+        from gemu.host.explore.jobscripts import scenario_for_script
+
+        try:
+            sc = scenario_for_script(Path(args.scenario))
+        except (ValueError, OSError) as exc:
+            parser.error(str(exc))
+    else:
+        try:
+            sc = scenario_from_args(args.scenario, tasks=args.tasks, jobs=args.jobs)
+        except ValueError as exc:
+            parser.error(str(exc))
+    return ExploreConfig(
+        scenario=sc, strategy=args.strategy, pct_depth=args.pct_depth, mutant=args.mutant
+    )
+
+
+def _print_result(res, out=sys.stdout) -> None:
+    if not res.violations:
+        print(f"seed {res.seed}: no violation ({res.steps} steps)", file=out)
+    for v in res.violations:
+        print(f"seed {res.seed}: VIOLATION {v.kind}: {v.message}", file=out)
+
+
+def _replay(args, parser) -> int:
+    from gemu.host.explore import repro
+    from gemu.host.explore.scenario import run_schedule
+
+    target = args.replay
+    if Path(target).is_file():
+        cfg, seed, schedule, _doc = repro.load_repro(Path(target))
+        out = Path(target).parent
+        res = repro.replay(cfg, seed, schedule, out / "trace.json")
+        (out / "events.log").write_text("\n".join(res.event_log or []) + "\n")
+        same = res.schedule == schedule
+        print(
+            f"replayed {target}: {res.steps} steps, schedule "
+            f"{'identical' if same else 'DIFFERS'}; event log and trace rewritten in {out}"
+        )
+    else:
+        try:
+            seed = int(target, 0)
+        except ValueError:
+            parser.error(f"--replay {target!r}: neither a repro.json nor a seed")
+        res = run_schedule(_config(args, parser), seed)
+    _print_result(res)
+    return 1 if res.violations else 0
+
+
+def cmd_explore(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from gemu.host.explore import engine, repro
+
+    if args.replay:
+        return _replay(args, parser)
+    cfg = _config(args, parser)
+    workers = args.workers or engine.default_workers()
+
+    def progress(rep) -> None:
+        if not args.quiet:
+            print(
+                f"explore: {rep.schedules_run}/{args.schedules} schedules, "
+                f"{len(rep.interleavings)} interleavings, "
+                f"{sum(rep.by_kind.values())} violations, {rep.rate:.1f} schedules/s",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    report = engine.run_campaign(
+        cfg,
+        args.schedules,
+        args.seed,
+        workers=workers,
+        cluster=args.cluster,
+        keep_going=args.keep_going,
+        progress=progress,
+    )
+    print(f"explore: {report.summary()}")
+    first = report.first
+    if first is None:
+        return 0
+    _print_result(first)
+    cfg_final, seed, schedule = cfg, first.seed, first.schedule
+    if not args.no_shrink:
+        shrunk = repro.shrink(cfg, first)
+        cfg_final, schedule = shrunk.config, shrunk.result.schedule
+        sc0, sc1 = cfg.scenario, cfg_final.scenario
+        print(
+            f"shrunk in {shrunk.runs} runs: {sc0.tasks}->{sc1.tasks} tasks, "
+            f"{sc0.jobs}->{sc1.jobs} jobs per task, preemptions "
+            f"{first.preemptions}->{shrunk.result.preemptions}; still {shrunk.result.kind}"
+        )
+    out = args.out / f"seed-{seed}"
+    res = repro.write_repro(
+        out,
+        cfg_final,
+        seed,
+        schedule,
+        original={"config": cfg.as_dict(), "schedule_len": len(first.schedule)},
+    )
+    print(f"reproduction in {out}: repro.json, events.log, trace.json")
+    print(f"replay: {repro.replay_command(out / 'repro.json')}")
+    if res.kind != first.kind and not any(v.kind == first.kind for v in res.violations):
+        print("warning: the replay did not show the same violation", file=sys.stderr)
+    return 1

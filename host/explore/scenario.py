@@ -1,0 +1,633 @@
+"""DOC: one explored schedule: a machine, a scenario, the invariants.
+
+:func:`run_schedule` assembles an explore machine inside a fresh
+:class:`~gemu.guest.kernel.runtime.Deterministic` runtime (guest RAM, page allocator with
+kswapd, swap, GEM device with the shmem shrinker, the gemu driver on an in-process stepped GPU,
+:mod:`.bus`), runs the built-in scenario to completion and checks the invariants. The result
+is a pure function of the :class:`ExploreConfig` and the seed: the same seed gives the same
+event log, schedule and verdict.
+
+The built-in scenario (``standard``): ``tasks`` submitting tasks share ``files`` open files
+(tasks ``i`` and ``i + files`` submit on the same scheduler entity). Every task owns private BOs
+and a scratch BO; ``shared_bos`` BOs are imported into every file and only read by the GPU.
+Each task runs a plan of ``jobs`` jobs drawn from the seed (COPY shared→private, FILL private,
+CRC32 of shared into private, and madvise churn on the scratch BO: DONTNEED, a job, WILLNEED,
+re-creating the BO when the shrinker purged it). Guest RAM is squeezed to ``free_frames`` above
+the kswapd watermark, so swap-ins wake kswapd, and a ``hog`` task runs direct reclaim
+``reclaims`` times. The GPU executes a few packets per step as a runtime task.
+
+Invariants (the ``kind`` of a :class:`Violation`):
+
+==================== ==========================================================================
+``gpu-fault``        a valid job failed on the GPU (MMU fault, command error)
+``job-error``        a valid submit or job failed otherwise
+``content``          a BO's contents differ from the reference model's
+``lockdep``          a lockdep report (lock order, misuse)
+``signalling``       a dma_fence signalling-section report (allocation, lock or wait inside)
+``kernel-warning``   a WARN_ON (a broken contract, e.g. drm_sched's arm/push rules)
+``mapped-free``      a frame freed while a GPU page table still maps it
+``deadlock``         no task can run (or a livelock: no end within ``max_steps``)
+``leak``             a frame, swap slot, object, ring slot, AS or fence left at the end
+``crash``            an unexpected exception in a task
+==================== ==========================================================================
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+import random
+import traceback
+import zlib
+from dataclasses import asdict, dataclass, field, replace
+
+from gemu.device.abi import packets as pk
+from gemu.guest import errors
+from gemu.guest.dma_buf import dma_fence
+from gemu.guest.dma_buf.dma_resv import DmaResvUsage
+from gemu.guest.drm import gem
+from gemu.guest.errors import Einval, Enomem, KernelError
+from gemu.guest.gemu_drv.job import Mutant
+from gemu.guest.gemu_drv.uapi import READ, WRITE, GemuDriver, GemuFile
+from gemu.guest.kernel import runtime
+from gemu.guest.mm.page_alloc import PageAllocator, PhysMem
+from gemu.guest.mm.swap import SwapDevice
+from gemu.host.explore.bus import InprocBus
+
+PAGE = 4096
+HANG_NS = 20_000_000_000
+"""Virtual time after which an unfinished scenario is a hang (ten job timeouts)."""
+
+
+class HangError(RuntimeError):
+    """The scenario made no progress: every task waits for something that never comes."""
+
+
+KINDS = (
+    "gpu-fault",
+    "job-error",
+    "content",
+    "lockdep",
+    "signalling",
+    "kernel-warning",
+    "mapped-free",
+    "deadlock",
+    "leak",
+    "crash",
+)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """Parameters of the built-in scenario (see the module documentation)."""
+
+    name: str = "standard"
+    tasks: int = 3
+    files: int = 2
+    jobs: int = 5
+    shared_bos: int = 2
+    private_bos: int = 2
+    bo_pages: int = 2
+    free_frames: int = 6
+    reclaims: int = 3
+    madvise: bool = True
+    ram_pages: int = 512
+    cmd_pool_pages: int = 4
+
+
+SCENARIOS = {"standard": Scenario(), "small": Scenario(name="small", tasks=2, files=1, jobs=3)}
+
+
+@dataclass(frozen=True)
+class ExploreConfig:
+    """What every schedule of a campaign shares."""
+
+    scenario: Scenario = field(default_factory=Scenario)
+    strategy: str = "random"
+    pct_depth: int = 3
+    pct_steps: int = 2000
+    mutant: str = "none"
+    max_steps: int = 200_000
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ExploreConfig:
+        d = dict(d)
+        d["scenario"] = Scenario(**d["scenario"])
+        return cls(**d)
+
+
+@dataclass
+class Violation:
+    kind: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.kind}: {self.message}"
+
+
+@dataclass
+class ScheduleResult:
+    """The verdict of one schedule. ``schedule`` is the runtime's recorded decisions,
+    ``interleaving`` a digest of them (distinct interleavings are distinct digests)."""
+
+    seed: int
+    violations: list[Violation]
+    steps: int
+    schedule: list[int]
+    interleaving: str
+    event_log: list[str] | None = None
+    stats: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations
+
+    @property
+    def kind(self) -> str | None:
+        return self.violations[0].kind if self.violations else None
+
+    @property
+    def preemptions(self) -> int:
+        return count_switches(self.schedule)
+
+
+def count_switches(schedule: list[int]) -> int:
+    """Decisions that picked a different task than the previous decision did."""
+    return sum(1 for a, b in itertools.pairwise(schedule) if a != b)
+
+
+def digest(schedule: list[int]) -> str:
+    return hashlib.blake2b(repr(schedule).encode(), digest_size=8).hexdigest()
+
+
+# -- the plan -------------------------------------------------------------------------------
+
+
+def make_plan(sc: Scenario, seed: int) -> list[list[tuple]]:
+    """Each task's jobs, drawn from ``seed`` (independent of the interleaving)."""
+    rng = random.Random(seed * 7919 + 17)
+    plans = []
+    for _t in range(sc.tasks):
+        ops: list[tuple] = []
+        for _j in range(sc.jobs):
+            r = rng.random()
+            wait = rng.random() < 0.3
+            if sc.madvise and r < 0.2:
+                ops.append(("scratch", rng.randrange(1, 1 << 32), wait))
+            elif r < 0.5:
+                ops.append(
+                    ("copy", rng.randrange(sc.shared_bos), rng.randrange(sc.private_bos), wait)
+                )
+            elif r < 0.75:
+                ops.append(("fill", rng.randrange(sc.private_bos), rng.randrange(1 << 32), wait))
+            else:
+                ops.append(
+                    ("crc", rng.randrange(sc.shared_bos), rng.randrange(sc.private_bos), wait)
+                )
+        plans.append(ops)
+    return plans
+
+
+def _pattern(tag: int, size: int) -> bytes:
+    rng = random.Random(tag)
+    return rng.randbytes(size)
+
+
+# -- the machine ----------------------------------------------------------------------------
+
+
+class _Run:
+    """State of one run: the machine, the reference model, the violations."""
+
+    def __init__(self, cfg: ExploreConfig, seed: int) -> None:
+        self.cfg = cfg
+        self.sc = cfg.scenario
+        self.seed = seed
+        self.violations: list[Violation] = []
+        self.fences: list[tuple[str, object]] = []
+        self.stats: dict[str, int] = {}
+
+    def violate(self, kind: str, message: str) -> None:
+        if not any(v.kind == kind and v.message == message for v in self.violations):
+            self.violations.append(Violation(kind, message))
+            runtime.log(f"VIOLATION {kind}: {message}")
+
+    # -- assembly --------------------------------------------------------------------------
+    def boot(self) -> None:
+        sc = self.sc
+        # Names in the event log come from process-wide counters (object and file serials,
+        # fence contexts); each run numbers from 1 so that a run depends on its seed alone.
+        GemuFile._serial = 0
+        gem._serial = itertools.count(1)
+        dma_fence._context_counter = itertools.count(1)
+        self.ram = bytearray(sc.ram_pages * PAGE)
+        self.bus = InprocBus(self.ram)
+        self.gpu_task = runtime.spawn(self.bus.device_task, name="gpu")
+        self.allocator = PageAllocator(
+            PhysMem(self.ram), reserved_frames=1, watermarks=(2, 4, 8), poison_on_free=True
+        )
+        self._watch_frees()
+        self.swap = SwapDevice(sc.ram_pages)
+        self.dev = gem.DrmDevice(
+            self.allocator, self.swap, idle_usage=DmaResvUsage.BOOKKEEP, unique="gemu0"
+        )
+        self.drv = GemuDriver(
+            self.dev,
+            self.bus,
+            mutant=Mutant(self.cfg.mutant),
+            cmd_pool_size=sc.cmd_pool_pages * PAGE,
+        )
+        self.drv.probe()
+        self.allocator.start_kswapd()
+
+    def _watch_frees(self) -> None:
+        """Check every freed frame against the GPU page tables (a KASAN for the GPU)."""
+        alloc = self.allocator
+        free_pages = alloc.free_pages
+
+        def checked_free_pages(pfns):
+            self._check_unmapped(pfns)
+            free_pages(pfns)
+
+        alloc.free_pages = checked_free_pages
+        alloc.free_page = lambda pfn: checked_free_pages([pfn])
+
+    def _check_unmapped(self, pfns) -> None:
+        drv = getattr(self, "drv", None)
+        if drv is None:
+            return
+        freed = set(pfns)
+        for bo in list(drv.bos.values()):
+            for m in bo.mappings:
+                if not m.mapped or m.vm.dead:
+                    continue
+                for i in range(m.npages):
+                    entry = m.vm.lookup(m.va + i * PAGE)
+                    if entry and (entry >> 12) & 0xFFFFFFFFF in freed:
+                        self.violate(
+                            "mapped-free",
+                            f"frame {(entry >> 12) & 0xFFFFFFFFF:#x} of {bo.name} freed while "
+                            f"mapped at GPU VA {m.va + i * PAGE:#x} in {m.vm.name}",
+                        )
+                        return
+
+    # -- the scenario ----------------------------------------------------------------------
+    def main(self) -> None:
+        self.done_wq = runtime.WaitQueue("scenario done")
+        self.done = False
+        runtime.spawn(self.watchdog, name="watchdog")
+        try:
+            self.scenario()
+        finally:
+            with self.done_wq.lock:
+                self.done = True
+            self.done_wq.wake_up_all()
+
+    def watchdog(self) -> None:
+        """A hang is a deadlock too: every task waits, but the interrupt task's polling keeps
+        the virtual clock moving, so the runtime alone would wait forever."""
+        if self.done_wq.wait_event(lambda: self.done, timeout_ns=HANG_NS, reason="watchdog"):
+            return
+        rt = runtime.current_runtime()
+        stuck = [runtime.describe_task(t) for t in rt.tasks if not t.done and t.name != "watchdog"]
+        raise HangError(
+            f"hang: the scenario did not finish within {HANG_NS / 1e9:.0f} s of virtual time"
+            " | " + " | ".join(line.strip() for line in stuck)
+        )
+
+    def scenario(self) -> None:
+        sc = self.sc
+        self.boot()
+        self.files = [self.drv.open() for _ in range(min(sc.files, sc.tasks))]
+        size = sc.bo_pages * PAGE
+        f0 = self.files[0]
+        # shared BOs: created in file 0, imported into the others (PRIME), GPU-read only
+        self.shared: list[dict[GemuFile, tuple[int, int]]] = []
+        self.shared_ref: list[bytes] = []
+        for s in range(sc.shared_bos):
+            h = f0.create_bo(size, name=f"shared{s}")
+            data = _pattern(self.seed * 1000 + s, size)
+            f0.write(h, 0, data)
+            per_file = {f0: (h, f0.vm_bind(h))}
+            obj = f0.bo(h).obj
+            for f in self.files[1:]:
+                h2 = gem.handle_create(f.drm, obj)
+                per_file[f] = (h2, f.vm_bind(h2))
+            self.shared.append(per_file)
+            self.shared_ref.append(data)
+        self.plans = make_plan(sc, self.seed)
+        self.states = [self._task_setup(t) for t in range(sc.tasks)]
+        self._squeeze()
+        tasks = [runtime.spawn(self.submitter, t, name=f"submit{t}") for t in range(sc.tasks)]
+        if sc.reclaims:
+            tasks.append(runtime.spawn(self.hog, name="hog"))
+        for task in tasks:
+            task.join()
+        self.teardown()
+
+    def _task_setup(self, t: int) -> dict:
+        sc = self.sc
+        f = self.files[t % len(self.files)]
+        size = sc.bo_pages * PAGE
+        st = {"file": f, "private": [], "ref": [], "scratch": None}
+        for p in range(sc.private_bos):
+            h = f.create_bo(size, name=f"t{t}p{p}")
+            data = _pattern(self.seed * 1000 + 100 + t * 10 + p, size)
+            f.write(h, 0, data)
+            st["private"].append((h, f.vm_bind(h)))
+            st["ref"].append(bytearray(data))
+        if sc.madvise:
+            st["scratch"] = self._new_scratch(f, t, 0)
+        return st
+
+    def _new_scratch(self, f: GemuFile, t: int, gen: int) -> list:
+        size = self.sc.bo_pages * PAGE
+        h = f.create_bo(size, name=f"t{t}s{gen}")
+        data = _pattern(self.seed * 1000 + 500 + t * 10 + gen, size)
+        f.write(h, 0, data)
+        return [h, f.vm_bind(h), bytearray(data), gen]
+
+    def _squeeze(self) -> None:
+        """Take free frames away until ``free_frames`` are left (a balloon)."""
+        extra = self.allocator.nr_free - self.sc.free_frames
+        self.balloon = self.allocator.alloc_pages(extra) if extra > 0 else []
+
+    def hog(self) -> None:
+        """A memory hog: take a working set's worth of frames (below the watermarks, so
+        kswapd wakes and the allocation reclaims directly), hold them, give them back."""
+        n = self.sc.bo_pages * 2
+        for _ in range(self.sc.reclaims):
+            try:
+                pfns = self.allocator.alloc_pages(n)
+            except KernelError:
+                self.allocator.direct_reclaim(n)
+                continue
+            runtime.sleep_ns(20_000)
+            self.allocator.free_pages(pfns)
+            runtime.sleep_ns(20_000)
+
+    def submitter(self, t: int) -> None:
+        sc = self.sc
+        st = self.states[t]
+        f: GemuFile = st["file"]
+        size = sc.bo_pages * PAGE
+        pending = []
+        for j, op in enumerate(self.plans[t]):
+            kind, wait = op[0], op[-1]
+            what = f"task {t} job {j} ({kind})"
+            if kind == "scratch":
+                self._scratch_job(t, f, st, op[1], what)
+                continue
+            if kind == "copy":
+                _s, p = op[1], op[2]
+                sh, sva = self.shared[_s][f]
+                ph, pva = st["private"][p]
+                cmd = pk.copy(sva, pva, size)
+                bos = [(sh, READ), (ph, WRITE)]
+                st["ref"][p][:] = self.shared_ref[_s]
+            elif kind == "fill":
+                p, value = op[1], op[2]
+                ph, pva = st["private"][p]
+                cmd = pk.fill(pva, size, value)
+                bos = [(ph, WRITE)]
+                st["ref"][p][:] = value.to_bytes(4, "little") * (size // 4)
+            else:  # crc
+                _s, p = op[1], op[2]
+                sh, sva = self.shared[_s][f]
+                ph, pva = st["private"][p]
+                cmd = pk.crc32(sva, size, pva)
+                bos = [(sh, READ), (ph, WRITE)]
+                st["ref"][p][0:4] = zlib.crc32(self.shared_ref[_s]).to_bytes(4, "little")
+            try:
+                fence = f.submit(cmd, bos=bos)
+            except KernelError as exc:
+                self.violate("job-error", f"{what}: submit failed: {exc}")
+                continue
+            self.fences.append((what, fence))
+            pending.append((what, fence))
+            if wait:
+                self._wait_all(f, pending)
+        self._wait_all(f, pending)
+        for p, (ph, _va) in enumerate(st["private"]):
+            self._compare(f, ph, st["ref"][p], f"task {t} private BO {p}")
+
+    def _scratch_job(self, t: int, f: GemuFile, st: dict, value: int, what: str) -> None:
+        scr = st["scratch"]
+        if scr is None:
+            return
+        h, va, ref, gen = scr
+        size = self.sc.bo_pages * PAGE
+        f.madvise(h, willneed=False)
+        submitted = False
+        try:
+            fence = f.submit(pk.fill(va, size, value), bos=[(h, WRITE)])
+            submitted = True
+        except Einval:
+            pass  # purged by the shrinker before the submit: the right answer
+        except KernelError as exc:
+            self.violate("job-error", f"{what}: submit failed: {exc}")
+        if submitted:
+            self.fences.append((what, fence))
+            self._wait_all(f, [(what, fence)])
+            ref[:] = value.to_bytes(4, "little") * (size // 4)
+        if f.madvise(h, willneed=True):
+            self._compare(f, h, ref, f"task {t} scratch BO")
+        else:  # purged: userspace re-creates its buffer (retrying a transient -ENOMEM)
+            f.close_bo(h)
+            for attempt in range(5):
+                try:
+                    st["scratch"] = self._new_scratch(f, t, gen + 1)
+                    return
+                except Enomem:
+                    runtime.sleep_ns(100_000 << attempt)
+            self.violate("job-error", f"{what}: re-creating the purged scratch BO: -ENOMEM")
+            st["scratch"] = None
+
+    def _wait_all(self, f: GemuFile, pending: list) -> None:
+        for what, fence in pending:
+            try:
+                f.wait(fence, timeout=None)
+            except KernelError as exc:
+                msg = fence.message or str(exc)
+                kind = "gpu-fault" if "fault" in msg.lower() else "job-error"
+                self.violate(kind, f"{what}: {msg}")
+        pending.clear()
+
+    def _compare(self, f: GemuFile, h: int, ref: bytes, what: str) -> None:
+        try:
+            got = f.read(h, 0, len(ref))
+        except KernelError as exc:
+            self.violate("job-error", f"{what}: CPU read failed: {exc}")
+            return
+        if got != bytes(ref):
+            off = next(i for i in range(len(ref)) if got[i] != ref[i])
+            self.violate(
+                "content",
+                f"{what} differs from the reference at byte {off}: "
+                f"{got[off : off + 8].hex()} != {bytes(ref[off : off + 8]).hex()}",
+            )
+
+    # -- the end ---------------------------------------------------------------------------
+    def teardown(self) -> None:
+        for f in self.files:
+            for s in range(len(self.shared)):
+                self._compare(f, self.shared[s][f][0], self.shared_ref[s], f"shared BO {s}")
+                break
+        unsignalled = [what for what, fence in self.fences if not fence.signaled]
+        drv = self.drv
+        sched = drv.sched
+        for f in list(drv.files):
+            f.close()
+        ring_left = len(drv.gpu.pending)
+        sched_left = len(sched.pending_list) if sched is not None else 0
+        mm_stats = self.dev.shmem_mm.stats if self.dev.shmem_mm is not None else None
+        drv.remove()
+        self.allocator.stop_kswapd()
+        self.bus.stop()
+        if self.balloon:
+            self.allocator.free_pages(self.balloon)
+        problems = []
+        if unsignalled:
+            problems.append(f"fences never signalled: {', '.join(unsignalled)}")
+        if self.dev.object_count:
+            problems.append(f"{self.dev.object_count} GEM objects alive")
+        if self.dev.leaked:
+            problems.append(f"leaked objects {self.dev.leaked!r}")
+        if drv.frames.frames:
+            problems.append(f"{drv.frames.frames} driver frames not freed")
+        if self.allocator.nr_used:
+            problems.append(f"{self.allocator.nr_used} frames in use")
+        if self.swap.nr_used_slots:
+            problems.append(f"{self.swap.nr_used_slots} swap slots in use")
+        if ring_left or sched_left:
+            problems.append(f"{ring_left} ring slots and {sched_left} scheduler jobs left")
+        busy = [vm.name for vm in drv.gpu.mmu.slots if vm is not None]
+        if busy:
+            problems.append(f"address spaces still bound: {busy}")
+        if problems:
+            self.violate("leak", "; ".join(problems))
+        self.stats = {
+            "jobs": len(self.fences),
+            "gpu_packets": self.bus.packets,
+            "kswapd_runs": self.allocator.statistics().kswapd_runs,
+        }
+        if mm_stats is not None:
+            self.stats.update(
+                evicted=mm_stats.evicted, purged=mm_stats.purged, swapped_in=mm_stats.swapped_in
+            )
+
+
+class ExploreRuntime(runtime.Deterministic):
+    """The deterministic runtime with forgiving replay: a replayed decision that names a task
+    which cannot run is replaced by the lowest runnable task id (counted in ``diverged``),
+    so an edited schedule (shrinking) still gives a deterministic run. A recorded schedule
+    replays exactly, with ``diverged == 0``."""
+
+    diverged = 0
+
+    def _pick(self):
+        replay = self._replay
+        runnable = self._runnable
+        if replay is not None and self._replay_pos < len(replay) and len(runnable) > 1:
+            task = self._by_tid.get(replay[self._replay_pos])
+            if task is None or task not in runnable:
+                replay[self._replay_pos] = runnable[0].tid
+                self.diverged += 1
+        return super()._pick()
+
+
+def run_schedule(
+    cfg: ExploreConfig,
+    seed: int,
+    replay: list[int] | None = None,
+    *,
+    keep_log: bool = False,
+) -> ScheduleResult:
+    """Run one schedule of ``cfg`` with ``seed`` (or the recorded ``replay`` decisions)."""
+    rt = ExploreRuntime(
+        seed,
+        strategy=cfg.strategy,
+        pct_depth=cfg.pct_depth,
+        pct_steps=cfg.pct_steps,
+        replay=replay,
+        max_steps=cfg.max_steps,
+        strict=False,
+    )
+    run = _Run(cfg, seed)
+    was_strict = errors.is_strict()
+    errors.set_strict(False)
+    # GPU faults and warnings are verdicts here, not log lines
+    quiet = logging.getLogger("gemu")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL + 1)
+    errors.reset_warn_stats()
+    try:
+        rt.run(run.main)
+    except runtime.DeadlockError as exc:
+        run.violate(
+            "deadlock",
+            str(exc).splitlines()[0]
+            + " | "
+            + " | ".join(line.strip() for line in str(exc).splitlines()[1:-1]),
+        )
+    except HangError as exc:
+        run.violate("deadlock", str(exc).split("\n")[0])
+    except runtime.LivelockError as exc:
+        run.violate("deadlock", f"livelock: {str(exc).splitlines()[0]}")
+    except runtime.ReplayDivergence:
+        raise
+    except BaseException as exc:
+        if isinstance(exc, runtime.ReplayDivergence):
+            raise
+        tb = traceback.format_exception(exc)
+        run.violate("crash", f"{type(exc).__name__}: {exc} | {''.join(tb[-3:]).strip()}")
+    finally:
+        stats = errors.warn_stats()
+        errors.set_strict(was_strict)
+        quiet.setLevel(level)
+    aborted = any(v.kind in ("deadlock", "crash") for v in run.violations)
+    for msg in stats.counts:
+        run.violate("kernel-warning", msg)
+    st = rt.lockdep
+    # an aborted run unwinds every task from wherever it was: what lockdep says then is noise
+    if st is not None and not aborted:
+        for rep in st.reports:
+            kind = "signalling" if rep.kind == "signalling" else "lockdep"
+            run.violate(kind, f"{rep.kind}: {rep.message.splitlines()[0]}")
+    errors.reset_warn_stats()
+    order = {k: i for i, k in enumerate(KINDS)}
+    # one primary verdict per schedule: the most specific invariant first
+    run.violations.sort(key=lambda v: order.get(v.kind, len(order)))
+    return ScheduleResult(
+        seed,
+        run.violations,
+        rt.steps,
+        list(rt.schedule),
+        digest(rt.schedule),
+        list(rt.event_log) if keep_log else None,
+        run.stats,
+    )
+
+
+def scenario_from_args(name: str, **overrides) -> Scenario:
+    base = SCENARIOS.get(name)
+    if base is None:
+        raise ValueError(f"unknown scenario {name!r} (built-in: {', '.join(SCENARIOS)})")
+    return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+
+__all__ = [
+    "KINDS",
+    "SCENARIOS",
+    "ExploreConfig",
+    "Scenario",
+    "ScheduleResult",
+    "Violation",
+    "count_switches",
+    "make_plan",
+    "run_schedule",
+]
