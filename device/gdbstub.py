@@ -50,6 +50,7 @@ log = logging.getLogger("gemu.device.gdbstub")
 
 PACKET_SIZE = 0x4000  # the largest packet we accept and announce (PacketSize, hex)
 MAX_PAYLOAD = PACKET_SIZE * 4  # a packet longer than this (after run-length) is dropped
+MAX_LISTED = 4096  # packets listed by one `monitor dis` / `monitor ring`
 
 # gdb's own signal numbers (gdb/signals.def), which the remote protocol uses
 SIGINT, SIGILL, SIGTRAP, SIGBUS, SIGSEGV, SIGALRM = 2, 4, 5, 10, 11, 14
@@ -935,7 +936,7 @@ class GdbStub:
 
     def _mon_dis(self, args: list[str]) -> str:
         addr = _parse_int(args[0]) if args else self.next_pc()
-        count = _parse_int(args[1]) if len(args) > 1 else 8
+        count = min(_parse_int(args[1]) if len(args) > 1 else 8, MAX_LISTED)
         return "\n".join(self.disassemble(self.space_for(addr, 4), addr, count)) + "\n"
 
     _mon_disas = _mon_dis
@@ -943,7 +944,7 @@ class GdbStub:
 
     def _mon_ring(self, args: list[str]) -> str:
         cp = self.gpu.cp
-        limit = _parse_int(args[0]) if args else 32
+        limit = min(_parse_int(args[0]) if args else 32, MAX_LISTED)
         out = [
             f"ring base {cp.ring_base:#x} size {cp.ring_size:#x} head {cp.head:#x} "
             f"tail {cp.tail:#x} (RING_TAIL register {self.gpu.debug_read(regs.RING_TAIL.offset):#x})"

@@ -288,3 +288,16 @@ def test_disconnect_mid_packet_lets_the_device_run_on(rig):
     assert finished.wait(timeout=10)
     assert gpu.mem_read(1, DATA_VA + 8, 8) == struct.pack("<Q", 5)
     assert not gpu.cp.halted and stub.conn is None and not stub.breakpoints
+
+
+def test_second_gdb_is_refused_while_one_is_attached(rig):
+    """One gdb at a time: a second connection is closed at once; the first keeps working."""
+    _gpu, stub, g = rig
+    port = int(stub.address.rpartition(":")[2])
+    other = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        assert other.recv(16) == b""  # closed by the stub
+    finally:
+        other.close()
+    assert g.call(b"qC") == b"QC01"
+    assert stub.statistics()["connections"] == 1
