@@ -301,3 +301,14 @@ def test_second_gdb_is_refused_while_one_is_attached(rig):
         other.close()
     assert g.call(b"qC") == b"QC01"
     assert stub.statistics()["connections"] == 1
+
+
+def test_read_and_access_watchpoints(rig):
+    """Z3 (read) ignores the writes of WRITE_DATA and FENCE; Z4 (access) on the fence word
+    stops after FENCE with awatch:ADDR."""
+    _gpu, _stub, g = rig
+    assert g.call(b"Z3,%x,4" % DATA_VA) == b"OK"
+    assert g.call(b"Z4,%x,8" % (DATA_VA + 8)) == b"OK"
+    g.sock.sendall(frame(b"c"))
+    assert g.read_byte() == b"+"
+    assert g.read_packet() == b"T05awatch:%x;thread:01;" % (DATA_VA + 8)
