@@ -3,7 +3,8 @@
 The machine's device is started with ``--gdb ... -S``, so its command processor is held
 (STATUS.HALTED) from the start. A job submitted meanwhile outlives several job timeouts;
 the driver's timeout handler must re-arm (DRM_GPU_SCHED_STAT_NO_HANG) instead of resetting
-the GPU, and the job completes once gdb lets the device run.
+the GPU, and the job completes once gdb lets the device run. A real hang, reset by the
+driver, leaves a post-mortem core when the device has a --coredump-dir.
 """
 
 from __future__ import annotations
@@ -11,8 +12,13 @@ from __future__ import annotations
 import socket
 import threading
 
+import pytest
+
 from gemu.device.abi import packets as pk
+from gemu.device.abi.enums import CpState, WaitFunc
+from gemu.device.coredump import read_core, read_segment
 from gemu.guest.drm import sched as drm_sched
+from gemu.guest.errors import Etimedout
 from gemu.guest.gemu_drv.job import BoAccess
 from gemu.host.machine import Machine
 from tests.support.gdb import gdb_batch, needs_gdb
@@ -68,3 +74,30 @@ def test_job_timeout_while_gdb_holds_the_gpu_rearms_instead_of_resetting():
                 gdb_batch(port, "detach")
         f.close()
         m.check_clean()
+
+
+def test_hang_recovered_by_reset_leaves_a_core(tmp_path):
+    """With --coredump-dir, the guest's reset of a hung GPU (a WAIT_MEM nobody releases,
+    past the job timeout) leaves a HANG_RESET core whose pc is the waiting packet."""
+    cores = tmp_path / "cores"
+    with Machine(
+        ram_size=8 << 20,
+        swap_size=0,
+        device="spawn",
+        timeout_ns=200_000_000,
+        device_args=("--coredump-dir", str(cores)),
+    ) as m:
+        f = m.open()
+        sem = f.create_bo(4096)
+        va = f.vm_bind(sem)
+        wait = pk.wait_mem(va, 1, function=WaitFunc.EQ)
+        hang = f.submit(wait, bos=[(sem, BoAccess.READ)])
+        with pytest.raises(Etimedout, match="GPU reset"):
+            f.wait(hang, 10)
+        f.close()
+        m.check_clean()
+    (core,) = cores.iterdir()
+    assert core.name.endswith("-HANG_RESET.core")
+    info = read_core(core)
+    assert info.signal == 6 and info.state.cp_state == CpState.WAITING
+    assert read_segment(core, info.pc, len(wait)) == wait
