@@ -334,6 +334,7 @@ class GdbStub:
         self.last_stop = b"S05"
         self.stop_text = "not stopped yet"
         self._hit: bytes | None = None  # stop reply decided by a hook during a run
+        self._hit_text = ""  # ... and why, for `monitor status` / `monitor fault`
         self._errors_seen = 0
         self._free_step = False
         self._last_sent = b""
@@ -550,8 +551,6 @@ class GdbStub:
             self._hit_text = f"breakpoint at {'IB VA' if in_ib else 'ring PA'} {addr:#x}"
             return True
         return False
-
-    _hit_text = ""
 
     def _access_hook(self, addr: int, size: int, write: bool, space: int) -> None:
         end = addr + size
