@@ -348,7 +348,9 @@ class GdbStub:
     def attach(self, server: Any) -> None:
         """Serve from ``server``'s loop."""
         self.server = server
-        server.add_reader(self.listener.sock, self._accept)
+        # lazy: until a gdb connects, the device keeps its fast path (an accept may wait for
+        # an idle client's recv timeout, a few tens of milliseconds)
+        server.add_reader(self.listener.sock, self._accept, lazy=True)
         server.add_cp_observer(self.poll)
 
     def close(self) -> None:

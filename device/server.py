@@ -143,6 +143,7 @@ class DeviceServer:
         self.session: _Session | None = None
         self._mem: Any = None
         self._readers: dict[int, Callable[[], None]] = {}
+        self._lazy_readers: set[int] = set()
         self._cp_observers: list[Callable[[], None]] = []
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -203,12 +204,19 @@ class DeviceServer:
             raise RuntimeError(f"the device already serves {self.session.conn.name}")
         self._start_session(conn)
 
-    def add_reader(self, fileobj: Any, callback: Callable[[], None]) -> None:
-        """Call ``callback()`` on the loop thread whenever ``fileobj`` is readable."""
+    def add_reader(self, fileobj: Any, callback: Callable[[], None], *, lazy: bool = False) -> None:
+        """Call ``callback()`` on the loop thread whenever ``fileobj`` is readable.
+
+        A ``lazy`` reader (e.g. a listening socket) may wait while the loop blocks in an idle
+        client's recv (up to ``IDLE_RECV_US``), so it keeps the fast single-client path."""
         fd = fileobj if isinstance(fileobj, int) else fileobj.fileno()
         if fd not in self._readers:
             self._epoll.register(fd, select.EPOLLIN)
         self._readers[fd] = callback
+        if lazy:
+            self._lazy_readers.add(fd)
+        else:
+            self._lazy_readers.discard(fd)
 
     def add_cp_observer(self, callback: Callable[[], None]) -> None:
         """Call ``callback()`` on the loop thread after every command-processor batch (and
@@ -226,6 +234,10 @@ class DeviceServer:
         fd = fileobj if isinstance(fileobj, int) else fileobj.fileno()
         if self._readers.pop(fd, None) is not None:
             self._epoll.unregister(fd)
+        self._lazy_readers.discard(fd)
+
+    def _eager_readers(self) -> bool:
+        return len(self._readers) > len(self._lazy_readers)
 
     def close(self) -> None:
         if self._closed:
@@ -251,7 +263,7 @@ class DeviceServer:
             self._drain(s)
         timeout = None if self._stepped else self._cp_work()
         s = self.session
-        if timeout is None and s is not None and s.direct and not self._readers:
+        if timeout is None and s is not None and s.direct and not self._eager_readers():
             # Idle with one client: block in its recv (bounded by SO_RCVTIMEO) rather than in
             # epoll, one system call less per request; look at the rest when it times out.
             if self._serve_direct(s):
@@ -332,7 +344,7 @@ class DeviceServer:
                     self._end_session(f"send failed: {exc}")
                     return True
             served = True
-            if has_work() or self._cp_waiting or self._readers or not self._running:
+            if has_work() or self._cp_waiting or self._eager_readers() or not self._running:
                 return True
         if not n:
             self._end_session("end of stream")
