@@ -46,3 +46,23 @@ def test_text_matches_disassemble_one(raw):
     """The extension prints each packet exactly as the ABI's disassembler does."""
     assert ext.disassemble(raw) == pk.disassemble_one(pk.decode(raw))
     assert ext.packet_length(int.from_bytes(raw[:4], "little")) == pk.decode(raw).size
+
+
+def test_gdbinit_sources_the_extension(capsys):
+    """`gemu gdbinit --port N` prints a `source` line naming this file and `target remote`."""
+    from gemu.host.cli import main
+
+    assert main(["gdbinit", "--port", "1234"]) == 0
+    out = capsys.readouterr().out
+    assert f"source {ext.__file__}" in out
+    assert out.rstrip().endswith("target remote 127.0.0.1:1234")
+
+
+def test_coredump_refuses_a_missing_file(capsys, tmp_path):
+    """`gemu coredump` on a missing file is a usage error that names the file."""
+    from gemu.host.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["coredump", str(tmp_path / "nope.core")])
+    assert exc.value.code == 2
+    assert "nope.core': no such file" in capsys.readouterr().err
