@@ -150,7 +150,7 @@ def run_campaign(
     ``keep_going``. ``progress(report)`` is called after every batch."""
     pool = _DaskPool(cluster) if cluster else _LocalPool(workers)
     report = CampaignReport(cfg, seed, workers=pool.workers, cluster=cluster)
-    size = batch or max(8, pool.workers * 8)
+    size = batch or max(8, pool.workers * 32)
     cfg_dict = cfg.as_dict()
     t0 = time.perf_counter()
     try:

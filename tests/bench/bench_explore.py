@@ -45,7 +45,7 @@ def _handoff_rate(n: int) -> float:
 
 
 def bench(quick: bool) -> list[Row]:
-    n = 60 if quick else 400
+    n = 400 if quick else 3000
     cfg = ExploreConfig()
     steps = [run_schedule(cfg, s).steps for s in range(5)]  # warm up, measure switches
     per_schedule = sum(steps) / len(steps)
