@@ -118,14 +118,17 @@ def test_registers_memory_break_step_watch_and_detach():
 
 
 def test_watchpoint_stops_at_the_writing_packet():
-    """`watch` on a word stops once, after the WRITE_DATA that stores it (old and new value
-    shown, pc on the next packet), not a packet later."""
+    """`set` writes GPU memory through AS1 (an unmapped address is refused); `watch` on a
+    word stops once, after the WRITE_DATA that stores it (old and new value shown, pc on the
+    next packet), not a packet later."""
     ib_at = _offsets(IB, IB_VA)
     with spawn_gdb_device() as dev, attached_client(dev.spec, size=1 << 20) as client:
-        setup_job(client, IB)
+        job = setup_job(client, IB)
         out = gdb_batch(
             dev.gdb_port,
             "monitor as 1",
+            f"set {{int}}{DATA_VA + 0x300:#x} = 0x1234",
+            f"set {{int}}{DATA_VA + 0x9000:#x} = 1",
             f"watch *(unsigned int*){DATA_VA + 0x200:#x}",
             "continue",
             "p/x $pc",
@@ -133,6 +136,8 @@ def test_watchpoint_stops_at_the_writing_packet():
         )
         assert "Old value = 0\nNew value = 3735928559" in out, out
         assert _values(out) == [f"{ib_at[2]:#x}", "4"], out
+        assert client.memory.read_u32(job.data_pa + 0x300) == 0x1234
+        assert f"Cannot access memory at address {DATA_VA + 0x9000:#x}" in out, out
 
 
 def test_fault_stops_with_sigsegv_and_monitor_commands():
