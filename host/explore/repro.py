@@ -20,7 +20,7 @@ import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from gemu.guest.kernel import runtime, trace
+from gemu.guest.kernel import runtime
 from gemu.host.explore.scenario import (
     ExploreConfig,
     ScheduleResult,
@@ -108,47 +108,17 @@ def shrink(cfg: ExploreConfig, first: ScheduleResult, budget: int = 60) -> Shrun
     return Shrunk(best_cfg, first.seed, best, runs)
 
 
-def _chrome_event(ev: trace.TraceEvent, tids: dict[str, int]) -> dict:
-    tid = tids.setdefault(ev.task, len(tids) + 1)
-    out = {
-        "name": ev.name,
-        "cat": ev.category,
-        "ph": ev.phase,
-        "ts": ev.ts_ns / 1000,
-        "pid": 1,
-        "tid": tid,
-        "args": {
-            k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in ev.args.items()
-        },
-    }
-    if ev.id is not None:
-        out["id"] = ev.id
-    if ev.phase == "i":
-        out["s"] = "t"
-    return out
-
-
 def replay(
     cfg: ExploreConfig, seed: int, schedule: list[int], trace_path: Path | None = None
 ) -> ScheduleResult:
-    """Run the recorded ``schedule`` again (with tracing into ``trace_path`` if given)."""
-    events: list[trace.TraceEvent] = []
-    if trace_path is not None:
-        trace.subscribe(events.append)
-    try:
-        res = run_schedule(cfg, seed, schedule, keep_log=True)
-    finally:
-        if trace_path is not None:
-            trace.unsubscribe(events.append)
-    if trace_path is not None:
-        tids: dict[str, int] = {}
-        body = [_chrome_event(ev, tids) for ev in events]
-        body += [
-            {"name": "thread_name", "ph": "M", "pid": 1, "tid": tid, "args": {"name": name}}
-            for name, tid in tids.items()
-        ]
-        trace_path.write_text(json.dumps({"traceEvents": body, "displayTimeUnit": "ns"}))
-    return res
+    """Run the recorded ``schedule`` again (with the tracepoints written to ``trace_path``
+    by :class:`gemu.host.tracefile.TraceWriter` if given)."""
+    if trace_path is None:
+        return run_schedule(cfg, seed, schedule, keep_log=True)
+    from gemu.host.tracefile import TraceWriter
+
+    with TraceWriter(trace_path):
+        return run_schedule(cfg, seed, schedule, keep_log=True)
 
 
 def replay_command(path: Path) -> str:
