@@ -187,13 +187,16 @@ def test_fault_stops_with_sigsegv_and_monitor_commands():
 def test_interactive_session_ctrl_c_and_continue():
     """Interactive gdb under pexpect: continue on an idle ring, Ctrl-C halts it (SIGINT), the
     guest sees STATUS.HALTED meanwhile; a job submitted while halted does not run until gdb
-    continues, then runs to its fence."""
+    continues (`display/i $pc` with the extension follows a `stepi` through it), then runs to
+    its fence."""
     with spawn_gdb_device() as dev, attached_client(dev.spec, size=1 << 20) as client:
         job = setup_job(client, IB, submit=False)
         gdb = pexpect.spawn(GDB, ["-nx", "-q"], encoding="utf-8", timeout=30)
         try:
             gdb.expect_exact("(gdb) ")
             gdb.sendline("set pagination off")
+            gdb.expect_exact("(gdb) ")
+            gdb.sendline("set style enabled off")
             gdb.expect_exact("(gdb) ")
             gdb.sendline(f"target remote 127.0.0.1:{dev.gdb_port}")
             gdb.expect_exact("(gdb) ")
@@ -209,6 +212,14 @@ def test_interactive_session_ctrl_c_and_continue():
             gdb.expect_exact("(gdb) ")
             gdb.sendline("monitor ring 1")
             gdb.expect_exact("SET_AS as=1")
+            gdb.expect_exact("(gdb) ")
+            gdb.sendline(f"source {EXTENSION}")
+            gdb.expect_exact("(gdb) ")
+            gdb.sendline("display/i $pc")
+            gdb.expect_exact("1: x/i $pc\r\n=> 0x1000:\tSET_AS as=1")
+            gdb.expect_exact("(gdb) ")
+            gdb.sendline("stepi")
+            gdb.expect_exact(f"=> 0x1008:\tINDIRECT_BUFFER 0x200000, {len(job.ib) // 4} dwords")
             gdb.expect_exact("(gdb) ")
             gdb.sendline("detach")
             gdb.expect_exact("detached")
