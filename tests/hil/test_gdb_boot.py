@@ -1,0 +1,63 @@
+"""``gemu boot --gdb ... -S``: gdb attached to the GPU of a booted machine.
+
+The machine boots with its device's command processor held for gdb; a job submitted at the
+shell prompt waits until gdb, which sees it on the ring, detaches.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import pexpect
+import pytest
+
+from gemu.host.cli import build_parser
+from tests.support.device import gemu_executable
+from tests.support.gdb import gdb_batch, needs_gdb
+
+PROMPT = "gemu# "
+
+
+def _boot_has_gdb() -> bool:
+    boot = build_parser()._subparsers._group_actions[0].choices["boot"]
+    return any("--gdb" in a.option_strings for a in boot._actions)
+
+
+pytestmark = [
+    needs_gdb,
+    pytest.mark.skipif(not _boot_has_gdb(), reason="gemu boot does not take --gdb yet"),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_boot_with_gdb_holds_the_gpu_until_gdb_detaches():
+    """The machine boots to its prompt with the CP held (-S); a copy job submitted at the
+    shell is on the ring when gdb looks (x0 = HALTED), and completes once gdb detaches."""
+    port = _free_port()
+    exe, *pre = gemu_executable()
+    argv = [*pre, "boot", "-m", "16M", "--gdb", f"tcp:127.0.0.1:{port}", "-S"]
+    child = pexpect.spawn(exe, argv, timeout=30, encoding="utf-8", echo=False)
+    try:
+        child.expect_exact(PROMPT)
+        for line in ("src = bo 64K", "dst = bo 64K", "fill src random 1"):
+            child.sendline(line)
+            child.expect_exact(PROMPT)
+        child.sendline("f1 = submit copy src dst")
+        child.expect_exact(PROMPT)
+        out = gdb_batch(port, "p $x0", "monitor ring", "detach")
+        assert "$1 = 5" in out and "COPY" in out and "detached" in out, out
+        child.sendline("wait f1")
+        child.expect_exact(PROMPT)
+        child.sendline("expect crc dst == src")
+        child.expect_exact(PROMPT)
+        assert "FAIL" not in child.before, child.before
+        child.sendline("poweroff")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
