@@ -116,7 +116,8 @@ def _config(args: argparse.Namespace, parser: argparse.ArgumentParser):
     )
 
 
-def _print_result(res, out=sys.stdout) -> None:
+def _print_result(res, out=None) -> None:
+    out = out or sys.stdout
     if not res.violations:
         print(f"seed {res.seed}: no violation ({res.steps} steps)", file=out)
     for v in res.violations:

@@ -30,6 +30,7 @@ buffer space and the BO references; ``timedout_job`` is the reset path.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 from collections.abc import Callable
@@ -204,6 +205,10 @@ def submit(drv: GemuDriver, job: GemuJob) -> dma_fence.DmaFence:
         raise
     armed = False
     objs = [r.bo.obj for r in job.refs]
+    # The orders that arm before validating hold the entity's submit lock from arm to push,
+    # as a driver must around arm + push; it is dropped before any failure path runs.
+    early = order in (SubmitOrder.FENCE_BEFORE_SWAPIN, SubmitOrder.ARM_BEFORE_FAILING_STEP)
+    submit_lock = job.file.submit_lock
     try:
         for fence in job.in_fences:
             drm_sched.job_add_dependency(job, dma_fence.get(fence))
@@ -213,30 +218,36 @@ def submit(drv: GemuDriver, job: GemuJob) -> dma_fence.DmaFence:
                     for obj in objs:
                         drm_exec.prepare_obj(ex, obj, 1)
                         drm_exec.retry_on_contention(ex)
-            if order in (SubmitOrder.FENCE_BEFORE_SWAPIN, SubmitOrder.ARM_BEFORE_FAILING_STEP):
-                _arm(drv, job)
-                armed = True
-                if order is SubmitOrder.FENCE_BEFORE_SWAPIN:
-                    _add_fences(drv, job)
-            for ref in job.refs:
-                validate_bo(drv, job, ref)
-                drm_sched.job_add_implicit_dependencies(job, ref.bo.obj, ref.write)
-            if order is SubmitOrder.FENCE_AFTER_UNLOCK:
-                with job.file.submit_lock:
+            if early:
+                submit_lock.lock()
+            try:
+                if early:
                     _arm(drv, job)
                     armed = True
-                    drm_sched.entity_push_job(job)
-            else:
-                with job.file.submit_lock:
-                    if not armed:
+                    if order is SubmitOrder.FENCE_BEFORE_SWAPIN:
+                        _add_fences(drv, job)
+                for ref in job.refs:
+                    validate_bo(drv, job, ref)
+                    drm_sched.job_add_implicit_dependencies(job, ref.bo.obj, ref.write)
+                if order is SubmitOrder.FENCE_AFTER_UNLOCK:
+                    with submit_lock:
                         _arm(drv, job)
                         armed = True
-                    if order is not SubmitOrder.FENCE_BEFORE_SWAPIN:
-                        _add_fences(drv, job)
-                    if order is not SubmitOrder.PUSH_OUTSIDE_ENTITY_LOCK:
                         drm_sched.entity_push_job(job)
-                if order is SubmitOrder.PUSH_OUTSIDE_ENTITY_LOCK:
-                    drm_sched.entity_push_job(job)
+                else:
+                    with contextlib.nullcontext() if early else submit_lock:
+                        if not armed:
+                            _arm(drv, job)
+                            armed = True
+                        if order is not SubmitOrder.FENCE_BEFORE_SWAPIN:
+                            _add_fences(drv, job)
+                        if order is not SubmitOrder.PUSH_OUTSIDE_ENTITY_LOCK:
+                            drm_sched.entity_push_job(job)
+                    if order is SubmitOrder.PUSH_OUTSIDE_ENTITY_LOCK:
+                        drm_sched.entity_push_job(job)
+            finally:
+                if early:
+                    submit_lock.unlock()
         # drm_exec_fini: every BO unlocked here
         if order is SubmitOrder.FENCE_AFTER_UNLOCK:
             for hook in drv.hooks.after_unlock:

@@ -210,6 +210,7 @@ class _Run:
         self.violations: list[Violation] = []
         self.fences: list[tuple[str, object]] = []
         self.stats: dict[str, int] = {}
+        self.lockdep_before_abort: int | None = None
 
     def violate(self, kind: str, message: str) -> None:
         if not any(v.kind == kind and v.message == message for v in self.violations):
@@ -293,6 +294,8 @@ class _Run:
         if self.done_wq.wait_event(lambda: self.done, timeout_ns=HANG_NS, reason="watchdog"):
             return
         rt = runtime.current_runtime()
+        # what lockdep said before the hang counts; the unwinding that follows does not
+        self.lockdep_before_abort = len(rt.lockdep.reports) if rt.lockdep is not None else 0
         stuck = [runtime.describe_task(t) for t in rt.tasks if not t.done and t.name != "watchdog"]
         raise HangError(
             f"hang: the scenario did not finish within {HANG_NS / 1e9:.0f} s of virtual time"
@@ -594,8 +597,9 @@ def run_schedule(
         run.violate("kernel-warning", msg)
     st = rt.lockdep
     # an aborted run unwinds every task from wherever it was: what lockdep says then is noise
-    if st is not None and not aborted:
-        for rep in st.reports:
+    keep = run.lockdep_before_abort if aborted else None
+    if st is not None and (not aborted or keep):
+        for rep in st.reports[:keep]:
             kind = "signalling" if rep.kind == "signalling" else "lockdep"
             run.violate(kind, f"{rep.kind}: {rep.message.splitlines()[0]}")
     errors.reset_warn_stats()
