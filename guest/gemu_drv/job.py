@@ -21,7 +21,8 @@ explains each step and what breaks when it moves)::
 
 Deliberately wrong orders for the validation-order tests are chosen with :class:`SubmitOrder`
 on the driver (``GemuDriver.order``); the default is :attr:`SubmitOrder.CORRECT` and nothing
-but a test should change it.
+but a test should change it. :class:`Mutant` (``GemuDriver(mutant=...)``, ``gemu explore
+--mutant``) covers those orders plus wrong shrinker, idle-test, pinning and eviction variants.
 
 ``run_job`` binds the VM to an AS slot and writes the job's ring slot (SET_AS,
 INDIRECT_BUFFER, FENCE) with a posted doorbell; ``free_job`` releases the slot, the command
