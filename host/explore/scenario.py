@@ -12,9 +12,10 @@ The built-in scenario (``standard``): ``tasks`` submitting tasks share ``files``
 and a scratch BO; ``shared_bos`` BOs are imported into every file and only read by the GPU.
 Each task runs a plan of ``jobs`` jobs drawn from the seed (COPY shared→private, FILL private,
 CRC32 of shared into private, and madvise churn on the scratch BO: DONTNEED, a job, WILLNEED,
-re-creating the BO when the shrinker purged it). Guest RAM is squeezed to ``free_frames`` above
-the kswapd watermark, so swap-ins wake kswapd, and a ``hog`` task runs direct reclaim
-``reclaims`` times. The GPU executes a few packets per step as a runtime task.
+re-creating the BO when the shrinker purged it). Guest RAM is squeezed by a balloon to
+``free_frames`` free frames (watermarks min 2, low 4, high 8), so swap-ins wake kswapd, and a
+``hog`` task takes a working set of frames ``reclaims`` times (reclaiming directly when it must)
+and gives it back. The GPU executes a few packets per step as a runtime task.
 
 Invariants (the ``kind`` of a :class:`Violation`):
 
@@ -26,7 +27,7 @@ Invariants (the ``kind`` of a :class:`Violation`):
 ``signalling``       a dma_fence signalling-section report (allocation, lock or wait inside)
 ``kernel-warning``   a WARN_ON (a broken contract, e.g. drm_sched's arm/push rules)
 ``mapped-free``      a frame freed while a GPU page table still maps it
-``deadlock``         no task can run (or a livelock: no end within ``max_steps``)
+``deadlock``         no task can run, no end within ``max_steps``, or a hang (``HANG_NS``)
 ``leak``             a frame, swap slot, object, ring slot, AS or fence left at the end
 ``crash``            an unexpected exception in a task
 ==================== ==========================================================================
