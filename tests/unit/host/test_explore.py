@@ -178,16 +178,10 @@ def test_spinlock_works_in_both_runtimes():
         rt.run(main_fn)
 
 
-def _soak_only(request) -> None:
-    if "soak" not in (request.config.getoption("markexpr") or ""):
-        pytest.skip("long campaign: run with make soak (pytest -m soak)")
-
-
 @pytest.mark.soak
-def test_no_tlb_flush_is_caught_by_pct_in_a_long_campaign(request):
+def test_no_tlb_flush_is_caught_by_pct_in_a_long_campaign():
     """PCT, which keeps one task running for long stretches, also finds the stale TLB
     (within 1000 schedules from seed 0)."""
-    _soak_only(request)
     n, kind = engine.schedules_to_detection(
         ExploreConfig(strategy="pct", mutant="no-tlb-flush"), 0, 1000
     )
@@ -195,9 +189,8 @@ def test_no_tlb_flush_is_caught_by_pct_in_a_long_campaign(request):
 
 
 @pytest.mark.soak
-def test_correct_driver_long_campaign(request):
+def test_correct_driver_long_campaign():
     """The working driver: 3000 schedules of each strategy, zero violations."""
-    _soak_only(request)
     for strategy in ("random", "pct"):
         report = engine.run_campaign(ExploreConfig(strategy=strategy), 3000, seed=50_000, workers=2)
         assert report.first is None, report.first and report.first.violations
