@@ -186,9 +186,13 @@ def cmd_explore(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         shrunk = repro.shrink(cfg, first)
         cfg_final, schedule = shrunk.config, shrunk.result.schedule
         sc0, sc1 = cfg.scenario, cfg_final.scenario
+        smaller = (
+            ""
+            if sc0.script
+            else (f"{sc0.tasks}->{sc1.tasks} tasks, {sc0.jobs}->{sc1.jobs} jobs per task, ")
+        )
         print(
-            f"shrunk in {shrunk.runs} runs: {sc0.tasks}->{sc1.tasks} tasks, "
-            f"{sc0.jobs}->{sc1.jobs} jobs per task, preemptions "
+            f"shrunk in {shrunk.runs} runs: {smaller}preemptions "
             f"{first.preemptions}->{shrunk.result.preemptions}; still {shrunk.result.kind}"
         )
     out = args.out / f"seed-{seed}"

@@ -23,7 +23,6 @@ import inspect
 import logging
 import operator
 import random
-import time
 import zlib
 from collections import deque
 from collections.abc import Callable
@@ -35,7 +34,7 @@ from gemu.device.abi.enums import WaitFunc
 from gemu.guest.drm.gem_shmem import SigBus
 from gemu.guest.errors import KernelError
 from gemu.guest.gemu_drv.uapi import READ, WRITE, JobFence
-from gemu.guest.kernel import trace
+from gemu.guest.kernel import runtime, trace
 from gemu.guest.locking import lockdep
 from gemu.host.jobscript import (
     Arity,
@@ -628,12 +627,12 @@ class Shell:
             names = names[:i]
         for name in names:
             fv = self._fence(name)
-            t0 = time.perf_counter()
+            t0 = runtime.now_ns()
             try:
                 self._settle(fv, timeout)
             except KernelError as exc:
                 raise ShellError(f"{fv.name}: job failed: {exc}", exc.errno) from None
-            self.say(f"{fv.name}: signaled ({(time.perf_counter() - t0) * 1e3:.1f} ms)")
+            self.say(f"{fv.name}: signaled ({(runtime.now_ns() - t0) / 1e6:.1f} ms)")
 
     @command("job-timeout", 1, 1, "job-timeout MILLISECONDS")
     def cmd_job_timeout(self, st: Statement, ms: str) -> None:

@@ -2,7 +2,7 @@
 
 :func:`shrink` makes a failing schedule smaller while it still fails with the same invariant:
 first the scenario (fewer tasks, jobs, BOs, reclaim rounds; same seed, the strategy picks a
-fresh schedule), then the recorded decisions (runs of decisions are made to continue the
+fresh schedule; a job script scenario skips this), then the recorded decisions (runs of decisions are made to continue the
 previously picked task, so the schedule has fewer preemptions; a variant the program cannot
 follow is dropped).
 
@@ -53,8 +53,8 @@ def shrink(cfg: ExploreConfig, first: ScheduleResult, budget: int = 60) -> Shrun
     kind = first.kind
     best_cfg, best = cfg, first
     runs = 0
-    # 1. a smaller scenario, same seed
-    progress = True
+    # 1. a smaller scenario, same seed (a job script is kept as it is)
+    progress = not cfg.scenario.script
     while progress and runs < budget // 2:
         progress = False
         sc = best_cfg.scenario

@@ -27,6 +27,7 @@ Invariants (the ``kind`` of a :class:`Violation`):
 ``signalling``       a dma_fence signalling-section report (allocation, lock or wait inside)
 ``kernel-warning``   a WARN_ON (a broken contract, e.g. drm_sched's arm/push rules)
 ``mapped-free``      a frame freed while a GPU page table still maps it
+``expectation``      a job script's ``expect`` failed or one of its lines failed (``file:line``)
 ``deadlock``         no task can run, no end within ``max_steps``, or a hang (``HANG_NS``)
 ``leak``             a frame, swap slot, object, ring slot, AS or fence left at the end
 ``crash``            an unexpected exception in a task
@@ -73,6 +74,7 @@ KINDS = (
     "signalling",
     "kernel-warning",
     "mapped-free",
+    "expectation",
     "deadlock",
     "leak",
     "crash",
@@ -95,6 +97,11 @@ class Scenario:
     madvise: bool = True
     ram_pages: int = 512
     cmd_pool_pages: int = 4
+    script: str = ""
+    """A job script's path (``name`` "script"): the main task runs it through the shell
+    (:mod:`.jobscripts`) instead of the built-in submitters."""
+    script_text: str = ""
+    """The script's text as it was when the campaign started (replays use this copy)."""
 
 
 SCENARIOS = {"standard": Scenario(), "small": Scenario(name="small", tasks=2, files=1, jobs=3)}
@@ -305,6 +312,9 @@ class _Run:
 
     def scenario(self) -> None:
         sc = self.sc
+        if sc.script:
+            self.script_scenario()
+            return
         self.boot()
         self.files = [self.drv.open() for _ in range(min(sc.files, sc.tasks))]
         size = sc.bo_pages * PAGE
@@ -332,6 +342,41 @@ class _Run:
         for task in tasks:
             task.join()
         self.teardown()
+
+    def script_scenario(self) -> None:
+        """A job script in this (main) task while the hog reclaims (:mod:`.jobscripts`)."""
+        from gemu.host.explore.jobscripts import run_script
+
+        self.boot()
+        self.files, self.shared = [], []
+        self._squeeze()
+        self.script_done = False
+        hog = runtime.spawn(self.script_hog, name="hog") if self.sc.reclaims else None
+        try:
+            run_script(self)
+        finally:
+            self.script_done = True
+        if hog is not None:
+            hog.join()
+        self.teardown()
+
+    def script_hog(self) -> None:
+        """The hog of a script scenario: a script's BOs are not squeezed, so besides taking
+        frames and giving them back it reclaims directly (the shrinker evicts and purges the
+        script's idle BOs), ``reclaims`` rounds or until the script ends. It never sleeps: a
+        running script advances no virtual time, so a sleeping hog would wake too late."""
+        n = self.sc.bo_pages * 2
+        for _ in range(self.sc.reclaims):
+            if self.script_done:
+                return
+            try:
+                pfns = self.allocator.alloc_pages(n)
+            except KernelError:
+                pfns = []
+            runtime.preempt("hog holds its frames")
+            if pfns:
+                self.allocator.free_pages(pfns)
+            self.allocator.direct_reclaim(n)
 
     def _task_setup(self, t: int) -> dict:
         sc = self.sc
