@@ -17,6 +17,10 @@ re-creating the BO when the shrinker purged it). Guest RAM is squeezed by a ball
 ``hog`` task takes a working set of frames ``reclaims`` times (reclaiming directly when it must)
 and gives it back. The GPU executes a few packets per step as a runtime task.
 
+A job script scenario (``Scenario.script``, :mod:`.jobscripts`) runs the script through the
+shell in the main task instead of the submitters, on a machine that is not squeezed; its hog
+(:meth:`_Run.script_hog`) also reclaims directly until the script ends.
+
 Invariants (the ``kind`` of a :class:`Violation`):
 
 ==================== ==========================================================================
