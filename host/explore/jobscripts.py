@@ -32,8 +32,11 @@ from pathlib import Path
 from gemu.guest.kernel import runtime
 from gemu.host.explore.scenario import Scenario
 
-SCRIPT_SCENARIO = Scenario(name="script", ram_pages=4096, free_frames=2048, reclaims=40)
-"""Script defaults: 16 MiB of guest RAM, 8 MiB of it free after the balloon, 40 hog rounds."""
+SCRIPT_SCENARIO = Scenario(
+    name="script", ram_pages=4096, free_frames=4096, swap_pages=8192, reclaims=40
+)
+"""Script defaults: ``gemu run``'s machine (16 MiB of guest RAM, no balloon, 32 MiB of swap)
+and 40 hog rounds."""
 
 
 def scenario_for_script(path: Path) -> Scenario:

@@ -101,6 +101,8 @@ class Scenario:
     madvise: bool = True
     ram_pages: int = 512
     cmd_pool_pages: int = 4
+    swap_pages: int = 0
+    """Swap slots (0: as many as ``ram_pages``)."""
     script: str = ""
     """A job script's path (``name`` "script"): the main task runs it through the shell
     (:mod:`.jobscripts`) instead of the built-in submitters."""
@@ -244,7 +246,7 @@ class _Run:
             PhysMem(self.ram), reserved_frames=1, watermarks=(2, 4, 8), poison_on_free=True
         )
         self._watch_frees()
-        self.swap = SwapDevice(sc.ram_pages)
+        self.swap = SwapDevice(sc.swap_pages or sc.ram_pages)
         self.dev = gem.DrmDevice(
             self.allocator, self.swap, idle_usage=DmaResvUsage.BOOKKEEP, unique="gemu0"
         )
