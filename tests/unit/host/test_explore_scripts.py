@@ -40,11 +40,20 @@ def test_same_seed_same_event_log():
     assert run_schedule(_cfg(HELLO), 4).schedule != a.schedule
 
 
-def test_mutant_is_caught_and_named():
-    """A driver that frees evicted pages before unmapping them is caught on hello.job by the
-    mapped-free check."""
-    n, kind = engine.schedules_to_detection(_cfg(HELLO, mutant="evict-frees-before-unmap"), 0, 20)
-    assert n is not None and kind == "mapped-free"
+@pytest.mark.parametrize(
+    ("mutant", "kind"),
+    [
+        ("evict-frees-before-unmap", "mapped-free"),
+        ("no-tlb-flush", "expectation"),  # hello.job's expect crc sees the stale data
+        ("shrinker-skips-busy", "gpu-fault"),
+        ("fence-before-swapin", "signalling"),
+    ],
+)
+@pytest.mark.parametrize("strategy", ["random", "pct"])
+def test_mutant_is_caught_and_named(mutant, kind, strategy):
+    """A wrong driver is caught on hello.job, within 20 schedules, by the invariant named."""
+    n, got = engine.schedules_to_detection(_cfg(HELLO, mutant=mutant, strategy=strategy), 0, 20)
+    assert n is not None and got == kind
 
 
 def test_wrong_expectation_names_file_and_line(tmp_path, capsys):
