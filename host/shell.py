@@ -2,7 +2,8 @@
 
 :class:`Shell` runs commands against a booted :class:`~gemu.host.machine.Machine` through
 the gemu driver's uAPI (one open :class:`~gemu.guest.gemu_drv.uapi.GemuFile`), the way a
-guest program would, and keeps the bookkeeping CI needs: named BOs and fences, the checksum
+guest program would (``gemu explore SCRIPT.job`` runs it over an explore machine instead,
+``gemu.host.explore.jobscripts.ExploreMachine``; timings use the runtime clock), and keeps the bookkeeping CI needs: named BOs and fences, the checksum
 each BO should hold, expectations passed and failed, and at the end whether anything went
 wrong that nobody expected (a GPU fault, a lockdep report, lost data, a kernel warning)::
 
