@@ -97,6 +97,35 @@ def _ms_arg(text: str) -> int:
     return int(ms * 1_000_000)
 
 
+def _gdb_arg(text: str) -> str:
+    from gemu.host.cmd_device import _gdb_spec
+
+    return _gdb_spec(text)
+
+
+def _device_options(args: argparse.Namespace) -> list[str]:
+    """The options ``gemu boot`` passes on to the device process it spawns."""
+    out = []
+    if args.gdb is not None:
+        out += ["--gdb", args.gdb]
+    if args.gdb_wait:
+        out.append("-S")
+    if args.coredump_dir is not None:
+        out += ["--coredump-dir", args.coredump_dir]
+    return out
+
+
+def check_device_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """--gdb, -S and --coredump-dir configure the device process gemu boot spawns."""
+    if args.gdb_wait and args.gdb is None:
+        parser.error("argument -S: needs --gdb (there is no debugger to continue the GPU)")
+    if args.device != "spawn" and _device_options(args):
+        parser.error(
+            f"arguments --gdb/-S/--coredump-dir: they configure the device gemu boot spawns, "
+            f"not --device {args.device}; pass them to `gemu device` instead"
+        )
+
+
 def _machine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "-m",
@@ -135,6 +164,25 @@ def _machine_options(p: argparse.ArgumentParser) -> None:
         "--trace",
         metavar="FILE",
         help="write a Chrome/Perfetto trace-event JSON of the run to FILE",
+    )
+    p.add_argument(
+        "--gdb",
+        type=_gdb_arg,
+        metavar="SPEC",
+        help="serve the GDB remote protocol from the device process on tcp::PORT or "
+        "tcp:127.0.0.1:PORT (loopback only); see docs/gdb.md",
+    )
+    p.add_argument(
+        "-S",
+        dest="gdb_wait",
+        action="store_true",
+        help="hold the GPU's command processor until gdb continues (needs --gdb)",
+    )
+    p.add_argument(
+        "--coredump-dir",
+        metavar="DIR",
+        help="the device writes an ELF core file of the GPU into DIR on each command-processor "
+        "error and each reset of a busy GPU (read with `gemu coredump FILE`)",
     )
     p.add_argument(
         "--log",
@@ -234,7 +282,15 @@ def _prespawn_device(args: argparse.Namespace):
     level = "info" if "device" in args.log else "warning"
     with open(os.path.join(tmp, "device.log"), "wb") as logf:
         proc = subprocess.Popen(
-            [*cmd, "device", "--listen", f"unix:{tmp}/device.sock", "--log", level],
+            [
+                *cmd,
+                "device",
+                "--listen",
+                f"unix:{tmp}/device.sock",
+                "--log",
+                level,
+                *_device_options(args),
+            ],
             stdout=subprocess.PIPE,
             stderr=logf,
             stdin=subprocess.DEVNULL,
@@ -292,7 +348,7 @@ class Session:
         extra = {}
         if args.job_timeout is not None:
             extra["timeout_ns"] = args.job_timeout
-        dev_args = ("--log", "info") if "device" in args.log else ()
+        dev_args = (*(("--log", "info") if "device" in args.log else ()), *_device_options(args))
         if self.prespawned is not None:
             extra["device_process"] = self.prespawned[0]
         try:
@@ -363,6 +419,7 @@ def cmd_boot(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from gemu.host.console import ConsoleInterrupt, ConsoleSpecError, open_console
     from gemu.host.shell import PROMPT, DeviceLost, PowerOff
 
+    check_device_options(args, parser)
     try:
         con = open_console(args.serial)
     except ConsoleSpecError as exc:
@@ -414,6 +471,7 @@ def cmd_boot(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 def cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.memory is None:
         args.memory = 16 << 20
+    check_device_options(args, parser)
 
     def write(text: str) -> None:
         print(text, flush=True)
