@@ -44,4 +44,3 @@ def test_bad_combinations_are_argument_errors(argv, message, capsys):
         main(argv)
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
-
