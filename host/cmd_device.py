@@ -4,11 +4,38 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import selectors
 import signal
+import subprocess
+import time
 
 from gemu.host.cli import LOG_LEVELS, READY_LINE, _listen_spec, _log_level, setup_logging
 
 GDB_READY_LINE = "gemu-device: gdb stub on {address}"
+READY_PREFIX = READY_LINE.format(address="")
+
+
+def wait_ready(proc: subprocess.Popen, timeout: float) -> str:
+    """The address from the ready line of a spawned ``gemu device`` (stdout piped), read
+    without consuming more than that line's chunk; RuntimeError if the process exits or stays
+    silent for ``timeout`` seconds first."""
+    deadline = time.monotonic() + timeout
+    buf = b""
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        while b"\n" not in buf:
+            left = deadline - time.monotonic()
+            if left <= 0 or not sel.select(left):
+                raise RuntimeError(f"gemu device printed no ready line within {timeout} s")
+            chunk = os.read(proc.stdout.fileno(), 4096)
+            if not chunk:
+                raise RuntimeError(f"gemu device exited with {proc.wait()} before it was ready")
+            buf += chunk
+    line = buf.split(b"\n", 1)[0].decode()
+    if not line.startswith(READY_PREFIX):
+        raise RuntimeError(f"unexpected first line from gemu device: {line!r}")
+    return line[len(READY_PREFIX) :].strip()
 
 
 def _gdb_spec(text: str) -> str:

@@ -22,14 +22,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import selectors
 import shutil
 import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 from gemu.device.abi.client import DeviceClient, SharedMemory
@@ -40,13 +37,13 @@ from gemu.guest.gemu_drv.uapi import DEFAULT_TIMEOUT_NS, GemuDriver, GemuFile
 from gemu.guest.locking import lockdep
 from gemu.guest.mm.page_alloc import PageAllocator, PhysMem
 from gemu.guest.mm.swap import SwapDevice
+from gemu.host.cmd_device import wait_ready
 from gemu.host.sizes import flag_names, format_size, parse_size
 
 __all__ = ["Machine", "format_size", "parse_size"]
 
 log = logging.getLogger("gemu.host.machine")
 
-READY_PREFIX = "gemu-device: listening on "
 PAGE_SIZE = 4096
 SWAP_IN_MEMORY_MAX = 256 << 20
 """Swap up to this size is a buffer in memory; larger swap is a sparse file."""
@@ -146,7 +143,7 @@ class Machine:
     ) -> str:
         if device == "spawn" and started is not None:
             self._proc = started
-            return self._wait_ready(started, 20.0)
+            return wait_ready(started, 20.0)
         if device == "spawn":
             sock = f"unix:{self._tmp.name}/device.sock"
             self._device_log = Path(self._tmp.name) / "device.log"
@@ -165,7 +162,7 @@ class Machine:
                     stderr=logf,
                     stdin=subprocess.DEVNULL,
                 )
-            return self._wait_ready(self._proc, 20.0)
+            return wait_ready(self._proc, 20.0)
         if device == "inproc":
             from gemu.device.gpu import Gpu
             from gemu.device.server import DeviceServer
@@ -177,25 +174,6 @@ class Machine:
             self._server_thread.start()
             return self._server.address
         return device
-
-    @staticmethod
-    def _wait_ready(proc: subprocess.Popen, timeout: float) -> str:
-        deadline = time.monotonic() + timeout
-        buf = b""
-        with selectors.DefaultSelector() as sel:
-            sel.register(proc.stdout, selectors.EVENT_READ)
-            while b"\n" not in buf:
-                left = deadline - time.monotonic()
-                if left <= 0 or not sel.select(left):
-                    raise RuntimeError(f"gemu device printed no ready line within {timeout} s")
-                chunk = os.read(proc.stdout.fileno(), 4096)
-                if not chunk:
-                    raise RuntimeError(f"gemu device exited with {proc.wait()} before it was ready")
-                buf += chunk
-        line = buf.split(b"\n", 1)[0].decode()
-        if not line.startswith(READY_PREFIX):
-            raise RuntimeError(f"unexpected first line from gemu device: {line!r}")
-        return line[len(READY_PREFIX) :].strip()
 
     def device_log(self) -> str:
         path = getattr(self, "_device_log", None)

@@ -14,34 +14,12 @@
 from __future__ import annotations
 
 import os
-import threading
 import time
 
 from gemu.host.cmd_explore import MUTANTS
 from gemu.host.explore import engine
 from gemu.host.explore.scenario import ExploreConfig, run_schedule
-from tests.bench.common import Row
-
-
-def _handoff_rate(n: int) -> float:
-    mine, theirs = threading.Lock(), threading.Lock()
-    mine.acquire()
-    theirs.acquire()
-
-    def other() -> None:
-        for _ in range(n):
-            theirs.acquire()
-            mine.release()
-
-    th = threading.Thread(target=other, daemon=True)
-    th.start()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        theirs.release()
-        mine.acquire()
-    dt = time.perf_counter() - t0
-    th.join()
-    return 2 * n / dt
+from tests.bench.common import Row, thread_handoff_rate
 
 
 def bench(quick: bool) -> list[Row]:
@@ -49,7 +27,7 @@ def bench(quick: bool) -> list[Row]:
     cfg = ExploreConfig()
     steps = [run_schedule(cfg, s).steps for s in range(5)]  # warm up, measure switches
     per_schedule = sum(steps) / len(steps)
-    handoff = max(_handoff_rate(20_000) for _ in range(3))
+    handoff = max(thread_handoff_rate(20_000) for _ in range(3))
     floor = handoff / per_schedule
     rates = {}
     for workers in (1, 2):

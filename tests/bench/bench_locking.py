@@ -13,14 +13,13 @@
 from __future__ import annotations
 
 import itertools
-import threading
 import time
 
 from gemu.guest.errors import Edeadlk
 from gemu.guest.kernel import runtime
 from gemu.guest.kernel.runtime import Deterministic, FreeRunning
 from gemu.guest.locking import ww_mutex as ww
-from tests.bench.common import Row, best_of, empty_loop_rate
+from tests.bench.common import Row, best_of, empty_loop_rate, thread_handoff_rate
 
 CLASS = ww.WD_CLASS("bench")
 
@@ -88,34 +87,12 @@ def _schedules_rate(runs: int) -> tuple[float, float]:
     return runs / dt, switches / runs
 
 
-def _handoff_rate(n: int) -> float:
-    """Task switches per second of two threads passing a baton through two locks."""
-    mine, theirs = threading.Lock(), threading.Lock()
-    mine.acquire()
-    theirs.acquire()
-
-    def other() -> None:
-        for _ in range(n):
-            theirs.acquire()
-            mine.release()
-
-    th = threading.Thread(target=other, daemon=True)
-    th.start()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        theirs.release()
-        mine.acquire()
-    dt = time.perf_counter() - t0
-    th.join()
-    return 2 * n / dt
-
-
 def bench(quick: bool) -> list[Row]:
     n = 5_000 if quick else 50_000
     runs = 300 if quick else 3_000
     _schedules_rate(20)  # warm the worker pool
     rate, per_run = _schedules_rate(runs)
-    handoff = max(_handoff_rate(n // 5) for _ in range(3))
+    handoff = max(thread_handoff_rate(n // 5) for _ in range(3))
     return [
         Row(
             issue=3,

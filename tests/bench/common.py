@@ -18,6 +18,7 @@ import multiprocessing as mp
 import os
 import socket
 import statistics
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -66,6 +67,29 @@ def empty_loop_rate(n: int) -> float:
         return time.perf_counter() - t0
 
     return n / best_of(once)
+
+
+def thread_handoff_rate(n: int) -> float:
+    """Switches per second of two threads passing a baton through two locks: the floor for
+    a deterministic runtime, which hands one baton between task threads."""
+    mine, theirs = threading.Lock(), threading.Lock()
+    mine.acquire()
+    theirs.acquire()
+
+    def other() -> None:
+        for _ in range(n):
+            theirs.acquire()
+            mine.release()
+
+    th = threading.Thread(target=other, daemon=True)
+    th.start()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        theirs.release()
+        mine.acquire()
+    dt = time.perf_counter() - t0
+    th.join()
+    return 2 * n / dt
 
 
 def memoryview_copy_rate(nbytes: int) -> float:

@@ -18,14 +18,11 @@ Fixtures (import them into a test module, e.g.
 from __future__ import annotations
 
 import contextlib
-import os
-import selectors
 import shutil
 import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,9 +33,9 @@ import pytest
 from gemu.device.abi import regs
 from gemu.device.abi.client import DeviceClient, SharedMemory
 from gemu.device.abi.enums import CpState, Irq
+from gemu.host.cmd_device import wait_ready
 
 ROOT = Path(__file__).resolve().parents[2]
-READY_PREFIX = "gemu-device: listening on "
 GUEST_RAM = 16 << 20
 
 
@@ -75,26 +72,6 @@ class DeviceProcess:
         return DeviceClient.connect(self.spec, **kw)
 
 
-def _wait_ready(proc: subprocess.Popen, timeout: float) -> str:
-    """The spec from the device's ready line; RuntimeError if it exits or times out first."""
-    deadline = time.monotonic() + timeout
-    buf = b""
-    with selectors.DefaultSelector() as sel:
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        while b"\n" not in buf:
-            left = deadline - time.monotonic()
-            if left <= 0 or not sel.select(left):
-                raise RuntimeError(f"gemu device printed no ready line within {timeout} s")
-            chunk = os.read(proc.stdout.fileno(), 4096)
-            if not chunk:
-                raise RuntimeError(f"gemu device exited with {proc.wait()} before it was ready")
-            buf += chunk
-    line = buf.split(b"\n", 1)[0].decode()
-    if not line.startswith(READY_PREFIX):
-        raise RuntimeError(f"unexpected first line from gemu device: {line!r}")
-    return line[len(READY_PREFIX) :].strip()
-
-
 @contextlib.contextmanager
 def spawn_device(
     listen: str | None = None, *args: str, timeout: float = 20.0, log_level: str = "info"
@@ -112,7 +89,7 @@ def spawn_device(
             )
         dev = None
         try:
-            spec = _wait_ready(proc, timeout)
+            spec = wait_ready(proc, timeout)
             dev = DeviceProcess(proc, spec, log_path)
             yield dev
         except BaseException:
