@@ -64,6 +64,11 @@ _ZERO_PAGE = bytes(PAGE_SIZE)
 MAX_RECLAIM_RETRIES = 16
 """Direct reclaim passes before an allocation gives up. Kernel: MAX_RECLAIM_RETRIES."""
 
+RECLAIM_RETRY_WAIT_NS = 1_000_000
+"""How long an allocation whose reclaim pass freed nothing sleeps while another task's reclaim
+is still running (one jiffy at HZ=1000). Kernel: should_reclaim_retry() →
+schedule_timeout_uninterruptible(1)."""
+
 PAGE_POISON = 0xAA
 """Byte written over freed frames when ``poison_on_free`` is set. Kernel: PAGE_POISON."""
 
@@ -349,6 +354,7 @@ class PageAllocStats:
     ``allocs``/``frees`` count calls; ``pages_allocated``/``pages_freed`` count frames;
     ``direct_reclaims`` counts direct-reclaim passes and ``kswapd_runs`` kswapd wake-ups that
     reclaimed; ``pages_reclaimed`` is what shrinkers reported freed (direct + kswapd);
+    ``reclaim_waits`` counts allocations that slept for another task's reclaim to finish;
     ``failures`` counts allocations that raised ``-ENOMEM`` (``injected_failures`` of them by
     fault injection); ``high_water`` is the most frames ever in use at once.
     """
@@ -362,6 +368,7 @@ class PageAllocStats:
     kswapd_wakeups: int = 0
     kswapd_runs: int = 0
     kswapd_reclaimed: int = 0
+    reclaim_waits: int = 0
     pages_reclaimed: int = 0
     failures: int = 0
     injected_failures: int = 0
@@ -435,6 +442,7 @@ class PageAllocator:
         self._kswapd_wait = runtime.WaitQueue("kswapd_wait")
         self._kswapd_wanted = False
         self._kswapd_should_stop = False
+        self._reclaimers = 0  # reclaim passes running now (direct and kswapd), under _lock
 
     def __repr__(self) -> str:
         return (
@@ -621,7 +629,13 @@ class PageAllocator:
 
     def _alloc_slowpath(self, nr: int, gfp: Gfp, take, min_mark: int, what: str) -> list[int]:
         """Direct reclaim then retry. Kernel: __alloc_pages_slowpath() /
-        __alloc_pages_direct_reclaim() [mm/page_alloc.c]"""
+        __alloc_pages_direct_reclaim() / should_reclaim_retry() [mm/page_alloc.c]
+
+        At most :data:`MAX_RECLAIM_RETRIES` passes (one with ``__GFP_NORETRY``). A pass that
+        freed nothing ends the attempt, unless another task's reclaim is running at that
+        moment: what it is writing to swap will come back to the free pool, so the allocation
+        sleeps for :data:`RECLAIM_RETRY_WAIT_NS` and tries again (a task that finds every
+        object isolated by a concurrent reclaimer must not fail with -ENOMEM)."""
         passes = MAX_RECLAIM_RETRIES if not gfp & Gfp.NORETRY else 1
         reclaimed_total = done = 0
         while done < passes:
@@ -632,8 +646,14 @@ class PageAllocator:
             pfns = take(nr, min_mark)
             if pfns is not None:
                 return pfns
-            if reclaimed == 0:  # no progress: another pass would find nothing either
-                break
+            if reclaimed == 0:
+                if not self._reclaimers or done >= passes:
+                    break  # nobody else is reclaiming: another pass would find nothing either
+                runtime.sleep_ns(RECLAIM_RETRY_WAIT_NS)
+                self._stats.reclaim_waits += 1
+                pfns = take(nr, min_mark)
+                if pfns is not None:
+                    return pfns
         raise self._fail(what, nr, gfp, reclaimed_total, done, "reclaim did not free enough")
 
     def direct_reclaim(self, nr_to_reclaim: int, gfp: Gfp = GFP_KERNEL) -> int:
@@ -657,10 +677,14 @@ class PageAllocator:
         # kernel's reclaim judges progress by watermarks, not by that return value.
         freed_before = self._stats.pages_freed
         lockdep.fs_reclaim_acquire()
+        with self._lock:
+            self._reclaimers += 1
         try:
             with _MemallocScope():
                 reported = _shrinker.shrink_slab(self, nr_to_reclaim, gfp)
         finally:
+            with self._lock:
+                self._reclaimers -= 1
             lockdep.fs_reclaim_release()
         reclaimed = max(reported, self._stats.pages_freed - freed_before)
         self._stats.pages_reclaimed += reclaimed

@@ -332,6 +332,44 @@ def test_direct_reclaim_that_frees_nothing_ends_in_enomem():
     assert len(pool.asked) == 1
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_allocation_waits_for_a_concurrent_reclaim_instead_of_failing(seed):
+    """While another task's reclaim has taken every object off the shrinker's list (writing
+    it back), a second allocation's own pass finds nothing; it must sleep and retry, not fail
+    with -ENOMEM (kernel: should_reclaim_retry). With nobody else reclaiming, it fails at
+    once (test above)."""
+
+    def main():
+        alloc = make_alloc(64, wm=(4, 8, 12))
+        held = alloc.alloc_pages(20, GFP_NOWAIT)
+        isolated = runtime.Completion("isolated")
+        pool = {"list": held}
+
+        def count(sc):
+            return len(pool["list"]) or SHRINK_EMPTY
+
+        def scan(sc):  # isolate everything, write it back slowly, then free it
+            victims, pool["list"] = pool["list"], []
+            isolated.complete()
+            for _ in range(3):
+                runtime.sleep_ns(50_000)
+            alloc.free_pages(victims)
+            return len(victims)
+
+        alloc.register_shrinker(Shrinker("slow", count, scan))
+        other = alloc.alloc_pages(40)
+        reclaimer = runtime.spawn(alloc.direct_reclaim, 20, name="reclaimer")
+        isolated.wait_for_completion()
+        got = alloc.alloc_pages(6)  # its own pass finds the list empty
+        reclaimer.join()
+        assert len(got) == 6
+        assert alloc.statistics().reclaim_waits >= 1
+        alloc.free_pages(got + other)
+        alloc.assert_no_leaks()
+
+    runtime.Deterministic(seed=seed).run(main)
+
+
 def test_direct_reclaim_retries_a_bounded_number_of_times():
     """A shrinker that frees one page per call is asked again and again, at most
     MAX_RECLAIM_RETRIES passes; __GFP_NORETRY allows one pass only."""
