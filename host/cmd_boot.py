@@ -417,7 +417,7 @@ class Session:
 
 def cmd_boot(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from gemu.host.console import ConsoleInterrupt, ConsoleSpecError, open_console
-    from gemu.host.shell import PROMPT, DeviceLost, PowerOff
+    from gemu.host.shell import DeviceLost, PowerOff
 
     check_device_options(args, parser)
     try:
@@ -443,7 +443,7 @@ def cmd_boot(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             sh._check_device()
 
         while True:
-            text = con.readline(PROMPT, idle)
+            text = con.readline(sh.prompt, idle)
             if text is None:
                 con.line("")
                 break

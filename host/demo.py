@@ -2,11 +2,11 @@
 
 ``gemu demo`` (:func:`run_curated`) boots one machine and runs a curated set of the example
 job scripts (examples/jobs: one copy, the validation sequence, purgeable BOs, a GPU fault, a
-working set three times guest RAM, a hang), with progress, then prints a summary: jobs run,
+working set three times guest RAM, a hang, concurrent task blocks), with progress, then prints a summary: jobs run,
 bytes moved, evictions, swap-ins, purges, faults handled, checks passed.
 
 ``gemu demo --device-tour`` (:func:`main`) drives the GPU the way a driver does, with no guest
-kernel: it it spawns
+kernel: it spawns
 ``gemu device`` on a temporary UNIX socket, attaches a :class:`SharedMemory` as guest RAM,
 writes 4-level page tables for two address spaces straight into that memory, sets up the
 command ring and runs jobs: FILL, COPY, CRC32 (checked against zlib on the CPU), ATOMIC,
@@ -367,7 +367,7 @@ def main(*, memory_mib: int = 64, device: str | None = None) -> int:
 
 # --- the curated run of ``gemu demo`` -------------------------------------------------------
 
-CURATED = ("hello", "validation", "purgeable", "fault", "pressure", "hang")
+CURATED = ("hello", "validation", "purgeable", "fault", "pressure", "hang", "tasks")
 """Example job scripts ``gemu demo`` runs, in order, on one fresh machine."""
 
 

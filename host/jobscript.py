@@ -11,9 +11,15 @@ console, see :mod:`gemu.host.shell`); docs/job-scripts.md is the grammar::
     wait f1
     expect crc dst == src        # expectations fail the run with file:line
     include common.job           # relative to this file
+    task reader                  # the lines up to `end` run in a concurrent guest task
+        expect crc dst == src
+    end
+    join                         # wait for the tasks
 
 :func:`parse` checks every line before anything runs: unknown commands, wrong argument
-counts, bad names and include problems are :class:`ScriptError` naming ``file:line``.
+counts, bad names, include problems and unbalanced ``task``/``end`` blocks are
+:class:`ScriptError` naming ``file:line``. A ``task NAME`` statement carries its block's
+statements in ``body``.
 ``$NAME`` / ``${NAME}`` expand values set with ``set NAME VALUE`` when the line runs.
 
     statements = parse_file("examples/jobs/hello.job", commands=Shell.COMMANDS)
@@ -23,7 +29,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -50,6 +56,8 @@ class Statement:
     argv: tuple[str, ...]
     target: str | None = None
     text: str = ""
+    body: tuple[Statement, ...] = ()
+    """The statements of a ``task NAME`` ... ``end`` block."""
 
     @property
     def where(self) -> str:
@@ -132,12 +140,32 @@ def parse(
     base: Path | None = None,
     _stack: tuple[str, ...] = (),
 ) -> list[Statement]:
-    """Every statement of ``text`` with includes expanded in place."""
-    out: list[Statement] = []
+    """Every statement of ``text`` with includes expanded in place and ``task`` blocks
+    folded into their ``task`` statement (a block ends in the file it starts in)."""
+    top: list[Statement] = []
+    out = top
+    block: Statement | None = None  # the open ``task`` statement
     stack = (*_stack, file)
     for lineno, raw in enumerate(text.splitlines(), 1):
         st = parse_line(raw, file, lineno, commands)
         if st is None:
+            continue
+        if st.command == "task":
+            check_task_name(st)
+            if block is not None:
+                raise ScriptError(
+                    file,
+                    lineno,
+                    f"task {st.argv[1]}: inside task {block.argv[1]} "
+                    f"(line {block.line}); tasks do not nest",
+                )
+            block, out = st, []
+            continue
+        if st.command == "end":
+            if block is None:
+                raise ScriptError(file, lineno, "end without a task")
+            top.append(replace(block, body=tuple(out)))
+            block, out = None, top
             continue
         if st.command != "include":
             out.append(st)
@@ -164,7 +192,18 @@ def parse(
         except (OSError, UnicodeDecodeError) as exc:
             raise ScriptError(file, lineno, f"include {name}: {exc}") from None
         out += parse(sub, name, commands=commands, base=path.parent, _stack=stack)
-    return out
+    if block is not None:
+        raise ScriptError(
+            file, block.line, f"task {block.argv[1]}: no 'end' before the end of the file"
+        )
+    return top
+
+
+def check_task_name(st: Statement) -> None:
+    """A ``task NAME`` line names its task with a name (ScriptError otherwise)."""
+    if len(st.argv) != 2 or not NAME_RE.match(st.argv[1]):
+        what = st.argv[1] if len(st.argv) > 1 else ""
+        raise ScriptError(st.file, st.line, f"task: {what!r} is not a task name (usage: task NAME)")
 
 
 def parse_file(path: str | Path, *, commands: Mapping[str, Arity]) -> list[Statement]:

@@ -24,10 +24,11 @@ import inspect
 import logging
 import operator
 import random
+import threading
 import zlib
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from gemu.device.abi import packets as pk
@@ -41,6 +42,7 @@ from gemu.host.jobscript import (
     Arity,
     ScriptError,
     Statement,
+    check_task_name,
     expand,
     parse,
     parse_file,
@@ -51,6 +53,8 @@ from gemu.host.machine import Machine, format_size, parse_size
 log = logging.getLogger("gemu.host.shell")
 
 PROMPT = "gemu# "
+BLOCK_PROMPT = "...> "
+"""The console's prompt while a ``task`` block is typed (until ``end``)."""
 FAULT_VA = 0x7FFF_0000_0000
 """A GPU VA the VM never hands out: a job touching it faults."""
 WAIT_TIMEOUT_S = 10.0
@@ -120,6 +124,28 @@ class FenceVar:
     writes: list[tuple[BoVar, int | None]] = field(default_factory=list)
     examined: bool = False
     settled: bool = False
+
+
+@dataclass
+class ShellTask:
+    """A ``task NAME`` block running in its own guest task."""
+
+    name: str
+    where: str
+    task: runtime.Task | None = None
+    ok: bool | None = None  # None while it runs
+    failed_at: str | None = None
+    joined: bool = False
+
+
+@dataclass
+class _Context:
+    """Per guest task state of the shell: the main program's, or a ``task`` block's."""
+
+    name: str | None
+    last_error: ShellError | None = None
+    last_fence: FenceVar | None = None
+    failed_at: str | None = None
 
 
 @dataclass
@@ -222,8 +248,9 @@ class Shell:
     ) -> None:
         self.m = machine
         self.write = write
-        self.report = self.say
-        """Where failures (file:line messages) go; ``write`` unless set apart."""
+        self.report = self._plain
+        """Where failures (file:line messages, naming the task block if any) go; ``write``
+        unless set apart."""
         self.progress = self.say
         """Where ``echo`` lines go (progress of long scripts); ``write`` unless set apart."""
         self.echo = echo
@@ -233,7 +260,12 @@ class Shell:
         self.fences: dict[str, FenceVar] = {}
         self.values: dict[str, str] = {}
         self.sum = Summary()
-        self.last_error: ShellError | None = None
+        self.tasks: dict[str, ShellTask] = {}
+        self._main = _Context(None)
+        self._contexts: dict[runtime.Task, _Context] = {}  # the running task blocks
+        self._count = threading.Lock()  # counters and names shared by task blocks
+        self._out = threading.Lock()
+        self._typing: tuple[Statement, list[Statement]] | None = None  # console task block
         self.expected_lockdep = 0
         self.expected_lost: set[str] = set()
         self._lockdep_base = len(lockdep.reports())
@@ -244,15 +276,41 @@ class Shell:
         self._down = False
         self._hang_sems: list[int] = []
 
+    # -- per-task state -----------------------------------------------------------------------
+    def _context(self) -> _Context:
+        return self._contexts.get(runtime.current(), self._main)
+
+    @property
+    def last_error(self) -> ShellError | None:
+        """The error of the previous line of the current program (main or task block)."""
+        return self._context().last_error
+
+    @last_error.setter
+    def last_error(self, value: ShellError | None) -> None:
+        self._context().last_error = value
+
+    @property
+    def prompt(self) -> str:
+        """The console prompt: :data:`PROMPT`, or :data:`BLOCK_PROMPT` inside a task block."""
+        return PROMPT if self._typing is None else BLOCK_PROMPT
+
     # -- output ------------------------------------------------------------------------------
     def say(self, text: str = "") -> None:
-        for line in text.splitlines() or [""]:
-            self.write(line)
+        name = self._context().name
+        with self._out:  # whole lines, when task blocks write at once
+            for line in text.splitlines() or [""]:
+                self.write(line if name is None else f"[{name}] {line}")
+
+    def _plain(self, text: str) -> None:
+        with self._out:
+            for line in text.splitlines() or [""]:
+                self.write(line)
 
     # -- running -----------------------------------------------------------------------------
     def execute(self, st: Statement) -> None:
         """Run one statement; raises ShellError (or PowerOff/DeviceLost)."""
-        self.sum.commands += 1
+        with self._count:
+            self.sum.commands += 1
         try:
             argv = [expand(w, self.values) for w in st.argv]
         except KeyError as exc:
@@ -284,27 +342,33 @@ class Shell:
         """Run statements in order; returns False at the first failure when
         ``stop_on_error`` (the message, naming file:line, has been written)."""
         ok = True
+        ctx = self._context()
         for i, st in enumerate(statements):
             if self.echo:
                 self.say(f"{PROMPT}{st.text}")
+            where = st.where if ctx.name is None else f"{st.where}: task {ctx.name}"
             try:
                 self.execute(st)
                 if st.command != "expect":
-                    self.last_error = None
+                    ctx.last_error = None
             except ExpectationFailed as exc:
-                self.sum.checks_failed += 1
-                self.report(f"{st.where}: {exc}")
+                with self._count:
+                    self.sum.checks_failed += 1
+                ctx.failed_at = ctx.failed_at or st.where
+                self.report(f"{where}: {exc}")
                 ok = False
                 if stop_on_error:
                     return False
             except ShellError as exc:
-                self.last_error = exc
+                ctx.last_error = exc
                 nxt = statements[i + 1] if i + 1 < len(statements) else None
                 if nxt is not None and nxt.argv[:2] == ("expect", "error"):
                     self.say(f"{st.where}: {exc}")
                     continue
-                self.report(f"{st.where}: {exc}")
-                self.sum.errors += 1
+                ctx.failed_at = ctx.failed_at or st.where
+                self.report(f"{where}: {exc}")
+                with self._count:
+                    self.sum.errors += 1
                 self._check_device()
                 ok = False
                 if stop_on_error:
@@ -323,14 +387,39 @@ class Shell:
         )
 
     def run_line(self, text: str, where: str = "<console>", line: int = 1) -> bool:
-        """One console line: parse errors and command errors are printed, not raised."""
+        """One console line: parse errors and command errors are printed, not raised.
+
+        A ``task NAME`` line opens a block: the following lines are kept (the prompt becomes
+        :data:`BLOCK_PROMPT`) until ``end``, which starts the task."""
         try:
             st = parse_line(text, where, line, self.COMMANDS)
+            if st is not None and st.command == "task":
+                check_task_name(st)
+                if self._typing is not None:
+                    opened = self._typing[0]
+                    raise ScriptError(
+                        where,
+                        line,
+                        f"task {st.argv[1]}: inside task {opened.argv[1]} "
+                        f"(line {opened.line}); tasks do not nest",
+                    )
         except ScriptError as exc:
             self.report(str(exc))
             self.sum.errors += 1
             return False
-        return True if st is None else self.run_statements([st], stop_on_error=True)
+        if st is None:
+            return True
+        if st.command == "task":
+            self._typing = (st, [])
+            return True
+        if self._typing is not None:
+            opened, body = self._typing
+            if st.command != "end":
+                body.append(st)
+                return True
+            self._typing = None
+            st = replace(opened, body=tuple(body))
+        return self.run_statements([st], stop_on_error=True)
 
     # -- lookup ------------------------------------------------------------------------------
     def _bo(self, name: str) -> BoVar:
@@ -516,11 +605,13 @@ class Shell:
             args = args[:i]
         cmd, bos, writes, what, moved = self._build_job(kind, args)
         fence = self.file.submit(cmd, bos=bos, in_fences=[f.fence for f in after])
-        self._jobs += 1
-        self.bytes_moved += moved
-        name = self._new_name(st, "f", self._jobs)
-        fv = FenceVar(name, fence, what, writes)
-        self.fences[name] = fv
+        with self._count:
+            self._jobs += 1
+            self.bytes_moved += moved
+            name = self._new_name(st, "f", self._jobs)
+            fv = FenceVar(name, fence, what, writes)
+            self.fences[name] = fv
+        self._context().last_fence = fv
         for bo, crc in writes:
             bo.expected = crc
         self.say(f"{name}: job {fence.seqno} submitted ({what})")
@@ -699,7 +790,7 @@ class Shell:
 
     def _user_bos(self) -> list[BoVar]:
         """The BOs the user created (not the shell's own scratch BO)."""
-        return [bo for bo in self.bos.values() if not bo.name.startswith("_")]
+        return [bo for bo in list(self.bos.values()) if not bo.name.startswith("_")]
 
     def _obj_state(self, obj) -> str:
         if obj.madv < 0:
@@ -756,7 +847,7 @@ class Shell:
         self.say(
             f"  direct reclaim {s['direct_reclaims']} passes ({s['direct_reclaimed']} pages), "
             f"kswapd {s['kswapd_runs']} runs ({s['kswapd_reclaimed']} pages), "
-            f"failures {s['failures']}"
+            f"waits for another reclaim {s['reclaim_waits']}, failures {s['failures']}"
         )
 
     def _info_mmu(self) -> None:
@@ -787,7 +878,7 @@ class Shell:
         )
 
     def _info_fences(self) -> None:
-        for fv in self.fences.values():
+        for fv in list(self.fences.values()):
             f = fv.fence
             state = (
                 (("failed " + _errno_name(f.error)) if f.error else "signaled")
@@ -847,7 +938,7 @@ class Shell:
     def _object_names(self) -> dict[str, str]:
         """Kernel object labels (as tracepoints print them) -> the shell's BO names."""
         out = {}
-        for bo in self.bos.values():
+        for bo in list(self.bos.values()):
             with contextlib.suppress(KernelError):
                 out[self.file.bo(bo.handle).obj.resv.lock.name] = bo.name
         return out
@@ -919,9 +1010,11 @@ class Shell:
         self._cmp(f"value {args[0]}", got, args[1], _num(args[2]) & 0xFFFFFFFF)
 
     def _last_fence(self) -> FenceVar:
-        if not self.fences:
+        """The current program's (main or task block's) latest job."""
+        fv = self._context().last_fence
+        if fv is None:
             raise ShellError("expect: no job submitted yet")
-        return list(self.fences.values())[-1]
+        return fv
 
     def _expect_fence(self, *args: str) -> None:
         if len(args) not in (2, 3):
@@ -986,7 +1079,7 @@ class Shell:
         got = _errno_name(err.errno) if err.errno else "a non-kernel error"
         if got != want:
             raise ExpectationFailed(f"expect error {want}: it failed with {got}: {err}")
-        for fv in self.fences.values():
+        for fv in list(self.fences.values()):
             if f"{fv.name}: job failed" in str(err):
                 fv.examined = True
 
@@ -1062,6 +1155,75 @@ class Shell:
         if not self.run_statements(statements):
             raise ShellError(f"include {path}: stopped at the first failure")
 
+    @command("task", 1, 1, "task NAME ... end")
+    def cmd_task(self, st: Statement, name: str) -> None:
+        """Run the lines up to ``end`` in a concurrent guest task NAME; go on at once.
+
+        The block shares the script's names (BOs, fences, values) and its GPU file, like
+        threads of one process sharing a DRM fd; ``expect error`` and ``expect fault``
+        without a fence look at the block's own previous line and job. Its output lines start
+        with ``[NAME]``; a failure stops the block (the script goes on) and names
+        ``file:line: task NAME``. ``join`` waits for tasks; ``poweroff`` joins them all.
+        ``gemu explore SCRIPT`` interleaves the tasks with each other and with reclaim."""
+        if not st.body:
+            raise ShellError(f"task {name}: an empty block (lines up to 'end' run in the task)")
+        old = self.tasks.get(name)
+        if old is not None and old.ok is None:
+            raise ShellError(f"task {name}: still running (started at {old.where}; join it)")
+        t = ShellTask(name, st.where)
+        self.tasks[name] = t
+        self.say(f"task {name}: started ({len(st.body)} lines)")
+        t.task = runtime.spawn(self._task_main, t, list(st.body), name=name)
+
+    def _task_main(self, t: ShellTask, body: list[Statement]) -> None:
+        ctx = self._contexts[runtime.current()] = _Context(t.name)
+        try:
+            t.ok = self.run_statements(body)
+        except PowerOff:
+            ctx.failed_at = ctx.failed_at or t.where
+            self.report(f"{t.where}: task {t.name}: poweroff inside a task (ends the task only)")
+            with self._count:
+                self.sum.errors += 1
+            t.ok = False
+        except DeviceLost as exc:
+            ctx.failed_at = ctx.failed_at or t.where
+            self.sum.device_lost = self.sum.device_lost or str(exc)
+            t.ok = False
+        finally:
+            t.failed_at = ctx.failed_at
+            del self._contexts[runtime.current()]
+        if t.ok:
+            self.say(f"task {t.name}: done")
+
+    @command("join", 0, None, "join [NAME...]")
+    def cmd_join(self, st: Statement, *names: str) -> None:
+        """Wait for the named tasks (default: every task not joined yet); fails if one of
+        them failed (its failure was reported where it happened)."""
+        for n in names:
+            if n not in self.tasks:
+                raise ShellError(f"join: no task {n!r}" + self._known("tasks", self.tasks))
+        todo = [self.tasks[n] for n in names] or [t for t in self.tasks.values() if not t.joined]
+        me = runtime.current()
+        if any(t.task is me for t in todo):
+            raise ShellError("join: a task cannot wait for itself")
+        failed = self._join(todo)
+        if failed:
+            raise ShellError(
+                "join: " + ", ".join(f"task {t.name} failed at {t.failed_at}" for t in failed)
+            )
+
+    def _join(self, tasks: list[ShellTask]) -> list[ShellTask]:
+        for t in tasks:
+            if t.task is not None:
+                t.task.join()
+            t.joined = True
+        return [t for t in tasks if t.ok is False]
+
+    @command("end", 0, 0, "end")
+    def cmd_end(self, st: Statement) -> None:
+        """Close a ``task NAME`` block."""
+        raise ShellError("end without a task")
+
     @command("poweroff", 0, 0, "poweroff")
     def cmd_poweroff(self, st: Statement) -> None:
         """Finish: wait for running jobs, check for unexpected failures, power off."""
@@ -1072,10 +1234,12 @@ class Shell:
         if self._down:
             return self.sum
         self._down = True
+        self._typing = None  # a task block typed at the console without its end
+        self._join(list(self.tasks.values()))
         if self.m.device_lost() is None:
             self._settle_all()
         s = self.sum
-        for fv in self.fences.values():
+        for fv in list(self.fences.values()):
             f = fv.fence
             if f.signaled and f.error and not fv.examined:
                 s.unexpected_faults.append(

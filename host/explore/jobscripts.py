@@ -20,8 +20,9 @@ examine is a ``gpu-fault``, data a ``verify`` found changed is ``content``; the 
 closed at the end and the usual invariants (lockdep, warnings, leaks, deadlock) apply.
 
 The scenario keeps the script's text (``Scenario.script_text``), so a reproduction replays the
-script as it was explored; files it ``include``s are read when it runs. A script names no
-concurrent tasks: it is one guest program, racing the kernel's own tasks.
+script as it was explored; files it ``include``s are read when it runs. A script's ``task``
+blocks run as tasks of the deterministic runtime (the shell spawns them), so the schedule
+interleaves them with the main program, each other and the kernel's own tasks.
 """
 
 from __future__ import annotations
@@ -33,10 +34,10 @@ from gemu.guest.kernel import runtime
 from gemu.host.explore.scenario import Scenario
 
 SCRIPT_SCENARIO = Scenario(
-    name="script", ram_pages=4096, free_frames=4096, swap_pages=8192, reclaims=40
+    name="script", ram_pages=4096, free_frames=4096, swap_pages=4 * 4096, reclaims=40
 )
-"""Script defaults: ``gemu run``'s machine (16 MiB of guest RAM, no balloon, 32 MiB of swap)
-and 40 hog rounds."""
+"""Script defaults: ``gemu run``'s machine (16 MiB of guest RAM, no balloon, swap four times
+the RAM) and 40 hog rounds."""
 
 
 def scenario_for_script(path: Path) -> Scenario:

@@ -16,9 +16,9 @@ def test_demo_runs_the_curated_scripts_and_summarises():
     proc = subprocess.run([*gemu_executable(), "demo"], capture_output=True, text=True, timeout=T)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
-    assert "[1/6] hello.job" in out and "[6/6] hang.job" in out
+    assert "[1/7] hello.job" in out and "[7/7] tasks.job" in out
     assert "... filling 12 BOs" in out  # progress of the long step
-    assert "scripts         6 of 6 passed" in out
+    assert "scripts         7 of 7 passed" in out
     for label in (
         "jobs run",
         "bytes moved",

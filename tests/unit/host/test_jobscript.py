@@ -72,3 +72,45 @@ def test_expand_values():
     assert expand("${a}b$a", {"a": "x"}) == "xbx"
     with pytest.raises(KeyError, match="nope"):
         expand("$nope", {})
+
+
+def test_task_blocks_fold_into_their_task_statement(tmp_path):
+    """`task NAME` ... `end` becomes one statement whose body holds the block's lines (an
+    include inside is spliced into the body); the lines keep their own file:line."""
+    (tmp_path / "inner.job").write_text("wait f1\n")
+    main = tmp_path / "m.job"
+    main.write_text("a = bo 4K\ntask writer\n  fill a 1\n  include inner.job\nend\njoin writer\n")
+    sts = parse_file(main, commands=C)
+    assert [s.argv for s in sts] == [("bo", "4K"), ("task", "writer"), ("join", "writer")]
+    body = sts[1].body
+    assert [s.argv for s in body] == [("fill", "a", "1"), ("wait", "f1")]
+    assert body[0].where == f"{main}:3" and body[1].where == f"{tmp_path}/inner.job:1"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("task a\necho\n", "t.job:1: task a: no 'end' before the end of the file"),
+        ("echo\nend\n", "t.job:2: end without a task"),
+        (
+            "task a\ntask b\nend\nend\n",
+            "t.job:2: task b: inside task a (line 1); tasks do not nest",
+        ),
+        ("task 9x\nend\n", "t.job:1: task: '9x' is not a task name"),
+        ("t = task a\nend\n", "t.job:1: task: gives no result to bind to t"),
+        ("task\n", "t.job:1: task: takes 1 arguments, got 0"),
+    ],
+)
+def test_task_block_errors_are_located(text, message):
+    """Unbalanced or malformed task blocks are ScriptErrors naming file:line."""
+    with pytest.raises(ScriptError) as info:
+        parse(text, "t.job", commands=C)
+    assert str(info.value).startswith(message)
+
+
+def test_a_block_ends_in_the_file_it_starts_in(tmp_path):
+    """An include cannot close the including file's block (nor leave its own open)."""
+    (tmp_path / "opens.job").write_text("task a\necho\n")
+    (tmp_path / "m.job").write_text("include opens.job\nend\n")
+    with pytest.raises(ScriptError, match=r"opens\.job:1: task a: no 'end'"):
+        parse_file(tmp_path / "m.job", commands=C)

@@ -88,3 +88,79 @@ def test_help_summaries_keep_parenthesised_sentences_whole():
     )
     assert _first_sentence("Finish: wait for jobs") == "Finish"
     assert _first_sentence("No period at all.") == "No period at all"
+
+
+def test_task_blocks_run_concurrently_share_names_and_are_joined(shell):
+    """Two task blocks share the script's BOs and bind fences the main program then waits
+    on; their lines are prefixed with the task's name; join waits for them; the summary
+    counts every command of every task."""
+    assert shell.run_text(
+        "src = bo 64K\nfill src random 9\na = bo 64K\nb = bo 64K\n"
+        "task left\n  fa = submit copy src a\n  wait fa\n  expect crc a == src\nend\n"
+        "task right\n  fb = submit copy src b\n  expect fence fb signaled\nend\n"
+        "join\nexpect crc b == a\nverify\n",
+        "t.job",
+    )
+    assert shell.tasks["left"].ok and shell.tasks["right"].ok
+    assert shell.tasks["left"].joined and shell.tasks["right"].joined
+    assert any(line.startswith("[left] fa: job") for line in shell.lines)
+    assert any(line.startswith("[right] fb: job") for line in shell.lines)
+    assert "task left: started (3 lines)" in shell.lines
+    s = shell.poweroff()
+    assert s.ok and s.commands == 4 + 2 + 3 + 2 + 3 and s.checks_passed == 4
+
+
+def test_a_failing_task_stops_alone_and_join_reports_it(shell):
+    """A failure in a block names file:line and the task, ends that block only, and makes
+    `join` fail naming where; `expect error` in a block checks the block's own last line."""
+    ok = shell.run_text(
+        "a = bo 4K\n"
+        "task bad\n  x = bo 1G\n  expect error ENOMEM\n  expect value a == 7\n  echo unreached\nend\n"
+        "echo main goes on\njoin bad\n",
+        "t.job",
+    )
+    assert not ok
+    assert "t.job:5: task bad: expect value a: got 0, expected == 7" in shell.lines
+    assert "main goes on" in shell.lines
+    assert "[bad] unreached" not in shell.lines
+    assert "t.job:9: join: task bad failed at t.job:5" in shell.lines
+    s = shell.poweroff()
+    assert s.checks_failed == 1 and s.errors == 1 and not s.ok
+
+
+def test_task_command_errors(shell):
+    """A running task's name cannot be reused; join names unknown tasks; `end` alone fails;
+    poweroff joins what still runs."""
+    assert not shell.run_text(
+        "w = bo 4K\nh = submit waitmem w 1\ntask t\n  wait h\nend\ntask t\n  echo again\nend\n",
+        "t.job",
+    )
+    assert any(
+        "t.job:6: task t: still running (started at t.job:3; join it)" in x for x in shell.lines
+    )
+    assert not shell.run_text("join nope\n", "u.job")
+    assert "u.job:1: join: no task 'nope' (known: t)" in shell.lines
+    assert not shell.run_line("end")
+    assert "<console>:1: end without a task" in shell.lines
+    assert shell.run_text("poke w 1\n")
+    shell.poweroff()
+    assert shell.tasks["t"].ok and shell.tasks["t"].joined
+
+
+def test_console_collects_a_task_block_until_end(shell):
+    """At the console, `task NAME` switches the prompt to the block prompt and keeps lines
+    until `end`, which starts the task; a nested `task` is refused and the block stays open."""
+    from gemu.host.shell import BLOCK_PROMPT, PROMPT
+
+    assert shell.prompt == PROMPT
+    assert shell.run_line("a = bo 4K", "<console>", 1)
+    assert shell.run_line("task bg", "<console>", 2)
+    assert shell.prompt == BLOCK_PROMPT
+    assert shell.run_line("fill a 5", "<console>", 3)
+    assert not shell.run_line("task inner", "<console>", 4)
+    assert "<console>:4: task inner: inside task bg (line 2); tasks do not nest" in shell.lines
+    assert "bg" not in shell.tasks  # nothing runs before `end`
+    assert shell.run_line("end", "<console>", 5)
+    assert shell.prompt == PROMPT
+    assert shell.run_line("join bg", "<console>", 6)
+    assert shell.run_line("expect value a == 5", "<console>", 7)
