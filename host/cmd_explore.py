@@ -76,7 +76,21 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="none",
         help="run a deliberately wrong driver (docs/validation.md lists them); default none",
     )
-    p.add_argument("--pct-depth", type=_positive, default=3, metavar="D")
+    p.add_argument(
+        "--pct-depth",
+        type=_positive,
+        default=3,
+        metavar="D",
+        help="PCT: the bug depth targeted (D - 1 priority drops per schedule; default 3)",
+    )
+    p.add_argument(
+        "--pct-steps",
+        type=_positive,
+        default=None,
+        metavar="K",
+        help="PCT: a schedule's length in preemption points, over which the drops are spread "
+        "(default: measured from three runs of the scenario)",
+    )
     p.add_argument("--tasks", type=_positive, default=None, help="submitting tasks")
     p.add_argument("--jobs", type=_positive, default=None, help="jobs per task")
     p.add_argument(
@@ -112,7 +126,11 @@ def _config(args: argparse.Namespace, parser: argparse.ArgumentParser):
         except ValueError as exc:
             parser.error(str(exc))
     return ExploreConfig(
-        scenario=sc, strategy=args.strategy, pct_depth=args.pct_depth, mutant=args.mutant
+        scenario=sc,
+        strategy=args.strategy,
+        pct_depth=args.pct_depth,
+        pct_steps=args.pct_steps or 0,
+        mutant=args.mutant,
     )
 
 

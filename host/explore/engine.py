@@ -23,7 +23,13 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 
-from gemu.host.explore.scenario import ExploreConfig, ScheduleResult, Violation, run_schedule
+from gemu.host.explore.scenario import (
+    ExploreConfig,
+    ScheduleResult,
+    Violation,
+    resolve,
+    run_schedule,
+)
 
 
 def run_one(cfg_dict: dict, seed: int) -> dict:
@@ -86,9 +92,13 @@ class CampaignReport:
     def summary(self) -> str:
         kinds = ", ".join(f"{k} {n}" for k, n in sorted(self.by_kind.items())) or "none"
         where = f"cluster {self.cluster}" if self.cluster else f"{self.workers} worker(s)"
+        cfg = self.config
+        strategy = cfg.strategy
+        if strategy == "pct":
+            strategy += f" depth {cfg.pct_depth} over {cfg.pct_steps} steps"
         return (
-            f"{self.schedules_run} schedules ({self.config.strategy}, mutant "
-            f"{self.config.mutant}) on {where}: {len(self.interleavings)} distinct "
+            f"{self.schedules_run} schedules ({strategy}, mutant "
+            f"{cfg.mutant}) on {where}: {len(self.interleavings)} distinct "
             f"interleavings, violations by kind: {kinds}; {self.rate:.1f} schedules/s"
         )
 
@@ -148,6 +158,7 @@ def run_campaign(
 ) -> CampaignReport:
     """Run ``schedules`` schedules of ``cfg``; stop at the first violation unless
     ``keep_going``. ``progress(report)`` is called after every batch."""
+    cfg = resolve(cfg)  # measured once here, so every worker spreads PCT's drops alike
     pool = _DaskPool(cluster) if cluster else _LocalPool(workers)
     report = CampaignReport(cfg, seed, workers=pool.workers, cluster=cluster)
     size = batch or max(8, pool.workers * 32)
