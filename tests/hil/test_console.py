@@ -91,6 +91,29 @@ def test_bad_input_lines_are_reported_and_the_shell_goes_on(booted):
     assert _exit_status(booted) == 0
 
 
+def test_task_block_typed_at_the_console_runs_concurrently(booted):
+    """`task NAME` switches to the block prompt until `end`, which starts the task; its
+    lines come back prefixed with [NAME]; `join` waits for it; the session exits 0."""
+    _run(booted, "src = bo 64K")
+    _run(booted, "fill src random 2")
+    booted.sendline("task bg")
+    booted.expect_exact("...> ")
+    booted.sendline("dst = bo 64K")
+    booted.expect_exact("...> ")
+    booted.sendline("f = submit copy src dst")
+    booted.expect_exact("...> ")
+    booted.sendline("wait f")
+    booted.expect_exact("...> ")
+    out = _run(booted, "end")
+    out += _run(booted, "join bg")
+    assert "task bg: started (3 lines)" in out
+    assert "[bg] f: job" in out and "[bg] f: signaled" in out
+    _run(booted, "expect crc dst == src")
+    booted.sendline("poweroff")
+    booted.expect("checks passed")
+    assert _exit_status(booted) == 0
+
+
 def test_failing_expectation_makes_the_exit_status_1(booted):
     """An expectation that does not hold is reported with its line and makes the session
     fail: exit status 1 after poweroff, with FAIL in the summary."""
