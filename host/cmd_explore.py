@@ -17,7 +17,10 @@ MUTANTS = (
     "idle-read-fences-bookkeep",
     "cpu-map-get-pages",
     "evict-frees-before-unmap",
+    "shrinker-blocking-lock",
 )
+"""The values of :class:`gemu.guest.gemu_drv.job.Mutant` (spelled out: the CLI parser is
+built without importing the guest; a test keeps the two equal)."""
 
 
 def _positive(text: str) -> int:

@@ -188,6 +188,8 @@ def scan(
     remaining: Remaining,
     shrink: ShrinkFn,
     ticket: bool | None = None,
+    *,
+    blocking: bool = False,
 ) -> int:
     """Walk ``lru`` from the head, offering each idle, lockable object to ``shrink``.
 
@@ -207,6 +209,10 @@ def scan(
     ``ticket`` argument is storage for exactly that per-object context); otherwise ``ctx`` is
     None.
 
+    ``blocking`` (never in normal use: ``gemu explore``'s ``shrinker-blocking-lock`` mutant)
+    takes each reservation lock with a blocking lock instead of the trylock: reclaim then
+    waits for, or deadlocks on, a lock its own caller may hold.
+
     Returns the number of pages freed.
     """
     still_in_lru = DrmGemLru(lru.lock, f"{lru.name}:still_in_lru")
@@ -223,7 +229,7 @@ def scan(
                 continue
             lru.lock.unlock()
             try:
-                freed += _scan_one(lru, still_in_lru, obj, remaining, shrink, ticket)
+                freed += _scan_one(lru, still_in_lru, obj, remaining, shrink, ticket, blocking)
             finally:
                 gem.put(obj)
                 lru.lock.lock()
@@ -243,10 +249,13 @@ def _scan_one(
     remaining: Remaining,
     shrink: ShrinkFn,
     ticket: bool | None,
+    blocking: bool = False,
 ) -> int:
     ctx = ww_mutex.acquire_init(dma_resv.RESERVATION_WW_CLASS) if ticket else None
     try:
-        if not ww_mutex.trylock(obj.resv.lock, ctx):
+        if blocking:
+            dma_resv.lock(obj.resv, ctx)
+        elif not ww_mutex.trylock(obj.resv.lock, ctx):
             remaining.pages += obj.size >> PAGE_SHIFT
             lru.trylock_failed += 1
             return 0

@@ -99,6 +99,7 @@ class DrmGemShmem:
         "lru_evicted",
         "lru_pinned",
         "shrinker",
+        "blocking_lock",
         "skip_busy_test",
         "stats",
     )
@@ -113,6 +114,8 @@ class DrmGemShmem:
         # A deliberately wrong shrinker for gemu explore's mutants: evict without the busy
         # test. Never set in normal use.
         self.skip_busy_test = False
+        # Another: lock each object with a blocking lock instead of the trylock.
+        self.blocking_lock = False
         self.shrinker = Shrinker(
             dev.unique, self.count_objects, self.scan_objects, private_data=self
         )
@@ -144,9 +147,14 @@ class DrmGemShmem:
         remaining = gem_lru.Remaining()
         failed_before = self.lru_evictable.trylock_failed
         self.stats.scans += 1
-        freed = gem_lru.scan(self.lru_evictable, nr_to_scan, remaining, self._purge)
+        blocking = self.blocking_lock
+        freed = gem_lru.scan(
+            self.lru_evictable, nr_to_scan, remaining, self._purge, blocking=blocking
+        )
         if freed < nr_to_scan:
-            freed += gem_lru.scan(self.lru_evictable, nr_to_scan - freed, remaining, self._evict)
+            freed += gem_lru.scan(
+                self.lru_evictable, nr_to_scan - freed, remaining, self._evict, blocking=blocking
+            )
         self.stats.skipped_locked += self.lru_evictable.trylock_failed - failed_before
         if trace.enabled:
             trace.instant(

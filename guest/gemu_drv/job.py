@@ -103,6 +103,10 @@ class Mutant(Enum):
     pages with get_pages where pin is needed: the shrinker may move them."""
     EVICT_FREES_BEFORE_UNMAP = "evict-frees-before-unmap"
     """The evict callback frees the frames first and unmaps them from the GPU VMs after."""
+    SHRINKER_BLOCKING_LOCK = "shrinker-blocking-lock"
+    """The shrinker's LRU walk takes each reservation lock with a blocking lock instead of a
+    trylock: reclaim entered with a reservation held (a submit's swap-in) waits on locks
+    whose holders may be waiting for memory."""
 
     @property
     def order(self) -> SubmitOrder:

@@ -223,6 +223,7 @@ class GemuDriver:
         mm = self.dev.shmem_mm
         if mm is not None:
             mm.skip_busy_test = self.mutant is Mutant.SHRINKER_SKIPS_BUSY
+            mm.blocking_lock = self.mutant is Mutant.SHRINKER_BLOCKING_LOCK
 
     # -- probe / remove --------------------------------------------------------------------
     def probe(self) -> None:

@@ -325,3 +325,34 @@ def test_fence_after_unlock_is_caught():
     lockdep.reset()
     results = [_submit_vs_reclaim(seed, "pct", False) for seed in range(40)]
     assert results.count(False) >= 5, "PCT no longer exposes the missing fence"
+
+
+@pytest.mark.parametrize("blocking", [False, True])
+def test_the_shrinker_trylocks_because_reclaim_nests_inside_reservations(blocking):
+    """Allocating under a reservation lock (a swap-in does) records reservation ->
+    fs_reclaim. The shrinker's trylock keeps reclaim from adding the reverse order; the
+    ``shrinker-blocking-lock`` mutant's blocking lock does, and lockdep reports the inversion
+    at once, in a single interleaving (the object is evicted either way)."""
+    out = {}
+
+    def main():
+        dev = machine()
+        dev.shmem_mm.blocking_lock = blocking
+        victim = bo(dev, 8)
+        with locked(victim):
+            dev.allocator.free_pages(dev.allocator.alloc_pages(1))
+        out["freed"] = dev.allocator.direct_reclaim(8)
+        out["evicted"] = victim.evicted
+        out["reports"] = [(r.kind, r.message.splitlines()[0]) for r in lockdep.reports()]
+        drop(victim)
+        release_shmem_device(dev)
+
+    runtime.Deterministic(seed=1, strict=False).run(main)
+    assert out["freed"] == 8 and out["evicted"]
+    if not blocking:
+        assert out["reports"] == []
+    else:
+        [(kind, message)] = out["reports"]
+        assert kind == "inversion"
+        assert "takes bo" in message and "while holding fs_reclaim" in message
+        assert "reservation_ww_class_mutex -> fs_reclaim is a recorded order" in message

@@ -59,7 +59,18 @@ EXPECTED = {
     "idle-read-fences-bookkeep": {"gpu-fault", "content"},
     "cpu-map-get-pages": {"gpu-fault", "content"},
     "evict-frees-before-unmap": {"mapped-free"},
+    "shrinker-blocking-lock": {"lockdep"},
 }
+
+
+def test_every_mutant_is_offered_and_tested():
+    """The CLI's --mutant choices are the driver's Mutant values, and this file's table
+    covers every one of them."""
+    from gemu.guest.gemu_drv.job import Mutant
+    from gemu.host.cmd_explore import MUTANTS
+
+    assert list(MUTANTS) == [m.value for m in Mutant]
+    assert set(EXPECTED) == {m.value for m in Mutant} - {"none"}
 
 
 # Campaigns start at seed 1000. PCT's median for arm-before-failing-step is 83 schedules
