@@ -93,13 +93,13 @@ class DrmGemShmem:
     """
 
     __slots__ = (
+        "blocking_lock",
         "dev",
         "lock",
         "lru_evictable",
         "lru_evicted",
         "lru_pinned",
         "shrinker",
-        "blocking_lock",
         "skip_busy_test",
         "stats",
     )
