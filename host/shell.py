@@ -779,14 +779,26 @@ class Shell:
     def cmd_info(self, st: Statement, what: str) -> None:
         """Show kernel state: objects (BOs with counters and state), shrinker (LRUs and
         counters), swap, mem (allocator, watermarks, reclaim), mmu (address spaces and
-        mappings), ring, fences, lockdep (reports), stats (everything as key = value)."""
+        mappings), ring, fences, lockdep (reports), tasks (the script's task blocks), stats
+        (everything as key = value)."""
         fn = getattr(self, f"_info_{what}", None)
         if fn is None:
             raise ShellError(
                 f"info: unknown view {what!r} "
-                "(objects, shrinker, swap, mem, mmu, ring, fences, lockdep, stats)"
+                "(objects, shrinker, swap, mem, mmu, ring, fences, lockdep, tasks, stats)"
             )
         fn()
+
+    def _info_tasks(self) -> None:
+        if not self.tasks:
+            self.say("no tasks")
+        for t in list(self.tasks.values()):
+            if t.ok is None:
+                state = "running"
+            else:
+                state = "done" if t.ok else f"failed at {t.failed_at}"
+            joined = ", joined" if t.joined else ""
+            self.say(f"{t.name:<12} started at {t.where}: {state}{joined}")
 
     def _user_bos(self) -> list[BoVar]:
         """The BOs the user created (not the shell's own scratch BO)."""

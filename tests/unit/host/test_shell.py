@@ -142,6 +142,8 @@ def test_task_command_errors(shell):
     assert "u.job:1: join: no task 'nope' (known: t)" in shell.lines
     assert not shell.run_line("end")
     assert "<console>:1: end without a task" in shell.lines
+    assert shell.run_text("info tasks\n")
+    assert "t            started at t.job:3: running" in shell.lines
     assert shell.run_text("poke w 1\n")
     shell.poweroff()
     assert shell.tasks["t"].ok and shell.tasks["t"].joined
