@@ -132,6 +132,7 @@ class ShellTask:
 
     name: str
     where: str
+    seq: int = 0  # start order: a task joins only tasks started before it
     task: runtime.Task | None = None
     ok: bool | None = None  # None while it runs
     failed_at: str | None = None
@@ -143,6 +144,7 @@ class _Context:
     """Per guest task state of the shell: the main program's, or a ``task`` block's."""
 
     name: str | None
+    shell_task: ShellTask | None = None
     last_error: ShellError | None = None
     last_fence: FenceVar | None = None
     failed_at: str | None = None
@@ -266,6 +268,7 @@ class Shell:
         self._count = threading.Lock()  # counters and names shared by task blocks
         self._out = threading.Lock()
         self._typing: tuple[Statement, list[Statement]] | None = None  # console task block
+        self._started = 0  # task blocks started
         self.expected_lockdep = 0
         self.expected_lost: set[str] = set()
         self._lockdep_base = len(lockdep.reports())
@@ -1182,13 +1185,15 @@ class Shell:
         old = self.tasks.get(name)
         if old is not None and old.ok is None:
             raise ShellError(f"task {name}: still running (started at {old.where}; join it)")
-        t = ShellTask(name, st.where)
+        with self._count:
+            self._started += 1
+            t = ShellTask(name, st.where, self._started)
         self.tasks[name] = t
         self.say(f"task {name}: started ({len(st.body)} lines)")
         t.task = runtime.spawn(self._task_main, t, list(st.body), name=name)
 
     def _task_main(self, t: ShellTask, body: list[Statement]) -> None:
-        ctx = self._contexts[runtime.current()] = _Context(t.name)
+        ctx = self._contexts[runtime.current()] = _Context(t.name, t)
         try:
             t.ok = self.run_statements(body)
         except PowerOff:
@@ -1210,14 +1215,25 @@ class Shell:
     @command("join", 0, None, "join [NAME...]")
     def cmd_join(self, st: Statement, *names: str) -> None:
         """Wait for the named tasks (default: every task not joined yet); fails if one of
-        them failed (its failure was reported where it happened)."""
+        them failed (its failure was reported where it happened). Inside a task block, only
+        tasks started before it can be joined (so two tasks never wait for each other)."""
         for n in names:
             if n not in self.tasks:
                 raise ShellError(f"join: no task {n!r}" + self._known("tasks", self.tasks))
-        todo = [self.tasks[n] for n in names] or [t for t in self.tasks.values() if not t.joined]
-        me = runtime.current()
-        if any(t.task is me for t in todo):
-            raise ShellError("join: a task cannot wait for itself")
+        mine = self._context().shell_task
+        todo = [self.tasks[n] for n in names] or [
+            t for t in list(self.tasks.values()) if not t.joined
+        ]
+        if mine is not None:
+            if any(t is mine for t in todo) and names:
+                raise ShellError("join: a task cannot wait for itself")
+            later = [t.name for t in todo if t.seq >= mine.seq and t is not mine]
+            if later and names:
+                raise ShellError(
+                    f"join: task {mine.name} can only join tasks started before it "
+                    f"(not {', '.join(later)})"
+                )
+            todo = [t for t in todo if t.seq < mine.seq]
         failed = self._join(todo)
         if failed:
             raise ShellError(

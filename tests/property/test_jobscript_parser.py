@@ -43,7 +43,10 @@ def test_parse_never_crashes_and_errors_name_file_and_line(text):
         assert 1 <= int(m.group(1)) <= max(1, _line_count(text))
         assert exc.file == "fuzz.job" and exc.line == int(m.group(1))
         return
-    for s in sts:
+    flat = [*sts, *(b for s in sts for b in s.body)]  # task blocks hold their lines
+    for s in flat:
+        assert s.command != "end"  # every end closed a block
+        assert not s.body or s.command == "task"
         assert s.file == "fuzz.job" and 1 <= s.line <= _line_count(text)
         assert s.argv[0] in C
         assert s.target is None or NAME_RE.match(s.target)

@@ -99,6 +99,31 @@ def test_any_parsed_lines_end_in_a_handled_outcome(machine, lines):
     machine.check_clean()
 
 
+CONSOLE = st.one_of(
+    LINES,
+    st.sampled_from(["task t", "task u", "end", "join", "join t", "join zz", "info tasks"]),
+)
+
+
+@DETERMINISTIC
+@given(st.lists(CONSOLE, min_size=1, max_size=10))
+def test_console_lines_with_task_blocks_end_in_a_handled_outcome(machine, lines):
+    """Typed at the console, lines that open, fill, close and join task blocks (in any
+    order, nested, unbalanced) only ever run or fail with a located message; the tasks run
+    concurrently; power-off joins them and leaves the machine clean."""
+    out: list[str] = []
+    sh = Shell(machine, out.append)
+    try:
+        for i, text in enumerate(lines, 1):
+            before = len(out)
+            if not sh.run_line(text, "t", i):
+                assert any(line.startswith("t:") for line in out[before:]), out[before:]
+    finally:
+        sh.poweroff()
+    assert all(t.ok is not None and t.joined for t in sh.tasks.values())
+    machine.check_clean()
+
+
 @pytest.fixture(scope="module")
 def machine():
     """One in-process machine for every example, in the emulator's non-strict mode."""

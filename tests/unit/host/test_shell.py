@@ -166,3 +166,23 @@ def test_console_collects_a_task_block_until_end(shell):
     assert shell.prompt == PROMPT
     assert shell.run_line("join bg", "<console>", 6)
     assert shell.run_line("expect value a == 5", "<console>", 7)
+
+
+def test_a_task_joins_only_tasks_started_before_it(shell):
+    """Joins inside task blocks go to earlier tasks only, so two tasks never wait for each
+    other: naming a later one fails, located, and the main program's join reports it."""
+    ok = shell.run_text(
+        "w = bo 4K\nh = submit waitmem w 1\n"
+        "task first\n  echo one\nend\n"
+        "task a\n  wait h\n  join first\n  join b\nend\n"
+        "task b\n  join first\n  echo two\nend\n"
+        "poke w 1\njoin\n",
+        "t.job",
+    )
+    assert not ok
+    assert "t.job:9: task a: join: task a can only join tasks started before it (not b)" in (
+        shell.lines
+    )
+    assert "t.job:16: join: task a failed at t.job:9" in shell.lines
+    assert shell.tasks["first"].ok and shell.tasks["b"].ok
+    assert "[b] two" in shell.lines
