@@ -23,6 +23,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 
+from gemu.guest.kernel import runtime
 from gemu.host.explore.scenario import (
     ExploreConfig,
     ScheduleResult,
@@ -103,12 +104,36 @@ class CampaignReport:
         )
 
 
+def _pin_worker(counter, cpus: list[int]) -> None:
+    """Worker process initializer: the next CPU of ``cpus`` for this worker's tasks."""
+    with counter.get_lock():
+        i = counter.value
+        counter.value += 1
+    runtime.pin_tasks(cpus[i % len(cpus)])
+
+
 class _LocalPool:
+    """Schedules in this process (one worker) or in spawned worker processes. Each worker
+    runs its tasks' threads on one CPU of its own (:func:`runtime.pin_tasks`): a deterministic
+    schedule hands a baton between threads at every preemption point, and a hand-off within
+    one CPU is about twice as fast as one across CPUs."""
+
     def __init__(self, workers: int) -> None:
         self.workers = workers
-        self._ex = (
-            ProcessPoolExecutor(workers, mp_context=get_context("spawn")) if workers > 1 else None
-        )
+        self._pinned = None
+        if workers > 1:
+            ctx = get_context("spawn")
+            cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+            self._ex = ProcessPoolExecutor(
+                workers,
+                mp_context=ctx,
+                initializer=_pin_worker if cpus else None,
+                initargs=(ctx.Value("i", 0), cpus) if cpus else (),
+            )
+        else:
+            self._ex = None
+            self._pinned = runtime._task_cpu
+            runtime.pin_tasks(runtime.current_cpu())
 
     def map(self, cfg_dict: dict, seeds: list[int]) -> list[dict]:
         if self._ex is None:
@@ -119,6 +144,8 @@ class _LocalPool:
     def close(self) -> None:
         if self._ex is not None:
             self._ex.shutdown(cancel_futures=True)
+        else:
+            runtime.pin_tasks(self._pinned)
 
 
 class _DaskPool:

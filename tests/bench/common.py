@@ -69,25 +69,34 @@ def empty_loop_rate(n: int) -> float:
     return n / best_of(once)
 
 
-def thread_handoff_rate(n: int) -> float:
+def thread_handoff_rate(n: int, cpu: int | None = None) -> float:
     """Switches per second of two threads passing a baton through two locks: the floor for
-    a deterministic runtime, which hands one baton between task threads."""
+    a deterministic runtime, which hands one baton between task threads. With ``cpu`` both
+    threads run on that CPU (as ``gemu explore``'s workers pin their task threads)."""
     mine, theirs = threading.Lock(), threading.Lock()
     mine.acquire()
     theirs.acquire()
+    before = os.sched_getaffinity(0)
 
     def other() -> None:
+        if cpu is not None:
+            os.sched_setaffinity(0, {cpu})
         for _ in range(n):
             theirs.acquire()
             mine.release()
 
     th = threading.Thread(target=other, daemon=True)
     th.start()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        theirs.release()
-        mine.acquire()
-    dt = time.perf_counter() - t0
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
+    try:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            theirs.release()
+            mine.acquire()
+        dt = time.perf_counter() - t0
+    finally:
+        os.sched_setaffinity(0, before)
     th.join()
     return 2 * n / dt
 

@@ -482,3 +482,41 @@ def test_unknown_threads_are_adopted_by_the_default_runtime():
     assert task.name == "plain-thread"
     assert task.runtime is runtime.default_runtime()
     assert runtime.default_runtime().deterministic is False
+
+
+def test_pin_tasks_runs_deterministic_task_threads_on_one_cpu():
+    """pin_tasks(cpu) moves the threads of deterministic tasks onto that CPU from their next
+    task on (schedules are unchanged); pin_tasks(None) lets them run anywhere again; a CPU
+    this process may not use is refused."""
+    import os
+
+    cpus = sorted(os.sched_getaffinity(0))
+    assert runtime.current_cpu() in cpus
+
+    def affinity_of_tasks(seed):
+        seen = []
+
+        def child():
+            seen.append(frozenset(os.sched_getaffinity(0)))
+            runtime.preempt("x")
+
+        def main():
+            for i in range(3):
+                runtime.spawn(child, name=f"c{i}")
+            seen.append(frozenset(os.sched_getaffinity(0)))
+
+        rt = runtime.Deterministic(seed=seed)
+        rt.run(main)
+        return set(seen), list(rt.schedule)
+
+    free, schedule = affinity_of_tasks(3)
+    try:
+        runtime.pin_tasks(cpus[-1])
+        pinned, pinned_schedule = affinity_of_tasks(3)
+        assert pinned == {frozenset({cpus[-1]})}
+        assert pinned_schedule == schedule
+    finally:
+        runtime.pin_tasks(None)
+    assert affinity_of_tasks(3)[0] == {frozenset(cpus)} == free
+    with pytest.raises(ValueError, match="is not one this process may use"):
+        runtime.pin_tasks(max(cpus) + 1000)
