@@ -151,14 +151,7 @@ def parse(
         if st is None:
             continue
         if st.command == "task":
-            check_task_name(st)
-            if block is not None:
-                raise ScriptError(
-                    file,
-                    lineno,
-                    f"task {st.argv[1]}: inside task {block.argv[1]} "
-                    f"(line {block.line}); tasks do not nest",
-                )
+            check_task_name(st, block)
             block, out = st, []
             continue
         if st.command == "end":
@@ -199,11 +192,19 @@ def parse(
     return top
 
 
-def check_task_name(st: Statement) -> None:
-    """A ``task NAME`` line names its task with a name (ScriptError otherwise)."""
+def check_task_name(st: Statement, opened: Statement | None = None) -> None:
+    """A ``task NAME`` line names its task with a name, outside any block (``opened``: the
+    ``task`` line of the block it appears in); ScriptError otherwise."""
     if len(st.argv) != 2 or not NAME_RE.match(st.argv[1]):
         what = st.argv[1] if len(st.argv) > 1 else ""
         raise ScriptError(st.file, st.line, f"task: {what!r} is not a task name (usage: task NAME)")
+    if opened is not None:
+        raise ScriptError(
+            st.file,
+            st.line,
+            f"task {st.argv[1]}: inside task {opened.argv[1]} (line {opened.line}); "
+            "tasks do not nest",
+        )
 
 
 def parse_file(path: str | Path, *, commands: Mapping[str, Arity]) -> list[Statement]:

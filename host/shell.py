@@ -300,12 +300,12 @@ class Shell:
     # -- output ------------------------------------------------------------------------------
     def say(self, text: str = "") -> None:
         name = self._context().name
-        with self._out:  # whole lines, when task blocks write at once
-            for line in text.splitlines() or [""]:
-                self.write(line if name is None else f"[{name}] {line}")
+        if name is not None:  # a task block's lines carry its name
+            text = "\n".join(f"[{name}] {line}" for line in text.splitlines() or [""])
+        self._plain(text)
 
     def _plain(self, text: str) -> None:
-        with self._out:
+        with self._out:  # whole lines, when task blocks write at once
             for line in text.splitlines() or [""]:
                 self.write(line)
 
@@ -397,15 +397,7 @@ class Shell:
         try:
             st = parse_line(text, where, line, self.COMMANDS)
             if st is not None and st.command == "task":
-                check_task_name(st)
-                if self._typing is not None:
-                    opened = self._typing[0]
-                    raise ScriptError(
-                        where,
-                        line,
-                        f"task {st.argv[1]}: inside task {opened.argv[1]} "
-                        f"(line {opened.line}); tasks do not nest",
-                    )
+                check_task_name(st, self._typing[0] if self._typing else None)
         except ScriptError as exc:
             self.report(str(exc))
             self.sum.errors += 1
