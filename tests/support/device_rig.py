@@ -85,6 +85,11 @@ class Rig:
             done += self.gpu.run(max_packets - done)
         return done
 
+    def run(self, *packets: bytes) -> int:
+        """Submit ``packets`` and run the CP until it is idle; returns the packets executed."""
+        self.submit(*packets)
+        return self.drain()
+
     def cp_error(self) -> tuple[CpError, int, int, int]:
         v = self.r(regs.CP_ERROR)
         f = regs.CP_ERROR.field

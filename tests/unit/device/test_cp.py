@@ -22,14 +22,6 @@ FENCE = 0x8000
 
 
 @pytest.fixture
-def rig():
-    r = Rig()
-    r.start_ring()
-    yield r
-    assert r.gpu.stats()["internal_errors"] == 0
-
-
-@pytest.fixture
 def pt(rig):
     t = rig.address_space(1)
     t.map(VA, PA, 0x20000, write=True)
@@ -37,11 +29,6 @@ def pt(rig):
     rig.submit(pk.set_as(1))
     rig.drain()
     return t
-
-
-def run_job(rig, *packets):
-    rig.submit(*packets)
-    return rig.drain()
 
 
 def raw(op, flags, body_dwords):
@@ -87,7 +74,7 @@ def test_doorbell_starts_execution_tail_alone_does_not(rig):
 
 def test_ring_drain_raises_cp_idle(rig):
     """When the head catches up with the tail the CP is IDLE and Irq.CP_IDLE is raised."""
-    run_job(rig, pk.nop(), pk.nop(2))
+    rig.run(pk.nop(), pk.nop(2))
     assert rig.gpu.cp_state() is CpState.IDLE
     assert rig.irq_raw() == Irq.CP_IDLE
     assert rig.r(regs.CP_PACKETS) == 2
@@ -98,7 +85,7 @@ def test_packets_wrap_around_the_ring(rig):
     rig.submit(pk.nop((RING_SIZE - 12) // 4 - 1))  # head ends 12 bytes before the end
     rig.drain()
     assert rig.r(regs.RING_HEAD) == RING_SIZE - 12
-    run_job(rig, pk.write_data(0x9000, [1, 2, 3], phys=True), pk.fence(FENCE, 9, phys=True))
+    rig.run(pk.write_data(0x9000, [1, 2, 3], phys=True), pk.fence(FENCE, 9, phys=True))
     assert rig.mem.read(0x9000, 12) == struct.pack("<3I", 1, 2, 3)
     assert rig.mem.read_u64(FENCE) == 9
     assert rig.r(regs.RING_HEAD) == (RING_SIZE - 12 + 24 + 20) % RING_SIZE
@@ -152,7 +139,7 @@ def test_bad_tail_is_ring_config(rig, tail):
 
 def test_reset_head_only_while_disabled(rig, caplog):
     """RESET_HEAD zeroes head and tail when disabled; while enabled it is a guest error."""
-    run_job(rig, pk.nop())
+    rig.run(pk.nop())
     rig.w(regs.CP_CONTROL, 1 | 4)
     assert rig.r(regs.RING_HEAD) == 4
     assert "RESET_HEAD ignored" in caplog.text
@@ -173,19 +160,19 @@ def test_disable_stops_and_keeps_head(rig):
 
 def test_nop_and_set_as(rig):
     """NOP skips its body; SET_AS selects the AS shown in CP_STATUS.AS."""
-    run_job(rig, pk.nop(3), pk.set_as(5))
+    rig.run(pk.nop(3), pk.set_as(5))
     assert regs.CP_STATUS.field("AS").ex(rig.r(regs.CP_STATUS)) == 5
 
 
 def test_write_data_virtual(rig, pt):
     """WRITE_DATA writes its dwords at a GPU VA, across a page boundary."""
-    run_job(rig, pk.write_data(VA + 0xFFC, [0x11, 0x22, 0x33]))
+    rig.run(pk.write_data(VA + 0xFFC, [0x11, 0x22, 0x33]))
     assert rig.mem.read(PA + 0xFFC, 12) == struct.pack("<3I", 0x11, 0x22, 0x33)
 
 
 def test_copy_and_fill(rig, pt):
     """FILL repeats its 32-bit value (phase kept for odd sizes); COPY moves SIZE bytes."""
-    run_job(rig, pk.fill(VA + 2, 7, 0x44332211), pk.copy(VA, VA + 0x3000, 16))
+    rig.run(pk.fill(VA + 2, 7, 0x44332211), pk.copy(VA, VA + 0x3000, 16))
     assert rig.mem.read(PA, 12) == b"\0\0\x11\x22\x33\x44\x11\x22\x33\0\0\0"
     assert rig.mem.read(PA + 0x3000, 16) == rig.mem.read(PA, 16)
 
@@ -193,7 +180,7 @@ def test_copy_and_fill(rig, pt):
 def test_copy_phys(rig):
     """COPY with PHYS moves guest-physical bytes."""
     rig.mem.write(0x20000, b"hello")
-    run_job(rig, pk.copy(0x20000, 0x21000, 5, phys=True))
+    rig.run(pk.copy(0x20000, 0x21000, 5, phys=True))
     assert rig.mem.read(0x21000, 5) == b"hello"
 
 
@@ -201,32 +188,32 @@ def test_crc32(rig, pt):
     """CRC32 writes zlib.crc32 of the source range at the destination."""
     data = bytes(range(256)) * 40
     rig.mem.write(PA + 0x100, data)
-    run_job(rig, pk.crc32(VA + 0x100, len(data), VA + 0x8000))
+    rig.run(pk.crc32(VA + 0x100, len(data), VA + 0x8000))
     assert rig.mem.read_u32(PA + 0x8000) == zlib.crc32(data)
 
 
 def test_atomic_add_wraps(rig, pt):
     """ATOMIC adds to a 64-bit value, wrapping at 2**64."""
     rig.mem.write_u64(PA + 0x10, (1 << 64) - 2)
-    run_job(rig, pk.atomic_add(VA + 0x10, 5))
+    rig.run(pk.atomic_add(VA + 0x10, 5))
     assert rig.mem.read_u64(PA + 0x10) == 3
 
 
 def test_fence_with_and_without_irq(rig, pt):
     """FENCE writes and latches the seqno; only the IRQ flag raises Irq.FENCE."""
-    run_job(rig, pk.fence(VA + 0x40, 0x1_0000_0002))
+    rig.run(pk.fence(VA + 0x40, 0x1_0000_0002))
     assert rig.mem.read_u64(PA + 0x40) == 0x1_0000_0002
     assert rig.r(regs.FENCE_SEQNO_LO) == 2 and rig.r(regs.FENCE_SEQNO_HI) == 1
     assert not rig.irq_raw() & Irq.FENCE
-    run_job(rig, pk.fence(VA + 0x40, 3, irq=True))
+    rig.run(pk.fence(VA + 0x40, 3, irq=True))
     assert rig.irq_raw() & Irq.FENCE
 
 
 def test_tlb_invalidate_is_counted(rig, pt):
     """TLB_INVALIDATE empties the AS's TLB (TLB_ENTRIES = 0)."""
-    run_job(rig, pk.write_data(VA, [1]))
+    rig.run(pk.write_data(VA, [1]))
     assert rig.ras(1, "TLB_ENTRIES") == 1
-    run_job(rig, pk.tlb_invalidate(1))
+    rig.run(pk.tlb_invalidate(1))
     assert rig.ras(1, "TLB_ENTRIES") == 0
 
 
@@ -263,7 +250,7 @@ def test_tlb_invalidate_is_counted(rig, pt):
 def test_ring_packet_errors(rig, packet, code, opcode):
     """Each malformed ring packet stops the CP with its code, opcode and physical address;
     the job's following packets do not run, and RESUME continues with the next ring packet."""
-    run_job(rig, pk.nop(), packet, pk.fence(FENCE, 1, phys=True))
+    rig.run(pk.nop(), packet, pk.fence(FENCE, 1, phys=True))
     expect_error(rig, code, opcode, RING_BASE + 4, as_index=0)
     assert rig.mem.read_u64(FENCE) == 0
     assert rig.r(regs.RING_HEAD) == 4 + len(packet)
@@ -330,7 +317,7 @@ def test_max_packets_bounds_a_run(rig):
 def test_ib_runs_and_returns(rig, pt):
     """An IB's packets run in the current AS, then the ring continues."""
     call = ib(rig, pk.write_data(VA, [0x77]), pk.fill(VA + 0x100, 8, 0xFFFFFFFF))
-    run_job(rig, call, pk.fence(FENCE, 4, phys=True))
+    rig.run(call, pk.fence(FENCE, 4, phys=True))
     assert rig.mem.read_u32(PA) == 0x77
     assert rig.mem.read(PA + 0x100, 8) == b"\xff" * 8
     assert rig.mem.read_u64(FENCE) == 4
@@ -357,7 +344,7 @@ def test_ib_too_deep(rig, pt):
     inner = pk.write_data(VA, [1])
     for depth in range(IB_MAX_DEPTH + 1, 0, -1):
         inner = ib(rig, inner, at=0x1000 * depth)
-    run_job(rig, inner)
+    rig.run(inner)
     expect_error(
         rig,
         CpError.IB_TOO_DEEP,
@@ -384,7 +371,7 @@ def test_ib_errors(rig, pt, packet, code):
     """Privileged packets, a packet past the IB end and unknown opcodes stop in the IB, with
     the VA and IN_IB latched; RESUME skips the rest of the IB and runs the job's FENCE."""
     rest = () if code is CpError.BAD_LENGTH else (pk.write_data(VA, [5]),)
-    run_job(rig, ib(rig, pk.nop(), packet, *rest), pk.fence(FENCE, 8, phys=True))
+    rig.run(ib(rig, pk.nop(), packet, *rest), pk.fence(FENCE, 8, phys=True))
     expect_error(rig, code, packet[0], IB_VA + 4, in_ib=True, as_index=1)
     assert rig.mem.read_u64(FENCE) == 0
     rig.resume()
@@ -396,7 +383,7 @@ def test_ib_errors(rig, pt, packet, code):
 def test_ib_fetch_needs_exec(rig, pt):
     """An IB in a page without EXEC faults on fetch: SOURCE and OPCODE are INDIRECT_BUFFER."""
     pt.map(IB_VA + 0x8000, IB_PA + 0x8000, 0x1000, exec=False)
-    run_job(rig, ib(rig, pk.nop(), at=0x8000))
+    rig.run(ib(rig, pk.nop(), at=0x8000))
     expect_error(rig, CpError.MMU_FAULT, Opcode.INDIRECT_BUFFER, IB_VA + 0x8000, in_ib=True)
     assert rig.fault(1)[1:] == (1, Opcode.INDIRECT_BUFFER, IB_VA + 0x8000)
 
@@ -404,13 +391,13 @@ def test_ib_fetch_needs_exec(rig, pt):
 def test_ib_spanning_pages(rig, pt):
     """IB packets are fetched across a page boundary."""
     call = ib(rig, pk.write_data(VA, list(range(8))), at=0x1000 - 12)
-    run_job(rig, call)
+    rig.run(call)
     assert rig.mem.read(PA, 32) == struct.pack("<8I", *range(8))
 
 
 def test_empty_ib_is_nothing(rig, pt):
     """An INDIRECT_BUFFER of 0 dwords does nothing."""
-    run_job(rig, pk.indirect_buffer(IB_VA, 0), pk.fence(FENCE, 1, phys=True))
+    rig.run(pk.indirect_buffer(IB_VA, 0), pk.fence(FENCE, 1, phys=True))
     assert rig.mem.read_u64(FENCE) == 1
 
 
@@ -420,7 +407,7 @@ def test_empty_ib_is_nothing(rig, pt):
 def test_wait_satisfied_immediately(rig, pt):
     """A WAIT_MEM whose condition already holds completes like any packet."""
     rig.mem.write_u32(PA, 0x1234)
-    run_job(rig, pk.wait_mem(VA, 0x34, mask=0xFF), pk.fence(FENCE, 1, phys=True))
+    rig.run(pk.wait_mem(VA, 0x34, mask=0xFF), pk.fence(FENCE, 1, phys=True))
     assert rig.mem.read_u64(FENCE) == 1
 
 

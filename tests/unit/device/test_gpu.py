@@ -9,18 +9,10 @@ from gemu.device.abi import regs
 from gemu.device.abi.enums import CpState, Irq, MmuCommand
 from gemu.device.abi.protocol import SPACE_PHYS
 from gemu.device.gpu import Gpu
-from tests.support.device_rig import DATA, RING_BASE, Rig
+from tests.support.device_rig import DATA, RING_BASE
 
 VA = 0x4000_0000
 FENCE = 0x8000
-
-
-@pytest.fixture
-def rig():
-    r = Rig()
-    r.start_ring()
-    yield r
-    assert r.gpu.stats()["internal_errors"] == 0
 
 
 # --- interrupts ----------------------------------------------------------------------------

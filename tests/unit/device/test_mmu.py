@@ -27,14 +27,6 @@ FENCE = 0x8000  # physical fence slot
 
 
 @pytest.fixture
-def rig():
-    r = Rig()
-    r.start_ring()
-    yield r
-    assert r.gpu.stats()["internal_errors"] == 0
-
-
-@pytest.fixture
 def pt(rig):
     t = rig.address_space(1)
     t.map(VA, PA, 0x10000, write=True)
@@ -43,18 +35,13 @@ def pt(rig):
     return t
 
 
-def run_job(rig, *packets):
-    rig.submit(*packets)
-    rig.drain()
-
-
 def fault_bits(rig):
     return rig.r(regs.MMU_INT_RAWSTAT)
 
 
 def test_write_through_mapping(rig, pt):
     """A GPU VA write lands at the physical page the PTE names."""
-    run_job(rig, pk.write_data(VA + 0x1004, [0xCAFE]))
+    rig.run(pk.write_data(VA + 0x1004, [0xCAFE]))
     assert rig.mem.read_u32(PA + 0x1004) == 0xCAFE
     assert rig.gpu.cp_state() is CpState.IDLE
 
@@ -83,7 +70,7 @@ def test_translation_fault_per_level(rig, pt, level):
             table = pte.address(rig.mem.read_u64(table + 8 * pte.index(va, lv)))
         slot = table + 8 * pte.index(va, level)
         rig.mem.write_u64(slot, pte.make(pte.address(rig.mem.read_u64(slot)), PteType.PAGE))
-    run_job(rig, pk.write_data(va + 8, [1]))
+    rig.run(pk.write_data(va + 8, [1]))
     _expect_fault(
         rig, 1, MmuFault.TRANSLATION_L0 + level, AccessType.WRITE, Opcode.WRITE_DATA, va + 8
     )
@@ -110,7 +97,7 @@ def test_permission_faults(rig, perms, packet, access, opcode):
     """Each access type needs its permission: R reads, W writes, R+W atomics, X IB fetch."""
     t = rig.address_space(1)
     t.map(VA, PA, 0x1000, **perms)
-    run_job(rig, pk.set_as(1), packet)
+    rig.run(pk.set_as(1), packet)
     _expect_fault(rig, 1, MmuFault.PERMISSION, access, opcode, VA)
 
 
@@ -118,7 +105,7 @@ def test_copy_destination_fault_is_first_faulting_byte(rig, pt):
     """COPY into a range whose second page is read-only faults at that page, moving nothing."""
     pt.map(VA + 0x2000, PA + 0x2000, 0x1000, write=False)
     rig.mem.write(PA + 0x8000, b"\x11" * 0x1800)
-    run_job(rig, pk.copy(VA + 0x8000, VA + 0x1800, 0x1000))
+    rig.run(pk.copy(VA + 0x8000, VA + 0x1800, 0x1000))
     _expect_fault(rig, 1, MmuFault.PERMISSION, AccessType.WRITE, Opcode.COPY, VA + 0x2000)
     assert rig.mem.read(PA + 0x1800, 0x800) == bytes(0x800)
 
@@ -129,20 +116,20 @@ def test_transtab_bus_fault(rig):
     rig.was(2, "TRANSTAB_HI", 1)  # 4 GiB: far outside 16 MiB
     rig.was(2, "TRANSCFG", TransCfgMode.PT_4LEVEL)
     rig.mmu(2, MmuCommand.UPDATE)
-    run_job(rig, pk.set_as(2), pk.write_data(VA, [1]))
+    rig.run(pk.set_as(2), pk.write_data(VA, [1]))
     _expect_fault(rig, 2, MmuFault.TRANSTAB_BUS, AccessType.WRITE, Opcode.WRITE_DATA, VA, bus=True)
 
 
 def test_leaf_bus_fault(rig, pt):
     """A leaf pointing outside guest memory is a BUS fault at the access VA."""
     pt.set_entry(VA + 0x5000, pte.make(1 << 40, read=True, write=True))
-    run_job(rig, pk.fence(VA + 0x5008, 3))
+    rig.run(pk.fence(VA + 0x5008, 3))
     _expect_fault(rig, 1, MmuFault.BUS, AccessType.WRITE, Opcode.FENCE, VA + 0x5008, bus=True)
 
 
 def test_address_size_fault(rig, pt):
     """A VA range reaching past 2**48 is an ADDRESS_SIZE fault at the first bad byte."""
-    run_job(rig, pk.fill((1 << 48) - 8, 16, 0))
+    rig.run(pk.fill((1 << 48) - 8, 16, 0))
     _expect_fault(rig, 1, MmuFault.ADDRESS_SIZE, AccessType.WRITE, Opcode.FILL, 1 << 48)
 
 
@@ -151,19 +138,19 @@ def test_disabled_as_faults(rig):
     t = rig.address_space(3)
     t.map(VA, PA, 0x1000, write=True)
     rig.was(3, "TRANSCFG", TransCfgMode.DISABLED)  # not latched until UPDATE
-    run_job(rig, pk.set_as(3), pk.write_data(VA, [5]))
+    rig.run(pk.set_as(3), pk.write_data(VA, [5]))
     assert rig.mem.read_u32(PA) == 5
     rig.mmu(3, MmuCommand.UPDATE)
-    run_job(rig, pk.write_data(VA, [6]))
+    rig.run(pk.write_data(VA, [6]))
     _expect_fault(rig, 3, MmuFault.AS_DISABLED, AccessType.WRITE, Opcode.WRITE_DATA, VA)
 
 
 def test_first_fault_is_kept_until_cleared(rig, pt):
     """A second fault in an AS with a latched fault keeps the first; MMU_INT_CLEAR frees it."""
-    run_job(rig, pk.write_data(VA + 0x20000, [1]))
+    rig.run(pk.write_data(VA + 0x20000, [1]))
     first = rig.fault(1)
     rig.resume()
-    run_job(rig, pk.fence(VA + 0x30000, 1))
+    rig.run(pk.fence(VA + 0x30000, 1))
     assert rig.cp_error()[1] == Opcode.FENCE
     assert rig.fault(1) == first
     assert rig.gpu.stats()["mmu_faults"] == 2
@@ -177,7 +164,7 @@ def test_first_fault_is_kept_until_cleared(rig, pt):
 
 def test_clearing_the_other_kind_of_bit_keeps_the_fault(rig, pt):
     """Clearing the bus-fault bit does not clear a latched page fault of the same AS."""
-    run_job(rig, pk.write_data(VA + 0x20000, [1]))
+    rig.run(pk.write_data(VA + 0x20000, [1]))
     rig.w(regs.MMU_INT_CLEAR, 1 << 17)
     assert rig.fault(1)[0] == MmuFault.TRANSLATION_L3
     assert fault_bits(rig) == 1 << 1
@@ -185,11 +172,11 @@ def test_clearing_the_other_kind_of_bit_keeps_the_fault(rig, pt):
 
 def test_job_after_fault_runs_after_resume(rig, pt):
     """A faulting job stops the CP; after RESUME the next job runs normally."""
-    run_job(rig, pk.write_data(VA + 0x20000, [1]), pk.fence(FENCE, 1, phys=True))
+    rig.run(pk.write_data(VA + 0x20000, [1]), pk.fence(FENCE, 1, phys=True))
     assert rig.mem.read_u64(FENCE) == 0
     rig.w(regs.MMU_INT_CLEAR, 0xFF00FF)
     rig.resume()
-    run_job(rig, pk.write_data(VA, [7]), pk.fence(FENCE, 2, phys=True))
+    rig.run(pk.write_data(VA, [7]), pk.fence(FENCE, 2, phys=True))
     assert rig.mem.read_u32(PA) == 7
     assert rig.mem.read_u64(FENCE) == 2
     assert rig.gpu.cp_state() is CpState.IDLE
@@ -202,13 +189,13 @@ def _stale_setup(rig, pt):
     """Use VA page 0 (filling the TLB), then remap it to another physical page."""
     rig.mem.write_u32(PA, 0xAAAA)
     rig.mem.write_u32(PA + 0x8000, 0xBBBB)
-    run_job(rig, pk.copy(VA, VA + 0x100, 4))
+    rig.run(pk.copy(VA, VA + 0x100, 4))
     assert rig.mem.read_u32(PA + 0x100) == 0xAAAA
     pt.map(VA, PA + 0x8000, 0x1000, write=True)
 
 
 def _reads(rig):
-    run_job(rig, pk.copy(VA, VA + 0x200, 4))
+    rig.run(pk.copy(VA, VA + 0x200, 4))
     return rig.mem.read_u32(rig.gpu.translate(1, VA + 0x200))
 
 
@@ -225,8 +212,8 @@ def test_stale_tlb_until_flush(rig, pt):
         lambda rig: rig.mmu(1, MmuCommand.UPDATE),
         lambda rig: rig.mmu(1, MmuCommand.FLUSH_PT),
         lambda rig: rig.mmu(1, MmuCommand.FLUSH_MEM),
-        lambda rig: run_job(rig, pk.tlb_invalidate(1)),
-        lambda rig: run_job(rig, pk.tlb_invalidate(1, VA, 0x1000)),
+        lambda rig: rig.run(pk.tlb_invalidate(1)),
+        lambda rig: rig.run(pk.tlb_invalidate(1, VA, 0x1000)),
     ],
     ids=["UPDATE", "FLUSH_PT", "FLUSH_MEM", "TLB_INVALIDATE-all", "TLB_INVALIDATE-range"],
 )
@@ -251,7 +238,7 @@ def test_unlock_does_not_flush(rig, pt):
 def test_tlb_invalidate_range_elsewhere_keeps_entry(rig, pt):
     """TLB_INVALIDATE of another range, or another AS, keeps the stale entry."""
     _stale_setup(rig, pt)
-    run_job(rig, pk.tlb_invalidate(1, VA + 0x1000, 0x1000), pk.tlb_invalidate(2))
+    rig.run(pk.tlb_invalidate(1, VA + 0x1000, 0x1000), pk.tlb_invalidate(2))
     assert _reads(rig) == 0xAAAA
 
 
@@ -260,13 +247,13 @@ def test_lock_region_flush_only_drops_the_region(rig, pt):
     for page in range(4):
         rig.mem.write_u32(PA + page * 0x1000, 0xA0 + page)
         rig.mem.write_u32(PA + 0x8000 + page * 0x1000, 0xB0 + page)
-    run_job(rig, *(pk.copy(VA + p * 0x1000, VA + 0x6000 + 4 * p, 4) for p in range(4)))
+    rig.run(*(pk.copy(VA + p * 0x1000, VA + 0x6000 + 4 * p, 4) for p in range(4)))
     pt.map(VA, PA + 0x8000, 0x4000, write=True)
     rig.was(1, "LOCKADDR_LO", ((VA + 0x2000) & 0xFFFFF000) | 12)  # 2**13 bytes at VA+0x2000
     rig.mmu(1, MmuCommand.LOCK)
     rig.mmu(1, MmuCommand.FLUSH_PT)
     assert rig.ras(1, "STATUS") == 0
-    run_job(rig, *(pk.copy(VA + p * 0x1000, VA + 0x7000 + 4 * p, 4) for p in range(4)))
+    rig.run(*(pk.copy(VA + p * 0x1000, VA + 0x7000 + 4 * p, 4) for p in range(4)))
     got = [rig.mem.read_u32(PA + 0x7000 + 4 * p) for p in range(4)]
     assert got == [0xA0, 0xA1, 0xB2, 0xB3]
 
@@ -293,10 +280,10 @@ def test_tlb_capacity_is_fifo(pt):
     rig.start_ring()
     t = rig.address_space(1)
     t.map(VA, PA, 0x4000, write=True)
-    run_job(rig, pk.set_as(1), *(pk.write_data(VA + p * 0x1000, [p]) for p in range(3)))
+    rig.run(pk.set_as(1), *(pk.write_data(VA + p * 0x1000, [p]) for p in range(3)))
     assert rig.ras(1, "TLB_ENTRIES") == 2
     t.map(VA, PA + 0x8000, 0x4000, write=True)  # remap all pages; only page 0 was evicted
-    run_job(rig, pk.write_data(VA, [0x10]), pk.write_data(VA + 0x2000, [0x12]))
+    rig.run(pk.write_data(VA, [0x10]), pk.write_data(VA + 0x2000, [0x12]))
     assert rig.mem.read_u32(PA + 0x8000) == 0x10  # page 0 re-walked: new mapping
     assert rig.mem.read_u32(PA + 0x2000) == 0x12  # page 2 still cached: old mapping
 
@@ -305,9 +292,9 @@ def test_large_copy_counts_and_coalesces(rig, pt):
     """A multi-page COPY is served from the TLB the second time (hits, no new misses)."""
     pt.map(VA, PA, 0x40000, read=True, write=True)
     rig.mem.write(PA, bytes(range(256)) * 64)
-    run_job(rig, pk.copy(VA, VA + 0x20000, 0x4000))
+    rig.run(pk.copy(VA, VA + 0x20000, 0x4000))
     s1 = rig.gpu.stats()
-    run_job(rig, pk.copy(VA, VA + 0x20000, 0x4000))
+    rig.run(pk.copy(VA, VA + 0x20000, 0x4000))
     s2 = rig.gpu.stats()
     assert s2["tlb_misses"] == s1["tlb_misses"]
     assert s2["tlb_hits"] - s1["tlb_hits"] == 8
@@ -322,7 +309,7 @@ def test_scattered_pages_copy(rig, pt):
     src = bytes((i * 7) & 0xFF for i in range(0x8000))
     rig.mem.write(PA + 0x30000, src)
     pt.map(VA + 0x30000, PA + 0x30000, 0x8000)
-    run_job(rig, pk.copy(VA + 0x30000 + 0x10, VA + 0x10000 + 0x10, 0x7FE0))
+    rig.run(pk.copy(VA + 0x30000 + 0x10, VA + 0x10000 + 0x10, 0x7FE0))
     got = rig.gpu.mem_read(1, VA + 0x10010, 0x7FE0)
     assert got == src[0x10:0x7FF0]
 
@@ -331,7 +318,7 @@ def test_fault_in_middle_of_scattered_range_reports_that_page(rig, pt):
     """A hole in a multi-page range faults TRANSLATION_L3 at the first byte of the hole."""
     pt.map(VA, PA, 0x8000, write=True)
     pt.unmap(VA + 0x5000, 0x1000)
-    run_job(rig, pk.fill(VA + 0x10, 0x7000, 0))
+    rig.run(pk.fill(VA + 0x10, 0x7000, 0))
     _expect_fault(rig, 1, MmuFault.TRANSLATION_L3, AccessType.WRITE, Opcode.FILL, VA + 0x5000)
 
 
