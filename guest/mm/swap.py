@@ -298,6 +298,19 @@ class SwapDevice:
         """Write one page. Kernel: swap_writepage() [mm/page_io.c]"""
         self.write_slots(slot, data)
 
+    def _begin_io(self, view: memoryview, first_slot: int, write: bool) -> tuple[int, int, int]:
+        """The checks every slot I/O starts with (whole pages, a valid run of allocated slots,
+        injected errors) and its preemption point; returns (bytes, pages, byte offset)."""
+        what = "write" if write else "read"
+        nbytes = len(view)
+        nr = nbytes >> PAGE_SHIFT
+        if nbytes != nr << PAGE_SHIFT or not nr:
+            raise Einval(msg=f"{self.name}: {what} of {nbytes} bytes is not whole pages")
+        runtime.preempt("swap_writepage" if write else "swap_read_folio")
+        self._check_run(first_slot, nr, what)
+        self._injected(write, first_slot, nr)
+        return nbytes, nr, first_slot << PAGE_SHIFT
+
     def write_slots(self, first_slot: int, data) -> None:
         """Write ``len(data) // PAGE_SIZE`` pages into consecutive slots from ``first_slot``.
 
@@ -307,14 +320,7 @@ class SwapDevice:
             Eio: an injected write error; no slot was written.
         """
         view = memoryview(data).cast("B")
-        nbytes = len(view)
-        nr = nbytes >> PAGE_SHIFT
-        if nbytes != nr << PAGE_SHIFT or not nr:
-            raise Einval(msg=f"{self.name}: write of {nbytes} bytes is not whole pages")
-        runtime.preempt("swap_writepage")
-        self._check_run(first_slot, nr, "write")
-        self._injected(True, first_slot, nr)
-        off = first_slot << PAGE_SHIFT
+        nbytes, nr, off = self._begin_io(view, first_slot, True)
         if self._mem is not None:
             self._mem[off : off + nbytes] = view
         else:
@@ -344,14 +350,7 @@ class SwapDevice:
             Eio: an injected read error; ``buf`` is untouched and the slots keep their data.
         """
         view = memoryview(buf).cast("B")
-        nbytes = len(view)
-        nr = nbytes >> PAGE_SHIFT
-        if nbytes != nr << PAGE_SHIFT or not nr:
-            raise Einval(msg=f"{self.name}: read of {nbytes} bytes is not whole pages")
-        runtime.preempt("swap_read_folio")
-        self._check_run(first_slot, nr, "read")
-        self._injected(False, first_slot, nr)
-        off = first_slot << PAGE_SHIFT
+        nbytes, nr, off = self._begin_io(view, first_slot, False)
         if self._mem is not None:
             view[:] = self._mem[off : off + nbytes]
         else:
