@@ -125,6 +125,9 @@ class ExploreConfig:
     ``pct_depth - 1`` priority drops; 0: measured (:func:`measured_pct_steps`)."""
     mutant: str = "none"
     max_steps: int = 200_000
+    backend: str = "greenlet"
+    """How the deterministic runtime switches tasks (:data:`runtime.BACKENDS`); schedules do not
+    depend on it."""
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -645,6 +648,7 @@ def run_schedule(
         replay=replay,
         max_steps=cfg.max_steps,
         strict=False,
+        backend=cfg.backend,
     )
     run = _Run(cfg, seed)
     was_strict = errors.is_strict()

@@ -485,7 +485,8 @@ def test_unknown_threads_are_adopted_by_the_default_runtime():
 
 
 def test_pin_tasks_runs_deterministic_task_threads_on_one_cpu():
-    """pin_tasks(cpu) moves the threads of deterministic tasks onto that CPU from their next
+    """With the thread backend, pin_tasks(cpu) moves the threads of deterministic tasks onto
+    that CPU from their next
     task on (schedules are unchanged); pin_tasks(None) lets them run anywhere again; a CPU
     this process may not use is refused."""
     import os
@@ -505,7 +506,7 @@ def test_pin_tasks_runs_deterministic_task_threads_on_one_cpu():
                 runtime.spawn(child, name=f"c{i}")
             seen.append(frozenset(os.sched_getaffinity(0)))
 
-        rt = runtime.Deterministic(seed=seed)
+        rt = runtime.Deterministic(seed=seed, backend="threads")
         rt.run(main)
         return set(seen), list(rt.schedule)
 
