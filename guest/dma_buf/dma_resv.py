@@ -38,6 +38,7 @@ from gemu.guest.dma_buf.dma_fence import MAX_SCHEDULE_TIMEOUT, DmaFence
 from gemu.guest.errors import Einval, Enomem, warn_on
 from gemu.guest.kernel import runtime
 from gemu.guest.locking import lockdep, ww_mutex
+from gemu.guest.mm.gfp import GFP_KERNEL
 
 __all__ = [
     "MAX_SCHEDULE_TIMEOUT",
@@ -90,7 +91,7 @@ should_fail_alloc: Callable[[DmaResv | None, int], bool] | None = None
 
 
 def _alloc(obj: DmaResv | None, slots: int) -> None:
-    lockdep.might_alloc(reclaimable=True)
+    lockdep.might_alloc(GFP_KERNEL)
     hook = should_fail_alloc
     if hook is not None and hook(obj, slots):
         raise Enomem(msg=f"dma_resv list of {slots} slots")

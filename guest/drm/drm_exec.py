@@ -23,8 +23,13 @@ Any other error (-EINTR, -ENOMEM, -EALREADY) leaves the loop as an exception; th
 still unlocks everything. The kernel-literal form works too: ``while drm_exec.cleanup(ex):``
 with ``try: ... except Edeadlk: continue`` as the body, then :func:`fini`.
 
-Objects are anything with a ``resv`` attribute (:class:`LockableObject`). GEM reference counts
-are not modelled: the model keeps plain Python references where the kernel takes GEM refs.
+Objects are anything with a ``resv`` attribute (:class:`LockableObject`). A GEM object
+(:class:`~gemu.guest.drm.gem.DrmGemObject`) is held by a reference from the moment it is locked
+(or found contended) until it is unlocked, as the kernel's ``drm_exec_obj_locked()`` takes
+``drm_gem_object_get()`` and ``drm_exec_unlock_all()`` drops it: a caller may drop its own last
+reference while the object is locked, and the object is freed only by :func:`fini` (or by the
+unlock of a restart). A bare reservation holder (a unit test's stand-in, no reference count)
+is tracked without one.
 """
 
 from __future__ import annotations
@@ -35,8 +40,10 @@ from typing import Protocol
 
 from gemu.guest.dma_buf import dma_resv
 from gemu.guest.dma_buf.dma_resv import DmaResv
+from gemu.guest.drm import gem
 from gemu.guest.errors import Ealready, Edeadlk, Enomem, warn_on
 from gemu.guest.locking import lockdep, ww_mutex
+from gemu.guest.mm.gfp import GFP_KERNEL
 
 PAGE_SIZE = 4096
 _PTRS_PER_PAGE = PAGE_SIZE // 8
@@ -114,11 +121,32 @@ def init(flags: DrmExecFlags | int = 0, nr: int = 0) -> DrmExec:
     return DrmExec(flags, nr)
 
 
+def _get(obj: LockableObject) -> None:
+    """drm_gem_object_get() for a GEM object; nothing for a bare reservation holder."""
+    if isinstance(obj, gem.DrmGemObject):
+        gem.get(obj)
+
+
+def _put(obj: LockableObject | None) -> None:
+    """drm_gem_object_put() for a GEM object (None allowed, as in the kernel)."""
+    if isinstance(obj, gem.DrmGemObject):
+        gem.put(obj)
+
+
 def _unlock_all(ex: DrmExec) -> None:
-    for obj in reversed(ex.objects):
-        dma_resv.unlock(obj.resv)
+    """Unlock every object and drop its reference. Kernel: drm_exec_unlock_all()
+
+    The references go after all the unlocks: a put may free the object, and the free of a
+    GEM object must not find its reservation still locked.
+    """
+    objects = ex.objects[::-1]
     ex.objects.clear()
-    ex.prelocked = None
+    for obj in objects:
+        dma_resv.unlock(obj.resv)
+    for obj in objects:
+        _put(obj)
+    prelocked, ex.prelocked = ex.prelocked, None
+    _put(prelocked)
 
 
 def fini(ex: DrmExec) -> None:
@@ -128,7 +156,8 @@ def fini(ex: DrmExec) -> None:
     """
     _unlock_all(ex)
     if ex.contended is not DRM_EXEC_DUMMY:
-        ex.contended = DRM_EXEC_DUMMY
+        contended, ex.contended = ex.contended, DRM_EXEC_DUMMY
+        _put(contended)  # the reference lock_obj took when it backed off
         ww_mutex.acquire_fini(ex.ticket)
         ex.ticket = None
 
@@ -207,28 +236,39 @@ def is_contended(ex: DrmExec) -> bool:
 
 def _obj_locked(ex: DrmExec, obj: LockableObject) -> None:
     if len(ex.objects) == ex.max_objects:
-        lockdep.might_alloc(reclaimable=True)
+        lockdep.might_alloc(GFP_KERNEL)
         hook = should_fail_alloc
         if hook is not None and hook(ex):
             raise Enomem(msg="drm_exec object table")
         ex.max_objects += _PTRS_PER_PAGE
+    _get(obj)
     ex.objects.append(obj)
 
 
 def _lock_contended(ex: DrmExec) -> None:
+    """Lock the object the last pass backed off from, first. Kernel: drm_exec_lock_contended()
+
+    The reference taken at the back-off moves to ``prelocked`` (the table holds its own); on
+    an error it is dropped.
+    """
     obj = ex.contended
     if obj is None:
         return
     # Clear it first so an error here reaches the caller's error handling instead of looping.
     ex.contended = None
-    if ex.flags & DrmExecFlags.INTERRUPTIBLE_WAIT:
-        dma_resv.lock_slow_interruptible(obj.resv, ex.ticket)
-    else:
-        dma_resv.lock_slow(obj.resv, ex.ticket)
+    try:
+        if ex.flags & DrmExecFlags.INTERRUPTIBLE_WAIT:
+            dma_resv.lock_slow_interruptible(obj.resv, ex.ticket)
+        else:
+            dma_resv.lock_slow(obj.resv, ex.ticket)
+    except BaseException:
+        _put(obj)
+        raise
     try:
         _obj_locked(ex, obj)
     except BaseException:
         dma_resv.unlock(obj.resv)
+        _put(obj)
         raise
     ex.prelocked = obj
 
@@ -239,7 +279,8 @@ def lock_obj(ex: DrmExec, obj: LockableObject) -> None:
     Kernel: drm_exec_lock_obj() [drivers/gpu/drm/drm_exec.c]
 
     A pending contended object is locked first (slow path). The object just locked that way is
-    not locked twice.
+    not locked twice. A locked GEM object is held by a reference until it is unlocked; one
+    that backs off (-EDEADLK) is held until the next pass locks it (or :func:`fini`).
 
     Raises:
         Edeadlk: back off; ``obj`` is now the contended object (restart the loop).
@@ -251,6 +292,7 @@ def lock_obj(ex: DrmExec, obj: LockableObject) -> None:
     _lock_contended(ex)
     if ex.prelocked is obj:
         ex.prelocked = None
+        _put(obj)  # the table keeps its own reference
         return
     try:
         if ex.flags & DrmExecFlags.INTERRUPTIBLE_WAIT:
@@ -258,6 +300,7 @@ def lock_obj(ex: DrmExec, obj: LockableObject) -> None:
         else:
             dma_resv.lock(obj.resv, ex.ticket)
     except Edeadlk:
+        _get(obj)
         ex.contended = obj
         raise
     except Ealready:
@@ -280,6 +323,7 @@ def unlock_obj(ex: DrmExec, obj: LockableObject) -> None:
         if ex.objects[i] is obj:
             dma_resv.unlock(obj.resv)
             del ex.objects[i]
+            _put(obj)
             return
 
 

@@ -61,6 +61,7 @@ from gemu.guest.dma_buf.dma_resv import DmaResv, DmaResvUsage
 from gemu.guest.errors import Einval, Enoent, Enomem, KernelError, warn_on
 from gemu.guest.kernel import runtime
 from gemu.guest.locking import lockdep
+from gemu.guest.mm.gfp import GFP_KERNEL
 
 log = logging.getLogger(__name__)
 
@@ -559,7 +560,7 @@ def job_init(
     if credits == 0:
         log.error("job_init: credits cannot be 0!")
         raise Einval(msg="credits cannot be 0")
-    lockdep.might_alloc(reclaimable=True)
+    lockdep.might_alloc(GFP_KERNEL)
     job.entity = entity
     job.credits = credits
     job.s_fence = DrmSchedFence(owner)
@@ -696,7 +697,7 @@ def job_add_dependency(job: DrmSchedJob, fence: DmaFence | None) -> None:
         else:
             dma_fence.put(fence)
         return
-    lockdep.might_alloc(reclaimable=True)
+    lockdep.might_alloc(GFP_KERNEL)
     hook = should_fail_alloc
     if hook is not None and hook(job):
         dma_fence.put(fence)

@@ -55,6 +55,8 @@ from dataclasses import dataclass, field
 from gemu.guest.errors import KernelWarning
 from gemu.guest.kernel import runtime
 from gemu.guest.kernel.runtime import Task, current
+from gemu.guest.mm import gfp as gfp_mod
+from gemu.guest.mm.gfp import Gfp, gfpflags_allow_blocking
 
 
 class LockClass:
@@ -93,6 +95,7 @@ class LockMap:
 
 
 _FS_RECLAIM_MAP = LockMap(FS_RECLAIM)
+_MMU_NOTIFIER_MAP = LockMap(MMU_NOTIFIER)
 _FENCE_WAIT_MAP = LockMap(DMA_FENCE_MAP)
 
 
@@ -348,6 +351,9 @@ _HINTS = {
     "reservation objects (dma_resv_trylock)",
     (DMA_FENCE_MAP, FS_RECLAIM): "reclaim may wait for the fence this task must signal: "
     "no GFP_KERNEL allocation between publishing a fence and signalling it",
+    (DMA_FENCE_MAP, MMU_NOTIFIER): "reclaim runs mmu notifiers, which may wait for the "
+    "fence this task must signal: only GFP_NOWAIT/GFP_ATOMIC allocations (or preallocated "
+    "memory) between publishing a fence and signalling it",
     (DMA_FENCE_MAP, RESV_CLASS): "fences are waited for under reservation locks: no blocking "
     "dma_resv_lock between publishing a fence and signalling it",
 }
@@ -359,7 +365,7 @@ def _report_cycle(task, st, prev_cls, prev_lock, cls, lock, path) -> None:
     if prev_cls is DMA_FENCE_MAP:
         what = (
             "a reclaimable allocation (might_alloc)"
-            if cls is FS_RECLAIM
+            if cls in (FS_RECLAIM, MMU_NOTIFIER)
             else f"blocking on {_name(lock)} ({cls.name})"
         )
         message = (
@@ -453,32 +459,66 @@ def might_lock(cls: LockClass) -> None:
     release(probe)
 
 
-def fs_reclaim_acquire() -> None:
-    """Enter memory reclaim (the shrinkers run inside it). Kernel: fs_reclaim_acquire()."""
+def fs_reclaim_map_acquire() -> None:
+    """Enter memory reclaim unconditionally (kswapd, a reclaim pass): the shrinkers run
+    inside it. Kernel: __fs_reclaim_acquire() [mm/page_alloc.c]"""
     acquire(_FS_RECLAIM_MAP, FS_RECLAIM)
 
 
-def fs_reclaim_release() -> None:
-    """Kernel: fs_reclaim_release() [mm/page_alloc.c]"""
+def fs_reclaim_map_release() -> None:
+    """Kernel: __fs_reclaim_release() [mm/page_alloc.c]"""
     release(_FS_RECLAIM_MAP)
 
 
-def might_alloc(reclaimable: bool = True) -> None:
-    """An allocation that may enter direct reclaim (GFP_KERNEL) when ``reclaimable``.
+def _need_reclaim(gfp: int) -> bool:
+    """Kernel: __need_reclaim() [mm/page_alloc.c]: no reclaim without
+    ``__GFP_DIRECT_RECLAIM``, none from a task that is reclaim itself (``PF_MEMALLOC``)."""
+    return bool(gfp & Gfp.DIRECT_RECLAIM) and not gfp_mod.current_is_memalloc()
 
-    Kernel: might_alloc() [include/linux/sched/mm.h]
 
-    Inside reclaim (PF_MEMALLOC) allocations do not recurse into it, so nothing is recorded.
+def fs_reclaim_acquire(gfp: int = Gfp.KERNEL) -> None:
+    """Annotate that an allocation with ``gfp`` may enter reclaim from here on.
+
+    Kernel: fs_reclaim_acquire() [mm/page_alloc.c]: the mask goes through
+    current_gfp_context(); if __need_reclaim(), the fs_reclaim map is taken only for
+    ``__GFP_FS`` allocations (a GFP_NOFS allocation records no fs_reclaim dependency), and the
+    mmu-notifier map is taken and released for every reclaiming allocation (an mmu notifier
+    may wait for fences, so even GFP_NOFS is reported inside a signalling section).
     """
-    if not reclaimable:
+    gfp = gfp_mod.current_gfp_context(gfp)
+    if not _need_reclaim(gfp):
         return
-    task = current()
-    might_sleep()
-    for entry in task.held_locks:
-        if entry.lock is _FS_RECLAIM_MAP:
-            return
-    acquire(_FS_RECLAIM_MAP, FS_RECLAIM)
-    release(_FS_RECLAIM_MAP)
+    if gfp & Gfp.FS:
+        acquire(_FS_RECLAIM_MAP, FS_RECLAIM)
+    acquire(_MMU_NOTIFIER_MAP, MMU_NOTIFIER)
+    release(_MMU_NOTIFIER_MAP)
+
+
+def fs_reclaim_release(gfp: int = Gfp.KERNEL) -> None:
+    """Kernel: fs_reclaim_release() [mm/page_alloc.c]; pass the ``gfp`` given to
+    :func:`fs_reclaim_acquire` (the condition is evaluated again, as the kernel does)."""
+    gfp = gfp_mod.current_gfp_context(gfp)
+    if _need_reclaim(gfp) and gfp & Gfp.FS:
+        release(_FS_RECLAIM_MAP)
+
+
+def might_alloc(gfp: int = Gfp.KERNEL) -> None:
+    """Mark a place that may allocate with ``gfp``: lockdep sees the reclaim it could enter,
+    and a blocking mask is a might_sleep().
+
+    Kernel: might_alloc() [include/linux/sched/mm.h] = fs_reclaim_acquire(gfp);
+    fs_reclaim_release(gfp); might_sleep_if(gfpflags_allow_blocking(gfp)).
+
+    Every allocation site of the guest kernel calls this with the kernel's gfp: page
+    allocations (the page allocator), sg tables, page-table frames, job and dependency
+    structures, fence arrays and reservation fence lists. GFP_NOWAIT and GFP_ATOMIC record
+    nothing; GFP_NOFS (or a :func:`~gemu.guest.mm.gfp.memalloc_nofs_save` scope) records no
+    fs_reclaim dependency; inside reclaim (``PF_MEMALLOC``) nothing is recorded.
+    """
+    fs_reclaim_acquire(gfp)
+    fs_reclaim_release(gfp)
+    if gfpflags_allow_blocking(gfp):
+        might_sleep()
 
 
 # The dma_fence signalling critical section.

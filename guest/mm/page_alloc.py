@@ -48,12 +48,19 @@ import threading
 from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
-from enum import IntFlag
 
 from gemu.guest.errors import Efault, Einval, Enomem, KernelError, warn_on
 from gemu.guest.kernel import runtime, trace
 from gemu.guest.locking import lockdep
 from gemu.guest.mm import shrinker as _shrinker
+from gemu.guest.mm.gfp import (
+    Gfp,
+    current_gfp_context,
+    current_is_memalloc,
+    gfpflags_allow_blocking,
+    memalloc_noreclaim_restore,
+    memalloc_noreclaim_save,
+)
 
 log = logging.getLogger(__name__)
 
@@ -230,38 +237,8 @@ def update_states(state: bytearray, seq: Sequence[int], old: int, new: int) -> b
 # Allocation flags.
 
 
-class Gfp(IntFlag):
-    """Allocation flags. Kernel: gfp_t [include/linux/gfp_types.h]
-
-    Members drop the kernel's ``__GFP_`` prefix; the module also exports the kernel spellings
-    (``GFP_KERNEL``, ``__GFP_ZERO``, ...).
-    """
-
-    DIRECT_RECLAIM = 1 << 0
-    """The caller may sleep and run reclaim itself."""
-    KSWAPD_RECLAIM = 1 << 1
-    """Wake kswapd when free memory runs low."""
-    IO = 1 << 2
-    FS = 1 << 3
-    HIGH = 1 << 4
-    """The caller is high priority: it may use part of the min reserve."""
-    NORETRY = 1 << 5
-    """One reclaim pass at most, then fail."""
-    NOWARN = 1 << 6
-    """No allocation-failure warning in the log."""
-    ZERO = 1 << 7
-    """Return zeroed frames."""
-    NOMEMALLOC = 1 << 8
-    """Never use the reserves, even when the caller could."""
-
-    RECLAIM = DIRECT_RECLAIM | KSWAPD_RECLAIM
-    KERNEL = RECLAIM | IO | FS
-    NOFS = RECLAIM | IO
-    NOIO = RECLAIM
-    NOWAIT = KSWAPD_RECLAIM | NOWARN
-    ATOMIC = HIGH | KSWAPD_RECLAIM
-
-
+# The flags live in gemu.guest.mm.gfp (lockdep needs them too); the allocator's users import
+# them from here as well.
 GFP_KERNEL = Gfp.KERNEL
 GFP_NOFS = Gfp.NOFS
 GFP_NOIO = Gfp.NOIO
@@ -277,37 +254,6 @@ __GFP_NORETRY = Gfp.NORETRY
 __GFP_NOWARN = Gfp.NOWARN
 __GFP_ZERO = Gfp.ZERO
 __GFP_NOMEMALLOC = Gfp.NOMEMALLOC
-
-
-def gfpflags_allow_blocking(gfp: Gfp) -> bool:
-    """Whether the allocation may sleep. Kernel: gfpflags_allow_blocking()."""
-    return bool(gfp & Gfp.DIRECT_RECLAIM)
-
-
-# Tasks inside reclaim (the kernel's PF_MEMALLOC): their allocations use the reserves and
-# never recurse into reclaim.
-_memalloc_tasks: set[runtime.Task] = set()
-
-
-def current_is_memalloc() -> bool:
-    """Whether the current task runs reclaim. Kernel: current->flags & PF_MEMALLOC."""
-    return runtime.current() in _memalloc_tasks
-
-
-class _MemallocScope:
-    """``with _MemallocScope():`` marks the current task as reclaiming for the block.
-    Kernel: memalloc_noreclaim_save() / memalloc_noreclaim_restore()."""
-
-    __slots__ = ("nested", "task")
-
-    def __enter__(self) -> None:
-        self.task = runtime.current()
-        self.nested = self.task in _memalloc_tasks
-        _memalloc_tasks.add(self.task)
-
-    def __exit__(self, *exc) -> None:
-        if not self.nested:
-            _memalloc_tasks.discard(self.task)
 
 
 # Watermarks and statistics.
@@ -603,8 +549,9 @@ class PageAllocator:
             raise Einval(msg=f"{what}: cannot allocate {nr} pages")
         runtime.preempt(what)
         self._stats.allocs += 1
-        can_reclaim = bool(gfp & Gfp.DIRECT_RECLAIM) and not current_is_memalloc()
-        lockdep.might_alloc(reclaimable=can_reclaim)
+        gfp = current_gfp_context(gfp)
+        can_reclaim = gfpflags_allow_blocking(gfp) and not current_is_memalloc()
+        lockdep.might_alloc(gfp)
         if self._should_fail():
             self._stats.injected_failures += 1
             raise self._fail(what, nr, gfp, 0, 0, "injected failure (fail-nth)")
@@ -664,28 +611,39 @@ class PageAllocator:
         self._stats.direct_reclaims += 1
         if trace.enabled:
             trace.begin("mm", "direct_reclaim", runtime.current().tid, nr_to_reclaim=nr_to_reclaim)
-        reclaimed = self._reclaim_pass(nr_to_reclaim, gfp)
+        reclaimed = self._reclaim_pass(nr_to_reclaim, gfp, direct=True)
         self._stats.direct_reclaimed += reclaimed
         if trace.enabled:
             trace.end("mm", "direct_reclaim", runtime.current().tid, reclaimed=reclaimed)
             trace.counter("mm", "free_pages", free=len(self._free))
         return reclaimed
 
-    def _reclaim_pass(self, nr_to_reclaim: int, gfp: Gfp) -> int:
+    def _reclaim_pass(self, nr_to_reclaim: int, gfp: Gfp, *, direct: bool = False) -> int:
         # Progress is what came back to the free pool, not only what shrinkers say: a v19-style
         # GEM shrinker answers SHRINK_STOP after a pass that freed everything it could, and the
         # kernel's reclaim judges progress by watermarks, not by that return value.
         freed_before = self._stats.pages_freed
-        lockdep.fs_reclaim_acquire()
+        # Kernel: __perform_reclaim() annotates with the allocation's own mask (a GFP_NOFS
+        # reclaim runs its shrinkers outside the fs_reclaim map); kswapd always holds it.
+        if direct:
+            lockdep.fs_reclaim_acquire(gfp)
+        else:
+            lockdep.fs_reclaim_map_acquire()
         with self._lock:
             self._reclaimers += 1
         try:
-            with _MemallocScope():
+            noreclaim = memalloc_noreclaim_save()
+            try:
                 reported = _shrinker.shrink_slab(self, nr_to_reclaim, gfp)
+            finally:
+                memalloc_noreclaim_restore(noreclaim)
         finally:
             with self._lock:
                 self._reclaimers -= 1
-            lockdep.fs_reclaim_release()
+            if direct:
+                lockdep.fs_reclaim_release(gfp)
+            else:
+                lockdep.fs_reclaim_map_release()
         reclaimed = max(reported, self._stats.pages_freed - freed_before)
         self._stats.pages_reclaimed += reclaimed
         return reclaimed

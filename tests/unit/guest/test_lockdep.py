@@ -15,6 +15,8 @@ from gemu.guest.locking import lockdep
 from gemu.guest.locking import ww_mutex as ww
 from gemu.guest.locking.lockdep import LockClass, LockdepError
 from gemu.guest.locking.mutex import Mutex
+from gemu.guest.mm import gfp
+from gemu.guest.mm.gfp import GFP_ATOMIC, GFP_NOWAIT
 
 RESV = ww.RESERVATION_WW_CLASS
 
@@ -272,15 +274,18 @@ def test_blocking_resv_lock_inside_reclaim_is_reported():
 
 
 def test_allocation_inside_reclaim_does_not_recurse():
-    """might_alloc inside fs_reclaim (the shrinker allocating) records nothing."""
+    """might_alloc from a task inside reclaim (PF_MEMALLOC, as the shrinkers run) records
+    nothing; nor does a non-blocking allocation anywhere."""
 
     def main():
         with Mutex("mapping->i_mmap_rwsem", lockdep.I_MMAP):
             pass
         lockdep.fs_reclaim_acquire()
+        flags = gfp.memalloc_noreclaim_save()
         lockdep.might_alloc()
+        gfp.memalloc_noreclaim_restore(flags)
         lockdep.fs_reclaim_release()
-        lockdep.might_alloc(reclaimable=False)
+        lockdep.might_alloc(GFP_NOWAIT)
 
     run(main)
 
@@ -301,7 +306,7 @@ def explicit_section(op: str):
     elif op == "alloc":
         lockdep.might_alloc()
     elif op == "atomic alloc":
-        lockdep.might_alloc(reclaimable=False)
+        lockdep.might_alloc(GFP_ATOMIC)
     elif op == "fence wait":
         lockdep.dma_fence_might_wait()
     lockdep.dma_fence_end_signalling(cookie)
