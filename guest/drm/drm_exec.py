@@ -43,6 +43,7 @@ from gemu.guest.dma_buf.dma_resv import DmaResv
 from gemu.guest.drm import gem
 from gemu.guest.errors import Ealready, Edeadlk, Enomem, warn_on
 from gemu.guest.locking import lockdep, ww_mutex
+from gemu.guest.mm.gfp import GFP_KERNEL
 
 PAGE_SIZE = 4096
 _PTRS_PER_PAGE = PAGE_SIZE // 8
@@ -235,7 +236,7 @@ def is_contended(ex: DrmExec) -> bool:
 
 def _obj_locked(ex: DrmExec, obj: LockableObject) -> None:
     if len(ex.objects) == ex.max_objects:
-        lockdep.might_alloc(reclaimable=True)
+        lockdep.might_alloc(GFP_KERNEL)
         hook = should_fail_alloc
         if hook is not None and hook(ex):
             raise Enomem(msg="drm_exec object table")
