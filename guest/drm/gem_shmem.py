@@ -43,6 +43,7 @@ device's ``semantics`` selects the v19 shrinker-enabled helper (default) or the 
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Iterable, Sequence
 
@@ -50,7 +51,7 @@ from gemu.guest.dma_buf import dma_resv
 from gemu.guest.drm import gem, gem_lru
 from gemu.guest.drm.gem import PAGE_SHIFT, PAGE_SIZE, DrmDevice, DrmGemObject, DrmGemObjectFuncs
 from gemu.guest.errors import Ebusy, Efault, Einval, Enodev, Enomem, KernelError, warn_on
-from gemu.guest.kernel import trace
+from gemu.guest.kernel import runtime, trace
 from gemu.guest.mm.page_alloc import GFP_KERNEL, frame_runs
 
 __all__ = [
@@ -114,19 +115,58 @@ class SgTable:
     ``pfns`` lists the frame of each page in order; ``nents`` is the number of runs of
     consecutive frames (the entries a coalescing DMA mapping would produce). DMA addresses are
     physical addresses: the model has no IOMMU.
+
+    A table built from a shmem object's pages (``owner``) lives exactly as long as those
+    pages: eviction, purge and the last put free them, and the kernel frees (and DMA-unmaps)
+    the table with them, so reading a table fetched before that is a use after free. The
+    model keeps the table object but marks it stale, and every later read of its segments
+    (``pfns``, ``nents``, :meth:`dma_segments`, ``len()``) is reported (:func:`warn_on`) and
+    fails with ``Efault``, naming the object and the call that freed its pages. A table
+    without an owner (an imported one) belongs to its exporter and never goes stale here.
     """
 
-    __slots__ = ("nents", "pfns")
+    __slots__ = ("_gen", "_nents", "_pfns", "owner")
 
-    def __init__(self, pfns: Sequence[int]) -> None:
-        self.pfns = tuple(pfns)
-        self.nents = len(frame_runs(self.pfns))
+    def __init__(self, pfns: Sequence[int], owner: DrmGemShmemObject | None = None) -> None:
+        self._pfns = tuple(pfns)
+        self._nents = len(frame_runs(self._pfns))
+        self.owner = owner
+        self._gen = owner.pages_gen if owner is not None else 0
+
+    @property
+    def stale(self) -> str | None:
+        """Why the table is no longer valid (the call that freed its pages), or None."""
+        owner = self.owner
+        if owner is None or owner.pages_gen == self._gen:
+            return None
+        return owner.pages_gone or "its pages were freed"
+
+    def _check(self) -> None:
+        why = self.stale
+        if why is not None:
+            msg = f"use of a stale sg table of {_label(self.owner)}: {why}"
+            warn_on(True, msg)
+            raise Efault(msg=msg)
+
+    @property
+    def pfns(self) -> tuple[int, ...]:
+        """The frame of each page (a use of the table: checked)."""
+        self._check()
+        return self._pfns
+
+    @property
+    def nents(self) -> int:
+        """Entries after coalescing. Kernel: sg_table.nents (a use of the table: checked)."""
+        self._check()
+        return self._nents
 
     def __len__(self) -> int:
-        return len(self.pfns)
+        self._check()
+        return len(self._pfns)
 
     def __repr__(self) -> str:
-        return f"<SgTable {len(self.pfns)} pages in {self.nents} entries>"
+        state = " STALE" if self.stale is not None else ""
+        return f"<SgTable {len(self._pfns)} pages in {self._nents} entries{state}>"
 
     def dma_segments(self) -> list[tuple[int, int]]:
         """``(dma_address, length)`` per run of consecutive frames. Kernel: for_each_sgtable_dma_sg()"""
@@ -215,6 +255,11 @@ class DrmGemShmemObject(DrmGemObject):
     ``vmas``
         The CPU mappings made by :func:`mmap` (None when there are none); eviction and purge
         zap their page tables.
+    ``pages_gen``, ``pages_gone``
+        Model bookkeeping, no kernel field: ``pages_gen`` counts the times the pages were
+        freed (every :class:`SgTable` records the value it was built under, and is stale once
+        it differs); ``pages_gone`` says which call freed them last, for the stale-table
+        report.
     """
 
     __slots__ = (
@@ -222,6 +267,8 @@ class DrmGemShmemObject(DrmGemObject):
         "madv",
         "map_wc",
         "pages",
+        "pages_gen",
+        "pages_gone",
         "pages_mark_accessed_on_put",
         "pages_mark_dirty_on_put",
         "pages_pin_count",
@@ -246,6 +293,8 @@ class DrmGemShmemObject(DrmGemObject):
         self.pages_mark_accessed_on_put = False
         self.map_wc = False
         self.vmas: list[ShmemVma] | None = None
+        self.pages_gen = 0
+        self.pages_gone: str | None = None
 
     def __repr__(self) -> str:
         label = self.resv.lock.name if self.resv is not None else "uninit"
@@ -378,7 +427,7 @@ def free(shmem: DrmGemShmemObject) -> None:
                     put_pages_locked(shmem)
             warn_on(shmem.pages_use_count, f"freeing {shmem!r} with pages held")
             warn_on(shmem.pages_pin_count, f"freeing {shmem!r} while pinned")
-            _free_pages(shmem)
+            _free_pages(shmem, "drm_gem_shmem_free")
         finally:
             dma_resv.unlock(shmem.resv)
     gem.object_release(shmem)
@@ -399,11 +448,32 @@ def _acquire_pages(shmem: DrmGemShmemObject) -> None:
     shmem.pages = shmem.filp.get_pages(GFP_SHMEM)
 
 
-def _free_pages(shmem: DrmGemShmemObject) -> None:
+def _pages_gone(shmem: DrmGemShmemObject, what: str) -> None:
+    """The object's pages (and every sg table of them) are freed by ``what``: make tables
+    built before stale, and remember who freed them (kernel function, task, callers)."""
+    if shmem.pages is None:
+        return  # nothing was there to be freed: tables already stale keep their first reason
+    shmem.pages_gen += 1
+    callers = []
+    frame = sys._getframe(2)
+    while frame is not None and len(callers) < 3:
+        code = frame.f_code
+        module = frame.f_globals.get("__name__", "?").rsplit(".", 1)[-1]
+        callers.append(f"{module}.{code.co_name}:{frame.f_lineno}")
+        frame = frame.f_back
+    task = runtime.current()
+    shmem.pages_gone = (
+        f"its pages were freed by {what} in task {task.name} at {runtime.now_ns()} ns "
+        f"(called from {' <- '.join(callers)})"
+    )
+
+
+def _free_pages(shmem: DrmGemShmemObject, what: str = "drm_gem_shmem_free_pages") -> None:
     """Forget the sgt and the pages; the frames stay with the shmem file.
 
     Kernel: drm_gem_shmem_free_pages() (v19) / the tail of drm_gem_shmem_put_pages_locked()
     """
+    _pages_gone(shmem, what)
     shmem.sgt = None
     shmem.pages = None
 
@@ -447,7 +517,7 @@ def put_pages_locked(shmem: DrmGemShmemObject) -> None:
     """
     dma_resv.assert_held(shmem.resv)
     if _dec_and_test(shmem, "pages_use_count"):
-        _free_pages(shmem)
+        _free_pages(shmem, "drm_gem_shmem_put_pages_locked")
         shmem.evicted = False
     update_lru_locked(shmem)
 
@@ -487,7 +557,7 @@ def put_pages(shmem: DrmGemShmemObject) -> None:
         return
     if shmem.refcount == 0:
         if _dec_and_test(shmem, "pages_use_count"):
-            _free_pages(shmem)
+            _free_pages(shmem, "drm_gem_shmem_put_pages")
             shmem.evicted = False
             gem_lru.remove(shmem)
         return
@@ -650,7 +720,7 @@ def get_sg_table(shmem: DrmGemShmemObject) -> SgTable:
         raise Einval(msg="imported object")
     if warn_on(shmem.pages is None, f"get_sg_table of {shmem!r} without pages"):
         raise Enomem(msg="object has no pages")
-    return SgTable(shmem.pages)
+    return SgTable(shmem.pages, shmem)
 
 
 def get_pages_sgt_locked(shmem: DrmGemShmemObject) -> SgTable:
@@ -802,12 +872,14 @@ def purge_locked(shmem: DrmGemShmemObject) -> None:
     _zap_vmas(shmem)
     if _v19(shmem):
         if not shmem.evicted:
-            _free_pages(shmem)
+            _free_pages(shmem, "drm_gem_shmem_purge_locked")
     else:
         if shmem.sgt is not None:
             shmem.sgt = None
             put_pages_locked(shmem)
-        _free_pages(shmem)  # the file is truncated below: no page may outlive it
+        _free_pages(
+            shmem, "drm_gem_shmem_purge_locked"
+        )  # the file is truncated below: no page may outlive it
     shmem.filp.truncate()
     shmem.madv = -1
     shmem.evicted = False
@@ -843,9 +915,8 @@ def evict_locked(shmem: DrmGemShmemObject) -> None:
     if warn_on(not is_evictable(shmem), f"evicting {shmem!r} which is not evictable"):
         raise Ebusy(msg="object is not evictable")
     _zap_vmas(shmem)
-    shmem.sgt = None
     shmem.filp.writeout()
-    shmem.pages = None
+    _free_pages(shmem, "drm_gem_shmem_evict_locked")
     shmem.evicted = True
     update_lru_locked(shmem)
     if trace.enabled:
