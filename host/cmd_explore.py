@@ -18,6 +18,7 @@ MUTANTS = (
     "cpu-map-get-pages",
     "evict-frees-before-unmap",
     "shrinker-blocking-lock",
+    "pt-alloc-under-lock",
 )
 """The values of :class:`gemu.guest.gemu_drv.job.Mutant` (spelled out: the CLI parser is
 built without importing the guest; a test keeps the two equal)."""

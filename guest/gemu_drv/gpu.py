@@ -48,6 +48,7 @@ from gemu.guest.gemu_drv.sync import SpinLock
 from gemu.guest.gemu_drv.vm import FrameSource, GpuMmu
 from gemu.guest.kernel import runtime, trace
 from gemu.guest.locking import lockdep
+from gemu.guest.locking.lockdep import LockClass
 
 log = logging.getLogger("gemu.guest.gemu_drv")
 
@@ -60,6 +61,9 @@ RESET_POLLS = 1000
 
 _ALL_IRQS = Irq.FENCE | Irq.CP_ERROR | Irq.MMU | Irq.RESET_DONE
 _ALL_MMU = (1 << regs.AS_COUNT) - 1 | ((1 << regs.AS_COUNT) - 1) << 16
+RING_LOCK_CLASS = LockClass("gemu_gpu.ring_lock")
+"""The lockdep class of the ring lock (ring, pending list, reset)."""
+
 _U64 = struct.Struct("<Q")
 # One job slot: SET_AS, INDIRECT_BUFFER, FENCE(PHYS|IRQ), NOP padding to JOB_SLOT_BYTES. The
 # bodies follow the construct declarations of gemu.device.abi.packets (a test compares them).
@@ -168,7 +172,7 @@ class GemuGpu:
         self.stats = GpuStats()
         self.faults: list[GpuFault] = []
         self.errors: list[str] = []
-        self.lock = SpinLock(f"{name}.ring", recursive=True)  # ring, pending list, reset
+        self.lock = SpinLock(f"{name}.ring", RING_LOCK_CLASS)  # ring, pending list, reset
         self.pending: deque[HwFence] = deque()
         self.fence_context = dma_fence.context_alloc(1)
         self.next_seqno = 1
@@ -380,6 +384,16 @@ class GemuGpu:
         """
         if trace.enabled:
             trace.instant("irq", "irq", device=self.name, status=hint)
+        # The whole handler is on the path that signals fences (a fault or command error
+        # fails a job's fence here too): one signalling section, as a driver's IRQ handler
+        # annotates with dma_fence_begin_signalling().
+        cookie = lockdep.dma_fence_begin_signalling()
+        try:
+            self._irq_handler(hint)
+        finally:
+            lockdep.dma_fence_end_signalling(cookie)
+
+    def _irq_handler(self, hint: int) -> None:
         with self.lock:
             self.stats.irqs += 1
             if hint and not hint & ~int(Irq.FENCE):
@@ -443,7 +457,7 @@ class GemuGpu:
         code = CpError(regs.CP_ERROR.field("CODE").ex(err))
         as_nr = regs.CP_ERROR.field("AS").ex(err)
         self.stats.cp_errors += 1
-        self.fence_process()
+        self._signal(self._collect_completed_locked())
         fence = self.pending[0] if self.pending else None
         fault = self._fault_pending.pop(as_nr, None)
         if code is CpError.MMU_FAULT and fault is not None:
@@ -471,20 +485,28 @@ class GemuGpu:
 
         Kernel: amdgpu_fence_process() / panfrost's per-slot fence signalling.
         """
-        (seqno,) = _U64.unpack_from(self.mem, self.fence_pa)
         with self.lock:
-            if seqno > self.completed:
-                self.completed = seqno
-            done = []
-            pending = self.pending
-            while pending and pending[0].seqno <= seqno:
-                done.append(pending.popleft())
-            if self.announced_tail != self.tail and self.announced_seqno <= self.completed:
-                self._kick()
+            done = self._collect_completed_locked()
+        self._signal(done)
+
+    def _collect_completed_locked(self) -> list[HwFence]:
+        """Take the completed fences off ``pending`` (caller holds the ring lock)."""
+        (seqno,) = _U64.unpack_from(self.mem, self.fence_pa)
+        if seqno > self.completed:
+            self.completed = seqno
+        done = []
+        pending = self.pending
+        while pending and pending[0].seqno <= seqno:
+            done.append(pending.popleft())
+        if self.announced_tail != self.tail and self.announced_seqno <= self.completed:
+            self._kick()
+        return done
+
+    def _signal(self, done: list[HwFence]) -> None:
         if not done:
             return
-        # The interrupt handler is a fence signalling path: annotate it once for the batch
-        # (the kernel's dma_fence_begin_signalling() in a driver's IRQ handler).
+        # Signalling is a fence signalling path: annotated here for every caller (the
+        # interrupt handler annotates its whole run as well; sections nest).
         cookie = lockdep.dma_fence_begin_signalling()
         try:
             for fence in done:
@@ -513,7 +535,7 @@ class GemuGpu:
         """
         with self.lock:
             self.stats.resets += 1
-            self.fence_process()
+            self._signal(self._collect_completed_locked())
             lost = list(self.pending)
             self.pending.clear()
             self._hw_init()

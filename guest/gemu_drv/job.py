@@ -107,6 +107,10 @@ class Mutant(Enum):
     """The shrinker's LRU walk takes each reservation lock with a blocking lock instead of a
     trylock: reclaim entered with a reservation held (a submit's swap-in) waits on locks
     whose holders may be waiting for memory."""
+    PT_ALLOC_UNDER_LOCK = "pt-alloc-under-lock"
+    """The GPU VM allocates page-table frames (GFP_KERNEL, may enter reclaim) while holding
+    its page-table lock instead of preallocating them; the shrinker's evict path takes the
+    same lock inside reclaim to unmap: a lock-order inversion against fs_reclaim."""
 
     @property
     def order(self) -> SubmitOrder:

@@ -217,6 +217,7 @@ class GemuDriver:
         self.set_order(self.mutant.order)
         if self.mutant is Mutant.IDLE_READ_FENCES_BOOKKEEP:
             self.dev.idle_usage = dma_resv.DmaResvUsage.READ
+        self.gpu.mmu.alloc_tables_under_lock = self.mutant is Mutant.PT_ALLOC_UNDER_LOCK
         self._apply_shrinker_mutant()
 
     def _apply_shrinker_mutant(self) -> None:

@@ -23,7 +23,14 @@ Invariants:
   (:attr:`GpuMmu.skip_flush` turns the flush off to show the stale-TLB failure; never set it in
   normal use);
 - page-table frames belong to the VM until :meth:`GpuVm.fini`; intermediate tables are not
-  freed while the VM lives (a table is at most one frame per 2 MiB of mapped VA).
+  freed while the VM lives (a table is at most one frame per 2 MiB of mapped VA);
+- nothing allocates under a VM's page-table lock: :meth:`GpuVm.map_pages` allocates the table
+  frames the range still lacks (``GFP_KERNEL``, may enter reclaim) *before* taking the lock and
+  hands back what it did not use, as panthor_vm_prepare_map_op_ctx() preallocates
+  ``rsvd_page_tables`` for io-pgtable. The shrinker's evict path takes the same lock inside
+  reclaim to unmap, so allocating under it would be a lock-order inversion against fs_reclaim
+  (:attr:`GpuMmu.alloc_tables_under_lock` restores that shape for the ``pt-alloc-under-lock``
+  mutant; never set it in normal use).
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from gemu.device.abi import pte, regs
 from gemu.device.abi.enums import MmuCommand, TransCfgMode
 from gemu.guest.errors import Ebusy, Einval, Enospc, warn_on
 from gemu.guest.gemu_drv.sync import SpinLock
+from gemu.guest.locking.lockdep import LockClass
 
 PAGE_SIZE = regs.PAGE_SIZE
 PAGE_SHIFT = regs.PAGE_SHIFT
@@ -46,6 +54,11 @@ VA_START = 0x10_0000
 """Lowest VA handed out: the first MiB stays unmapped so a null-ish pointer faults."""
 VA_END = 1 << (regs.VA_BITS - 1)
 """End of the VA range handed out (the upper half is left for kernel use)."""
+
+AS_LOCK_CLASS = LockClass("gemu_mmu.as_lock")
+"""The lockdep class of the AS-slot lock (panfrost's ``as_lock``)."""
+PGTABLE_LOCK_CLASS = LockClass("gemu_vm.pgtable_lock")
+"""The lockdep class every VM's page-table lock shares."""
 
 _U64 = struct.Struct("<Q")
 _L3_SPAN = PAGE_SIZE * pte.ENTRIES_PER_TABLE  # VA covered by one level-3 table (2 MiB)
@@ -194,9 +207,10 @@ class GpuMmu:
         self.slots: list[GpuVm | None] = [None] * as_count
         self.first_as = first_as
         self.lru: list[int] = []
-        self.lock = SpinLock("gpu_mmu.as_lock", recursive=True)
+        self.lock = SpinLock("gpu_mmu.as_lock", AS_LOCK_CLASS)
         self.stats = MmuStats()
         self.skip_flush = False
+        self.alloc_tables_under_lock = False
 
     # -- register commands -----------------------------------------------------------------
     def _as_write(self, as_nr: int, name: str, value: int) -> None:
@@ -325,17 +339,57 @@ class GpuVm:
         self.va = VaAllocator()
         self.as_nr: int | None = None
         self.as_users = 0
-        self.lock = SpinLock(f"{name}.pgtable", recursive=True)
+        self.lock = SpinLock(f"{name}.pgtable", PGTABLE_LOCK_CLASS)
         self.root_pa = self._new_table()
         # (level, va >> shift of that level's span) -> table pa; level 0 is the root
         self._tables: dict[tuple[int, int], int] = {(0, 0): self.root_pa}
         self.mapped_pages = 0
         self.dead = False
 
-    def _new_table(self) -> int:
-        pa = self.mmu.frames.alloc_table_frame()
+    def _new_table(self, reserve: list[int] | None = None) -> int:
+        """A zeroed table frame: from ``reserve`` (preallocated before the lock was taken),
+        or, without one, from the frame source (which may allocate and enter reclaim)."""
+        if reserve:
+            pa = reserve.pop()
+        else:
+            pa = self.mmu.frames.alloc_table_frame()
         self.mmu.stats.tables += 1
         return pa
+
+    def _missing_tables(self, va: int, npages: int) -> int:
+        """How many table frames mapping [va, va + npages pages) would add now. Tables are
+        never freed while the VM lives, so the count can only shrink until the lock is
+        taken: a reserve of this size always suffices."""
+        missing = 0
+        end = va + npages * PAGE_SIZE - 1
+        for level in (1, 2, 3):
+            shift = PAGE_SHIFT + pte.BITS_PER_LEVEL * (pte.LEVELS - level)
+            for index in range(va >> shift, (end >> shift) + 1):
+                if (level, index) not in self._tables:
+                    missing += 1
+        return missing
+
+    def _prealloc_tables(self, va: int, npages: int) -> list[int]:
+        """Allocate, with no lock of this VM held, the table frames a map of the range needs.
+        Kernel: panthor_vm_prepare_map_op_ctx() (kmem_cache_alloc_bulk(pt_cache, GFP_KERNEL)
+        into ``rsvd_page_tables``)."""
+        if self.mmu.alloc_tables_under_lock:
+            return []
+        reserve: list[int] = []
+        try:
+            for _ in range(self._missing_tables(va, npages)):
+                reserve.append(self.mmu.frames.alloc_table_frame())
+        except BaseException:
+            self._return_tables(reserve)
+            raise
+        return reserve
+
+    def _return_tables(self, reserve: list[int]) -> None:
+        """Give back the preallocated frames a map did not use (another task built those
+        tables meanwhile). Kernel: panthor_vm_cleanup_op_ctx()."""
+        for pa in reserve:
+            self.mmu.frames.free_table_frame(pa)
+        reserve.clear()
 
     # -- VA ----------------------------------------------------------------------------------
     def alloc_va(self, size: int, va: int | None = None) -> int:
@@ -353,7 +407,7 @@ class GpuVm:
             self.va.free(va, size)
 
     # -- page tables -------------------------------------------------------------------------
-    def _l3_table(self, va: int, create: bool) -> int | None:
+    def _l3_table(self, va: int, create: bool, reserve: list[int] | None = None) -> int | None:
         """The level-3 table covering ``va`` (building the levels above on the way)."""
         key = (3, va >> 21)
         pa = self._tables.get(key)
@@ -365,7 +419,7 @@ class GpuVm:
             k = (level, va >> shift)
             table = self._tables.get(k)
             if table is None:
-                table = self._new_table()
+                table = self._new_table(reserve)
                 self._tables[k] = table
                 entry = pte.make(table, pte.PteType.TABLE)
                 _U64.pack_into(self.mem, parent + 8 * pte.index(va, level - 1), entry)
@@ -375,8 +429,10 @@ class GpuVm:
     def map_pages(self, va: int, pas: Sequence[int], prot: Prot, *, flush: bool = True) -> None:
         """Point the PTEs of [va, va + len(pas) pages) at the frames ``pas``, then flush.
 
-        Kernel: panfrost_mmu_map() → io-pgtable map_pages() + panfrost_mmu_flush_range().
-        Existing entries are overwritten (a remap after swap-in lands in different frames).
+        Kernel: panfrost_mmu_map() → io-pgtable map_pages() + panfrost_mmu_flush_range(),
+        with the table frames preallocated before the page-table lock is taken (panthor's
+        ``rsvd_page_tables``): mapping under the lock never allocates. Existing entries are
+        overwritten (a remap after swap-in lands in different frames).
         """
         if va % PAGE_SIZE or not pte.va_fits(va + len(pas) * PAGE_SIZE - 1):
             raise Einval(msg=f"bad GPU VA {va:#x} for {len(pas)} pages")
@@ -387,11 +443,15 @@ class GpuVm:
             bits |= pte.WRITE
         if prot & Prot.EXEC:
             bits |= pte.EXEC
-        with self.lock:
-            self._write_run(va, [pa | bits for pa in pas])
-            self.mapped_pages += len(pas)
-            if flush:
-                self.flush(va, len(pas) * PAGE_SIZE)
+        reserve = self._prealloc_tables(va, len(pas))
+        try:
+            with self.lock:
+                self._write_run(va, [pa | bits for pa in pas], reserve=reserve)
+                self.mapped_pages += len(pas)
+                if flush:
+                    self.flush(va, len(pas) * PAGE_SIZE)
+        finally:
+            self._return_tables(reserve)
 
     def unmap_pages(self, va: int, npages: int, *, flush: bool = True) -> None:
         """Clear the PTEs of [va, va + npages pages), then flush the TLB for that range.
@@ -405,13 +465,15 @@ class GpuVm:
             if flush:
                 self.flush(va, npages * PAGE_SIZE)
 
-    def _write_run(self, va: int, entries: list[int], create: bool = True) -> None:
+    def _write_run(
+        self, va: int, entries: list[int], create: bool = True, reserve: list[int] | None = None
+    ) -> None:
         mem = self.mem
         i = 0
         n = len(entries)
         while i < n:
             cur = va + i * PAGE_SIZE
-            table = self._l3_table(cur, create)
+            table = self._l3_table(cur, create, reserve)
             idx = pte.index(cur, 3)
             run = min(n - i, pte.ENTRIES_PER_TABLE - idx)
             if table is not None:

@@ -11,6 +11,7 @@ import pytest
 
 from gemu.guest.gemu_drv.sync import SpinLock
 from gemu.guest.kernel import runtime
+from gemu.guest.locking.lockdep import LockClass
 from gemu.host.cli import main
 from gemu.host.explore import engine, repro
 from gemu.host.explore.scenario import SCENARIOS, ExploreConfig, run_schedule
@@ -60,6 +61,7 @@ EXPECTED = {
     "cpu-map-get-pages": {"gpu-fault", "content"},
     "evict-frees-before-unmap": {"mapped-free"},
     "shrinker-blocking-lock": {"lockdep"},
+    "pt-alloc-under-lock": {"lockdep"},
 }
 
 
@@ -217,12 +219,12 @@ def test_spinlock_works_in_both_runtimes():
     """The driver's SpinLock serialises threads in a free-running runtime and hands the baton
     over in a deterministic one (a holder preempted inside it does not hang the run)."""
     for rt in (runtime.FreeRunning(), runtime.Deterministic(seed=1)):
-        lock = SpinLock("t", recursive=True)
+        lock = SpinLock("t", LockClass("t"))
         inside = []
 
         def worker(i, lock=lock, inside=inside):
             for _ in range(20):
-                with lock, lock:
+                with lock:
                     inside.append(i)
                     assert len(inside) == 1
                     runtime.preempt("inside")
