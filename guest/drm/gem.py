@@ -53,11 +53,15 @@ __all__ = [
     "DrmFile",
     "DrmGemObject",
     "DrmGemObjectFuncs",
+    "create_mmap_offset",
     "evict_locked",
+    "free_mmap_offset",
     "get",
     "get_unless_zero",
     "handle_create",
     "handle_delete",
+    "mmap",
+    "mmap_offset",
     "object_lookup",
     "put",
 ]
@@ -66,6 +70,8 @@ PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
 SEMANTICS = ("v19", "mainline")
 """The shmem-helper versions :attr:`DrmDevice.semantics` may name."""
+DRM_FILE_PAGE_OFFSET_START = (0xFFFFFFFF >> PAGE_SHIFT) + 1
+"""First page of the fake mmap offsets (64-bit kernels). Kernel: DRM_FILE_PAGE_OFFSET_START"""
 
 # Reference counts are atomics in the kernel; one process-wide lock plays that role here, so
 # that an object needs no lock of its own (100k objects must stay small).
@@ -88,9 +94,14 @@ class DrmDevice:
     which fences must have signalled before :func:`evict_locked` lets an object go.
     ``leaked`` keeps the objects a v19 free refused to release (their counters were not zero),
     so a test can find them; ``object_count`` is the number of live objects.
+    ``vma_offset_manager`` maps each fake mmap offset (in pages) to its object (the kernel's
+    ``dev->vma_offset_manager``); offsets are handed out in increasing order from
+    :data:`DRM_FILE_PAGE_OFFSET_START` and never reused, where the kernel's drm_mm may reuse a
+    freed range.
     """
 
     __slots__ = (
+        "_next_offset",
         "allocator",
         "idle_usage",
         "leaked",
@@ -99,6 +110,7 @@ class DrmDevice:
         "shmem_mm",
         "swap",
         "unique",
+        "vma_offset_manager",
     )
 
     def __init__(
@@ -120,6 +132,8 @@ class DrmDevice:
         self.shmem_mm: Any = None
         self.object_count = 0
         self.leaked: list[DrmGemObject] = []
+        self.vma_offset_manager: dict[int, DrmGemObject] = {}
+        self._next_offset = DRM_FILE_PAGE_OFFSET_START
 
     @property
     def v19(self) -> bool:
@@ -137,10 +151,11 @@ class DrmGemObjectFuncs:
     object's pages back to the system; it runs with the reservation lock held, raises a
     :class:`~gemu.guest.errors.KernelError` on failure, and must take the object off every LRU
     it frees (``drm_gem_lru_scan`` checks that). ``print_info(obj, out)`` adds lines to a debug
-    dump. One instance is shared by every object of a driver.
+    dump. ``mmap(obj)`` maps the object for userspace once :func:`mmap` found it by its fake
+    offset, and returns the mapping. One instance is shared by every object of a driver.
     """
 
-    __slots__ = ("evict", "free", "print_info")
+    __slots__ = ("evict", "free", "mmap", "print_info")
 
     def __init__(
         self,
@@ -148,10 +163,12 @@ class DrmGemObjectFuncs:
         free: Callable[[DrmGemObject], None] | None = None,
         evict: Callable[[DrmGemObject], None] | None = None,
         print_info: Callable[[DrmGemObject, list[str]], None] | None = None,
+        mmap: Callable[[DrmGemObject], Any] | None = None,
     ) -> None:
         self.free = free
         self.evict = evict
         self.print_info = print_info
+        self.mmap = mmap
 
     def replace(self, **changes: Any) -> DrmGemObjectFuncs:
         """A copy with some callbacks changed (a driver wrapping the helper's defaults)."""
@@ -171,7 +188,8 @@ class DrmGemObject:
     kernel's ``lru_node``). ``filp`` is the shmem file backing the object (None for a private
     object, e.g. an import). ``dma_buf`` is set while the object is exported and
     ``import_attach`` when it was imported; the shrinker leaves both kinds alone. ``name`` is the
-    global (flink) name, 0 when unnamed.
+    global (flink) name, 0 when unnamed. ``vma_node`` is the object's fake mmap offset in pages
+    (the kernel's ``vma_node``), 0 while it has none.
     """
 
     __slots__ = (
@@ -189,6 +207,7 @@ class DrmGemObject:
         "refcount",
         "resv",
         "size",
+        "vma_node",
     )
 
     def __init__(self) -> None:
@@ -205,6 +224,7 @@ class DrmGemObject:
         self.lru_prev: DrmGemObject | None = None
         self.lru_next: DrmGemObject | None = None
         self.name = 0
+        self.vma_node = 0
 
     @property
     def base(self) -> DrmGemObject:
@@ -261,6 +281,7 @@ def object_release(obj: DrmGemObject) -> None:
     from gemu.guest.drm import gem_lru  # gem_lru builds on this module
 
     gem_lru.remove(obj)
+    free_mmap_offset(obj)
     if obj.filp is not None:
         obj.filp.release()
         obj.filp = None
@@ -332,6 +353,66 @@ def evict_locked(obj: DrmGemObject) -> None:
     evict = obj.funcs.evict if obj.funcs is not None else None
     if evict is not None:
         evict(obj)
+
+
+# --- fake mmap offsets ----------------------------------------------------------------------
+
+
+def create_mmap_offset(obj: DrmGemObject) -> int:
+    """Give the object a fake mmap offset (if it has none); return it in bytes.
+
+    Kernel: drm_gem_create_mmap_offset() [drivers/gpu/drm/drm_gem.c]
+    """
+    dev = obj.dev
+    with _atomic:
+        if not obj.vma_node:
+            obj.vma_node = dev._next_offset
+            dev._next_offset += obj.npages
+            dev.vma_offset_manager[obj.vma_node] = obj
+        return obj.vma_node << PAGE_SHIFT
+
+
+def free_mmap_offset(obj: DrmGemObject) -> None:
+    """Remove the object's fake mmap offset: a later mmap of it finds nothing. Mappings made
+    before stay (their pages are zapped separately).
+
+    Kernel: drm_gem_free_mmap_offset() [drivers/gpu/drm/drm_gem.c]
+    """
+    with _atomic:
+        if obj.vma_node:
+            obj.dev.vma_offset_manager.pop(obj.vma_node, None)
+            obj.vma_node = 0
+
+
+def mmap_offset(obj: DrmGemObject) -> int:
+    """The object's fake mmap offset in bytes, 0 when it has none.
+
+    Kernel: drm_vma_node_offset_addr() [include/drm/drm_vma_manager.h]
+    """
+    return obj.vma_node << PAGE_SHIFT
+
+
+def mmap(dev: DrmDevice, offset: int) -> Any:
+    """Map the object found at a fake mmap offset: what ``mmap(fd, offset)`` on a DRM file does.
+
+    Kernel: drm_gem_mmap() [drivers/gpu/drm/drm_gem.c] (drm_vma_offset_exact_lookup_locked,
+    kref_get_unless_zero, then the object's ``funcs.mmap``)
+
+    Raises:
+        Einval: no object has that offset (never had one, freed, or purged: a purge frees the
+            offset), or the object cannot be mapped.
+    """
+    with _atomic:
+        obj = dev.vma_offset_manager.get(offset >> PAGE_SHIFT) if offset % PAGE_SIZE == 0 else None
+    if obj is None or not get_unless_zero(obj):
+        raise Einval(msg=f"no GEM object at mmap offset {offset:#x}")
+    try:
+        mapper = obj.funcs.mmap if obj.funcs is not None else None
+        if mapper is None:
+            raise Einval(msg=f"{obj!r} cannot be mapped")
+        return mapper(obj)
+    finally:
+        put(obj)
 
 
 # --- handles ------------------------------------------------------------------------------

@@ -351,7 +351,12 @@ def object_print_info(obj: DrmGemObject, out: list[str]) -> None:
     print_info(obj, out)
 
 
-FUNCS = DrmGemObjectFuncs(free=object_free, print_info=object_print_info)
+def object_mmap(obj: DrmGemObject) -> ShmemVma:
+    """The ``mmap`` callback :func:`gem.mmap` calls. Kernel: drm_gem_shmem_object_mmap()"""
+    return mmap(obj)
+
+
+FUNCS = DrmGemObjectFuncs(free=object_free, print_info=object_print_info, mmap=object_mmap)
 """Callbacks of an object without a shrinker ``evict`` (the kernel's drm_gem_shmem_funcs).
 A driver adds ``evict`` with ``FUNCS.replace(evict=...)``."""
 
@@ -369,6 +374,7 @@ def create(dev: DrmDevice, size: int, funcs: DrmGemObjectFuncs | None = None) ->
     shmem = DrmGemShmemObject()
     gem.object_init(dev, shmem, gem.page_align(size))
     shmem.funcs = funcs if funcs is not None else FUNCS
+    gem.create_mmap_offset(shmem)
     return shmem
 
 
@@ -387,6 +393,7 @@ def prime_import_sg_table(
     shmem.sgt = sgt
     shmem.import_attach = attach
     shmem.map_wc = False
+    gem.create_mmap_offset(shmem)
     return shmem
 
 
@@ -480,6 +487,8 @@ def _free_pages(shmem: DrmGemShmemObject, what: str = "drm_gem_shmem_free_pages"
 
 def _zap_vmas(shmem: DrmGemShmemObject) -> None:
     """Kernel: drm_vma_node_unmap(): CPU mappings fault again on their next access."""
+    if trace.enabled:
+        trace.instant("gem", "vma_node_unmap", obj=_label(shmem))
     if shmem.vmas:
         for vma in shmem.vmas:
             vma.ptes.clear()
@@ -865,21 +874,26 @@ def purge_locked(shmem: DrmGemShmemObject) -> None:
     Warns (and purges anyway) if the object is not purgeable. v19: ``pages_use_count`` is left
     alone (its holders now hold a purged object; getting pages fails with Enomem). Mainline:
     the sgt and the one page reference it holds are dropped. CPU mappings are zapped; their
-    next access gets :class:`SigBus`.
+    next access gets :class:`SigBus`; v19 skips the zap for an evicted object (its eviction
+    zapped them and a fault since would have swapped it in), as its
+    drm_gem_shmem_shrinker_put_pages_locked() returns early for one. Both free the fake mmap
+    offset (drm_gem_free_mmap_offset()): a new :func:`gem.mmap` of the object fails with
+    Einval, mappings made before stay and SIGBUS.
     """
     dma_resv.assert_held(shmem.resv)
     warn_on(not is_purgeable(shmem), f"purging {shmem!r} which is not purgeable")
-    _zap_vmas(shmem)
     if _v19(shmem):
-        if not shmem.evicted:
+        if not shmem.evicted:  # drm_gem_shmem_shrinker_put_pages_locked()
             _free_pages(shmem, "drm_gem_shmem_purge_locked")
+            _zap_vmas(shmem)
     else:
+        _zap_vmas(shmem)
         if shmem.sgt is not None:
             shmem.sgt = None
             put_pages_locked(shmem)
-        _free_pages(
-            shmem, "drm_gem_shmem_purge_locked"
-        )  # the file is truncated below: no page may outlive it
+        # the file is truncated below: no page may outlive it
+        _free_pages(shmem, "drm_gem_shmem_purge_locked")
+    gem.free_mmap_offset(shmem)
     shmem.filp.truncate()
     shmem.madv = -1
     shmem.evicted = False
