@@ -35,9 +35,9 @@ from dataclasses import dataclass
 from gemu.device.abi import regs
 from gemu.guest.dma_buf import dma_fence, dma_resv
 from gemu.guest.dma_buf.dma_fence import DmaFence
-from gemu.guest.drm import gem, gem_shmem, gem_shmem_shrinker
+from gemu.guest.drm import gem, gem_shmem, gem_shmem_shrinker, vgem_fence
 from gemu.guest.drm import sched as drm_sched
-from gemu.guest.errors import Einval, Enoent, Etimedout, KernelError
+from gemu.guest.errors import Ebusy, Einval, Enoent, Etimedout, KernelError
 from gemu.guest.gemu_drv import job as gjob
 from gemu.guest.gemu_drv.gpu import GemuGpu, KernelFrames
 from gemu.guest.gemu_drv.job import BoAccess, BoRef, GemuJob, Mutant, SubmitHooks, SubmitOrder
@@ -52,6 +52,8 @@ _STATUS_HALTED = regs.STATUS.field("HALTED").mask
 
 READ = BoAccess.READ
 WRITE = BoAccess.WRITE
+FENCE_WRITE = vgem_fence.VGEM_FENCE_WRITE
+"""fence_attach flag: the external fence is a writer (vgem's VGEM_FENCE_WRITE)."""
 DEFAULT_TIMEOUT_NS = 2_000_000_000
 """Job timeout before a hang is declared: panfrost's 500 ms, times four for an emulated GPU
 that shares the host's cores with everything else."""
@@ -530,6 +532,7 @@ class GemuFile:
         self.inflight_lock = threading.Lock()
         self.idle_wq = runtime.WaitQueue(f"{self.name}.idle")
         self.cmd_pool = CmdPool(self)
+        self.ext_fences = vgem_fence.VgemFenceTable(self.name)
         self.closed = False
 
     # -- BOs -------------------------------------------------------------------------------
@@ -702,11 +705,61 @@ class GemuFile:
             msg = fence.message if isinstance(fence, JobFence) else ""
             raise KernelError(-f.error, msg or f"job failed with {f.error}")
 
+    # -- external fences (vgem's fence ioctls) ----------------------------------------------
+    def fence_attach(self, handle: int, flags: int = 0) -> int:
+        """DRM_IOCTL_GEMU_FENCE_ATTACH: make the BO busy from outside the GPU with a new
+        fence, a writer with :data:`FENCE_WRITE` (readers and writers wait for it), else a
+        reader (writers wait); returns the fence's id in this file. The fence signals with
+        :meth:`fence_signal`, or by itself after 10 s of guest time.
+
+        Kernel: vgem_fence_attach_ioctl() (DRM_IOCTL_VGEM_FENCE_ATTACH).
+
+        Raises:
+            Enoent: no such handle. Einval: unknown flags.
+            Ebusy: a conflicting fence is pending (a writer, or any fence for a writer).
+        """
+        bo = self._lookup(handle)
+        return self.ext_fences.attach(bo.obj, flags)
+
+    def fence_signal(self, fence_id: int) -> None:
+        """DRM_IOCTL_GEMU_FENCE_SIGNAL: signal (and forget) an external fence.
+
+        Kernel: vgem_fence_signal_ioctl() (DRM_IOCTL_VGEM_FENCE_SIGNAL).
+
+        Raises:
+            Enoent: no such fence (or already signalled through this call).
+            Etimedout: it had expired before (its 10 s timer signalled it).
+        """
+        self.ext_fences.signal(fence_id)
+
+    def wait_bo(self, handle: int, timeout: float = 10.0) -> None:
+        """DRM_IOCTL_GEMU_WAIT_BO: wait until no fence (GPU job or external) of the BO is
+        pending, readers and writers alike. ``timeout`` 0 only asks whether it is busy.
+
+        Kernel: panfrost_ioctl_wait_bo() (dma_resv_wait_timeout with DMA_RESV_USAGE_READ;
+        0 left becomes -ETIMEDOUT, or -EBUSY for a zero timeout).
+
+        Raises:
+            Enoent: no such handle.
+            Ebusy: ``timeout`` is 0 and the BO is busy.
+            Etimedout: still busy after ``timeout`` seconds.
+        """
+        bo = self._lookup(handle)
+        ns = int(timeout * 1e9)
+        if ns < 0:
+            raise Einval(msg=f"wait_bo: negative timeout {timeout}")
+        usage = dma_resv.DmaResvUsage.READ
+        if dma_resv.wait_timeout(bo.obj.resv, usage, True, ns) == 0:
+            if ns == 0:
+                raise Ebusy(msg=f"{bo.name} is busy")
+            raise Etimedout(msg=f"{bo.name} still busy after {timeout} s")
+
     def close(self) -> None:
         """Kernel: panfrost_postclose() — flush the entity, drop handles, destroy the VM."""
         if self.closed:
             return
         self.closed = True
+        self.ext_fences.close()  # vgem_fence_close(): jobs may wait on them (implicit deps)
         drm_sched.entity_destroy(self.entity)
         self.idle_wq.wait_event(lambda: self.inflight == 0)
         gem.release(self.drm)
@@ -723,6 +776,7 @@ class GemuFile:
 
 
 __all__ = [
+    "FENCE_WRITE",
     "READ",
     "WRITE",
     "BoAccess",
