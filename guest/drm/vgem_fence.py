@@ -67,9 +67,19 @@ class VgemFence(DmaFence):
 
     ``expired`` is set when the timer signalled it (nobody did within the timeout);
     ``timer`` is the task playing the kernel's timer_list, None once it has finished.
+    ``signaled`` and ``message`` give it the view of a job's out-fence
+    (:class:`~gemu.guest.gemu_drv.uapi.JobFence`), so tools list and wait for both alike.
     """
 
     __slots__ = ("_timer_cb", "_timer_wq", "expired", "name", "timer")
+
+    @property
+    def signaled(self) -> bool:
+        return dma_fence.test_signaled_flag(self)
+
+    @property
+    def message(self) -> str:
+        return "expired: nobody signalled it in time" if self.expired else ""
 
     def __repr__(self) -> str:
         state = "signaled" if dma_fence.test_signaled_flag(self) else "pending"

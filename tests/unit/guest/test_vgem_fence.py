@@ -112,6 +112,7 @@ def test_unsignalled_fence_expires_after_the_timeout_on_the_runtime_clock():
         timer = fence.timer
         timer.join()  # the timer task ends once it signalled the fence
         assert not busy(obj) and fence.expired and fence.error == 0
+        assert fence.signaled and "expired" in fence.message
         assert fence.timestamp - t0 == VGEM_FENCE_TIMEOUT_NS
         with pytest.raises(Etimedout, match="had expired"):
             table.signal(fid)
@@ -154,6 +155,7 @@ def test_bad_flags_and_unknown_ids():
         with pytest.raises(Einval, match="flags must be 0"):
             table.signal(fid, 1)
         assert repr(table.fence(fid)).startswith("<VgemFence file1.f1 pending")
+        assert not table.fence(fid).signaled and table.fence(fid).message == ""
         table.signal(fid)
         assert not busy(obj)
         table.close()
