@@ -206,6 +206,11 @@ class VgemFenceTable:
         with self.fence_mutex:
             return self.fence_idr.get(fid)
 
+    def id_of(self, fence: DmaFence) -> int | None:
+        """The id of a pending ``fence`` of this table, or None (a debug view, no ioctl)."""
+        with self.fence_mutex:
+            return next((fid for fid, f in self.fence_idr.items() if f is fence), None)
+
     def close(self) -> None:
         """Signal and drop every fence left. Kernel: vgem_fence_close()"""
         with self.fence_mutex:

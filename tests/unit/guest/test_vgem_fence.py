@@ -156,7 +156,10 @@ def test_bad_flags_and_unknown_ids():
             table.signal(fid, 1)
         assert repr(table.fence(fid)).startswith("<VgemFence file1.f1 pending")
         assert not table.fence(fid).signaled and table.fence(fid).message == ""
+        assert table.id_of(table.fence(fid)) == fid
+        fence = table.fence(fid)
         table.signal(fid)
+        assert table.id_of(fence) is None and table.fence(fid) is None
         assert not busy(obj)
         table.close()
 
