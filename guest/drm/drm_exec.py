@@ -235,6 +235,10 @@ def is_contended(ex: DrmExec) -> bool:
 
 
 def _obj_locked(ex: DrmExec, obj: LockableObject) -> None:
+    """Track a just-locked object and take its reference. Kernel: drm_exec_obj_locked()
+
+    Growing a full table allocates (GFP_KERNEL); if that fails nothing was taken.
+    """
     if len(ex.objects) == ex.max_objects:
         lockdep.might_alloc(GFP_KERNEL)
         hook = should_fail_alloc

@@ -10,7 +10,7 @@ import pytest
 from gemu.guest.dma_buf import dma_resv
 from gemu.guest.drm import drm_exec, gem, gem_shmem
 from gemu.guest.drm.drm_exec import DRM_EXEC_INTERRUPTIBLE_WAIT
-from gemu.guest.errors import Edeadlk
+from gemu.guest.errors import Edeadlk, Enomem
 from gemu.guest.kernel import runtime
 from gemu.guest.locking import lockdep, ww_mutex
 from gemu.guest.mm.page_alloc import PAGE_SIZE
@@ -159,3 +159,21 @@ def test_fini_after_backoff_drops_the_contended_reference(dev):
         assert {id(o) for o in freed} == {id(a), id(seen)}
 
     run(main)
+
+
+def test_failed_table_growth_takes_no_reference(dev, monkeypatch):
+    """When the object table cannot grow (-ENOMEM) the object is unlocked again and holds no
+    reference of the exec (drm_exec_obj_locked fails before drm_gem_object_get)."""
+    freed: list = []
+    a, b = new_bo(dev, freed), new_bo(dev, freed)
+    monkeypatch.setattr(drm_exec, "should_fail_alloc", lambda ex: True)
+    with drm_exec.init(0, 1) as ex:
+        for attempt in drm_exec.until_all_locked(ex):
+            with attempt:
+                drm_exec.lock_obj(ex, a)
+                with pytest.raises(Enomem):
+                    drm_exec.lock_obj(ex, b)
+        assert a.refcount == 2 and b.refcount == 1 and not dma_resv.is_locked(b.resv)
+    gem.put(a)
+    gem.put(b)
+    assert {id(o) for o in freed} == {id(a), id(b)}
