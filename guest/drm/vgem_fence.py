@@ -66,7 +66,7 @@ class VgemFence(DmaFence):
     """A fence signalled from outside (userspace), or by its timer. Kernel: struct vgem_fence
 
     ``expired`` is set when the timer signalled it (nobody did within the timeout);
-    ``timer`` is the task playing the kernel's timer_list, None once it has finished.
+    ``timer`` is the task playing the kernel's timer_list (``timer.done`` once it ended).
     ``signaled`` and ``message`` give it the view of a job's out-fence
     (:class:`~gemu.guest.gemu_drv.uapi.JobFence`), so tools list and wait for both alike.
     """
@@ -96,7 +96,6 @@ def _timer(fence: VgemFence, timeout_ns: int) -> None:
     )
     if not signaled and not dma_fence.check_and_signal(fence):
         fence.expired = True
-    fence.timer = None
 
 
 def fence_create(name: str = "", timeout_ns: int = VGEM_FENCE_TIMEOUT_NS) -> VgemFence:
