@@ -43,6 +43,7 @@ when it is free (non-blocking), reading just what is there. Error replies raise
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import mmap
@@ -121,15 +122,18 @@ class StepResult:
 class SharedMemory:
     """Guest RAM: a memfd of ``size`` bytes mapped shared in this process.
 
-    ``fd`` is what the device maps; ``buf`` is a writable memoryview of the whole range."""
+    ``fd`` is what the device maps; ``buf`` is a writable memoryview of the whole range. The
+    memfd is sealed against shrinking (``F_SEAL_SHRINK``), as the device requires: a
+    truncated file would fault the device's mapping."""
 
     def __init__(self, size: int, name: str = "gemu-guest-ram") -> None:
         if size <= 0 or size % mmap.PAGESIZE:
             raise ValueError(f"guest memory size {size:#x} must be a positive multiple of 4 KiB")
         self.size = size
-        self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        self.fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(self.fd, size)
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
             self._map = mmap.mmap(
                 self.fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE
             )
