@@ -40,6 +40,7 @@ Modelled on ``mm/page_alloc.c`` and ``mm/vmscan.c``. Choices the model makes:
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import math
 import mmap
@@ -107,11 +108,13 @@ class PhysMem:
     @classmethod
     def from_memfd(cls, size: int, name: str = "gemu-ram") -> PhysMem:
         """RAM in a new memfd of ``size`` bytes, mapped shared; ``fd`` can be passed to the
-        device so that both sides see the same frames. :meth:`close` unmaps and closes it."""
+        device so that both sides see the same frames (sealed against shrinking, as the device
+        requires). :meth:`close` unmaps and closes it."""
         size = -(-size // PAGE_SIZE) * PAGE_SIZE
-        fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(fd, size)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
             mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             os.close(fd)
