@@ -5,7 +5,10 @@ give the same interface:
 
 - :class:`MappedMemory` wraps a writable buffer: a ``bytearray`` in tests, or the machine's
   memfd mapped ``MAP_SHARED`` (:meth:`MappedMemory.from_fd`), so device DMA is a plain memory
-  access with no message;
+  access with no message. Only a memfd sealed against shrinking (``F_SEAL_SHRINK``) of exactly
+  the announced size is mapped: a page of a shared mapping that the file no longer covers
+  raises SIGBUS on access, so a file the client could truncate (an unsealed memfd, a regular
+  file) would let it kill the device; ``/dev/zero`` and other special files are refused too;
 - :class:`InBandMemory` forwards every access to two callables that the protocol server
   provides (they issue DMA_READ/DMA_WRITE messages), split into chunks of at most
   ``protocol.MAX_DMA`` bytes.
@@ -21,7 +24,9 @@ command processor turns it into a CP error or an MMU bus fault, never an ``Index
 
 from __future__ import annotations
 
+import fcntl
 import mmap
+import os
 import struct
 from collections.abc import Callable
 
@@ -108,7 +113,9 @@ class MappedMemory(GuestMemory):
 
     @classmethod
     def from_fd(cls, fd: int, size: int) -> MappedMemory:
-        """Map ``size`` bytes of a shared file (the machine's memfd) ``MAP_SHARED``."""
+        """Map ``size`` bytes of the machine's memfd ``MAP_SHARED``; ValueError unless
+        :func:`check_sealed_memfd` accepts it."""
+        check_sealed_memfd(fd, size)
         m = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         return cls(m, _owned=m)
 
@@ -168,6 +175,29 @@ class MappedMemory(GuestMemory):
         if self._owned is not None:
             self._owned.close()
             self._owned = None
+
+
+def check_sealed_memfd(fd: int, size: int) -> None:
+    """ValueError naming what is wrong unless ``fd`` is a memfd (or another sealable shmem
+    file) that can never shrink below ``size`` bytes: ``F_GET_SEALS`` works on it, its seals
+    include ``F_SEAL_SHRINK`` and it holds exactly ``size`` bytes. Seals cannot be removed, so
+    what is checked here holds for as long as the mapping lives."""
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError as exc:
+        raise ValueError(
+            f"the descriptor is not a memfd (F_GET_SEALS: {exc.strerror}); guest memory must be "
+            "a memfd sealed with F_SEAL_SHRINK"
+        ) from None
+    if not seals & fcntl.F_SEAL_SHRINK:
+        raise ValueError(
+            "the memfd is not sealed with F_SEAL_SHRINK (seals "
+            f"{seals:#x}), so it could be truncated under the device; create it with "
+            "MFD_ALLOW_SEALING and add F_SEAL_SHRINK (fcntl F_ADD_SEALS) before MEM_MAP"
+        )
+    held = os.fstat(fd).st_size
+    if held != size:
+        raise ValueError(f"the memfd holds {held:#x} bytes, but MEM_MAP announces {size:#x}")
 
 
 class InBandMemory(GuestMemory):

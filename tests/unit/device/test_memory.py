@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 
@@ -81,9 +82,10 @@ def test_readonly_buffer_rejected():
 
 def test_from_fd_shares_memory_with_other_mappings():
     """from_fd maps MAP_SHARED: a write by the device is seen through another mapping."""
-    fd = os.memfd_create("gemu-test")
+    fd = os.memfd_create("gemu-test", os.MFD_ALLOW_SEALING)
     try:
         os.ftruncate(fd, 1 << 16)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
         mem = MappedMemory.from_fd(fd, 1 << 16)
         other = mmap.mmap(fd, 1 << 16, flags=mmap.MAP_SHARED)
         mem.write_u32(0x40, 0xA5A5A5A5)

@@ -1,0 +1,117 @@
+"""A hostile or careless client cannot kill or wedge the real ``gemu device`` process.
+
+Each test spawns the device (tests.support.device.spawn_device) and does what a broken or
+malicious peer would: shrink the guest RAM it shared, never read its replies, flood the device
+with descriptors, move a large frame in band. The device must stay up, answer others within a
+bound and say in its log what it refused.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from gemu.device.abi import protocol as p
+from gemu.device.abi import regs
+from gemu.device.abi.client import DeviceError, SharedMemory
+from tests.support.device import spawn_device
+
+SCRATCH0 = regs.SCRATCH[0].offset
+RAM = 1 << 20
+
+
+class RawMemfd:
+    """Guest RAM as a careless client makes it: a memfd with whatever seals it was given."""
+
+    def __init__(self, size: int, *, seals: int = 0) -> None:
+        self.size = size
+        self.fd = os.memfd_create("hostile-ram", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        os.ftruncate(self.fd, size)
+        if seals:
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, seals)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def _until(predicate, timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"no {what} within {timeout} s"
+        time.sleep(0.005)
+
+
+# --- guest memory that could shrink -------------------------------------------------------------
+
+
+def test_an_unsealed_memfd_is_refused_so_shrinking_it_cannot_kill_the_device():
+    """MEM_MAP of a memfd without F_SEAL_SHRINK is refused; the client then shrinks it and
+    asks for a physical read: the device answers (ENODEV) instead of dying of SIGBUS."""
+    with spawn_device() as dev:
+        client = dev.connect()
+        ram = RawMemfd(RAM)
+        with pytest.raises(DeviceError, match=r"EINVAL: .*F_SEAL_SHRINK") as err:
+            client.attach_memory(ram)
+        assert err.value.errno == p.ProtoError.EINVAL
+        os.ftruncate(ram.fd, 0)
+        with pytest.raises(DeviceError, match="ENODEV"):
+            client.mem_read(p.SPACE_PHYS, 0, 4096)
+        assert client.readl(regs.GPU_ID.offset) == regs.GPU_ID_VALUE
+        client.close()
+        ram.close()
+        assert dev.alive()
+        assert "F_SEAL_SHRINK" in dev.log()
+
+
+@pytest.mark.parametrize(
+    "make, text",
+    [
+        (lambda tmp: os.open("/dev/zero", os.O_RDWR), "not a memfd"),
+        (lambda tmp: _regular_file(tmp, RAM), "not a memfd"),
+        (lambda tmp: RawMemfd(RAM // 2, seals=fcntl.F_SEAL_SHRINK).fd, "holds 0x80000 bytes"),
+    ],
+    ids=["dev-zero", "regular-file", "wrong-size"],
+)
+def test_memory_that_is_not_a_shrink_sealed_memfd_of_the_size_is_refused(tmp_path, make, text):
+    """/dev/zero, a regular file (which another process may truncate) and a sealed memfd of
+    the wrong size are each refused with EINVAL naming why; the device stays up."""
+    with spawn_device() as dev:
+        client = dev.connect()
+        fd = make(tmp_path)
+
+        class Backing:
+            size = RAM
+
+        Backing.fd = fd
+        with pytest.raises(DeviceError, match=text):
+            client.attach_memory(Backing())
+        os.close(fd)
+        assert client.readl(regs.GPU_ID.offset) == regs.GPU_ID_VALUE
+        client.close()
+        assert dev.alive()
+
+
+def _regular_file(tmp: Path, size: int) -> int:
+    fd = os.open(tmp / "ram", os.O_RDWR | os.O_CREAT, 0o600)
+    os.ftruncate(fd, size)
+    return fd
+
+
+def test_the_client_library_seals_its_guest_ram():
+    """SharedMemory (the machine's guest RAM) is sealed against shrinking: ftruncate fails,
+    so the device's mapping can never lose a page."""
+    with SharedMemory(RAM) as ram:
+        seals = fcntl.fcntl(ram.fd, fcntl.F_GET_SEALS)
+        assert seals & fcntl.F_SEAL_SHRINK
+        with pytest.raises(PermissionError):
+            os.ftruncate(ram.fd, 0)
+        with spawn_device() as dev:
+            client = dev.connect()
+            assert client.attach_memory(ram) == "fd"
+            ram.write_u32(0x1000, 0xCAFE)
+            assert client.mem_read(p.SPACE_PHYS, 0x1000, 4) == b"\xfe\xca\0\0"
+            client.close()
