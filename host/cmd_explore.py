@@ -34,6 +34,16 @@ def _positive(text: str) -> int:
     return value
 
 
+def _natural(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+    if not 0 <= value <= 16:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}: must be 0 to 16")
+    return value
+
+
 def _seed(text: str) -> int:
     try:
         return int(text, 0)
@@ -56,9 +66,28 @@ def register(sub: argparse._SubParsersAction) -> None:
         "scenario",
         nargs="?",
         default="standard",
-        help="a built-in scenario (standard, small) or a job script file (default: standard)",
+        help="a built-in scenario (standard, small, race) or a job script file (default: standard)",
     )
-    p.add_argument("--strategy", choices=("random", "pct"), default="random")
+    p.add_argument(
+        "--strategy",
+        choices=("random", "pct", "exhaustive"),
+        default="random",
+        help="random or pct sample --schedules seeded schedules; exhaustive enumerates every "
+        "schedule with at most --preemption-bound preemptions, in this process "
+        "(default: random)",
+    )
+    p.add_argument(
+        "--preemption-bound",
+        type=_natural,
+        default=1,
+        metavar="K",
+        help="exhaustive: the most preemptions a schedule may have (default: 1)",
+    )
+    p.add_argument(
+        "--no-reduction",
+        action="store_true",
+        help="exhaustive: run every schedule, also those equivalent to one already explored",
+    )
     p.add_argument("--schedules", type=_positive, default=100, metavar="N")
     p.add_argument("--seed", type=_seed, default=0, metavar="S", help="seed of schedule 0")
     p.add_argument(
@@ -172,11 +201,13 @@ def _replay(args, parser) -> int:
 
 
 def cmd_explore(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from gemu.host.explore import engine, repro
+    from gemu.host.explore import engine
 
     if args.replay:
         return _replay(args, parser)
     cfg = _config(args, parser)
+    if cfg.strategy == "exhaustive":
+        return _exhaustive(args, cfg)
     workers = args.workers or engine.default_workers()
 
     def progress(rep) -> None:
@@ -199,7 +230,37 @@ def cmd_explore(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         progress=progress,
     )
     print(f"explore: {report.summary()}")
-    first = report.first
+    return _report_violation(args, cfg, report.first)
+
+
+def _exhaustive(args: argparse.Namespace, cfg) -> int:
+    from gemu.host.explore.exhaustive import BoundedSearch
+
+    def progress(res, pending: int) -> None:
+        if not args.quiet and res.run % 100 == 0:
+            print(
+                f"explore: {res.run} schedules ({res.complete} complete, {res.pruned} pruned), "
+                f"{pending} branches pending, {len(res.violating)} violations, "
+                f"{res.rate:.1f} schedules/s",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    search = BoundedSearch(
+        cfg,
+        args.preemption_bound,
+        reduce=not args.no_reduction,
+        keep_going=args.keep_going,
+        progress=progress,
+    )
+    result = search.run()
+    print(f"explore: {result.statement()}; {result.rate:.1f} schedules/s")
+    return _report_violation(args, search.cfg, result.first)
+
+
+def _report_violation(args: argparse.Namespace, cfg, first) -> int:
+    from gemu.host.explore import repro
+
     if first is None:
         return 0
     _print_result(first)

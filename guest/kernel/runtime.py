@@ -86,6 +86,12 @@ class ReplayDivergence(RuntimeError):
     """A replayed schedule names a task that cannot run: the program is not deterministic."""
 
 
+class RunAbandoned(BaseException):
+    """Raised by a :attr:`Deterministic.chooser` to give up the run (a search found that
+    what follows was already explored); :meth:`Deterministic.run` unwinds every task and
+    re-raises it."""
+
+
 class _Killed(BaseException):
     """Unwinds the tasks of an aborted deterministic run; never escapes the runtime."""
 
@@ -135,6 +141,10 @@ class Task:
         self._blocked = False
         self._deadline: int | None = None
         self._priority = 0.0
+        # What the task's current transition (its run since its last preemption point) began
+        # with and touched; kept only while a Deterministic.recorder is set.
+        self._label = "start"
+        self._touched: set[str] | None = None
 
     def __repr__(self) -> str:
         state = "done" if self.done else ("blocked" if self._blocked else "runnable")
@@ -279,6 +289,9 @@ class WaitQueue:
         """Wake every task sleeping on this queue; each re-tests its condition.
         Kernel: wake_up_all()."""
         if self._det_waiters:
+            waker = getattr(_local, "task", None)
+            if waker is not None and waker._touched is not None:
+                waker._touched.add(self.name)
             waiters, self._det_waiters = self._det_waiters, []
             for task in waiters:
                 task.runtime._wake(task)
@@ -709,6 +722,21 @@ class Deterministic(Runtime):
         self._done = threading.Lock()
         self._pct = strategy == "pct"
         self._change_points: dict[int, float] = {}
+        self.quiet = False
+        """While True, no decision is made: the task at a preemption point goes on, and one
+        that blocks or exits hands over to the next runnable task in tid order (a scenario's
+        set-up phase, which is not part of the race it explores). Not recorded in
+        ``schedule``: a replay is quiet at the same points."""
+        self.chooser: Callable[[Deterministic, list[Task]], Task] | None = None
+        """Makes every decision the replay does not (a systematic search): called with the
+        runtime and the runnable tasks (tid order); ``current()`` is the task that reached the
+        preemption point, itself among them unless it blocked or exited. May raise
+        :class:`RunAbandoned`."""
+        self.recorder: Callable[[Task, str | None], None] | None = None
+        """Called when a task's transition ends (at a preemption point, when it blocks, when it
+        exits) with the task and the label of its next transition (None: it exited). The
+        task's ``_label`` and ``_touched`` (wait queues it used) describe the transition that
+        ended; the recorder resets them."""
         if self._pct:
             span = max(1, pct_steps or 64)
             points = self.rng.sample(range(1, span + 1), min(max(pct_depth - 1, 0), span))
@@ -836,11 +864,16 @@ class Deterministic(Runtime):
         if task in self._runnable:
             self._runnable.remove(task)
         task._exit_wq.wake_up_all()
+        if self.recorder is not None and not self._aborting:
+            self.recorder(task, None)
         if self._aborting:
             return self._kill_next()
         if self._alive == 0:
             return None
-        nxt = self._pick_or_advance()
+        try:
+            nxt = self._pick_or_advance()
+        except _Killed:  # the decision abandoned the run
+            return self._kill_next()
         if nxt is None:
             self._fail(self._deadlock())
             return self._kill_next()
@@ -873,21 +906,37 @@ class Deterministic(Runtime):
         runnable = self._runnable
         if len(runnable) <= 1:
             return runnable[0] if runnable else None
+        if self.quiet:
+            return round_robin(current(), runnable)
         if self._replay is not None and self._replay_pos < len(self._replay):
             tid = self._replay[self._replay_pos]
             self._replay_pos += 1
             task = self._by_tid.get(tid)
             if task is None or task not in runnable:
-                raise ReplayDivergence(
-                    f"replay decision {self._replay_pos - 1} picks task {tid}, but only "
-                    f"{[t.tid for t in runnable]} can run"
+                self._abandon(
+                    ReplayDivergence(
+                        f"replay decision {self._replay_pos - 1} picks task {tid}, but only "
+                        f"{[t.tid for t in runnable]} can run"
+                    )
                 )
+        elif self.chooser is not None:
+            try:
+                task = self.chooser(self, runnable)
+            except (RunAbandoned, ReplayDivergence) as exc:
+                self._abandon(exc)
         elif self._pct:
             task = max(runnable, key=_priority)
         else:
             task = runnable[int(self._random() * len(runnable))]
         self.schedule.append(task.tid)
         return task
+
+    def _abandon(self, exc: BaseException) -> None:
+        """End the run with ``exc`` from inside a scheduling decision. The task that asked
+        may sit half-way into blocking (off the run queue), so its own code must not go on:
+        it unwinds like every other task, and :meth:`run` raises ``exc``."""
+        self._fail(exc)
+        raise _Killed
 
     def _pick_or_advance(self) -> Task | None:
         if not self._runnable and self._timed:
@@ -911,6 +960,8 @@ class Deterministic(Runtime):
             raise _Killed
         self.steps += 1
         self.event_log.append(f"{self.steps} {task.name} {reason}")
+        if self.recorder is not None:
+            self.recorder(task, reason)
         if self.max_steps is not None and self.steps > self.max_steps:
             self._fail(
                 LivelockError(
@@ -930,6 +981,9 @@ class Deterministic(Runtime):
     def _block(self, task: Task, deadline: int | None) -> None:
         task._blocked = True
         self._runnable.remove(task)
+        if self.recorder is not None:
+            wq = task._waiting_on
+            self.recorder(task, f"wake {wq.name if wq is not None else '?'}")
         if deadline is not None:
             task._deadline = deadline
             self._timed.append(task)
@@ -954,6 +1008,8 @@ class Deterministic(Runtime):
 
     def _wait_event(self, task, wq, cond, timeout_ns, interruptible, reason) -> bool:
         lock = wq.lock
+        if task._touched is not None:
+            task._touched.add(wq.name)
         with lock:
             if cond():
                 return True
@@ -993,6 +1049,13 @@ class Deterministic(Runtime):
         lines += [describe_task(t) for t in self.tasks if not t.done]
         lines.append(f"replay: {self.replay_hint}")
         return DeadlockError("\n".join(lines))
+
+
+def round_robin(cur: Task, runnable: list[Task]) -> Task:
+    """``cur`` if it can go on, else the runnable task after it in tid order (wrapping)."""
+    if cur in runnable:
+        return cur
+    return next((t for t in runnable if t.tid > cur.tid), runnable[0])
 
 
 def _priority(task: Task) -> float:

@@ -15,7 +15,11 @@ CRC32 of shared into private, and madvise churn on the scratch BO: DONTNEED, a j
 re-creating the BO when the shrinker purged it). Guest RAM is squeezed by a balloon to
 ``free_frames`` free frames (watermarks min 2, low 4, high 8), so swap-ins wake kswapd, and a
 ``hog`` task takes a working set of frames ``reclaims`` times (reclaiming directly when it must)
-and gives it back. The GPU executes a few packets per step as a runtime task.
+and gives it back. The GPU executes a few packets per step as a runtime task. With ``hangs``
+(the ``hang`` scenario) the first ``hangs`` tasks start with a job that waits forever: the
+scheduler's timeout resets the GPU while the others submit and reclaim, and that job must
+fail with -ETIMEDOUT. A mutant that only a GPU reset exercises (``reset-allocates``) is
+explored on that scenario (:data:`MUTANT_SCENARIO`).
 
 A job script scenario (``Scenario.script``, :mod:`.jobscripts`) runs the script through the
 shell in the main task instead of the submitters, on a machine that is not squeezed; its hog
@@ -49,11 +53,12 @@ import zlib
 from dataclasses import asdict, dataclass, field, replace
 
 from gemu.device.abi import packets as pk
+from gemu.device.abi.enums import WaitFunc
 from gemu.guest import errors
 from gemu.guest.dma_buf import dma_fence
 from gemu.guest.dma_buf.dma_resv import DmaResvUsage
 from gemu.guest.drm import gem
-from gemu.guest.errors import Einval, Enomem, KernelError
+from gemu.guest.errors import Einval, Enomem, Etimedout, KernelError
 from gemu.guest.gemu_drv.job import Mutant
 from gemu.guest.gemu_drv.uapi import READ, WRITE, GemuDriver, GemuFile
 from gemu.guest.kernel import runtime
@@ -103,14 +108,47 @@ class Scenario:
     cmd_pool_pages: int = 4
     swap_pages: int = 0
     """Swap slots (0: as many as ``ram_pages``)."""
+    hangs: int = 0
+    """Tasks (the first ``hangs``) whose first job hangs the GPU until the timeout's reset."""
     script: str = ""
     """A job script's path (``name`` "script"): the main task runs it through the shell
     (:mod:`.jobscripts`) instead of the built-in submitters."""
     script_text: str = ""
     """The script's text as it was when the campaign started (replays use this copy)."""
+    quiet_setup: bool = False
+    """Make no scheduling decision before the submitters start and after they and the hog
+    have finished (the runtime's ``quiet``): booting, creating the BOs, squeezing RAM and the
+    teardown run as one fixed sequence, so a systematic search spends its budget on the race
+    itself. The invariants are checked all the same."""
 
 
-SCENARIOS = {"standard": Scenario(), "small": Scenario(name="small", tasks=2, files=1, jobs=3)}
+SCENARIOS = {
+    "standard": Scenario(),
+    "small": Scenario(name="small", tasks=2, files=1, jobs=3),
+    "hang": Scenario(name="hang", hangs=1),
+    # built for --strategy exhaustive: two submitters (one file each) against one reclaimer
+    # over one shared and one private BO each, the set-up quiet
+    "race": Scenario(
+        name="race",
+        tasks=2,
+        files=2,
+        jobs=2,
+        shared_bos=1,
+        private_bos=1,
+        reclaims=1,
+        quiet_setup=True,
+    ),
+}
+
+
+MUTANT_SCENARIO = {"reset-allocates": "hang"}
+"""The built-in scenario a mutant is explored on when none is named: the reset path only
+runs when a job hangs."""
+
+
+def scenario_for_mutant(mutant: str) -> Scenario:
+    """The built-in scenario ``gemu explore --mutant M`` and the mutant table use for M."""
+    return SCENARIOS[MUTANT_SCENARIO.get(mutant, "standard")]
 
 
 @dataclass(frozen=True)
@@ -326,6 +364,8 @@ class _Run:
         if sc.script:
             self.script_scenario()
             return
+        rt = runtime.current_runtime()
+        rt.quiet = sc.quiet_setup
         self.boot()
         self.files = [self.drv.open() for _ in range(min(sc.files, sc.tasks))]
         size = sc.bo_pages * PAGE
@@ -347,11 +387,13 @@ class _Run:
         self.plans = make_plan(sc, self.seed)
         self.states = [self._task_setup(t) for t in range(sc.tasks)]
         self._squeeze()
+        rt.quiet = False
         tasks = [runtime.spawn(self.submitter, t, name=f"submit{t}") for t in range(sc.tasks)]
         if sc.reclaims:
             tasks.append(runtime.spawn(self.hog, name="hog"))
         for task in tasks:
             task.join()
+        rt.quiet = sc.quiet_setup
         self.teardown()
 
     def script_scenario(self) -> None:
@@ -393,7 +435,10 @@ class _Run:
         sc = self.sc
         f = self.files[t % len(self.files)]
         size = sc.bo_pages * PAGE
-        st = {"file": f, "private": [], "ref": [], "scratch": None}
+        st = {"file": f, "private": [], "ref": [], "scratch": None, "sem": None}
+        if t < sc.hangs:
+            h = f.create_bo(PAGE, name=f"t{t}sem")
+            st["sem"] = (h, f.vm_bind(h))
         for p in range(sc.private_bos):
             h = f.create_bo(size, name=f"t{t}p{p}")
             data = _pattern(self.seed * 1000 + 100 + t * 10 + p, size)
@@ -436,6 +481,11 @@ class _Run:
         f: GemuFile = st["file"]
         size = sc.bo_pages * PAGE
         pending = []
+        hang = None
+        if st["sem"] is not None:  # WAIT_MEM for a value nobody writes: only a reset ends it
+            sh, sva = st["sem"]
+            hang = f.submit(pk.wait_mem(sva, 1, function=WaitFunc.EQ), bos=[(sh, READ)])
+            self.fences.append((f"task {t} hang", hang))
         for j, op in enumerate(self.plans[t]):
             kind, wait = op[0], op[-1]
             what = f"task {t} job {j} ({kind})"
@@ -472,6 +522,8 @@ class _Run:
             if wait:
                 self._wait_all(f, pending)
         self._wait_all(f, pending)
+        if hang is not None:
+            self._wait_hang(f, hang, f"task {t} hang")
         for p, (ph, _va) in enumerate(st["private"]):
             self._compare(f, ph, st["ref"][p], f"task {t} private BO {p}")
 
@@ -516,6 +568,17 @@ class _Run:
                 kind = "gpu-fault" if "fault" in msg.lower() else "job-error"
                 self.violate(kind, f"{what}: {msg}")
         pending.clear()
+
+    def _wait_hang(self, f: GemuFile, fence, what: str) -> None:
+        """The hanging job must end by the timeout's reset, with -ETIMEDOUT."""
+        try:
+            f.wait(fence, timeout=None)
+        except Etimedout:
+            return
+        except KernelError as exc:
+            self.violate("job-error", f"{what}: {fence.message or exc}")
+            return
+        self.violate("job-error", f"{what}: a job waiting forever completed without a reset")
 
     def _compare(self, f: GemuFile, h: int, ref: bytes, what: str) -> None:
         try:
@@ -637,12 +700,18 @@ def run_schedule(
     replay: list[int] | None = None,
     *,
     keep_log: bool = False,
+    search=None,
 ) -> ScheduleResult:
-    """Run one schedule of ``cfg`` with ``seed`` (or the recorded ``replay`` decisions)."""
+    """Run one schedule of ``cfg`` with ``seed`` (or the recorded ``replay`` decisions).
+
+    ``search`` (:mod:`.exhaustive`) makes the decisions instead of the strategy: its
+    ``attach(rt)`` installs the runtime's chooser and recorder; a run it abandons raises
+    :class:`~gemu.guest.kernel.runtime.RunAbandoned`."""
     cfg = resolve(cfg)
     rt = ExploreRuntime(
         seed,
-        strategy=cfg.strategy,
+        # an exhaustive search's chooser makes every decision (see .exhaustive)
+        strategy="random" if cfg.strategy == "exhaustive" else cfg.strategy,
         pct_depth=cfg.pct_depth,
         pct_steps=cfg.pct_steps,
         replay=replay,
@@ -650,6 +719,8 @@ def run_schedule(
         strict=False,
         backend=cfg.backend,
     )
+    if search is not None:
+        search.attach(rt)
     run = _Run(cfg, seed)
     was_strict = errors.is_strict()
     errors.set_strict(False)
@@ -671,7 +742,7 @@ def run_schedule(
         run.violate("deadlock", str(exc).split("\n")[0])
     except runtime.LivelockError as exc:
         run.violate("deadlock", f"livelock: {str(exc).splitlines()[0]}")
-    except runtime.ReplayDivergence:
+    except (runtime.ReplayDivergence, runtime.RunAbandoned):
         raise
     except BaseException as exc:
         if isinstance(exc, runtime.ReplayDivergence):
@@ -716,6 +787,7 @@ def scenario_from_args(name: str, **overrides) -> Scenario:
 
 __all__ = [
     "KINDS",
+    "MUTANT_SCENARIO",
     "SCENARIOS",
     "ExploreConfig",
     "Scenario",
@@ -726,4 +798,5 @@ __all__ = [
     "measured_pct_steps",
     "resolve",
     "run_schedule",
+    "scenario_for_mutant",
 ]

@@ -87,6 +87,7 @@ def bench(quick: bool) -> list[Row]:
             aim=">= 1.5x on two cores",
         )
     )
+    rows += _exhaustive_rows()
     one = 1 / rates[1]
     for mutant in MUTANTS[1:]:
         t0 = time.perf_counter()
@@ -106,3 +107,36 @@ def bench(quick: bool) -> list[Row]:
             )
         )
     return rows
+
+
+def _exhaustive_rows() -> list[Row]:
+    """The bounded search on ``race`` at K=1, with and without the reduction."""
+    from gemu.host.explore.exhaustive import BoundedSearch
+    from gemu.host.explore.scenario import SCENARIOS
+
+    cfg = ExploreConfig(scenario=SCENARIOS["race"])
+    naive = BoundedSearch(cfg, 1, reduce=False, keep_going=True).run()
+    reduced = BoundedSearch(cfg, 1, reduce=True, keep_going=True).run()
+    assert reduced.outcomes == naive.outcomes
+    return [
+        Row(
+            issue=15,
+            name="exhaustive search, race K=1: distinct interleavings/s",
+            value=reduced.complete / reduced.elapsed_s,
+            unit="interleavings/s",
+            limit_name="naive enumeration, schedules/s, same run",
+            limit_value=naive.rate,
+            aim="informational",
+            note=f"{reduced.complete} classes, {reduced.run} runs, {reduced.pruned} pruned",
+        ),
+        Row(
+            issue=15,
+            name="exhaustive search, race K=1: reduction (naive / reduced complete runs)",
+            value=naive.complete / reduced.complete,
+            unit="x",
+            limit_name="no reduction",
+            limit_value=1.0,
+            aim=">= 10x",
+            note=f"naive {naive.complete} schedules, reduced {reduced.complete}",
+        ),
+    ]

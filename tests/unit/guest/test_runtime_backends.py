@@ -19,9 +19,7 @@ def _program(shape: int):
     rnd = random.Random(shape)
     nr_tasks = rnd.randint(2, 5)
     nr_locks = rnd.randint(1, 3)
-    plans = [
-        [rnd.choice("lwpsx") for _ in range(rnd.randint(3, 12))] for _ in range(nr_tasks)
-    ]
+    plans = [[rnd.choice("lwpsx") for _ in range(rnd.randint(3, 12))] for _ in range(nr_tasks)]
     fail_at = rnd.choice([None, None, None, (rnd.randrange(nr_tasks), rnd.randrange(3))])
 
     def main():
@@ -129,3 +127,49 @@ def test_a_diverging_replay_unwinds_every_task():
 def test_unknown_backend_is_refused():
     with pytest.raises(ValueError, match="unknown backend 'fibers'"):
         runtime.Deterministic(0, backend="fibers")
+
+
+@pytest.mark.parametrize("backend", ["greenlet", "threads"])
+def test_a_chooser_abandoning_the_run_while_a_task_blocks_unwinds_it(backend):
+    """A chooser that gives up the run at the decision a blocking task asks for: the task,
+    already off the run queue, does not go on with its own code (its cleanup reaches a
+    preemption point, which would otherwise hand the CPU away and strand it); every task is
+    unwound and run() raises RunAbandoned."""
+    after_block = []
+
+    def main():
+        wq = runtime.WaitQueue("never")
+
+        def sleeper():
+            try:
+                wq.wait_event(lambda: False)
+            finally:
+                runtime.preempt("cleanup")  # would switch away under a live run
+                after_block.append("cleanup went on")
+
+        def steps(what):
+            for _ in range(5):
+                runtime.preempt(what)
+
+        runtime.spawn(steps, "other step", name="other")
+        runtime.spawn(sleeper, name="sleeper")
+        steps("main step")
+
+    calls = []
+
+    def chooser(rt, runnable):
+        calls.append(runtime.current().name)
+        cur = runtime.current()
+        if cur.name == "sleeper" and cur not in runnable and "abandoned" not in calls:
+            calls.append("abandoned")
+            raise runtime.RunAbandoned("explored")
+        sleeper = [t for t in runnable if t.name == "sleeper"]
+        return sleeper[0] if sleeper else runtime.round_robin(runtime.current(), runnable)
+
+    rt = runtime.Deterministic(0, backend=backend)
+    rt.chooser = chooser
+    with pytest.raises(runtime.RunAbandoned):
+        rt.run(main)
+    assert "abandoned" in calls
+    assert after_block == []
+    assert all(t.done for t in rt.tasks)
