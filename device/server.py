@@ -50,8 +50,8 @@ from collections.abc import Callable
 from typing import Any
 
 from gemu.device import transport
+from gemu.device.abi import link, regs
 from gemu.device.abi import protocol as p
-from gemu.device.abi import regs
 from gemu.device.abi.enums import CpState
 from gemu.device.memory import BusError, InBandMemory, MappedMemory
 
@@ -76,6 +76,7 @@ _ERROR = int(p.MsgFlags.ERROR)
 _REG_READ = int(p.Command.REG_READ)
 _REG_WRITE = int(p.Command.REG_WRITE)
 _VERSION = int(p.Command.VERSION)
+_MEM_MAP = int(p.Command.MEM_MAP)
 _MMIO_SIZE = regs.MMIO_SIZE
 
 
@@ -544,12 +545,29 @@ class DeviceServer:
                 frame = self._next_frame(s)
                 if frame is None:
                     break
+                if s.conn.accept_fds and frame[1] != _MEM_MAP:
+                    self._drop_stray_fds(s, frame[1])
                 self._handle(s, *frame)
         except _Disconnected as exc:
             self._end_session(str(exc))
             return
         if not s.alive and self.session is s:
             self._end_session("connection lost")
+
+    def _drop_stray_fds(self, s: _Session, command: int) -> None:
+        """Close the descriptors that came with a frame other than MEM_MAP before handling it
+        (MEM_MAP takes them all and closes what it does not map, success or not). A UNIX
+        socket read stops after the data a descriptor came with, so while more bytes are
+        buffered the newest ones may belong to the next frame: up to MAX_FDS wait for it."""
+        keep = link.MAX_FDS if s.end > s.start else 0
+        dropped = s.conn.drop_fds(keep)
+        if dropped:
+            log.warning(
+                "client %s: closed %d descriptor(s) sent with %s, which takes none",
+                s.conn.name,
+                dropped,
+                _command_name(command),
+            )
 
     # --- sending ---------------------------------------------------------------------------
 

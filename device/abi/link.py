@@ -157,6 +157,10 @@ class Connection:
         """Descriptors received so far (the caller owns them now)."""
         return []
 
+    def drop_fds(self, keep: int = 0) -> int:
+        """Close the descriptors received so far but the newest ``keep``; how many closed."""
+        return 0
+
     def fileno(self) -> int | None:
         return None
 
@@ -218,6 +222,16 @@ class SocketConnection(Connection):
     def take_fds(self) -> list[int]:
         fds, self._fds = self._fds, []
         return fds
+
+    def drop_fds(self, keep: int = 0) -> int:
+        fds = self._fds
+        if len(fds) <= keep:
+            return 0
+        stale = fds[: len(fds) - keep]
+        self._fds = fds[len(fds) - keep :]
+        for fd in stale:
+            os.close(fd)
+        return len(stale)
 
     def fileno(self) -> int | None:
         return None if self._closed else self.sock.fileno()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import socket
 import time
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from gemu.device.abi import protocol as p
 from gemu.device.abi import regs
 from gemu.device.abi.client import DeviceError, SharedMemory
 from tests.support.device import spawn_device
+from tests.unit.device.test_server import Raw, error_of
 
 SCRATCH0 = regs.SCRATCH[0].offset
 RAM = 1 << 20
@@ -115,3 +117,40 @@ def test_the_client_library_seals_its_guest_ram():
             ram.write_u32(0x1000, 0xCAFE)
             assert client.mem_read(p.SPACE_PHYS, 0x1000, 4) == b"\xfe\xca\0\0"
             client.close()
+
+
+# --- descriptors nobody asked for --------------------------------------------------------------
+
+
+def _open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_descriptors_sent_with_requests_that_take_none_are_closed_at_once():
+    """3,000 requests with 4 descriptors each (register reads, a malformed frame, a request
+    before VERSION, a refused MEM_MAP) leave the device with the descriptors it had."""
+    with spawn_device() as dev:
+        raw = Raw(dev.spec)
+        before = _open_fds(dev.proc.pid)
+        null = [os.open("/dev/null", os.O_RDONLY) for _ in range(4)]
+        early = p.encode(p.Command.REG_READ, 1, p.REG_READ_REQ.build(dict(offset=0, count=1)))
+        socket.send_fds(raw.sock, [early], null)
+        assert error_of(raw.recv())[0] == "EPROTO"
+        raw.hello()
+        read = p.REG_READ_REQ.build(dict(offset=SCRATCH0, count=1))
+        for i in range(3000):
+            frame = p.encode(p.Command.REG_READ, i & 0xFFFF, read)
+            if i == 1000:
+                frame = p.encode(p.Command.REG_READ, i, read + b"xx")  # malformed: EBADMSG
+            if i == 2000:  # a MEM_MAP the device refuses before it looks at descriptors
+                frame = p.encode(
+                    p.Command.MEM_MAP, i, p.MEM_MAP_REQ.build(dict(base=1, size=4096, flags=1))
+                )
+            socket.send_fds(raw.sock, [frame], null)
+            hdr, _ = raw.recv()
+            assert hdr.is_error == (i in (1000, 2000)), hdr.describe()
+        for fd in null:
+            os.close(fd)
+        assert _open_fds(dev.proc.pid) == before
+        raw.close()
+        assert dev.alive()
