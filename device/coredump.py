@@ -41,6 +41,7 @@ from .gdbstub import core_values, describe_error, pc_in_ib
 from .mmu import MemFault
 
 log = logging.getLogger("gemu.device.coredump")
+CORE_MODE = 0o600  # core files hold guest memory: owner-only whatever the umask
 
 EM_AARCH64 = 183
 ET_CORE = 4
@@ -346,7 +347,7 @@ class CoreDumper:
     def __init__(self, gpu: Any, directory: str | os.PathLike) -> None:
         self.gpu = gpu
         self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.written: list[Path] = []
         self._errors_seen = gpu.cp.errors
         self._seq = 0
@@ -394,13 +395,23 @@ class CoreDumper:
             core = capture(self.gpu, reason, text)
             self._seq += 1
             path = self.directory / f"gemu-{os.getpid()}-{self._seq}-{name}.core"
-            path.write_bytes(build_core(core))
+            _write_private(path, build_core(core))
         except Exception:
             log.exception("writing a core file failed")
             return None
         self.written.append(path)
         log.warning("core dump written: %s (%s)", path, text)
         return path
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write a new file readable by its owner only (CORE_MODE) whatever the umask: a core
+    holds guest memory."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(path, flags, CORE_MODE)
+    os.fchmod(fd, CORE_MODE)  # a file left by an earlier process keeps its mode otherwise
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
 
 
 # --- reading -------------------------------------------------------------------------------

@@ -5,6 +5,8 @@ published interface (:mod:`gemu.device.abi.link`, re-exported here). This module
 listening side:
 
 - ``unix:PATH``: a stale socket file is replaced, a live one (another device) is an error;
+  the socket is created owner-only (``SOCKET_MODE``, 0600) whatever the umask, since the
+  protocol has no authentication;
 - ``tcp:HOST:PORT``: loopback only (127.0.0.0/8, ``::1``, ``localhost``), since the protocol has
   no authentication; port 0 picks a free port and :attr:`Listener.spec` tells which;
 - ``serial:PORT-or-URL`` is not listened on but opened (:func:`open_serial`): the line is
@@ -54,6 +56,8 @@ __all__ = [
     "parse_spec",
     "socketpair",
 ]
+
+SOCKET_MODE = 0o600  # a UNIX listening socket: owner-only, the protocol has no authentication
 
 
 def _loopback_address(spec: Spec, text: str) -> tuple[int, str]:
@@ -150,6 +154,9 @@ def listen(text: str, *, backlog: int = 2) -> Listener:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.bind(spec.path)
+            # bind follows the umask; nobody can connect before listen(), so restricting
+            # the mode in between leaves no window for another user
+            os.chmod(spec.path, SOCKET_MODE)
         except OSError as exc:
             sock.close()
             raise SpecError(f"transport spec {text!r}: cannot bind: {exc.strerror}") from None

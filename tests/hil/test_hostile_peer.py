@@ -11,15 +11,19 @@ from __future__ import annotations
 import fcntl
 import os
 import socket
+import stat
 import time
 from pathlib import Path
 
 import pytest
 
+from gemu.device.abi import packets as pk
 from gemu.device.abi import protocol as p
 from gemu.device.abi import regs
 from gemu.device.abi.client import DeviceError, SharedMemory
-from tests.support.device import spawn_device
+from gemu.device.abi.enums import CpState
+from gemu.host.demo import Ring
+from tests.support.device import attached_client, spawn_device
 from tests.unit.device.test_server import Raw, error_of
 
 SCRATCH0 = regs.SCRATCH[0].offset
@@ -154,3 +158,31 @@ def test_descriptors_sent_with_requests_that_take_none_are_closed_at_once():
         assert _open_fds(dev.proc.pid) == before
         raw.close()
         assert dev.alive()
+
+
+# --- file modes -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def umask_000():
+    """Run the test (and the device it spawns) under umask 000, the most permissive one."""
+    old = os.umask(0)
+    yield
+    os.umask(old)
+
+
+def test_unix_socket_and_core_files_are_owner_only_under_umask_000(tmp_path, umask_000):
+    """The protocol has no authentication: the listening socket and every core file are
+    created 0600 whatever the umask."""
+    cores = tmp_path / "cores"
+    with spawn_device(None, "--coredump-dir", str(cores)) as dev:
+        path = dev.spec.partition(":")[2]
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        with attached_client(dev.spec, size=1 << 20) as client:
+            ring = Ring(client, client.memory, base=0x10000, size=0x1000)
+            ring.submit(pk.fill(0x1000, 4, 1))  # no page tables: an MMU fault, a core file
+            assert ring.wait_idle(timeout=20) is CpState.ERROR
+        _until(lambda: any(cores.glob("*.core")), what="core file")
+        (core,) = cores.glob("*.core")
+        assert stat.S_IMODE(core.stat().st_mode) == 0o600
+        assert stat.S_IMODE(cores.stat().st_mode) == 0o700
