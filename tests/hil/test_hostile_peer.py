@@ -135,9 +135,11 @@ def test_descriptors_sent_with_requests_that_take_none_are_closed_at_once():
     before VERSION, a refused MEM_MAP) leave the device with the descriptors it had."""
     with spawn_device() as dev:
         raw = Raw(dev.spec)
+        early = p.encode(p.Command.REG_READ, 1, p.REG_READ_REQ.build(dict(offset=0, count=1)))
+        raw.sock.sendall(early)
+        assert error_of(raw.recv())[0] == "EPROTO"  # the device has accepted the connection
         before = _open_fds(dev.proc.pid)
         null = [os.open("/dev/null", os.O_RDONLY) for _ in range(4)]
-        early = p.encode(p.Command.REG_READ, 1, p.REG_READ_REQ.build(dict(offset=0, count=1)))
         socket.send_fds(raw.sock, [early], null)
         assert error_of(raw.recv())[0] == "EPROTO"
         raw.hello()
