@@ -62,7 +62,8 @@ BATCH = 256  # packets per CP batch between two polls in FREE mode
 WAIT_POLL_S = 200e-6  # how often a pending WAIT_MEM re-reads guest memory in FREE mode
 DMA_TIMEOUT_S = 30.0  # a client that does not answer a DMA request for this long is dead
 IDLE_RECV_US = 50_000  # longest blocking recv on an idle client before looking at the rest
-POLL_S = 0.01  # polling period for links without a descriptor and serial ports to reopen
+POLL_S = 0.01  # polling period for links without a descriptor (e.g. loop://)
+SERIAL_RETRY_S = (0.1, 2.0)  # reopening a serial port that went away: first delay, cap
 NAME = b"gemu-device"
 
 _HDR = p.HEADER_FAST
@@ -172,12 +173,22 @@ class DeviceServer:
             dma_requests=0,
             dma_bytes=0,
             batches=0,
+            serial_retries=0,
         )
         self._stepped = bool(gpu.clock.stepped)
         self._next_wait_poll = 0.0
         self._cp_waiting = gpu.cp_state() == CpState.WAITING
+        self._serial_retry_at = 0.0
+        self._serial_delay = SERIAL_RETRY_S[0]
+        self._serial_lost = False
         if self._serial_spec:
-            self._open_serial()
+            # a port that cannot be opened at start is a usage error (SpecError), not a retry
+            try:
+                conn = transport.open_serial(self._serial_spec)
+            except transport.SpecError:
+                self.close()
+                raise
+            self._start_session(conn)
 
     # --- public API ------------------------------------------------------------------------
 
@@ -271,8 +282,13 @@ class DeviceServer:
                 return
             timeout = 0.0
         polling = self._client_fd is None and (self.session is not None or self._serial_spec)
-        if polling and (timeout is None or timeout > POLL_S):
-            timeout = POLL_S  # no descriptor to wait on (loop://), or a serial port to reopen
+        if polling:
+            if self.session is None:  # a serial port to reopen, when its back-off has passed
+                poll = max(0.0, self._serial_retry_at - time.monotonic())
+            else:
+                poll = POLL_S  # no descriptor to wait on (loop://)
+            if timeout is None or timeout > poll:
+                timeout = poll
         try:
             events = self._epoll.poll(-1 if timeout is None else timeout)
         except InterruptedError:
@@ -300,7 +316,7 @@ class DeviceServer:
                 if self._client_fd is None:
                     self._receive(s, block=False)
             elif self._serial_spec and not self._closed and self._running:
-                self._open_serial()
+                self._reopen_serial()
 
     def _serve_direct(self, s: _Session) -> bool:
         """Wait in the client's recv and handle what comes, staying in a tight loop while
@@ -409,12 +425,34 @@ class DeviceServer:
             return
         self._start_session(conn)
 
-    def _open_serial(self) -> None:
+    def _reopen_serial(self) -> None:
+        """Reopen the serial port after its connection ended, backing off from
+        SERIAL_RETRY_S[0] doubling to SERIAL_RETRY_S[1] while it stays away (one log line
+        when it goes, one when it comes back)."""
+        now = time.monotonic()
+        if now < self._serial_retry_at:
+            return
         try:
             conn = transport.open_serial(self._serial_spec)
         except transport.SpecError as exc:
-            log.warning("%s; retrying", exc)
+            if not self._serial_lost:
+                self._serial_lost = True
+                first, cap = SERIAL_RETRY_S
+                log.warning(
+                    "%s; retrying every %g s doubling up to %g s until it comes back",
+                    exc,
+                    first,
+                    cap,
+                )
+            self.counters["serial_retries"] += 1
+            self._serial_retry_at = now + self._serial_delay
+            self._serial_delay = min(self._serial_delay * 2, SERIAL_RETRY_S[1])
             return
+        if self._serial_lost:
+            log.warning("serial port %s is back", self._serial_spec)
+        self._serial_lost = False
+        self._serial_delay = SERIAL_RETRY_S[0]
+        self._serial_retry_at = 0.0
         self._start_session(conn)
 
     def _start_session(self, conn: transport.Connection) -> None:

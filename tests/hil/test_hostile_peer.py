@@ -9,10 +9,13 @@ bound and say in its log what it refused.
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import socket
 import stat
+import subprocess
 import time
+import tty
 from pathlib import Path
 
 import pytest
@@ -23,7 +26,13 @@ from gemu.device.abi import regs
 from gemu.device.abi.client import DeviceError, SharedMemory
 from gemu.device.abi.enums import CpState
 from gemu.host.demo import Ring
-from tests.support.device import attached_client, spawn_device
+from tests.support.device import (
+    FakeGpu,
+    attached_client,
+    gemu_executable,
+    inproc_device,
+    spawn_device,
+)
 from tests.unit.device.test_server import Raw, error_of
 
 SCRATCH0 = regs.SCRATCH[0].offset
@@ -188,3 +197,43 @@ def test_unix_socket_and_core_files_are_owner_only_under_umask_000(tmp_path, uma
         (core,) = cores.glob("*.core")
         assert stat.S_IMODE(core.stat().st_mode) == 0o600
         assert stat.S_IMODE(cores.stat().st_mode) == 0o700
+
+
+# --- a serial port that is not there ------------------------------------------------------------
+
+
+def test_a_serial_port_that_cannot_be_opened_is_a_usage_error():
+    """`gemu device --listen serial:/dev/nonexistent` exits 2 at once with one message naming
+    the port and the OS error, and no traceback (it used to retry about 83 times a second)."""
+    proc = subprocess.run(
+        [*gemu_executable(), "device", "--listen", "serial:/dev/nonexistent"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "/dev/nonexistent" in proc.stderr and "No such file or directory" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "retrying" not in proc.stderr
+
+
+def test_a_serial_port_that_goes_away_is_reopened_with_back_off(caplog):
+    """The pty a device serves is closed: the device says so once and retries with doubling
+    delays (four attempts take at least 0.1 + 0.2 + 0.4 s), then serves it again when a
+    port comes back at that path."""
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    path = os.ttyname(slave)
+    with (
+        caplog.at_level(logging.INFO, logger="gemu.device.server"),
+        inproc_device(FakeGpu(), listen=f"serial:{path}") as dev,
+    ):
+        os.close(slave)
+        _until(lambda: dev.server.session is not None, what="serial session")
+        t0 = time.monotonic()
+        os.close(master)  # the port goes away: the device reads EIO, then cannot reopen it
+        _until(lambda: dev.server.counters["serial_retries"] >= 4, what="four retries")
+        assert time.monotonic() - t0 >= 0.7
+        lost = [r for r in caplog.records if "retrying every 0.1 s" in r.getMessage()]
+        assert len(lost) == 1 and path in lost[0].getMessage()
+        assert dev.thread.is_alive()
