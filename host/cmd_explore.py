@@ -19,6 +19,7 @@ MUTANTS = (
     "evict-frees-before-unmap",
     "shrinker-blocking-lock",
     "pt-alloc-under-lock",
+    "reset-allocates",
 )
 """The values of :class:`gemu.guest.gemu_drv.job.Mutant` (spelled out: the CLI parser is
 built without importing the guest; a test keeps the two equal)."""
@@ -65,8 +66,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "scenario",
         nargs="?",
-        default="standard",
-        help="a built-in scenario (standard, small, race) or a job script file (default: standard)",
+        default=None,
+        help="a built-in scenario (standard, small, race, hang) or a job script file (default: "
+        "standard; hang for --mutant reset-allocates, which needs a GPU reset)",
     )
     p.add_argument(
         "--strategy",
@@ -110,6 +112,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="run a deliberately wrong driver (docs/validation.md lists them); default none",
     )
     p.add_argument(
+        "--strict-signalling",
+        action="store_true",
+        help="gemu's stricter lockdep mode: publishing a fence in a reservation object opens "
+        "the signalling section even where the code does not annotate one (real lockdep sees "
+        "only dma_fence_begin_signalling sections; docs/validation.md)",
+    )
+    p.add_argument(
         "--pct-depth",
         type=_positive,
         default=3,
@@ -144,9 +153,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _config(args: argparse.Namespace, parser: argparse.ArgumentParser):
-    from gemu.host.explore.scenario import ExploreConfig, scenario_from_args
+    from gemu.host.explore.scenario import (
+        ExploreConfig,
+        scenario_for_mutant,
+        scenario_from_args,
+    )
 
-    if Path(args.scenario).is_file():
+    if args.scenario and Path(args.scenario).is_file():
         from gemu.host.explore.jobscripts import scenario_for_script
 
         try:
@@ -154,8 +167,9 @@ def _config(args: argparse.Namespace, parser: argparse.ArgumentParser):
         except (ValueError, OSError) as exc:
             parser.error(str(exc))
     else:
+        name = args.scenario or scenario_for_mutant(args.mutant).name
         try:
-            sc = scenario_from_args(args.scenario, tasks=args.tasks, jobs=args.jobs)
+            sc = scenario_from_args(name, tasks=args.tasks, jobs=args.jobs)
         except ValueError as exc:
             parser.error(str(exc))
     return ExploreConfig(
@@ -164,6 +178,7 @@ def _config(args: argparse.Namespace, parser: argparse.ArgumentParser):
         pct_depth=args.pct_depth,
         pct_steps=args.pct_steps or 0,
         mutant=args.mutant,
+        strict_signalling=args.strict_signalling,
     )
 
 

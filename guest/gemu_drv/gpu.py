@@ -49,6 +49,7 @@ from gemu.guest.gemu_drv.vm import FrameSource, GpuMmu
 from gemu.guest.kernel import runtime, trace
 from gemu.guest.locking import lockdep
 from gemu.guest.locking.lockdep import LockClass
+from gemu.guest.mm.gfp import GFP_KERNEL, memalloc_noreclaim_restore, memalloc_noreclaim_save
 
 log = logging.getLogger("gemu.guest.gemu_drv")
 
@@ -143,6 +144,19 @@ class HwFence(DmaFence):
         self.message = ""
 
 
+@dataclass(frozen=True)
+class GpuCrashState:
+    """What the driver keeps of a GPU hang for post-mortem reading (the last one).
+    Kernel: struct msm_gpu_state (msm_gpu_crashstate_capture()) / a devcoredump."""
+
+    message: str
+    completed_seqno: int
+    hung_seqno: int | None
+    pending_seqnos: tuple[int, ...]
+    ring: bytes
+    faults: tuple[str, ...]
+
+
 @dataclass
 class GpuStats:
     jobs_emitted: int = 0
@@ -153,6 +167,7 @@ class GpuStats:
     resets: int = 0
     resubmitted: int = 0
     doorbells: int = 0
+    crashstates: int = 0
 
 
 class GemuGpu:
@@ -171,6 +186,8 @@ class GemuGpu:
         self.mmu = GpuMmu(bus, frames)
         self.stats = GpuStats()
         self.faults: list[GpuFault] = []
+        self.crashstate: GpuCrashState | None = None
+        self.capture_may_reclaim = False
         self.errors: list[str] = []
         self.lock = SpinLock(f"{name}.ring", RING_LOCK_CLASS)  # ring, pending list, reset
         self.pending: deque[HwFence] = deque()
@@ -527,6 +544,36 @@ class GemuGpu:
                 trace.end("job", "job", fence.seqno, ring=self.name, error=fence.error)
 
     # -- reset -----------------------------------------------------------------------------
+    def crashstate_capture(self, guilty: HwFence | None, message: str) -> GpuCrashState:
+        """Snapshot the ring and the fault history before a reset; kept as ``crashstate``.
+
+        Kernel: msm_gpu_crashstate_capture(), called by msm's recover_worker. The snapshot is
+        a kvmalloc (``GFP_KERNEL``; gemu has no slab, so the allocation is its might_alloc).
+        The reset path is inside the fence signalling section (the hung job's fence and every
+        fence behind it wait for it), where reclaim must not be entered: as msm's fix
+        "drm: gpu: msm: forbid mem reclaim from reset" (4625fe5bbdac) does, the capture runs
+        under memalloc_noreclaim_save(). ``capture_may_reclaim`` drops that scope (the
+        ``reset-allocates`` mutant); never set it in normal use.
+        """
+        noreclaim = None if self.capture_may_reclaim else memalloc_noreclaim_save()
+        try:
+            lockdep.might_alloc(GFP_KERNEL)
+            with self.lock:
+                state = GpuCrashState(
+                    message,
+                    self.completed,
+                    guilty.seqno if guilty is not None else None,
+                    tuple(f.seqno for f in self.pending),
+                    bytes(self.mem[self.ring_pa : self.ring_pa + self.ring_size]),
+                    tuple(str(f) for f in self.faults[-8:]),
+                )
+        finally:
+            if noreclaim is not None:
+                memalloc_noreclaim_restore(noreclaim)
+        self.crashstate = state
+        self.stats.crashstates += 1
+        return state
+
     def reset(self, guilty: HwFence | None, message: str) -> list[HwFence]:
         """Soft-reset the GPU; fail ``guilty`` and return the fences of the jobs that never
         completed, in ring order, so the caller can re-emit the innocent ones.

@@ -15,8 +15,11 @@ explains each step and what breaks when it moves)::
        add implicit dependencies              sched.job_add_implicit_dependencies
     4. under the entity's submit lock:
          drm_sched_job_arm                    point of no return: seqno, finished fence
+         dma_fence_begin_signalling           the fence is about to be visible: from here
+                                              nothing may allocate, lock a resv or wait
          dma_resv_add_fence(finished)         WRITE for written BOs, READ for read ones
-         drm_sched_entity_push_job
+         drm_sched_entity_push_job            the scheduler's run_job and the interrupt
+         dma_fence_end_signalling             handler carry the section on to the signal
     5. drm_exec_fini                          unlock every BO
 
 Deliberately wrong orders for the validation-order tests are chosen with :class:`SubmitOrder`
@@ -44,6 +47,7 @@ from gemu.guest.dma_buf.dma_resv import DmaResvUsage
 from gemu.guest.drm import drm_exec, gem_shmem
 from gemu.guest.drm import sched as drm_sched
 from gemu.guest.errors import Einval, Enodev, KernelError
+from gemu.guest.locking import lockdep
 
 if TYPE_CHECKING:
     from gemu.guest.gemu_drv.uapi import GemuBo, GemuDriver, GemuFile
@@ -111,6 +115,10 @@ class Mutant(Enum):
     """The GPU VM allocates page-table frames (GFP_KERNEL, may enter reclaim) while holding
     its page-table lock instead of preallocating them; the shrinker's evict path takes the
     same lock inside reclaim to unmap: a lock-order inversion against fs_reclaim."""
+    RESET_ALLOCATES = "reset-allocates"
+    """The reset path captures the GPU's crash state with a GFP_KERNEL allocation that may
+    enter reclaim, inside the fence signalling section (reclaim may wait for the very fences
+    the reset must signal): msm's recover_worker before "forbid mem reclaim from reset"."""
 
     @property
     def order(self) -> SubmitOrder:
@@ -218,6 +226,7 @@ def submit(drv: GemuDriver, job: GemuJob) -> dma_fence.DmaFence:
     # as a driver must around arm + push; it is dropped before any failure path runs.
     early = order in (SubmitOrder.FENCE_BEFORE_SWAPIN, SubmitOrder.ARM_BEFORE_FAILING_STEP)
     submit_lock = job.file.submit_lock
+    section: bool | None = None  # the signalling cookie once the fences are published
     try:
         for fence in job.in_fences:
             drm_sched.job_add_dependency(job, dma_fence.get(fence))
@@ -234,6 +243,7 @@ def submit(drv: GemuDriver, job: GemuJob) -> dma_fence.DmaFence:
                     _arm(drv, job)
                     armed = True
                     if order is SubmitOrder.FENCE_BEFORE_SWAPIN:
+                        section = lockdep.dma_fence_begin_signalling()
                         _add_fences(drv, job)
                 for ref in job.refs:
                     validate_bo(drv, job, ref)
@@ -249,12 +259,18 @@ def submit(drv: GemuDriver, job: GemuJob) -> dma_fence.DmaFence:
                             _arm(drv, job)
                             armed = True
                         if order is not SubmitOrder.FENCE_BEFORE_SWAPIN:
+                            section = lockdep.dma_fence_begin_signalling()
                             _add_fences(drv, job)
                         if order is not SubmitOrder.PUSH_OUTSIDE_ENTITY_LOCK:
                             drm_sched.entity_push_job(job)
                     if order is SubmitOrder.PUSH_OUTSIDE_ENTITY_LOCK:
                         drm_sched.entity_push_job(job)
             finally:
+                # The submitter's part of the section ends with the push: the job now
+                # belongs to the scheduler, whose run_job path carries it on.
+                if section is not None:
+                    lockdep.dma_fence_end_signalling(section)
+                    section = None
                 if early:
                     submit_lock.unlock()
         # drm_exec_fini: every BO unlocked here

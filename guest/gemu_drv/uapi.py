@@ -43,6 +43,7 @@ from gemu.guest.gemu_drv.gpu import GemuGpu, KernelFrames
 from gemu.guest.gemu_drv.job import BoAccess, BoRef, GemuJob, Mutant, SubmitHooks, SubmitOrder
 from gemu.guest.gemu_drv.vm import PAGE_SIZE, GpuVm, Prot
 from gemu.guest.kernel import runtime, trace
+from gemu.guest.locking import lockdep
 from gemu.guest.locking.lockdep import LockClass
 from gemu.guest.locking.mutex import Mutex
 from gemu.guest.mm import page_alloc
@@ -220,6 +221,7 @@ class GemuDriver:
         if self.mutant is Mutant.IDLE_READ_FENCES_BOOKKEEP:
             self.dev.idle_usage = dma_resv.DmaResvUsage.READ
         self.gpu.mmu.alloc_tables_under_lock = self.mutant is Mutant.PT_ALLOC_UNDER_LOCK
+        self.gpu.capture_may_reclaim = self.mutant is Mutant.RESET_ALLOCATES
         self._apply_shrinker_mutant()
 
     def _apply_shrinker_mutant(self) -> None:
@@ -328,7 +330,9 @@ class GemuDriver:
         """A job timed out: reset the GPU, fail it, resubmit the innocent ones.
 
         Kernel: panfrost_job_timedout() → panfrost_reset(): drm_sched_stop, GPU soft reset,
-        re-emit the jobs that were queued behind the hung one, drm_sched_start.
+        re-emit the jobs that were queued behind the hung one, drm_sched_start. Everything
+        after drm_sched_stop is needed to signal the pending jobs' fences: it runs in a fence
+        signalling section (no reclaimable allocation, no resv lock, no fence wait there).
         """
         hw = job.hw_fence
         if hw is not None and dma_fence.is_signaled(hw):
@@ -343,10 +347,19 @@ class GemuDriver:
             trace.instant("sched", "timeout", job=job.id, timeout_ms=ms)
         job.message = message
         drm_sched.stop(sched, job)
+        cookie = lockdep.dma_fence_begin_signalling()
+        try:
+            return self._reset_and_restart(job, hw, message)
+        finally:
+            lockdep.dma_fence_end_signalling(cookie)
+
+    def _reset_and_restart(self, job: GemuJob, hw, message: str) -> drm_sched.DrmGpuSchedStat:
+        sched = self.sched
         with sched.job_list_lock:
             pending = list(sched.pending_list)
         for j in pending:
             j.as_held = False
+        self.gpu.crashstate_capture(hw, message)
         self.gpu.reset(hw, message)
         resubmitted = 0
         for j in pending:

@@ -13,11 +13,20 @@ lock's :class:`LockClass` (all reservation objects share one class, as all ``dma
   reservation_ww_class_acquire -> reservation_ww_class_mutex -> fs_reclaim -> i_mmap_rwsem,
   and fence waits (``dma_fence_map``) allowed under all of them except i_mmap_rwsem;
 - the dma_fence signalling critical section: between :func:`dma_fence_begin_signalling` and
-  :func:`dma_fence_end_signalling`, and implicitly from :func:`fence_published` (a task installs
-  a fence it must signal into a reservation object) to :func:`fence_handed_off` (the job is
-  pushed to the scheduler or the fence signals). Inside it, a blocking lock of a class that
-  fence waits depend on (a reservation lock, mmap_lock), a reclaimable allocation
-  (:func:`might_alloc`) or a fence wait (:func:`dma_fence_might_wait`) is reported.
+  :func:`dma_fence_end_signalling`, as the kernel annotates it. Inside it, a blocking lock of
+  a class that fence waits depend on (a reservation lock, mmap_lock), a reclaimable allocation
+  (:func:`might_alloc`) or a fence wait (:func:`dma_fence_might_wait`) is reported. The section
+  of a fence runs from where the fence becomes visible to other tasks to its
+  ``dma_fence_signal()``, across tasks: the submitter annotates from publishing to the push,
+  the scheduler's run_job, the driver's interrupt handler and its reset path annotate their
+  part.
+- the *implicit* section, a stricter gemu mode (:func:`set_implicit_signalling`, ``gemu
+  explore --strict-signalling``, ``Machine(strict_signalling=True)``), off by default: from
+  :func:`fence_published` (a task installs a fence it must signal into a reservation object,
+  the kernel DOC's "the signalling critical section starts as soon as the new fences are
+  installed") to :func:`fence_handed_off` (the job is pushed to the scheduler or the fence
+  signals), whether or not the code annotates it. Real lockdep has no such section; its
+  reports say "gemu model check".
 
 A violation becomes a :class:`LockdepReport`. When the runtime is strict (tests) it is raised
 as :class:`LockdepError`, a :class:`~gemu.guest.errors.KernelWarning`; otherwise it is counted
@@ -165,7 +174,20 @@ class LockdepState:
         self.reports: list[LockdepReport] = []
         self.by_key: dict[object, LockdepReport] = {}
         self.publisher: dict[int, Task] = {}
+        self.implicit_signalling = False
         self.lock = threading.Lock()
+
+
+def set_implicit_signalling(enabled: bool, rt: runtime.Runtime | None = None) -> None:
+    """Turn the implicit signalling section (gemu's stricter mode) on or off for a runtime
+    (default: the current task's). Off, only explicit dma_fence_begin_signalling() sections
+    exist, as with the kernel's lockdep."""
+    _state(rt or current().runtime).implicit_signalling = bool(enabled)
+
+
+def implicit_signalling(rt: runtime.Runtime | None = None) -> bool:
+    """Whether the runtime checks the implicit signalling section."""
+    return _state(rt or current().runtime).implicit_signalling
 
 
 def _state(rt: runtime.Runtime | None = None) -> LockdepState:
@@ -387,6 +409,8 @@ def _report_cycle(task, st, prev_cls, prev_lock, cls, lock, path) -> None:
     hint = _HINTS.get((prev_cls, cls))
     if hint:
         message += f"\nhint: {hint}"
+    if signalling and _implicit_only(task):
+        message = _IMPLICIT_LABEL + message
     stacks = [
         st.after[a][b].format(f"existing order {a.name} -> {b.name}")
         for a, b in itertools.pairwise(path)
@@ -523,6 +547,16 @@ def might_alloc(gfp: int = Gfp.KERNEL) -> None:
 
 # The dma_fence signalling critical section.
 
+_IMPLICIT_LABEL = (
+    "gemu model check (strict signalling: the implicit section opened by dma_resv_add_fence), "
+    "not a kernel lockdep report: "
+)
+
+
+def _implicit_only(task: Task) -> bool:
+    """Whether the task is in a signalling section only through the implicit mode."""
+    return not task.fence_signalling_depth and bool(task.published_fences)
+
 
 def _enter_signalling(task: Task) -> None:
     task.signalling_mark = len(task.held_locks)
@@ -573,7 +607,8 @@ def dma_fence_might_wait() -> None:
         stacks.append(f"fence wait ({task.name}):\n{_fmt(_capture())}")
         report(
             "signalling",
-            f"{task.name}: fence wait inside a dma_fence signalling critical section "
+            (_IMPLICIT_LABEL if _implicit_only(task) else "")
+            + f"{task.name}: fence wait inside a dma_fence signalling critical section "
             f"(the fence waited for may need this task to signal first)",
             key=("signalling-wait",),
             stacks=stacks,
@@ -584,11 +619,15 @@ def dma_fence_might_wait() -> None:
 
 
 def fence_published(fence: object) -> None:
-    """A fence became visible to other tasks (dma_resv_add_fence). If the current task must
-    signal it (``fence.signal_owner is current()``), the task is now inside the signalling
-    critical section until :func:`fence_handed_off`."""
+    """A fence became visible to other tasks (dma_resv_add_fence). In the implicit mode
+    (:func:`set_implicit_signalling`), if the current task must signal it
+    (``fence.signal_owner is current()``), the task is now inside the signalling critical
+    section until :func:`fence_handed_off`. Not a kernel function: real lockdep sees only the
+    explicit annotations."""
     task = current()
     if getattr(fence, "signal_owner", None) is not task:
+        return
+    if not _state(task.runtime).implicit_signalling:
         return
     key = id(fence)
     if key in task.published_fences:

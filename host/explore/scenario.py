@@ -60,8 +60,9 @@ from gemu.guest.dma_buf.dma_resv import DmaResvUsage
 from gemu.guest.drm import gem
 from gemu.guest.errors import Einval, Enomem, Etimedout, KernelError
 from gemu.guest.gemu_drv.job import Mutant
-from gemu.guest.gemu_drv.uapi import READ, WRITE, GemuDriver, GemuFile
+from gemu.guest.gemu_drv.uapi import DEFAULT_TIMEOUT_NS, READ, WRITE, GemuDriver, GemuFile
 from gemu.guest.kernel import runtime
+from gemu.guest.locking import lockdep
 from gemu.guest.mm.page_alloc import PageAllocator, PhysMem
 from gemu.guest.mm.swap import SwapDevice
 from gemu.host.explore.bus import InprocBus
@@ -110,6 +111,9 @@ class Scenario:
     """Swap slots (0: as many as ``ram_pages``)."""
     hangs: int = 0
     """Tasks (the first ``hangs``) whose first job hangs the GPU until the timeout's reset."""
+    job_timeout_ns: int = 0
+    """drm_sched's job timeout (0: the driver's default, 2 s). The hang scenario uses a short
+    one: every step of virtual time the hang waits is a step of the schedule."""
     script: str = ""
     """A job script's path (``name`` "script"): the main task runs it through the shell
     (:mod:`.jobscripts`) instead of the built-in submitters."""
@@ -125,7 +129,7 @@ class Scenario:
 SCENARIOS = {
     "standard": Scenario(),
     "small": Scenario(name="small", tasks=2, files=1, jobs=3),
-    "hang": Scenario(name="hang", hangs=1),
+    "hang": Scenario(name="hang", hangs=1, job_timeout_ns=100_000_000),
     # built for --strategy exhaustive: two submitters (one file each) against one reclaimer
     # over one shared and one private BO each, the set-up quiet
     "race": Scenario(
@@ -166,6 +170,10 @@ class ExploreConfig:
     backend: str = "greenlet"
     """How the deterministic runtime switches tasks (:data:`runtime.BACKENDS`); schedules do not
     depend on it."""
+    strict_signalling: bool = False
+    """lockdep's implicit signalling section (``--strict-signalling``): publishing a fence in a
+    reservation object opens it, annotated or not. Off: only the kernel's explicit
+    annotations count, as with real lockdep."""
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -282,6 +290,7 @@ class _Run:
         GemuFile._serial = 0
         gem._serial = itertools.count(1)
         dma_fence._context_counter = itertools.count(1)
+        lockdep.set_implicit_signalling(self.cfg.strict_signalling)
         self.ram = bytearray(sc.ram_pages * PAGE)
         self.bus = InprocBus(self.ram)
         self.gpu_task = runtime.spawn(self.bus.device_task, name="gpu")
@@ -298,6 +307,7 @@ class _Run:
             self.bus,
             mutant=Mutant(self.cfg.mutant),
             cmd_pool_size=sc.cmd_pool_pages * PAGE,
+            timeout_ns=sc.job_timeout_ns or DEFAULT_TIMEOUT_NS,
         )
         self.drv.probe()
         self.allocator.start_kswapd()

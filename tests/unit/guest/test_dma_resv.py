@@ -363,17 +363,23 @@ def test_trylock(resv):
 
 
 def test_add_fence_publishes_for_the_signal_owner(resv):
-    """Publishing a fence this task must signal opens the signalling section; signalling
-    the fence closes it."""
-    f = alloc_fence()
-    f.signal_owner = runtime.current()
-    dma_resv.lock(resv, None)
-    dma_resv.reserve_fences(resv, 1)
-    dma_resv.add_fence(resv, f, DmaResvUsage.WRITE)
-    assert lockdep.in_signalling()
-    dma_resv.unlock(resv)
-    dma_fence.signal(f)
-    assert not lockdep.in_signalling()
+    """In the strict signalling mode, publishing a fence this task must signal opens the
+    implicit signalling section; signalling the fence closes it. In the default mode (real
+    lockdep's view) publishing opens nothing."""
+    for strict in (False, True):
+        lockdep.set_implicit_signalling(strict)
+        try:
+            f = alloc_fence()
+            f.signal_owner = runtime.current()
+            dma_resv.lock(resv, None)
+            dma_resv.reserve_fences(resv, 1)
+            dma_resv.add_fence(resv, f, DmaResvUsage.WRITE)
+            assert lockdep.in_signalling() is strict
+            dma_resv.unlock(resv)
+            dma_fence.signal(f)
+            assert not lockdep.in_signalling()
+        finally:
+            lockdep.set_implicit_signalling(False)
 
 
 # --- queries ---------------------------------------------------------------------------------

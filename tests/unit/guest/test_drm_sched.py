@@ -524,11 +524,13 @@ def test_arm_then_cleanup_is_an_error():
 
 
 def test_arm_sets_and_push_clears_signal_owner():
-    """Between arm and push the arming task owns the finished fence: publishing it in a
-    reservation object opens the signalling section, and the push closes it."""
+    """Between arm and push the arming task owns the finished fence: in the strict
+    signalling mode publishing it in a reservation object opens the implicit signalling
+    section, and the push closes it."""
     state = {}
 
     def body(sched, driver):
+        lockdep.set_implicit_signalling(True)
         entity = drm_sched.entity_init(DrmSchedPriority.NORMAL, [sched])
         resv = dma_resv.init()
         job = Job("j")

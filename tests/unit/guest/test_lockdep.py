@@ -372,10 +372,12 @@ def test_end_without_begin_is_unbalanced():
 
 
 def test_implicit_section_from_publish_to_hand_off():
-    """Publishing a fence the task must signal starts the section even before the resv is
-    unlocked: a resv lock then is reported; after the hand-off it is quiet."""
+    """In the strict signalling mode, publishing a fence the task must signal starts the
+    section even before the resv is unlocked: a resv lock then is reported, labelled as gemu's
+    own check; after the hand-off it is quiet."""
 
     def published_then_lock():
+        lockdep.set_implicit_signalling(True)
         a, b = resv("resv#1"), resv("resv#2")
         ctx = lock_resv(a)
         lockdep.fence_published(Fence(runtime.current()))
@@ -383,8 +385,10 @@ def test_implicit_section_from_publish_to_hand_off():
 
     rep = expect("signalling", "blocking on resv#2", published_then_lock)
     assert any("published_then_lock" in s for s in rep.stacks)
+    assert rep.message.startswith("gemu model check (strict signalling")
 
     def handed_off_then_lock():
+        lockdep.set_implicit_signalling(True)
         a, b = resv("resv#1"), resv("resv#2")
         ctx = lock_resv(a)
         fence = Fence(runtime.current())
@@ -406,6 +410,7 @@ def test_implicit_section_only_for_the_fence_owner():
     publishing task in a section."""
 
     def main():
+        lockdep.set_implicit_signalling(True)
         other = runtime.spawn(lambda: None, name="other")
         lockdep.fence_published(Fence(other))
         lockdep.fence_published(Fence(None))
@@ -421,6 +426,7 @@ def test_hand_off_by_another_task_ends_the_publishers_section():
     """The signaller (another task) handing the fence off ends the publisher's section."""
 
     def main():
+        lockdep.set_implicit_signalling(True)
         fence = Fence(runtime.current())
         lockdep.fence_published(fence)
         runtime.spawn(lockdep.fence_handed_off, fence, name="irq").join()

@@ -14,7 +14,7 @@ from gemu.guest.kernel import runtime
 from gemu.guest.locking.lockdep import LockClass
 from gemu.host.cli import main
 from gemu.host.explore import engine, repro
-from gemu.host.explore.scenario import SCENARIOS, ExploreConfig, run_schedule
+from gemu.host.explore.scenario import SCENARIOS, ExploreConfig, run_schedule, scenario_for_mutant
 
 SMALL = ExploreConfig(scenario=SCENARIOS["small"])
 
@@ -62,6 +62,7 @@ EXPECTED = {
     "evict-frees-before-unmap": {"mapped-free"},
     "shrinker-blocking-lock": {"lockdep"},
     "pt-alloc-under-lock": {"lockdep"},
+    "reset-allocates": {"signalling"},
 }
 
 
@@ -82,9 +83,8 @@ FIRST_SEED = {("arm-before-failing-step", "pct"): 0}
 
 def _detect(job: tuple[str, str]) -> tuple[str, str, int | None, str | None]:
     mutant, strategy = job
-    n, kind = engine.schedules_to_detection(
-        ExploreConfig(strategy=strategy, mutant=mutant), FIRST_SEED.get(job, 1000), 200
-    )
+    cfg = ExploreConfig(scenario=scenario_for_mutant(mutant), strategy=strategy, mutant=mutant)
+    n, kind = engine.schedules_to_detection(cfg, FIRST_SEED.get(job, 1000), 200)
     return mutant, strategy, n, kind
 
 
