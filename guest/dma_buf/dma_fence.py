@@ -44,6 +44,7 @@ from enum import IntFlag
 from gemu.guest.errors import Einval, Enoent, warn_on
 from gemu.guest.kernel import runtime
 from gemu.guest.locking import lockdep
+from gemu.guest.mm.gfp import GFP_KERNEL
 
 MAX_SCHEDULE_TIMEOUT = sys.maxsize
 """Timeout meaning "no timeout" (the kernel's ``MAX_SCHEDULE_TIMEOUT``)."""
@@ -618,8 +619,10 @@ def array_create(
 ) -> DmaFenceArray:
     """Build a fence array that takes over the caller's references on ``fences``.
 
-    Kernel: dma_fence_array_create() [drivers/dma-buf/dma-fence-array.c]
+    Kernel: dma_fence_array_create() [drivers/dma-buf/dma-fence-array.c], which allocates
+    the array with its callbacks (dma_fence_array_alloc(): kzalloc, GFP_KERNEL).
     """
+    lockdep.might_alloc(GFP_KERNEL)
     array = DmaFenceArray(fences, context, seqno, signal_on_any)
     if not array.fences:
         check_and_signal(array)

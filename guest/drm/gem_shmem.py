@@ -52,6 +52,7 @@ from gemu.guest.drm import gem, gem_lru
 from gemu.guest.drm.gem import PAGE_SHIFT, PAGE_SIZE, DrmDevice, DrmGemObject, DrmGemObjectFuncs
 from gemu.guest.errors import Ebusy, Efault, Einval, Enodev, Enomem, KernelError, warn_on
 from gemu.guest.kernel import runtime, trace
+from gemu.guest.locking import lockdep
 from gemu.guest.mm.page_alloc import GFP_KERNEL, frame_runs
 
 __all__ = [
@@ -729,6 +730,9 @@ def get_sg_table(shmem: DrmGemShmemObject) -> SgTable:
         raise Einval(msg="imported object")
     if warn_on(shmem.pages is None, f"get_sg_table of {shmem!r} without pages"):
         raise Enomem(msg="object has no pages")
+    # drm_prime_pages_to_sg(): kmalloc of the table and sg_alloc_table_from_pages_segment(),
+    # both GFP_KERNEL; the model keeps no slab, the annotation is the allocation.
+    lockdep.might_alloc(GFP_KERNEL)
     return SgTable(shmem.pages, shmem)
 
 

@@ -49,7 +49,12 @@ from gemu.guest.gemu_drv.vm import FrameSource, GpuMmu
 from gemu.guest.kernel import runtime, trace
 from gemu.guest.locking import lockdep
 from gemu.guest.locking.lockdep import LockClass
-from gemu.guest.mm.gfp import GFP_KERNEL, memalloc_noreclaim_restore, memalloc_noreclaim_save
+from gemu.guest.mm.gfp import (
+    GFP_ATOMIC,
+    GFP_KERNEL,
+    memalloc_noreclaim_restore,
+    memalloc_noreclaim_save,
+)
 
 log = logging.getLogger("gemu.guest.gemu_drv")
 
@@ -312,6 +317,9 @@ class GemuGpu:
         handler rings once for every slot written meanwhile (:meth:`_kick`). An idle GPU is
         rung at once.
         """
+        # The ring fence is allocated on run_job's signalling path: without reclaim, as
+        # amdgpu_fence_emit() does (kmem_cache_alloc(..., GFP_ATOMIC)).
+        lockdep.might_alloc(GFP_ATOMIC)
         with self.lock:
             fence = HwFence(self.fence_context, self.next_seqno, job)
             self.next_seqno += 1

@@ -48,6 +48,7 @@ from gemu.guest.drm import drm_exec, gem_shmem
 from gemu.guest.drm import sched as drm_sched
 from gemu.guest.errors import Einval, Enodev, KernelError
 from gemu.guest.locking import lockdep
+from gemu.guest.mm.gfp import GFP_KERNEL
 
 if TYPE_CHECKING:
     from gemu.guest.gemu_drv.uapi import GemuBo, GemuDriver, GemuFile
@@ -151,6 +152,9 @@ class GemuJob(drm_sched.DrmSchedJob):
     def __init__(
         self, file: GemuFile, refs: list[BoRef], ib_va: int, ib_dwords: int, cmd_chunk: Any
     ) -> None:
+        # panfrost_ioctl_submit(): kzalloc(sizeof(*job), GFP_KERNEL), and the BO and in-fence
+        # arrays (drm_gem_objects_lookup's kvmalloc_array, GFP_KERNEL)
+        lockdep.might_alloc(GFP_KERNEL)
         super().__init__()
         self.file = file
         self.vm = file.vm
