@@ -512,7 +512,7 @@ class DeviceServer:
 
     def _fill(self, s: _Session, *, block: bool) -> bool:
         if s.end == len(s.buf):
-            self._make_room(s, 1)
+            self._make_room(s, self._room_wanted(s))
         try:
             n = s.conn.recv_into(s.view[s.end :], block=block)
         except TimeoutError:
@@ -534,6 +534,20 @@ class DeviceServer:
             raise _Disconnected("end of stream")
         s.end += n
         return True
+
+    @staticmethod
+    def _room_wanted(s: _Session) -> int:
+        """Bytes of room to make when the buffer is full: the rest of the frame whose header
+        is buffered (its size is checked against MAX_MESSAGE), so one recv can take it
+        whole, else as much again as the buffer holds (doubling, up to MAX_MESSAGE)."""
+        if s.start:
+            return 1  # compacting frees the bytes of the frames already handled
+        avail = s.end
+        if avail >= p.HEADER_SIZE:
+            size = _HDR.unpack_from(s.buf, 0)[2]
+            if avail < size <= p.MAX_MESSAGE:
+                return size - avail
+        return max(1, min(len(s.buf), p.MAX_MESSAGE - avail))
 
     def _make_room(self, s: _Session, need: int) -> None:
         """Make ``need`` more bytes of room after ``s.end`` (compacting, then growing)."""

@@ -6,7 +6,8 @@ machine, as a ratio, never a bare time alone:
 - ``socket_echo_rtt``: a raw socketpair echo between two Python processes, the floor for one
   register round trip across processes;
 - ``memoryview_copy``: a memoryview slice copy of the same size, the floor for DMA and swap;
-- ``empty_loop``: an empty Python loop over the same item count, the floor for per-item work.
+- ``empty_loop``: an empty Python loop over the same item count, the floor for per-item work;
+- ``loopback_copy_rate``: bytes over a loopback TCP connection, the link speed of in-band DMA.
 
 A benchmark module ``tests/bench/bench_*.py`` defines ``bench(quick: bool) -> list[Row]``;
 ``tests/bench/run.py`` collects them, prints a table and writes ``out/bench/results.json``.
@@ -155,3 +156,32 @@ def socket_echo_rtt(size: int, count: int = 20000, family: int = socket.AF_UNIX)
     finally:
         a.close()
         proc.join(timeout=5)
+
+
+def loopback_copy_rate(nbytes: int) -> float:
+    """Bytes per second of ``nbytes`` sent over a loopback TCP connection by a thread and
+    received into a preallocated buffer: the link speed in-band DMA can reach."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    a = socket.create_connection(listener.getsockname())
+    b, _ = listener.accept()
+    listener.close()
+    data = bytes(nbytes)
+    buf = bytearray(nbytes)
+    view = memoryview(buf)
+
+    def once() -> float:
+        sender = threading.Thread(target=a.sendall, args=(data,))
+        t0 = time.perf_counter()
+        sender.start()
+        got = 0
+        while got < nbytes:
+            got += b.recv_into(view[got:])
+        elapsed = time.perf_counter() - t0
+        sender.join()
+        return elapsed
+
+    try:
+        return nbytes / best_of(once, 3)
+    finally:
+        a.close()
+        b.close()
