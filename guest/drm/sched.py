@@ -541,6 +541,12 @@ def entity_destroy(entity: DrmSchedEntity) -> None:
 # --- jobs ----------------------------------------------------------------------------------
 
 
+MODEL_CHECK = "gemu model check, not a kernel WARN: "
+"""Prefix of the contract checks the kernel states in kernel-doc but does not check itself
+(drm_sched_entity_push_job(): arm and push under one per-entity lock, never in parallel):
+gemu warns where a kernel would silently misorder the entity's timeline."""
+
+
 def job_init(
     job: DrmSchedJob, entity: DrmSchedEntity, credits: int, owner: Any, drm_client_id: int = 0
 ) -> None:
@@ -587,8 +593,8 @@ def job_arm(job: DrmSchedJob) -> None:
     others = [j for j in entity._armed if j._armed_by is not me]
     warn_on(
         others,
-        f"job_arm on {entity!r} while another task has armed, unpushed jobs {others!r}: "
-        "arm and push must run under one per-entity lock",
+        MODEL_CHECK + f"job_arm on {entity!r} while another task has armed, unpushed jobs "
+        f"{others!r}: arm and push must run under one per-entity lock",
     )
     sched = entity.rq.sched
     job.sched = sched
@@ -618,7 +624,8 @@ def entity_push_job(job: DrmSchedJob) -> None:
     me = runtime.current()
     warn_on(
         entity._pushing is not None and entity._pushing is not me,
-        f"entity_push_job: tasks {entity._pushing!r} and {me!r} push on {entity!r} in parallel",
+        MODEL_CHECK
+        + f"entity_push_job: tasks {entity._pushing!r} and {me!r} push on {entity!r} in parallel",
     )
     entity._pushing = me
     try:
@@ -627,7 +634,7 @@ def entity_push_job(job: DrmSchedJob) -> None:
         expected = (entity._last_pushed_seq + 1) & 0xFFFFFFFF
         warn_on(
             finished.seqno != expected,
-            f"entity_push_job: seqno {finished.seqno} pushed, {expected} expected: "
+            MODEL_CHECK + f"entity_push_job: seqno {finished.seqno} pushed, {expected} expected: "
             "push out of arm order (arm and push must run under one per-entity lock)",
         )
         entity._last_pushed_seq = finished.seqno
