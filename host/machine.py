@@ -73,6 +73,10 @@ class Machine:
             garbage that checksums notice.
         kswapd: start the background reclaim task (``gemu boot`` does; tests that count
             reclaim exactly leave it off).
+        strict_signalling: lockdep's implicit signalling section, gemu's stricter mode
+            (publishing a fence in a reservation object opens it, annotated or not; see
+            docs/validation.md). Off: only the kernel's explicit annotations, as real lockdep.
+            The mode belongs to the guest runtime, so the last machine started sets it.
         device_process: with ``device="spawn"``, a ``gemu device`` already started (stdout a
             pipe, ready line not yet read) to use instead of starting one: ``gemu boot``
             starts it before importing the guest, so the two start-ups overlap. The machine
@@ -92,6 +96,7 @@ class Machine:
         watermarks: tuple[int, int, int] | None = None,
         device_args: tuple[str, ...] = (),
         kswapd: bool = False,
+        strict_signalling: bool = False,
         device_process: subprocess.Popen | None = None,
     ) -> None:
         self.ram_size = ram_size
@@ -126,6 +131,7 @@ class Machine:
                 self.allocator, self.swap, idle_usage=DmaResvUsage.BOOKKEEP, unique="gemu0"
             )
             self.driver = GemuDriver(self.dev, self.client, order=order, timeout_ns=timeout_ns)
+            lockdep.set_implicit_signalling(strict_signalling)
             self.driver.probe()
             if kswapd:
                 self.allocator.start_kswapd()

@@ -84,3 +84,27 @@ def test_reset_path_captures_under_noreclaim_and_is_clean():
         assert state.hung_seqno == 1 and state.pending_seqnos == (1, 2)
         assert len(state.ring) == m.driver.gpu.ring_size
         m.check_clean()
+
+
+def test_machine_strict_signalling_switch():
+    """``Machine(strict_signalling=True)`` turns on the implicit section for the guest; the
+    correct driver's submit path runs clean under it (nothing allocates, locks a reservation
+    or waits between publishing its fences and the push). The default is real lockdep's
+    view."""
+    with Machine(ram_size=RAM, swap_size=0, strict_signalling=True) as m:
+        assert lockdep.implicit_signalling()
+        f = m.open()
+        src, dst = f.create_bo(4096), f.create_bo(4096)
+        f.write(src, 0, b"\x11" * 4096)
+        f.vm_bind(src)
+        f.vm_bind(dst)
+        f.wait(
+            f.submit(pk.copy(f.va_of(src), f.va_of(dst), 4096), bos=[(src, READ), (dst, WRITE)]), 10
+        )
+        assert f.read(dst, 0, 4) == b"\x11" * 4
+        for h in (src, dst):
+            f.close_bo(h)
+        f.close()
+        m.check_clean()
+    with Machine(ram_size=RAM, swap_size=0) as m:
+        assert not lockdep.implicit_signalling()
