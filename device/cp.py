@@ -17,6 +17,20 @@ opcode's own checks (BAD_ALIGNMENT: WRITE_DATA address, CRC32 destination, WAIT_
 aligned; BAD_ARGUMENT: AS index >= AS_COUNT, WAIT_MEM function > GT). Every access of a packet
 is translated before any data moves, so a packet that faults leaves memory untouched.
 
+**Slices.** The CP budgets its work, not its packets: one :meth:`CommandProcessor.run` does at
+most :data:`BUDGET` work units (a page translated or an extent moved is one unit; a COPY,
+FILL or CRC32 moves data in windows of 1 MiB), then returns so the device answers register
+reads, resets and the debugger in between: one slice takes about a millisecond, and
+:data:`SLICE_BOUND_S` (10 ms) is the bound the device states. A COPY, FILL or CRC32 larger
+than one window runs in resumable slices: RING_HEAD is already past it, CP_PC stays on it, the
+CP is RUNNING, and the next ``run`` continues it. It first translates every access, a window at
+a time, keeping nothing but its position (so the guarantee above holds however large the
+packet, in memory that does not grow with it), then moves the data, translating each window
+again. If the guest changes and invalidates the page tables of a packet while it runs, that
+second translation may fault: the packet then stops with the windows before the fault done.
+A soft reset, clearing CP_CONTROL.ENABLE or an error drops the packet in progress. The
+debugger's single step executes one whole packet, whatever its size.
+
 **Indirect buffers** live in GPU VA of the current AS and are fetched with EXECUTE access
 (PTE.EXEC). They nest up to FEATURES.IB_MAX_DEPTH (deeper: IB_TOO_DEEP). A fault while
 fetching from an IB reports SOURCE = INDIRECT_BUFFER in FAULTSTATUS and OPCODE =
@@ -45,7 +59,7 @@ from .abi import regs
 from .abi.enums import AccessType, CpError, CpState, Irq, Opcode, PacketFlags, WaitFunc
 from .abi.packets import HEADER_FAST, SPECS
 from .abi.protocol import SPACE_PHYS
-from .abi.regs import AS_COUNT, IB_MAX_DEPTH, RING_SIZE_MAX, RING_SIZE_MIN
+from .abi.regs import AS_COUNT, IB_MAX_DEPTH, PAGE_SHIFT, RING_SIZE_MAX, RING_SIZE_MIN
 from .memory import BusError
 from .mmu import TranslationFault
 
@@ -59,6 +73,11 @@ _U64 = struct.Struct("<Q")
 _ADDR2 = struct.Struct("<II")
 _MASK64 = (1 << 64) - 1
 _FILL_CHUNK = 1 << 20
+SLICE_BOUND_S = 0.010  # the stated bound on one slice of CP work (docs/hardware.md)
+BUDGET = 4096  # work units per run(): pages translated + extents moved (see DOC, Slices)
+BUDGET_IN_BAND = BUDGET // 16  # in-band memory: every extent is a DMA round trip
+_WINDOW = 1 << 20  # bytes translated and moved per step of a sliced packet
+_UNLIMITED = 1 << 62
 _ENABLE = regs.CP_CONTROL.field("ENABLE").mask
 _RESUME = regs.CP_CONTROL.field("RESUME").mask
 _RESET_HEAD = regs.CP_CONTROL.field("RESET_HEAD").mask
@@ -111,6 +130,43 @@ class _Wait:
         self.deadline = deadline
 
 
+class _Bulk:
+    """A COPY, FILL or CRC32 larger than one window, in progress across ``run`` calls.
+
+    ``checking`` indexes ``ranges`` during the translation pass (None once every access
+    translated); ``pos`` is the byte offset reached in the current range or in the data pass.
+    """
+
+    __slots__ = (
+        "checking",
+        "crc",
+        "dst",
+        "flags",
+        "in_ib",
+        "op",
+        "pattern",
+        "pc",
+        "pos",
+        "ranges",
+        "size",
+        "src",
+    )
+
+    def __init__(self, op, pc, in_ib, flags, src, dst, size, ranges, pattern=None) -> None:
+        self.op = op
+        self.pc = pc
+        self.in_ib = in_ib
+        self.flags = flags
+        self.src = src
+        self.dst = dst
+        self.size = size
+        self.ranges = ranges
+        self.pattern = pattern
+        self.checking = 0
+        self.pos = 0
+        self.crc = 0
+
+
 class CommandProcessor:
     """Ring and IB execution for one :class:`~gemu.device.gpu.Gpu` (passive: the caller runs it)."""
 
@@ -151,6 +207,8 @@ class CommandProcessor:
         self.as_index = 0
         self.ib_stack: list[list[int]] = []  # [pc, end] per nesting level, VAs
         self.waiting: _Wait | None = None
+        self.bulk: _Bulk | None = None  # the sliced packet in progress
+        self._budget = 0  # work units left in this run()
         self._busy = False  # executed something since the last CP_IDLE
         # Context of the packet being executed, for faults and errors.
         self._cur_pc = 0
@@ -168,7 +226,7 @@ class CommandProcessor:
             return CpState.STOPPED
         if self.waiting is not None:
             return CpState.WAITING
-        if self.ib_stack or self.head != self.tail:
+        if self.bulk is not None or self.ib_stack or self.head != self.tail:
             return CpState.RUNNING
         return CpState.IDLE
 
@@ -179,7 +237,7 @@ class CommandProcessor:
             and not self.error
             and not self.halted
             and self.waiting is None
-            and (bool(self.ib_stack) or self.head != self.tail)
+            and (self.bulk is not None or bool(self.ib_stack) or self.head != self.tail)
         )
 
     def pc(self) -> int:
@@ -187,6 +245,8 @@ class CommandProcessor:
         ring packet at RING_HEAD (guest-physical)."""
         if self.waiting is not None:
             return self.waiting.pc
+        if self.bulk is not None:
+            return self.bulk.pc
         if self.ib_stack:
             return self.ib_stack[-1][0]
         return self.ring_base + self.head
@@ -194,6 +254,8 @@ class CommandProcessor:
     def in_ib(self) -> bool:
         if self.waiting is not None:
             return self.waiting.in_ib
+        if self.bulk is not None:
+            return self.bulk.in_ib
         return bool(self.ib_stack)
 
     def status_value(self) -> int:
@@ -208,11 +270,13 @@ class CommandProcessor:
     def control_written(self, value: int) -> None:
         """CP_CONTROL written: ENABLE cleared, RESET_HEAD, ENABLE set, RESUME, in that order."""
         rf = self.gpu.regs
-        if not value & _ENABLE and self.enabled:
+        if not value & _ENABLE and (self.enabled or self.error):
+            # also after a failed enable (RING_CONFIG), which left ENABLE unset but ERROR on
             self.enabled = False
             self.error = False
             self.ib_stack = []
             self.waiting = None
+            self.bulk = None
         if value & _RESET_HEAD:
             if self.enabled:
                 self.gpu.guest_error("CP_CONTROL.RESET_HEAD ignored while the CP is enabled")
@@ -230,6 +294,7 @@ class CommandProcessor:
                 self.error = False
                 self.ib_stack = []
                 self.waiting = None
+                self.bulk = None
         self.gpu.update_irq()
 
     def _enable(self) -> None:
@@ -240,6 +305,7 @@ class CommandProcessor:
         self.ring_size = size
         self.ib_stack = []
         self.waiting = None
+        self.bulk = None
         self.error = False
         if base % RING_SIZE_MIN or not (
             RING_SIZE_MIN <= size <= RING_SIZE_MAX and size & (size - 1) == 0
@@ -286,6 +352,7 @@ class CommandProcessor:
         self.error = True
         self.ib_stack = []
         self.waiting = None
+        self.bulk = None
         rf.set(
             regs.CP_ERROR,
             int(code) | ((opcode & 0xFF) << 8) | (self.as_index << 16) | (int(in_ib) << 20),
@@ -300,24 +367,38 @@ class CommandProcessor:
 
     # --- execution -----------------------------------------------------------------------
 
-    def run(self, max_packets: int, *, single: bool = False) -> int:
-        """Execute up to ``max_packets`` packets; returns how many completed.
+    def run(self, max_packets: int, *, single: bool = False, budget: int | None = None) -> int:
+        """Execute up to ``max_packets`` packets within ``budget`` work units (default
+        :data:`BUDGET`, or :data:`BUDGET_IN_BAND` over in-band memory); returns how many
+        completed.
 
-        Stops early when the ring drains, a WAIT_MEM blocks, an error occurs or the debugger
-        halts. ``single`` executes one packet even when halted, without consulting
-        ``packet_hook`` (the debugger's single step).
+        Stops early when the ring drains, a WAIT_MEM blocks, the budget is spent (a large
+        packet then stays in progress and the next ``run`` continues it), an error occurs or
+        the debugger halts. ``single`` executes one whole packet even when halted, whatever
+        its size, without consulting ``packet_hook`` (the debugger's single step).
         """
         if max_packets <= 0 or not self.enabled or self.error or (self.halted and not single):
             return 0
         gpu = self.gpu
         mem = gpu.mem
         if mem is None:
-            if self.waiting is not None or self.ib_stack or self.head != self.tail:
+            if (
+                self.waiting is not None
+                or self.bulk is not None
+                or self.ib_stack
+                or self.head != self.tail
+            ):
                 self._raise_error(
                     CpError.NO_MEMORY, 0, self.pc(), self.in_ib(), "no guest memory attached"
                 )
             return 0
         mv = getattr(mem, "mv", None)
+        if single:
+            self._budget = _UNLIMITED
+        elif budget is not None:
+            self._budget = budget
+        else:
+            self._budget = BUDGET if mv is not None else BUDGET_IN_BAND
         memsize = mem.size
         base = self.ring_base
         rmask = self.ring_size - 1
@@ -329,7 +410,20 @@ class CommandProcessor:
         unpack_header = HEADER_FAST.unpack_from
         executed = 0
         try:
-            while executed < max_packets:
+            while executed < max_packets and self._budget > 0:
+                if self.bulk is not None:
+                    if self.halted and not single:
+                        break
+                    op = self.bulk.op
+                    if not self._advance():
+                        break
+                    self._busy = True
+                    self._hook_pending = False
+                    executed += 1
+                    counts[op] += 1
+                    if single:
+                        break
+                    continue
                 if self.waiting is not None:
                     if not self._poll_wait():
                         break
@@ -401,7 +495,8 @@ class CommandProcessor:
                 counts[op] += 1
                 executed += 1
                 self._busy = True
-                if self.waiting is not None:  # WAIT_MEM blocked: not executed yet
+                if self.waiting is not None or self.bulk is not None:
+                    # WAIT_MEM blocked or the budget ran out in a large packet: not done yet
                     counts[op] -= 1
                     executed -= 1
                     break
@@ -422,6 +517,7 @@ class CommandProcessor:
             self._busy
             and not self.error
             and self.waiting is None
+            and self.bulk is None
             and not self.ib_stack
             and self.head == self.tail
         ):
@@ -466,6 +562,7 @@ class CommandProcessor:
         if not length:
             return op, flags, length, b"", 0
         ext = self._ib_translate(pc + 4, 4 * length)
+        self._budget -= (length >> 10) + len(ext)
         mv = getattr(mem, "mv", None)
         if len(ext) == 1 and mv is not None:
             return op, flags, length, mv, ext[0][0]
@@ -529,36 +626,47 @@ class CommandProcessor:
             mem.write(addr, data)
         else:
             self._fault_access = AccessType.WRITE
-            self._write(
-                self.gpu.mmu.translate_range(self.as_index, addr, n, AccessType.WRITE), data
-            )
+            ext = self.gpu.mmu.translate_range(self.as_index, addr, n, AccessType.WRITE)
+            self._write(ext, data)
+            self._budget -= (n >> PAGE_SHIFT) + len(ext)
         if self.gpu.access_hook is not None:
             self._accessed(addr, n, flags, True)
 
     def _copy(self, flags, buf, off, length) -> None:
         slo, shi, dlo, dhi, size = self._fast[Opcode.COPY].unpack_from(buf, off)
         src, dst = slo | (shi << 32), dlo | (dhi << 32)
+        if size > _WINDOW:
+            ranges = ((src, size, AccessType.READ), (dst, size, AccessType.WRITE))
+            self._start_bulk(Opcode.COPY, flags, src, dst, size, ranges)
+            return
         sext = self._extents(src, size, flags, AccessType.READ)
         dext = self._extents(dst, size, flags, AccessType.WRITE)
+        self._copy_extents(sext, dext, size)
+        self._budget -= 2 * (size >> PAGE_SHIFT) + len(sext) + len(dext)
+        self._copied(flags, src, dst, size)
+
+    def _copy_extents(self, sext: list, dext: list, size: int) -> None:
         mem = self.gpu.mem
         if len(sext) == 1 and len(dext) == 1:
             mem.copy(sext[0][0], dext[0][0], size)
-        else:
-            si = di = 0
-            soff = doff = 0
-            left = size
-            while left:
-                spa, slen = sext[si]
-                dpa, dlen = dext[di]
-                k = min(slen - soff, dlen - doff)
-                mem.copy(spa + soff, dpa + doff, k)
-                soff += k
-                doff += k
-                left -= k
-                if soff == slen:
-                    si, soff = si + 1, 0
-                if doff == dlen:
-                    di, doff = di + 1, 0
+            return
+        si = di = 0
+        soff = doff = 0
+        left = size
+        while left:
+            spa, slen = sext[si]
+            dpa, dlen = dext[di]
+            k = min(slen - soff, dlen - doff)
+            mem.copy(spa + soff, dpa + doff, k)
+            soff += k
+            doff += k
+            left -= k
+            if soff == slen:
+                si, soff = si + 1, 0
+            if doff == dlen:
+                di, doff = di + 1, 0
+
+    def _copied(self, flags: int, src: int, dst: int, size: int) -> None:
         self.bytes_copied += size
         if self.gpu.access_hook is not None:
             self._accessed(src, size, flags, False)
@@ -567,11 +675,21 @@ class CommandProcessor:
     def _fill(self, flags, buf, off, length) -> None:
         dlo, dhi, size, value = self._fast[Opcode.FILL].unpack_from(buf, off)
         dst = dlo | (dhi << 32)
+        pattern = memoryview(_U32.pack(value) * ((min(size, _FILL_CHUNK) + 7) // 4 + 1))
+        if size > _WINDOW:
+            ranges = ((dst, size, AccessType.WRITE),)
+            self._start_bulk(Opcode.FILL, flags, 0, dst, size, ranges, pattern)
+            return
         ext = self._extents(dst, size, flags, AccessType.WRITE)
-        pattern = _U32.pack(value) * ((min(size, _FILL_CHUNK) + 7) // 4 + 1)
-        pview = memoryview(pattern)
+        self._fill_extents(ext, pattern, 0)
+        self._budget -= (size >> PAGE_SHIFT) + len(ext)
+        if self.gpu.access_hook is not None:
+            self._accessed(dst, size, flags, True)
+
+    def _fill_extents(self, ext: list, pview: memoryview, pos: int) -> None:
+        """Write the pattern over ``ext``; ``pos`` is the byte offset from the packet's DST (the
+        pattern phase is ``pos % 4``)."""
         mem = self.gpu.mem
-        pos = 0  # byte offset from dst: the pattern phase is (pos % 4)
         for pa, n in ext:
             done = 0
             while done < n:
@@ -580,25 +698,98 @@ class CommandProcessor:
                 mem.write(pa + done, pview[phase : phase + k])
                 done += k
             pos += n
-        if self.gpu.access_hook is not None:
-            self._accessed(dst, size, flags, True)
 
     def _crc32(self, flags, buf, off, length) -> None:
         slo, shi, size, dlo, dhi = self._fast[Opcode.CRC32].unpack_from(buf, off)
         src, dst = slo | (shi << 32), dlo | (dhi << 32)
         if dst & 3:
             raise CpStop(CpError.BAD_ALIGNMENT, f"CRC32 destination {dst:#x}")
+        if size > _WINDOW:
+            ranges = ((src, size, AccessType.READ), (dst, 4, AccessType.WRITE))
+            self._start_bulk(Opcode.CRC32, flags, src, dst, size, ranges)
+            return
         sext = self._extents(src, size, flags, AccessType.READ)
         dext = self._extents(dst, 4, flags, AccessType.WRITE)
+        self._budget -= (size >> PAGE_SHIFT) + len(sext)
+        self._crc_done(flags, src, dst, size, dext, self._crc_extents(sext, 0))
+
+    def _crc_extents(self, ext: list, crc: int) -> int:
         mem = self.gpu.mem
-        crc = 0
-        for pa, n in sext:
+        for pa, n in ext:
             view = mem.view(pa, n)
             crc = zlib.crc32(view if view is not None else mem.read(pa, n), crc)
+        return crc
+
+    def _crc_done(self, flags: int, src: int, dst: int, size: int, dext: list, crc: int) -> None:
         self._write(dext, _U32.pack(crc))
         if self.gpu.access_hook is not None:
             self._accessed(src, size, flags, False)
             self._accessed(dst, 4, flags, True)
+
+    # --- sliced packets ------------------------------------------------------------------
+
+    def _start_bulk(self, op, flags, src, dst, size, ranges, pattern=None) -> None:
+        """Begin a COPY/FILL/CRC32 larger than one window; run() continues it under budget."""
+        self.bulk = _Bulk(op, self._cur_pc, self._cur_in_ib, flags, src, dst, size, ranges, pattern)
+        self._advance()  # clears self.bulk once done; the caller counts the packet then
+
+    def _advance(self) -> bool:
+        """Continue the sliced packet for at most the budget left; True once it completed.
+
+        First pass: every range is translated, one window at a time, and nothing is kept but
+        the position, so a fault leaves memory untouched. Second pass: the data moves, each
+        window translated again (the TLB serves it unless the tables were invalidated
+        meanwhile; a fault then stops the packet with the windows before it done).
+        """
+        b = self.bulk
+        self._cur_pc, self._cur_op, self._cur_in_ib = b.pc, b.op, b.in_ib
+        flags = b.flags
+        extents = self._extents
+        while b.checking is not None:
+            if b.checking == len(b.ranges):
+                b.checking, b.pos = None, 0
+                break
+            addr, size, access = b.ranges[b.checking]
+            while b.pos < size:
+                if self._budget <= 0:
+                    return False
+                va = addr + b.pos
+                n = min(_WINDOW - (va & (_WINDOW - 1)), size - b.pos)
+                self._budget -= (n >> PAGE_SHIFT) + len(extents(va, n, flags, access)) + 1
+                b.pos += n
+            b.checking, b.pos = b.checking + 1, 0
+        op = b.op
+        while b.pos < b.size:
+            if self._budget <= 0:
+                return False
+            pos = b.pos
+            anchor = (b.dst if op == Opcode.FILL else b.src) + pos
+            n = min(_WINDOW - (anchor & (_WINDOW - 1)), b.size - pos)
+            if op == Opcode.COPY:
+                sext = extents(b.src + pos, n, flags, AccessType.READ)
+                dext = extents(b.dst + pos, n, flags, AccessType.WRITE)
+                self._copy_extents(sext, dext, n)
+                cost = 2 * (n >> PAGE_SHIFT) + len(sext) + len(dext)
+            elif op == Opcode.FILL:
+                ext = extents(b.dst + pos, n, flags, AccessType.WRITE)
+                self._fill_extents(ext, b.pattern, pos)
+                cost = (n >> PAGE_SHIFT) + len(ext)
+            else:
+                ext = extents(b.src + pos, n, flags, AccessType.READ)
+                b.crc = self._crc_extents(ext, b.crc)
+                cost = (n >> PAGE_SHIFT) + len(ext)
+            self._budget -= cost + 1
+            b.pos = pos + n
+        self.bulk = None
+        if op == Opcode.COPY:
+            self._copied(flags, b.src, b.dst, b.size)
+        elif op == Opcode.FILL:
+            if self.gpu.access_hook is not None:
+                self._accessed(b.dst, b.size, flags, True)
+        else:
+            dext = extents(b.dst, 4, flags, AccessType.WRITE)
+            self._crc_done(flags, b.src, b.dst, b.size, dext, b.crc)
+        return True
 
     def _atomic(self, flags, buf, off, length) -> None:
         alo, ahi, vlo, vhi = self._fast[Opcode.ATOMIC].unpack_from(buf, off)
@@ -673,4 +864,4 @@ class CommandProcessor:
         as_index, vlo, vhi, slo, shi = self._fast[Opcode.TLB_INVALIDATE].unpack_from(buf, off)
         if as_index >= AS_COUNT:
             raise CpStop(CpError.BAD_ARGUMENT, f"TLB_INVALIDATE of AS {as_index}")
-        self.gpu.mmu.invalidate(as_index, vlo | (vhi << 32), slo | (shi << 32))
+        self._budget -= self.gpu.mmu.invalidate(as_index, vlo | (vhi << 32), slo | (shi << 32))

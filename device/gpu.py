@@ -184,6 +184,7 @@ class Gpu:
             and not self.cp.error
             and (
                 self.cp.waiting is not None
+                or self.cp.bulk is not None
                 or bool(self.cp.ib_stack)
                 or self.cp.head != self.cp.tail
             )
@@ -202,9 +203,11 @@ class Gpu:
         """Packets are ready to execute now (not idle, waiting, stopped, in error or halted)."""
         return self.cp.runnable()
 
-    def run(self, max_packets: int) -> int:
-        """Execute up to ``max_packets`` packets; returns how many completed."""
-        return self.cp.run(max_packets)
+    def run(self, max_packets: int, *, budget: int | None = None) -> int:
+        """Execute up to ``max_packets`` packets within ``budget`` work units (default
+        ``cp.BUDGET``: one slice of about a millisecond); returns how many completed. A large
+        packet the budget cuts short stays in progress and the next call continues it."""
+        return self.cp.run(max_packets, budget=budget)
 
     def wait_deadline_ns(self) -> int | None:
         """Device-clock time at which the blocking WAIT_MEM times out (None: none or forever)."""

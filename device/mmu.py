@@ -219,25 +219,28 @@ class Mmu:
 
     # --- invalidation --------------------------------------------------------------------
 
-    def invalidate(self, as_index: int, va: int = 0, size: int = 0) -> None:
-        """Drop cached translations of ``[va, va + size)``; ``size == 0`` drops all."""
+    def invalidate(self, as_index: int, va: int = 0, size: int = 0) -> int:
+        """Drop cached translations of ``[va, va + size)``; ``size == 0`` drops all.
+
+        Returns the work done (entries looked at), which the command processor budgets."""
         space = self.spaces[as_index]
         if size <= 0:
-            self._flush(space)
-        else:
-            self._flush(space, va >> PAGE_SHIFT, ((va + size - 1) >> PAGE_SHIFT) + 1)
+            return self._flush(space)
+        return self._flush(space, va >> PAGE_SHIFT, ((va + size - 1) >> PAGE_SHIFT) + 1)
 
-    def _flush(self, space: AddressSpace, lo: int | None = None, hi: int | None = None) -> None:
+    def _flush(self, space: AddressSpace, lo: int | None = None, hi: int | None = None) -> int:
         self.flushes += 1
         tlb = space.tlb
         if lo is None or hi is None:
             tlb.clear()
-        elif hi - lo <= len(tlb):
+            return 1
+        if hi - lo <= len(tlb):
             for vpn in range(lo, hi):
                 tlb.pop(vpn, None)
-        else:
-            for vpn in [k for k in tlb if lo <= k < hi]:
-                del tlb[vpn]
+            return hi - lo
+        for vpn in [k for k in tlb if lo <= k < hi]:
+            del tlb[vpn]
+        return len(tlb)
 
     def _evict(self, space: AddressSpace) -> None:
         """Drop the oldest entries once over capacity, at least 1/16 of it at a time (a dict
