@@ -5,7 +5,10 @@ where the correct driver's reset is clean."""
 
 from __future__ import annotations
 
+import pytest
+
 from gemu.host.cli import main
+from gemu.host.explore import engine
 from gemu.host.explore.scenario import (
     SCENARIOS,
     ExploreConfig,
@@ -62,3 +65,17 @@ def test_cli_picks_the_mutants_scenario_and_takes_strict_signalling(tmp_path, ca
     assert "signalling" in capsys.readouterr().out
     args = ["explore", "small", "--strict-signalling", "--schedules", "2", "--workers", "1"]
     assert main([*args, "--quiet"]) == 0
+
+
+@pytest.mark.soak
+def test_correct_driver_long_campaign_on_the_hang_scenario_and_in_strict_mode():
+    """The working driver: 500 schedules of each strategy on the hang scenario (a GPU reset in
+    every schedule), and 1000 of each on the standard scenario in the strict signalling mode,
+    zero violations."""
+    for strategy in ("random", "pct"):
+        cfg = ExploreConfig(scenario=HANG, strategy=strategy)
+        report = engine.run_campaign(cfg, 500, seed=60_000, workers=2)
+        assert report.first is None, report.first and report.first.violations
+        cfg = ExploreConfig(strategy=strategy, strict_signalling=True)
+        report = engine.run_campaign(cfg, 1000, seed=70_000, workers=2)
+        assert report.first is None, report.first and report.first.violations
