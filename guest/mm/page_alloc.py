@@ -33,6 +33,11 @@ Modelled on ``mm/page_alloc.c`` and ``mm/vmscan.c``. Choices the model makes:
 - Watermark reserves follow ``__zone_watermark_ok()``: ``__GFP_HIGH`` may use half of the min
   reserve, a non-blocking ``__GFP_HIGH`` (``GFP_ATOMIC``) a further quarter of what is left,
   and a task inside reclaim (``PF_MEMALLOC``) all of it and never recurses into reclaim.
+- Flags and per-task scopes come from :mod:`gemu.guest.mm.gfp`: an allocation's mask goes
+  through ``current_gfp_context()`` (a ``memalloc_nofs_save()`` scope drops ``__GFP_FS``), is
+  annotated with ``lockdep.might_alloc(gfp)`` (``fs_reclaim`` only for ``__GFP_FS``), and
+  direct reclaim hands that mask to the shrinkers. Reclaim itself runs under
+  ``memalloc_noreclaim_save()`` (``PF_MEMALLOC``).
 - Fault injection is ``fail-nth`` per allocator rather than per task: :meth:`set_fail_nth`.
 - Inside a class body, spell ``__GFP_ZERO`` as ``Gfp.ZERO``: Python mangles names that start
   with two underscores there.
