@@ -13,6 +13,12 @@ writes an ELF core file that gdb opens as an aarch64 core and ``gemu coredump FI
   :data:`VA_DUMP_ALL`, else the mapped pages around the fault, the failing packet and the
   indirect buffers.
 
+A core file is bounded whatever the guest programmed: the ring segment is at most
+:data:`RING_DUMP_MAX` (1 MiB), the GPU VA segments at most :data:`VA_DUMP_ALL` (8 MiB) or
+``2 * FAULT_WINDOW + 4 KiB`` around each of at most ``2 + IB_MAX_DEPTH + AS_COUNT`` addresses,
+and the mapping walk behind them reads each page table once, at most
+``mmu.WALK_MAX_TABLES`` of them (a cycle or alias in the tables is logged, not followed).
+
 Formats are construct declarations; :func:`build_core` and :func:`read_core` are inverses
 (the reader uses pyelftools' ``ELFFile``)::
 
@@ -316,9 +322,18 @@ def capture(gpu: Any, reason: int, text: str) -> Core:
             segments.append(Segment(addr, data, PF_R, addr, "ring (guest-physical)"))
     as_index = faults[0]["as_index"] if faults else cp.as_index
     try:
-        mapped = gpu.mappings(as_index)
+        report = gpu.mappings_report(as_index)
     except MemFault:
         mapped = []
+    else:
+        mapped = report.runs
+        if report.aliases_total or report.truncated:
+            log.warning(
+                "AS%d page tables: %d table(s) reached twice (cycle/alias, not followed)%s",
+                as_index,
+                report.aliases_total,
+                f"; walk {report.truncated}" if report.truncated else "",
+            )
     if sum(size for _, _, size, _ in mapped) <= VA_DUMP_ALL:
         windows = [(va, va + size) for va, _, size, _ in mapped]
     else:

@@ -48,6 +48,8 @@ from .mmu import MemFault, perms_str
 
 log = logging.getLogger("gemu.device.gdbstub")
 
+MONITOR_MAX_RUNS = 512  # mapped ranges `monitor mappings` prints at most
+MONITOR_MAX_ALIASES = 16  # cycle/alias lines it prints at most (the rest are counted)
 PACKET_SIZE = 0x4000  # the largest packet we accept and announce (PacketSize, hex)
 MAX_PAYLOAD = PACKET_SIZE * 4  # a packet longer than this (after run-length) is dropped
 MAX_LISTED = 4096  # packets listed by one `monitor dis` / `monitor ring`
@@ -71,7 +73,8 @@ gemu GPU monitor commands:
   ring [N]             ring registers and the packets from RING_HEAD to the tail (at most N)
   dis ADDR [N]         disassemble N packets (default 8) at ADDR in the current space
   walk VA [AS]         page-table walk of VA (default: the CP's current AS)
-  mappings [AS]        mapped ranges of an AS (default: the CP's current AS)
+  mappings [AS]        mapped ranges of an AS (default: the CP's current AS); at most 512
+                       shown; a table reached twice is shown as cycle/alias, not followed
   fence                latched FENCE seqno and fence interrupt state
   fault                why the CP stopped: CP_ERROR and every latched MMU fault
   reset                soft-reset the device (CONTROL.SOFT_RESET)
@@ -998,7 +1001,14 @@ class GdbStub:
         out = [f"AS{n} walk of {va:#x}:"]
         if not rows:
             out.append("  (AS disabled or VA out of range)")
+        seen: dict[int, int] = {}
         for level, table, idx, entry in rows:
+            if table in seen:
+                out.append(
+                    f"  cycle/alias at level L{level} table PA {table:#x} "
+                    f"(also the L{seen[table]} table)"
+                )
+            seen.setdefault(table, level)
             kind = ("invalid", "table", "page", "reserved")[(entry >> 1) & 3] if entry & 1 else "-"
             perms = perms_str(entry) if level == 3 else ""
             out.append(
@@ -1014,10 +1024,20 @@ class GdbStub:
 
     def _mon_mappings(self, args: list[str]) -> str:
         n = self._as_arg(args, 0)
-        runs = self.gpu.mappings(n)
+        report = self.gpu.mappings_report(n)
+        runs = report.runs
         out = [f"AS{n}: {len(runs)} mapped range(s)"]
-        for va, pa, size, perms in runs:
+        for va, pa, size, perms in runs[:MONITOR_MAX_RUNS]:
             out.append(f"  {va:#014x}-{va + size:#014x} -> PA {pa:#x} {perms} ({size:#x} bytes)")
+        if len(runs) > MONITOR_MAX_RUNS:
+            out.append(f"  ... {len(runs) - MONITOR_MAX_RUNS} more range(s) not shown")
+        for level, table, va in report.aliases[:MONITOR_MAX_ALIASES]:
+            out.append(f"  cycle/alias at level L{level} table PA {table:#x} (from VA {va:#x})")
+        hidden = report.aliases_total - min(len(report.aliases), MONITOR_MAX_ALIASES)
+        if hidden:
+            out.append(f"  ... {hidden} more cycle/alias entries not followed")
+        if report.truncated:
+            out.append(f"  walk {report.truncated}")
         return "\n".join(out) + "\n"
 
     _mon_maps = _mon_mappings

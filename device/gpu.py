@@ -47,7 +47,7 @@ from .abi.regs import PAGE_SHIFT
 from .clock import FreeClock, SteppedClock
 from .cp import CommandProcessor
 from .memory import BusError, GuestMemory
-from .mmu import MemFault, Mmu, perms_str
+from .mmu import Mappings, MemFault, Mmu, perms_str
 from .regfile import RegFile, access_table, guest_error
 
 __all__ = ["Gpu", "MemFault", "perms_str"]
@@ -294,6 +294,10 @@ class Gpu:
     def mappings(self, as_index: int) -> list[tuple[int, int, int, str]]:
         """Coalesced ``(va, pa, size, perms)`` runs of every page mapped in the AS."""
         return self.mmu.mappings(as_index)
+
+    def mappings_report(self, as_index: int) -> Mappings:
+        """The bounded walk of the AS: runs, tables reached twice, why it stopped early."""
+        return self.mmu.mappings_report(as_index)
 
     # --- statistics ----------------------------------------------------------------------
 

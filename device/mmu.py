@@ -33,12 +33,17 @@ TRANSLATION_Ln / TRANSTAB_BUS (walk), PERMISSION, BUS.
 fills the TLB, never counts, never latches a fault. Debug translation uses an entry already in
 the TLB when there is one (so a debugger sees what the GPU would access, stale entries
 included) and otherwise walks the tables in memory; :meth:`Mmu.walk` and :meth:`Mmu.mappings`
-always show the tables as they are in memory.
+always show the tables as they are in memory. Every debug walk is bounded whatever the guest
+wrote: a translation or :meth:`Mmu.walk` reads one entry per level (four at most);
+:meth:`Mmu.mappings_report` reads each table once (a table reached again through a cycle or an
+alias is reported, not followed), at most ``WALK_MAX_TABLES`` (4096) tables, and reports at most
+``WALK_MAX_RUNS`` (65536) ranges.
 """
 
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 from itertools import islice
 from typing import TYPE_CHECKING
 
@@ -72,6 +77,21 @@ _LEVEL_SHIFTS = tuple(pte.BITS_PER_LEVEL * (pte.LEVELS - 1 - lvl) for lvl in ran
 _TABLE_ENTRIES = struct.Struct(f"<{pte.ENTRIES_PER_TABLE}Q")
 _LOCK_SIZE = regs.AS_TEMPLATE[3].fields[0]  # LOCKADDR_LO.SIZE
 _LOCK_MIN_LOG2 = PAGE_SHIFT
+
+
+WALK_MAX_TABLES = 4096  # page tables one debug walk of an AS reads at most
+WALK_MAX_RUNS = 65536  # mapped ranges it reports at most
+WALK_MAX_ALIASES = 64  # revisited tables it lists (all are counted)
+
+
+@dataclass
+class Mappings:
+    """What a bounded walk of an AS found (:meth:`Mmu.mappings_report`)."""
+
+    runs: list[tuple[int, int, int, str]]  # (va, pa, size, perms), coalesced, in VA order
+    aliases: list[tuple[int, int, int]]  # (level, table_pa, va): a table reached again
+    aliases_total: int  # every revisit, listed or not
+    truncated: str | None  # why the walk stopped before the end, or None
 
 
 class TranslationFault(Exception):
@@ -486,38 +506,68 @@ class Mmu:
         return rows
 
     def mappings(self, as_index: int) -> list[tuple[int, int, int, str]]:
-        """Every valid page of the AS as coalesced ``(va, pa, size, perms)`` runs, from memory."""
-        space = self._debug_space(as_index, 0)
-        if space.mode is not TransCfgMode.PT_4LEVEL:
-            return []
-        mem = self.gpu.mem
-        runs: list[list] = []
+        """Every valid page of the AS as coalesced ``(va, pa, size, perms)`` runs, from memory
+        (bounded: see :meth:`mappings_report`)."""
+        return self.mappings_report(as_index).runs
 
-        def visit(table: int, level: int, va_base: int) -> None:
+    def mappings_report(self, as_index: int) -> Mappings:
+        """The mapped runs of the AS from the tables in memory, walked within bounds.
+
+        Each table is read once: an entry leading to a table already visited (a cycle, or two
+        entries sharing a table) is not followed but recorded in ``aliases`` as ``(level,
+        table_pa, va)``. The walk reads at most :data:`WALK_MAX_TABLES` tables and keeps at
+        most :data:`WALK_MAX_RUNS` runs; ``truncated`` says why it stopped early, if it did.
+        """
+        space = self._debug_space(as_index, 0)
+        report = Mappings([], [], 0, None)
+        if space.mode is not TransCfgMode.PT_4LEVEL:
+            return report
+        mem = self.gpu.mem
+        runs = report.runs
+        seen: set[int] = set()
+        # depth-first, in VA order: (table, level, va_base) still to read
+        todo: list[tuple[int, int, int]] = [(space.transtab, 0, 0)]
+        while todo:
+            table, level, va_base = todo.pop()
+            if table in seen:
+                report.aliases_total += 1
+                if len(report.aliases) < WALK_MAX_ALIASES:
+                    report.aliases.append((level, table, va_base))
+                continue
+            if len(seen) >= WALK_MAX_TABLES:
+                report.truncated = f"stopped after {WALK_MAX_TABLES} page tables"
+                break
+            seen.add(table)
             try:
                 entries = _TABLE_ENTRIES.unpack(mem.read(table, PAGE_SIZE))
             except BusError:
-                return
+                continue
             shift = PAGE_SHIFT + _LEVEL_SHIFTS[level]
+            if level < 3:
+                below = [
+                    (entry & _ADDR, level + 1, va_base | (idx << shift))
+                    for idx, entry in enumerate(entries)
+                    if entry & _KIND == _TABLE
+                ]
+                todo.extend(reversed(below))
+                continue
             for idx, entry in enumerate(entries):
-                kind = entry & _KIND
+                if entry & _KIND != _PAGE:
+                    continue
                 va = va_base | (idx << shift)
-                if level < 3:
-                    if kind == _TABLE:
-                        visit(entry & _ADDR, level + 1, va)
-                elif kind == _PAGE:
-                    pa = entry & _ADDR
-                    perms = perms_str(entry)
-                    last = runs[-1] if runs else None
-                    if (
-                        last is not None
-                        and last[0] + last[2] == va
-                        and last[1] + last[2] == pa
-                        and last[3] == perms
-                    ):
-                        last[2] += PAGE_SIZE
-                    else:
-                        runs.append([va, pa, PAGE_SIZE, perms])
-
-        visit(space.transtab, 0, 0)
-        return [tuple(r) for r in runs]
+                pa = entry & _ADDR
+                perms = perms_str(entry)
+                last = runs[-1] if runs else None
+                if (
+                    last is not None
+                    and last[0] + last[2] == va
+                    and last[1] + last[2] == pa
+                    and last[3] == perms
+                ):
+                    runs[-1] = (last[0], last[1], last[2] + PAGE_SIZE, perms)
+                elif len(runs) >= WALK_MAX_RUNS:
+                    report.truncated = f"stopped after {WALK_MAX_RUNS} mapped ranges"
+                    return report
+                else:
+                    runs.append((va, pa, PAGE_SIZE, perms))
+        return report
