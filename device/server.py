@@ -64,6 +64,8 @@ DMA_TIMEOUT_S = 30.0  # a client that does not answer a DMA request for this lon
 IDLE_RECV_US = 50_000  # longest blocking recv on an idle client before looking at the rest
 POLL_S = 0.01  # polling period for links without a descriptor (e.g. loop://)
 SERIAL_RETRY_S = (0.1, 2.0)  # reopening a serial port that went away: first delay, cap
+ACCEPT_DRAIN_READS = 8  # reads of the current client before a new connection is answered
+OUTPUT_CAP = 4 << 20  # bytes of output a client may leave unread before it is disconnected
 NAME = b"gemu-device"
 
 _HDR = p.HEADER_FAST
@@ -104,6 +106,7 @@ class _Session:
         self.start = 0
         self.end = 0
         self.queued: deque[tuple[int, int, int, int, int, bytes]] = deque()
+        self.out = bytearray()  # what the client has not taken yet (sends never block)
         self.handshaken = False
         self.features = p.Features(0)
         self.alive = True
@@ -275,7 +278,13 @@ class DeviceServer:
             self._drain(s)
         timeout = None if self._stepped else self._cp_work()
         s = self.session
-        if timeout is None and s is not None and s.direct and not self._eager_readers():
+        if (
+            timeout is None
+            and s is not None
+            and s.direct
+            and not s.out
+            and not self._eager_readers()
+        ):
             # Idle with one client: block in its recv (bounded by SO_RCVTIMEO) rather than in
             # epoll, one system call less per request; look at the rest when it times out.
             if self._serve_direct(s):
@@ -293,10 +302,15 @@ class DeviceServer:
             events = self._epoll.poll(-1 if timeout is None else timeout)
         except InterruptedError:
             return
-        for fd, _mask in events:
+        for fd, mask in events:
             if fd == self._client_fd:
                 s = self.session
-                if s is not None:
+                if s is not None and mask & select.EPOLLOUT:
+                    try:
+                        self._flush_out(s)
+                    except _Disconnected as exc:
+                        self._end_session(str(exc))
+                if self.session is s and s is not None and mask & ~select.EPOLLOUT:
                     self._receive(s, block=True)
             elif fd == self._listen_fd:
                 self._accept()
@@ -324,7 +338,7 @@ class DeviceServer:
         False if nothing came before SO_RCVTIMEO."""
         if s.end != 0 or s.conn.accept_fds or not s.handshaken:
             return self._receive(s, block=True)
-        recv, send, buf, view = s.recv, s.conn.sock.sendall, s.buf, s.view
+        recv, send, buf, view = s.recv, s.conn.sock.send, s.buf, s.view
         gpu = self.gpu
         mmio_read, mmio_write, has_work = gpu.mmio_read, gpu.mmio_write, gpu.has_work
         unpack = _REG1_REQ.unpack_from
@@ -356,9 +370,17 @@ class DeviceServer:
                 out = self._irq_frame() + out
             if out:
                 try:
-                    send(out)
+                    sent = send(out, socket.MSG_DONTWAIT)
+                except (BlockingIOError, InterruptedError):
+                    sent = 0
                 except OSError as exc:
                     self._end_session(f"send failed: {exc}")
+                    return True
+                if sent != len(out):  # the client is not reading: buffer, wait for EPOLLOUT
+                    try:
+                        self._queue_out(s, memoryview(out)[sent:])
+                    except _Disconnected as exc:
+                        self._end_session(str(exc))
                     return True
             served = True
             if has_work() or self._cp_waiting or self._eager_readers() or not self._running:
@@ -407,9 +429,11 @@ class DeviceServer:
             return
         s = self.session
         if s is not None and s.conn.fileno() is not None:
-            # the client may have hung up just before: take what it sent, see the end of stream
-            while self.session is s and self._receive(s, block=False):
-                pass
+            # the client may have hung up just before: take what it sent, see the end of
+            # stream; a few reads only, a client that keeps sending must not delay the answer
+            for _ in range(ACCEPT_DRAIN_READS):
+                if self.session is not s or not self._receive(s, block=False):
+                    break
         if self.session is not None:
             self.counters["refused"] += 1
             text = (
@@ -418,7 +442,7 @@ class DeviceServer:
             )
             log.warning("refusing connection from %s: %s", conn.name, text)
             with contextlib.suppress(OSError):
-                conn.sendall(
+                conn.send_nowait(
                     p.error_frame(_header(0, _VERSION, 16, 0, 0), p.ProtoError.EBUSY, text)
                 )
             conn.close()
@@ -624,21 +648,52 @@ class DeviceServer:
     # --- sending ---------------------------------------------------------------------------
 
     def _send(self, s: _Session, data: bytes) -> None:
+        """Send without blocking the loop: what the link does not take now waits in
+        ``s.out`` (flushed on EPOLLOUT); past OUTPUT_CAP the client is disconnected."""
+        if s.out:
+            self._queue_out(s, data)
+            return
         try:
-            s.conn.sendall(data)
+            sent = s.conn.send_nowait(data)
         except OSError as exc:
             s.alive = False
             raise _Disconnected(f"send failed: {exc}") from None
+        if sent != len(data):
+            self._queue_out(s, memoryview(data)[sent:])
+
+    def _queue_out(self, s: _Session, data) -> None:
+        if not s.out and self._client_fd is not None and self.session is s:
+            self._epoll.modify(self._client_fd, select.EPOLLIN | select.EPOLLOUT)
+        s.out += data
+        if len(s.out) > OUTPUT_CAP:
+            s.alive = False
+            log.warning(
+                "client %s: disconnecting: it leaves its replies unread (%d bytes pending, "
+                "over the cap of %d)",
+                s.conn.name,
+                len(s.out),
+                OUTPUT_CAP,
+            )
+            raise _Disconnected(f"over {OUTPUT_CAP} bytes of replies unread")
+
+    def _flush_out(self, s: _Session) -> None:
+        """Send what is pending for the client, as much as it takes now."""
+        try:
+            sent = s.conn.send_nowait(s.out)
+        except OSError as exc:
+            s.alive = False
+            raise _Disconnected(f"send failed: {exc}") from None
+        del s.out[:sent]
+        if not s.out and self._client_fd is not None and self.session is s:
+            self._epoll.modify(self._client_fd, select.EPOLLIN)
 
     def _frame_error(self, s: _Session, hdr: p.Header, code: p.ProtoError, text: str) -> None:
         self.counters["errors"] += 1
         log.warning("client %s: %s: %s: %s", s.conn.name, hdr.describe(), code.name, text)
         if hdr.is_reply and hdr.is_error:
             return  # never answer an error with an error
-        try:
-            s.conn.sendall(p.error_frame(hdr, code, text))
-        except OSError:
-            s.alive = False
+        with contextlib.suppress(_Disconnected):  # s.alive is False: the session ends
+            self._send(s, p.error_frame(hdr, code, text))
 
     # --- interrupts ------------------------------------------------------------------------
 
@@ -1083,7 +1138,9 @@ class DeviceServer:
                 raise BusError(0, 0, f"{what}: no reply from the client within {DMA_TIMEOUT_S} s")
             fd = s.conn.fileno()
             if fd is not None:
-                ready, _, _ = select.select([fd], (), (), left)
+                ready, writable, _ = select.select([fd], [fd] if s.out else (), (), left)
+                if writable:
+                    self._flush_out(s)  # the DMA request itself may be waiting there
                 if not ready:
                     continue
             self._fill(s, block=fd is not None)

@@ -132,6 +132,12 @@ class Connection:
     def sendall(self, data: bytes | bytearray | memoryview) -> None:
         raise NotImplementedError
 
+    def send_nowait(self, data: bytes | bytearray | memoryview) -> int:
+        """Send what the link takes without waiting; how many bytes (0 if it is full).
+        Links that cannot tell (no descriptor, e.g. ``loop://``) send it all."""
+        self.sendall(data)
+        return len(data)
+
     def send_fds(self, data: bytes, fds: list[int]) -> None:
         raise TransportError(
             errno.EOPNOTSUPP, f"{self.name} cannot pass file descriptors (UNIX sockets only)"
@@ -194,6 +200,12 @@ class SocketConnection(Connection):
 
     def sendall(self, data: bytes | bytearray | memoryview) -> None:
         self.sock.sendall(data)
+
+    def send_nowait(self, data: bytes | bytearray | memoryview) -> int:
+        try:
+            return self.sock.send(data, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return 0
 
     def send_fds(self, data: bytes, fds: list[int]) -> None:
         if not self.supports_fds:
@@ -266,6 +278,15 @@ class SerialConnection(Connection):
             self.port.write(bytes(data))
         except serial.SerialException as exc:
             raise ConnectionError(f"{self.name}: {exc}") from None
+
+    def send_nowait(self, data: bytes | bytearray | memoryview) -> int:
+        fd = self.fileno()
+        if fd is None or os.get_blocking(fd):
+            return super().send_nowait(data)  # e.g. a pyserial URL: no descriptor to poll
+        try:
+            return os.write(fd, data)
+        except (BlockingIOError, InterruptedError):
+            return 0
 
     def recv_into(self, view: memoryview, *, block: bool = True) -> int | None:
         import serial

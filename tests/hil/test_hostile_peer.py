@@ -14,6 +14,7 @@ import os
 import socket
 import stat
 import subprocess
+import threading
 import time
 import tty
 from pathlib import Path
@@ -267,3 +268,124 @@ def test_16_mib_in_band_over_tcp_runs_at_link_speed():
     # both ends copy each byte several times in Python (frame, payload, reply): 3 bytes cross
     # the link per byte read, and a 2-core box is shared, hence the generous factor
     assert inband < max(40 * raw, 0.5), f"16 MiB in band took {inband:.3f} s, raw {raw:.3f} s"
+
+
+# --- a client that never reads ------------------------------------------------------------------
+
+
+class Flooder:
+    """A client that shares 1 MiB of guest RAM, then asks for all of it with MEM_READs
+    (1 MiB replies) and never reads a reply."""
+
+    def __init__(self, spec: str) -> None:
+        self.raw = Raw(spec)
+        hello = p.VERSION_REQ.build(dict(major=1, minor=0, features=0xF, name=b"flooder"))
+        self.raw.send(p.Command.VERSION, hello)
+        hdr, text = self.raw.recv()
+        if hdr.is_error:  # the device has not finished with the previous client yet
+            self.raw.close()
+            raise ConnectionError(f"{p.ProtoError(hdr.error).name}: {text.decode()}")
+        self.ram = SharedMemory(p.MAX_DMA)
+        mem_map = p.MEM_MAP_REQ.build(dict(base=0, size=p.MAX_DMA, flags=p.MemMapFlags.FD))
+        socket.send_fds(self.raw.sock, [p.encode(p.Command.MEM_MAP, 1, mem_map)], [self.ram.fd])
+        hdr, _ = self.raw.recv()
+        assert not hdr.is_error, hdr.describe()
+
+    def flood(self, count: int) -> None:
+        read = p.MEM_READ_REQ.build(dict(space=p.SPACE_PHYS, size=p.MAX_DMA, addr=0))
+        self.raw.sock.sendall(p.encode(p.Command.MEM_READ, 2, read) * count)
+
+    def close(self) -> None:
+        self.raw.close()
+        self.ram.close()
+
+
+def test_a_client_that_never_reads_cannot_wedge_the_device():
+    """A client asks for 3 MiB and reads none of it, more than the socket buffers hold: a
+    second client still gets EBUSY at once and the first one's reads are still answered
+    in order (what the device holds is sent when the client reads). Another client that
+    leaves more than OUTPUT_CAP (4 MiB) unread is disconnected with a log line, and the
+    next client is served."""
+    with spawn_device() as dev:
+        flooder = Flooder(dev.spec)
+        flooder.flood(3)
+        t0 = time.monotonic()
+        other = Raw(dev.spec)
+        other.sock.settimeout(5)
+        code, text = error_of(other.recv())
+        assert code == "EBUSY" and "one client at a time" in text
+        assert time.monotonic() - t0 < 2.0
+        other.close()
+        for _ in range(3):
+            hdr, data = flooder.raw.recv()
+            assert hdr.command == p.Command.MEM_READ and len(data) == 12 + p.MAX_DMA
+        flooder.close()
+
+        hog = _connect_when_free(dev, lambda: Flooder(dev.spec))
+        hog.flood(6)
+        _until(lambda: "leaves its replies unread" in dev.log(), what="disconnect log line")
+        hog.close()
+        client = _connect_when_free(dev)
+        assert client.readl(regs.GPU_ID.offset) == regs.GPU_ID_VALUE
+        client.close()
+        assert dev.alive()
+
+
+class RegFlooder(threading.Thread):
+    """Sends single-register REG_READs (the device's fast path) as fast as it can and reads
+    none of the replies, until the device drops it or ``deadline_s`` passes."""
+
+    def __init__(self, spec: str, deadline_s: float = 20.0) -> None:
+        super().__init__(name="reg-flooder", daemon=True)
+        self.raw = Raw(spec)
+        self.raw.hello()
+        self.deadline = time.monotonic() + deadline_s
+        self.sent = 0
+        self.ended: BaseException | None = None
+
+    def run(self) -> None:
+        read = p.REG_READ_REQ.build(dict(offset=SCRATCH0, count=1))
+        batch = b"".join(p.encode(p.Command.REG_READ, i, read) for i in range(1024))
+        try:
+            while time.monotonic() < self.deadline:
+                self.raw.sock.sendall(batch)
+                self.sent += len(batch)
+        except OSError as exc:
+            self.ended = exc
+
+
+def test_a_register_read_flood_that_reads_nothing_is_cut_off():
+    """REG_READs sent without end, replies never read: a second client gets EBUSY at once
+    while the flood goes on, and the flooder is disconnected with a log line when its unread
+    replies pass OUTPUT_CAP; the device then serves the next client."""
+    with spawn_device() as dev:
+        flooder = RegFlooder(dev.spec)
+        flooder.start()
+        # 1 MiB of requests: more replies than both socket buffers hold
+        _until(lambda: flooder.sent >= 1 << 20 or flooder.ended, what="flood")
+        t0 = time.monotonic()
+        other = Raw(dev.spec)
+        other.sock.settimeout(5)
+        code, _ = error_of(other.recv())
+        assert code == "EBUSY" and time.monotonic() - t0 < 2.0
+        other.close()
+        flooder.join(timeout=30)
+        assert isinstance(flooder.ended, ConnectionError), flooder.ended
+        _until(lambda: "leaves its replies unread" in dev.log(), what="disconnect log line")
+        flooder.raw.close()
+        client = _connect_when_free(dev)
+        assert client.readl(regs.GPU_ID.offset) == regs.GPU_ID_VALUE
+        client.close()
+
+
+def _connect_when_free(dev, connect=None):
+    """The next client (``connect()``, a DeviceClient by default), once the device has
+    finished with the previous one (bounded)."""
+    connect = connect or dev.connect
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            return connect()
+        except ConnectionError as exc:
+            assert "EBUSY" in str(exc) and time.monotonic() < deadline, exc
+            time.sleep(0.01)
