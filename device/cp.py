@@ -73,7 +73,7 @@ _U64 = struct.Struct("<Q")
 _ADDR2 = struct.Struct("<II")
 _MASK64 = (1 << 64) - 1
 _FILL_CHUNK = 1 << 20
-SLICE_BOUND_S = 0.010  # the stated bound on one slice of CP work (docs/hardware.md)
+SLICE_BOUND_S = regs.RESPONSE_BOUND_MS / 1000  # the stated bound (docs/hardware.md)
 BUDGET = 4096  # work units per run(): pages translated + extents moved (see DOC, Slices)
 BUDGET_IN_BAND = BUDGET // 16  # in-band memory: every extent is a DMA round trip
 _WINDOW = 1 << 20  # bytes translated and moved per step of a sliced packet
@@ -198,6 +198,7 @@ class CommandProcessor:
 
     def reset(self) -> None:
         """CP stopped, head/tail 0, AS 0, no IB, no wait (the debugger's hold is kept)."""
+        self.packets_at_reset = self.packets  # CP_PACKETS counts from here
         self.enabled = False
         self.error = False
         self.head = 0
@@ -295,6 +296,10 @@ class CommandProcessor:
                 self.ib_stack = []
                 self.waiting = None
                 self.bulk = None
+                if self.enabled and self.head == self.tail:
+                    # nothing left to run: say so, as draining the ring would
+                    self._busy = False
+                    self.gpu.raise_irq(Irq.CP_IDLE)
         self.gpu.update_irq()
 
     def _enable(self) -> None:

@@ -42,6 +42,7 @@ guest_error = logging.getLogger("gemu.device.guest_error")
 log = logging.getLogger("gemu.device")
 
 _MASK32 = 0xFFFFFFFF
+_CP_ENABLE = regs.CP_CONTROL.field("ENABLE").mask
 
 
 @dataclass(frozen=True)
@@ -213,6 +214,10 @@ def access_table(gpu: Gpu) -> list[RegisterAccessInfo]:
         R(regs.RING_DOORBELL, post_write=lambda _v: cp.doorbell()),
         R(
             regs.CP_CONTROL,
+            # ENABLE reads back whether the CP is enabled: 0 after a failed enable
+            read=lambda: (
+                (gpu.regs.get(regs.CP_CONTROL) & ~_CP_ENABLE) | (cp.enabled and _CP_ENABLE)
+            ),
             post_write=cp.control_written,
             self_clearing=regs.CP_CONTROL.field("RESUME").mask
             | regs.CP_CONTROL.field("RESET_HEAD").mask,
@@ -220,7 +225,7 @@ def access_table(gpu: Gpu) -> list[RegisterAccessInfo]:
         R(regs.CP_STATUS, read=cp.status_value),
         R(regs.CP_PC_LO, read=lambda: cp.pc() & _MASK32),
         R(regs.CP_PC_HI, read=lambda: cp.pc() >> 32),
-        R(regs.CP_PACKETS, read=lambda: cp.packets & _MASK32),
+        R(regs.CP_PACKETS, read=lambda: (cp.packets - cp.packets_at_reset) & _MASK32),
         R(regs.MMU_INT_CLEAR, clears=regs.MMU_INT_RAWSTAT, post_write=mmu.clear_faults),
         R(regs.MMU_INT_MASK, post_write=lambda _v: gpu.update_irq()),
     ]

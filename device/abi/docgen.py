@@ -94,11 +94,21 @@ header), and this page is rendered from them.
 | Indirect-buffer nesting | {ib_depth} levels |
 | Ring size | power of two, {ring_min} to {ring_max} bytes |
 
-A guest can never crash the device. Reads of unknown or unaligned offsets and of write-only
-registers return 0, writes to read-only registers are ignored, and the device logs each as a
-guest error naming the register and the reason. Writes keep only the bits of declared
-fields. Misprogramming the CP stops it with an error code and an interrupt; it never wedges
-the device, and a soft reset always recovers it.
+A guest can never crash the device. Register accesses follow one rule:
+
+- an unaligned offset, or one outside the MMIO window, gets an `EINVAL` error reply from the
+  device (docs/protocol.md); nothing is read or written;
+- an aligned offset inside the window where no register is declared reads 0 and ignores
+  writes; the device counts each such access as a guest error (`guest_errors` in `STATS`) and
+  logs it on `gemu.device.guest_error`;
+- reads of write-only registers return 0 and writes to read-only registers are ignored,
+  counted and logged the same way;
+- writes keep only the bits of declared fields.
+
+Misprogramming the CP stops it with an error code and an interrupt; it never wedges the
+device, and a soft reset always recovers it. However much work the guest queues, the device
+answers register accesses, resets and the debugger within about {slice_ms} ms (see "Long
+packets" below).
 """
 
 PROSE_RING = """\
@@ -126,14 +136,26 @@ PROSE_RING = """\
 `CP_CONTROL.RESET_HEAD` (only while `ENABLE` is clear) sets `RING_HEAD` and `RING_TAIL` to 0;
 a single write that clears `ENABLE` and sets `RESET_HEAD` disables and rewinds the ring.
 `CP_PC` is the address of the next packet (guest-physical in the ring, GPU VA in an indirect
-buffer; while `WAITING`, the `WAIT_MEM` being polled) and `CP_PACKETS` counts executed
-packets.
+buffer; while `WAITING`, the `WAIT_MEM` being polled; while a long packet runs, that packet)
+and `CP_PACKETS` counts packets since the last reset.
 
 The device never runs by itself: the machine (or, in stepped mode, the guest scheduler) gives
 it time. A `WAIT_MEM` whose condition does not hold leaves the CP `WAITING`; it is polled again
 each time the CP is given time, until the condition holds or its timeout passes on the device
 clock (`TIMESTAMP`, nanoseconds since reset; read HI, LO, HI to get a consistent value while
 the clock runs).
+
+**Long packets.** The CP budgets its work in pages translated and extents moved, not in
+packets: it works in slices of about a millisecond and answers register accesses, resets and
+the debugger in between, within {slice_ms} ms. A `COPY`, `FILL` or `CRC32` larger than
+1 MiB runs over several slices: `RING_HEAD` is already past it, `CP_PC` stays on it, the CP
+is `RUNNING` and `STATUS.CP_BUSY` is 1 until it completes. It first translates every page it
+will touch (a fault then leaves memory untouched, as for any packet), then moves the data.
+A soft reset or clearing `CP_CONTROL.ENABLE` abandons it; so does an error. If the driver
+rewrites and invalidates page tables such a packet is using while it runs, the packet may
+fault in its data pass, with the part before the fault done. Any page-table layout is
+walked within bounds, including tables that point at themselves or alias a 4 GiB range onto
+one page.
 """
 
 PROSE_RECOVERY = """\
@@ -145,6 +167,12 @@ end of its indirect buffer), flags (`BAD_FLAGS`), privilege (`PRIVILEGED`: `SET_
 `TLB_INVALIDATE` and the `PHYS` flag inside an indirect buffer), then the opcode's own checks
 (`BAD_ALIGNMENT`, `BAD_ARGUMENT`). All memory a packet touches is translated before any data
 moves, so a packet that faults leaves memory unchanged.
+
+An indirect-buffer fetch that faults (a header or body the CP cannot read with EXEC
+permission) stops the CP with `CP_ERROR.CODE` = `MMU_FAULT`, `OPCODE` = `INDIRECT_BUFFER`
+(whatever the packet being fetched was), `IN_IB` = 1 and `CP_ERROR_ADDR` = the GPU VA of the
+packet being fetched; the AS latches the fault with `SOURCE` = `INDIRECT_BUFFER`,
+`ACCESS_TYPE` = `EXECUTE` and `AS_FAULTADDRESS` = the first byte that could not be fetched.
 
 On an error the CP latches `CP_ERROR` (code, opcode, AS, whether the packet was in an indirect
 buffer) and `CP_ERROR_ADDR` (the failing packet), enters `ERROR` and raises `Irq.CP_ERROR`. An
@@ -158,8 +186,10 @@ indirect-buffer stack is dropped. Writing `CP_CONTROL = ENABLE | RESUME` clears
 layout of one `INDIRECT_BUFFER` followed by a `FENCE` in the ring, a faulting job loses the
 rest of its indirect buffer, its fence still signals (the driver marks that job as failed
 from `CP_ERROR`), and later jobs run normally. Clear the MMU fault with `MMU_INT_CLEAR` first,
-so that a new fault in the same AS is latched. Clearing `ENABLE` also leaves `ERROR` (the
-`CP_ERROR` value stays until `RESUME` or a reset). `CONTROL.SOFT_RESET` is the big hammer:
+so that a new fault in the same AS is latched. A `RESUME` that leaves `ERROR` with nothing
+left to execute raises `Irq.CP_IDLE` at once, as reaching the tail does. Clearing `ENABLE`
+also leaves `ERROR`, after a failed enable (`RING_CONFIG`) too (the `CP_ERROR` value stays
+until `RESUME` or a reset); `CP_CONTROL.ENABLE` reads back 1 only while the CP is enabled. `CONTROL.SOFT_RESET` is the big hammer:
 every register to its reset value, TLBs empty, CP stopped, guest memory untouched, then
 `Irq.RESET_DONE`.
 """
@@ -409,8 +439,10 @@ def render() -> str:
         ib_depth=regs.IB_MAX_DEPTH,
         ring_min=regs.RING_SIZE_MIN,
         ring_max=regs.RING_SIZE_MAX,
+        slice_ms=regs.RESPONSE_BOUND_MS,
     )
-    lines = [prologue, PROSE_RING, PROSE_RECOVERY, PROSE_MMU, PROSE_IRQ]
+    prose_ring = PROSE_RING.replace("{slice_ms}", str(regs.RESPONSE_BOUND_MS))
+    lines = [prologue, prose_ring, PROSE_RECOVERY, PROSE_MMU, PROSE_IRQ]
     lines += render_registers()
     lines += ["## Interrupt sources (`Irq`)", "", *_enum_table(Irq, "`{:#x}`"), ""]
     lines += ["## Command-processor states (`CpState`)", "", *_enum_table(CpState), ""]

@@ -37,6 +37,7 @@ AS_BASE = 0x1400
 AS_STRIDE = 0x40
 RING_SIZE_MIN = 4096
 RING_SIZE_MAX = 16 << 20
+RESPONSE_BOUND_MS = 10  # the device answers registers, resets and gdb within this, busy or not
 
 
 @dataclass(frozen=True)
@@ -166,7 +167,12 @@ FEATURES = Register(
     ),
 )
 MEM_PAGES = Register(
-    "MEM_PAGES", 0x00C, Access.RO, 0, "4 KiB pages of guest memory the device can reach."
+    "MEM_PAGES",
+    0x00C,
+    Access.RO,
+    0,
+    "4 KiB pages of guest memory the device can reach: 0 while none is attached (the reset "
+    "value); a soft reset keeps guest memory attached, so it keeps this value too.",
 )
 CONTROL = Register(
     "CONTROL",
@@ -253,11 +259,12 @@ CP_CONTROL = Register(
     Access.RW,
     0,
     "CP control. Setting ENABLE checks RING_BASE/RING_SIZE (CP_ERROR.CODE = RING_CONFIG if "
-    "they are invalid). RESUME leaves the ERROR state and continues at RING_HEAD, skipping the "
-    "rest of the failed indirect buffer. RESET_HEAD sets RING_HEAD and RING_TAIL to 0 while "
-    "ENABLE is clear. RESUME and RESET_HEAD read as 0.",
+    "they are invalid; the CP is then in ERROR but not enabled). Clearing ENABLE stops the CP "
+    "and leaves ERROR. RESUME leaves the ERROR state and continues at RING_HEAD, skipping the "
+    "rest of the failed indirect buffer (CP_IDLE if nothing is left). RESET_HEAD sets "
+    "RING_HEAD and RING_TAIL to 0 while ENABLE is clear. RESUME and RESET_HEAD read as 0.",
     (
-        Field("ENABLE", 0, 1),
+        Field("ENABLE", 0, 1, "reads 1 while the CP is enabled (0 after a failed enable)"),
         Field("RESUME", 1, 1, "self-clearing"),
         Field("RESET_HEAD", 2, 1, "self-clearing: RING_HEAD = RING_TAIL = 0"),
     ),
@@ -297,7 +304,11 @@ CP_PC_LO, CP_PC_HI = _lohi(
     "CP_PC", 0x12C, Access.RO, "Address of the next packet the CP executes (same spaces)"
 )
 CP_PACKETS = Register(
-    "CP_PACKETS", 0x134, Access.RO, 0, "Packets executed since reset (wraps at 2^32)."
+    "CP_PACKETS",
+    0x134,
+    Access.RO,
+    0,
+    "Packets executed since the last reset (0 after a soft reset; wraps at 2^32).",
 )
 
 # --- MMU ---------------------------------------------------------------------------------
