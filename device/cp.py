@@ -33,14 +33,19 @@ debugger's single step executes one whole packet, whatever its size.
 
 **Indirect buffers** live in GPU VA of the current AS and are fetched with EXECUTE access
 (PTE.EXEC). They nest up to FEATURES.IB_MAX_DEPTH (deeper: IB_TOO_DEEP). A fault while
-fetching from an IB reports SOURCE = INDIRECT_BUFFER in FAULTSTATUS and OPCODE =
-INDIRECT_BUFFER in CP_ERROR.
+fetching a packet (header or body) from an IB stops the CP with MMU_FAULT, CP_ERROR.OPCODE =
+INDIRECT_BUFFER whatever the fetched packet was, IN_IB = 1 and CP_ERROR_ADDR = the VA of the
+packet being fetched; the AS latches it with SOURCE = INDIRECT_BUFFER, ACCESS_TYPE = EXECUTE
+and FAULTADDRESS = the first byte that could not be fetched.
 
 **Errors.** An error latches CP_ERROR (CODE, OPCODE, AS, IN_IB) and CP_ERROR_ADDR (the failing
 packet: physical in the ring, GPU VA in an IB), puts the CP in ERROR and raises Irq.CP_ERROR.
 RING_HEAD always points past the ring-level packet that was executing (or at the tail when that
 packet ran past it), and the IB stack is dropped, so CP_CONTROL.RESUME continues with the next
 ring packet: a job whose IB faulted loses the rest of that IB and goes on with its FENCE.
+A RESUME that leaves ERROR with nothing left to run raises Irq.CP_IDLE at once. Clearing
+CP_CONTROL.ENABLE leaves ERROR too, also after a failed enable (RING_CONFIG), which never
+enabled the CP (CP_CONTROL.ENABLE reads back the enabled state).
 
 **Time.** The CP never runs by itself: the caller runs it (:meth:`CommandProcessor.run`).
 WAIT_MEM checks its condition when it starts; if it does not hold the CP is WAITING, RING_HEAD
