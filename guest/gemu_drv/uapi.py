@@ -26,6 +26,7 @@ unmapped from every GPU VM (with a TLB flush) before its frames are freed.
 
 from __future__ import annotations
 
+import errno
 import logging
 import threading
 from collections import deque
@@ -337,7 +338,12 @@ class GemuDriver:
         hw = job.hw_fence
         if hw is not None and dma_fence.is_signaled(hw):
             return drm_sched.DrmGpuSchedStat.NO_HANG
-        if self.gpu.bus.readl(regs.STATUS.offset) & _STATUS_HALTED:
+        try:
+            halted = self.gpu.bus.readl(regs.STATUS.offset) & _STATUS_HALTED
+        except (ConnectionError, OSError) as exc:  # DeviceGone: the interrupt task fails the jobs
+            log.error("%s: job %d timed out and the device is lost: %s", self.gpu.name, job.id, exc)
+            return drm_sched.DrmGpuSchedStat.ENODEV
+        if halted:
             # a debugger holds the command processor (gdb stub): not a hang, re-arm the timer
             return drm_sched.DrmGpuSchedStat.NO_HANG
         sched = self.sched
@@ -350,6 +356,12 @@ class GemuDriver:
         cookie = lockdep.dma_fence_begin_signalling()
         try:
             return self._reset_and_restart(job, hw, message)
+        except (ConnectionError, OSError) as exc:
+            # the device went away during the reset (DeviceGone): nothing can run again, so
+            # every job stopped above finishes with -ENODEV (drm_dev_unplug's outcome)
+            log.error("%s: %s failed, the device is lost: %s", self.gpu.name, message, exc)
+            drm_sched.start(sched, -errno.ENODEV)
+            return drm_sched.DrmGpuSchedStat.ENODEV
         finally:
             lockdep.dma_fence_end_signalling(cookie)
 
