@@ -36,6 +36,9 @@ def _on_sigterm(signum, frame) -> None:
 
 
 LOG_ITEMS = ("guest_errors", "guest", "device", "debug", "none")
+DEVICE_TIMEOUT_S = 5.0  # gemu.host.machine.DEVICE_TIMEOUT_S, without importing the guest
+DEVICE_TIMEOUT_MAX_S = 3600.0
+DEVICE_PROBE_S = 1.0  # how often an idle console checks that the device still answers
 
 
 def _size_arg(text: str) -> int:
@@ -97,6 +100,18 @@ def _ms_arg(text: str) -> int:
     return int(ms * 1_000_000)
 
 
+def _seconds_arg(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid time {text!r}: seconds") from None
+    if not 0 < seconds <= DEVICE_TIMEOUT_MAX_S:
+        raise argparse.ArgumentTypeError(
+            f"invalid time {text!r}: must be above 0 and at most {DEVICE_TIMEOUT_MAX_S:g} s"
+        )
+    return seconds
+
+
 def _gdb_arg(text: str) -> str:
     from gemu.host.cmd_device import _gdb_spec
 
@@ -156,6 +171,15 @@ def _machine_options(p: argparse.ArgumentParser) -> None:
         default=None,
         metavar="MS",
         help="GPU job timeout before a hang is declared and the GPU reset (default 2000)",
+    )
+    p.add_argument(
+        "--device-timeout",
+        type=_seconds_arg,
+        default=DEVICE_TIMEOUT_S,
+        metavar="SECONDS",
+        help="how long any request waits for the device (a register round trip, a send into "
+        "its full socket buffer) before the device is declared lost: exit 3, naming what "
+        "timed out",
     )
     p.add_argument(
         "--no-kswapd", action="store_true", help="do not start background reclaim (kswapd)"
@@ -358,6 +382,7 @@ class Session:
                 device=args.device,
                 kswapd=not args.no_kswapd,
                 device_args=dev_args,
+                device_timeout=args.device_timeout,
                 **extra,
             )
         except Exception as exc:
@@ -438,8 +463,15 @@ def cmd_boot(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             return failed
         sh = session.shell
         lineno = 0
+        next_probe = time.monotonic() + DEVICE_PROBE_S
 
         def idle() -> None:
+            # a device stopped while the console waits would only be noticed by the next
+            # command; a bounded probe now and then reports it from the prompt
+            nonlocal next_probe
+            if time.monotonic() >= next_probe:
+                session.machine.probe_device()
+                next_probe = time.monotonic() + DEVICE_PROBE_S
             sh._check_device()
 
         while True:

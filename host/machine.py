@@ -13,6 +13,17 @@ driver. ``open()`` gives a guest program its uAPI file::
         ...
     # shutdown: files closed, driver removed, device stopped, leaks checked by the caller
 
+A device that stops answering (stopped, wedged, killed) is *lost*: every request the machine
+and its driver make waits at most ``device_timeout`` seconds (default
+:data:`DEVICE_TIMEOUT_S`), then the connection is given up and the call raises
+:class:`DeviceLost` (a :class:`~gemu.device.abi.client.DeviceGone`) naming what timed out and
+after how long; :meth:`Machine.device_lost` says why from then on::
+
+    try:
+        m.reclaim(256)
+    except DeviceLost as exc:
+        print("device lost:", exc)      # "REG_READ 0x24: reply: no answer ... within 5 s"
+
 ``check_clean()`` is what tests call after a run: no leaked frame or swap slot, no GEM object
 left, no lockdep report. ``statistics()`` gathers every counter the emulator reports (memory,
 swap, shrinker, GPU, MMU) in one dict; :func:`parse_size` reads QEMU-style sizes (``256M``).
@@ -29,7 +40,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from gemu.device.abi.client import DeviceClient, SharedMemory
+from gemu.device.abi.client import DeviceClient, DeviceGone, DeviceTimeout, SharedMemory
 from gemu.guest.dma_buf.dma_resv import DmaResvUsage
 from gemu.guest.drm import gem
 from gemu.guest.gemu_drv.job import SubmitOrder
@@ -40,13 +51,28 @@ from gemu.guest.mm.swap import SwapDevice
 from gemu.host.cmd_device import wait_ready
 from gemu.host.sizes import flag_names, format_size, parse_size
 
-__all__ = ["Machine", "format_size", "parse_size"]
+__all__ = [
+    "DEVICE_TIMEOUT_S",
+    "DeviceLost",
+    "DeviceTimeout",
+    "Machine",
+    "format_size",
+    "parse_size",
+]
 
 log = logging.getLogger("gemu.host.machine")
 
 PAGE_SIZE = 4096
 SWAP_IN_MEMORY_MAX = 256 << 20
 """Swap up to this size is a buffer in memory; larger swap is a sparse file."""
+DEVICE_TIMEOUT_S = 5.0
+"""How long any request of the machine waits for the device before it is declared lost."""
+DEVICE_READY_S = 20.0
+"""How long a spawned device may take to print its ready line."""
+
+DeviceLost = DeviceGone
+"""What a machine call raises once the device is gone: its connection broke, its process
+died, or it missed ``device_timeout`` (then the subclass :class:`DeviceTimeout`)."""
 
 
 def _gemu_command() -> list[str]:
@@ -73,6 +99,10 @@ class Machine:
             garbage that checksums notice.
         kswapd: start the background reclaim task (``gemu boot`` does; tests that count
             reclaim exactly leave it off).
+        device_timeout: seconds any request waits for the device (a register round trip, a
+            send into a full socket buffer) before the device is declared lost
+            (:class:`DeviceLost`); None waits forever (only for a device held in a
+            debugger).
         strict_signalling: lockdep's implicit signalling section, gemu's stricter mode
             (publishing a fence in a reservation object opens it, annotated or not; see
             docs/validation.md). Off: only the kernel's explicit annotations, as real lockdep.
@@ -98,10 +128,12 @@ class Machine:
         kswapd: bool = False,
         strict_signalling: bool = False,
         device_process: subprocess.Popen | None = None,
+        device_timeout: float | None = DEVICE_TIMEOUT_S,
     ) -> None:
         self.ram_size = ram_size
         self.swap_size = swap_size
         self.device_kind = device
+        self.device_timeout = device_timeout
         self._tmp = tempfile.TemporaryDirectory(prefix="gemu-machine-")
         self._proc: subprocess.Popen | None = None
         self._server = None
@@ -110,7 +142,9 @@ class Machine:
         self.ram = SharedMemory(ram_size)
         try:
             spec = self._start_device(device, device_args, device_process)
-            self.client = DeviceClient.connect(spec, name="gemu-machine")
+            self.client = DeviceClient.connect(
+                spec, name="gemu-machine", reply_timeout=device_timeout
+            )
             self.memory_mode = self.client.attach_memory(self.ram)
             if self.memory_mode != "fd":
                 self.client.start_service()
@@ -149,7 +183,7 @@ class Machine:
     ) -> str:
         if device == "spawn" and started is not None:
             self._proc = started
-            return wait_ready(started, 20.0)
+            return wait_ready(started, DEVICE_READY_S)
         if device == "spawn":
             sock = f"unix:{self._tmp.name}/device.sock"
             self._device_log = Path(self._tmp.name) / "device.log"
@@ -168,7 +202,7 @@ class Machine:
                     stderr=logf,
                     stdin=subprocess.DEVNULL,
                 )
-            return wait_ready(self._proc, 20.0)
+            return wait_ready(self._proc, DEVICE_READY_S)
         if device == "inproc":
             from gemu.device.gpu import Gpu
             from gemu.device.server import DeviceServer
@@ -205,6 +239,18 @@ class Machine:
         if self._proc is not None and self._proc.poll() is not None:
             return f"gemu device process exited with status {self._proc.returncode}"
         return str(gone) if gone is not None and not self._down else None
+
+    def probe_device(self) -> str | None:
+        """Ask the device whether it is alive (one register round trip, bounded by
+        ``device_timeout``): a console calls this while it waits for input, so a device
+        stopped between two commands is found lost without a command to notice it. Returns
+        :meth:`device_lost`."""
+        from gemu.device.abi import regs
+
+        if self.client is not None and self.device_lost() is None:
+            with contextlib.suppress(DeviceGone):
+                self.client.readl(regs.GPU_ID.offset)
+        return self.device_lost()
 
     def boot_log(self) -> list[str]:
         """What the guest kernel printed while booting: device, memory, swap, ring."""
@@ -325,9 +371,12 @@ class Machine:
             with contextlib.suppress(Exception):
                 self.client.close()
         if self._proc is not None:
-            self._proc.terminate()
+            if isinstance(getattr(self.client, "_gone", None), DeviceTimeout):
+                self._proc.kill()  # stopped or wedged: SIGTERM would wait for SIGCONT
+            else:
+                self._proc.terminate()
             try:
-                self._proc.wait(timeout=10)
+                self._proc.wait(timeout=self.device_timeout or 10)
             except subprocess.TimeoutExpired:
                 self._proc.kill()
                 self._proc.wait(timeout=10)

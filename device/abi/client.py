@@ -33,6 +33,15 @@ the *reader role* (a flag under one condition variable) and reads frames itself:
 - a DMA request is served on the spot from :class:`SharedMemory` (the device is blocked on
   it).
 
+Deadlines. With ``reply_timeout`` set (a machine sets it from ``--device-timeout``), no call
+waits on the device for longer: a reply must come within it (every ``recv`` is bounded by
+``SO_RCVTIMEO``, and the whole wait for one reply by a deadline), and a send that the device
+does not take (a stopped device whose socket buffer is full) fails after it
+(``SO_SNDTIMEO``; a serial port's ``write_timeout``). A device that misses the deadline is
+*lost*: :class:`DeviceTimeout` (a :class:`DeviceGone`) names what timed out and after how
+long, in every waiting thread at once, and the connection is not used again (a late reply
+would answer the wrong request).
+
 Threads without the role wait on the condition variable for their reply or for the role.
 When nobody is waiting, IRQs and in-band DMA would sit unread, so :meth:`start_service`
 starts an optional background thread that ``select``\\ s on the socket and takes the role only
@@ -43,12 +52,15 @@ when it is free (non-blocking), reading just what is there. Error replies raise
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import json
 import logging
 import mmap
 import os
 import select
+import socket
 import struct
 import threading
 import time
@@ -95,6 +107,11 @@ class DeviceError(Exception):
 
 class DeviceGone(ConnectionError):
     """The connection to the device is closed or broken."""
+
+
+class DeviceTimeout(DeviceGone, TimeoutError):
+    """The device did not answer (or take a send) within the client's ``reply_timeout``: a
+    stopped or wedged device. The connection is given up, as for :class:`DeviceGone`."""
 
 
 class _SendFailed(Exception):
@@ -195,6 +212,26 @@ def _command_name(command: int) -> str:
         return f"command {command}"
 
 
+_Request = tuple[int, "bytes | int"]
+"""What a waiting call asked: (command, payload or register offset), described only when a
+deadline passes (so the hot path builds no message)."""
+
+
+def _describe(request: _Request) -> str:
+    """``REG_READ 0x24`` or the command's name: what a device-lost message says timed out."""
+    command, detail = request
+    name = _command_name(command)
+    if command in (_REG_READ, _REG_WRITE, int(p.Command.DEBUG_READ)):
+        offset = (
+            detail
+            if isinstance(detail, int)
+            else (struct.unpack_from("<I", detail)[0] if len(detail) >= 4 else None)
+        )
+        if offset is not None:
+            return f"{name} {offset:#x}"
+    return name
+
+
 class DeviceClient:
     """A connection to one device model. Thread-safe; see the module doc for the design."""
 
@@ -235,6 +272,8 @@ class DeviceClient:
         else:
             self._raw_send = conn.sendall
             self._raw_recv = conn.recv_into
+        if reply_timeout is not None:
+            self._bound_io(reply_timeout)
         self.counters = dict(requests=0, irqs=0, irqs_dropped=0, dma_served=0, dma_bytes=0)
 
     @classmethod
@@ -257,6 +296,40 @@ class DeviceClient:
                 client.close()
                 raise
         return client
+
+    def _bound_io(self, seconds: float) -> None:
+        """Bound every blocking send and receive of the connection by ``seconds``: in the
+        kernel for sockets (SO_RCVTIMEO/SO_SNDTIMEO keep the socket blocking, so the hot path
+        pays no extra poll), by pyserial's timeouts for a serial port."""
+        if seconds <= 0:
+            raise ValueError(f"reply_timeout must be above 0, not {seconds}")
+        conn = self.conn
+        if isinstance(conn, link.SocketConnection):
+            sec = int(seconds)
+            timeval = struct.pack("@ll", sec, int((seconds - sec) * 1_000_000))
+            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+        elif isinstance(conn, link.SerialConnection):
+            conn.timeout = seconds
+            with contextlib.suppress(AttributeError, ValueError):
+                conn.port.write_timeout = seconds
+
+    def _timed_out(self, what: str) -> DeviceTimeout:
+        """Give the connection up: the device missed the deadline on ``what``."""
+        return self._lost(
+            f"{what}: no answer from the device within {self.reply_timeout:g} s "
+            "(stopped or wedged)",
+            timeout=True,
+        )
+
+    def _io_failed(self, exc: BaseException, what: str) -> DeviceGone:
+        """A failed send or receive: a timeout (SO_RCVTIMEO/SO_SNDTIMEO report EAGAIN) or a
+        broken connection."""
+        if isinstance(exc, TimeoutError) or (
+            isinstance(exc, OSError) and exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK)
+        ):
+            return self._timed_out(what)
+        return self._lost(f"{what} failed: {exc}")
 
     # --- requests --------------------------------------------------------------------------
 
@@ -289,7 +362,7 @@ class DeviceClient:
         role = self._role
         if not role.acquire(False):
             msg_id = self._send_request(_REG_READ, _PAIR.pack(offset, 1), None, False)
-            reply = self._wait_reply(msg_id)
+            reply = self._wait_reply(msg_id, (_REG_READ, offset))
             return _REG1.unpack(self._check_reply(_REG_READ, msg_id, reply))[2]
         try:
             if self._gone is None and self._start == self._end:
@@ -300,12 +373,15 @@ class DeviceClient:
                     try:
                         self._raw_send(_READ1_REQ.pack(msg_id, _REG_READ, 24, 0, 0, offset, 1))
                     except OSError as exc:
-                        self._salvage(role_held=True)
-                        raise self._lost(f"sending to the device failed: {exc}") from None
+                        if not isinstance(exc, TimeoutError | BlockingIOError):
+                            self._salvage(role_held=True)
+                        raise self._io_failed(
+                            exc, _describe((_REG_READ, offset)) + ": send"
+                        ) from None
                 try:
                     n = self._raw_recv(self._view)
                 except (OSError, ValueError) as exc:
-                    raise self._lost(f"reading from the device failed: {exc}") from None
+                    raise self._io_failed(exc, _describe((_REG_READ, offset)) + ": reply") from None
                 if n == 28:
                     r_id, _, size, flags, _, _, _, value = _READ1_REPLY.unpack_from(self._buf)
                     if r_id == msg_id and flags == _REPLY and size == 28:
@@ -316,7 +392,7 @@ class DeviceClient:
                 self._end = n
             else:
                 msg_id = self._send_request(_REG_READ, _PAIR.pack(offset, 1), None, True)
-            reply = self._read_reply(msg_id)
+            reply = self._read_reply(msg_id, (_REG_READ, offset))
         finally:
             role.release()
             if self._sleepers or self._callbacks:
@@ -344,9 +420,12 @@ class DeviceClient:
         body = _PAIR.pack(offset, value & 0xFFFFFFFF)
         try:
             with self._send_lock:
-                self._send(_HDR.pack(self._new_id(), _REG_WRITE, 24, _NO_REPLY, 0) + body)
+                self._send(
+                    _HDR.pack(self._new_id(), _REG_WRITE, 24, _NO_REPLY, 0) + body,
+                    what=(_REG_WRITE, offset),
+                )
         except _SendFailed as exc:
-            raise self._lost(str(exc)) from None
+            raise exc.args[1] if len(exc.args) > 1 else self._lost(str(exc)) from None
 
     def reset(self) -> None:
         """Reset the device (registers, TLBs, CP); guest memory stays attached."""
@@ -493,8 +572,11 @@ class DeviceClient:
         self._next_id = self._next_id % 0xFFFF + 1
         return self._next_id
 
-    def _send(self, data: bytes, fds: list[int] | None = None) -> None:
-        """Send a frame; the send lock is held by the caller."""
+    def _send(
+        self, data: bytes, fds: list[int] | None = None, *, what: _Request | None = None
+    ) -> None:
+        """Send a frame; the send lock is held by the caller. A send the device does not take
+        within ``reply_timeout`` raises _SendFailed carrying the DeviceTimeout."""
         if self._gone is not None:
             raise self._gone
         try:
@@ -505,6 +587,11 @@ class DeviceClient:
         except link.TransportError:
             raise
         except OSError as exc:
+            if isinstance(exc, TimeoutError | BlockingIOError):
+                request = what or (_HDR.unpack_from(data)[1], bytes(data[16:24]))
+                raise _SendFailed(
+                    str(exc), self._timed_out(_describe(request) + ": send")
+                ) from None
             raise _SendFailed(f"sending to the device failed: {exc}") from None
 
     def _salvage(self, *, role_held: bool) -> None:
@@ -538,6 +625,8 @@ class DeviceClient:
                     self._waiting.discard(msg_id)
                     raise
         except _SendFailed as exc:
+            if len(exc.args) > 1:  # timed out: the device is not reading, nothing to salvage
+                raise exc.args[1] from None
             self._salvage(role_held=role_held)  # the device may have said why it hung up
             raise self._lost(str(exc)) from None
         return msg_id
@@ -548,12 +637,12 @@ class DeviceClient:
         if self._role.acquire(False):
             try:
                 msg_id = self._send_request(command, payload, fds, True)
-                reply = self._read_reply(msg_id)
+                reply = self._read_reply(msg_id, (command, payload))
             finally:
                 self._release_role()
         else:
             msg_id = self._send_request(command, payload, fds, False)
-            reply = self._wait_reply(msg_id)
+            reply = self._wait_reply(msg_id, (command, payload))
         return self._check_reply(command, msg_id, reply)
 
     @staticmethod
@@ -569,12 +658,15 @@ class DeviceClient:
             )
         return data
 
-    def _read_reply(self, msg_id: int) -> tuple[int, int, int, bytes]:
-        """With the reader role: read until the reply to ``msg_id``, stashing others'."""
+    def _read_reply(self, msg_id: int, request: _Request) -> tuple[int, int, int, bytes]:
+        """With the reader role: read until the reply to ``msg_id``, stashing others'. With
+        ``reply_timeout``, the reply must come within it even while other frames (IRQs,
+        DMA) keep arriving."""
+        deadline = None if self.reply_timeout is None else time.monotonic() + self.reply_timeout
         try:
             reply = self._replies.pop(msg_id, None)
             while reply is None:
-                r_id, r = self._next_reply()
+                r_id, r = self._next_reply(deadline, request)
                 if r_id == msg_id:
                     reply = r
                 else:
@@ -585,9 +677,11 @@ class DeviceClient:
         finally:
             self._waiting.discard(msg_id)
 
-    def _wait_reply(self, msg_id: int) -> tuple[int, int, int, bytes]:
+    def _wait_reply(self, msg_id: int, request: _Request) -> tuple[int, int, int, bytes]:
         """Without the reader role: wait for another reader to stash the reply, or for the
-        role to come free and read it ourselves."""
+        role to come free and read it ourselves (both within ``reply_timeout``)."""
+        limit = self.reply_timeout
+        deadline = None if limit is None else time.monotonic() + limit
         try:
             while True:
                 reply = self._replies.pop(msg_id, None)
@@ -597,10 +691,13 @@ class DeviceClient:
                     raise self._gone
                 if self._role.acquire(False):
                     try:
-                        return self._read_reply(msg_id)
+                        return self._read_reply(msg_id, request)
                     finally:
                         self._release_role()
-                self._sleep(lambda: msg_id in self._replies)
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise self._timed_out(_describe(request) + ": reply")
+                self._sleep(lambda: msg_id in self._replies, left)
         finally:
             self._waiting.discard(msg_id)
 
@@ -637,22 +734,27 @@ class DeviceClient:
                     except Exception:
                         log.exception("on_irq handler failed")
 
-    def _lost(self, why: str) -> DeviceGone:
+    def _lost(self, why: str, *, timeout: bool = False) -> DeviceGone:
         with self._cond:
             if self._gone is None:
-                self._gone = DeviceGone(why)
+                self._gone = (DeviceTimeout if timeout else DeviceGone)(why)
                 log.info("device connection lost: %s", why)
             self._cond.notify_all()
             return self._gone
 
     # --- reading (reader role held) --------------------------------------------------------
 
-    def _next_reply(self) -> tuple[int, tuple[int, int, int, bytes]]:
-        """Read frames until a reply someone waits for arrives; handle everything else."""
+    def _next_reply(
+        self, deadline: float | None, request: _Request
+    ) -> tuple[int, tuple[int, int, int, bytes]]:
+        """Read frames until a reply someone waits for arrives (by ``deadline``); handle
+        everything else."""
         while True:
             frame = self._parse_frame()
             if frame is None:
-                self._fill(block=True)
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise self._timed_out(_describe(request) + ": reply")
+                self._fill(block=True, request=request)
                 continue
             result = self._dispatch(*frame)
             if result is not None:
@@ -689,7 +791,7 @@ class DeviceClient:
                     self._cond.notify_all()
         return progressed
 
-    def _fill(self, *, block: bool) -> bool:
+    def _fill(self, *, block: bool, request: _Request | None = None) -> bool:
         if self._end == len(self._buf):
             self._make_room(1)
         try:
@@ -697,10 +799,9 @@ class DeviceClient:
                 n = self._raw_recv(self._view[self._end :])
             else:
                 n = self.conn.recv_into(self._view[self._end :], block=False)
-        except TimeoutError:
-            raise self._lost(f"no data from the device within {self.reply_timeout} s") from None
         except (OSError, ValueError) as exc:
-            raise self._lost(f"reading from the device failed: {exc}") from None
+            what = "reading" if request is None else _describe(request) + ": reply"
+            raise self._io_failed(exc, what) from None
         if n is None:
             return False
         if n == 0:
@@ -789,7 +890,7 @@ class DeviceClient:
             with self._send_lock:
                 self._send(frame)
         except _SendFailed as exc:
-            raise self._lost(str(exc)) from None
+            raise exc.args[1] if len(exc.args) > 1 else self._lost(str(exc)) from None
 
     def _serve_dma(self, msg_id, command, size, flags, error, payload) -> None:
         hdr = p.Header(msg_id, command, size, flags, error)
@@ -854,6 +955,7 @@ __all__ = [
     "DeviceClient",
     "DeviceError",
     "DeviceGone",
+    "DeviceTimeout",
     "IrqEvent",
     "SharedMemory",
     "StepResult",
