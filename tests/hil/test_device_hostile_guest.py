@@ -20,6 +20,7 @@ from gemu.device.abi.enums import CpError, CpState
 from gemu.device.coredump import read_core
 from gemu.host.demo import Ring
 from tests.support.device import attached_client, spawn_device
+from tests.support.gdb import spawn_gdb_device
 from tests.support.hostile import (
     GiB4,
     alias_tables,
@@ -30,6 +31,7 @@ from tests.support.hostile import (
     rss_bytes,
     rtt_while,
 )
+from tests.unit.device.test_gdbstub import RawGdb
 
 TABLES = 0x100000
 RING = 0x10000
@@ -122,4 +124,33 @@ def test_cyclic_page_table_with_cores_on_does_not_hang_the_core_writer(tmp_path)
         assert len(files) == 1
         core = read_core(files[0])
         assert "MMU_FAULT" in core.reason()
+        assert dev.alive()
+
+
+def test_gdb_stub_answers_while_aliased_packets_run():
+    """With the hostile packets running, the gdb stub's answers (stop reason, a monitor
+    command, a memory read, `monitor reset`) each come back within RTT_LIMIT_S."""
+    with (
+        spawn_gdb_device(wait=False) as dev,
+        attached_client(dev.spec) as client,
+    ):
+        mem = client.memory
+        bind(client, 0, alias_tables(mem, TABLES))
+        ring = Ring(client, mem, base=RING, size=0x10000)
+        ring.submit(hostile_packets(ALIAS_VA, GiB4, CRC_PA, repeat=8))
+        assert cp_state(client) is CpState.RUNNING
+        gdb = RawGdb(dev.gdb_port)
+        try:
+            times = []
+            for payload in (b"?", b"m0,4", b"qC"):
+                t0 = time.perf_counter()
+                assert gdb.call(payload)
+                times.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            assert "device reset" in gdb.monitor("reset")
+            times.append(time.perf_counter() - t0)
+        finally:
+            gdb.close()
+        assert max(times) < RTT_LIMIT_S, [f"{t * 1e3:.1f} ms" for t in times]
+        assert cp_state(client) is CpState.STOPPED
         assert dev.alive()
