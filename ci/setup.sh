@@ -4,14 +4,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# gdb-multiarch: the debugger users attach to the device model; the gdb tests drive it.
-if ! command -v gdb-multiarch >/dev/null 2>&1; then
+# Debian packages the tests drive: gdb-multiarch (the debugger users attach to the device
+# model) and chromium (renders explore's race.html headless).
+missing=()
+command -v gdb-multiarch >/dev/null 2>&1 || missing+=(gdb-multiarch)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-        echo "setup: installing gdb-multiarch with apt-get" >&2
+        echo "setup: installing ${missing[*]} with apt-get" >&2
         apt-get update -qq >/dev/null
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gdb-multiarch >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
     else
-        echo "setup: gdb-multiarch is missing; install it (apt-get install gdb-multiarch) as root" >&2
+        echo "setup: ${missing[*]} missing; install with apt-get install ${missing[*]} as root" >&2
         exit 1
     fi
 fi

@@ -300,8 +300,9 @@ def _report_violation(args: argparse.Namespace, cfg, first) -> int:
         seed,
         schedule,
         original={"config": cfg.as_dict(), "schedule_len": len(first.schedule)},
+        full=(cfg, first.schedule),
     )
-    print(f"reproduction in {out}: repro.json, events.log, trace.json")
+    print(f"reproduction in {out}: repro.json, events.log, trace.json, race.html")
     print(f"replay: {repro.replay_command(out / 'repro.json')}")
     if res.kind != first.kind and not any(v.kind == first.kind for v in res.violations):
         print("warning: the replay did not show the same violation", file=sys.stderr)

@@ -11,16 +11,20 @@ follow is dropped).
 - ``repro.json``: seed, configuration, recorded schedule, the violations and the replay
   command (``gemu explore --replay DIR/repro.json``, which reproduces the run exactly);
 - ``events.log``: the runtime's event log, one preemption point a line;
-- ``trace.json``: the tracepoints (Chrome trace-event format: chrome://tracing, Perfetto).
+- ``trace.json``: the tracepoints (Chrome trace-event format: chrome://tracing, Perfetto);
+- ``race.html``: the run drawn as one lane per task with the racing pair highlighted
+  (:mod:`.racepage`), open it in any browser.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from gemu.guest.kernel import runtime
+from gemu.host.explore.racepage import Timeline, TimelineCollector, render
 from gemu.host.explore.scenario import (
     ExploreConfig,
     ScheduleResult,
@@ -109,15 +113,21 @@ def shrink(cfg: ExploreConfig, first: ScheduleResult, budget: int = 60) -> Shrun
 
 
 def replay(
-    cfg: ExploreConfig, seed: int, schedule: list[int], trace_path: Path | None = None
+    cfg: ExploreConfig,
+    seed: int,
+    schedule: list[int],
+    trace_path: Path | None = None,
+    timeline: TimelineCollector | None = None,
 ) -> ScheduleResult:
     """Run the recorded ``schedule`` again (with the tracepoints written to ``trace_path``
-    by :class:`gemu.host.tracefile.TraceWriter` if given)."""
-    if trace_path is None:
-        return run_schedule(cfg, seed, schedule, keep_log=True)
-    from gemu.host.tracefile import TraceWriter
+    by :class:`gemu.host.tracefile.TraceWriter` and kept by ``timeline``, if given)."""
+    with contextlib.ExitStack() as stack:
+        if trace_path is not None:
+            from gemu.host.tracefile import TraceWriter
 
-    with TraceWriter(trace_path):
+            stack.enter_context(TraceWriter(trace_path))
+        if timeline is not None:
+            stack.enter_context(timeline.listening())
         return run_schedule(cfg, seed, schedule, keep_log=True)
 
 
@@ -126,12 +136,35 @@ def replay_command(path: Path) -> str:
 
 
 def write_repro(
-    out: Path, cfg: ExploreConfig, seed: int, schedule: list[int], *, original: dict | None = None
+    out: Path,
+    cfg: ExploreConfig,
+    seed: int,
+    schedule: list[int],
+    *,
+    original: dict | None = None,
+    full: tuple[ExploreConfig, list[int]] | None = None,
 ) -> ScheduleResult:
-    """Replay ``schedule`` and write repro.json, events.log and trace.json into ``out``."""
+    """Replay ``schedule`` and write repro.json, events.log, trace.json and race.html into
+    ``out``; ``full`` (the configuration and schedule before shrinking) becomes the page's
+    expandable full view."""
     out.mkdir(parents=True, exist_ok=True)
-    res = replay(cfg, seed, schedule, out / "trace.json")
+    events = TimelineCollector()
+    res = replay(cfg, seed, schedule, out / "trace.json", events)
     (out / "events.log").write_text("\n".join(res.event_log or []) + "\n")
+    full_timeline = None
+    if full is not None and (full[0] != cfg or full[1] != schedule):
+        full_events = TimelineCollector()
+        full_res = replay(full[0], seed, full[1], timeline=full_events)
+        full_timeline = Timeline.of(full_res, full_events)
+    kinds = ", ".join(v.kind for v in res.violations) or "no violation"
+    page = render(
+        Timeline.of(res, events),
+        title=f"gemu explore: {cfg.scenario.name}, seed {seed}: {kinds}",
+        replay=replay_command(out / "repro.json"),
+        full=full_timeline,
+        config=cfg.as_dict(),
+    )
+    (out / "race.html").write_text(page, encoding="utf-8")
     doc = {
         "seed": seed,
         "config": cfg.as_dict(),
