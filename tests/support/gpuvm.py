@@ -189,6 +189,19 @@ def new_vm(
     return vm
 
 
+def map_range(vm: DrmGpuvm, req: drm_gpuvm.DrmGpuvmMapReq) -> None:
+    """drm_gpuvm_sm_map() as the kerneldoc's examples drive it: the vm_bo of the object to map
+    is obtained before the walk and held across it, so that an UNMAP step of the same object
+    cannot free it (and lose its ``evicted`` state) before the MAP step links to it. Callers
+    hold the gpuva locks."""
+    obj = req.map.gem.obj
+    vm_bo = drm_gpuvm.bo_obtain(vm, obj) if obj is not None else None
+    try:
+        drm_gpuvm.sm_map(vm, vm, req)
+    finally:
+        drm_gpuvm.bo_put(vm_bo)
+
+
 def teardown_vm(vm: DrmGpuvm, *objs) -> None:
     """Unmap everything (holding the VM's and ``objs``' locks) and drop the caller's VM
     reference; the VM must then be freed."""

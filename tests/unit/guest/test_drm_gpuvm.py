@@ -36,6 +36,7 @@ from tests.support.gpuvm import (
     locked_all,
     make_device,
     make_private,
+    map_range,
     mappings,
     new_bo,
     new_vm,
@@ -76,7 +77,7 @@ def put_all(*objs):
 def sm_map(vm, addr, end, obj, offset, *locked):
     """drm_gpuvm_sm_map() of ``[addr, end)``, holding the locks the driver's steps need."""
     with locked_all(vm.r_obj, *locked):
-        drm_gpuvm.sm_map(vm, vm, DrmGpuvmMapReq(addr, end - addr, obj, offset))
+        map_range(vm, DrmGpuvmMapReq(addr, end - addr, obj, offset))
 
 
 def sm_unmap(vm, addr, end, *locked):
@@ -664,6 +665,32 @@ def test_vm_last_put_frees_and_warns_on_leftovers(dev, driver):
     gem.put(leaky.r_obj)
 
 
+def test_vm_bo_not_held_across_sm_map_loses_evicted_state(dev, driver):
+    """Re-mapping an evicted object over its only mapping: UNMAP drops the last reference
+    and frees the vm_bo (off the evict list), so a driver that obtains the vm_bo only in its
+    MAP step links the new mapping to a fresh vm_bo that is not evicted: validate would skip
+    it. Holding the vm_bo across sm_map (the kerneldoc's examples) keeps the state."""
+    (x,) = bos(dev, "X")
+    vm = new_vm(dev, driver)
+    sm_map(vm, 0, 0x1000, x, 0, x)
+    for hold in (False, True):
+        with locked_all(vm.r_obj, x):
+            vm_bo = drm_gpuvm.bo_find(vm, x)
+            drm_gpuvm.bo_evict(vm_bo, True)
+            if not hold:
+                drm_gpuvm.bo_put(vm_bo)
+            drm_gpuvm.sm_map(vm, vm, DrmGpuvmMapReq(0, 0x1000, x, 0))  # obtains in the step
+            now = drm_gpuvm.bo_find(vm, x)
+            assert (now is vm_bo) == hold and now.evicted == hold
+            assert list(vm.evict) == ([now] if hold else [])
+            drm_gpuvm.bo_evict(now, False)
+            drm_gpuvm.bo_put(now)
+            if hold:
+                drm_gpuvm.bo_put(vm_bo)
+    teardown_vm(vm, x)
+    put_all(x)
+
+
 # --- extobj and evict lists -----------------------------------------------------------------
 
 
@@ -1016,10 +1043,8 @@ def test_link_without_gpuva_lock_is_reported(dev, driver):
     with pytest.raises(LockdepError, match="must hold"):
         drm_gpuvm.bo_obtain(vm, x)
     lockdep.reset()
-    with pytest.raises(LockdepError, match="must hold"):
-        sm_map(vm, 0, 0x1000, x, 0)  # the map step obtains and links without x's resv
-    lockdep.reset()
-    (va,) = drm_gpuvm.for_each_va(vm)  # inserted by the map step before it failed
+    va = _va(0, 0x1000, x, 0)
+    drm_gpuvm.gpuva_insert(vm, va)  # the tree is the driver's to lock, not the object's
     with locked_all(x):
         vm_bo = drm_gpuvm.bo_obtain(vm, x)
     with pytest.raises(LockdepError, match="must hold"):
