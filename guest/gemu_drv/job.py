@@ -211,7 +211,8 @@ def _usage(ref: BoRef, drv: GemuDriver | None = None) -> DmaResvUsage:
 
 
 def submit(drv: GemuDriver, job: GemuJob) -> dma_fence.DmaFence:
-    """Run the validation sequence for ``job`` and push it; returns its finished fence.
+    """Run the validation sequence for ``job`` and push it; returns its finished fence with a
+    reference the caller owns (drop it with ``dma_fence.put``).
 
     Kernel: panfrost_ioctl_submit() → panfrost_job_push(), with the steps in the order
     documented in docs/validation.md (or a deliberately wrong :class:`SubmitOrder`).
@@ -284,15 +285,20 @@ def submit(drv: GemuDriver, job: GemuJob) -> dma_fence.DmaFence:
             _add_fences_relocking(drv, job)
     except BaseException as exc:
         _submit_failed(drv, job, armed, exc)
+        dma_fence.put(job.fence)  # the submit's reference: no out-fence will take it over
+        job.fence = None
         raise
     # Not job.s_fence.finished: once pushed and unlocked the job may already have run and been
-    # freed (free_job drops s_fence); job.fence was taken at arm.
+    # freed (free_job drops s_fence and its reference); job.fence is the submit's own.
     return job.fence
 
 
 def _arm(drv: GemuDriver, job: GemuJob) -> None:
     drm_sched.job_arm(job)
-    job.fence = job.s_fence.finished
+    # panfrost_job_push(): job->render_done_fence = dma_fence_get(&s_fence->finished). The
+    # submit holds this reference across the push (the job may be freed meanwhile) until its
+    # out-fence has taken one of its own.
+    job.fence = dma_fence.get(job.s_fence.finished)
 
 
 def _add_fences(drv: GemuDriver, job: GemuJob) -> None:

@@ -26,6 +26,7 @@ unmapped from every GPU VM (with a TLB flush) before its frames are freed.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import threading
@@ -109,31 +110,77 @@ class GemuBo:
 
 
 class JobFence:
-    """The out-fence of a submit: the job's finished fence plus why it failed, if it did.
+    """The out-fence of a submit: its own reference on the job's finished fence, plus why the
+    job failed, if it did.
 
-    Kernel: the sync_file / drm_syncobj a submit ioctl returns (here the fence itself)."""
+    Kernel: the drm_syncobj or sync_file a submit ioctl fills in. drm_syncobj_replace_fence()
+    and sync_file_create() take their own reference (dma_fence_get) and hold it until the
+    object is destroyed: drm_syncobj_destroy() -> drm_syncobj_free() ->
+    drm_syncobj_replace_fence(syncobj, NULL), or sync_file_release() -> dma_fence_put().
+    :meth:`close` is that destruction; :meth:`GemuFile.close` closes the ones still open, as
+    drm_syncobj_release() does for a file's handles.
 
-    __slots__ = ("fence", "job", "seqno")
+    Invariant: while ``closed`` is False the fence has a reference from this object, so
+    waiting for it or passing it as a dependency is always safe, however long ago the job was
+    freed. A closed out-fence is refused like a destroyed handle (-ENOENT); ``signaled``,
+    ``error`` and ``message`` then tell the state it had when it was closed.
+    """
 
-    def __init__(self, job: GemuJob) -> None:
+    __slots__ = ("_error", "_lock", "_signaled", "closed", "fence", "file", "job", "seqno")
+
+    def __init__(self, file: GemuFile | None, job: GemuJob, fence: DmaFence) -> None:
+        self.file = file
         self.job = job
-        self.fence: DmaFence = job.fence
-        self.seqno = self.fence.seqno
+        self.fence: DmaFence = dma_fence.get(fence)
+        self.seqno = fence.seqno
+        self.closed = False
+        self._lock = threading.Lock()
+        self._signaled = False
+        self._error = 0
+
+    def acquire(self) -> DmaFence:
+        """A new reference on the fence, for the caller to put. Kernel:
+        drm_syncobj_find_fence() (-ENOENT for a destroyed handle)."""
+        with self._lock:
+            if self.closed:
+                raise Enoent(msg=f"out-fence of job {self.seqno} is closed")
+            return dma_fence.get(self.fence)
 
     @property
     def signaled(self) -> bool:
+        if self.closed:
+            return self._signaled
         return dma_fence.is_signaled(self.fence)
 
     @property
     def error(self) -> int:
-        return self.fence.error
+        return self._error if self.closed else self.fence.error
 
     @property
     def message(self) -> str:
         return gjob.job_error_message(self.job)
 
+    def close(self) -> None:
+        """Drop the out-fence's reference. Kernel: drm_syncobj_destroy()
+        (DRM_IOCTL_SYNCOBJ_DESTROY) / sync_file_release().
+
+        Raises:
+            Enoent: already closed (a destroyed handle).
+        """
+        signaled = dma_fence.is_signaled(self.fence) if not self.closed else self._signaled
+        with self._lock:
+            if self.closed:
+                raise Enoent(msg=f"out-fence of job {self.seqno} is already closed")
+            self._signaled, self._error = signaled, self.fence.error
+            self.closed = True
+        if self.file is not None:
+            with self.file.inflight_lock:
+                self.file.out_fences.discard(self)
+        dma_fence.put(self.fence)
+
     def __repr__(self) -> str:
-        return f"<JobFence {self.seqno} {'signaled' if self.signaled else 'pending'}>"
+        state = "closed" if self.closed else "signaled" if self.signaled else "pending"
+        return f"<JobFence {self.seqno} {state}>"
 
 
 class AllocatorFrames:
@@ -558,6 +605,8 @@ class GemuFile:
         self.idle_wq = runtime.WaitQueue(f"{self.name}.idle")
         self.cmd_pool = CmdPool(self)
         self.ext_fences = vgem_fence.VgemFenceTable(self.name)
+        self.out_fences: set[JobFence] = set()
+        """The out-fences not closed yet (the file's syncobj handles), under inflight_lock."""
         self.closed = False
 
     # -- BOs -------------------------------------------------------------------------------
@@ -669,6 +718,27 @@ class GemuFile:
         """
         if self.closed:
             raise Einval(msg=f"{self.name} is closed")
+        deps = self._lookup_in_fences(in_fences)
+        try:
+            return self._submit(cmd, bos, deps)
+        finally:
+            for f in deps:  # job_add_dependency took references of its own
+                dma_fence.put(f)
+
+    def _lookup_in_fences(self, in_fences: Sequence[JobFence | DmaFence]) -> list[DmaFence]:
+        """A reference on each in-fence. Kernel: panfrost_copy_in_sync()'s
+        drm_syncobj_find_fence() (-ENOENT for a closed out-fence)."""
+        deps: list[DmaFence] = []
+        try:
+            for f in in_fences:
+                deps.append(f.acquire() if isinstance(f, JobFence) else dma_fence.get(f))
+        except BaseException:
+            for f in deps:
+                dma_fence.put(f)
+            raise
+        return deps
+
+    def _submit(self, cmd, bos, deps: list[DmaFence]) -> JobFence:
         refs: list[BoRef] = []
         seen: dict[int, BoRef] = {}
         try:
@@ -699,9 +769,16 @@ class GemuFile:
         job = GemuJob(self, refs, ib_va, ib_dwords, chunk)
         with self.inflight_lock:
             self.inflight += 1
-        job.in_fences = [f.fence if isinstance(f, JobFence) else f for f in in_fences]
-        gjob.submit(self.drv, job)
-        return JobFence(job)
+        job.in_fences = deps
+        finished = gjob.submit(self.drv, job)
+        job.in_fences = []
+        out = JobFence(self, job, finished)
+        # the end of panfrost_ioctl_submit(): the out-fence holds its own reference now, the
+        # submit's (render_done_fence, put with the job) goes
+        dma_fence.put(finished)
+        with self.inflight_lock:
+            self.out_fences.add(out)
+        return out
 
     def _add_ref(self, refs, seen, handle: int, access: BoAccess) -> BoRef:
         if not access or access & ~(BoAccess.READ | BoAccess.WRITE):
@@ -722,13 +799,17 @@ class GemuFile:
     def wait(self, fence: JobFence | DmaFence, timeout: float | None = 10.0) -> None:
         """DRM_IOCTL_GEMU_WAIT: wait for a job. Raises Etimedout when it did not finish in
         ``timeout`` seconds, or the job's error (with the GPU's message) when it failed."""
-        f = fence.fence if isinstance(fence, JobFence) else fence
-        ns = dma_fence.MAX_SCHEDULE_TIMEOUT if timeout is None else int(timeout * 1e9)
-        if dma_fence.wait_timeout(f, True, ns) == 0:
-            raise Etimedout(msg=f"job fence {f.seqno} not signalled within {timeout} s")
-        if f.error:
+        f = fence.acquire() if isinstance(fence, JobFence) else dma_fence.get(fence)
+        try:
+            ns = dma_fence.MAX_SCHEDULE_TIMEOUT if timeout is None else int(timeout * 1e9)
+            if dma_fence.wait_timeout(f, True, ns) == 0:
+                raise Etimedout(msg=f"job fence {f.seqno} not signalled within {timeout} s")
+            error = f.error
+        finally:
+            dma_fence.put(f)
+        if error:
             msg = fence.message if isinstance(fence, JobFence) else ""
-            raise KernelError(-f.error, msg or f"job failed with {f.error}")
+            raise KernelError(-error, msg or f"job failed with {error}")
 
     # -- external fences (vgem's fence ioctls) ----------------------------------------------
     def fence_attach(self, handle: int, flags: int = 0) -> int:
@@ -787,6 +868,11 @@ class GemuFile:
         self.ext_fences.close()  # vgem_fence_close(): jobs may wait on them (implicit deps)
         drm_sched.entity_destroy(self.entity)
         self.idle_wq.wait_event(lambda: self.inflight == 0)
+        with self.inflight_lock:
+            still_open = list(self.out_fences)
+        for out in still_open:  # drm_syncobj_release(): the handles the file still has
+            with contextlib.suppress(Enoent):  # closed meanwhile by its owner
+                out.close()
         gem.release(self.drm)
         self.cmd_pool.destroy()
         # BOs still referenced elsewhere (other files) keep their mapping objects of this VM;
