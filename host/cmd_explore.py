@@ -75,8 +75,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         choices=("random", "pct", "exhaustive"),
         default="random",
         help="random or pct sample --schedules seeded schedules; exhaustive enumerates every "
-        "schedule with at most --preemption-bound preemptions, in this process "
-        "(default: random)",
+        "schedule with at most --preemption-bound preemptions (default: random)",
     )
     p.add_argument(
         "--preemption-bound",
@@ -221,9 +220,9 @@ def cmd_explore(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     if args.replay:
         return _replay(args, parser)
     cfg = _config(args, parser)
-    if cfg.strategy == "exhaustive":
-        return _exhaustive(args, cfg)
     workers = args.workers or engine.default_workers()
+    if cfg.strategy == "exhaustive":
+        return _exhaustive(args, cfg, workers)
 
     def progress(rep) -> None:
         if not args.quiet:
@@ -248,7 +247,7 @@ def cmd_explore(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     return _report_violation(args, cfg, report.first)
 
 
-def _exhaustive(args: argparse.Namespace, cfg) -> int:
+def _exhaustive(args: argparse.Namespace, cfg, workers: int) -> int:
     from gemu.host.explore.exhaustive import BoundedSearch
 
     def progress(res, pending: int) -> None:
@@ -268,7 +267,7 @@ def _exhaustive(args: argparse.Namespace, cfg) -> int:
         keep_going=args.keep_going,
         progress=progress,
     )
-    result = search.run()
+    result = search.run(workers=workers)
     print(f"explore: {result.statement()}; {result.rate:.1f} schedules/s")
     return _report_violation(args, search.cfg, result.first)
 

@@ -50,7 +50,9 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
+from multiprocessing import get_context
 
 from gemu.guest.kernel import runtime
 from gemu.host.explore.scenario import ExploreConfig, ScheduleResult, run_schedule
@@ -260,16 +262,38 @@ class BoundedSearch:
             raise runtime.RunAbandoned("explored")
         self._visited[key] = spent
 
-    def run(self) -> SearchResult:
+    def run(self, workers: int = 1) -> SearchResult:
+        """Search; with ``workers`` > 1 the branches of the first schedule are dealt out to
+        that many worker processes, each searching its share depth first with its own record
+        of visited states (pruning stays sound within a worker; across workers a class may be
+        run twice, never missed). The result does not depend on ``workers`` but for those
+        counts and, with several violations, which one each worker met first."""
         res = SearchResult(self.cfg.scenario.name, self.bound, self.reduce)
-        stack: list[list[int]] = [[]]
         t0 = time.perf_counter()
+        stack: list[list[int]] = [[]]
+        if workers > 1:
+            self._search(res, stack, budget=1)  # the first schedule, its branches pending
+            if stack and not (res.violating and not self.keep_going):
+                self._parallel(res, stack, workers)
+                stack = []
+        else:
+            self._search(res, stack)
+        res.elapsed_s = time.perf_counter() - t0
+        res.violating.sort(key=lambda r: (len(r.schedule), r.schedule))
+        return res
+
+    def _search(self, res: SearchResult, stack: list[list[int]], budget: int | None = None):
+        t0 = time.perf_counter() - res.elapsed_s
+        runs = 0
         try:
             while stack:
+                if budget is not None and runs >= budget:
+                    return
                 if self.max_schedules is not None and res.run >= self.max_schedules:
                     res.stopped_early = True
-                    break
+                    return
                 prefix = stack.pop()
+                runs += 1
                 one = _Run(self, prefix)
                 try:
                     sched = run_schedule(self.cfg, 0, search=one)
@@ -287,11 +311,38 @@ class BoundedSearch:
                     self.progress(res, len(stack))
                 if sched is not None and sched.violations and not self.keep_going:
                     res.stopped_early = bool(stack)
-                    break
+                    return
         except KeyboardInterrupt:
             res.stopped_early = True
-        res.elapsed_s = time.perf_counter() - t0
-        return res
+
+    def _parallel(self, res: SearchResult, stack: list[list[int]], workers: int) -> None:
+        shares = [stack[i::workers] for i in range(workers)]
+        args = {
+            "cfg": self.cfg.as_dict(),
+            "bound": self.bound,
+            "reduce": self.reduce,
+            "keep_going": self.keep_going,
+            "max_schedules": None
+            if self.max_schedules is None
+            else max(0, self.max_schedules - res.run) // workers,
+        }
+        ctx = get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=ctx) as ex:
+            futures = [ex.submit(_search_share, args, share) for share in shares if share]
+            try:
+                for fut in futures:
+                    part = fut.result()
+                    res.complete += part.complete
+                    res.pruned += part.pruned
+                    res.outcomes |= part.outcomes
+                    res.violating += part.violating
+                    res.stopped_early |= part.stopped_early
+                    if self.progress is not None:
+                        self.progress(res, 0)
+            except KeyboardInterrupt:
+                for fut in futures:
+                    fut.cancel()
+                res.stopped_early = True
 
     def _branch(self, one: _Run, stack: list[list[int]]) -> None:
         """Push every alternative within the bound at the decisions this run made after its
@@ -305,6 +356,21 @@ class BoundedSearch:
                 cost = p.spent + (0 if tid == p.default else 1)
                 if cost <= self.bound:
                     stack.append([*chosen[:i], tid])
+
+
+def _search_share(args: dict, share: list[list[int]]) -> SearchResult:
+    """A worker process's part of a parallel search: depth first from its prefixes."""
+    search = BoundedSearch(
+        ExploreConfig.from_dict(args["cfg"]),
+        args["bound"],
+        reduce=args["reduce"],
+        keep_going=args["keep_going"],
+        max_schedules=args["max_schedules"],
+    )
+    res = SearchResult(search.cfg.scenario.name, search.bound, search.reduce)
+    stack = list(share)  # the order the single-process search would pop them in
+    search._search(res, stack)
+    return res
 
 
 def outcome(res: ScheduleResult) -> tuple:

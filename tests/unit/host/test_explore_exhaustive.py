@@ -108,3 +108,14 @@ def test_cli_prints_the_statement_and_exits_by_verdict(capsys, tmp_path):
     assert "VIOLATION gpu-fault" in out and (tmp_path / "seed-0" / "repro.json").is_file()
     with pytest.raises(SystemExit):
         main(["explore", "race", "--strategy", "exhaustive", "--preemption-bound", "-1"])
+
+
+def test_two_workers_reach_what_one_reaches():
+    """Dealing the branches out to two processes reaches the same outcomes and stays clean
+    (a worker may run a class the other also ran, so the counts may differ)."""
+    one = exhaustive.BoundedSearch(TINY, 1, keep_going=True).run()
+    two = exhaustive.BoundedSearch(TINY, 1, keep_going=True).run(workers=2)
+    assert two.outcomes == one.outcomes and not two.stopped_early
+    assert two.violating == one.violating == []
+    found = exhaustive.BoundedSearch(replace(RACE, mutant="shrinker-skips-busy"), 1).run(2)
+    assert found.first is not None
