@@ -124,6 +124,7 @@ class FenceVar:
     writes: list[tuple[BoVar, int | None]] = field(default_factory=list)
     examined: bool = False
     settled: bool = False
+    judged: bool = False
 
 
 @dataclass
@@ -162,6 +163,7 @@ class Summary:
     unexpected_lockdep: list[str] = field(default_factory=list)
     lost_data: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    leaks: list[str] = field(default_factory=list)
     device_lost: str | None = None
     stats: dict = field(default_factory=dict)
 
@@ -173,6 +175,7 @@ class Summary:
             or self.unexpected_lockdep
             or self.lost_data
             or self.warnings
+            or self.leaks
             or self.device_lost
         )
 
@@ -184,6 +187,7 @@ class Summary:
         out += [f"unexpected lockdep report: {r}" for r in self.unexpected_lockdep]
         out += [f"lost data: {d}" for d in self.lost_data]
         out += [f"kernel warning: {w}" for w in self.warnings]
+        out += [f"leak: {w}" for w in self.leaks]
         if self.device_lost:
             out.append(f"device lost: {self.device_lost}")
         return out
@@ -260,6 +264,10 @@ class Shell:
         self.file = machine.open()
         self.bos: dict[str, BoVar] = {}
         self.fences: dict[str, FenceVar] = {}
+        self._retired: list[FenceVar] = []  # unbound names whose jobs were still running
+        self._job_fences: list[
+            tuple[str, int, object]
+        ] = []  # every job's fence, for the leak check
         self.values: dict[str, str] = {}
         self.sum = Summary()
         self.tasks: dict[str, ShellTask] = {}
@@ -464,10 +472,16 @@ class Shell:
         self.say(f"{name}: handle {h}, {format_size(bo.size)}, {where}")
         return bo
 
-    @command("close", 1, None, "close BO...")
+    @command("close", 1, None, "close BO|FENCE...")
     def cmd_close(self, st: Statement, *names: str) -> None:
-        """Close BO handles (a BO a job still uses lives until the job is done)."""
+        """Close BO handles and job fences (a BO a job still uses lives until the job is
+        done; a closed fence's job runs on and still counts at power-off)."""
         for name in names:
+            if name in self.fences and name not in self.bos:
+                with self._count:
+                    fv = self.fences.pop(name)
+                self._release_fence(fv)
+                continue
             bo = self._bo(name)
             self.file.close_bo(bo.handle)
             del self.bos[bo.name]
@@ -605,7 +619,11 @@ class Shell:
             self.bytes_moved += moved
             name = self._new_name(st, "f", self._jobs)
             fv = FenceVar(name, fence, what, writes)
+            old = self.fences.get(name)
             self.fences[name] = fv
+            self._job_fences.append((name, fence.seqno, fence.fence))
+        if old is not None:
+            self._release_fence(old)
         self._context().last_fence = fv
         for bo, crc in writes:
             bo.expected = crc
@@ -685,6 +703,8 @@ class Shell:
         try:
             self.file.wait(fv.fence, timeout)
         except KernelError as exc:
+            if exc.errno == errno_mod.ENOENT and fv.fence.closed:
+                raise ShellError(f"{fv.name}: closed while waiting (rebound or closed)") from None
             if exc.errno == errno_mod.ETIMEDOUT and not fv.fence.signaled:
                 raise
             for bo, _ in fv.writes:
@@ -695,10 +715,30 @@ class Shell:
                 fv.settled = True
 
     def _settle_all(self) -> None:
-        for fv in list(self.fences.values()):
+        for fv in [*self.fences.values(), *self._retired]:
             if not fv.settled:
                 with contextlib.suppress(KernelError):
                     self._settle(fv)
+
+    def _release_fence(self, fv: FenceVar) -> None:
+        """Close the out-fence of a name that was rebound or closed. A job still running
+        keeps it until power-off, where its outcome is judged like any other's."""
+        if not fv.fence.closed and fv.fence.signaled:
+            self._judge(fv)
+            with contextlib.suppress(KernelError):  # closed meanwhile by another task
+                fv.fence.close()
+        else:
+            with self._count:
+                self._retired.append(fv)
+
+    def _judge(self, fv: FenceVar) -> None:
+        """Count a failed job nobody examined (it fails the run)."""
+        f = fv.fence
+        if f.signaled and f.error and not fv.examined and not fv.judged:
+            fv.judged = True
+            self.sum.unexpected_faults.append(
+                f"{fv.name} ({fv.what}): {_errno_name(f.error)}: {f.message}"
+            )
 
     @command("wait", 1, None, "wait FENCE... [timeout SECONDS]")
     def cmd_wait(self, st: Statement, *args: str) -> None:
@@ -991,7 +1031,15 @@ class Shell:
             pk.crc32(self._va(bo), bo.size, self.bos["_crc"].va),
             bos=[(bo.handle, READ), (out, WRITE)],
         )
-        self.file.wait(fence, WAIT_TIMEOUT_S)
+        try:
+            self.file.wait(fence, WAIT_TIMEOUT_S)
+        except KernelError as exc:
+            if fence.signaled:  # the shell's own job on a valid BO failed: a GPU fault
+                with self._count:
+                    self.sum.unexpected_faults.append(f"CRC32 job of {bo.name}: {exc}")
+            raise
+        finally:
+            fence.close()
         self.bytes_moved += bo.size
         return int.from_bytes(self.file.read(out, 0, 4), "little")
 
@@ -1259,12 +1307,8 @@ class Shell:
         if self.m.device_lost() is None:
             self._settle_all()
         s = self.sum
-        for fv in list(self.fences.values()):
-            f = fv.fence
-            if f.signaled and f.error and not fv.examined:
-                s.unexpected_faults.append(
-                    f"{fv.name} ({fv.what}): {_errno_name(f.error)}: {f.message}"
-                )
+        for fv in [*self.fences.values(), *self._retired]:
+            self._judge(fv)
         reports = lockdep.reports()[self._lockdep_base :]
         for r in reports[self.expected_lockdep :]:
             s.unexpected_lockdep.append(f"{r.kind}: {r.message.splitlines()[0]}")
@@ -1282,10 +1326,22 @@ class Shell:
             s.stats = {}
         if s.device_lost is None:
             try:
-                self.file.close()
+                self.file.close()  # closes the out-fences the names still hold
             except Exception as exc:
                 s.device_lost = f"closing the GPU file failed: {exc}"
+            else:
+                self._check_fence_leaks()
         return s
+
+    def _check_fence_leaks(self) -> None:
+        """With the file closed and every job done, nothing may hold a job's fence: a
+        reference left is a leak (dma_fence_put missing somewhere)."""
+        for name, seqno, fence in self._job_fences:
+            if fence.refcount:
+                self.sum.leaks.append(
+                    f"fence of {name} (job {seqno}) still has {fence.refcount} reference(s) "
+                    "after the GPU file was closed"
+                )
 
     def summary(self) -> Summary:
         return self.sum

@@ -115,4 +115,6 @@ def run_script(run) -> None:
         run.violate("gpu-fault", f"{sc.script}: job {fault}")
     for lost in summary.lost_data:
         run.violate("content", f"{sc.script}: {lost}")
+    for leak in summary.leaks:
+        run.violate("leak", f"{sc.script}: {leak}")
     run.fences.extend((f"{sc.script}: {fv.name}", fv.fence) for fv in shell.fences.values())
