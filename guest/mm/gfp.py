@@ -18,7 +18,8 @@ chain it does not own:
 
 Usage::
 
-    from gemu.guest.mm.gfp import GFP_KERNEL, GFP_NOFS, memalloc_nofs_restore, memalloc_nofs_save
+    from gemu.guest.mm.gfp import GFP_KERNEL, GFP_NOFS, current_gfp_context
+    from gemu.guest.mm.gfp import memalloc_nofs_restore, memalloc_nofs_save
 
     flags = memalloc_nofs_save()
     try:
