@@ -181,6 +181,7 @@ class DeviceServer:
         self._stepped = bool(gpu.clock.stepped)
         self._next_wait_poll = 0.0
         self._cp_waiting = gpu.cp_state() == CpState.WAITING
+        self._dma_failure: str | None = None  # what the last failed in-band DMA said
         self._serial_retry_at = 0.0
         self._serial_delay = SERIAL_RETRY_S[0]
         self._serial_lost = False
@@ -816,6 +817,13 @@ class DeviceServer:
     # --- request handlers ------------------------------------------------------------------
 
     def _on_version(self, s: _Session, hdr: p.Header, req) -> bytes:
+        if s.handshaken:
+            # features are fixed for the connection (memory may be mapped in band under
+            # them); libvfio-user likewise handles VERSION only while negotiating
+            raise _Reject(
+                p.ProtoError.EPROTO,
+                "VERSION was already negotiated on this connection; reconnect to change it",
+            )
         if req.major != p.PROTOCOL_MAJOR:
             raise _Reject(
                 p.ProtoError.EPROTO,
@@ -826,10 +834,8 @@ class DeviceServer:
         if s.conn.supports_fds:
             mine |= p.Features.FD_PASSING
         s.features = p.Features(req.features) & mine
-        first = not s.handshaken
         s.handshaken = True
-        if first:
-            self._irq_sent = (False, 0, 0)  # tell a new client the line state if it is up
+        self._irq_sent = (False, 0, 0)  # tell a new client the line state if it is up
         name = bytes(req.name).decode("utf-8", "replace")[:64]
         log.info(
             "client %s: %s speaks %d.%d, features %s",
@@ -999,24 +1005,32 @@ class DeviceServer:
                 f"SPACE_PHYS",
             )
 
+    def _debug_access(self, what: str, access: Callable[[], Any]) -> Any:
+        """Run a debugger memory access: a fault is EFAULT, but a DMA request the client
+        failed (or left unanswered) is EIO, as documented, whatever fault it became."""
+        self._dma_failure = None
+        try:
+            return access()
+        except Exception as exc:
+            failure, self._dma_failure = self._dma_failure, None
+            if failure is not None:
+                raise _Reject(p.ProtoError.EIO, f"{what}: {failure}") from None
+            raise _Reject(p.ProtoError.EFAULT, f"{what}: {exc}") from None
+
     def _on_mem_read(self, s: _Session, hdr: p.Header, req) -> bytes:
         self._memory_request(p.Command.MEM_READ, req.space, req.size)
-        try:
-            data = bytes(self.gpu.mem_read(req.space, req.addr, req.size))
-        except Exception as exc:
-            raise _Reject(
-                p.ProtoError.EFAULT, f"MEM_READ {req.addr:#x}+{req.size:#x}: {exc}"
-            ) from None
+        data = self._debug_access(
+            f"MEM_READ {req.addr:#x}+{req.size:#x}",
+            lambda: bytes(self.gpu.mem_read(req.space, req.addr, req.size)),
+        )
         return p.DMA_REQ_FAST.pack(req.addr, len(data)) + data
 
     def _on_mem_write(self, s: _Session, hdr: p.Header, req) -> bytes:
         self._memory_request(p.Command.MEM_WRITE, req.space, req.size)
-        try:
-            self.gpu.mem_write(req.space, req.addr, bytes(req.data))
-        except Exception as exc:
-            raise _Reject(
-                p.ProtoError.EFAULT, f"MEM_WRITE {req.addr:#x}+{req.size:#x}: {exc}"
-            ) from None
+        self._debug_access(
+            f"MEM_WRITE {req.addr:#x}+{req.size:#x}",
+            lambda: self.gpu.mem_write(req.space, req.addr, bytes(req.data)),
+        )
         return b""
 
     def _on_stats(self, s: _Session, hdr: p.Header, req) -> bytes:
@@ -1095,9 +1109,9 @@ class DeviceServer:
                 if r_flags & _REPLY and r_id == msg_id and r_cmd == command:
                     if r_flags & _ERROR:
                         text = r_payload.decode("utf-8", "replace")
-                        raise BusError(
-                            addr, size, f"{what} failed on the client: errno {r_err} {text}"
-                        )
+                        failure = f"{what} failed on the client: {_errno_name(r_err)} {text}"
+                        self._dma_failure = failure
+                        raise BusError(addr, size, failure)
                     return r_payload
                 if r_flags & _REPLY:
                     hdr = _header(r_id, r_cmd, r_size, r_flags, r_err)
@@ -1112,7 +1126,11 @@ class DeviceServer:
                 s.queued.append(frame)
         except _Disconnected as exc:
             s.alive = False
-            raise BusError(addr, size, f"{what}: the client is gone ({exc})") from None
+            self._dma_failure = f"{what}: the client is gone ({exc})"
+            raise BusError(addr, size, self._dma_failure) from None
+        except BusError as exc:
+            self._dma_failure = str(exc)  # no reply within DMA_TIMEOUT_S
+            raise
 
     def _read_frame_for_dma(self, s: _Session, deadline: float, what: str):
         """The next frame straight from the connection (not from the queue)."""
@@ -1144,6 +1162,13 @@ class DeviceServer:
                 if not ready:
                     continue
             self._fill(s, block=fd is not None)
+
+
+def _errno_name(code: int) -> str:
+    try:
+        return f"{p.ProtoError(code).name} ({code})"
+    except ValueError:
+        return f"errno {code}"
 
 
 def _pack_u32s(values: list[int]) -> bytes:

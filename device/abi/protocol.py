@@ -26,8 +26,8 @@ Encoding a register read::
 
 The payload formats below are the single definition both ends use. Limits:
 ``MAX_MESSAGE`` bytes per message (larger frames lose the framing: the receiver replies with
-EMSGSIZE and closes), ``MAX_REG_COUNT`` registers per batched read, ``MAX_DMA`` bytes per
-DMA or debug memory message.
+EMSGSIZE and closes; an error reply is never answered, not even then), ``MAX_REG_COUNT``
+registers per batched read, ``MAX_DMA`` bytes per DMA or debug memory message.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ class MsgFlags(IntFlag):
 class ProtoError(IntEnum):
     """errno values carried in error replies."""
 
-    EPROTO = errno.EPROTO  # out of order (e.g. before VERSION), or a reply nobody asked for
+    EPROTO = errno.EPROTO  # out of order (before or a second VERSION), or a stray reply
     EINVAL = errno.EINVAL  # bad argument (unaligned offset, count 0, unknown mode...)
     EMSGSIZE = errno.EMSGSIZE  # frame larger than MAX_MESSAGE: framing is lost, connection closed
     ENOSYS = errno.ENOSYS  # unknown command
@@ -83,7 +83,7 @@ class ProtoError(IntEnum):
     ENODEV = errno.ENODEV  # no guest memory attached
     EBADMSG = errno.EBADMSG  # payload size does not match the command
     EBUSY = errno.EBUSY  # the device cannot do that now (e.g. MEM_MAP while mapped)
-    EIO = errno.EIO  # the peer failed to serve a DMA request
+    EIO = errno.EIO  # the client failed (or left unanswered) a DMA request the access needed
 
 
 class ClockMode(IntEnum):
@@ -97,12 +97,14 @@ class MemMapFlags(IntFlag):
 
 
 class Features(IntFlag):
-    """Capabilities exchanged in VERSION."""
+    """Capabilities exchanged in VERSION: the client announces what it can do, the device
+    replies with what it offers, and the connection uses the bits both set. The comments
+    are the meaning column of docs/protocol.md (a test compares them)."""
 
-    FD_PASSING = 1 << 0  # this end can send/receive SCM_RIGHTS descriptors
-    IN_BAND_DMA = 1 << 1  # this end serves/issues DMA_READ/DMA_WRITE
-    STEPPED_CLOCK = 1 << 2
-    DEBUG = 1 << 3  # DEBUG_READ, MEM_READ, MEM_WRITE
+    FD_PASSING = 1 << 0  # descriptors pass with SCM_RIGHTS; the device offers it on UNIX sockets
+    IN_BAND_DMA = 1 << 1  # the client serves DMA_READ/DMA_WRITE; MEM_MAP IN_BAND needs it
+    STEPPED_CLOCK = 1 << 2  # CLOCK_MODE STEPPED and STEP are available (always offered)
+    DEBUG = 1 << 3  # DEBUG_READ, MEM_READ and MEM_WRITE are available (always offered)
 
 
 HEADER = Struct(
