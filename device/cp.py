@@ -83,6 +83,7 @@ BUDGET = 4096  # work units per run(): pages translated + extents moved (see DOC
 BUDGET_IN_BAND = BUDGET // 16  # in-band memory: every extent is a DMA round trip
 _WINDOW = 1 << 20  # bytes translated and moved per step of a sliced packet
 _UNLIMITED = 1 << 62
+_PAGE = 1 << PAGE_SHIFT
 _ENABLE = regs.CP_CONTROL.field("ENABLE").mask
 _RESUME = regs.CP_CONTROL.field("RESUME").mask
 _RESET_HEAD = regs.CP_CONTROL.field("RESET_HEAD").mask
@@ -636,9 +637,11 @@ class CommandProcessor:
             mem.write(addr, data)
         else:
             self._fault_access = AccessType.WRITE
-            ext = self.gpu.mmu.translate_range(self.as_index, addr, n, AccessType.WRITE)
-            self._write(ext, data)
-            self._budget -= (n >> PAGE_SHIFT) + len(ext)
+            self._write(
+                self.gpu.mmu.translate_range(self.as_index, addr, n, AccessType.WRITE), data
+            )
+            if n > _PAGE:
+                self._budget -= 2 * (n >> PAGE_SHIFT)
         if self.gpu.access_hook is not None:
             self._accessed(addr, n, flags, True)
 
@@ -649,11 +652,19 @@ class CommandProcessor:
             ranges = ((src, size, AccessType.READ), (dst, size, AccessType.WRITE))
             self._start_bulk(Opcode.COPY, flags, src, dst, size, ranges)
             return
+        # the hot path: one window at most, moved whole (the sliced path shares the helpers)
         sext = self._extents(src, size, flags, AccessType.READ)
         dext = self._extents(dst, size, flags, AccessType.WRITE)
-        self._copy_extents(sext, dext, size)
-        self._budget -= 2 * (size >> PAGE_SHIFT) + len(sext) + len(dext)
-        self._copied(flags, src, dst, size)
+        mem = self.gpu.mem
+        if len(sext) == 1 and len(dext) == 1:
+            mem.copy(sext[0][0], dext[0][0], size)
+        else:
+            self._copy_extents(sext, dext, size)
+        self._budget -= 3 * (size >> PAGE_SHIFT) + 2  # pages translated twice, extents moved
+        self.bytes_copied += size
+        if self.gpu.access_hook is not None:
+            self._accessed(src, size, flags, False)
+            self._accessed(dst, size, flags, True)
 
     def _copy_extents(self, sext: list, dext: list, size: int) -> None:
         mem = self.gpu.mem
@@ -691,8 +702,11 @@ class CommandProcessor:
             self._start_bulk(Opcode.FILL, flags, 0, dst, size, ranges, pattern)
             return
         ext = self._extents(dst, size, flags, AccessType.WRITE)
-        self._fill_extents(ext, pattern, 0)
-        self._budget -= (size >> PAGE_SHIFT) + len(ext)
+        if len(ext) == 1 and size <= _FILL_CHUNK:
+            self.gpu.mem.write(ext[0][0], pattern[:size])
+        else:
+            self._fill_extents(ext, pattern, 0)
+        self._budget -= 2 * (size >> PAGE_SHIFT) + 1
         if self.gpu.access_hook is not None:
             self._accessed(dst, size, flags, True)
 
@@ -720,8 +734,16 @@ class CommandProcessor:
             return
         sext = self._extents(src, size, flags, AccessType.READ)
         dext = self._extents(dst, 4, flags, AccessType.WRITE)
-        self._budget -= (size >> PAGE_SHIFT) + len(sext)
-        self._crc_done(flags, src, dst, size, dext, self._crc_extents(sext, 0))
+        mem = self.gpu.mem
+        crc = 0
+        for pa, n in sext:
+            view = mem.view(pa, n)
+            crc = zlib.crc32(view if view is not None else mem.read(pa, n), crc)
+        self._budget -= 2 * (size >> PAGE_SHIFT) + 1
+        self._write(dext, _U32.pack(crc))
+        if self.gpu.access_hook is not None:
+            self._accessed(src, size, flags, False)
+            self._accessed(dst, 4, flags, True)
 
     def _crc_extents(self, ext: list, crc: int) -> int:
         mem = self.gpu.mem
