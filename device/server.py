@@ -17,8 +17,12 @@ threads and no locks, the way QEMU's main loop drives a device model:
   non-blocking polls while it has work, and every ``WAIT_POLL_S`` while a WAIT_MEM is pending
   (guest memory changes without a message, so the device must look again; the WAIT_MEM
   timeout is the device model's business); in ``STEPPED`` mode it runs only inside ``STEP``;
-- guest memory comes as a descriptor (``MEM_MAP`` with SCM_RIGHTS over a UNIX socket:
-  :class:`~gemu.device.memory.MappedMemory`) or in band (TCP, serial:
+- replies never block the loop: a send takes what the link takes now, the rest waits in the
+  session's output buffer, flushed on ``EPOLLOUT``; a client that leaves more than
+  ``OUTPUT_CAP`` bytes unread is disconnected with a log line;
+- guest memory comes as a descriptor (``MEM_MAP`` with SCM_RIGHTS over a UNIX socket: a memfd
+  sealed against shrinking, :class:`~gemu.device.memory.MappedMemory`; descriptors that come
+  with any other request are closed before it is handled) or in band (TCP, serial:
   :class:`~gemu.device.memory.InBandMemory`, whose accesses become ``DMA_READ``/``DMA_WRITE``
   requests to the client; requests that arrive while the device waits for the DMA reply are
   queued and handled afterwards, in order).
@@ -26,8 +30,9 @@ threads and no locks, the way QEMU's main loop drives a device model:
 A client can never bring the process down: a malformed, oversized or out-of-order frame gets
 an error reply naming what was wrong plus a log line on ``gemu.device.server``; a frame whose
 size field is impossible has lost the framing, so it gets ``EMSGSIZE`` and the connection is
-closed. On disconnect guest memory is unmapped but the device keeps its state for the next
-client. Running a device in a thread of a test::
+closed (an error reply is never answered, not even then). On disconnect guest memory is
+unmapped but the device keeps its state for the next client. A serial port is opened at
+construction (SpecError if it cannot be) and reopened with back-off if it goes away. Running a device in a thread of a test::
 
     server = DeviceServer(Gpu(), "unix:/tmp/gpu.sock")
     threading.Thread(target=server.serve_forever, daemon=True).start()

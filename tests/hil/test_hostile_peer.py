@@ -25,8 +25,8 @@ from gemu.device.abi import packets as pk
 from gemu.device.abi import protocol as p
 from gemu.device.abi import regs
 from gemu.device.abi.client import DeviceClient, DeviceError, SharedMemory
-from gemu.device.abi.enums import CpState
-from gemu.host.demo import Ring
+from gemu.device.abi.enums import CpState, MmuCommand
+from gemu.host.demo import FrameAllocator, PageTables, Ring
 from tests.bench.common import loopback_copy_rate
 from tests.support.device import (
     FakeGpu,
@@ -389,3 +389,28 @@ def _connect_when_free(dev, connect=None):
         except ConnectionError as exc:
             assert "EBUSY" in str(exc) and time.monotonic() < deadline, exc
             time.sleep(0.01)
+
+
+# --- the debugger's view goes through the TLB -----------------------------------------------------
+
+
+def test_debugger_reads_see_what_the_gpu_sees_through_its_tlb():
+    """docs/protocol.md: a GPU-VA MEM_READ uses the AS's TLB when it caches the page. A job
+    fills the TLB, the guest remaps the page without a flush: the debugger still reads the
+    old frame (as the GPU would), and the new one after AS_COMMAND FLUSH_PT."""
+    va, fence = 0x40_0000, 0x1000
+    with spawn_device() as dev, attached_client(dev.spec, size=4 << 20) as client:
+        ram = client.memory
+        alloc = FrameAllocator(ram.size, start=0x100000)
+        old, new = alloc.take(), alloc.take()
+        ram.write_u32(new, 0x22222222)
+        vm = PageTables(ram, alloc)
+        vm.map(va, old, regs.PAGE_SIZE, write=True)
+        vm.bind(client, 1)
+        ring = Ring(client, ram, base=0x10000, size=0x1000)
+        ring.submit(pk.set_as(1) + pk.fill(va, 4, 0x11111111) + pk.fence(fence, 1, phys=True))
+        assert ring.wait_idle(timeout=20) is CpState.IDLE and ram.read_u32(old) == 0x11111111
+        vm.map(va, new, regs.PAGE_SIZE, write=True)  # no flush: the TLB still says "old"
+        assert client.mem_read(1, va, 4) == (0x11111111).to_bytes(4, "little")
+        client.writel(regs.as_reg(1, "COMMAND").offset, MmuCommand.FLUSH_PT)
+        assert client.mem_read(1, va, 4) == (0x22222222).to_bytes(4, "little")
