@@ -280,6 +280,7 @@ class Shell:
         self.expected_lockdep = 0
         self.expected_lost: set[str] = set()
         self._lockdep_base = len(lockdep.reports())
+        self._boot_timeout_ns = machine.driver.timeout_ns
         self._jobs = 0
         self.bytes_moved = 0
         self.events: deque = deque(maxlen=10_000)
@@ -391,6 +392,60 @@ class Shell:
         return self.run_statements(
             parse(text, file, commands=self.COMMANDS, base=self.base), stop_on_error=stop_on_error
         )
+
+    def run_script(self, statements: list[Statement]) -> bool:
+        """Run one job script of several (``gemu run A.job B.job``): its statements, then
+        :meth:`end_script`, so what it leaves behind cannot change the next script's result.
+        Returns False if a line failed (the message, naming file:line, has been written)."""
+        ok = self.run_statements(statements)
+        self.end_script()
+        return ok
+
+    def end_script(self) -> None:
+        """Finish what a script started and forget its names, as if the session began anew.
+
+        Its tasks are joined and its jobs waited for; a failed job it never examined and a
+        lockdep report it did not expect are counted (they fail the run); its fences and BOs
+        are closed (their memory and swap go back), its ``set`` values, recorded events and
+        ``job-timeout`` are dropped. The machine's counters (``info stats``) go on."""
+        self._join([t for t in list(self.tasks.values()) if not t.joined])
+        if self.m.device_lost() is not None:
+            return
+        self._settle_all()
+        with self._count:
+            fences = [*self.fences.values(), *self._retired]
+            self.fences.clear()
+            self._retired.clear()
+            bos = [bo for bo in self.bos.values() if bo.name != "_crc"]  # not the scratch BO
+            for bo in bos:
+                del self.bos[bo.name]
+        for fv in fences:
+            self._judge(fv)
+            if not fv.fence.closed:
+                fv.fence.close()
+        for bo in bos:
+            self.file.close_bo(bo.handle)
+        self._judge_lockdep()
+        self._lockdep_base = len(lockdep.reports())
+        self.expected_lockdep = 0
+        self.expected_lost.clear()
+        self.tasks.clear()
+        self.values.clear()
+        self._main = _Context(None)
+        if self._events_on:
+            trace.unsubscribe(self._record)
+            self._events_on = False
+        self.events.clear()
+        if self.m.driver.timeout_ns != self._boot_timeout_ns:
+            self.m.driver.timeout_ns = self.m.driver.sched.timeout = self._boot_timeout_ns
+
+    def _judge_lockdep(self) -> None:
+        """Count the lockdep reports since the session (or script) began beyond those an
+        ``expect lockdep`` accepted; each is counted once."""
+        reports = lockdep.reports()[self._lockdep_base :]
+        for r in reports[self.expected_lockdep :]:
+            self.sum.unexpected_lockdep.append(f"{r.kind}: {r.message.splitlines()[0]}")
+        self.expected_lockdep = len(reports)
 
     def run_file(self, path: str | Path, *, stop_on_error: bool = True) -> bool:
         return self.run_statements(
@@ -777,18 +832,20 @@ class Shell:
         """Run direct reclaim for SIZE bytes, as an allocation under memory pressure would:
         the shrinker purges DONTNEED BOs, then evicts idle BOs to swap."""
         pages = max(1, _size(size) // 4096)
-        self._reclaim(pages)
+        self._reclaim(lambda: self.m.reclaim(pages))
 
     @command("drop-caches", 0, 0, "drop-caches")
     def cmd_drop_caches(self, st: Statement) -> None:
-        """Reclaim everything reclaimable (every idle BO purged or evicted)."""
-        self._reclaim(self.m.allocator.totalram_pages)
+        """Reclaim everything reclaimable: every idle BO purged (DONTNEED) or evicted to
+        swap while swap has room, as ``echo 2 > /proc/sys/vm/drop_caches`` runs the
+        shrinkers until they free nothing more."""
+        self._reclaim(self.m.allocator.drop_slab)
 
-    def _reclaim(self, pages: int) -> None:
+    def _reclaim(self, run: Callable[[], object]) -> None:
         sh = self.m.dev.shmem_mm.stats
         a = self.m.allocator
         before = (sh.purged, sh.evicted, a.nr_free)
-        self.m.reclaim(pages)
+        run()
         self.say(
             f"reclaim: {sh.purged - before[0]} purged, {sh.evicted - before[1]} evicted, "
             f"{a.nr_free - before[2]} pages freed ({a.nr_free} free)"
@@ -1309,9 +1366,7 @@ class Shell:
         s = self.sum
         for fv in [*self.fences.values(), *self._retired]:
             self._judge(fv)
-        reports = lockdep.reports()[self._lockdep_base :]
-        for r in reports[self.expected_lockdep :]:
-            s.unexpected_lockdep.append(f"{r.kind}: {r.message.splitlines()[0]}")
+        self._judge_lockdep()
         from gemu.guest import errors
 
         for msg, n in errors.warn_stats().counts.items():

@@ -310,7 +310,8 @@ class PageAllocStats:
     reclaimed; ``pages_reclaimed`` is what shrinkers reported freed (direct + kswapd);
     ``reclaim_waits`` counts allocations that slept for another task's reclaim to finish;
     ``failures`` counts allocations that raised ``-ENOMEM`` (``injected_failures`` of them by
-    fault injection); ``high_water`` is the most frames ever in use at once.
+    fault injection); ``high_water`` is the most frames ever in use at once; ``drop_slab``
+    counts :meth:`PageAllocator.drop_slab` calls (the kernel's ``drop_slab`` vm event).
     """
 
     allocs: int = 0
@@ -327,7 +328,12 @@ class PageAllocStats:
     failures: int = 0
     injected_failures: int = 0
     high_water: int = 0
+    drop_slab: int = 0
 
+
+DROP_SLAB_MAX_PASSES = 64
+"""Bound on :meth:`PageAllocator.drop_slab`'s passes (the shift rule ends it long before:
+a pass would have to free more than ``2**64`` pages to reach it)."""
 
 _FREE = 0
 _USED = 1
@@ -625,6 +631,39 @@ class PageAllocator:
             trace.end("mm", "direct_reclaim", runtime.current().tid, reclaimed=reclaimed)
             trace.counter("mm", "free_pages", free=len(self._free))
         return reclaimed
+
+    def drop_slab(self) -> int:
+        """Reclaim everything the shrinkers can give back now; returns the pages freed.
+
+        Kernel: drop_slab() [mm/vmscan.c], behind ``echo 2 > /proc/sys/vm/drop_caches``:
+        shrink_slab() passes over every shrinker, repeated while a pass freed more than a
+        shrinking amount (``(freed >> shift++) > 1``), so a cache that refills while the loop
+        runs cannot keep it going forever.
+
+        Progress is measured, as in every reclaim pass here, by the pages that came back to
+        the free pool. The kernel sums what ``scan_objects`` returns, and a v19-style GEM
+        shrinker returns SHRINK_STOP after any batch that met no lock contention, which
+        do_shrink_slab() counts as nothing: the kernel's loop would end after the first batch
+        (a single object, when objects are larger than a batch). So each pass here asks for
+        every page and calls the shrinkers again until a call frees nothing; a pass is
+        bounded by the RAM size (every call frees at least one page), the passes by the
+        kernel's shift rule.
+        """
+        self._stats.drop_slab += 1
+        total = 0
+        for shift in range(DROP_SLAB_MAX_PASSES):
+            freed = 0
+            while freed < self.totalram_pages:
+                got = self._reclaim_pass(self.totalram_pages - freed, GFP_KERNEL, direct=True)
+                if got <= 0:
+                    break
+                freed += got
+            total += freed
+            if freed >> shift <= 1:
+                break
+        if trace.enabled:
+            trace.instant("mm", "drop_slab", freed=total)
+        return total
 
     def _reclaim_pass(self, nr_to_reclaim: int, gfp: Gfp, *, direct: bool = False) -> int:
         # Progress is what came back to the free pool, not only what shrinkers say: a v19-style
