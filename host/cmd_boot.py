@@ -540,7 +540,7 @@ def cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             if not args.quiet:
                 write(f"{PROMPT}# {path}")
             try:
-                if not sh.run_statements(statements):
+                if not sh.run_script(statements):
                     status = EXIT_FAILED
                     break
             except PowerOff:
