@@ -26,6 +26,7 @@ from gemu.device.abi import protocol as p
 from gemu.device.abi import regs
 from gemu.device.abi.client import DeviceClient, DeviceError, SharedMemory
 from gemu.device.abi.enums import CpState, MmuCommand
+from gemu.device.gdbstub import frame
 from gemu.host.demo import FrameAllocator, PageTables, Ring
 from tests.bench.common import loopback_copy_rate
 from tests.support.device import (
@@ -35,6 +36,7 @@ from tests.support.device import (
     inproc_device,
     spawn_device,
 )
+from tests.support.gdb import spawn_gdb_device
 from tests.unit.device.test_server import Raw, error_of
 
 SCRATCH0 = regs.SCRATCH[0].offset
@@ -302,11 +304,12 @@ class Flooder:
 
 def test_a_client_that_never_reads_cannot_wedge_the_device():
     """A client asks for 3 MiB and reads none of it, more than the socket buffers hold: a
-    second client still gets EBUSY at once and the first one's reads are still answered
+    second client still gets EBUSY at once, the gdb stub answers, and the first one's reads
+    are still answered
     in order (what the device holds is sent when the client reads). Another client that
     leaves more than OUTPUT_CAP (4 MiB) unread is disconnected with a log line, and the
     next client is served."""
-    with spawn_device() as dev:
+    with spawn_gdb_device(wait=False) as dev:
         flooder = Flooder(dev.spec)
         flooder.flood(3)
         t0 = time.monotonic()
@@ -316,6 +319,14 @@ def test_a_client_that_never_reads_cannot_wedge_the_device():
         assert code == "EBUSY" and "one client at a time" in text
         assert time.monotonic() - t0 < 2.0
         other.close()
+        with socket.create_connection(("127.0.0.1", dev.gdb_port), timeout=5) as gdb:
+            gdb.sendall(frame(b"?"))  # the stop reason: the stub answers at once
+            answer = b""
+            while b"#" not in answer:  # each recv bounded by the socket timeout
+                chunk = gdb.recv(64)
+                assert chunk, f"the gdb stub hung up after {answer!r}"
+                answer += chunk
+            assert answer.startswith(b"+$")
         for _ in range(3):
             hdr, data = flooder.raw.recv()
             assert hdr.command == p.Command.MEM_READ and len(data) == 12 + p.MAX_DMA
