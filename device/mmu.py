@@ -34,7 +34,9 @@ fills the TLB, never counts, never latches a fault. Debug translation uses an en
 the TLB when there is one (so a debugger sees what the GPU would access, stale entries
 included) and otherwise walks the tables in memory; :meth:`Mmu.walk` and :meth:`Mmu.mappings`
 always show the tables as they are in memory. Every debug walk is bounded whatever the guest
-wrote: a translation or :meth:`Mmu.walk` reads one entry per level (four at most);
+wrote: a translation or :meth:`Mmu.walk` reads one entry per level (four at most), so
+:meth:`Mmu.debug_extents` costs four reads per page of the range its caller asks for (at most
+1 MiB from the protocol, one gdb packet from the stub);
 :meth:`Mmu.mappings_report` reads each table once (a table reached again through a cycle or an
 alias is reported, not followed), at most ``WALK_MAX_TABLES`` (4096) tables, and reports at most
 ``WALK_MAX_RUNS`` (65536) ranges.

@@ -20,6 +20,7 @@ from gemu.device.abi import packets as pk
 from gemu.device.abi import regs
 from gemu.device.abi.enums import CpError, CpState, Irq, MmuFault, TransCfgMode
 from gemu.device.abi.regs import PAGE_SIZE
+from gemu.device.memory import InBandMemory
 from tests.support.device_rig import DATA, RING_BASE, Rig
 from tests.support.hostile import GiB4, alias_tables
 
@@ -176,3 +177,28 @@ def test_phys_packets_are_sliced_too(rig):
     assert runs > 2
     assert rig.mem.read(DATA, 8 * MIB) == b"\x5a" * (8 * MIB)
     assert rig.mem.read_u32(DATA + 8 * MIB) == 0
+
+
+def test_in_band_memory_gets_the_smaller_budget():
+    """Over in-band memory every extent is a DMA round trip: one run() does at most
+    BUDGET_IN_BAND units (give or take a window) of an aliased FILL."""
+    rig = Rig()
+    buf = rig.buf
+
+    def read(pa: int, n: int) -> bytes:
+        return bytes(buf[pa : pa + n])
+
+    def write(pa: int, data: bytes) -> None:
+        buf[pa : pa + len(data)] = data
+
+    rig.gpu.attach_memory(InBandMemory(len(buf), read, write))
+    rig.start_ring()
+    alias_as(rig)
+    rig.submit(pk.fill(ALIAS_VA, 64 * MIB, 0x01020304))
+    before = translated(rig)
+    assert rig.gpu.run(256) == 0
+    assert translated(rig) - before <= cp.BUDGET_IN_BAND + 2 * (cp._WINDOW // PAGE_SIZE)
+    while rig.gpu.has_work():
+        rig.gpu.run(256)
+    assert rig.gpu.cp_state() is CpState.IDLE
+    assert rig.mem.read(ALIAS_PAGE, 8) == bytes([4, 3, 2, 1]) * 2
