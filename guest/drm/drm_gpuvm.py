@@ -599,7 +599,11 @@ def resv_object_alloc(drm: DrmDevice) -> DrmGemObject:
 
     The kernel's dummy has size 0; the model's GEM objects are whole pages, so it is one page
     with no backing storage (``filp`` None), never mapped or populated.
+
+    Raises:
+        Enomem: the allocation failed (the kernel returns NULL).
     """
+    _alloc("resv object")
     obj = DrmGemObject()
     obj.funcs = _RESV_OBJECT_FUNCS
     gem.private_object_init(drm, obj, gem.PAGE_SIZE)

@@ -118,6 +118,13 @@ class GpuvmMachine(RuleBasedStateMachine):
         ops = drm_gpuvm.sm_map_ops_create(self.vm, req)
         listed = [describe(op) for op in ops]
         drm_gpuvm.gpuva_ops_free(self.vm, ops)
+        with drm_exec.init(drm_exec.DRM_EXEC_IGNORE_DUPLICATES) as ex:
+            for attempt in drm_exec.until_all_locked(ex):
+                with attempt:
+                    drm_gpuvm.sm_map_exec_lock(self.vm, ex, 1, req)
+            exec_locked = {id(o) for _, o in drm_exec.for_each_locked_object(ex)}
+        touched = {id(step[-2][2]) for step in listed[:-1] if step[-2][2] is not None}
+        assert exec_locked == touched | ({id(bo)} if bo is not None else set())
         self.driver.steps.clear()
         with self._locked():
             map_range(self.vm, req)
