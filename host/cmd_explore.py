@@ -1,10 +1,31 @@
-"""``gemu explore``: search thread interleavings of the driver against reclaim for violations."""
+"""``gemu explore``: search thread interleavings of the driver against reclaim for violations.
+
+Exit status:
+
+====  =====================================================================================
+ 0    no schedule violated an invariant (a replay: the schedule held)
+ 1    a violation was found (reproduction written) or the replayed schedule violates one
+ 2    bad command line, a job script that does not parse, a --replay file that is not a
+      repro.json of gemu explore
+ 3    the search could not run: no Dask scheduler answered at --cluster in time
+130   interrupted (Ctrl-C): the partial report was printed
+====  =====================================================================================
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
+
+from gemu.host.cli import int_in, seconds_in
+
+EXIT_OK, EXIT_VIOLATION, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+SEED_MAX = 2**63 - 1
+SCHEDULES_MAX = 10**9
+WORKERS_MAX = 256
+TASKS_MAX, JOBS_MAX = 32, 100
+CONNECT_TIMEOUT_S = 10.0  # gemu.host.explore.engine.CONNECT_TIMEOUT_S, without importing it
 
 MUTANTS = (
     "none",
@@ -25,31 +46,9 @@ MUTANTS = (
 built without importing the guest; a test keeps the two equal)."""
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"invalid number {text!r}: must be at least 1")
-    return value
-
-
-def _natural(text: str) -> int:
-    try:
-        value = int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
-    if not 0 <= value <= 16:
-        raise argparse.ArgumentTypeError(f"invalid number {text!r}: must be 0 to 16")
-    return value
-
-
-def _seed(text: str) -> int:
-    try:
-        return int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid seed {text!r}: not a whole number") from None
+_natural = int_in("number", 0, 16)
+_seed = int_in("seed", 0, SEED_MAX)
+_count = int_in("number", 1, SCHEDULES_MAX)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -61,7 +60,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "the reference model, no lockdep or fence-signalling report, no deadlock, no leaked "
         "frame, slot, fence or reference. Stops at the first violation (unless --keep-going), "
         "shrinks it and writes a reproduction (seed, schedule, replay command, event log, "
-        "trace). Exit status: 0 no violation, 1 violations found.",
+        "trace). Exit status: 0 no violation, 1 violations found, 2 bad arguments, 3 the "
+        "--cluster scheduler did not answer, 130 interrupted (partial report printed).",
     )
     p.add_argument(
         "scenario",
@@ -75,25 +75,37 @@ def register(sub: argparse._SubParsersAction) -> None:
         choices=("random", "pct", "exhaustive"),
         default="random",
         help="random or pct sample --schedules seeded schedules; exhaustive enumerates every "
-        "schedule with at most --preemption-bound preemptions (default: random)",
+        "schedule with at most --preemption-bound preemptions",
     )
     p.add_argument(
         "--preemption-bound",
         type=_natural,
         default=1,
         metavar="K",
-        help="exhaustive: the most preemptions a schedule may have (default: 1)",
+        help="exhaustive: the most preemptions a schedule may have (0 to 16)",
     )
     p.add_argument(
         "--no-reduction",
         action="store_true",
         help="exhaustive: run every schedule, also those equivalent to one already explored",
     )
-    p.add_argument("--schedules", type=_positive, default=100, metavar="N")
-    p.add_argument("--seed", type=_seed, default=0, metavar="S", help="seed of schedule 0")
+    p.add_argument(
+        "--schedules",
+        type=_count,
+        default=100,
+        metavar="N",
+        help=f"schedules to run (1 to {SCHEDULES_MAX:,})",
+    )
+    p.add_argument(
+        "--seed",
+        type=_seed,
+        default=0,
+        metavar="S",
+        help="seed of schedule 0 (schedule i has seed S + i; 0 to 2**63-1)",
+    )
     p.add_argument(
         "--workers",
-        type=_positive,
+        type=int_in("number", 1, WORKERS_MAX),
         default=None,
         metavar="W",
         help="parallel processes on this machine (default: the usable CPUs)",
@@ -103,12 +115,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="ADDRESS",
         help="send the schedules to a Dask distributed scheduler (tcp://HOST:PORT) instead",
     )
+    p.add_argument(
+        "--connect-timeout",
+        type=seconds_in(0, 3600),
+        default=CONNECT_TIMEOUT_S,
+        metavar="SECONDS",
+        help="how long to wait for the --cluster scheduler to answer (then exit 3)",
+    )
     p.add_argument("--keep-going", action="store_true", help="run every schedule")
     p.add_argument(
         "--mutant",
         choices=MUTANTS,
         default="none",
-        help="run a deliberately wrong driver (docs/validation.md lists them); default none",
+        help="run a deliberately wrong driver (docs/validation.md lists them)",
     )
     p.add_argument(
         "--strict-signalling",
@@ -119,27 +138,37 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--pct-depth",
-        type=_positive,
+        type=int_in("number", 1, 64),
         default=3,
         metavar="D",
-        help="PCT: the bug depth targeted (D - 1 priority drops per schedule; default 3)",
+        help="PCT: the bug depth targeted (D - 1 priority drops per schedule; 1 to 64)",
     )
     p.add_argument(
         "--pct-steps",
-        type=_positive,
+        type=int_in("number", 1, 10**9),
         default=None,
         metavar="K",
         help="PCT: a schedule's length in preemption points, over which the drops are spread "
         "(default: measured from three runs of the scenario)",
     )
-    p.add_argument("--tasks", type=_positive, default=None, help="submitting tasks")
-    p.add_argument("--jobs", type=_positive, default=None, help="jobs per task")
+    p.add_argument(
+        "--tasks",
+        type=int_in("number", 1, TASKS_MAX),
+        default=None,
+        help=f"submitting tasks (1 to {TASKS_MAX}; default: the scenario's)",
+    )
+    p.add_argument(
+        "--jobs",
+        type=int_in("number", 1, JOBS_MAX),
+        default=None,
+        help=f"jobs per task (1 to {JOBS_MAX}; default: the scenario's)",
+    )
     p.add_argument(
         "--out",
         type=Path,
         default=Path("explore-out"),
         metavar="DIR",
-        help="where reproductions go (default: ./explore-out)",
+        help="where reproductions go",
     )
     p.add_argument("--no-shrink", action="store_true", help="write the violation unshrunk")
     p.add_argument(
@@ -189,15 +218,59 @@ def _print_result(res, out=None) -> None:
         print(f"seed {res.seed}: VIOLATION {v.kind}: {v.message}", file=out)
 
 
+def _load_repro(target: str):
+    """(config, seed, schedule) of a repro.json; a bad or foreign file is a usage error
+    naming the file and what is wrong (exit 2)."""
+    import json
+
+    from gemu.host.explore import repro
+
+    def bad(why: str):
+        print(
+            f"gemu explore: --replay {target}: not a repro.json written by gemu explore: {why}",
+            file=sys.stderr,
+        )
+        raise SystemExit(EXIT_USAGE)
+
+    try:
+        cfg, seed, schedule, _doc = repro.load_repro(Path(target))
+    except UnicodeDecodeError:
+        bad("not text")
+    except json.JSONDecodeError as exc:
+        bad(f"not JSON ({exc})")
+    except OSError as exc:
+        bad(exc.strerror or str(exc))
+    except KeyError as exc:
+        bad(f"no {exc.args[0]!r} field")
+    except (TypeError, ValueError, AttributeError) as exc:
+        bad(f"a field does not fit ({exc})")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        bad(f"seed {seed!r} is not a whole number")
+    if not isinstance(schedule, list) or not all(
+        isinstance(x, int) and not isinstance(x, bool) for x in schedule
+    ):
+        bad("schedule is not a list of whole numbers")
+    return cfg, seed, schedule
+
+
 def _replay(args, parser) -> int:
+    from gemu.guest.kernel import runtime
     from gemu.host.explore import repro
     from gemu.host.explore.scenario import run_schedule
 
     target = args.replay
     if Path(target).is_file():
-        cfg, seed, schedule, _doc = repro.load_repro(Path(target))
+        cfg, seed, schedule = _load_repro(target)
         out = Path(target).parent
-        res = repro.replay(cfg, seed, schedule, out / "trace.json")
+        try:
+            res = repro.replay(cfg, seed, schedule, out / "trace.json")
+        except runtime.ReplayDivergence as exc:
+            print(
+                f"gemu explore: --replay {target}: its schedule does not fit the program it "
+                f"names (written by another gemu version?): {exc}",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
         (out / "events.log").write_text("\n".join(res.event_log or []) + "\n")
         same = res.schedule == schedule
         print(
@@ -234,17 +307,37 @@ def cmd_explore(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
                 flush=True,
             )
 
-    report = engine.run_campaign(
-        cfg,
-        args.schedules,
-        args.seed,
-        workers=workers,
-        cluster=args.cluster,
-        keep_going=args.keep_going,
-        progress=progress,
-    )
+    try:
+        report = engine.run_campaign(
+            cfg,
+            args.schedules,
+            args.seed,
+            workers=workers,
+            cluster=args.cluster,
+            keep_going=args.keep_going,
+            progress=progress,
+            connect_timeout=args.connect_timeout,
+        )
+    except engine.ClusterUnreachable as exc:
+        print(f"gemu explore: --cluster: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except engine.CampaignInterrupted as exc:
+        _interrupted(exc.report.summary(), exc.report.violating)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        _interrupted("before the first schedule ran", [])
+        return EXIT_INTERRUPTED
     print(f"explore: {report.summary()}")
     return _report_violation(args, cfg, report.first)
+
+
+def _interrupted(summary: str, violating: list) -> None:
+    """The partial report of a search stopped by Ctrl-C: what ran, each violation found so
+    far with its replay (no shrinking: the user asked to stop)."""
+    print(f"explore: interrupted: {summary}", flush=True)
+    for res in violating:
+        _print_result(res)
+        print(f"replay: gemu explore --replay {res.seed} (with the same options)")
 
 
 def _exhaustive(args: argparse.Namespace, cfg, workers: int) -> int:
@@ -260,14 +353,31 @@ def _exhaustive(args: argparse.Namespace, cfg, workers: int) -> int:
                 flush=True,
             )
 
+    seen: list = []
+
+    def tracked(res, pending: int) -> None:
+        seen[:] = [res]
+        progress(res, pending)
+
     search = BoundedSearch(
         cfg,
         args.preemption_bound,
         reduce=not args.no_reduction,
         keep_going=args.keep_going,
-        progress=progress,
+        progress=tracked,
     )
-    result = search.run(workers=workers)
+    try:
+        result = search.run(workers=workers)
+    except KeyboardInterrupt:
+        if seen:
+            res = seen[0]
+            _interrupted(
+                f"{res.run} schedules ({res.complete} complete, {res.pruned} pruned)",
+                res.violating,
+            )
+        else:
+            _interrupted("before the first schedule ended", [])
+        return EXIT_INTERRUPTED
     print(f"explore: {result.statement()}; {result.rate:.1f} schedules/s")
     return _report_violation(args, search.cfg, result.first)
 

@@ -11,11 +11,17 @@ schedules up to that one, so the report is the same whatever the worker count::
     report = run_campaign(cfg, schedules=200, seed=0, workers=2)
     report.first.kind              # "content"
     report.schedules_run           # schedules up to and including the first violation
+
+Ctrl-C (KeyboardInterrupt) stops a campaign between two results: :class:`CampaignInterrupted`
+carries the partial report (worker processes ignore SIGINT, so only the campaign stops, and
+none of them prints a traceback). A Dask scheduler that cannot be reached within
+``connect_timeout`` seconds raises :class:`ClusterUnreachable` naming the address.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -105,8 +111,28 @@ class CampaignReport:
         )
 
 
+class CampaignInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a campaign; ``report`` holds the schedules run until then."""
+
+    def __init__(self, report: CampaignReport) -> None:
+        super().__init__(f"interrupted after {report.schedules_run} schedules")
+        self.report = report
+
+
+class ClusterUnreachable(ConnectionError):
+    """No Dask scheduler answered at the address within the connect timeout."""
+
+
+def _init_worker(counter, cpus: list[int]) -> None:
+    """Worker process initializer: Ctrl-C is for the campaign (the parent stops it), then
+    the next CPU of ``cpus`` for this worker's tasks."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if cpus:
+        _pin_worker(counter, cpus)
+
+
 def _pin_worker(counter, cpus: list[int]) -> None:
-    """Worker process initializer: the next CPU of ``cpus`` for this worker's tasks."""
+    """The next CPU of ``cpus`` for this worker's tasks."""
     with counter.get_lock():
         i = counter.value
         counter.value += 1
@@ -128,8 +154,8 @@ class _LocalPool:
             self._ex = ProcessPoolExecutor(
                 workers,
                 mp_context=ctx,
-                initializer=_pin_worker if cpus else None,
-                initargs=(ctx.Value("i", 0), cpus) if cpus else (),
+                initializer=_init_worker,
+                initargs=(ctx.Value("i", 0), cpus),
             )
         else:
             self._ex = None
@@ -149,11 +175,20 @@ class _LocalPool:
             runtime.pin_tasks(self._pinned)
 
 
+CONNECT_TIMEOUT_S = 10.0
+"""How long a campaign waits for a Dask scheduler to answer."""
+
+
 class _DaskPool:
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, connect_timeout: float = CONNECT_TIMEOUT_S) -> None:
         from distributed import Client
 
-        self.client = Client(address, timeout=30)
+        try:
+            self.client = Client(address, timeout=connect_timeout)
+        except (OSError, TimeoutError, ValueError, TypeError) as exc:
+            raise ClusterUnreachable(
+                f"no Dask scheduler at {address} answered within {connect_timeout:g} s: {exc}"
+            ) from None
         self.workers = max(1, len(self.client.scheduler_info().get("workers", {})))
 
     def map(self, cfg_dict: dict, seeds: list[int]) -> list[dict]:
@@ -183,11 +218,22 @@ def run_campaign(
     keep_going: bool = False,
     progress: Callable[[CampaignReport], None] | None = None,
     batch: int | None = None,
+    connect_timeout: float = CONNECT_TIMEOUT_S,
 ) -> CampaignReport:
     """Run ``schedules`` schedules of ``cfg``; stop at the first violation unless
-    ``keep_going``. ``progress(report)`` is called after every batch."""
-    cfg = resolve(cfg)  # measured once here, so every worker spreads PCT's drops alike
-    pool = _DaskPool(cluster) if cluster else _LocalPool(workers)
+    ``keep_going``. ``progress(report)`` is called after every batch.
+
+    Raises:
+        CampaignInterrupted: Ctrl-C; its ``report`` is the partial report.
+        ClusterUnreachable: ``cluster`` did not answer within ``connect_timeout`` seconds.
+    """
+    pool = _DaskPool(cluster, connect_timeout) if cluster else _LocalPool(workers)
+    try:
+        # measured once here, so every worker spreads PCT's drops alike
+        cfg = resolve(cfg)
+    except BaseException:
+        pool.close()
+        raise
     report = CampaignReport(cfg, seed, workers=pool.workers, cluster=cluster)
     size = batch or max(8, pool.workers * 32)
     cfg_dict = cfg.as_dict()
@@ -209,6 +255,9 @@ def run_campaign(
                 progress(report)
             if report.violating and not keep_going:
                 break
+    except KeyboardInterrupt:
+        report.elapsed_s = time.perf_counter() - t0
+        raise CampaignInterrupted(report) from None
     finally:
         pool.close()
     report.elapsed_s = time.perf_counter() - t0
