@@ -15,6 +15,11 @@ the bad value::
     gemu-device: listening on unix:/tmp/gpu.sock
 
 and logs on stderr. SIGINT and SIGTERM stop it cleanly (the UNIX socket file is removed).
+
+Every number on the command line is range-checked by its type function (:func:`int_in`,
+:func:`seconds_in`, the size parsers), so a value out of range is a usage error naming the
+option and the value, also when the value starts with ``-`` (``-m -5M``). ``--help`` shows each
+option's default (:class:`HelpFormatter`).
 """
 
 from __future__ import annotations
@@ -22,8 +27,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import math
+import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -68,14 +75,113 @@ def _listen_spec(text: str) -> str:
     return text
 
 
-def _positive_mib(text: str) -> int:
-    try:
-        value = int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid size {text!r}: not a whole number") from None
-    if not 1 <= value <= 4096:
-        raise argparse.ArgumentTypeError(f"invalid size {text!r}: must be 1..4096 MiB")
-    return value
+def int_in(what: str, low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: a whole number (decimal or 0x..) in ``low..high``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text, 0)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"invalid {what} {text!r}: not a whole number"
+            ) from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"invalid {what} {text!r}: must be {low} to {high}")
+        return value
+
+    parse.__name__ = what  # argparse names the type in its own messages
+    return parse
+
+
+def seconds_in(low_exclusive: float, high: float, unit: str = "s") -> Callable[[str], float]:
+    """An argparse type: a finite time above ``low_exclusive`` and at most ``high``."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid time {text!r}: not a number") from None
+        if not math.isfinite(value) or not low_exclusive < value <= high:
+            raise argparse.ArgumentTypeError(
+                f"invalid time {text!r}: must be above {low_exclusive:g} and at most "
+                f"{high:.15g} {unit}"
+            )
+        return value
+
+    parse.__name__ = "time"
+    return parse
+
+
+_ROLE = re.compile(r":[a-z]+:`~?(?:[\w.]*\.)?([^`]+)`")
+_LITERAL = re.compile(r"``([^`]+)``|`([^`]+)`")
+
+
+def plain_text(text: str) -> str:
+    """rST/Markdown markup as a terminal shows it: ``:class:`~a.B``` becomes B, ````x```` and
+    ```x``` become 'x'."""
+    text = _ROLE.sub(r"\1", text)
+    return _LITERAL.sub(lambda m: f"'{m.group(1) or m.group(2)}'", text)
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """``--help`` of every gemu command: markup from docstrings and help strings shown as
+    plain text, and each option's default at the end of its help (taken from the parser, so
+    it is the value the command really uses)."""
+
+    def _format_text(self, text: str) -> str:
+        return super()._format_text(plain_text(text))
+
+    def _expand_help(self, action: argparse.Action) -> str:
+        return plain_text(super()._expand_help(action))
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            "%(default)" in text
+            or not action.option_strings
+            or default is None
+            or default is argparse.SUPPRESS
+            or isinstance(default, bool)
+            or action.nargs == 0
+        ):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _value_options(parser: argparse.ArgumentParser) -> set[str]:
+    """Option strings that take exactly one value, in every subcommand."""
+    out = set()
+    parsers = [parser]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            parsers += list(action.choices.values())
+    for p in parsers:
+        for action in p._actions:
+            if action.option_strings and action.nargs is None:
+                out.update(action.option_strings)
+    return out
+
+
+def _attach_dash_values(argv: list[str], options: set[str]) -> list[str]:
+    """``-m -5M`` as ``-m-5M`` (``--memory=-5M``): argparse takes a value that starts with
+    ``-`` and is not a plain negative number for an option, and would say "expected one
+    argument" instead of naming the value its type function rejects."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        if tok == "--":
+            out += argv[i:]
+            break
+        nxt = argv[i + 1] if i + 1 < len(argv) else None
+        if tok in options and nxt is not None and re.match(r"-[\d.]", nxt):
+            out.append(f"{tok}={nxt}" if tok.startswith("--") else tok + nxt)
+            i += 2
+            continue
+        out.append(tok)
+        i += 1
+    return out
 
 
 def setup_logging(level: int, prog: str) -> None:
@@ -92,16 +198,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gemu",
         description="Hardware-in-the-loop emulator for GPU memory management.",
+        formatter_class=HelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
+    for p in sub.choices.values():
+        p.formatter_class = HelpFormatter
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(_attach_dash_values(argv, _value_options(parser)))
     subparser = parser._subparsers._group_actions[0].choices[args.command]
     return args.func(args, subparser)
 

@@ -21,7 +21,7 @@ import signal
 import sys
 import time
 
-from gemu.host.cli import _transport_spec
+from gemu.host.cli import _transport_spec, seconds_in
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_MACHINE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 EXIT_TERMINATED = 143
@@ -38,6 +38,13 @@ def _on_sigterm(signum, frame) -> None:
 LOG_ITEMS = ("guest_errors", "guest", "device", "debug", "none")
 DEVICE_TIMEOUT_S = 5.0  # gemu.host.machine.DEVICE_TIMEOUT_S, without importing the guest
 DEVICE_TIMEOUT_MAX_S = 3600.0
+JOB_TIMEOUT_MS = 2000  # gemu.guest.gemu_drv.uapi.DEFAULT_TIMEOUT_NS, in ms
+JOB_TIMEOUT_MAX_MS = 3_600_000
+RAM_MAX = 16 << 30
+"""The largest guest RAM: the page allocator keeps per-frame state (4 M frames at 16 GiB)."""
+SWAP_MAX = 64 << 30
+"""The largest swap device (a sparse file; 16 M slots at 64 GiB)."""
+BOOT_RAM, RUN_RAM = "64M", "16M"
 DEVICE_PROBE_S = 1.0  # how often an idle console checks that the device still answers
 
 
@@ -48,8 +55,10 @@ def _size_arg(text: str) -> int:
         n = parse_size(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-    if n < 1 << 20 or n % 4096:
-        raise argparse.ArgumentTypeError(f"invalid size {text!r}: at least 1M and a multiple of 4K")
+    if not 1 << 20 <= n <= RAM_MAX or n % 4096:
+        raise argparse.ArgumentTypeError(
+            f"invalid size {text!r}: 1M to {RAM_MAX >> 30}G and a multiple of 4K"
+        )
     return n
 
 
@@ -60,8 +69,10 @@ def _swap_arg(text: str) -> int:
         n = parse_size(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-    if n % 4096:
-        raise argparse.ArgumentTypeError(f"invalid size {text!r}: not a multiple of 4K")
+    if n > SWAP_MAX or n % 4096:
+        raise argparse.ArgumentTypeError(
+            f"invalid size {text!r}: 0 to {SWAP_MAX >> 30}G and a multiple of 4K"
+        )
     return n
 
 
@@ -91,25 +102,26 @@ def _log_arg(text: str) -> tuple[str, ...]:
 
 
 def _ms_arg(text: str) -> int:
-    try:
-        ms = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid time {text!r}: milliseconds") from None
-    if ms <= 0:
-        raise argparse.ArgumentTypeError(f"invalid time {text!r}: must be above 0")
-    return int(ms * 1_000_000)
+    """A job timeout in milliseconds; nanoseconds."""
+    return int(seconds_in(0, JOB_TIMEOUT_MAX_MS, "ms")(text) * 1_000_000)
 
 
-def _seconds_arg(text: str) -> float:
-    try:
-        seconds = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid time {text!r}: seconds") from None
-    if not 0 < seconds <= DEVICE_TIMEOUT_MAX_S:
-        raise argparse.ArgumentTypeError(
-            f"invalid time {text!r}: must be above 0 and at most {DEVICE_TIMEOUT_MAX_S:g} s"
-        )
-    return seconds
+_seconds_arg = seconds_in(0, DEVICE_TIMEOUT_MAX_S)
+
+
+def _trace_arg(text: str) -> str:
+    """--trace FILE: checked before the boot, so a typo does not cost the whole run."""
+    import os
+
+    path = os.path.abspath(text)
+    folder = os.path.dirname(path)
+    if os.path.isdir(path):
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory, not a file name")
+    if not os.path.isdir(folder):
+        raise argparse.ArgumentTypeError(f"{text!r}: no such directory {folder!r}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"{text!r}: directory {folder!r} is not writable")
+    return text
 
 
 def _gdb_arg(text: str) -> str:
@@ -141,36 +153,38 @@ def check_device_options(args: argparse.Namespace, parser: argparse.ArgumentPars
         )
 
 
-def _machine_options(p: argparse.ArgumentParser) -> None:
+def _machine_options(p: argparse.ArgumentParser, ram: str) -> None:
     p.add_argument(
         "-m",
         "--memory",
         type=_size_arg,
-        default=64 << 20,
+        default=ram,  # a string default goes through _size_arg, and --help shows it as given
         metavar="SIZE",
-        help="guest RAM, e.g. 16M, 256M, 1G (plain numbers are MiB; default 64M)",
+        help=f"guest RAM, e.g. 16M, 256M, 1G (plain numbers are MiB; 1M to {RAM_MAX >> 30}G)",
     )
     p.add_argument(
         "--swap",
         type=_swap_arg,
         default=None,
         metavar="SIZE",
-        help="swap device size (default: four times the RAM; 0: no swap)",
+        help=f"swap device size, at most {SWAP_MAX >> 30}G (default: four times the RAM; "
+        "0: no swap)",
     )
     p.add_argument(
         "--device",
         type=_device_arg,
         default="spawn",
         metavar="SPEC",
-        help="spawn (a child `gemu device`, default), inproc, or unix:PATH | tcp:HOST:PORT | "
+        help="spawn (a child `gemu device`), inproc, or unix:PATH | tcp:HOST:PORT | "
         "serial:PORT-or-URL of a `gemu device` started separately",
     )
     p.add_argument(
         "--job-timeout",
         type=_ms_arg,
-        default=None,
+        default=str(JOB_TIMEOUT_MS),
         metavar="MS",
-        help="GPU job timeout before a hang is declared and the GPU reset (default 2000)",
+        help=f"GPU job timeout before a hang is declared and the GPU reset (above 0, at most "
+        f"{JOB_TIMEOUT_MAX_MS} ms)",
     )
     p.add_argument(
         "--device-timeout",
@@ -178,14 +192,15 @@ def _machine_options(p: argparse.ArgumentParser) -> None:
         default=DEVICE_TIMEOUT_S,
         metavar="SECONDS",
         help="how long any request waits for the device (a register round trip, a send into "
-        "its full socket buffer) before the device is declared lost: exit 3, naming what "
-        "timed out",
+        f"its full socket buffer) before the device is declared lost: exit 3, naming what "
+        f"timed out (above 0, at most {DEVICE_TIMEOUT_MAX_S:g})",
     )
     p.add_argument(
         "--no-kswapd", action="store_true", help="do not start background reclaim (kswapd)"
     )
     p.add_argument(
         "--trace",
+        type=_trace_arg,
         metavar="FILE",
         help="write a Chrome/Perfetto trace-event JSON of the run to FILE",
     )
@@ -211,10 +226,10 @@ def _machine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--log",
         type=_log_arg,
-        default=("guest_errors",),
+        default="guest_errors",
         metavar="ITEMS",
-        help="comma list, QEMU -d style: guest_errors (guest kernel warnings and errors, "
-        "default), guest (guest info too), device (the device model log, on stderr at power-off), "
+        help="comma list, QEMU -d style: guest_errors (guest kernel warnings and errors), "
+        "guest (guest info too), device (the device model log, on stderr at power-off), "
         "debug, none",
     )
 
@@ -226,13 +241,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Assemble guest RAM, swap and the GPU device model, boot the guest kernel "
         "model and run its shell (prompt 'gemu# ') on a console.",
     )
-    _machine_options(boot)
+    _machine_options(boot, BOOT_RAM)
     boot.add_argument(
         "--serial",
         type=_serial_arg,
         default="stdio",
         metavar="SPEC",
-        help="console: stdio (default), pty, unix:PATH, tcp:127.0.0.1:PORT, serial:PORT-or-URL",
+        help="console: stdio, pty, unix:PATH, tcp:127.0.0.1:PORT, serial:PORT-or-URL",
     )
     boot.set_defaults(func=cmd_boot)
     run = sub.add_parser(
@@ -243,11 +258,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "unexpected (GPU fault, lockdep report, lost data, kernel warning) happened.",
     )
     run.add_argument("scripts", nargs="+", metavar="SCRIPT", help="job script files")
-    _machine_options(run)
+    _machine_options(run, RUN_RAM)
     run.add_argument(
         "-q", "--quiet", action="store_true", help="print only failures and the summary"
     )
-    run.set_defaults(func=cmd_run, memory=None)
+    run.set_defaults(func=cmd_run)
 
 
 class _KmsgHandler(logging.Handler):
@@ -369,9 +384,7 @@ class Session:
             f"gemu: booting with {format_size(ram)} RAM, "
             f"{format_size(swap) if swap else 'no'} swap, device {args.device}"
         )
-        extra = {}
-        if args.job_timeout is not None:
-            extra["timeout_ns"] = args.job_timeout
+        extra = {"timeout_ns": args.job_timeout}
         dev_args = (*(("--log", "info") if "device" in args.log else ()), *_device_options(args))
         if self.prespawned is not None:
             extra["device_process"] = self.prespawned[0]
@@ -501,8 +514,6 @@ def cmd_boot(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    if args.memory is None:
-        args.memory = 16 << 20
     check_device_options(args, parser)
 
     def write(text: str) -> None:

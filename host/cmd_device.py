@@ -75,9 +75,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     dev.add_argument(
         "--log",
         type=_log_level,
-        default=logging.INFO,
+        default="info",
         metavar="LEVEL",
-        help=f"log level on stderr: {', '.join(LOG_LEVELS)} (default: info)",
+        help=f"log level on stderr: {', '.join(LOG_LEVELS)}",
     )
     dev.add_argument(
         "--gdb",
@@ -96,7 +96,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--coredump-dir",
         metavar="DIR",
         help="write an ELF core file of the GPU into DIR on each command-processor error and "
-        "on each reset of a busy CP (default: none); read it with `gemu coredump FILE` or "
+        "on each reset of a busy CP (none by default); read it with `gemu coredump FILE` or "
         "`gdb-multiarch -c FILE`",
     )
     dev.set_defaults(func=cmd_device)

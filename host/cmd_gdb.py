@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from gemu.host.cli import int_in
+
 EXTENSION = Path(__file__).resolve().with_name("gdb_extension.py")
 
 
@@ -26,7 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(command-stream disassembly for x/i and display/i, `gemu` commands) and, with "
         "--port, attach to a device started with `--gdb tcp::PORT`.",
     )
-    init.add_argument("--port", type=int, metavar="PORT", help="add `target remote` to PORT")
+    init.add_argument(
+        "--port", type=int_in("port", 1, 65535), metavar="PORT", help="add `target remote` to PORT"
+    )
     init.set_defaults(func=cmd_gdbinit)
 
 

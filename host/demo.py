@@ -28,6 +28,7 @@ The building blocks are reusable (tests and benchmarks use them)::
 from __future__ import annotations
 
 import contextlib
+import re
 import subprocess
 import sys
 import tempfile
@@ -376,11 +377,27 @@ def examples_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "examples" / "jobs"
 
 
-def _title(path: Path) -> str:
+def header(path: Path) -> str:
+    """The comment block a job script opens with, as one line: the prose lines up to the
+    first indented (usage) line, blank line or command."""
+    words = []
     for line in path.read_text().splitlines():
-        if line.startswith("#"):
-            return line.lstrip("# ").strip()
-    return path.stem
+        if not line.startswith("#") or line.startswith(("#  ", "#\t")) or not line[1:].strip():
+            break
+        words.append(line[1:].strip())
+    return " ".join(words)
+
+
+def title(path: Path) -> str:
+    """A script's title for progress lines: the first sentence (or clause up to ``;``) of
+    its header, without the ``name:`` prefix; the file's stem when it has no header."""
+    text = header(path)
+    if not text:
+        return path.stem
+    name, sep, rest = text.partition(": ")
+    if sep and " " not in name:
+        text = rest
+    return re.split(r"(?<=[^.]{2})[.;](?:\s|$)", text, maxsplit=1)[0].strip()
 
 
 def run_curated(
@@ -413,8 +430,7 @@ def run_curated(
         sh.progress = lambda text: out(f"    ... {text}")
         for i, name in enumerate(scripts, 1):
             path = examples_dir() / f"{name}.job"
-            title = _title(path).split(": ", 1)[-1].split(". ", 1)[0].split("; ", 1)[0]
-            out(f"[{i}/{len(scripts)}] {name}.job: {title}")
+            out(f"[{i}/{len(scripts)}] {name}.job: {title(path)}")
             before = m.statistics()
             passed = sh.sum.checks_passed
             t = time.perf_counter()
