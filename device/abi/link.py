@@ -12,8 +12,10 @@ A transport spec names one end of the link, the same way on both sides:
                             ``loop://``); an optional ``,baud=N`` suffix sets the rate
 ==========================  ==========================================================
 
-:func:`connect` returns a :class:`Connection`: ``sendall``, ``send_fds``, ``recv_into``
-(blocking or not), ``recv_exact``, ``take_fds``, ``fileno`` (for ``select``) and ``close``::
+:func:`connect` returns a :class:`Connection`: ``sendall``, ``send_nowait`` (what the link
+takes without waiting), ``send_fds``, ``recv_into`` (blocking or not), ``recv_exact``,
+``take_fds`` / ``drop_fds`` (descriptors that came with the data), ``fileno`` (for
+``select``) and ``close``::
 
     from gemu.device.abi import link
     conn = link.connect("unix:/tmp/gpu.sock")
