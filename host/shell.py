@@ -93,6 +93,10 @@ class ExpectationFailed(ShellError):
     """An ``expect`` line did not hold."""
 
 
+class _Reported(ShellError):
+    """A failure already reported and counted where it happened (a line of an include)."""
+
+
 class PowerOff(Exception):
     """``poweroff`` was typed (or the script ended)."""
 
@@ -151,14 +155,24 @@ class _Context:
     failed_at: str | None = None
 
 
+MAX_LISTED_FAILURES = 20
+"""Failed lines named one by one in :meth:`Summary.problems` (the rest are counted)."""
+
+
 @dataclass
 class Summary:
-    """What a session did and whether it went well (``ok``)."""
+    """What a session did and whether it went well (``ok``).
+
+    ``checks_failed`` counts every failed line: a failed expectation or a command that failed
+    without an ``expect error`` after it (``errors`` counts the latter alone);
+    ``failed_lines`` names them (``file:line: message``), the first
+    :data:`MAX_LISTED_FAILURES` of them."""
 
     commands: int = 0
     checks_passed: int = 0
     checks_failed: int = 0
     errors: int = 0
+    failed_lines: list[str] = field(default_factory=list)
     unexpected_faults: list[str] = field(default_factory=list)
     unexpected_lockdep: list[str] = field(default_factory=list)
     lost_data: list[str] = field(default_factory=list)
@@ -180,9 +194,10 @@ class Summary:
         )
 
     def problems(self) -> list[str]:
-        out = []
-        if self.checks_failed:
-            out.append(f"{self.checks_failed} expectation(s) failed")
+        out = list(self.failed_lines)
+        more = self.checks_failed - len(self.failed_lines)
+        if more > 0:
+            out.append(f"{more} more failed line(s)")
         out += [f"unexpected GPU fault: {f}" for f in self.unexpected_faults]
         out += [f"unexpected lockdep report: {r}" for r in self.unexpected_lockdep]
         out += [f"lost data: {d}" for d in self.lost_data]
@@ -287,6 +302,7 @@ class Shell:
         self._events_on = False
         self._down = False
         self._hang_sems: list[int] = []
+        self._pending_failure: str | None = None  # a console line's failure, until the next
 
     # -- per-task state -----------------------------------------------------------------------
     def _context(self) -> _Context:
@@ -344,15 +360,35 @@ class Shell:
         if st.target is not None and result is None:
             raise ShellError(f"{argv[0]}: gave no result to bind to {st.target}")
 
+    def _line_failed(self, text: str, *, error: bool = False) -> None:
+        """Count a failed line (``file:line: message``) in the summary."""
+        with self._count:
+            s = self.sum
+            s.checks_failed += 1
+            s.errors += error
+            if len(s.failed_lines) < MAX_LISTED_FAILURES:
+                s.failed_lines.append(text)
+
+    def _settle_pending_failure(self, st: Statement | None) -> None:
+        """A console command failed on the previous line: it fails the run unless ``st``
+        (the next statement; None at the end) is the ``expect error`` that accepts it."""
+        pending, self._pending_failure = self._pending_failure, None
+        if pending is not None and (st is None or st.argv[:2] != ("expect", "error")):
+            self._line_failed(pending, error=True)
+
     def _check_device(self) -> None:
         why = self.m.device_lost()
         if why is not None:
             self.sum.device_lost = why
             raise DeviceLost(why)
 
-    def run_statements(self, statements: list[Statement], *, stop_on_error: bool = True) -> bool:
+    def run_statements(
+        self, statements: list[Statement], *, stop_on_error: bool = True, console: bool = False
+    ) -> bool:
         """Run statements in order; returns False at the first failure when
-        ``stop_on_error`` (the message, naming file:line, has been written)."""
+        ``stop_on_error`` (the message, naming file:line, has been written). Every failed
+        line is counted in the summary; with ``console`` (one typed line) a command's
+        failure is counted once the next line is known not to be ``expect error``."""
         ok = True
         ctx = self._context()
         for i, st in enumerate(statements):
@@ -364,10 +400,13 @@ class Shell:
                 if st.command != "expect":
                     ctx.last_error = None
             except ExpectationFailed as exc:
-                with self._count:
-                    self.sum.checks_failed += 1
                 ctx.failed_at = ctx.failed_at or st.where
                 self.report(f"{where}: {exc}")
+                self._line_failed(f"{where}: {exc}")
+                ok = False
+                if stop_on_error:
+                    return False
+            except _Reported:
                 ok = False
                 if stop_on_error:
                     return False
@@ -379,8 +418,10 @@ class Shell:
                     continue
                 ctx.failed_at = ctx.failed_at or st.where
                 self.report(f"{where}: {exc}")
-                with self._count:
-                    self.sum.errors += 1
+                if console:  # the next line typed may be the `expect error` that accepts it
+                    self._pending_failure = f"{where}: {exc}"
+                else:
+                    self._line_failed(f"{where}: {exc}", error=True)
                 self._check_device()
                 ok = False
                 if stop_on_error:
@@ -462,11 +503,14 @@ class Shell:
             if st is not None and st.command == "task":
                 check_task_name(st, self._typing[0] if self._typing else None)
         except ScriptError as exc:
+            self._settle_pending_failure(None)
             self.report(str(exc))
-            self.sum.errors += 1
+            self._line_failed(str(exc), error=True)
             return False
         if st is None:
             return True
+        if self._typing is None:
+            self._settle_pending_failure(st)
         if st.command == "task":
             self._typing = (st, [])
             return True
@@ -477,7 +521,7 @@ class Shell:
                 return True
             self._typing = None
             st = replace(opened, body=tuple(body))
-        return self.run_statements([st], stop_on_error=True)
+        return self.run_statements([st], stop_on_error=True, console=True)
 
     # -- lookup ------------------------------------------------------------------------------
     def _bo(self, name: str) -> BoVar:
@@ -1265,7 +1309,7 @@ class Shell:
         p = Path(path) if Path(path).is_absolute() else base / path
         statements = parse_file(p, commands=self.COMMANDS)
         if not self.run_statements(statements):
-            raise ShellError(f"include {path}: stopped at the first failure")
+            raise _Reported(f"include {path}: stopped at the first failure")
 
     @command("task", 1, 1, "task NAME ... end")
     def cmd_task(self, st: Statement, name: str) -> None:
@@ -1295,9 +1339,9 @@ class Shell:
             t.ok = self.run_statements(body)
         except PowerOff:
             ctx.failed_at = ctx.failed_at or t.where
-            self.report(f"{t.where}: task {t.name}: poweroff inside a task (ends the task only)")
-            with self._count:
-                self.sum.errors += 1
+            msg = f"{t.where}: task {t.name}: poweroff inside a task (ends the task only)"
+            self.report(msg)
+            self._line_failed(msg, error=True)
             t.ok = False
         except DeviceLost as exc:
             ctx.failed_at = ctx.failed_at or t.where
@@ -1360,6 +1404,7 @@ class Shell:
             return self.sum
         self._down = True
         self._typing = None  # a task block typed at the console without its end
+        self._settle_pending_failure(None)
         self._join(list(self.tasks.values()))
         if self.m.device_lost() is None:
             self._settle_all()

@@ -81,14 +81,18 @@ def test_boot_log_then_commands_then_poweroff_exits_0(booted):
 
 def test_bad_input_lines_are_reported_and_the_shell_goes_on(booted):
     """Unknown commands, wrong argument counts, unknown names and bad values each print
-    one error naming the problem; the prompt comes back and the session still exits 0."""
+    one error naming the problem and the prompt comes back; each is a failed line, so the
+    session exits 1 with a FAIL line naming each (the one rule of docs/job-scripts.md)."""
     assert "unknown command 'frobnicate'" in _run(booted, "frobnicate 1 2")
     assert "bo: takes 1 to 2 arguments, got 0" in _run(booted, "bo")
     assert "no BO named 'nosuch'" in _run(booted, "read nosuch")
     assert "invalid size '12Q'" in _run(booted, "bo 12Q")
     assert "usage: expect WHAT" in _run(booted, "help expect")
     booted.sendline("poweroff")
-    assert _exit_status(booted) == 0
+    booted.expect("4 failed;")
+    for line in (1, 2, 3, 4):
+        booted.expect_exact(f"FAIL: <console>:{line}: ")
+    assert _exit_status(booted) == 1
 
 
 def test_task_block_typed_at_the_console_runs_concurrently(booted):
@@ -121,7 +125,8 @@ def test_failing_expectation_makes_the_exit_status_1(booted):
     out = _run(booted, "expect crc a == 0x1234")
     assert "<console>:2: expect crc a: got 0x" in out
     booted.sendline("poweroff")
-    booted.expect("FAIL: 1 expectation")
+    booted.expect("1 failed;")
+    booted.expect_exact("FAIL: <console>:2: expect crc a: got 0x")
     assert _exit_status(booted) == 1
 
 

@@ -125,7 +125,7 @@ def test_a_failing_task_stops_alone_and_join_reports_it(shell):
     assert "[bad] unreached" not in shell.lines
     assert "t.job:9: join: task bad failed at t.job:5" in shell.lines
     s = shell.poweroff()
-    assert s.checks_failed == 1 and s.errors == 1 and not s.ok
+    assert s.checks_failed == 2 and s.errors == 1 and not s.ok  # both failed lines
 
 
 def test_task_command_errors(shell):
