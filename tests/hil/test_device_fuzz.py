@@ -3,21 +3,38 @@
 The fuzzer speaks the wire protocol over a raw UNIX socket (no client library: it must be free
 to send anything). It mixes well-formed requests with random arguments, mutated frames that
 keep the framing (flipped bytes, wrong commands, wrong flags, cut payloads), frames that break
-the framing (the device must answer EMSGSIZE and close), and command streams: random and
-mutated packets written into a ring in shared guest memory, over random page tables, executed
-with doorbells and STEPs. Everything is seeded. Afterwards a fresh client must find the device
-alive and correct: reset values, a job that computes the right CRC, a fence and its IRQ.
+the framing (the device must answer EMSGSIZE and close), and guest command streams: random and
+mutated packets written into a ring in shared guest memory, over random page tables (some
+aliasing the whole VA space onto one page, some pointing at themselves), with packets up to
+4 GiB, executed with doorbells and STEPs. Everything is seeded.
+
+While streams run, the fuzzer probes the device: once the backlog of its frames is answered,
+it times one side-effect-free register read, so the figure is how long the event loop was kept
+busy by the CP. Each probe is measured twice: wall-clock, and as the CPU time the device ran
+meanwhile (/proc/PID/schedstat), which is the device's own work without the time it waited for
+a CPU on a shared machine. The campaign reports deaths, probes slower than the device's stated
+bound (``regs.RESPONSE_BOUND_MS``) and the device's RSS growth, and asserts that the device
+lived, that no probe kept the device busy for ``STALL_LIMIT_S`` (the bound times ten) or took
+``WALL_LIMIT_S`` of wall-clock time, and that RSS grew by less than ``RSS_GROWTH_LIMIT``. Afterwards a fresh client must
+find the device alive and correct: reset values, a job that computes the right CRC, a fence
+and its IRQ.
+
+``make test`` runs a short seeded campaign (a few seconds); ``make soak`` runs 1,000,000
+frames and 100,000 guest command streams.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import random
 import socket
 import struct
 import threading
+import time
 import zlib
+from dataclasses import dataclass
+
+import pytest
 
 from gemu.device.abi import packets as pk
 from gemu.device.abi import protocol as p
@@ -25,10 +42,18 @@ from gemu.device.abi import pte, regs
 from gemu.device.abi.client import SharedMemory
 from gemu.device.abi.enums import CpState, Irq, PteType
 from tests.support.device import attached_client, spawn_device
+from tests.support.hostile import GiB4, alias_tables, cyclic_table, oncpu_ns, rss_bytes
 
 SEED = 0x6E6D75
-FRAMES = 100_000
-STREAMS = 1_500
+FRAMES = 20_000  # make test
+STREAMS = 500
+SOAK_FRAMES = 1_000_000  # make soak
+SOAK_STREAMS = 100_000
+PROBE_EVERY = 10  # streams between two stall probes
+STALL_LIMIT_S = 10 * regs.RESPONSE_BOUND_MS / 1000
+WALL_LIMIT_S = 1.0  # a hang, whatever else the machine is doing
+RSS_GROWTH_LIMIT = 16 << 20
+TABLES = 0x40000
 RAM = 4 << 20
 RING_PA = 0x10000
 RING_SIZE = 0x4000
@@ -138,11 +163,13 @@ class Fuzzer:
         mid = self.rng.randrange(0xFFFF) if msg_id is None else msg_id
         return p.HEADER_FAST.pack(mid, command, p.HEADER_SIZE + len(payload), flags, 0) + payload
 
-    def check_alive(self) -> None:
-        """A side-effect-free read of GPU_ID must come back right, now."""
+    def debug_read(self, offset: int) -> int:
+        """A side-effect-free register read, answered after everything sent before it."""
         before = len(self.reader.sentinels)
         self.send(
-            self.frame(p.Command.DEBUG_READ, p.REG_READ_REQ_FAST.pack(0, 1), msg_id=SENTINEL_ID)
+            self.frame(
+                p.Command.DEBUG_READ, p.REG_READ_REQ_FAST.pack(offset, 1), msg_id=SENTINEL_ID
+            )
         )
         with self.reader.got_sentinel:
             self.reader.got_sentinel.wait_for(
@@ -151,7 +178,21 @@ class Fuzzer:
         assert len(self.reader.sentinels) > before, "device stopped answering"
         error, payload = self.reader.sentinels[-1]
         assert error == 0
-        assert struct.unpack_from("<I", payload, 8)[0] == regs.GPU_ID_VALUE
+        return struct.unpack_from("<I", payload, 8)[0]
+
+    def check_alive(self) -> None:
+        """A side-effect-free read of GPU_ID must come back right, now."""
+        assert self.debug_read(regs.GPU_ID.offset) == regs.GPU_ID_VALUE
+
+    def probe(self, pid: int) -> tuple[float, float]:
+        """One register read once the backlog is answered (the CP may be busy): its wall-clock
+        seconds and the CPU seconds the device ran meanwhile."""
+        self.check_alive()
+        c0 = oncpu_ns(pid)
+        t0 = time.perf_counter()
+        self.check_alive()
+        wall = time.perf_counter() - t0
+        return wall, (oncpu_ns(pid) - c0) / 1e9
 
     @property
     def replies(self) -> int:
@@ -280,8 +321,14 @@ class Fuzzer:
     # --- command streams ---------------------------------------------------------------------
 
     def random_page_tables(self) -> int:
-        """Write a small, partly valid and partly hostile page table; return its root."""
+        """Write a small, partly valid and partly hostile page table; return its root. One in
+        ten aliases the whole VA space onto one page, one in twenty points at itself."""
         r = self.rng
+        kind = r.random()
+        if kind < 0.1:
+            return alias_tables(self.mem, TABLES)
+        if kind < 0.15:
+            return cyclic_table(self.mem, TABLES + r.randrange(16) * 0x1000)
         root = 0x40000 + r.randrange(16) * 0x1000
         for table in range(0x40000, 0x50000, 0x1000):
             for _ in range(r.randrange(1, 12)):
@@ -313,7 +360,7 @@ class Fuzzer:
         )
         choice = r.randrange(14)
         phys = r.random() < 0.4
-        small = r.choice([0, 1, 4, 64, 4096, 70000])
+        small = r.choice([0, 1, 4, 64, 4096, 70000, 70000, 3 << 20, 1 << 30, GiB4])
         try:
             if choice == 0:
                 return pk.nop(r.randrange(4))
@@ -394,62 +441,157 @@ class Fuzzer:
         self.streams += 1
 
 
-def test_device_survives_100k_hostile_frames_and_command_streams():
-    """100,000+ random and mutated frames and 1,500 random command streams over random page
-    tables leave the device process alive; a fresh client then finds it answering correctly:
-    reset values after RESET, a FILL + CRC32 job with the right checksum, a fence with its IRQ."""
-    rng = random.Random(SEED)
+@dataclass
+class Campaign:
+    """What one fuzzing campaign saw."""
+
+    frames: int
+    streams: int
+    connections: int
+    replies: int
+    error_replies: int
+    deaths: int
+    probes: int
+    worst_probe_s: float  # wall-clock
+    worst_probe_cpu_s: float  # the device's CPU time during that kind of probe, worst
+    probes_over_bound: int  # wall-clock over the stated bound
+    cpu_over_bound: int  # device CPU time over the stated bound
+    rss_growth: int
+
+    def __str__(self) -> str:
+        return (
+            f"fuzz: {self.frames} frames, {self.streams} guest command streams, "
+            f"{self.connections} connections, {self.replies} replies ({self.error_replies} "
+            f"errors); deaths {self.deaths}; {self.probes} probes: worst "
+            f"{self.worst_probe_s * 1e3:.2f} ms wall-clock ({self.probes_over_bound} over "
+            f"{regs.RESPONSE_BOUND_MS} ms), worst {self.worst_probe_cpu_s * 1e3:.2f} ms of "
+            f"device CPU ({self.cpu_over_bound} over {regs.RESPONSE_BOUND_MS} ms); device RSS "
+            f"growth {self.rss_growth / 2**20:.1f} MiB"
+        )
+
+
+def warm_up(fuzz: Fuzzer) -> None:
+    """Fill the device's TLB to its capacity (bounded, but megabytes) before RSS is measured:
+    a 512 MiB FILL (131,072 pages) over the aliasing tables, waited for."""
+    root = alias_tables(fuzz.mem, TABLES)
+    fuzz.mem.write(RING_PA, pk.fill(1 << 40, 512 << 20, 0))
+    writes = [
+        (regs.CP_CONTROL.offset, 0),
+        (regs.CP_CONTROL.offset, 4),
+        (regs.RING_BASE_LO.offset, RING_PA),
+        (regs.RING_SIZE.offset, RING_SIZE),
+        (regs.as_reg(0, "TRANSTAB_LO").offset, root),
+        (regs.as_reg(0, "TRANSCFG").offset, 1),
+        (regs.as_reg(0, "COMMAND").offset, 1),
+        (regs.CP_CONTROL.offset, 1),
+        (regs.RING_TAIL.offset, len(pk.fill(0, 0, 0))),
+        (regs.RING_DOORBELL.offset, 1),
+    ]
+    fuzz.send(
+        b"".join(
+            fuzz.frame(p.Command.REG_WRITE, p.REG_WRITE_REQ_FAST.pack(o, v), p.MsgFlags.NO_REPLY)
+            for o, v in writes
+        )
+    )
+    state = regs.CP_STATUS.field("STATE")
+    deadline = time.monotonic() + 60
+    while state.ex(fuzz.debug_read(regs.CP_STATUS.offset)) == CpState.RUNNING:
+        assert time.monotonic() < deadline, "the warm-up FILL did not finish in 60 s"
+
+
+def run_campaign(frames: int, streams: int, seed: int) -> Campaign:
+    """Fuzz a fresh device process with ``frames`` frames and ``streams`` guest command
+    streams; then check it answers correctly; return what was seen."""
+    rng = random.Random(seed)
+    stream_share = max(0.02, streams / frames)  # both targets are reached about together
     with spawn_device(log_level="error") as dev:
         fuzz = Fuzzer(dev.spec, rng)
+        probes: list[tuple[float, float]] = []
         try:
-            while fuzz.sent < FRAMES or fuzz.streams < STREAMS:
-                if fuzz.streams < STREAMS and rng.random() < 0.02:
+            warm_up(fuzz)
+            rss0 = rss_bytes(dev.proc.pid)
+            while fuzz.sent < frames or fuzz.streams < streams:
+                if fuzz.streams < streams and rng.random() < stream_share:
                     fuzz.one_stream()
+                    if fuzz.streams % PROBE_EVERY == 0:
+                        probes.append(fuzz.probe(dev.proc.pid))
                 else:
                     fuzz.one_frame()
                 if fuzz.sent % 10_000 < 1 and fuzz.sent:
                     fuzz.check_alive()
             fuzz.check_alive()
-            assert fuzz.error_replies > FRAMES // 10, "the fuzzer hardly provoked any error replies"
+            rss_growth = rss_bytes(dev.proc.pid) - rss0
+            assert fuzz.error_replies > frames // 10, "the fuzzer hardly provoked any error replies"
         finally:
             fuzz.close()
             fuzz.mem.close()
-        assert dev.alive(), "the device process died:\n" + dev.log()[-3000:]
-        assert fuzz.sent >= FRAMES and fuzz.streams >= STREAMS
-
-        with attached_client(dev.spec, size=RAM) as client:
-            client.set_clock_mode(p.ClockMode.FREE)
-            client.reset()
-            assert client.readl(regs.GPU_ID.offset) == regs.GPU_ID_VALUE
-            assert client.readl(regs.IRQ_MASK.offset) == 0
-            assert client.readl(regs.RING_HEAD.offset) == 0
-            assert (
-                regs.CP_STATUS.field("STATE").ex(client.readl(regs.CP_STATUS.offset))
-                == CpState.STOPPED
-            )
-            mem = client.memory
-            data_pa, crc_pa, fence_pa = 0x100000, 0x200000, 0x3000
-            job = (
-                pk.fill(data_pa, 8192, 0x5A5A1234, phys=True)
-                + pk.crc32(data_pa, 8192, crc_pa, phys=True)
-                + pk.fence(fence_pa, 42, irq=True, phys=True)
-            )
-            mem.write(RING_PA, job)
-            client.writel(regs.RING_BASE_LO.offset, RING_PA)
-            client.writel(regs.RING_SIZE.offset, RING_SIZE)
-            client.writel(regs.IRQ_MASK.offset, int(Irq.FENCE | Irq.CP_ERROR))
-            client.writel(regs.CP_CONTROL.offset, 1)
-            client.writel(regs.RING_TAIL.offset, len(job))
-            client.writel_posted(regs.RING_DOORBELL.offset, 1)
-            event = client.wait_irq(timeout=30)
-            while event is not None and not event.irq_status & Irq.FENCE:
-                event = client.wait_irq(timeout=30)
-            assert event is not None and event.irq_status & Irq.FENCE
-            assert mem.read_u64(fence_pa) == 42
-            expected = zlib.crc32(struct.pack("<I", 0x5A5A1234) * 2048)
-            assert mem.read_u32(crc_pa) == expected
-        assert dev.alive()
-        os.environ.get("GEMU_FUZZ_REPORT") and print(
-            f"fuzz: {fuzz.sent} frames, {fuzz.streams} streams, {fuzz.reconnects} connections, "
-            f"{fuzz.replies} replies ({fuzz.error_replies} errors)"
+        campaign = Campaign(
+            frames=fuzz.sent,
+            streams=fuzz.streams,
+            connections=fuzz.reconnects,
+            replies=fuzz.replies,
+            error_replies=fuzz.error_replies,
+            deaths=0 if dev.alive() else 1,
+            probes=len(probes),
+            worst_probe_s=max((w for w, _ in probes), default=0.0),
+            worst_probe_cpu_s=max((c for _, c in probes), default=0.0),
+            probes_over_bound=sum(w > regs.RESPONSE_BOUND_MS / 1000 for w, _ in probes),
+            cpu_over_bound=sum(c > regs.RESPONSE_BOUND_MS / 1000 for _, c in probes),
+            rss_growth=rss_growth,
         )
+        print(campaign)
+        assert campaign.deaths == 0, "the device process died:\n" + dev.log()[-3000:]
+        assert fuzz.sent >= frames and fuzz.streams >= streams
+        assert campaign.worst_probe_cpu_s < STALL_LIMIT_S, str(campaign)
+        assert campaign.worst_probe_s < WALL_LIMIT_S, str(campaign)
+        assert campaign.rss_growth < RSS_GROWTH_LIMIT, str(campaign)
+        check_correct(dev.spec)
+        assert dev.alive()
+    return campaign
+
+
+def check_correct(spec: str) -> None:
+    """A fresh client finds reset values, a right CRC and a fence with its IRQ."""
+    with attached_client(spec, size=RAM) as client:
+        client.set_clock_mode(p.ClockMode.FREE)
+        client.reset()
+        assert client.readl(regs.GPU_ID.offset) == regs.GPU_ID_VALUE
+        assert client.readl(regs.IRQ_MASK.offset) == 0
+        assert client.readl(regs.RING_HEAD.offset) == 0
+        assert (
+            regs.CP_STATUS.field("STATE").ex(client.readl(regs.CP_STATUS.offset)) == CpState.STOPPED
+        )
+        mem = client.memory
+        data_pa, crc_pa, fence_pa = 0x100000, 0x200000, 0x3000
+        job = (
+            pk.fill(data_pa, 8192, 0x5A5A1234, phys=True)
+            + pk.crc32(data_pa, 8192, crc_pa, phys=True)
+            + pk.fence(fence_pa, 42, irq=True, phys=True)
+        )
+        mem.write(RING_PA, job)
+        client.writel(regs.RING_BASE_LO.offset, RING_PA)
+        client.writel(regs.RING_SIZE.offset, RING_SIZE)
+        client.writel(regs.IRQ_MASK.offset, int(Irq.FENCE | Irq.CP_ERROR))
+        client.writel(regs.CP_CONTROL.offset, 1)
+        client.writel(regs.RING_TAIL.offset, len(job))
+        client.writel_posted(regs.RING_DOORBELL.offset, 1)
+        event = client.wait_irq(timeout=30)
+        while event is not None and not event.irq_status & Irq.FENCE:
+            event = client.wait_irq(timeout=30)
+        assert event is not None and event.irq_status & Irq.FENCE
+        assert mem.read_u64(fence_pa) == 42
+        expected = zlib.crc32(struct.pack("<I", 0x5A5A1234) * 2048)
+        assert mem.read_u32(crc_pa) == expected
+
+
+def test_device_survives_hostile_frames_and_guest_command_streams():
+    """A short seeded campaign (make test): 20,000 random and mutated frames and 500 guest
+    command streams (aliasing and cyclic page tables, packets up to 4 GiB): no death, no probe
+    over STALL_LIMIT_S, RSS flat, and the device answers correctly afterwards."""
+    run_campaign(FRAMES, STREAMS, SEED)
+
+
+@pytest.mark.soak
+def test_soak_a_million_frames_and_100k_guest_command_streams():
+    """The long campaign (make soak): 1,000,000 frames and 100,000 guest command streams."""
+    run_campaign(SOAK_FRAMES, SOAK_STREAMS, SEED + 1)

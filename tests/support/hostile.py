@@ -8,7 +8,7 @@
   reaches a page unless the walker notices it came back;
 - :func:`hostile_packets`: the worst packets over an aliased AS;
 - :func:`rtt_while`: the longest register round trip while a condition holds;
-- :func:`rss_bytes`: a process's resident set size.
+- :func:`rss_bytes`: a process's resident set size; :func:`oncpu_ns`: its CPU time.
 
 Used by the responsiveness and core-file tests (tests/hil), the fuzzer and ``make bench``::
 
@@ -96,6 +96,13 @@ def rtt_while(
         if reads >= 1_000_000:  # a bound of its own, whatever the clock does
             break
     return worst, reads
+
+
+def oncpu_ns(pid: int) -> int:
+    """Nanoseconds process ``pid``'s main thread has run on a CPU (/proc/PID/schedstat): the
+    device's own work in an interval, without the time it waited for a CPU on a busy machine."""
+    with open(f"/proc/{pid}/schedstat") as f:
+        return int(f.read().split()[0])
 
 
 def rss_bytes(pid: int) -> int:
