@@ -7,7 +7,8 @@
 - :func:`cyclic_table`: one table whose every entry points at itself, a walk that never
   reaches a page unless the walker notices it came back;
 - :func:`hostile_packets`: the worst packets over an aliased AS;
-- :func:`rtt_while`: the longest register round trip while a condition holds;
+- :func:`rtt_while`: the longest register round trip while a condition holds (wall-clock and
+  the device's CPU time);
 - :func:`rss_bytes`: a process's resident set size; :func:`oncpu_ns`: its CPU time.
 
 Used by the responsiveness and core-file tests (tests/hil), the fuzzer and ``make bench``::
@@ -16,13 +17,14 @@ Used by the responsiveness and core-file tests (tests/hil), the fuzzer and ``mak
     bind(client, 0, root)
     ring = Ring(client, client.memory, base=0x10000, size=0x10000)
     ring.submit(hostile_packets(0x1_0000_0000, GiB4, 0x200000))
-    worst, reads = rtt_while(client, lambda: busy(client), deadline_s=1.0)
+    rtt = rtt_while(client, lambda: busy(client), deadline_s=1.0, pid=device_pid)
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from gemu.device.abi import packets as pk
 from gemu.device.abi import pte, regs
@@ -77,25 +79,42 @@ def cp_state(client: DeviceClient) -> CpState:
     return CpState(_STATE.ex(client.readl(regs.CP_STATUS.offset)))
 
 
+@dataclass
+class Rtt:
+    """Register round trips measured by :func:`rtt_while`."""
+
+    worst_s: float  # the longest, wall-clock
+    worst_cpu_s: float  # the most CPU time the device ran during one of them
+    reads: int
+
+
 def rtt_while(
-    client: DeviceClient, busy: Callable[[], bool], *, deadline_s: float, min_reads: int = 50
-) -> tuple[float, int]:
+    client: DeviceClient,
+    busy: Callable[[], bool],
+    *,
+    deadline_s: float,
+    min_reads: int = 50,
+    pid: int | None = None,
+) -> Rtt:
     """Read SCRATCH0 back to back until ``busy()`` is false (checked between reads) or
-    ``deadline_s`` passed (after at least ``min_reads`` reads); return the longest round trip
-    in seconds and the number of reads."""
+    ``deadline_s`` passed (after at least ``min_reads`` reads). With the device's ``pid``, each
+    read is also measured as the CPU time the device ran meanwhile: its own work, without the
+    time it waited for a CPU on a shared machine."""
     offset = regs.SCRATCH[0].offset
     readl = client.readl
-    worst = 0.0
-    reads = 0
+    out = Rtt(0.0, 0.0, 0)
     end = time.monotonic() + deadline_s
-    while reads < min_reads or (time.monotonic() < end and busy()):
+    while out.reads < min_reads or (time.monotonic() < end and busy()):
+        c0 = oncpu_ns(pid) if pid is not None else 0
         t0 = time.perf_counter()
         readl(offset)
-        worst = max(worst, time.perf_counter() - t0)
-        reads += 1
-        if reads >= 1_000_000:  # a bound of its own, whatever the clock does
+        out.worst_s = max(out.worst_s, time.perf_counter() - t0)
+        if pid is not None:
+            out.worst_cpu_s = max(out.worst_cpu_s, (oncpu_ns(pid) - c0) / 1e9)
+        out.reads += 1
+        if out.reads >= 1_000_000:  # a bound of its own, whatever the clock does
             break
-    return worst, reads
+    return out
 
 
 def oncpu_ns(pid: int) -> int:
