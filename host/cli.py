@@ -149,24 +149,27 @@ class HelpFormatter(argparse.HelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
-def _value_options(parser: argparse.ArgumentParser) -> set[str]:
-    """Option strings that take exactly one value, in every subcommand."""
-    out = set()
+def _options(parser: argparse.ArgumentParser) -> tuple[set[str], set[str]]:
+    """(options that take exactly one value, every option string), in every subcommand."""
+    values, every = set(), set()
     parsers = [parser]
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             parsers += list(action.choices.values())
     for p in parsers:
         for action in p._actions:
+            every.update(action.option_strings)
             if action.option_strings and action.nargs is None:
-                out.update(action.option_strings)
-    return out
+                values.update(action.option_strings)
+    return values, every
 
 
-def _attach_dash_values(argv: list[str], options: set[str]) -> list[str]:
+def _attach_dash_values(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
     """``-m -5M`` as ``-m-5M`` (``--memory=-5M``): argparse takes a value that starts with
     ``-`` and is not a plain negative number for an option, and would say "expected one
-    argument" instead of naming the value its type function rejects."""
+    argument" instead of naming the value its type function rejects. A word that is itself
+    an option (``-m -q``) stays one."""
+    values, every = _options(parser)
     out: list[str] = []
     i = 0
     while i < len(argv):
@@ -175,7 +178,14 @@ def _attach_dash_values(argv: list[str], options: set[str]) -> list[str]:
             out += argv[i:]
             break
         nxt = argv[i + 1] if i + 1 < len(argv) else None
-        if tok in options and nxt is not None and re.match(r"-[\d.]", nxt):
+        if (
+            tok in values
+            and nxt is not None
+            and nxt.startswith("-")
+            and nxt != "--"
+            and len(nxt) > 1
+            and nxt.split("=", 1)[0] not in every
+        ):
             out.append(f"{tok}={nxt}" if tok.startswith("--") else tok + nxt)
             i += 2
             continue
@@ -211,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(_attach_dash_values(argv, _value_options(parser)))
+    args = parser.parse_args(_attach_dash_values(argv, parser))
     subparser = parser._subparsers._group_actions[0].choices[args.command]
     return args.func(args, subparser)
 
