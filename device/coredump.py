@@ -397,7 +397,12 @@ class CoreDumper:
         busy = (
             cp.enabled
             and not cp.error
-            and (cp.waiting is not None or bool(cp.ib_stack) or cp.head != cp.tail)
+            and (
+                cp.waiting is not None
+                or cp.bulk is not None
+                or bool(cp.ib_stack)
+                or cp.head != cp.tail
+            )
         )
         if busy:
             self.dump(1, "HANG_RESET")

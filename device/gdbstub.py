@@ -225,7 +225,7 @@ def next_pc(gpu: Any) -> int:
     cp = gpu.cp
     if cp.error:
         return _error_addr(gpu)
-    if cp.waiting is None:
+    if cp.waiting is None and cp.bulk is None:  # else: the packet in progress
         for pc, end in reversed(cp.ib_stack):
             if pc < end:
                 return pc
@@ -241,6 +241,8 @@ def pc_in_ib(gpu: Any) -> bool:
         return bool(regs.CP_ERROR.field("IN_IB").ex(gpu.debug_read(regs.CP_ERROR.offset)))
     if cp.waiting is not None:
         return cp.waiting.in_ib
+    if cp.bulk is not None:
+        return cp.bulk.in_ib
     return any(pc < end for pc, end in cp.ib_stack)
 
 

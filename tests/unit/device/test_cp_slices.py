@@ -20,6 +20,8 @@ from gemu.device.abi import packets as pk
 from gemu.device.abi import regs
 from gemu.device.abi.enums import CpError, CpState, Irq, MmuFault, TransCfgMode
 from gemu.device.abi.regs import PAGE_SIZE
+from gemu.device.coredump import CoreDumper
+from gemu.device.gdbstub import next_pc, pc_in_ib
 from gemu.device.memory import InBandMemory
 from tests.support.device_rig import DATA, RING_BASE, Rig
 from tests.support.hostile import GiB4, alias_tables
@@ -202,3 +204,18 @@ def test_in_band_memory_gets_the_smaller_budget():
         rig.gpu.run(256)
     assert rig.gpu.cp_state() is CpState.IDLE
     assert rig.mem.read(ALIAS_PAGE, 8) == bytes([4, 3, 2, 1]) * 2
+
+
+def test_debugger_and_core_files_see_the_packet_in_progress(rig, tmp_path):
+    """While a sliced FILL runs, the gdb stub's pc is that packet (not RING_HEAD past it), and a
+    reset then is a recovered hang: the core dumper writes a HANG_RESET core, bounded."""
+    alias_as(rig)
+    rig.submit(pk.fill(ALIAS_VA, GiB4, 3))  # the last packet: RING_HEAD is at the tail
+    rig.gpu.run(256)
+    assert next_pc(rig.gpu) == RING_BASE and not pc_in_ib(rig.gpu)
+    dumper = CoreDumper(rig.gpu, tmp_path)
+    rig.gpu.reset_hook = dumper.before_reset
+    rig.w(regs.CONTROL, regs.CONTROL.field("SOFT_RESET").mask)
+    (core,) = dumper.written
+    assert "HANG_RESET" in core.name
+    assert core.stat().st_size < 16 * MIB
