@@ -179,3 +179,31 @@ def test_interactive_boot_reports_a_stopped_device(reap):
     assert child.exitstatus == 3, child.before
     assert lost_after < BOUND
     assert "Traceback" not in child.before
+
+
+def test_machine_api_reports_a_stopped_device_as_device_lost(reap):
+    """The Python API: with the device stopped, the next request raises DeviceLost (its
+    DeviceTimeout subclass) naming the register and the limit, ``device_lost()`` says the
+    same from then on, and shutdown does not wait for the stopped process."""
+    from gemu.device.abi import regs
+    from gemu.host.machine import DeviceLost, DeviceTimeout, Machine
+
+    m = Machine(ram_size=16 << 20, swap_size=0, device_timeout=0.5)
+    try:
+        assert m.probe_device() is None
+        reap(psutil.Process(m._proc.pid))
+        os.kill(m._proc.pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        with pytest.raises(DeviceLost) as info:
+            m.client.readl(regs.IRQ_STATUS.offset)
+        took = time.monotonic() - t0
+        assert isinstance(info.value, DeviceTimeout)
+        assert f"REG_READ {regs.IRQ_STATUS.offset:#x}" in str(info.value)
+        assert "within 0.5 s" in str(info.value)
+        assert 0.4 < took < 0.5 + SLACK
+        assert m.device_lost() == str(info.value)
+        assert m.probe_device() == str(info.value)  # no second wait once lost
+    finally:
+        t0 = time.monotonic()
+        m.shutdown()
+        assert time.monotonic() - t0 < 0.5 + SLACK
