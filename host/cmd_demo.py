@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 from gemu.host.cli import _log_level, _transport_spec, setup_logging
 
@@ -55,11 +56,21 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """Exit status as ``gemu run``'s: 0, 1 (a check failed), 2, 3 (device unreachable or
+    lost), 130 (Ctrl-C)."""
     from gemu.host import demo
 
     setup_logging(args.log or logging.CRITICAL + 1, "gemu")
-    if args.device_tour:
-        mib = (args.memory or 64 << 20) >> 20
-        return demo.main(memory_mib=mib, device=args.device)
-    ram = args.memory or 16 << 20
-    return demo.run_curated(ram_size=ram, swap_size=4 * ram, device=args.device or "spawn")
+    device = args.device or "spawn"
+    try:
+        if args.device_tour:
+            mib = (args.memory or 64 << 20) >> 20
+            return demo.main(memory_mib=mib, device=args.device)
+        ram = args.memory or 16 << 20
+        return demo.run_curated(ram_size=ram, swap_size=4 * ram, device=device)
+    except KeyboardInterrupt:
+        print("gemu demo: interrupted", file=sys.stderr)
+        return 130
+    except (ConnectionError, RuntimeError) as exc:  # DeviceGone, no ready line
+        print(f"gemu demo: device {device} unreachable or failing: {exc}", file=sys.stderr)
+        return 3

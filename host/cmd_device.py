@@ -102,6 +102,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     dev.set_defaults(func=cmd_device)
 
 
+EXIT_STOPPED, EXIT_USAGE = 0, 2
+"""``gemu device`` exits 0 when SIGINT or SIGTERM stopped it, 2 (argparse) for a bad command
+line, a transport or gdb address that cannot be opened, an unusable --coredump-dir."""
+
+
 def cmd_device(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from gemu.device import transport
     from gemu.device.gpu import Gpu
@@ -148,4 +153,4 @@ def cmd_device(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     finally:
         if args.gdb is not None:
             stub.close()
-    return 0
+    return EXIT_STOPPED

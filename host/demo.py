@@ -410,7 +410,8 @@ def run_curated(
 ) -> int:
     """Boot one machine, run the curated job scripts with progress, print a summary.
 
-    Returns 0 when every script passed and nothing unexpected happened, else 1."""
+    Returns 0 when every script passed and nothing unexpected happened, 3 when the device
+    was lost, else 1."""
     from gemu.guest import errors
     from gemu.host.machine import Machine, format_size
     from gemu.host.shell import DeviceLost, Shell
@@ -483,4 +484,6 @@ def run_curated(
     for p in s.problems():
         out(f"  FAIL: {p}")
     out(f"  wall time       {time.perf_counter() - t0:.2f} s")
+    if s.device_lost:
+        return 3  # as gemu run: the machine lost its device
     return 0 if s.ok and not failed else 1
