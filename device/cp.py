@@ -25,9 +25,11 @@ reads, resets and the debugger in between: one slice takes about a millisecond, 
 than one window runs in resumable slices: RING_HEAD is already past it, CP_PC stays on it, the
 CP is RUNNING, and the next ``run`` continues it. It first translates every access, a window at
 a time, keeping nothing but its position (so the guarantee above holds however large the
-packet, in memory that does not grow with it), then moves the data, translating each window
-again. If the guest changes and invalidates the page tables of a packet while it runs, that
-second translation may fault: the packet then stops with the windows before the fault done.
+packet, in memory that does not grow with it), then moves the data: over the physical runs
+the first pass found when a range has at most 64 of them (a buffer mapped in a few contiguous
+runs), else translating each window again. If the guest changes the page tables of such a
+fragmented range while the packet runs, that second translation may fault: the packet then
+stops with the windows before the fault done.
 A soft reset, clearing CP_CONTROL.ENABLE or an error drops the packet in progress. The
 debugger's single step executes one whole packet, whatever its size.
 
@@ -83,6 +85,7 @@ BUDGET = 4096  # work units per run(): pages translated + extents moved (see DOC
 BUDGET_IN_BAND = BUDGET // 16  # in-band memory: every extent is a DMA round trip
 _WINDOW = 1 << 20  # bytes translated and moved per step of a sliced packet
 _UNLIMITED = 1 << 62
+_SAVED_MAX = 64  # extents of a range kept from the translation pass for the data pass
 _PAGE = 1 << PAGE_SHIFT
 _ENABLE = regs.CP_CONTROL.field("ENABLE").mask
 _RESUME = regs.CP_CONTROL.field("RESUME").mask
@@ -154,6 +157,7 @@ class _Bulk:
         "pc",
         "pos",
         "ranges",
+        "saved",
         "size",
         "src",
     )
@@ -167,6 +171,7 @@ class _Bulk:
         self.dst = dst
         self.size = size
         self.ranges = ranges
+        self.saved: list[list | None] = [[] for _ in ranges]  # first-pass extents, while few
         self.pattern = pattern
         self.checking = 0
         self.pos = 0
@@ -768,28 +773,41 @@ class CommandProcessor:
     def _advance(self) -> bool:
         """Continue the sliced packet for at most the budget left; True once it completed.
 
-        First pass: every range is translated, one window at a time, and nothing is kept but
-        the position, so a fault leaves memory untouched. Second pass: the data moves, each
-        window translated again (the TLB serves it unless the tables were invalidated
-        meanwhile; a fault then stops the packet with the windows before it done).
+        First pass: every range is translated, one window at a time, keeping only the position
+        and, while a range has at most ``_SAVED_MAX`` physically contiguous runs, those runs;
+        a fault there leaves memory untouched. Second pass: the data moves, over the saved
+        runs, or else over each window translated again (the TLB serves it unless the tables
+        were changed meanwhile; a fault then stops the packet with the windows before it done).
         """
         b = self.bulk
         self._cur_pc, self._cur_op, self._cur_in_ib = b.pc, b.op, b.in_ib
         flags = b.flags
         extents = self._extents
         while b.checking is not None:
-            if b.checking == len(b.ranges):
+            ri = b.checking
+            if ri == len(b.ranges):
                 b.checking, b.pos = None, 0
                 break
-            addr, size, access = b.ranges[b.checking]
+            addr, size, access = b.ranges[ri]
             while b.pos < size:
                 if self._budget <= 0:
                     return False
                 va = addr + b.pos
                 n = min(_WINDOW - (va & (_WINDOW - 1)), size - b.pos)
-                self._budget -= (n >> PAGE_SHIFT) + len(extents(va, n, flags, access)) + 1
+                ext = extents(va, n, flags, access)
+                self._budget -= (n >> PAGE_SHIFT) + len(ext) + 1
+                saved = b.saved[ri]
+                if saved is not None:
+                    for pa, k in ext:
+                        if saved and saved[-1][0] + saved[-1][1] == pa:
+                            saved[-1] = (saved[-1][0], saved[-1][1] + k)
+                        elif len(saved) < _SAVED_MAX:
+                            saved.append((pa, k))
+                        else:
+                            b.saved[ri] = None  # too fragmented: translate again later
+                            break
                 b.pos += n
-            b.checking, b.pos = b.checking + 1, 0
+            b.checking, b.pos = ri + 1, 0
         op = b.op
         while b.pos < b.size:
             if self._budget <= 0:
@@ -798,19 +816,19 @@ class CommandProcessor:
             anchor = (b.dst if op == Opcode.FILL else b.src) + pos
             n = min(_WINDOW - (anchor & (_WINDOW - 1)), b.size - pos)
             if op == Opcode.COPY:
-                sext = extents(b.src + pos, n, flags, AccessType.READ)
-                dext = extents(b.dst + pos, n, flags, AccessType.WRITE)
+                sext = self._window(b, 0, pos, n)
+                dext = self._window(b, 1, pos, n)
                 self._copy_extents(sext, dext, n)
-                cost = 2 * (n >> PAGE_SHIFT) + len(sext) + len(dext)
+                cost = len(sext) + len(dext)
             elif op == Opcode.FILL:
-                ext = extents(b.dst + pos, n, flags, AccessType.WRITE)
+                ext = self._window(b, 0, pos, n)
                 self._fill_extents(ext, b.pattern, pos)
-                cost = (n >> PAGE_SHIFT) + len(ext)
+                cost = len(ext)
             else:
-                ext = extents(b.src + pos, n, flags, AccessType.READ)
+                ext = self._window(b, 0, pos, n)
                 b.crc = self._crc_extents(ext, b.crc)
-                cost = (n >> PAGE_SHIFT) + len(ext)
-            self._budget -= cost + 1
+                cost = len(ext)
+            self._budget -= cost + (n >> PAGE_SHIFT) + 1
             b.pos = pos + n
         self.bulk = None
         if op == Opcode.COPY:
@@ -822,6 +840,27 @@ class CommandProcessor:
             dext = extents(b.dst, 4, flags, AccessType.WRITE)
             self._crc_done(flags, b.src, b.dst, b.size, dext, b.crc)
         return True
+
+    def _window(self, b: _Bulk, ri: int, pos: int, n: int) -> list:
+        """The physical extents of ``[pos, pos + n)`` of range ``ri`` of the sliced packet:
+        cut from the runs the first pass saved, or translated again (charged to the budget)."""
+        saved = b.saved[ri]
+        addr, _size, access = b.ranges[ri]
+        if saved is None:
+            ext = self._extents(addr + pos, n, b.flags, access)
+            self._budget -= n >> PAGE_SHIFT
+            return ext
+        out = []
+        off = 0
+        end = pos + n
+        for pa, k in saved:
+            if off + k > pos:
+                lo, hi = max(pos, off), min(end, off + k)
+                out.append((pa + lo - off, hi - lo))
+                if off + k >= end:
+                    break
+            off += k
+        return out
 
     def _atomic(self, flags, buf, off, length) -> None:
         alo, ahi, vlo, vhi = self._fast[Opcode.ATOMIC].unpack_from(buf, off)
