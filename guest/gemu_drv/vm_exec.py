@@ -1,0 +1,145 @@
+"""DOC: exec on a VM: the drm_gpuvm validation sequence of the VM_BIND flavour.
+
+A job names a VM, not a BO list. Its submit locks what the VM maps, brings back what reclaim
+took, and publishes its fence on all of it, in this order (docs/gpuvm.md explains each step)::
+
+    1. drm_sched_job_init                   on the VM's exec entity; deps: the in-fences
+    2. drm_gpuvm_exec_lock                  the VM's resv (every private BO with it), then
+         drm_gpuvm_prepare_vm               every external BO; evicted extobjs join the
+         drm_gpuvm_prepare_objects          VM's evict list here (RESV_PROTECTED)
+    3. drm_gpuvm_validate                   vm_bo_validate() per evicted vm_bo of this VM:
+                                            swap in, rewrite the PTEs of its evicted
+                                            mappings (tables preallocated outside op_lock),
+                                            TLB flush, drm_gpuvm_bo_evict(vm_bo, false)
+    4. under the VM's submit lock:
+         drm_sched_job_arm                  point of no return
+         drm_gpuvm_resv_add_fence           BOOKKEEP on the VM's resv (private BOs) and on
+                                            every external BO
+         drm_sched_entity_push_job
+    5. drm_gpuvm_exec_unlock                drm_exec_fini
+    6. panthor_vm_active                    the VM's private BOs are reclaimed last
+
+    job, fence = submit(file, vm, cmd_va, cmd_dwords, in_fences)
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from gemu.guest.dma_buf import dma_fence, dma_resv
+from gemu.guest.dma_buf.dma_fence import DmaFence
+from gemu.guest.dma_buf.dma_resv import DmaResvUsage
+from gemu.guest.drm import drm_exec, drm_gpuvm, gem_shmem
+from gemu.guest.drm import sched as drm_sched
+from gemu.guest.drm.drm_gpuvm import DrmGpuvmExec
+from gemu.guest.errors import Einval
+from gemu.guest.gemu_drv import vm_shrinker
+from gemu.guest.gemu_drv.job import GemuJob
+from gemu.guest.gemu_drv.vm import PAGE_SHIFT
+from gemu.guest.locking import lockdep
+
+if TYPE_CHECKING:
+    from gemu.guest.gemu_drv.vm_bind import GemuVm, VmBindFile
+
+__all__ = ["submit", "vm_bo_validate"]
+
+
+def _first_evicted(vm_bo):
+    for va in vm_bo.gpuva:
+        if va.evicted:
+            return va
+    return None
+
+
+def vm_bo_validate(vm_bo, ex) -> None:
+    """Bring one evicted BO back into one VM.
+
+    Kernel: panthor_vm_bo_validate(): panthor_gem_swapin_locked(), then
+    panthor_vm_restore_vmas() (per evicted mapping: select it under ``op_lock``, preallocate
+    its page tables *without* ``op_lock`` because the bind job takes ``op_lock`` in the
+    signalling path, retake it, check the mapping is still there and still evicted, write
+    its PTEs, clear ``evicted``), then drm_gpuvm_bo_evict(vm_bo, false) and the reclaim state
+    under the gpuva lock.
+    Locking: the BO's resv (held by drm_gpuvm_exec_lock).
+    """
+    from gemu.guest.gemu_drv.vm_bind import pt_map_reserved
+
+    obj = vm_bo.obj
+    vm: GemuVm = vm_bo.vm
+    dma_resv.assert_held(obj.resv)
+    if obj.madv < 0:
+        raise Einval(msg=f"{obj!r} was purged: it cannot be mapped again")
+    gem_shmem.swapin_locked(obj)
+    g = drm_gpuvm.gem_gpuva(obj)
+    for _ in range(len(vm_bo.gpuva) + 1):  # each pass restores one mapping or ends
+        with vm.op_lock, g.lock:
+            va = _first_evicted(vm_bo)
+            if va is None:
+                break
+            addr, npages = va.va.addr, va.va.range >> PAGE_SHIFT
+        reserve = vm.pt._prealloc_tables(addr, npages)
+        try:
+            with vm.op_lock, g.lock:
+                if va in vm_bo.gpuva and va.evicted:  # not unmapped meanwhile
+                    first = va.gem.offset >> PAGE_SHIFT
+                    pas = [pfn << PAGE_SHIFT for pfn in obj.pages[first : first + npages]]
+                    pt_map_reserved(vm.pt, addr, pas, va.prot, reserve)
+                    va.evicted = False
+        finally:
+            vm.pt._return_tables(reserve)
+    drm_gpuvm.bo_evict(vm_bo, False)
+    with g.lock:
+        vm_shrinker.update_reclaim_state_locked(vm.drv.reclaim, obj)
+
+
+def submit(
+    file: VmBindFile, vm: GemuVm, cmd_va: int, cmd_dwords: int, deps: list[DmaFence]
+) -> tuple[GemuJob, DmaFence]:
+    """Validate everything ``vm`` maps and push one job on it; returns the job and its
+    finished fence with a reference the caller owns.
+
+    Kernel: panthor_ioctl_group_submit() (panthor_vm_prepare_mapped_bos_resvs =
+    drm_gpuvm_prepare_vm + drm_gpuvm_prepare_objects + drm_gpuvm_validate, then
+    panthor_submit_ctx_add_deps_and_arm_jobs, panthor_submit_ctx_push_jobs with
+    panthor_vm_update_resvs = drm_gpuvm_resv_add_fence); xe_exec_ioctl() has the same order.
+    Both usages are BOOKKEEP, as Xe passes them (explicit sync: jobs order through fences, and
+    reclaim's idle test looks at every usage).
+
+    On failure before arm nothing was published and the job is cleaned up.
+    """
+    drv = file.drv.gpu_drv
+    job = GemuJob(file, [], cmd_va, cmd_dwords, None)
+    job.vm = vm.pt
+    with file.inflight_lock:
+        file.inflight += 1
+    try:
+        drm_sched.job_init(job, vm.exec_entity, 1, owner=file)
+    except BaseException:
+        drv.release_job_resources(job)
+        raise
+    armed = False
+    try:
+        for fence in deps:
+            drm_sched.job_add_dependency(job, dma_fence.get(fence))
+        with DrmGpuvmExec(vm, drm_exec.DRM_EXEC_INTERRUPTIBLE_WAIT, num_fences=1) as vm_exec:
+            drm_gpuvm.exec_lock(vm_exec)
+            drm_gpuvm.exec_validate(vm_exec)
+            with vm.submit_lock:
+                drm_sched.job_arm(job)
+                armed = True
+                job.fence = dma_fence.get(job.s_fence.finished)
+                section = lockdep.dma_fence_begin_signalling()
+                try:
+                    drm_gpuvm.exec_resv_add_fence(
+                        vm_exec, job.fence, DmaResvUsage.BOOKKEEP, DmaResvUsage.BOOKKEEP
+                    )
+                    drm_sched.entity_push_job(job)
+                finally:
+                    lockdep.dma_fence_end_signalling(section)
+    except BaseException:
+        if not armed:
+            drv.release_job_resources(job)
+            drm_sched.job_cleanup(job)
+        raise
+    vm_shrinker.vm_active(vm)
+    return job, job.fence
