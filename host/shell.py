@@ -22,6 +22,7 @@ import contextlib
 import errno as errno_mod
 import inspect
 import logging
+import math
 import operator
 import random
 import threading
@@ -208,8 +209,27 @@ class Summary:
         return out
 
 
-def _num(text: str) -> int:
-    """An integer: decimal, 0x hex, or a size with a K/M/G suffix."""
+U32_MAX = 0xFFFF_FFFF
+U64_MAX = (1 << 64) - 1
+GPU_VA_LIMIT = 1 << 48
+"""The GPU's virtual address space (48-bit VA): no address beyond it can be used."""
+MAX_BO_SIZE = 1 << 32
+"""The largest BO the shell creates: 4 GiB, the reach of panfrost's 32-bit
+``drm_panfrost_create_bo.size`` (gemu's shmem files keep a word per page, so the bound also
+keeps a typo from costing the host gigabytes; beyond the guest's RAM the kernel says ENOMEM)."""
+READ_MAX = 4096
+"""Most bytes ``read`` dumps at once."""
+MAX_SECONDS = 3600.0
+"""The longest ``wait ... timeout`` (and ``job-timeout``) the shell takes."""
+MAX_EVENTS = 10_000
+"""Events kept for ``events show`` (the most recent)."""
+
+
+def _hex_or_dec(n: int | float) -> str:
+    return f"{n:#x}" if isinstance(n, int) and abs(n) > 0xFFFF else f"{n:g}"
+
+
+def _parse_int(text: str, what: str) -> int:
     try:
         return int(text, 0)
     except ValueError:
@@ -217,20 +237,47 @@ def _num(text: str) -> int:
     try:
         return parse_size(text, default_unit="")
     except (ValueError, KeyError):
-        raise ShellError(f"{text!r} is not a number") from None
+        raise ShellError(
+            f"{what} {text!r} is not a number (decimal, 0x hex, or with a K/M/G/T suffix)",
+            errno_mod.EINVAL,
+        ) from None
 
 
-def _size(text: str) -> int:
-    try:
-        n = parse_size(text, default_unit="")
-    except (ValueError, KeyError):
-        try:
-            n = int(text, 0)
-        except ValueError:
-            raise ShellError(f"invalid size {text!r} (e.g. 4096, 64K, 1M)") from None
-    if n <= 0:
-        raise ShellError(f"invalid size {text!r}: must be above 0")
+def number(text: str, what: str, lo: int, hi: int) -> int:
+    """The one place the shell reads an integer argument: decimal, ``0x`` hex, or a size with
+    a K/M/G/T suffix, within ``lo..hi`` (inclusive). ``what`` names the command and the
+    argument (``"fill: VALUE"``); anything else is a :class:`ShellError` (EINVAL) naming
+    them and the range, never a truncated or clamped value."""
+    n = _parse_int(text, what)
+    if not lo <= n <= hi:
+        raise ShellError(
+            f"{what} {text} is out of range ({_hex_or_dec(lo)} to {_hex_or_dec(hi)})",
+            errno_mod.EINVAL,
+        )
     return n
+
+
+def size(text: str, what: str, hi: int) -> int:
+    """A size in bytes (``64K``, ``4M``, ``4096``) from 1 byte to ``hi``; see
+    :func:`number`."""
+    n = _parse_int(text, what)
+    if not 1 <= n <= hi:
+        raise ShellError(
+            f"{what} {text} is out of range (1 byte to {format_size(hi)})", errno_mod.EINVAL
+        )
+    return n
+
+
+def seconds(text: str, what: str, lo: float, hi: float) -> float:
+    """A time (decimal, fractions allowed) within ``lo..hi``; nan and inf are out of
+    range; see :func:`number`."""
+    try:
+        t = float(text)
+    except ValueError:
+        raise ShellError(f"{what} {text!r} is not a number", errno_mod.EINVAL) from None
+    if not (math.isfinite(t) and lo <= t <= hi):
+        raise ShellError(f"{what} {text} is out of range ({lo:g} to {hi:g})", errno_mod.EINVAL)
+    return t
 
 
 def _errno_name(e: int) -> str:
@@ -355,8 +402,9 @@ class Shell:
             raise ShellError(f"{argv[0]}: device unreachable: {exc}", errno_mod.ENODEV) from None
         except SigBus as exc:  # CPU access to a purged BO
             raise ShellError(f"{argv[0]}: SIGBUS: {exc}", errno_mod.EFAULT) from None
-        except Exception as exc:
-            raise ShellError(f"{argv[0]}: {type(exc).__name__}: {exc}") from None
+        except Exception as exc:  # a shell bug, not a user's mistake: say so, keep going
+            log.debug("%s failed", argv[0], exc_info=True)
+            raise ShellError(f"{argv[0]}: internal error: {type(exc).__name__}: {exc}") from None
         if st.target is not None and result is None:
             raise ShellError(f"{argv[0]}: gave no result to bind to {st.target}")
 
@@ -531,13 +579,11 @@ class Shell:
             raise ShellError(f"no BO named {base!r}" + self._known("BO", self.bos))
         return bo
 
-    def _bo_off(self, text: str) -> tuple[BoVar, int]:
+    def _bo_off(self, text: str, what: str) -> tuple[BoVar, int]:
+        """``BO[+OFFSET]``: the BO and the offset of a 32-bit word in it."""
         base, _, off = text.partition("+")
         bo = self._bo(base)
-        offset = _num(off) if off else 0
-        if not 0 <= offset <= bo.size - 4:
-            raise ShellError(f"offset {offset} outside {bo.name} ({bo.size} bytes)")
-        return bo, offset
+        return bo, number(off, f"{what}: OFFSET", 0, bo.size - 4) if off else 0
 
     def _fence(self, name: str) -> FenceVar:
         f = self.fences.get(name)
@@ -554,12 +600,12 @@ class Shell:
 
     # -- BOs ---------------------------------------------------------------------------------
     @command("bo", 1, 2, "[NAME =] bo SIZE [nomap]", binds=True)
-    def cmd_bo(self, st: Statement, size: str, flag: str = "") -> BoVar:
+    def cmd_bo(self, st: Statement, size_text: str, flag: str = "") -> BoVar:
         """Create a BO of SIZE bytes (K/M/G suffixes) and map it into the GPU VM
         (``nomap``: leave it unbound). Its pages come from guest RAM at once."""
         if flag not in ("", "nomap"):
             raise ShellError(f"bo: unknown flag {flag!r} (only 'nomap')")
-        n = _size(size)
+        n = size(size_text, "bo: SIZE", MAX_BO_SIZE)
         h = self.file.create_bo(n, name=st.target)
         name = self._new_name(st, "bo", h)
         if name in self.bos:
@@ -589,7 +635,8 @@ class Shell:
     def cmd_map(self, st: Statement, name: str, va: str = "") -> None:
         """Bind a BO into the GPU VM (at VA if given); jobs map its pages when they run."""
         bo = self._bo(name)
-        bo.va = self.file.vm_bind(bo.handle, _num(va) if va else None)
+        addr = number(va, "map: VA", 0, GPU_VA_LIMIT - 1) if va else None
+        bo.va = self.file.vm_bind(bo.handle, addr)
         self.say(f"{bo.name}: GPU VA {bo.va:#x}")
 
     @command("unmap", 1, 1, "unmap BO")
@@ -628,11 +675,12 @@ class Shell:
         if value == "random":
             if not seed:
                 raise ShellError("fill: random needs a SEED")
-            data = random.Random(_num(seed)).randbytes(bo.size)
+            data = random.Random(number(seed, "fill: SEED", 0, U64_MAX)).randbytes(bo.size)
         elif seed:
             raise ShellError(f"fill: unexpected {seed!r} after the value")
         else:
-            data = (_num(value) & 0xFFFFFFFF).to_bytes(4, "little") * (bo.size // 4)
+            word = number(value, "fill: VALUE", 0, U32_MAX)
+            data = word.to_bytes(4, "little") * (bo.size // 4)
         self.file.write(bo.handle, 0, data)
         bo.expected = zlib.crc32(data)
 
@@ -644,21 +692,26 @@ class Shell:
             data = bytes.fromhex(hexbytes)
         except ValueError:
             raise ShellError(f"write: {hexbytes!r} is not hex bytes") from None
-        self.file.write(bo.handle, _num(offset), data)
+        if len(data) > bo.size:
+            raise ShellError(f"write: {len(data)} bytes do not fit in {bo.name} ({bo.size} bytes)")
+        self.file.write(bo.handle, number(offset, "write: OFFSET", 0, bo.size - len(data)), data)
         bo.expected = zlib.crc32(self.file.read(bo.handle, 0, bo.size))
 
     @command("poke", 2, 2, "poke BO[+OFFSET] VALUE")
     def cmd_poke(self, st: Statement, where: str, value: str) -> None:
         """Store a 32-bit VALUE through the CPU mapping (e.g. release a waitmem job)."""
-        bo, off = self._bo_off(where)
-        self.file.write(bo.handle, off, (_num(value) & 0xFFFFFFFF).to_bytes(4, "little"))
+        bo, off = self._bo_off(where, "poke")
+        word = number(value, "poke: VALUE", 0, U32_MAX)
+        self.file.write(bo.handle, off, word.to_bytes(4, "little"))
         bo.expected = None
 
     @command("read", 1, 3, "read BO [OFFSET [LENGTH]]")
-    def cmd_read(self, st: Statement, name: str, offset: str = "0", length: str = "64") -> None:
+    def cmd_read(self, st: Statement, name: str, offset: str = "0", length: str = "") -> None:
         """Hex dump of a BO read through its CPU mapping (swapped in if evicted)."""
         bo = self._bo(name)
-        off, n = _num(offset), min(_num(length), 4096)
+        off = number(offset, "read: OFFSET", 0, bo.size - 1)
+        length = length or str(min(64, bo.size - off))
+        n = number(length, "read: LENGTH", 1, min(READ_MAX, bo.size - off))
         data = self.file.read(bo.handle, off, n)
         for i in range(0, len(data), 16):
             chunk = data[i : i + 16]
@@ -752,7 +805,7 @@ class Shell:
             )
         if kind == "fill":
             need(2, "DST VALUE")
-            dst, value = self._bo(args[0]), _num(args[1]) & 0xFFFFFFFF
+            dst, value = self._bo(args[0]), number(args[1], "submit fill: VALUE", 0, U32_MAX)
             cmd = pk.fill(self._va(dst), dst.size, value)
             return (
                 cmd,
@@ -771,13 +824,14 @@ class Shell:
             return cmd, bos, [(dst, None)], f"crc32 of {src.name} into {dst.name}", src.size
         if kind == "atomic":
             need(2, "DST[+OFF] ADD")
-            dst, off = self._bo_off(args[0])
-            cmd = pk.atomic_add(self._va(dst) + off, _num(args[1]))
+            dst, off = self._bo_off(args[0], "submit atomic")
+            add = number(args[1], "submit atomic: ADD", 0, U64_MAX)
+            cmd = pk.atomic_add(self._va(dst) + off, add)
             return cmd, [(dst.handle, WRITE)], [(dst, None)], f"atomic add to {args[0]}", 8
         if kind == "waitmem":
             need(2, "BO[+OFF] VALUE")
-            bo, off = self._bo_off(args[0])
-            value = _num(args[1]) & 0xFFFFFFFF
+            bo, off = self._bo_off(args[0], "submit waitmem")
+            value = number(args[1], "submit waitmem: VALUE", 0, U32_MAX)
             cmd = pk.wait_mem(self._va(bo) + off, value, function=WaitFunc.EQ)
             return cmd, [(bo.handle, READ)], [], f"wait until {args[0]} == {value:#x}", 0
         if kind == "fault":
@@ -849,7 +903,7 @@ class Shell:
             i = names.index("timeout")
             if i + 2 != len(names):
                 raise ShellError("wait: 'timeout' takes one value, at the end")
-            timeout = float(names[i + 1])
+            timeout = seconds(names[i + 1], "wait: SECONDS", 0, MAX_SECONDS)
             names = names[:i]
         for name in names:
             fv = self._fence(name)
@@ -863,19 +917,17 @@ class Shell:
     @command("job-timeout", 1, 1, "job-timeout MILLISECONDS")
     def cmd_job_timeout(self, st: Statement, ms: str) -> None:
         """Set the scheduler's job timeout (a job running longer is a hang: GPU reset)."""
-        ns = int(float(ms) * 1_000_000)
-        if ns <= 0:
-            raise ShellError("job-timeout: must be above 0")
+        ns = int(seconds(ms, "job-timeout: MILLISECONDS", 0.001, MAX_SECONDS * 1000) * 1e6)
         self.m.driver.timeout_ns = ns
         self.m.driver.sched.timeout = ns
         self.say(f"job timeout {ns // 1_000_000} ms")
 
     # -- memory ------------------------------------------------------------------------------
     @command("pressure", 1, 1, "pressure SIZE")
-    def cmd_pressure(self, st: Statement, size: str) -> None:
+    def cmd_pressure(self, st: Statement, amount: str) -> None:
         """Run direct reclaim for SIZE bytes, as an allocation under memory pressure would:
         the shrinker purges DONTNEED BOs, then evicts idle BOs to swap."""
-        pages = max(1, _size(size) // 4096)
+        pages = max(1, size(amount, "pressure: SIZE", GPU_VA_LIMIT) // 4096)
         self._reclaim(lambda: self.m.reclaim(pages))
 
     @command("drop-caches", 0, 0, "drop-caches")
@@ -1067,7 +1119,8 @@ class Shell:
         elif what == "clear":
             self.events.clear()
         elif what == "show":
-            evs = list(self.events)[-_num(n) :]
+            count = number(n, "events: N", 0, MAX_EVENTS)
+            evs = list(self.events)[-count:] if count else []
             t0 = evs[0].ts_ns if evs else 0
             names = self._object_names()
             for e in evs:
@@ -1155,15 +1208,19 @@ class Shell:
             raise ShellError("expect crc: usage: expect crc BO == VALUE|BO2")
         bo = self._bo(args[0])
         got = self._gpu_crc(bo)
-        want = self._gpu_crc(self._bo(args[2])) if args[2] in self.bos else _num(args[2])
+        if args[2] in self.bos:
+            want = self._gpu_crc(self._bo(args[2]))
+        else:
+            want = number(args[2], "expect crc: VALUE", 0, U32_MAX)
         self._cmp(f"crc {bo.name}", got, args[1], want)
 
     def _expect_value(self, *args: str) -> None:
         if len(args) != 3:
             raise ShellError("expect value: usage: expect value BO[+OFF] OP VALUE")
-        bo, off = self._bo_off(args[0])
+        bo, off = self._bo_off(args[0], "expect value")
+        want = number(args[2], "expect value: VALUE", 0, U32_MAX)
         got = int.from_bytes(self.file.read(bo.handle, off, 4), "little")
-        self._cmp(f"value {args[0]}", got, args[1], _num(args[2]) & 0xFFFFFFFF)
+        self._cmp(f"value {args[0]}", got, args[1], want)
 
     def _last_fence(self) -> FenceVar:
         """The current program's (main or task block's) latest job."""
@@ -1260,7 +1317,8 @@ class Shell:
     def _expect_stat(self, *args: str) -> None:
         if len(args) != 3:
             raise ShellError("expect stat: usage: expect stat NAME OP VALUE")
-        self._cmp(f"stat {args[0]}", self._stat(args[0]), args[1], _num(args[2]))
+        want = number(args[2], "expect stat: VALUE", 0, U64_MAX)
+        self._cmp(f"stat {args[0]}", self._stat(args[0]), args[1], want)
 
     def _expect_event(self, *args: str) -> None:
         if len(args) not in (1, 3):
@@ -1269,14 +1327,17 @@ class Shell:
             raise ShellError("expect event: no events recorded (use 'events on' first)")
         cat, _, name = args[0].partition(".")
         n = sum(1 for e in self.events if e.category == cat and (not name or e.name == name))
-        op, want = (args[1], _num(args[2])) if len(args) == 3 else (">", 0)
+        if len(args) == 3:
+            op, want = args[1], number(args[2], "expect event: COUNT", 0, U64_MAX)
+        else:
+            op, want = ">", 0
         self._cmp(f"event {args[0]} count", n, op, want)
 
     def _expect_lockdep(self, *args: str) -> None:
         if len(args) != 1:
             raise ShellError("expect lockdep: usage: expect lockdep N")
         n = len(lockdep.reports()) - self._lockdep_base
-        self._cmp("lockdep reports", n, "==", _num(args[0]))
+        self._cmp("lockdep reports", n, "==", number(args[0], "expect lockdep: N", 0, U32_MAX))
         self.expected_lockdep = n
 
     def _expect_lost(self, *args: str) -> None:
