@@ -69,19 +69,6 @@ _OPS = {
 }
 
 
-def _first_sentence(text: str) -> str:
-    """The text up to the first ". " or ": " outside parentheses (help's one-line summary)."""
-    depth = 0
-    for i, ch in enumerate(text):
-        if ch == "(":
-            depth += 1
-        elif ch == ")":
-            depth = max(0, depth - 1)
-        elif ch in ".:" and depth == 0 and (i + 1 == len(text) or text[i + 1] == " "):
-            return text[:i]
-    return text.rstrip(".")
-
-
 class ShellError(Exception):
     """A command failed; ``errno`` is set when the guest kernel returned one."""
 
@@ -288,17 +275,87 @@ def _pattern_crc(value: int, size: int) -> int:
     return zlib.crc32(value.to_bytes(4, "little") * (size // 4))
 
 
-# The command table: name -> (method name, Arity, one-line help). Filled by @command.
-_TABLE: dict[str, tuple[str, Arity, str]] = {}
+INFO_VIEWS: dict[str, str] = {
+    "objects": "BOs with their counters, state and GPU VA",
+    "shrinker": "the shrinker's LRUs and counters",
+    "swap": "swap use and I/O counters",
+    "mem": "the page allocator: free pages, watermarks, reclaim",
+    "mmu": "GPU address spaces and the BOs' mappings",
+    "ring": "the command ring and the GPU's counters",
+    "fences": "the jobs' fences and their state",
+    "lockdep": "lockdep reports",
+    "tasks": "the script's task blocks and their state",
+    "stats": "every counter as NAME = VALUE (for expect stat)",
+}
+"""``info VIEW``: the views (each one ``_info_VIEW`` method) and what they show."""
+
+JOB_KINDS: dict[str, tuple[str, str]] = {
+    "nop": ("", "a NOP packet"),
+    "copy": ("SRC DST", "COPY min(size) bytes; DST then holds what SRC holds"),
+    "fill": ("DST VALUE", "FILL the whole BO with a 32-bit VALUE"),
+    "crc": ("SRC DST", "CRC32 of all of SRC into the first word of DST"),
+    "atomic": ("DST[+OFF] ADD", "a 64-bit ATOMIC add"),
+    "waitmem": ("BO[+OFF] VALUE", "WAIT_MEM until the word equals VALUE (poke it)"),
+    "fault": ("", "FILL at an unmapped GPU VA: the job fails with EFAULT (MMU fault)"),
+    "hang": ("", "WAIT_MEM nobody releases: the job timeout resets the GPU (ETIMEDOUT)"),
+}
+"""``submit KIND ARGS``: the job kinds, their arguments and what the job does."""
+
+EXPECT_FORMS: dict[str, tuple[str, str]] = {
+    "crc": ("BO OP VALUE|BO2", "the GPU's CRC32 of the whole BO compares so"),
+    "value": ("BO[+OFF] OP VALUE", "the 32-bit word the CPU reads compares so"),
+    "fence": ("F signaled|pending|failed [ERRNO]", "the job's fence is in that state"),
+    "fault": ("[F]", "job F (default: the last) failed with a GPU MMU fault"),
+    "error": ("ERRNO", "the previous line failed with ERRNO (e.g. ENOMEM)"),
+    "state": ("BO resident|evicted|purged|pinned", "the BO's shmem state"),
+    "stat": ("NAME OP VALUE", "a counter of info stats compares so"),
+    "event": ("CATEGORY.NAME [OP COUNT]", "tracepoints recorded after events on"),
+    "lockdep": ("N", "exactly N lockdep reports so far (they are then expected)"),
+    "lost": ("BO...", "those BOs' contents may be gone (verify accepts it)"),
+}
+"""``expect WHAT ARGS``: the checks (each one ``_expect_WHAT`` method); OP is one of
+``== != < <= > >=``."""
 
 
-def command(name: str, min_args: int, max_args: int | None, usage: str, *, binds: bool = False):
+@dataclass(frozen=True)
+class CommandSpec:
+    """One row of the command table: the method, its arity and usage, and a one-line
+    summary (plain text, a whole sentence) that ``help`` lists."""
+
+    method: str
+    arity: Arity
+    summary: str
+
+
+_TABLE: dict[str, CommandSpec] = {}
+"""The command table: every shell command, filled by :func:`command`. The parser's arity
+checks, ``help`` and the command dispatch all read it."""
+
+
+def command(
+    name: str,
+    min_args: int,
+    max_args: int | None,
+    usage: str,
+    summary: str,
+    *,
+    binds: bool = False,
+):
     def deco(fn):
-        _TABLE[name] = (fn.__name__, Arity(min_args, max_args, usage, binds), "")
+        _TABLE[name] = CommandSpec(fn.__name__, Arity(min_args, max_args, usage, binds), summary)
         fn._help = inspect.cleandoc(fn.__doc__ or "")
         return fn
 
     return deco
+
+
+def _plain(text: str) -> str:
+    """Docstring text for the console: without rST's inline-literal backticks."""
+    return text.replace("``", "").replace("`", "")
+
+
+def _known(table) -> str:
+    return ", ".join(table)
 
 
 class Shell:
@@ -390,8 +447,7 @@ class Shell:
             argv = [expand(w, self.values) for w in st.argv]
         except KeyError as exc:
             raise ShellError(f"${exc.args[0]} is not set (set {exc.args[0]} VALUE)") from None
-        method, _arity, _ = _TABLE[argv[0]]
-        fn = getattr(self, method)
+        fn = getattr(self, _TABLE[argv[0]].method)
         try:
             result = fn(st, *argv[1:])
         except (ShellError, PowerOff, DeviceLost):
@@ -599,7 +655,14 @@ class Shell:
         return st.target or f"{prefix}{n}"
 
     # -- BOs ---------------------------------------------------------------------------------
-    @command("bo", 1, 2, "[NAME =] bo SIZE [nomap]", binds=True)
+    @command(
+        "bo",
+        1,
+        2,
+        "[NAME =] bo SIZE [nomap]",
+        "Create a BO of SIZE bytes and bind it into the GPU VM (nomap: leave it unbound).",
+        binds=True,
+    )
     def cmd_bo(self, st: Statement, size_text: str, flag: str = "") -> BoVar:
         """Create a BO of SIZE bytes (K/M/G suffixes) and map it into the GPU VM
         (``nomap``: leave it unbound). Its pages come from guest RAM at once."""
@@ -617,7 +680,13 @@ class Shell:
         self.say(f"{name}: handle {h}, {format_size(bo.size)}, {where}")
         return bo
 
-    @command("close", 1, None, "close BO|FENCE...")
+    @command(
+        "close",
+        1,
+        None,
+        "close BO|FENCE...",
+        "Close BO handles and job fences (their jobs run on and still count).",
+    )
     def cmd_close(self, st: Statement, *names: str) -> None:
         """Close BO handles and job fences (a BO a job still uses lives until the job is
         done; a closed fence's job runs on and still counts at power-off)."""
@@ -631,7 +700,7 @@ class Shell:
             self.file.close_bo(bo.handle)
             del self.bos[bo.name]
 
-    @command("map", 1, 2, "map BO [VA]")
+    @command("map", 1, 2, "map BO [VA]", "Bind a BO into the GPU VM, at VA if given.")
     def cmd_map(self, st: Statement, name: str, va: str = "") -> None:
         """Bind a BO into the GPU VM (at VA if given); jobs map its pages when they run."""
         bo = self._bo(name)
@@ -639,24 +708,30 @@ class Shell:
         bo.va = self.file.vm_bind(bo.handle, addr)
         self.say(f"{bo.name}: GPU VA {bo.va:#x}")
 
-    @command("unmap", 1, 1, "unmap BO")
+    @command("unmap", 1, 1, "unmap BO", "Unbind an idle BO from the GPU VM.")
     def cmd_unmap(self, st: Statement, name: str) -> None:
         """Unbind a BO from the GPU VM (it must be idle)."""
         bo = self._bo(name)
         self.file.vm_unbind(bo.handle)
         bo.va = None
 
-    @command("pin", 1, 1, "pin BO")
+    @command("pin", 1, 1, "pin BO", "Pin a BO's pages: never evicted or purged until unpinned.")
     def cmd_pin(self, st: Statement, name: str) -> None:
         """Pin a BO's pages: never evicted or purged until unpinned."""
         self.file.pin(self._bo(name).handle)
 
-    @command("unpin", 1, 1, "unpin BO")
+    @command("unpin", 1, 1, "unpin BO", "Drop a pin.")
     def cmd_unpin(self, st: Statement, name: str) -> None:
         """Drop a pin."""
         self.file.unpin(self._bo(name).handle)
 
-    @command("madvise", 2, 2, "madvise BO dontneed|willneed")
+    @command(
+        "madvise",
+        2,
+        2,
+        "madvise BO dontneed|willneed",
+        "Say whether a BO's contents are needed; DONTNEED BOs are purged first.",
+    )
     def cmd_madvise(self, st: Statement, name: str, advice: str) -> None:
         """Tell the kernel whether a BO's contents are needed; DONTNEED BOs are purged first
         under memory pressure, and a purged BO is rejected by submits."""
@@ -667,7 +742,13 @@ class Shell:
         bo.dontneed = advice == "dontneed" or not retained
         self.say(f"{bo.name}: {'retained' if retained else 'purged'}")
 
-    @command("fill", 2, 3, "fill BO VALUE | fill BO random SEED")
+    @command(
+        "fill",
+        2,
+        3,
+        "fill BO VALUE | fill BO random SEED",
+        "Write the whole BO through its CPU mapping: a 32-bit VALUE or seeded random bytes.",
+    )
     def cmd_fill(self, st: Statement, name: str, value: str, seed: str = "") -> None:
         """Write the whole BO through its CPU mapping: a repeated 32-bit VALUE, or
         pseudo-random bytes from SEED. The shell remembers the checksum (see verify)."""
@@ -684,7 +765,13 @@ class Shell:
         self.file.write(bo.handle, 0, data)
         bo.expected = zlib.crc32(data)
 
-    @command("write", 3, 3, "write BO OFFSET HEXBYTES")
+    @command(
+        "write",
+        3,
+        3,
+        "write BO OFFSET HEXBYTES",
+        "Write hex bytes at OFFSET through the CPU mapping.",
+    )
     def cmd_write(self, st: Statement, name: str, offset: str, hexbytes: str) -> None:
         """Write bytes (hex) at OFFSET through the CPU mapping."""
         bo = self._bo(name)
@@ -697,7 +784,13 @@ class Shell:
         self.file.write(bo.handle, number(offset, "write: OFFSET", 0, bo.size - len(data)), data)
         bo.expected = zlib.crc32(self.file.read(bo.handle, 0, bo.size))
 
-    @command("poke", 2, 2, "poke BO[+OFFSET] VALUE")
+    @command(
+        "poke",
+        2,
+        2,
+        "poke BO[+OFFSET] VALUE",
+        "Store a 32-bit VALUE through the CPU mapping (e.g. to release a waitmem job).",
+    )
     def cmd_poke(self, st: Statement, where: str, value: str) -> None:
         """Store a 32-bit VALUE through the CPU mapping (e.g. release a waitmem job)."""
         bo, off = self._bo_off(where, "poke")
@@ -705,7 +798,13 @@ class Shell:
         self.file.write(bo.handle, off, word.to_bytes(4, "little"))
         bo.expected = None
 
-    @command("read", 1, 3, "read BO [OFFSET [LENGTH]]")
+    @command(
+        "read",
+        1,
+        3,
+        "read BO [OFFSET [LENGTH]]",
+        "Hex dump through the CPU mapping (an evicted BO is swapped in).",
+    )
     def cmd_read(self, st: Statement, name: str, offset: str = "0", length: str = "") -> None:
         """Hex dump of a BO read through its CPU mapping (swapped in if evicted)."""
         bo = self._bo(name)
@@ -717,13 +816,19 @@ class Shell:
             chunk = data[i : i + 16]
             self.say(f"{off + i:08x}  {chunk.hex(' ')}")
 
-    @command("crc", 1, 1, "crc BO")
+    @command("crc", 1, 1, "crc BO", "CRC32 of the BO's contents as the CPU reads them.")
     def cmd_crc(self, st: Statement, name: str) -> None:
         """CRC32 of the BO's contents read by the CPU."""
         bo = self._bo(name)
         self.say(f"{bo.name}: crc32 {zlib.crc32(self.file.read(bo.handle, 0, bo.size)):#010x}")
 
-    @command("verify", 0, None, "verify [BO...]")
+    @command(
+        "verify",
+        0,
+        None,
+        "verify [BO...]",
+        "Check that BOs still hold what was written into them (lost data fails the run).",
+    )
     def cmd_verify(self, st: Statement, *names: str) -> None:
         """Check that BOs still hold what was written into them (all BOs with known
         contents by default, DONTNEED ones excepted). A difference is lost data."""
@@ -749,13 +854,18 @@ class Shell:
             raise ShellError(f"{bo.name} is not mapped in the GPU VM (map it)")
         return bo.va
 
-    @command("submit", 1, None, "[NAME =] submit KIND ARGS... [after FENCE...]", binds=True)
+    @command(
+        "submit",
+        1,
+        None,
+        "[NAME =] submit KIND ARGS... [after FENCE...]",
+        "Submit a GPU job of KIND (see help submit); after waits for other jobs' fences.",
+        binds=True,
+    )
     def cmd_submit(self, st: Statement, kind: str, *rest: str) -> FenceVar:
-        """Submit a GPU job; KIND is one of:
-        nop | copy SRC DST | fill DST VALUE | crc SRC DST (CRC32 of SRC into DST+0) |
-        atomic DST[+OFF] ADD | waitmem BO[+OFF] VALUE (until the CPU pokes VALUE) |
-        fault (writes an unmapped GPU VA: MMU fault) | hang (waits forever: timeout, reset).
-        ``after F1 F2`` makes the job wait for other jobs' fences (a fence chain)."""
+        """Submit a GPU job (the submit ioctl: its BOs validated, its out-fence bound to
+        NAME). ``after F1 F2`` makes the job wait for those jobs' fences (a fence chain),
+        signalled or not."""
         args = list(rest)
         after: list[FenceVar] = []
         if "after" in args:
@@ -846,10 +956,7 @@ class Shell:
             self._hang_sems.append(sem)
             cmd = pk.wait_mem(va, 1, function=WaitFunc.EQ)
             return cmd, [(sem, READ)], [], "wait for a value nobody writes (hang)", 0
-        raise ShellError(
-            f"submit: unknown job kind {kind!r} "
-            "(nop, copy, fill, crc, atomic, waitmem, fault, hang)"
-        )
+        raise ShellError(f"submit: unknown job kind {kind!r} ({_known(JOB_KINDS)})")
 
     def _settle(self, fv: FenceVar, timeout: float | None = WAIT_TIMEOUT_S) -> None:
         """Wait for a fence; on failure forget what it would have written."""
@@ -893,7 +1000,13 @@ class Shell:
                 f"{fv.name} ({fv.what}): {_errno_name(f.error)}: {f.message}"
             )
 
-    @command("wait", 1, None, "wait FENCE... [timeout SECONDS]")
+    @command(
+        "wait",
+        1,
+        None,
+        "wait FENCE... [timeout SECONDS]",
+        "Wait for jobs; a failed job is an error with its errno and the GPU's message.",
+    )
     def cmd_wait(self, st: Statement, *args: str) -> None:
         """Wait for jobs to finish; a failed job is an error naming why (EFAULT: GPU MMU
         fault, EIO: bad command, ETIMEDOUT: hang reset, ENODEV: device lost)."""
@@ -914,7 +1027,13 @@ class Shell:
                 raise ShellError(f"{fv.name}: job failed: {exc}", exc.errno) from None
             self.say(f"{fv.name}: signaled ({(runtime.now_ns() - t0) / 1e6:.1f} ms)")
 
-    @command("job-timeout", 1, 1, "job-timeout MILLISECONDS")
+    @command(
+        "job-timeout",
+        1,
+        1,
+        "job-timeout MILLISECONDS",
+        "Set the scheduler's job timeout (a longer job is a hang: GPU reset).",
+    )
     def cmd_job_timeout(self, st: Statement, ms: str) -> None:
         """Set the scheduler's job timeout (a job running longer is a hang: GPU reset)."""
         ns = int(seconds(ms, "job-timeout: MILLISECONDS", 0.001, MAX_SECONDS * 1000) * 1e6)
@@ -923,14 +1042,26 @@ class Shell:
         self.say(f"job timeout {ns // 1_000_000} ms")
 
     # -- memory ------------------------------------------------------------------------------
-    @command("pressure", 1, 1, "pressure SIZE")
+    @command(
+        "pressure",
+        1,
+        1,
+        "pressure SIZE",
+        "Run direct reclaim for SIZE bytes, as an allocation under pressure would.",
+    )
     def cmd_pressure(self, st: Statement, amount: str) -> None:
         """Run direct reclaim for SIZE bytes, as an allocation under memory pressure would:
         the shrinker purges DONTNEED BOs, then evicts idle BOs to swap."""
         pages = max(1, size(amount, "pressure: SIZE", GPU_VA_LIMIT) // 4096)
         self._reclaim(lambda: self.m.reclaim(pages))
 
-    @command("drop-caches", 0, 0, "drop-caches")
+    @command(
+        "drop-caches",
+        0,
+        0,
+        "drop-caches",
+        "Reclaim everything reclaimable: idle BOs purged or evicted to swap.",
+    )
     def cmd_drop_caches(self, st: Statement) -> None:
         """Reclaim everything reclaimable: every idle BO purged (DONTNEED) or evicted to
         swap while swap has room, as ``echo 2 > /proc/sys/vm/drop_caches`` runs the
@@ -948,7 +1079,7 @@ class Shell:
         )
 
     # -- values ------------------------------------------------------------------------------
-    @command("set", 2, 2, "set NAME VALUE")
+    @command("set", 2, 2, "set NAME VALUE", "Set a value that later lines use as $NAME or ${NAME}.")
     def cmd_set(self, st: Statement, name: str, value: str) -> None:
         """Set a value that later lines use as $NAME or ${NAME}."""
         from gemu.host.jobscript import NAME_RE
@@ -957,25 +1088,18 @@ class Shell:
             raise ShellError(f"set: {name!r} is not a name")
         self.values[name] = value
 
-    @command("echo", 0, None, "echo TEXT...")
+    @command("echo", 0, None, "echo TEXT...", "Print a line (progress and labels in job scripts).")
     def cmd_echo(self, st: Statement, *words: str) -> None:
         """Print a line (job scripts use it to label their output and show progress)."""
         self.progress(" ".join(words))
 
     # -- inspection --------------------------------------------------------------------------
-    @command("info", 1, 1, "info objects|shrinker|swap|mem|mmu|ring|fences|lockdep|stats")
+    @command("info", 1, 1, f"info {'|'.join(INFO_VIEWS)}", "Show a view of kernel state.")
     def cmd_info(self, st: Statement, what: str) -> None:
-        """Show kernel state: objects (BOs with counters and state), shrinker (LRUs and
-        counters), swap, mem (allocator, watermarks, reclaim), mmu (address spaces and
-        mappings), ring, fences, lockdep (reports), tasks (the script's task blocks), stats
-        (everything as key = value)."""
-        fn = getattr(self, f"_info_{what}", None)
-        if fn is None:
-            raise ShellError(
-                f"info: unknown view {what!r} "
-                "(objects, shrinker, swap, mem, mmu, ring, fences, lockdep, tasks, stats)"
-            )
-        fn()
+        """Show kernel state, as QEMU's ``info`` shows the machine's."""
+        if what not in INFO_VIEWS:
+            raise ShellError(f"info: unknown view {what!r} ({_known(INFO_VIEWS)})")
+        getattr(self, f"_info_{what}")()
 
     def _info_tasks(self) -> None:
         if not self.tasks:
@@ -1104,7 +1228,13 @@ class Shell:
 
         walk("", self.m.statistics())
 
-    @command("events", 1, 2, "events on|off|clear|show [N]")
+    @command(
+        "events",
+        1,
+        2,
+        "events on|off|clear|show [N]",
+        "Record guest tracepoints and show the last N (the event log).",
+    )
     def cmd_events(self, st: Statement, what: str, n: str = "40") -> None:
         """Record guest tracepoints (jobs, evictions, swap-ins, shrinker scans, reclaim,
         lock contention) and show the last N: the event log of the run."""
@@ -1148,26 +1278,19 @@ class Shell:
         self.events.append(event)
 
     # -- expectations ------------------------------------------------------------------------
-    @command("expect", 1, None, "expect WHAT ... (see help expect)")
+    @command(
+        "expect",
+        1,
+        None,
+        "expect WHAT ... (see help expect)",
+        "Check something; a failure fails the run naming file:line (see help expect).",
+    )
     def cmd_expect(self, st: Statement, what: str, *args: str) -> None:
-        """Check something; a failure fails the run with file:line. Forms:
-        expect crc BO == VALUE|BO2   (GPU CRC32 of the whole BO)
-        expect value BO[+OFF] OP VALUE   (32-bit word read by the CPU)
-        expect fence F signaled|pending|failed [ERRNO]
-        expect fault [F]             (F, default the last job, failed with a GPU MMU fault)
-        expect error ERRNO           (the previous line failed with ERRNO, e.g. ENOMEM)
-        expect state BO resident|evicted|purged|pinned
-        expect stat NAME OP VALUE    (a counter of 'info stats', e.g. shrinker.evicted > 0)
-        expect event CATEGORY.NAME [OP COUNT]   (recorded with 'events on')
-        expect lockdep N             (N lockdep reports so far; they are then expected)
-        expect lost BO               (BO's contents are allowed to be gone)"""
-        fn = getattr(self, f"_expect_{what}", None)
-        if fn is None:
-            raise ShellError(
-                f"expect: unknown check {what!r} "
-                "(crc, value, fence, fault, error, state, stat, event, lockdep, lost)"
-            )
-        fn(*args)
+        """Check something; a failure fails the run naming file:line. OP is one of
+        == != < <= > >=."""
+        if what not in EXPECT_FORMS:
+            raise ShellError(f"expect: unknown check {what!r} ({_known(EXPECT_FORMS)})")
+        getattr(self, f"_expect_{what}")(*args)
         self.sum.checks_passed += 1
 
     def _cmp(self, what: str, got, op: str, want) -> None:
@@ -1347,23 +1470,39 @@ class Shell:
             self.expected_lost.add(self._bo(a).name)
 
     # -- session -----------------------------------------------------------------------------
-    @command("help", 0, 1, "help [COMMAND]")
+    @command("help", 0, 1, "help [COMMAND]", "List the commands, or explain one.")
     def cmd_help(self, st: Statement, name: str = "") -> None:
-        """List the commands, or explain one."""
-        if name:
-            entry = _TABLE.get(name)
-            if entry is None:
-                raise ShellError(f"help: no command {name!r}")
-            method, arity, _ = entry
-            self.say(f"usage: {arity.usage}")
-            self.say(getattr(Shell, method)._help)
+        """List the commands (usage and summary, from the command table), or explain one:
+        its usage, summary and description, and for info, submit and expect their table of
+        views, job kinds or checks."""
+        if not name:
+            for _name, spec in sorted(_TABLE.items()):
+                self.say(f"  {spec.arity.usage}\n      {spec.summary}")
+            self.say("'help COMMAND' explains one; NAME = binds a result; # starts a comment.")
             return
-        for _cmd, (method, arity, _) in sorted(_TABLE.items()):
-            para = getattr(Shell, method)._help.split("\n\n", 1)[0].replace("\n", " ")
-            self.say(f"  {arity.usage}\n      {_first_sentence(para)}")
-        self.say("'help COMMAND' explains one; NAME = binds a result; # starts a comment.")
+        spec = _TABLE.get(name)
+        if spec is None:
+            raise ShellError(f"help: no command {name!r} (try 'help')")
+        self.say(f"usage: {spec.arity.usage}")
+        self.say(_plain(getattr(Shell, spec.method)._help) or spec.summary)
+        if name == "info":
+            self.say("VIEW is one of:")
+            for view, what in INFO_VIEWS.items():
+                self.say(f"  {view:<10} {what}")
+        elif name == "submit":
+            self.say("KIND is one of:")
+            for kind, (args, what) in JOB_KINDS.items():
+                self.say(f"  {f'{kind} {args}'.strip():<24} {what}")
+        elif name == "expect":
+            self.say("WHAT is one of:")
+            forms = {
+                f"expect {form} {args}".strip(): what for form, (args, what) in EXPECT_FORMS.items()
+            }
+            width = max(map(len, forms))
+            for usage, what in forms.items():
+                self.say(f"  {usage:<{width}}  {what}")
 
-    @command("include", 1, 1, "include FILE")
+    @command("include", 1, 1, "include FILE", "Run the lines of another job script.")
     def cmd_include(self, st: Statement, path: str) -> None:
         """Run the lines of a job script (relative paths: the including script's folder)."""
         base = Path(st.file).parent if st.file not in ("<console>", "<text>") else self.base
@@ -1372,7 +1511,13 @@ class Shell:
         if not self.run_statements(statements):
             raise _Reported(f"include {path}: stopped at the first failure")
 
-    @command("task", 1, 1, "task NAME ... end")
+    @command(
+        "task",
+        1,
+        1,
+        "task NAME ... end",
+        "Run the lines up to end in a concurrent guest task NAME.",
+    )
     def cmd_task(self, st: Statement, name: str) -> None:
         """Run the lines up to ``end`` in a concurrent guest task NAME; go on at once.
 
@@ -1414,7 +1559,13 @@ class Shell:
         if t.ok:
             self.say(f"task {t.name}: done")
 
-    @command("join", 0, None, "join [NAME...]")
+    @command(
+        "join",
+        0,
+        None,
+        "join [NAME...]",
+        "Wait for tasks (default: all not joined yet); fails if one of them failed.",
+    )
     def cmd_join(self, st: Statement, *names: str) -> None:
         """Wait for the named tasks (default: every task not joined yet); fails if one of
         them failed (its failure was reported where it happened). Inside a task block, only
@@ -1449,12 +1600,18 @@ class Shell:
             t.joined = True
         return [t for t in tasks if t.ok is False]
 
-    @command("end", 0, 0, "end")
+    @command("end", 0, 0, "end", "Close a task NAME block.")
     def cmd_end(self, st: Statement) -> None:
         """Close a ``task NAME`` block."""
         raise ShellError("end without a task")
 
-    @command("poweroff", 0, 0, "poweroff")
+    @command(
+        "poweroff",
+        0,
+        0,
+        "poweroff",
+        "Finish: join tasks, wait for jobs, judge the session, power off.",
+    )
     def cmd_poweroff(self, st: Statement) -> None:
         """Finish: wait for running jobs, check for unexpected failures, power off."""
         raise PowerOff()
@@ -1508,4 +1665,4 @@ class Shell:
         return self.sum
 
 
-Shell.COMMANDS = {name: arity for name, (_m, arity, _h) in _TABLE.items()}
+Shell.COMMANDS = {name: spec.arity for name, spec in _TABLE.items()}

@@ -75,21 +75,6 @@ def test_expect_stat_state_and_fence_forms(shell):
     assert "c.job:1: expect stat gpu.resets: got 0, expected == 5" in shell.lines
 
 
-def test_help_summaries_keep_parenthesised_sentences_whole():
-    """`help` shows each command's first sentence; a period or colon inside parentheses
-    (``(e.g. ...)``, ``(``nomap``: ...)``) does not cut the summary short."""
-    from gemu.host.shell import _first_sentence
-
-    assert _first_sentence("Store a value (e.g. release a job). More text.") == (
-        "Store a value (e.g. release a job)"
-    )
-    assert _first_sentence("Create a BO (``nomap``: unbound). Then: more") == (
-        "Create a BO (``nomap``: unbound)"
-    )
-    assert _first_sentence("Finish: wait for jobs") == "Finish"
-    assert _first_sentence("No period at all.") == "No period at all"
-
-
 def test_task_blocks_run_concurrently_share_names_and_are_joined(shell):
     """Two task blocks share the script's BOs and bind fences the main program then waits
     on; their lines are prefixed with the task's name; join waits for them; the summary
