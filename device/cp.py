@@ -809,12 +809,18 @@ class CommandProcessor:
                 b.pos += n
             b.checking, b.pos = ri + 1, 0
         op = b.op
+        # a COPY onto an overlapping range above its source moves the tail first (memmove)
+        backward = op == Opcode.COPY and b.src < b.dst < b.src + b.size
         while b.pos < b.size:
             if self._budget <= 0:
                 return False
-            pos = b.pos
-            anchor = (b.dst if op == Opcode.FILL else b.src) + pos
-            n = min(_WINDOW - (anchor & (_WINDOW - 1)), b.size - pos)
+            if backward:
+                n = min(_WINDOW, b.size - b.pos)
+                pos = b.size - b.pos - n
+            else:
+                pos = b.pos
+                anchor = (b.dst if op == Opcode.FILL else b.src) + pos
+                n = min(_WINDOW - (anchor & (_WINDOW - 1)), b.size - pos)
             if op == Opcode.COPY:
                 sext = self._window(b, 0, pos, n)
                 dext = self._window(b, 1, pos, n)
@@ -829,7 +835,7 @@ class CommandProcessor:
                 b.crc = self._crc_extents(ext, b.crc)
                 cost = len(ext)
             self._budget -= cost + (n >> PAGE_SHIFT) + 1
-            b.pos = pos + n
+            b.pos += n
         self.bulk = None
         if op == Opcode.COPY:
             self._copied(flags, b.src, b.dst, b.size)

@@ -238,3 +238,18 @@ def test_contiguous_ranges_are_translated_once():
     assert rig.gpu.cp_state() is CpState.IDLE
     assert translated(rig) - before == 2 * size // PAGE_SIZE
     assert rig.mem.read(DATA + size, size) == rig.mem.read(DATA, size)
+
+
+def test_an_overlapping_sliced_copy_behaves_like_memmove(rig):
+    """A physical COPY of 3 MiB onto itself shifted up by 4 KiB + 4 moves the tail first, so
+    the destination holds the source as it was (as a whole-packet copy always did)."""
+    size = 3 * MIB
+    data = bytes((i * 13 + (i >> 10)) & 0xFF for i in range(size))
+    rig.mem.write(DATA, data)
+    rig.submit(pk.copy(DATA, DATA + PAGE_SIZE + 4, size, phys=True))
+    runs = 0
+    while rig.gpu.has_work():
+        rig.gpu.run(256, budget=300)
+        runs += 1
+    assert runs > 2
+    assert rig.mem.read(DATA + PAGE_SIZE + 4, size) == data
