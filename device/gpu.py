@@ -22,7 +22,9 @@ IRQ_STATUS = IRQ_RAWSTAT & IRQ_MASK; the line is high while IRQ_STATUS != 0. Whe
 (line, IRQ_STATUS, MMU_INT_STAT) changes, ``on_irq(level, irq_status, mmu_int_stat)`` is called.
 
 **Execution.** :meth:`Gpu.has_work` says packets are ready; :meth:`Gpu.run` executes up to N of
-them. While a WAIT_MEM blocks (``cp_state() == WAITING``) the device does not poll on its own:
+them within a work budget (``cp.BUDGET``: about a millisecond, whatever the packets are), so a
+caller that loops ``run`` and its own input stays responsive; a large COPY/FILL/CRC32 left
+half done by the budget is continued by the next call (see :mod:`.cp`, Slices). While a WAIT_MEM blocks (``cp_state() == WAITING``) the device does not poll on its own:
 the caller runs it again, at the latest at :meth:`Gpu.wait_deadline_ns` (its timeout on the
 device clock, None when it waits forever); with the free clock the server re-polls every few
 tens to hundreds of microseconds. In stepped mode :meth:`Gpu.step` advances the clock, then runs.
