@@ -378,6 +378,9 @@ def _exhaustive(args: argparse.Namespace, cfg, workers: int) -> int:
         else:
             _interrupted("before the first schedule ended", [])
         return EXIT_INTERRUPTED
+    if result.interrupted:
+        _interrupted(result.statement(), result.violating)
+        return EXIT_INTERRUPTED
     print(f"explore: {result.statement()}; {result.rate:.1f} schedules/s")
     return _report_violation(args, search.cfg, result.first)
 

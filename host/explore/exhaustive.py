@@ -197,6 +197,8 @@ class SearchResult:
     elapsed_s: float = 0.0
     stopped_early: bool = False
     """The search ended at its first violation (``keep_going`` off) or when interrupted."""
+    interrupted: bool = False
+    """Ctrl-C ended it (``gemu explore`` then exits 130 after the partial statement)."""
 
     @property
     def run(self) -> int:
@@ -313,7 +315,7 @@ class BoundedSearch:
                     res.stopped_early = bool(stack)
                     return
         except KeyboardInterrupt:
-            res.stopped_early = True
+            res.stopped_early = res.interrupted = True
 
     def _parallel(self, res: SearchResult, stack: list[list[int]], workers: int) -> None:
         shares = [stack[i::workers] for i in range(workers)]
@@ -337,12 +339,13 @@ class BoundedSearch:
                     res.outcomes |= part.outcomes
                     res.violating += part.violating
                     res.stopped_early |= part.stopped_early
+                    res.interrupted |= part.interrupted
                     if self.progress is not None:
                         self.progress(res, 0)
             except KeyboardInterrupt:
                 for fut in futures:
                     fut.cancel()
-                res.stopped_early = True
+                res.stopped_early = res.interrupted = True
 
     def _branch(self, one: _Run, stack: list[list[int]]) -> None:
         """Push every alternative within the bound at the decisions this run made after its

@@ -752,8 +752,8 @@ def run_schedule(
         run.violate("deadlock", str(exc).split("\n")[0])
     except runtime.LivelockError as exc:
         run.violate("deadlock", f"livelock: {str(exc).splitlines()[0]}")
-    except (runtime.ReplayDivergence, runtime.RunAbandoned):
-        raise
+    except (runtime.ReplayDivergence, runtime.RunAbandoned, KeyboardInterrupt):
+        raise  # Ctrl-C stops the search; it is not a crash of the schedule
     except BaseException as exc:
         if isinstance(exc, runtime.ReplayDivergence):
             raise

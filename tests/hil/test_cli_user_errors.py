@@ -96,12 +96,27 @@ def test_cluster_with_nothing_listening(tmp_path):
     _no_traceback(proc)
 
 
-def test_ctrl_c_during_explore_prints_the_partial_report(tmp_path):
+CTRL_C = {
+    "random-2-workers": ["small", "--schedules", "1000000", "--workers", "2"],
+    "random-in-process": ["small", "--schedules", "1000000", "--workers", "1"],
+    "exhaustive-in-process": [
+        "--strategy",
+        "exhaustive",
+        "--preemption-bound",
+        "3",
+        "--workers",
+        "1",
+    ],
+}
+
+
+@pytest.mark.parametrize("options", CTRL_C.values(), ids=CTRL_C.keys())
+def test_ctrl_c_during_explore_prints_the_partial_report(tmp_path, options):
     """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) once the first
     progress line is out: the partial report on stdout, no traceback from the campaign or
-    its worker processes, exit 130."""
+    its worker processes, no schedule reported as crashed by the interrupt, exit 130."""
     proc = subprocess.Popen(
-        [*gemu_executable(), "explore", "small", "--schedules", "1000000", "--workers", "2"],
+        [*gemu_executable(), "explore", *options],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -125,6 +140,7 @@ def test_ctrl_c_during_explore_prints_the_partial_report(tmp_path):
     assert proc.returncode == 130, out + err
     assert "explore: interrupted:" in out and "schedules" in out
     assert "Traceback" not in out + err, err
+    assert "VIOLATION" not in out and "KeyboardInterrupt" not in out, out
 
 
 NUMBERS = [
