@@ -7,7 +7,8 @@ job scripts and powers off. Both exit with:
  0    every expectation held; no unexpected GPU fault, lockdep report, lost data or warning
  1    something failed: an expectation, a command of a script, or one of the above
  2    bad command line or a job script that does not parse (file:line on stderr)
- 3    the machine could not boot or lost its device (unreachable, died mid-run)
+ 3    the machine could not boot or lost its device (unreachable, died, or silent for
+      --device-timeout seconds mid-run)
 130   interrupted (Ctrl-C); the machine was still powered off cleanly
 143   terminated (SIGTERM); the machine was still powered off cleanly
 ====  =====================================================================================
