@@ -38,8 +38,9 @@ wrote: a translation or :meth:`Mmu.walk` reads one entry per level (four at most
 :meth:`Mmu.debug_extents` costs four reads per page of the range its caller asks for (at most
 1 MiB from the protocol, one gdb packet from the stub);
 :meth:`Mmu.mappings_report` reads each table once (a table reached again through a cycle or an
-alias is reported, not followed), at most ``WALK_MAX_TABLES`` (4096) tables, and reports at most
-``WALK_MAX_RUNS`` (65536) ranges.
+alias is reported, not followed), at most ``WALK_MAX_TABLES`` (4096) tables, follows at most
+``WALK_MAX_ENTRIES`` (65536) table entries, and reports at most ``WALK_MAX_RUNS`` (65536)
+ranges.
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ _LOCK_MIN_LOG2 = PAGE_SHIFT
 WALK_MAX_TABLES = 4096  # page tables one debug walk of an AS reads at most
 WALK_MAX_RUNS = 65536  # mapped ranges it reports at most
 WALK_MAX_ALIASES = 64  # revisited tables it lists (all are counted)
+WALK_MAX_ENTRIES = 65536  # table entries it follows at most (revisits included)
 
 
 @dataclass
@@ -517,8 +519,9 @@ class Mmu:
 
         Each table is read once: an entry leading to a table already visited (a cycle, or two
         entries sharing a table) is not followed but recorded in ``aliases`` as ``(level,
-        table_pa, va)``. The walk reads at most :data:`WALK_MAX_TABLES` tables and keeps at
-        most :data:`WALK_MAX_RUNS` runs; ``truncated`` says why it stopped early, if it did.
+        table_pa, va)``. The walk reads at most :data:`WALK_MAX_TABLES` tables, follows at most
+        :data:`WALK_MAX_ENTRIES` table entries and keeps at most :data:`WALK_MAX_RUNS` runs;
+        ``truncated`` says why it stopped early, if it did.
         """
         space = self._debug_space(as_index, 0)
         report = Mappings([], [], 0, None)
@@ -527,6 +530,7 @@ class Mmu:
         mem = self.gpu.mem
         runs = report.runs
         seen: set[int] = set()
+        followed = 0
         # depth-first, in VA order: (table, level, va_base) still to read
         todo: list[tuple[int, int, int]] = [(space.transtab, 0, 0)]
         while todo:
@@ -551,6 +555,10 @@ class Mmu:
                     for idx, entry in enumerate(entries)
                     if entry & _KIND == _TABLE
                 ]
+                followed += len(below)
+                if followed > WALK_MAX_ENTRIES:
+                    report.truncated = f"stopped after {WALK_MAX_ENTRIES} table entries"
+                    break
                 todo.extend(reversed(below))
                 continue
             for idx, entry in enumerate(entries):

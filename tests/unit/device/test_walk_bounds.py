@@ -80,3 +80,20 @@ def test_monitor_reports_cycles_in_mappings_and_walk(gdb_rig):  # noqa: F811
     walk = g.monitor("walk 0x1000 2")
     assert f"cycle/alias at level L1 table PA {table:#x} (also the L0 table)" in walk
     assert "TRANSLATION_L3" in walk
+
+
+def test_fan_out_to_one_shared_table_stops_at_the_entry_cap():
+    """512 distinct level-1 tables whose every entry points at one level-2 table: 262,656
+    entries to follow, of which the walk follows WALK_MAX_ENTRIES and says so."""
+    rig = Rig(mem_size=32 << 20)
+    base = 0x1000000
+    shared = base + 513 * PAGE_SIZE
+    l1 = [base + (1 + i) * PAGE_SIZE for i in range(512)]
+    to_shared = pte.make(shared, PteType.TABLE).to_bytes(8, "little") * 512
+    for i, table in enumerate(l1):
+        rig.mem.write_u64(base + 8 * i, pte.make(table, PteType.TABLE))
+        rig.mem.write(table, to_shared)
+    bind(rig, 0, base)
+    report = rig.gpu.mappings_report(0)
+    assert report.truncated == f"stopped after {mmu.WALK_MAX_ENTRIES} table entries"
+    assert report.aliases_total < mmu.WALK_MAX_ENTRIES
