@@ -464,7 +464,8 @@ def cmd_boot(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     except ConsoleSpecError as exc:
         parser.error(f"argument --serial: {exc}")
     except OSError as exc:
-        parser.error(f"argument --serial: {exc}")
+        where = f" {exc.filename}" if exc.filename else ""
+        parser.error(f"argument --serial: {args.serial}:{where} {exc.strerror or exc}")
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     session = Session(args, con.line)

@@ -47,6 +47,24 @@ built without importing the guest; a test keeps the two equal)."""
 
 
 _natural = int_in("number", 0, 16)
+
+
+def _out_dir(text: str) -> Path:
+    """--out DIR: a writable directory or one that can be made, checked before the search
+    (a reproduction is written after it, when an error would cost the whole run)."""
+    import os
+
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a directory")
+    parent = path
+    while not parent.exists():  # the directories --out creates; bounded by the path's depth
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"{text!r}: cannot write into {str(parent)!r}")
+    return path
+
+
 _seed = int_in("seed", 0, SEED_MAX)
 _count = int_in("number", 1, SCHEDULES_MAX)
 
@@ -165,7 +183,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--out",
-        type=Path,
+        type=_out_dir,
         default=Path("explore-out"),
         metavar="DIR",
         help="where reproductions go",
@@ -406,14 +424,23 @@ def _report_violation(args: argparse.Namespace, cfg, first) -> int:
             f"{first.preemptions}->{shrunk.result.preemptions}; still {shrunk.result.kind}"
         )
     out = args.out / f"seed-{seed}"
-    res = repro.write_repro(
-        out,
-        cfg_final,
-        seed,
-        schedule,
-        original={"config": cfg.as_dict(), "schedule_len": len(first.schedule)},
-        full=(cfg, first.schedule),
-    )
+    try:
+        res = repro.write_repro(
+            out,
+            cfg_final,
+            seed,
+            schedule,
+            original={"config": cfg.as_dict(), "schedule_len": len(first.schedule)},
+            full=(cfg, first.schedule),
+        )
+    except OSError as exc:
+        # the violation stands; only its files are missing, and the seed still replays it
+        print(
+            f"gemu explore: cannot write the reproduction into {out}: {exc.strerror or exc}; "
+            f"replay by seed: gemu explore --replay {seed} (with the same options)",
+            file=sys.stderr,
+        )
+        return EXIT_VIOLATION
     print(f"reproduction in {out}: repro.json, events.log, trace.json, race.html")
     print(f"replay: {repro.replay_command(out / 'repro.json')}")
     if res.kind != first.kind and not any(v.kind == first.kind for v in res.violations):

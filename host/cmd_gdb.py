@@ -41,6 +41,8 @@ def cmd_coredump(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         print(summarize(args.file), end="")
     except FileNotFoundError:
         parser.error(f"argument FILE: {args.file!r}: no such file")
+    except OSError as exc:  # a directory, no permission
+        parser.error(f"argument FILE: {args.file!r}: {exc.strerror or exc}")
     except ValueError as exc:
         parser.error(f"argument FILE: {exc}")
     return 0

@@ -174,3 +174,50 @@ def test_numbers_out_of_range_are_usage_errors(argv, named):
     assert named in proc.stderr and argv[1] in proc.stderr, proc.stderr
     assert "booting" not in proc.stdout
     _no_traceback(proc)
+
+
+def test_coredump_of_a_directory(tmp_path):
+    proc = gemu("coredump", str(tmp_path))
+    assert proc.returncode == 2 and "Is a directory" in proc.stderr, proc.stderr
+    _no_traceback(proc)
+
+
+def test_serial_socket_in_a_missing_folder_names_it(tmp_path):
+    spec = f"unix:{tmp_path}/missing/console.sock"
+    proc = gemu("boot", "--serial", spec)
+    assert proc.returncode == 2 and spec in proc.stderr, proc.stderr
+    _no_traceback(proc)
+
+
+def test_explore_out_naming_a_file_is_refused_before_the_search(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    proc = gemu("explore", "--out", str(afile), "--schedules", "1")
+    assert proc.returncode == 2 and "not a directory" in proc.stderr, proc.stderr
+    assert "schedules" not in proc.stdout
+    _no_traceback(proc)
+
+
+def test_explore_violation_whose_reproduction_cannot_be_written(tmp_path):
+    """A violation found while --out cannot be created (under /proc): exit 1 (the
+    violation), the reason and the replay-by-seed command, no traceback."""
+    proc = gemu(
+        "explore",
+        "--mutant",
+        "no-tlb-flush",
+        "--strategy",
+        "pct",
+        "--schedules",
+        "50",
+        "--workers",
+        "1",
+        "--quiet",
+        "--no-shrink",
+        "--out",
+        "/proc/gemu-no-such-dir",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "VIOLATION" in proc.stdout
+    assert "cannot write the reproduction" in proc.stderr and "--replay" in proc.stderr
+    _no_traceback(proc)
