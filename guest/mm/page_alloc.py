@@ -650,6 +650,9 @@ class PageAllocator:
         kernel's shift rule.
         """
         self._stats.drop_slab += 1
+        tid = runtime.current().tid
+        if trace.enabled:
+            trace.begin("mm", "drop_slab", tid)
         total = 0
         for shift in range(DROP_SLAB_MAX_PASSES):
             freed = 0
@@ -662,7 +665,8 @@ class PageAllocator:
             if freed >> shift <= 1:
                 break
         if trace.enabled:
-            trace.instant("mm", "drop_slab", freed=total)
+            trace.end("mm", "drop_slab", tid, freed=total)
+            trace.counter("mm", "free_pages", free=len(self._free))
         return total
 
     def _reclaim_pass(self, nr_to_reclaim: int, gfp: Gfp, *, direct: bool = False) -> int:

@@ -27,8 +27,8 @@ def _names(events, phase=None):
 
 
 def test_reclaim_evict_swapin_purge_are_traced(events):
-    """Memory pressure shows as a direct-reclaim span with a shrinker scan inside that
-    evicts (or purges) objects; using an evicted BO shows a swap-in span naming it."""
+    """drop-caches shows as a drop_slab span with a shrinker scan inside that evicts (or
+    purges) objects; using an evicted BO shows a swap-in span naming it."""
     with Machine(ram_size=8 << 20, swap_size=16 << 20, device="inproc") as m:
         sh = Shell(m, lambda line: None)
         assert sh.run_text(
@@ -37,7 +37,7 @@ def test_reclaim_evict_swapin_purge_are_traced(events):
         )
         sh.poweroff()
     names = _names(events)
-    assert names.index("mm.direct_reclaim") < names.index("shrinker.scan")
+    assert names.index("mm.drop_slab") < names.index("shrinker.scan")
     assert {"gem.evict", "gem.purge", "mm.free_pages", "shrinker.lru_pages"} <= set(names)
     swapins = [e for e in events if e.name == "swapin"]
     assert [e.phase for e in swapins] == ["b", "e"] and swapins[0].id == swapins[1].id
