@@ -175,7 +175,7 @@ class JobFence:
             self.closed = True
         if self.file is not None:
             with self.file.inflight_lock:
-                self.file.out_fences.discard(self)
+                self.file.out_fences.pop(self, None)
         dma_fence.put(self.fence)
 
     def __repr__(self) -> str:
@@ -605,7 +605,9 @@ class GemuFile:
         self.idle_wq = runtime.WaitQueue(f"{self.name}.idle")
         self.cmd_pool = CmdPool(self)
         self.ext_fences = vgem_fence.VgemFenceTable(self.name)
-        self.out_fences: set[JobFence] = set()
+        # a dict, not a set: close() walks it, and its order must not depend on addresses
+        # (a schedule is a pure function of its seed)
+        self.out_fences: dict[JobFence, None] = {}
         """The out-fences not closed yet (the file's syncobj handles), under inflight_lock."""
         self.closed = False
 
@@ -777,7 +779,7 @@ class GemuFile:
         # submit's (render_done_fence, put with the job) goes
         dma_fence.put(finished)
         with self.inflight_lock:
-            self.out_fences.add(out)
+            self.out_fences[out] = None
         return out
 
     def _add_ref(self, refs, seen, handle: int, access: BoAccess) -> BoRef:

@@ -72,3 +72,26 @@ def test_a_failed_submit_keeps_no_reference(machine):
     assert f1.fence.refcount == before
     f.close()
     machine.check_clean()
+
+
+def test_closing_the_file_closes_its_open_out_fences_in_submit_order(machine, monkeypatch):
+    """The file's open out-fences are closed in the order they were made, never in an order
+    that depends on object addresses: closing reaches preemption points, and an explored
+    schedule must be a pure function of its seed."""
+    from gemu.guest.gemu_drv import uapi
+
+    closed = []
+    real_close = uapi.JobFence.close
+
+    def close(self):
+        closed.append(self.seqno)
+        real_close(self)
+
+    monkeypatch.setattr(uapi.JobFence, "close", close)
+    f = machine.open()
+    cmd, bos = _copy_job(f)
+    outs = [f.submit(cmd, bos=bos) for _ in range(24)]
+    for out in outs:
+        f.wait(out)
+    f.close()
+    assert closed == [out.seqno for out in outs]
