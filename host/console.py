@@ -36,6 +36,8 @@ import time
 import tty
 from collections.abc import Callable
 
+from gemu.device.transport import SOCKET_MODE
+
 POLL_S = 0.2
 DRAIN_S = 2.0
 
@@ -248,7 +250,14 @@ def open_console(spec: str, notice: Callable[[str], None] | None = None) -> Cons
         if os.path.exists(rest):
             raise ConsoleSpecError(f"{rest} already exists")
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(rest)
+        try:
+            listener.bind(rest)
+            # owner-only whatever the umask, set before listen() so no one else can connect
+            # in between: the console is a root shell of the guest, with no authentication
+            os.chmod(rest, SOCKET_MODE)
+        except OSError as exc:
+            listener.close()
+            raise ConsoleSpecError(f"unix:{rest}: cannot listen: {exc.strerror}") from None
         listener.listen(1)
         notice(f"gemu: serial0: waiting for connection on unix:{rest}")
         try:

@@ -65,3 +65,35 @@ def test_idle_runs_while_nothing_arrives():
     with pytest.raises(RuntimeError, match="device lost"):
         con.readline(idle=idle)
     assert len(calls) == 3
+
+
+def test_unix_console_socket_is_owner_only_whatever_the_umask(tmp_path):
+    """--serial unix:PATH listens on a socket of mode 0600 even under umask 000: the console
+    is a guest shell without authentication (it followed the umask: srwxrwxrwx)."""
+    import os
+    import socket
+    import stat
+    import threading
+
+    from gemu.host.console import open_console
+
+    path = tmp_path / "console.sock"
+    listening = threading.Event()
+    result = {}
+
+    def serve():
+        old = os.umask(0)
+        try:
+            result["console"] = open_console(f"unix:{path}", notice=lambda _: listening.set())
+        finally:
+            os.umask(old)
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    assert listening.wait(10)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.connect(str(path))
+    t.join(10)
+    client.close()
+    result["console"].close()
