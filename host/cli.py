@@ -28,6 +28,7 @@ import argparse
 import importlib
 import logging
 import math
+import os
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -218,12 +219,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+EXIT_INTERNAL = 70
+"""A bug in gemu itself (BSD's EX_SOFTWARE): an exception no command turned into a message."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(_attach_dash_values(argv, parser))
     subparser = parser._subparsers._group_actions[0].choices[args.command]
-    return args.func(args, subparser)
+    try:
+        return args.func(args, subparser)
+    except Exception as exc:
+        # Every mistake a user can make has its own message; what is left is gemu's bug.
+        # It gets one line, not a traceback, unless the user asks for the traceback.
+        if os.environ.get("GEMU_DEBUG"):
+            raise
+        print(
+            f"gemu {args.command}: internal error: {type(exc).__name__}: {exc} "
+            "(run again with GEMU_DEBUG=1 for the traceback, and please report it)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":
