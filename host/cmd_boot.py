@@ -200,6 +200,13 @@ def _machine_options(p: argparse.ArgumentParser, ram: str) -> None:
         "--no-kswapd", action="store_true", help="do not start background reclaim (kswapd)"
     )
     p.add_argument(
+        "--strict-signalling",
+        action="store_true",
+        help="also treat adding a fence to a reservation as opening a fence signalling "
+        "section (gemu's stricter mode; by default only the dma_fence_begin_signalling "
+        "annotations count, as in the kernel's lockdep; see docs/validation.md)",
+    )
+    p.add_argument(
         "--trace",
         type=_trace_arg,
         metavar="FILE",
@@ -395,6 +402,7 @@ class Session:
                 swap_size=swap,
                 device=args.device,
                 kswapd=not args.no_kswapd,
+                strict_signalling=args.strict_signalling,
                 device_args=dev_args,
                 device_timeout=args.device_timeout,
                 **extra,
