@@ -49,6 +49,16 @@ built without importing the guest; a test keeps the two equal)."""
 _natural = int_in("number", 0, 16)
 
 
+def _duration(seconds: float) -> str:
+    """``1h02m``, ``3m05s`` or ``12s``."""
+    s = int(seconds + 0.5)
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    if s >= 60:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s}s"
+
+
 def _out_dir(text: str) -> Path:
     """--out DIR: a writable directory or one that can be made, checked before the search
     (a reproduction is written after it, when an error would cost the whole run)."""
@@ -317,10 +327,12 @@ def cmd_explore(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
 
     def progress(rep) -> None:
         if not args.quiet:
+            left = args.schedules - rep.schedules_run
+            eta = f", ETA {_duration(left / rep.rate)}" if rep.rate and left > 0 else ""
             print(
                 f"explore: {rep.schedules_run}/{args.schedules} schedules, "
-                f"{len(rep.interleavings)} interleavings, "
-                f"{sum(rep.by_kind.values())} violations, {rep.rate:.1f} schedules/s",
+                f"{len(rep.interleavings)} interleavings, {len(rep.outcomes)} outcomes, "
+                f"{sum(rep.by_kind.values())} violations, {rep.rate:.1f} schedules/s{eta}",
                 file=sys.stderr,
                 flush=True,
             )
@@ -346,6 +358,7 @@ def cmd_explore(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         _interrupted("before the first schedule ran", [])
         return EXIT_INTERRUPTED
     print(f"explore: {report.summary()}")
+    print(f"explore: {report.coverage()}")
     return _report_violation(args, cfg, report.first)
 
 

@@ -82,6 +82,9 @@ class CampaignReport:
     elapsed_s: float = 0.0
     workers: int = 1
     cluster: str | None = None
+    outcomes: dict[tuple, int] = field(default_factory=dict)
+    """Each distinct outcome (:attr:`ScheduleResult.outcome`) and the schedule (counted from
+    1) that first ended with it: the coverage figure."""
 
     @property
     def first(self) -> ScheduleResult | None:
@@ -96,6 +99,23 @@ class CampaignReport:
         return [
             (r.seed, tuple(v.kind for v in r.violations), r.interleaving) for r in self.violating
         ]
+
+    def coverage(self) -> str:
+        """Whether more schedules would still find new behaviour: the distinct outcomes seen
+        and when the last new one came."""
+        n = self.schedules_run
+        if not n:
+            return "coverage: no schedule ran"
+        last = max(self.outcomes.values(), default=0)
+        verdict = (
+            "no new one in the second half: more schedules are unlikely to find new behaviour"
+            if last <= n // 2
+            else "new ones still came late: more schedules may find new behaviour"
+        )
+        return (
+            f"coverage: {len(self.outcomes)} distinct outcomes (verdicts and end statistics) "
+            f"in {n} schedules, the last new one at schedule {last}; {verdict}"
+        )
 
     def summary(self) -> str:
         kinds = ", ".join(f"{k} {n}" for k, n in sorted(self.by_kind.items())) or "none"
@@ -244,6 +264,7 @@ def run_campaign(
                 res = unsummarize(d)
                 report.schedules_run += 1
                 report.interleavings.add(res.interleaving)
+                report.outcomes.setdefault(res.outcome, report.schedules_run)
                 if res.violations:
                     report.violating.append(res)
                     for kind in {v.kind for v in res.violations}:

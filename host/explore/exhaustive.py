@@ -377,9 +377,8 @@ def _search_share(args: dict, share: list[list[int]]) -> SearchResult:
 
 
 def outcome(res: ScheduleResult) -> tuple:
-    """What a schedule ended with: its verdicts and the machine's end statistics."""
-    kinds = tuple(sorted({v.kind for v in res.violations}))
-    return kinds, tuple(sorted(res.stats.items()))
+    """What a schedule ended with (:attr:`ScheduleResult.outcome`)."""
+    return res.outcome
 
 
 __all__ = ["GLOBAL", "BoundedSearch", "SearchResult", "footprint_of", "outcome"]

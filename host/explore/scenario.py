@@ -219,6 +219,14 @@ class ScheduleResult:
     def preemptions(self) -> int:
         return count_switches(self.schedule)
 
+    @property
+    def outcome(self) -> tuple:
+        """What the schedule ended with: its verdicts and the machine's end statistics (jobs,
+        GPU packets, kswapd runs, evictions, purges, swap-ins). Two schedules with the same
+        outcome may still have interleaved differently; a new outcome is new behaviour."""
+        kinds = tuple(sorted({v.kind for v in self.violations}))
+        return kinds, tuple(sorted(self.stats.items()))
+
 
 def count_switches(schedule: list[int]) -> int:
     """Decisions that picked a different task than the previous decision did."""
