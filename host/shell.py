@@ -1027,6 +1027,99 @@ class Shell:
                 raise ShellError(f"{fv.name}: job failed: {exc}", exc.errno) from None
             self.say(f"{fv.name}: signaled ({(runtime.now_ns() - t0) / 1e6:.1f} ms)")
 
+    class ExternalFence(JobFence):
+        """A name's reference on an external fence, as on a job's out-fence (the fence's
+        sync_file), so wait, after and expect fence take both."""
+
+        __slots__ = ()
+
+        @property
+        def message(self) -> str:
+            return self.fence.message
+
+    @command(
+        "fence",
+        2,
+        4,
+        "X = fence attach BO [read|write] | fence signal X | fence busy BO | "
+        "fence wait BO [timeout SECONDS]",
+        "External fences, as IGT makes them with vgem: a BO busy without the GPU.",
+        binds=True,
+    )
+    def cmd_fence(self, st: Statement, op: str, *args: str) -> FenceVar | None:
+        """External fences (the driver's fence_attach/fence_signal, vgem's fence ioctls).
+        X = fence attach BO [read|write]: a new fence in BO's reservation, a reader (the
+        default: writers wait for it) or a writer (everyone waits). It signals with
+        'fence signal X', or by itself after 10 s of guest time. Meanwhile 'wait X' and
+        'submit ... after X' wait for it, jobs using BO wait for it as their implicit
+        dependency, and the shrinker neither evicts nor purges BO.
+        fence signal X: signal it (ETIMEDOUT if it had expired; ENOENT the second time).
+        fence busy BO: say whether BO has pending fences (jobs' or external ones).
+        fence wait BO [timeout SECONDS]: wait until BO is idle (ETIMEDOUT when it is not;
+        EBUSY with timeout 0)."""
+        from gemu.guest.gemu_drv.uapi import FENCE_WRITE
+
+        usage = f"fence {op}: usage: {self.COMMANDS['fence'].usage}"
+        if op == "attach":
+            if len(args) not in (1, 2):
+                raise ShellError("fence attach: usage: X = fence attach BO [read|write]")
+            bo = self._bo(args[0])
+            mode = args[1] if len(args) == 2 else "read"
+            if mode not in ("read", "write"):
+                raise ShellError(f"fence attach: {mode!r} is not read or write")
+            fid = self.file.fence_attach(bo.handle, FENCE_WRITE if mode == "write" else 0)
+            out = self.ExternalFence(None, None, self.file.ext_fences.fence(fid))
+            out.seqno = fid
+            with self._count:
+                name = self._new_name(st, "x", fid)
+                # settled: nothing to wait for at power-off, closing the file signals it
+                fv = FenceVar(name, out, f"external {mode} fence on {bo.name}", settled=True)
+                old = self.fences.get(name)
+                self.fences[name] = fv
+            if old is not None:
+                self._release_fence(old)
+            self.say(f"{name}: external {mode} fence {fid} on {bo.name} (expires in 10 s)")
+            return fv
+        if op == "signal":
+            if len(args) != 1:
+                raise ShellError(usage)
+            fv = self._fence(args[0])
+            if not isinstance(fv.fence, self.ExternalFence):
+                raise ShellError(f"fence signal: {fv.name} is a job's fence, not an external one")
+            fid = self.file.ext_fences.id_of(fv.fence.fence)
+            if fid is None:
+                raise ShellError(f"fence signal: {fv.name} was signalled already", errno_mod.ENOENT)
+            fv.examined = True
+            self.file.fence_signal(fid)
+            self.say(f"{fv.name}: signaled")
+            return None
+        if op == "busy":
+            if len(args) != 1:
+                raise ShellError(usage)
+            bo = self._bo(args[0])
+            try:
+                self.file.wait_bo(bo.handle, 0)
+            except KernelError as exc:
+                if exc.errno != errno_mod.EBUSY:
+                    raise
+                self.say(f"{bo.name}: busy")
+            else:
+                self.say(f"{bo.name}: idle")
+            return None
+        if op == "wait":
+            if len(args) == 1:
+                timeout = WAIT_TIMEOUT_S
+            elif len(args) == 3 and args[1] == "timeout":
+                timeout = seconds(args[2], "fence wait: SECONDS", 0, MAX_SECONDS)
+            else:
+                raise ShellError(usage)
+            bo = self._bo(args[0])
+            t0 = runtime.now_ns()
+            self.file.wait_bo(bo.handle, timeout)
+            self.say(f"{bo.name}: idle ({(runtime.now_ns() - t0) / 1e6:.1f} ms)")
+            return None
+        raise ShellError(f"fence: {op!r} is not attach, signal, busy or wait")
+
     @command(
         "job-timeout",
         1,
