@@ -15,7 +15,10 @@ Writes only keep the bits of declared fields (registers without fields keep all 
 A guest can never crash the device: unaligned or unknown offsets, writes to read-only
 registers and reads of write-only ones are logged as guest errors on the logger
 ``gemu.device.guest_error`` (QEMU's ``LOG_GUEST_ERROR``), reads return 0 and writes are
-ignored::
+ignored. The log is rate-limited like the kernel's ``printk_ratelimit``: the first
+``GUEST_LOG_BURST`` errors of each kind and offset are logged, later ones are counted and
+summed up in one "suppressed" line at most every ``GUEST_LOG_INTERVAL_S``, so a guest looping
+over a hole cannot flood the log; ``guest_errors`` (STATS) counts every one::
 
     rf = RegFile()
     rf.bind(access_table(gpu))
@@ -26,6 +29,7 @@ ignored::
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
@@ -42,6 +46,8 @@ guest_error = logging.getLogger("gemu.device.guest_error")
 log = logging.getLogger("gemu.device")
 
 _MASK32 = 0xFFFFFFFF
+GUEST_LOG_BURST = 5  # guest errors logged per kind and offset before they are only counted
+GUEST_LOG_INTERVAL_S = 5.0  # at most one "suppressed" summary line per interval
 _CP_ENABLE = regs.CP_CONTROL.field("ENABLE").mask
 
 
@@ -85,6 +91,9 @@ class RegFile:
             self._wmask[r.offset >> 2] = _write_mask(r)
         self.guest_errors = 0
         self.internal_errors = 0
+        self._logged: dict[tuple, int] = {}  # guest errors logged per (kind, offset)
+        self._suppressed = 0  # not logged since the last summary line
+        self._summary_at = 0.0  # monotonic time the next summary may be logged
         self.reset()
 
     def bind(self, table: Iterable[RegisterAccessInfo]) -> None:
@@ -110,19 +119,42 @@ class RegFile:
     def set(self, reg: Register, value: int) -> None:
         self.values[reg.offset >> 2] = value & _MASK32
 
-    def _guest_error(self, msg: str, *args) -> None:
+    def _guest_error(self, key: tuple, msg: str, *args) -> None:
+        """Count a guest error; log it if its ``key`` (kind, offset) is within its burst,
+        else leave it to the next summary line (at most one per GUEST_LOG_INTERVAL_S)."""
         self.guest_errors += 1
-        guest_error.warning(msg, *args)
+        seen = self._logged.get(key, 0)
+        if seen < GUEST_LOG_BURST:
+            self._logged[key] = seen + 1
+            guest_error.warning(msg, *args)
+            return
+        self._suppressed += 1
+        now = time.monotonic()
+        if now >= self._summary_at:
+            self._summary_at = now + GUEST_LOG_INTERVAL_S
+            guest_error.warning(
+                "%d guest register errors not logged (each kind and offset logs its first %d; "
+                "%d in all), the last: " + msg,
+                self._suppressed,
+                GUEST_LOG_BURST,
+                self.guest_errors,
+                *args,
+            )
+            self._suppressed = 0
 
     def _lookup(self, offset: int, what: str) -> Register | None:
         if not isinstance(offset, int) or offset % 4 or not 0 <= offset < MMIO_SIZE:
             self._guest_error(
-                "%s at bad offset %r: not an aligned offset below %#x", what, offset, MMIO_SIZE
+                ("bad offset", what),
+                "%s at bad offset %r: not an aligned offset below %#x",
+                what,
+                offset,
+                MMIO_SIZE,
             )
             return None
         reg = self._regs[offset >> 2]
         if reg is None:
-            self._guest_error("%s at offset %#x: no register there", what, offset)
+            self._guest_error((what, offset), "%s at offset %#x: no register there", what, offset)
         return reg
 
     def mmio_read(self, offset: int) -> int:
@@ -133,7 +165,11 @@ class RegFile:
                 return 0
             if not reg.readable:
                 self._guest_error(
-                    "read of %s register %s (%#x) returns 0", reg.access.name, reg.name, offset
+                    ("read", offset),
+                    "read of %s register %s (%#x) returns 0",
+                    reg.access.name,
+                    reg.name,
+                    offset,
                 )
                 return 0
             info = self._info[offset >> 2]
@@ -152,13 +188,19 @@ class RegFile:
             if reg is None:
                 return
             if not isinstance(value, int) or not 0 <= value <= _MASK32:
-                self._guest_error("write of %r to %s is not a 32-bit value", value, reg.name)
+                self._guest_error(
+                    ("value", offset), "write of %r to %s is not a 32-bit value", value, reg.name
+                )
                 if not isinstance(value, int):
                     return
                 value &= _MASK32
             if not reg.writable:
                 self._guest_error(
-                    "write of %#x to read-only register %s (%#x) ignored", value, reg.name, offset
+                    ("write", offset),
+                    "write of %#x to read-only register %s (%#x) ignored",
+                    value,
+                    reg.name,
+                    offset,
                 )
                 return
             idx = offset >> 2
