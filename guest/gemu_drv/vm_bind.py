@@ -277,7 +277,9 @@ class GemuVm(DrmGpuvm):
         self.submit_lock = Mutex(f"{name}.submit_lock", VM_SUBMIT_LOCK_CLASS)
         self.reclaim_lru = DrmGemLru(drv.reclaim.lock, f"{name}-private")
         self.cleanup: list[OpCtx] = []
-        self.cleanup_lock = threading.Lock()
+        self.cleanup_wq = runtime.WaitQueue(f"{name}.cleanup")
+        self._cleaning = 0
+        self._cleanup_stop = False
         self.dead = False
         self.alloc_in_bind_job = False
         ops = DrmGpuvmOps(
@@ -308,6 +310,7 @@ class GemuVm(DrmGpuvm):
             drm_sched.DrmSchedPriority.NORMAL, [self.bind_sched]
         )
         self.exec_entity = drm_sched.entity_init(drm_sched.DrmSchedPriority.NORMAL, [gdrv.sched])
+        self._cleanup_task = runtime.spawn(_cleanup_worker, self, name=f"{name}-cleanup")
 
     def __repr__(self) -> str:
         return f"<GemuVm {self.name} vas={len(self.rb)}>"
@@ -402,8 +405,11 @@ class GemuVm(DrmGpuvm):
                 drm_gpuvm.sm_unmap(self, ctx, op.va, op.size)
 
     def defer_cleanup(self, ctx: OpCtx) -> None:
-        with self.cleanup_lock:
+        """Queue the op ctx for the cleanup worker. Kernel: queue_work() of
+        ``cleanup_op_ctx_work``."""
+        with self.cleanup_wq.lock:
             self.cleanup.append(ctx)
+        self.cleanup_wq.wake_up_all()
 
     def run_cleanup(self) -> None:
         """Put what bind jobs unlinked, unpin their BOs, give back unused tables.
@@ -413,14 +419,56 @@ class GemuVm(DrmGpuvm):
         each BO is recomputed under its resv and gpuva lock (panthor_vm_bo_free's comment: it
         "couldn't" be done at unlink, in the signalling path).
         """
-        with self.cleanup_lock:
+        with self.cleanup_wq.lock:
             todo, self.cleanup = self.cleanup, []
-        for ctx in todo:
-            cleanup_op_ctx(self, ctx)
+            self._cleaning += 1
+        try:
+            for ctx in todo:
+                cleanup_op_ctx(self, ctx)
+        finally:
+            with self.cleanup_wq.lock:
+                self._cleaning -= 1
+            self.cleanup_wq.wake_up_all()
+
+    def flush_cleanup(self, timeout_ns: int = IDLE_TIMEOUT_NS) -> None:
+        """Wait until every queued op ctx was cleaned up. Kernel: flush_work().
+
+        Raises:
+            Etimedout: the cleanup worker did not get there within ``timeout_ns``.
+        """
+        done = self.cleanup_wq.wait_event(
+            lambda: not self.cleanup and not self._cleaning,
+            timeout_ns=timeout_ns,
+            reason=f"{self.name}: bind cleanup",
+        )
+        if not done:
+            raise Etimedout(msg=f"{self.name}: bind cleanup still pending")
+
+    def stop_cleanup(self) -> None:
+        """Finish the queued cleanups and end the worker (the VM is going away)."""
+        with self.cleanup_wq.lock:
+            self._cleanup_stop = True
+        self.cleanup_wq.wake_up_all()
+        self._cleanup_task.join()
 
 
-def _lock_objs(*objs) -> drm_exec.DrmExec:
-    ex = drm_exec.init(drm_exec.DRM_EXEC_IGNORE_DUPLICATES | drm_exec.DRM_EXEC_INTERRUPTIBLE_WAIT)
+def _cleanup_worker(vm: GemuVm) -> None:
+    """The VM's cleanup work item: runs in process context, may take resv locks."""
+    while True:
+        vm.cleanup_wq.wait_event(
+            lambda: bool(vm.cleanup) or vm._cleanup_stop, reason=f"{vm.name}: cleanup work"
+        )
+        if vm.cleanup:
+            vm.run_cleanup()
+        elif vm._cleanup_stop:
+            return
+
+
+def _lock_objs(*objs, interruptible: bool = True) -> drm_exec.DrmExec:
+    flags = drm_exec.DRM_EXEC_IGNORE_DUPLICATES
+    if interruptible:
+        flags |= drm_exec.DRM_EXEC_INTERRUPTIBLE_WAIT
+    ex = drm_exec.init(flags)
     ex.__enter__()
     try:
         for attempt in drm_exec.until_all_locked(ex):
@@ -440,7 +488,7 @@ def cleanup_op_ctx(vm: GemuVm, ctx: OpCtx) -> None:
     objs = [vb.obj for vb in ctx.deferred]
     if ctx.vm_bo is not None:
         objs.append(ctx.obj)
-    with _lock_objs(vm.r_obj, *objs):
+    with _lock_objs(vm.r_obj, *objs, interruptible=False):
         for vm_bo in [*ctx.deferred, *([ctx.vm_bo] if ctx.vm_bo is not None else [])]:
             obj = vm_bo.obj
             gem.get(obj)
@@ -518,12 +566,14 @@ class VmBindDriver:
         obj = gem_shmem.create(self.dev, gem.page_align(size), self.funcs)
         rec = VmBindBo(obj, next(self._serial), name)
         self.records[obj] = rec
-        if vm is not None:
-            rec.exclusive_vm = vm
-            gem.get(vm.r_obj)
-            obj.resv = drm_gpuvm.resv(vm)
         try:
+            # the pages come before the BO joins its VM's resv: reclaim entered from here
+            # can then still take the VM's other private BOs (it only trylocks)
             gem_shmem.get_pages(obj)
+            if vm is not None:
+                rec.exclusive_vm = vm
+                gem.get(vm.r_obj)
+                obj.resv = drm_gpuvm.resv(vm)
             dma_resv.lock(obj.resv, None)
             try:
                 with drm_gpuvm.gem_gpuva(obj).lock:
@@ -570,7 +620,8 @@ class VmBindFile:
         self.inflight = 0
         self.inflight_lock = threading.Lock()
         self.idle_wq = runtime.WaitQueue(f"{self.name}.idle")
-        self.out_fences: set[JobFence] = set()
+        self.out_fences: dict[JobFence, None] = {}
+        """Open out-fences in submit order (as :class:`GemuFile` keeps them)."""
         self.closed = False
 
     # -- BOs -------------------------------------------------------------------------------
@@ -634,8 +685,9 @@ class VmBindFile:
         if dma_resv.wait_timeout(resv, DmaResvUsage.BOOKKEEP, False, IDLE_TIMEOUT_NS) == 0:
             raise Etimedout(msg=f"{vm.name}: jobs still running after 10 s")
         # the fences signalled; free_job (AS slot, bind op ctx) may still be on its way
-        self.idle_wq.wait_event(lambda: self.inflight == 0, timeout_ns=IDLE_TIMEOUT_NS)
-        vm.run_cleanup()
+        if not self.idle_wq.wait_event(lambda: self.inflight == 0, timeout_ns=IDLE_TIMEOUT_NS):
+            raise Etimedout(msg=f"{vm.name}: jobs not freed after 10 s")
+        vm.stop_cleanup()
         ctx = OpCtx(VmBindOp.unmap(vm.mm_start, vm.mm_range))
         ctx.vmas = [GemuVma() for _ in range(VMAS_PER_OP)]
         vm.exec_op(ctx)
@@ -710,7 +762,6 @@ class VmBindFile:
         if self.closed:
             raise Einval(msg=f"{self.name} is closed")
         vm = self._vm(vm_id)
-        vm.run_cleanup()
         deps = GemuFile._lookup_in_fences(self, in_fences)
         try:
             ctx = self._prepare(vm, op)
@@ -741,7 +792,7 @@ class VmBindFile:
         out = JobFence(self, job, fence)
         dma_fence.put(fence)
         with self.inflight_lock:
-            self.out_fences.add(out)
+            self.out_fences[out] = None
         return out
 
     def map(
@@ -768,7 +819,6 @@ class VmBindFile:
         if cmd_size <= 0 or cmd_size % 4 or cmd_va % 4:
             raise Einval(msg=f"command buffer {cmd_va:#x}+{cmd_size} must be whole dwords")
         vm = self._vm(vm_id)
-        vm.run_cleanup()
         deps = GemuFile._lookup_in_fences(self, in_fences)
         try:
             job, fence = vm_exec.submit(self, vm, cmd_va, cmd_size // 4, deps)

@@ -284,13 +284,14 @@ def try_evict(reclaim: VmReclaim, obj) -> bool:
 
     Kernel: panthor_gem_try_evict() / panthor_gem_try_evict_no_resv_wait():
 
-    1. idle test on the object's resv (every usage up to BOOKKEEP signalled). Panthor waits
-       up to 10 jiffies here; gemu only tests, as a wait of a fixed time in reclaim is a
-       timing heuristic with no effect on the outcome the model checks;
-    2. ``mutex_trylock(gpuva.lock)``;
-    3. ``dma_resv_trylock()`` of every VM the object is external to (a private object's VM
+    1. ``mutex_trylock(gpuva.lock)``;
+    2. ``dma_resv_trylock()`` of every VM the object is external to (a private object's VM
        resv is the object's, already held);
-    4. recompute the state: if it became harder to reclaim, skip;
+    3. recompute the state: if it became harder to reclaim, skip (the LRU of its new state
+       will offer it);
+    4. idle test on the object's resv (every usage up to BOOKKEEP signalled). Panthor waits
+       up to 10 jiffies here for GPU-mapped states; gemu only tests: a wait of a fixed time
+       in reclaim is a timing heuristic, and the model's outcome must not depend on timing;
     5. panthor_vm_evict_bo_mappings_locked(): per vm_bo not yet evicted, trylock the VM's
        op_lock, ``drm_gpuvm_bo_evict(vm_bo, true)``, clear the PTEs of each mapping (TLB
        flush) and mark it evicted;
@@ -300,9 +301,6 @@ def try_evict(reclaim: VmReclaim, obj) -> bool:
     and the bind and exec paths take these locks in the other order.
     """
     dma_resv.assert_held(obj.resv)
-    if not dma_resv.test_signaled(obj.resv, DmaResvUsage.BOOKKEEP):
-        reclaim.stats.skipped_busy += 1
-        return False
     g = drm_gpuvm.gem_gpuva(obj)
     if not g.lock.trylock():
         reclaim.stats.contended += 1
@@ -320,9 +318,13 @@ def try_evict(reclaim: VmReclaim, obj) -> bool:
         rec = reclaim.records.get(obj)
         old = rec.reclaim_state if rec is not None else ReclaimState.UNRECLAIMABLE
         new = evaluate_reclaim_state_locked(obj)
+        if new != old:
+            update_reclaim_state_locked(reclaim, obj)
         if new > old or new is ReclaimState.UNRECLAIMABLE:
             reclaim.stats.harder += 1
-            update_reclaim_state_locked(reclaim, obj)
+            return False
+        if not dma_resv.test_signaled(obj.resv, DmaResvUsage.BOOKKEEP):
+            reclaim.stats.skipped_busy += 1
             return False
         if not _evict_bo_mappings_locked(obj):
             reclaim.stats.contended += 1
