@@ -24,6 +24,10 @@ What gdb sees (``docs/gdb.md`` is the user guide):
   0x03 byte halts, ``D`` (or a dropped connection) lets the device run on;
 - ``monitor`` commands (``qRcmd``): see :data:`MONITOR_HELP`.
 
+Replies never block the device: what gdb does not read waits in a per-connection buffer,
+flushed when its socket is writable; a gdb that leaves more than the device's ``OUTPUT_CAP``
+(4 MiB) unread is disconnected with one log line, as a protocol client would be.
+
 While gdb holds the CP, STATUS.HALTED reads 1; the guest keeps running and its driver does not
 count the hold as a hang. All-stop only, one thread, one gdb at a time.
 """
@@ -45,6 +49,7 @@ from .abi.enums import AccessType, CpError, MmuFault, Opcode
 from .abi.protocol import SPACE_PHYS
 from .gdb_target import REGISTERS, TARGET_XML
 from .mmu import MemFault, perms_str
+from .server import OUTPUT_CAP
 
 log = logging.getLogger("gemu.device.gdbstub")
 
@@ -343,6 +348,7 @@ class GdbStub:
         self._errors_seen = 0
         self._free_step = False
         self._last_sent = b""
+        self.out = bytearray()  # replies gdb has not taken yet (sends never block the device)
         self.counters = dict(connections=0, packets=0, bad_packets=0, stops=0)
         if wait:
             gpu.halt()
@@ -375,10 +381,11 @@ class GdbStub:
             log.warning("refusing a second gdb connection: one gdb at a time")
             sock.close()
             return
-        sock.setblocking(True)
+        sock.setblocking(False)
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.conn = sock
+        self.out = bytearray()
         self.reader = PacketReader()
         self.ack_mode = True
         self.counters["connections"] += 1
@@ -399,6 +406,7 @@ class GdbStub:
     def _disconnect(self, why: str) -> None:
         """Detach: forget breakpoints and watchpoints, let the device run on."""
         sock, self.conn = self.conn, None
+        self.out = bytearray()
         if sock is not None:
             if self.server is not None:
                 with contextlib.suppress(Exception):
@@ -417,8 +425,14 @@ class GdbStub:
         sock = self.conn
         if sock is None:
             return
+        if self.out:  # called for writability too (server.watch_writable)
+            self._flush()
+            if self.conn is not sock:
+                return
         try:
             data = sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
         except OSError as exc:
             self._disconnect(f"read failed: {exc}")
             return
@@ -463,13 +477,45 @@ class GdbStub:
         self._write(data)
 
     def _write(self, data: bytes) -> None:
-        sock = self.conn
-        if sock is None:
+        """Send without blocking the device: what gdb does not take now waits in ``out``,
+        flushed when the socket is writable; past OUTPUT_CAP unread, gdb is disconnected."""
+        if self.conn is None:
             return
+        if not self.out:
+            sent = self._send_nowait(data)
+            if sent is None or sent == len(data):
+                return
+            data = data[sent:]
+            if self.server is not None:
+                self.server.watch_writable(self.conn, True)
+        self.out += data
+        if len(self.out) > OUTPUT_CAP:
+            log.warning(
+                "gdb: disconnecting: it leaves its replies unread (%d bytes pending, over the "
+                "cap of %d)",
+                len(self.out),
+                OUTPUT_CAP,
+            )
+            self._disconnect(f"over {OUTPUT_CAP} bytes of replies unread")
+
+    def _send_nowait(self, data) -> int | None:
+        """Bytes of ``data`` the socket took now; None if it failed (gdb is then detached)."""
+        sock = self.conn
         try:
-            sock.sendall(data)
+            return sock.send(data, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return 0
         except OSError as exc:
             self._disconnect(f"send failed: {exc}")
+            return None
+
+    def _flush(self) -> None:
+        sent = self._send_nowait(self.out)
+        if sent is None:
+            return
+        del self.out[:sent]
+        if not self.out and self.server is not None:
+            self.server.watch_writable(self.conn, False)
 
     # --- execution -----------------------------------------------------------------------
 

@@ -251,6 +251,13 @@ class DeviceServer:
             except Exception:
                 log.exception("command-processor observer %r failed", cb)
 
+    def watch_writable(self, fileobj: Any, on: bool) -> None:
+        """Also call a reader's callback when ``fileobj`` is writable (``on``), e.g. for it to
+        flush output its peer did not take; the callback must not assume there is input."""
+        fd = fileobj if isinstance(fileobj, int) else fileobj.fileno()
+        if fd in self._readers:
+            self._epoll.modify(fd, select.EPOLLIN | (select.EPOLLOUT if on else 0))
+
     def remove_reader(self, fileobj: Any) -> None:
         fd = fileobj if isinstance(fileobj, int) else fileobj.fileno()
         if self._readers.pop(fd, None) is not None:
