@@ -65,7 +65,10 @@ guest_log = logging.getLogger("gemu.device.guest_error")
 
 BATCH = 256  # packets per CP batch between two polls in FREE mode
 WAIT_POLL_S = 200e-6  # how often a pending WAIT_MEM re-reads guest memory in FREE mode
-DMA_TIMEOUT_S = 30.0  # a client that does not answer a DMA request for this long is dead
+# The longest the loop waits for a client's DMA reply; the access then fails (EIO, a CP bus
+# error). Everything but new connections (answered EBUSY) waits meanwhile, so this bounds how
+# long a client that never answers can hold the device: the gdb stub, a reset, the CP.
+DMA_TIMEOUT_S = 2.0
 IDLE_RECV_US = 50_000  # longest blocking recv on an idle client before looking at the rest
 POLL_S = 0.01  # polling period for links without a descriptor (e.g. loop://)
 SERIAL_RETRY_S = (0.1, 2.0)  # reopening a serial port that went away: first delay, cap
@@ -448,19 +451,22 @@ class DeviceServer:
                 if self.session is not s or not self._receive(s, block=False):
                     break
         if self.session is not None:
-            self.counters["refused"] += 1
-            text = (
-                f"the device is busy serving {self.session.conn.name}; it serves one client at "
-                "a time"
-            )
-            log.warning("refusing connection from %s: %s", conn.name, text)
-            with contextlib.suppress(OSError):
-                conn.send_nowait(
-                    p.error_frame(_header(0, _VERSION, 16, 0, 0), p.ProtoError.EBUSY, text)
-                )
-            conn.close()
+            self._refuse(conn)
             return
         self._start_session(conn)
+
+    def _refuse(self, conn: transport.Connection) -> None:
+        """Answer a connection EBUSY and close it: the device serves one client at a time."""
+        self.counters["refused"] += 1
+        text = (
+            f"the device is busy serving {self.session.conn.name}; it serves one client at a time"
+        )
+        log.warning("refusing connection from %s: %s", conn.name, text)
+        with contextlib.suppress(OSError):
+            conn.send_nowait(
+                p.error_frame(_header(0, _VERSION, 16, 0, 0), p.ProtoError.EBUSY, text)
+            )
+        conn.close()
 
     def _reopen_serial(self) -> None:
         """Reopen the serial port after its connection ended, backing off from
@@ -1165,13 +1171,20 @@ class DeviceServer:
                         s.queued = saved
             left = deadline - time.monotonic()
             if left <= 0:
-                raise BusError(0, 0, f"{what}: no reply from the client within {DMA_TIMEOUT_S} s")
+                raise BusError(0, 0, f"{what}: no reply from the client within {DMA_TIMEOUT_S:g} s")
             fd = s.conn.fileno()
             if fd is not None:
-                ready, writable, _ = select.select([fd], [fd] if s.out else (), (), left)
+                # a new connection is refused (EBUSY) at once; nothing else is served here:
+                # the gdb stub and other requests may reach guest memory through this very wait
+                watch = [fd] if self._listen_fd < 0 else [fd, self._listen_fd]
+                ready, writable, _ = select.select(watch, [fd] if s.out else (), (), left)
                 if writable:
                     self._flush_out(s)  # the DMA request itself may be waiting there
-                if not ready:
+                if self._listen_fd in ready:
+                    conn = self.listener.accept()
+                    if conn is not None:
+                        self._refuse(conn)
+                if fd not in ready:
                     continue
             self._fill(s, block=fd is not None)
 
