@@ -319,6 +319,15 @@ class Machine:
         out["gpu"] = self.driver.gpu.statistics()
         return out
 
+    def query(self, view: str, session=None):
+        """One view of the machine as plain data, the same data the console's ``info VIEW``
+        formats (see :mod:`gemu.host.query`): ``mem``, ``swap``, ``shrinker``, ``ring``,
+        ``lockdep``, ``stats``; ``objects``, ``mmu``, ``fences`` and ``tasks`` show a console
+        session's state and need that ``session`` (a :class:`~gemu.host.shell.Shell`)."""
+        from gemu.host.query import query
+
+        return query(self, view, session)
+
     def check_clean(self) -> None:
         """Assert that everything the guest allocated was given back: no GEM object, no
         frame beyond the driver's own, no swap slot, no lockdep report, no leaked object."""

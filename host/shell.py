@@ -39,6 +39,7 @@ from gemu.guest.errors import KernelError
 from gemu.guest.gemu_drv.uapi import READ, WRITE, JobFence
 from gemu.guest.kernel import runtime, trace
 from gemu.guest.locking import lockdep
+from gemu.host import query
 from gemu.host.jobscript import (
     Arity,
     ScriptError,
@@ -267,10 +268,6 @@ def seconds(text: str, what: str, lo: float, hi: float) -> float:
     return t
 
 
-def _errno_name(e: int) -> str:
-    return errno_mod.errorcode.get(abs(e), str(abs(e)))
-
-
 def _pattern_crc(value: int, size: int) -> int:
     return zlib.crc32(value.to_bytes(4, "little") * (size // 4))
 
@@ -287,7 +284,8 @@ INFO_VIEWS: dict[str, str] = {
     "tasks": "the script's task blocks and their state",
     "stats": "every counter as NAME = VALUE (for expect stat)",
 }
-"""``info VIEW``: the views (each one ``_info_VIEW`` method) and what they show."""
+"""``info VIEW``: the views and what they show; each formats the data of the function of
+the same name in :mod:`gemu.host.query`."""
 
 JOB_KINDS: dict[str, tuple[str, str]] = {
     "nop": ("", "a NOP packet"),
@@ -398,7 +396,7 @@ class Shell:
         self._started = 0  # task blocks started
         self.expected_lockdep = 0
         self.expected_lost: set[str] = set()
-        self._lockdep_base = len(lockdep.reports())
+        self.lockdep_base = len(lockdep.reports())
         self._boot_timeout_ns = machine.driver.timeout_ns
         self._jobs = 0
         self.bytes_moved = 0
@@ -571,7 +569,7 @@ class Shell:
         for bo in bos:
             self.file.close_bo(bo.handle)
         self._judge_lockdep()
-        self._lockdep_base = len(lockdep.reports())
+        self.lockdep_base = len(lockdep.reports())
         self.expected_lockdep = 0
         self.expected_lost.clear()
         self.tasks.clear()
@@ -587,7 +585,7 @@ class Shell:
     def _judge_lockdep(self) -> None:
         """Count the lockdep reports since the session (or script) began beyond those an
         ``expect lockdep`` accepted; each is counted once."""
-        reports = lockdep.reports()[self._lockdep_base :]
+        reports = lockdep.reports()[self.lockdep_base :]
         for r in reports[self.expected_lockdep :]:
             self.sum.unexpected_lockdep.append(f"{r.kind}: {r.message.splitlines()[0]}")
         self.expected_lockdep = len(reports)
@@ -997,7 +995,7 @@ class Shell:
         if f.signaled and f.error and not fv.examined and not fv.judged:
             fv.judged = True
             self.sum.unexpected_faults.append(
-                f"{fv.name} ({fv.what}): {_errno_name(f.error)}: {f.message}"
+                f"{fv.name} ({fv.what}): {query.errno_name(f.error)}: {f.message}"
             )
 
     @command(
@@ -1195,45 +1193,38 @@ class Shell:
         getattr(self, f"_info_{what}")()
 
     def _info_tasks(self) -> None:
-        if not self.tasks:
+        views = query.tasks(self.m, self)
+        if not views:
             self.say("no tasks")
-        for t in list(self.tasks.values()):
-            if t.ok is None:
-                state = "running"
-            else:
-                state = "done" if t.ok else f"failed at {t.failed_at}"
-            joined = ", joined" if t.joined else ""
-            self.say(f"{t.name:<12} started at {t.where}: {state}{joined}")
+        for t in views:
+            state = f"failed at {t['failed_at']}" if t["state"] == "failed" else t["state"]
+            joined = ", joined" if t["joined"] else ""
+            self.say(f"{t['name']:<12} started at {t['where']}: {state}{joined}")
 
-    def _user_bos(self) -> list[BoVar]:
+    def user_bos(self) -> list[BoVar]:
         """The BOs the user created (not the shell's own scratch BO)."""
         return [bo for bo in list(self.bos.values()) if not bo.name.startswith("_")]
 
     def _obj_state(self, obj) -> str:
-        if obj.madv < 0:
-            return "purged"
-        if obj.evicted:
-            return "evicted"
-        if obj.pages_pin_count:
-            return "pinned"
-        if obj.pages is not None:
-            return "resident"
-        return "no-pages"
+        return query.obj_state(obj)
 
     def _info_objects(self) -> None:
+        q = query.objects(self.m, self)
         self.say(f"{'name':<12} {'handle':>6} {'size':>9} {'state':<9} use pin madv  GPU VA")
-        for bo in self._user_bos():
-            obj = self.file.bo(bo.handle).obj
-            va = f"{bo.va:#x}" if bo.va is not None else "-"
+        for o in q["objects"]:
+            va = f"{o['va']:#x}" if o["va"] is not None else "-"
             self.say(
-                f"{bo.name:<12} {bo.handle:>6} {format_size(bo.size):>9} "
-                f"{self._obj_state(obj):<9} {obj.pages_use_count:>3} {obj.pages_pin_count:>3} "
-                f"{obj.madv:>4}  {va}"
+                f"{o['name']:<12} {o['handle']:>6} {format_size(o['size']):>9} "
+                f"{o['state']:<9} {o['pages_use_count']:>3} {o['pages_pin_count']:>3} "
+                f"{o['madv']:>4}  {va}"
             )
-        self.say(f"{self.m.dev.object_count} GEM objects (the driver's own included)")
+        self.say(f"{q['gem_objects']} GEM objects (the driver's own included)")
 
     def _info_shrinker(self) -> None:
-        s = self.m.statistics()["shrinker"]
+        s = query.shrinker(self.m, self)
+        if s is None:
+            self.say("no shrinker")
+            return
         self.say(
             f"LRU pages: evictable {s['lru_evictable_pages']}, evicted "
             f"{s['lru_evicted_pages']}, pinned {s['lru_pinned_pages']}"
@@ -1244,7 +1235,7 @@ class Shell:
         self.say("  " + ", ".join(f"{k} {v}" for k, v in skipped.items()))
 
     def _info_swap(self) -> None:
-        s = self.m.statistics().get("swap")
+        s = query.swap(self.m, self)
         if s is None:
             self.say("no swap")
             return
@@ -1255,11 +1246,11 @@ class Shell:
         )
 
     def _info_mem(self) -> None:
-        s = self.m.statistics()["mem"]
-        wm = self.m.allocator.watermarks
+        s = query.mem(self.m, self)
+        wm = s["watermarks"]
         self.say(
             f"mem: {s['free_pages']} of {s['total_pages']} pages free, "
-            f"watermarks {wm.min}/{wm.low}/{wm.high}, high water {s['high_water']}"
+            f"watermarks {wm['min']}/{wm['low']}/{wm['high']}, high water {s['high_water']}"
         )
         self.say(
             f"  direct reclaim {s['direct_reclaims']} passes ({s['direct_reclaimed']} pages), "
@@ -1268,48 +1259,44 @@ class Shell:
         )
 
     def _info_mmu(self) -> None:
-        gpu = self.m.driver.gpu
-        for i, vm in enumerate(gpu.mmu.slots):
-            if vm is not None:
-                self.say(f"AS{i}: {vm.name} ({vm.as_users} jobs), root table {vm.root_pa:#x}")
-        self.say(f"{self.file.vm.name}: {self.file.vm.mapped_pages} pages mapped")
-        for bo in self._user_bos():
-            if bo.va is None:
-                continue
-            pte = self.file.vm.lookup(bo.va)
-            where = f"pa {pte & ~0xFFF & ((1 << 48) - 1):#x}" if pte else "not mapped"
-            self.say(f"  {bo.va:#014x} {bo.name:<12} {format_size(bo.size):>9}  first page {where}")
-        self.say("  " + ", ".join(f"{k} {v}" for k, v in gpu.mmu.stats.__dict__.items()))
+        q = query.mmu(self.m, self)
+        for a in q["address_spaces"]:
+            self.say(
+                f"AS{a['slot']}: {a['vm']} ({a['jobs']} jobs), root table {a['root_table']:#x}"
+            )
+        self.say(f"{q['vm']}: {q['mapped_pages']} pages mapped")
+        for mp in q["mappings"]:
+            pa = mp["first_page_pa"]
+            where = f"pa {pa:#x}" if pa is not None else "not mapped"
+            self.say(
+                f"  {mp['va']:#014x} {mp['name']:<12} {format_size(mp['size']):>9}  "
+                f"first page {where}"
+            )
+        self.say("  " + ", ".join(f"{k} {v}" for k, v in q["stats"].items()))
 
     def _info_ring(self) -> None:
-        gpu = self.m.driver.gpu
-        st = gpu.statistics()
+        r = query.ring(self.m, self)
         self.say(
-            f"ring: {gpu.ring_size >> 10} KiB at {gpu.ring_pa:#x}, {gpu.ring_slots} slots, "
-            f"tail {gpu.tail:#x}, {st['pending']} jobs on the ring, "
-            f"completed seqno {st['completed_seqno']}"
+            f"ring: {r['size'] >> 10} KiB at {r['base']:#x}, {r['slots']} slots, "
+            f"tail {r['tail']:#x}, {r['pending']} jobs on the ring, "
+            f"completed seqno {r['completed_seqno']}"
         )
         self.say(
-            f"  jobs {st['jobs_emitted']}, doorbells {st['doorbells']}, irqs {st['irqs']}, "
-            f"faults {st['mmu_faults']}, cp errors {st['cp_errors']}, resets {st['resets']}"
+            f"  jobs {r['jobs_emitted']}, doorbells {r['doorbells']}, irqs {r['irqs']}, "
+            f"faults {r['mmu_faults']}, cp errors {r['cp_errors']}, resets {r['resets']}"
         )
 
     def _info_fences(self) -> None:
-        for fv in list(self.fences.values()):
-            f = fv.fence
-            state = (
-                (("failed " + _errno_name(f.error)) if f.error else "signaled")
-                if f.signaled
-                else "pending"
-            )
-            self.say(f"{fv.name:<8} job {f.seqno:<5} {state:<16} {fv.what}")
+        for f in query.fences(self.m, self):
+            state = f"failed {f['error']}" if f["state"] == "failed" else f["state"]
+            self.say(f"{f['name']:<8} job {f['seqno']:<5} {state:<16} {f['what']}")
 
     def _info_lockdep(self) -> None:
-        reports = lockdep.reports()[self._lockdep_base :]
+        reports = query.lockdep_reports(self.m, self)
         if not reports:
             self.say("lockdep: no reports")
         for r in reports:
-            self.say(f"lockdep {r.kind} (x{r.count}): {r.message}")
+            self.say(f"lockdep {r['kind']} (x{r['count']}): {r['message']}")
 
     def _info_stats(self) -> None:
         def walk(prefix: str, d: dict) -> None:
@@ -1319,7 +1306,7 @@ class Shell:
                 else:
                     self.say(f"{prefix}{k} = {v}")
 
-        walk("", self.m.statistics())
+        walk("", query.stats(self.m, self))
 
     @command(
         "events",
@@ -1461,16 +1448,16 @@ class Shell:
         err = fv.fence.error
         if state == "signaled" and err:
             raise ExpectationFailed(
-                f"expect fence {fv.name} signaled: it failed with {_errno_name(err)}: "
+                f"expect fence {fv.name} signaled: it failed with {query.errno_name(err)}: "
                 f"{fv.fence.message}"
             )
         if state == "failed":
             if not err:
                 raise ExpectationFailed(f"expect fence {fv.name} failed: it succeeded")
-            if len(args) == 3 and _errno_name(err) != args[2].upper():
+            if len(args) == 3 and query.errno_name(err) != args[2].upper():
                 raise ExpectationFailed(
                     f"expect fence {fv.name} failed {args[2]}: failed with "
-                    f"{_errno_name(err)} ({fv.fence.message})"
+                    f"{query.errno_name(err)} ({fv.fence.message})"
                 )
         del with_err
 
@@ -1491,7 +1478,7 @@ class Shell:
         fv.examined = True
         err = fv.fence.error
         if err != -errno_mod.EFAULT:
-            got = _errno_name(err) if err else "no error"
+            got = query.errno_name(err) if err else "no error"
             raise ExpectationFailed(f"expect fault {fv.name}: the job ended with {got}")
         self.say(f"{fv.name}: {fv.fence.message}")
 
@@ -1505,7 +1492,7 @@ class Shell:
         self.last_error = None
         if err is None:
             raise ExpectationFailed(f"expect error {want}: the previous command succeeded")
-        got = _errno_name(err.errno) if err.errno else "a non-kernel error"
+        got = query.errno_name(err.errno) if err.errno else "a non-kernel error"
         if got != want:
             raise ExpectationFailed(f"expect error {want}: it failed with {got}: {err}")
         for fv in list(self.fences.values()):
@@ -1552,7 +1539,7 @@ class Shell:
     def _expect_lockdep(self, *args: str) -> None:
         if len(args) != 1:
             raise ShellError("expect lockdep: usage: expect lockdep N")
-        n = len(lockdep.reports()) - self._lockdep_base
+        n = len(lockdep.reports()) - self.lockdep_base
         self._cmp("lockdep reports", n, "==", number(args[0], "expect lockdep: N", 0, U32_MAX))
         self.expected_lockdep = n
 
