@@ -100,7 +100,8 @@ A guest can never crash the device. Register accesses follow one rule:
   device (docs/protocol.md); nothing is read or written;
 - an aligned offset inside the window where no register is declared reads 0 and ignores
   writes; the device counts each such access as a guest error (`guest_errors` in `STATS`) and
-  logs it on `gemu.device.guest_error`;
+  logs it on `gemu.device.guest_error` (rate-limited: the first 5 of each kind and offset,
+  then one line with the count of those not logged at most every 5 s; `STATS` counts all);
 - reads of write-only registers return 0 and writes to read-only registers are ignored,
   counted and logged the same way;
 - writes keep only the bits of declared fields.

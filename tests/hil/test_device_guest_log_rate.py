@@ -8,6 +8,7 @@ each count a guest error in STATS, exactly, while the log holds only the first
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from gemu.device.abi import regs
 from gemu.device.regfile import GUEST_LOG_BURST, GUEST_LOG_INTERVAL_S
@@ -30,3 +31,10 @@ def test_100k_unassigned_reads_log_a_bounded_number_of_lines_and_count_exactly()
         assert len(lines) - len(summaries) == GUEST_LOG_BURST
         assert 1 <= len(summaries) <= 1 + elapsed / GUEST_LOG_INTERVAL_S, summaries
         print(f"{READS} unassigned reads in {elapsed:.2f} s: {len(lines)} log lines")
+
+
+def test_the_hardware_reference_states_the_rate_limit():
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "hardware.md").read_text()
+    text = " ".join(doc.split())
+    assert f"the first {GUEST_LOG_BURST} of each kind and offset" in text
+    assert f"at most every {GUEST_LOG_INTERVAL_S:g} s" in text
