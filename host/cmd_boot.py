@@ -257,6 +257,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="SPEC",
         help="console: stdio, pty, unix:PATH, tcp:127.0.0.1:PORT, serial:PORT-or-URL",
     )
+    boot.add_argument(
+        "--qmp",
+        metavar="SPEC",
+        help="QMP control socket (QEMU's protocol): unix:PATH or tcp:127.0.0.1:PORT "
+        "(port 0 picks one; the boot log prints it)",
+    )
     boot.set_defaults(func=cmd_boot)
     run = sub.add_parser(
         "run",
@@ -467,26 +473,50 @@ def cmd_boot(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from gemu.host.shell import DeviceLost, PowerOff
 
     check_device_options(args, parser)
+    qmp = None
+    unsubscribe = None
+    if args.qmp:
+        from gemu.host.qmp import QmpServer, QmpSpecError
+
+        try:
+            qmp = QmpServer(args.qmp, {}, notice=lambda text: None)
+        except QmpSpecError as exc:
+            parser.error(f"argument --qmp: {exc}")
     try:
         con = open_console(args.serial)
-    except ConsoleSpecError as exc:
-        parser.error(f"argument --serial: {exc}")
-    except OSError as exc:
+    except (ConsoleSpecError, OSError, KeyboardInterrupt) as exc:
+        if qmp is not None:
+            qmp.close()
+        if isinstance(exc, KeyboardInterrupt):
+            return EXIT_INTERRUPTED
+        if isinstance(exc, ConsoleSpecError):
+            parser.error(f"argument --serial: {exc}")
         where = f" {exc.filename}" if exc.filename else ""
         parser.error(f"argument --serial: {args.serial}:{where} {exc.strerror or exc}")
-    except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
     session = Session(args, con.line)
     interrupted = terminated = False
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         failed = session.boot()
         if failed is not None:
+            if qmp is not None:
+                qmp.close(reason="guest-panic")
             session.finish()
             return failed
         sh = session.shell
         lineno = 0
         next_probe = time.monotonic() + DEVICE_PROBE_S
+        quit_requested = False
+        if qmp is not None:
+            from gemu.host.qmp import machine_commands, subscribe_events
+
+            def on_quit() -> None:
+                nonlocal quit_requested
+                quit_requested = True
+
+            qmp.serve(machine_commands(sh, on_quit))
+            unsubscribe = subscribe_events(qmp)
+            session.kmsg(f"gemu: QMP listening on {qmp.address}")
 
         def idle() -> None:
             # a device stopped while the console waits would only be noticed by the next
@@ -496,9 +526,16 @@ def cmd_boot(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 session.machine.probe_device()
                 next_probe = time.monotonic() + DEVICE_PROBE_S
             sh._check_device()
+            if qmp is not None:
+                qmp.pump()
+                if quit_requested:
+                    raise PowerOff
 
         while True:
-            text = con.readline(sh.prompt, idle)
+            try:
+                text = con.readline(sh.prompt, idle)
+            except PowerOff:  # QMP quit
+                break
             if text is None:
                 con.line("")
                 break
@@ -515,8 +552,15 @@ def cmd_boot(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         terminated = True
     except DeviceLost as exc:
         session.kmsg(f"gemu0: device lost: {exc}; powering off")
+        if qmp is not None:
+            qmp.event("GEMU_DEVICE_LOST", {"reason": str(exc)})
     try:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if qmp is not None:
+            qmp.pump()  # a quit's reply is sent before the socket closes
+            if unsubscribe is not None:
+                unsubscribe()
+            qmp.close()
         code = session.finish(interrupted)
         return EXIT_TERMINATED if terminated else code
     finally:
