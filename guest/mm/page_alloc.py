@@ -247,22 +247,23 @@ def update_states(state: bytearray, seq: Sequence[int], old: int, new: int) -> b
 
 # The flags live in gemu.guest.mm.gfp (lockdep needs them too); the allocator's users import
 # them from here as well.
-GFP_KERNEL = Gfp.KERNEL
-GFP_NOFS = Gfp.NOFS
-GFP_NOIO = Gfp.NOIO
-GFP_NOWAIT = Gfp.NOWAIT
-GFP_ATOMIC = Gfp.ATOMIC
-__GFP_DIRECT_RECLAIM = Gfp.DIRECT_RECLAIM
-__GFP_KSWAPD_RECLAIM = Gfp.KSWAPD_RECLAIM
-__GFP_RECLAIM = Gfp.RECLAIM
-__GFP_IO = Gfp.IO
-__GFP_FS = Gfp.FS
-__GFP_HIGH = Gfp.HIGH
-__GFP_NORETRY = Gfp.NORETRY
-__GFP_NOWARN = Gfp.NOWARN
-__GFP_ZERO = Gfp.ZERO
-__GFP_NOMEMALLOC = Gfp.NOMEMALLOC
-
+from gemu.guest.mm.gfp import (  # noqa: E402, F401
+    __GFP_DIRECT_RECLAIM,
+    __GFP_FS,
+    __GFP_HIGH,
+    __GFP_IO,
+    __GFP_KSWAPD_RECLAIM,
+    __GFP_NOMEMALLOC,
+    __GFP_NORETRY,
+    __GFP_NOWARN,
+    __GFP_RECLAIM,
+    __GFP_ZERO,
+    GFP_ATOMIC,
+    GFP_KERNEL,
+    GFP_NOFS,
+    GFP_NOIO,
+    GFP_NOWAIT,
+)
 
 # Watermarks and statistics.
 
