@@ -322,6 +322,18 @@ class GpuMmu:
             self.lru.clear()
 
 
+def pte_bits(prot: Prot) -> int:
+    """The PTE bits of a page mapped with ``prot`` (valid, page type, and the permissions)."""
+    bits = pte.PAGE_BITS
+    if prot & Prot.READ:
+        bits |= pte.READ
+    if prot & Prot.WRITE:
+        bits |= pte.WRITE
+    if prot & Prot.EXEC:
+        bits |= pte.EXEC
+    return bits
+
+
 class GpuVm:
     """One GPU address space: VA allocator + 4-level page table in guest RAM.
 
@@ -436,13 +448,7 @@ class GpuVm:
         """
         if va % PAGE_SIZE or not pte.va_fits(va + len(pas) * PAGE_SIZE - 1):
             raise Einval(msg=f"bad GPU VA {va:#x} for {len(pas)} pages")
-        bits = pte.PAGE_BITS
-        if prot & Prot.READ:
-            bits |= pte.READ
-        if prot & Prot.WRITE:
-            bits |= pte.WRITE
-        if prot & Prot.EXEC:
-            bits |= pte.EXEC
+        bits = pte_bits(prot)
         reserve = self._prealloc_tables(va, len(pas))
         try:
             with self.lock:

@@ -46,7 +46,6 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from gemu.device.abi import pte
 from gemu.guest.dma_buf import dma_fence, dma_resv
 from gemu.guest.dma_buf.dma_fence import DmaFence
 from gemu.guest.dma_buf.dma_resv import DmaResvUsage
@@ -65,7 +64,7 @@ from gemu.guest.drm.gem_lru import DrmGemLru
 from gemu.guest.errors import Ebusy, Einval, Enoent, Etimedout, KernelError, warn_on
 from gemu.guest.gemu_drv import vm_shrinker
 from gemu.guest.gemu_drv.uapi import GemuDriver, GemuFile, JobFence
-from gemu.guest.gemu_drv.vm import PAGE_SHIFT, PAGE_SIZE, VA_END, VA_START, GpuVm, Prot
+from gemu.guest.gemu_drv.vm import PAGE_SHIFT, PAGE_SIZE, VA_END, VA_START, GpuVm, Prot, pte_bits
 from gemu.guest.gemu_drv.vm_shrinker import ReclaimState, VmReclaim
 from gemu.guest.kernel import runtime
 from gemu.guest.locking.lockdep import LockClass
@@ -227,17 +226,6 @@ class BindSchedOps(drm_sched.DrmSchedBackendOps):
         f.idle_wq.wake_up_all()
 
 
-def _pte_bits(prot: Prot) -> int:
-    bits = pte.PAGE_BITS
-    if prot & Prot.READ:
-        bits |= pte.READ
-    if prot & Prot.WRITE:
-        bits |= pte.WRITE
-    if prot & Prot.EXEC:
-        bits |= pte.EXEC
-    return bits
-
-
 def pt_map_reserved(pt: GpuVm, va: int, pas: Sequence[int], prot: Prot, reserve: list[int]) -> None:
     """Write PTEs with table frames taken only from ``reserve``, then flush the TLB.
 
@@ -245,7 +233,7 @@ def pt_map_reserved(pt: GpuVm, va: int, pas: Sequence[int], prot: Prot, reserve:
     allocator hands out preallocated tables in the signalling path. Uses :class:`GpuVm`'s
     page-table writer under its page-table lock.
     """
-    bits = _pte_bits(prot)
+    bits = pte_bits(prot)
     with pt.lock:
         pt._write_run(va, [pa | bits for pa in pas], reserve=reserve)
         pt.mapped_pages += len(pas)
