@@ -211,12 +211,26 @@ def build_parser() -> argparse.ArgumentParser:
         description="Hardware-in-the-loop emulator for GPU memory management.",
         formatter_class=HelpFormatter,
     )
+    parser.allow_abbrev = False
+    parser.add_argument("--version", action="version", version=f"gemu version {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
     for p in sub.choices.values():
         p.formatter_class = HelpFormatter
+        # no prefix matching: QEMU's single-dash long options (-monitor, -serial) must not
+        # read as a prefix of another option or as -m with the value "onitor"
+        p.allow_abbrev = False
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("gemu")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 EXIT_INTERNAL = 70

@@ -92,6 +92,37 @@ def _serial_arg(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _chardev_arg(text: str) -> str:
+    """QEMU's chardev syntax (``unix:PATH,server,nowait``, ``tcp:HOST:PORT,server=on,
+    wait=off``, ``stdio``, ``pty``) as a console spec; what gemu cannot honour is refused."""
+    spec, *opts = text.split(",")
+    kind = spec.partition(":")[0]
+    if kind not in ("stdio", "pty", "unix", "tcp"):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: gemu's console is stdio, pty, unix:PATH,server or tcp:HOST:PORT,server"
+        )
+    server = False
+    for opt in opts:
+        key, _, value = opt.partition("=")
+        on = value in ("", "on")
+        if key in ("server", "wait", "nowait") and value not in ("", "on", "off"):
+            raise argparse.ArgumentTypeError(f"{text!r}: {key}={value}: use on or off")
+        if key == "server":
+            server = on
+        elif key == "nowait" or (key == "wait" and not on):
+            # the console is the only way in: gemu waits for its client before booting
+            # either way, so nothing the boot prints is lost
+            continue
+        elif key != "wait":
+            raise argparse.ArgumentTypeError(f"{text!r}: option {key!r} is not supported by gemu")
+    if kind in ("unix", "tcp") and not server:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: gemu listens for its console client; add ,server "
+            "(connecting out as a client is not supported)"
+        )
+    return _serial_arg(spec)
+
+
 def _log_arg(text: str) -> tuple[str, ...]:
     items = tuple(i.strip() for i in text.split(",") if i.strip())
     bad = [i for i in items if i not in LOG_ITEMS]
@@ -220,6 +251,18 @@ def _machine_options(p: argparse.ArgumentParser, ram: str) -> None:
         "tcp:127.0.0.1:PORT (loopback only); see docs/gdb.md",
     )
     p.add_argument(
+        "-s",
+        dest="gdb",
+        action="store_const",
+        const="tcp::1234",
+        help="QEMU's shorthand for --gdb tcp::1234",
+    )
+    p.add_argument(
+        "-nographic",
+        action="store_true",
+        help="accepted for QEMU command lines; gemu has no display",
+    )
+    p.add_argument(
         "-S",
         dest="gdb_wait",
         action="store_true",
@@ -256,6 +299,20 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="stdio",
         metavar="SPEC",
         help="console: stdio, pty, unix:PATH, tcp:127.0.0.1:PORT, serial:PORT-or-URL",
+    )
+    boot.add_argument(
+        "-serial",
+        dest="serial",
+        type=_chardev_arg,
+        metavar="CHARDEV",
+        help="QEMU's spelling of --serial: stdio, pty, unix:PATH,server[,nowait], "
+        "tcp:127.0.0.1:PORT,server[,nowait]",
+    )
+    boot.add_argument(
+        "-monitor",
+        type=_chardev_arg,
+        metavar="CHARDEV",
+        help="the same console (gemu's shell is its monitor): as -serial",
     )
     boot.add_argument(
         "--qmp",
@@ -473,6 +530,13 @@ def cmd_boot(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from gemu.host.shell import DeviceLost, PowerOff
 
     check_device_options(args, parser)
+    if args.monitor is not None:
+        if args.serial != "stdio" and args.serial != args.monitor:
+            parser.error(
+                f"argument -monitor: gemu has one console, its monitor: -monitor {args.monitor} "
+                f"and -serial {args.serial} name two"
+            )
+        args.serial = args.monitor
     qmp = None
     unsubscribe = None
     if args.qmp:
