@@ -333,6 +333,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.add_argument(
         "-q", "--quiet", action="store_true", help="print only failures and the summary"
     )
+    run.add_argument(
+        "--junit-xml",
+        type=_trace_arg,
+        metavar="FILE",
+        help="write a JUnit XML report (one test case per script) for CI",
+    )
+    run.add_argument(
+        "--json",
+        type=_trace_arg,
+        metavar="FILE",
+        help="write the same report as JSON",
+    )
     run.set_defaults(func=cmd_run)
 
 
@@ -417,6 +429,7 @@ class Session:
         self.t0 = time.monotonic()
         self.machine = None
         self.shell = None
+        self.summary = None  # the power-off summary, once finished
         self.tracer = None
         self.prespawned = _prespawn_device(args)
 
@@ -484,7 +497,7 @@ class Session:
         sh, m = self.shell, self.machine
         status = EXIT_OK
         if sh is not None:
-            s = sh.poweroff()
+            s = self.summary = sh.poweroff()
             st = s.stats
             gpu = st.get("gpu", {})
             shr = st.get("shrinker", {})
@@ -651,6 +664,9 @@ def cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         return EXIT_USAGE
     if args.quiet:
         session.write = lambda text: None
+    from gemu.host.report import RunRecorder
+
+    recorder = RunRecorder()
     interrupted = terminated = False
     status = None
     signal.signal(signal.SIGTERM, _on_sigterm)
@@ -665,14 +681,23 @@ def cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         if args.quiet:
             sh.write = lambda text: None
             sh.report = write
-        for path, statements in zip(args.scripts, scripts):
+        for i, (path, statements) in enumerate(zip(args.scripts, scripts)):
             if not args.quiet:
                 write(f"{PROMPT}# {path}")
+            recorder.start(sh.sum)
+            t0 = time.monotonic()
             try:
-                if not sh.run_script(statements):
-                    status = EXIT_FAILED
-                    break
+                ok = sh.run_script(statements)
             except PowerOff:
+                recorder.finish(path, sh.sum, time.monotonic() - t0)
+                for rest in args.scripts[i + 1 :]:
+                    recorder.skip(rest, f"not run: {path} powered the machine off")
+                break
+            recorder.finish(path, sh.sum, time.monotonic() - t0, ok)
+            if not ok:
+                status = EXIT_FAILED
+                for rest in args.scripts[i + 1 :]:
+                    recorder.skip(rest, f"not run: {path} failed")
                 break
     except KeyboardInterrupt:
         write("gemu: interrupted; powering off")
@@ -684,9 +709,27 @@ def cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         write(f"gemu0: device lost: {exc}; powering off")
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     session.write = write
+    if session.shell is not None:
+        recorder.start(session.shell.sum)
     code = session.finish(interrupted)
+    if session.summary is not None:
+        recorder.poweroff(session.summary)
+    _write_reports(args, recorder)
     if terminated:
         return EXIT_TERMINATED
     if status is not None and code == EXIT_OK:
         code = status
     return code
+
+
+def _write_reports(args: argparse.Namespace, recorder) -> None:
+    """Write the --junit-xml and --json reports; a file that cannot be written is said."""
+    from gemu.host.report import write_json, write_junit
+
+    for path, writer in ((args.junit_xml, write_junit), (args.json, write_json)):
+        if path is None:
+            continue
+        try:
+            writer(path, recorder.cases)
+        except OSError as exc:
+            print(f"gemu run: cannot write {path}: {exc.strerror or exc}", file=sys.stderr)
