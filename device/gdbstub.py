@@ -39,7 +39,6 @@ import logging
 import re
 import socket
 import struct
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -57,9 +56,6 @@ log = logging.getLogger("gemu.device.gdbstub")
 MONITOR_MAX_RUNS = 512  # mapped ranges `monitor mappings` prints at most
 MONITOR_MAX_ALIASES = 16  # cycle/alias lines it prints at most (the rest are counted)
 PACKET_SIZE = 0x4000  # the largest packet we accept and announce (PacketSize, hex)
-# replies made per loop iteration before the packets left wait for the next one, so a gdb that
-# sends many large reads at once cannot hold the device for long (128 KiB: about 2 ms)
-REPLY_BUDGET = 128 << 10
 MAX_PAYLOAD = PACKET_SIZE * 4  # a packet longer than this (after run-length) is dropped
 MAX_LISTED = 4096  # packets listed by one `monitor dis` / `monitor ring`
 
@@ -353,8 +349,6 @@ class GdbStub:
         self._free_step = False
         self._last_sent = b""
         self.out = bytearray()  # replies gdb has not taken yet (sends never block the device)
-        self._written = 0  # bytes of replies made, for REPLY_BUDGET
-        self._pending: deque[tuple] = deque()  # packets read but not handled yet
         self.counters = dict(connections=0, packets=0, bad_packets=0, stops=0)
         if wait:
             gpu.halt()
@@ -392,7 +386,6 @@ class GdbStub:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.conn = sock
         self.out = bytearray()
-        self._pending.clear()
         self.reader = PacketReader()
         self.ack_mode = True
         self.counters["connections"] += 1
@@ -414,7 +407,6 @@ class GdbStub:
         """Detach: forget breakpoints and watchpoints, let the device run on."""
         sock, self.conn = self.conn, None
         self.out = bytearray()
-        self._pending.clear()
         if sock is not None:
             if self.server is not None:
                 with contextlib.suppress(Exception):
@@ -437,9 +429,6 @@ class GdbStub:
             self._flush()
             if self.conn is not sock:
                 return
-        if self._pending:  # what the last read left: no more input until it is handled
-            self._run_pending(REPLY_BUDGET)
-            return
         try:
             data = sock.recv(65536)
         except (BlockingIOError, InterruptedError):
@@ -450,53 +439,37 @@ class GdbStub:
         if not data:
             self._disconnect("connection closed")
             return
-        self.feed(data, REPLY_BUDGET)
+        self.feed(data)
 
     # --- input ---------------------------------------------------------------------------
 
-    def feed(self, data: bytes, budget: int | None = None) -> None:
-        """Handle bytes from gdb (the socket callback; tests may call it directly). With a
-        ``budget``, stop once the replies of this call reach ``budget`` bytes and leave the
-        rest of the packets for the next loop iteration."""
-        self._pending.extend(self.reader.feed(data))
-        self._run_pending(budget)
-
-    def _run_pending(self, budget: int | None) -> None:
-        start = self._written
-        while self._pending:
+    def feed(self, data: bytes) -> None:
+        """Handle bytes from gdb (the socket callback; tests may call it directly)."""
+        for event in self.reader.feed(data):
             if self.conn is None:
-                self._pending.clear()
                 return  # detached by an earlier packet of the same read
-            if budget is not None and self._written - start >= budget:
-                break
-            self._handle_event(self._pending.popleft())
-        if self.conn is not None and self.server is not None:
-            # packets left: come back when the socket is writable (at once if gdb reads)
-            self.server.watch_writable(self.conn, bool(self._pending or self.out))
-
-    def _handle_event(self, event: tuple) -> None:
-        kind = event[0]
-        if kind == "packet":
-            self.counters["packets"] += 1
-            if self.ack_mode:
-                self._write(b"+")
-            try:
-                reply = self.handle(event[1])
-            except Exception:  # never let gdb bring the device down
-                log.exception("gdb packet %r failed", event[1][:40])
-                reply = b"E01"
-            if reply is not None:
-                self.send(reply)
-        elif kind == "bad":
-            self.counters["bad_packets"] += 1
-            log.warning("gdb: bad packet: %s", event[1])
-            if self.ack_mode:
-                self._write(b"-")
-        elif kind == "nack":
-            if self._last_sent:
-                self._write(self._last_sent)
-        elif kind == "interrupt":
-            self.interrupt()
+            kind = event[0]
+            if kind == "packet":
+                self.counters["packets"] += 1
+                if self.ack_mode:
+                    self._write(b"+")
+                try:
+                    reply = self.handle(event[1])
+                except Exception:  # never let gdb bring the device down
+                    log.exception("gdb packet %r failed", event[1][:40])
+                    reply = b"E01"
+                if reply is not None:
+                    self.send(reply)
+            elif kind == "bad":
+                self.counters["bad_packets"] += 1
+                log.warning("gdb: bad packet: %s", event[1])
+                if self.ack_mode:
+                    self._write(b"-")
+            elif kind == "nack":
+                if self._last_sent:
+                    self._write(self._last_sent)
+            elif kind == "interrupt":
+                self.interrupt()
 
     def send(self, payload: bytes) -> None:
         data = frame(payload)
@@ -508,7 +481,6 @@ class GdbStub:
         flushed when the socket is writable; past OUTPUT_CAP unread, gdb is disconnected."""
         if self.conn is None:
             return
-        self._written += len(data)
         if not self.out:
             sent = self._send_nowait(data)
             if sent is None or sent == len(data):
@@ -542,7 +514,7 @@ class GdbStub:
         if sent is None:
             return
         del self.out[:sent]
-        if not self.out and not self._pending and self.server is not None:
+        if not self.out and self.server is not None:
             self.server.watch_writable(self.conn, False)
 
     # --- execution -----------------------------------------------------------------------
