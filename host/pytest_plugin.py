@@ -1,0 +1,138 @@
+"""DOC: a pytest plugin: gemu machines as fixtures, job scripts as test items.
+
+Registered through the ``pytest11`` entry point, so installing gemu makes it available::
+
+    import pytest
+
+    @pytest.mark.gemu(ram="16M", swap="64M", mutant="none")
+    def test_fill(gemu_console):
+        assert gemu_console.run("a = bo 8K\\nfill a 5\\nexpect value a == 5\\n")
+
+``gemu_machine`` is a booted :class:`~gemu.host.machine.Machine` (device in-process);
+``gemu_console`` a console session on it whose power-off summary must be clean (an
+unexamined GPU fault, a lockdep report, lost data or a leak fails the test). With
+``--gemu-jobs`` (or ``gemu_jobs = true`` in the ini file) every ``*.job`` file collected is
+a test item run on its own machine, failing with the script's ``file:line: message``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+DEFAULT_RAM = 16 << 20
+DEFAULT_SWAP = 64 << 20
+
+
+def pytest_addoption(parser) -> None:
+    parser.addoption("--gemu-jobs", action="store_true", help="collect *.job files as tests")
+    parser.addini("gemu_jobs", "collect *.job files as tests", type="bool", default=False)
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line(
+        "markers", "gemu(ram=SIZE, swap=SIZE, mutant=NAME): the machine of gemu_machine"
+    )
+
+
+def _size(value, default: int) -> int:
+    from gemu.host.machine import parse_size
+
+    if value is None:
+        return default
+    return value if isinstance(value, int) else parse_size(str(value))
+
+
+class _Booted:
+    def __init__(self, ram: int, swap: int, mutant: str) -> None:
+        from gemu.guest.gemu_drv.job import Mutant
+        from gemu.host.machine import Machine
+
+        self.machine = Machine(ram_size=ram, swap_size=swap, device="inproc")
+        if mutant != "none":
+            self.machine.driver.set_mutant(Mutant(mutant))
+
+
+@pytest.fixture
+def gemu_machine(request):
+    """A booted machine configured by the test's ``gemu`` marker; shut down afterwards."""
+    marker = request.node.get_closest_marker("gemu")
+    kw = dict(marker.kwargs) if marker else {}
+    unknown = set(kw) - {"ram", "swap", "mutant"}
+    if unknown:
+        pytest.fail(f"@pytest.mark.gemu: unknown argument(s) {sorted(unknown)}", pytrace=False)
+    booted = _Booted(
+        _size(kw.get("ram"), DEFAULT_RAM),
+        _size(kw.get("swap"), DEFAULT_SWAP),
+        str(kw.get("mutant", "none")),
+    )
+    with booted.machine as m:
+        yield m
+
+
+class Console:
+    """A console session: ``run(text)`` runs lines as a script; ``lines`` what it printed."""
+
+    def __init__(self, machine) -> None:
+        from gemu.host.shell import Shell
+
+        self.lines: list[str] = []
+        self.shell = Shell(machine, self.lines.append)
+
+    def run(self, text: str, file: str = "<test>") -> bool:
+        return self.shell.run_text(text, file)
+
+    def query(self, view: str):
+        return self.shell.m.query(view, self.shell)
+
+
+@pytest.fixture
+def gemu_console(gemu_machine):
+    """A console session on ``gemu_machine``; its power-off summary must be clean."""
+    con = Console(gemu_machine)
+    yield con
+    summary = con.shell.poweroff()
+    if not summary.ok:
+        pytest.fail("gemu: " + "; ".join(summary.problems()), pytrace=False)
+
+
+def pytest_collect_file(parent, file_path: Path):
+    config = parent.config
+    if file_path.suffix == ".job" and (
+        config.getoption("--gemu-jobs") or config.getini("gemu_jobs")
+    ):
+        return JobFile.from_parent(parent, path=file_path)
+    return None
+
+
+class JobFailed(Exception):
+    """A job script's problems, each ``file:line: message``."""
+
+
+class JobFile(pytest.File):
+    def collect(self):
+        yield JobItem.from_parent(self, name=self.path.name)
+
+
+class JobItem(pytest.Item):
+    """One job script run on its own machine, as ``gemu run SCRIPT`` would."""
+
+    def runtest(self) -> None:
+        from gemu.host.shell import Shell
+
+        booted = _Booted(DEFAULT_RAM, DEFAULT_SWAP, "none")
+        with booted.machine as m:
+            sh = Shell(m, lambda text: None)
+            sh.run_file(self.path)
+            summary = sh.poweroff()
+        if not summary.ok:
+            raise JobFailed("\n".join(summary.problems()))
+
+    def repr_failure(self, excinfo):
+        if isinstance(excinfo.value, JobFailed):
+            return str(excinfo.value)
+        return super().repr_failure(excinfo)
+
+    def reportinfo(self):
+        return self.path, 0, f"job script {self.path.name}"
