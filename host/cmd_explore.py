@@ -41,6 +41,7 @@ MUTANTS = (
     "shrinker-blocking-lock",
     "pt-alloc-under-lock",
     "reset-allocates",
+    "madvise-list-add",
 )
 """The values of :class:`gemu.guest.gemu_drv.job.Mutant` (spelled out: the CLI parser is
 built without importing the guest; a test keeps the two equal)."""
@@ -158,6 +159,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="run a deliberately wrong driver (docs/validation.md lists them)",
     )
     p.add_argument(
+        "--bug",
+        metavar="NAME",
+        help="explore a historical kernel bug of the corpus: its mutant on its scenario "
+        "(--list-bugs names them; docs/bugs.md)",
+    )
+    p.add_argument(
+        "--list-bugs",
+        action="store_true",
+        help="list the corpus of historical kernel bugs (name, fixing commit, subject) and exit",
+    )
+    p.add_argument(
         "--strict-signalling",
         action="store_true",
         help="gemu's stricter lockdep mode: publishing a fence in a reservation object opens "
@@ -215,6 +227,17 @@ def _config(args: argparse.Namespace, parser: argparse.ArgumentParser):
         scenario_from_args,
     )
 
+    if args.bug is not None:
+        from gemu.host.explore.bugs import lookup
+
+        try:
+            bug = lookup(args.bug)
+        except ValueError as exc:
+            parser.error(str(exc))
+        if args.mutant != "none" or args.scenario:
+            parser.error("--bug picks its own mutant and scenario: drop --mutant and SCENARIO")
+        args.mutant = bug.mutant
+        args.scenario = bug.scenario
     if args.scenario and Path(args.scenario).is_file():
         from gemu.host.explore.jobscripts import scenario_for_script
 
@@ -318,9 +341,23 @@ def _replay(args, parser) -> int:
 def cmd_explore(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from gemu.host.explore import engine
 
+    if args.list_bugs:
+        from gemu.host.explore.bugs import list_lines
+
+        print("\n".join(list_lines()))
+        return EXIT_OK
     if args.replay:
         return _replay(args, parser)
     cfg = _config(args, parser)
+    if args.bug is not None:
+        from gemu.host.explore.bugs import lookup
+
+        bug = lookup(args.bug)
+        print(
+            f"explore: bug {bug.name}: fixed by {bug.fix[:12]} ({bug.subject!r}); mutant "
+            f"{bug.mutant} on scenario {bug.scenario}, caught by {bug.invariant}",
+            flush=True,
+        )
     workers = args.workers or engine.default_workers()
     if cfg.strategy == "exhaustive":
         return _exhaustive(args, cfg, workers)

@@ -35,7 +35,10 @@ from gemu.guest.locking.mutex import Mutex
 
 __all__ = [
     "DrmGemLru",
+    "ListCorruption",
     "Remaining",
+    "add_tail_locked",
+    "check",
     "init",
     "move_tail",
     "move_tail_locked",
@@ -106,8 +109,29 @@ def init(lru: DrmGemLru, lock: Mutex) -> None:
     DrmGemLru.__init__(lru, lock, getattr(lru, "name", "lru"))
 
 
+class ListCorruption(RuntimeError):
+    """A list operation found the links around a node inconsistent.
+
+    Kernel: __list_del_entry_valid_or_report() / __list_add_valid_or_report()
+    [lib/list_debug.c] with CONFIG_DEBUG_LIST and CONFIG_BUG_ON_DATA_CORRUPTION: the kernel
+    BUG()s there, so the model stops the task (``gemu explore`` reports it as ``lru``) rather
+    than walk a list that may now be a cycle.
+    """
+
+
 def _unlink(lru: DrmGemLru, obj: DrmGemObject) -> None:
     prev, nxt = obj.lru_prev, obj.lru_next
+    # list_del's debug checks: the neighbours must point back at the node
+    if (lru.first if prev is None else prev.lru_next) is not obj:
+        raise ListCorruption(
+            f"list_del corruption: {obj!r} on {lru.name}: prev->next should be {obj!r}, but was "
+            f"{lru.first if prev is None else prev.lru_next!r}"
+        )
+    if (lru.last if nxt is None else nxt.lru_prev) is not obj:
+        raise ListCorruption(
+            f"list_del corruption: {obj!r} on {lru.name}: next->prev should be {obj!r}, but was "
+            f"{lru.last if nxt is None else nxt.lru_prev!r}"
+        )
     if prev is None:
         lru.first = nxt
     else:
@@ -131,6 +155,62 @@ def _link_tail(lru: DrmGemLru, obj: DrmGemObject) -> None:
     lru.last = obj
     lru.count += obj.size >> PAGE_SHIFT
     obj.lru = lru
+
+
+def add_tail_locked(lru: DrmGemLru, obj: DrmGemObject) -> None:
+    """list_add_tail() of ``obj``'s node onto ``lru`` *without* taking it off the list it is
+    on: never right for a linked node, only gemu explore's ``madvise-list-add`` mutant calls it
+    (panfrost's madvise before 9fc33eaaa979, host/explore/bugs.py).
+
+    Kernel: list_add_tail() with CONFIG_DEBUG_LIST's __list_add_valid(). The kernel's check
+    sees a double add only when the node is the list's tail; any other linked node is linked
+    again and its old neighbours keep pointing at it, which a later list_del reports. The
+    model refuses every add of a linked node at once: the corrupted list would otherwise be
+    walked by code that has no bound on a cycle.
+    """
+    lockdep.assert_held(lru.lock)
+    if obj.lru is not None:
+        raise ListCorruption(
+            f"list_add double add: {obj!r} is already on {obj.lru.name}, added to {lru.name}"
+        )
+    obj.lru_prev = lru.last
+    obj.lru_next = None
+    if lru.last is None:
+        lru.first = obj
+    else:
+        lru.last.lru_next = obj
+    lru.last = obj
+    lru.count += obj.size >> PAGE_SHIFT
+    obj.lru = lru
+
+
+def check(lru: DrmGemLru, limit: int) -> str | None:
+    """What is wrong with ``lru``'s structure, or None: links both ways, ``obj.lru``, no node
+    twice, ``count`` equal to the pages of the objects on it. The walk stops after ``limit``
+    nodes (a cycle is then reported).
+
+    For gemu explore's ``lru`` invariant; reads without the lock, which the deterministic
+    runtime makes atomic.
+    """
+    seen: set[int] = set()
+    prev = None
+    obj = lru.first
+    pages = 0
+    while obj is not None:
+        if len(seen) >= limit or id(obj) in seen:
+            return f"{lru.name}: a cycle through {obj!r}"
+        seen.add(id(obj))
+        if obj.lru is not lru:
+            return f"{lru.name}: {obj!r} is on it but its lru is {obj.lru!r}"
+        if obj.lru_prev is not prev:
+            return f"{lru.name}: {obj!r}'s prev is {obj.lru_prev!r}, not {prev!r}"
+        pages += obj.size >> PAGE_SHIFT
+        prev, obj = obj, obj.lru_next
+    if lru.last is not prev:
+        return f"{lru.name}: last is {lru.last!r}, the walk ended at {prev!r}"
+    if pages != lru.count:
+        return f"{lru.name}: count {lru.count} pages, the objects on it hold {pages}"
+    return None
 
 
 def remove_locked(obj: DrmGemObject) -> None:

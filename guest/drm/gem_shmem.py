@@ -814,6 +814,20 @@ def madvise_locked(shmem: DrmGemShmemObject, madv: int) -> bool:
     dma_resv.assert_held(shmem.resv)
     if shmem.madv >= 0:
         shmem.madv = madv
+    mm = shmem.dev.shmem_mm
+    if (
+        mm is not None
+        and mm.madvise_list_add
+        and madv > 0
+        and shmem.madv >= 0
+        and shmem.import_attach is None
+    ):
+        # gemu explore's madvise-list-add mutant, panfrost_ioctl_madvise() before 9fc33eaaa979
+        # "drm/panfrost: Fix shrinker list corruption by madvise IOCTL": list_add_tail() of a
+        # node that may already be on the list (the fix made it list_move_tail()).
+        with mm.lock:
+            gem_lru.add_tail_locked(mm.lru_evictable, shmem)
+        return shmem.madv >= 0
     update_lru_locked(shmem)
     return shmem.madv >= 0
 

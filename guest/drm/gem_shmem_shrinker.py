@@ -99,6 +99,7 @@ class DrmGemShmem:
         "lru_evictable",
         "lru_evicted",
         "lru_pinned",
+        "madvise_list_add",
         "shrinker",
         "skip_busy_test",
         "stats",
@@ -116,6 +117,8 @@ class DrmGemShmem:
         self.skip_busy_test = False
         # Another: lock each object with a blocking lock instead of the trylock.
         self.blocking_lock = False
+        # Another: madvise(DONTNEED) links without unlinking first (gem_shmem.madvise_locked).
+        self.madvise_list_add = False
         self.shrinker = Shrinker(
             dev.unique, self.count_objects, self.scan_objects, private_data=self
         )

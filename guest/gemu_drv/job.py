@@ -120,6 +120,11 @@ class Mutant(Enum):
     """The reset path captures the GPU's crash state with a GFP_KERNEL allocation that may
     enter reclaim, inside the fence signalling section (reclaim may wait for the very fences
     the reset must signal): msm's recover_worker before "forbid mem reclaim from reset"."""
+    MADVISE_LIST_ADD = "madvise-list-add"
+    """madvise(DONTNEED) links the object at the tail of the evictable LRU without taking it
+    off the list it is on (list_add_tail where list_move_tail is needed): panfrost's madvise
+    ioctl before 9fc33eaaa979 "drm/panfrost: Fix shrinker list corruption by madvise IOCTL"
+    (host/explore/bugs.py)."""
 
     @property
     def order(self) -> SubmitOrder:

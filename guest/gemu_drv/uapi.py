@@ -277,6 +277,7 @@ class GemuDriver:
         if mm is not None:
             mm.skip_busy_test = self.mutant is Mutant.SHRINKER_SKIPS_BUSY
             mm.blocking_lock = self.mutant is Mutant.SHRINKER_BLOCKING_LOCK
+            mm.madvise_list_add = self.mutant is Mutant.MADVISE_LIST_ADD
 
     # -- probe / remove --------------------------------------------------------------------
     def probe(self) -> None:

@@ -38,6 +38,9 @@ Invariants (the ``kind`` of a :class:`Violation`):
 ``expectation``      a job script's ``expect`` failed or one of its lines failed (``file:line``)
 ``deadlock``         no task can run, no end within ``max_steps``, or a hang (``HANG_NS``)
 ``leak``             a frame, swap slot, object, ring slot, AS or fence left at the end
+``lru``              a GEM LRU whose structure is broken (links, ``obj.lru``, page count),
+                     checked after every shrinker pass and at the end, or a list operation
+                     that found its node's neighbours inconsistent (CONFIG_DEBUG_LIST)
 ``crash``            an unexpected exception in a task
 ==================== ==========================================================================
 """
@@ -57,7 +60,7 @@ from gemu.device.abi.enums import WaitFunc
 from gemu.guest import errors
 from gemu.guest.dma_buf import dma_fence
 from gemu.guest.dma_buf.dma_resv import DmaResvUsage
-from gemu.guest.drm import gem
+from gemu.guest.drm import gem, gem_lru
 from gemu.guest.errors import Einval, Enomem, Etimedout, KernelError
 from gemu.guest.gemu_drv.job import Mutant
 from gemu.guest.gemu_drv.uapi import DEFAULT_TIMEOUT_NS, READ, WRITE, GemuDriver, GemuFile
@@ -87,6 +90,7 @@ KINDS = (
     "expectation",
     "deadlock",
     "leak",
+    "lru",
     "crash",
 )
 
@@ -318,6 +322,7 @@ class _Run:
             timeout_ns=sc.job_timeout_ns or DEFAULT_TIMEOUT_NS,
         )
         self.drv.probe()
+        self._watch_lrus()
         self.allocator.start_kswapd()
 
     def _watch_frees(self) -> None:
@@ -331,6 +336,32 @@ class _Run:
 
         alloc.free_pages = checked_free_pages
         alloc.free_page = lambda pfn: checked_free_pages([pfn])
+
+    def _watch_lrus(self) -> None:
+        """Check the GEM LRUs after every pass of the shmem shrinker (and at the end)."""
+        mm = self.dev.shmem_mm
+        if mm is None:
+            return
+        scan = mm.shrinker.scan_objects
+
+        def checked_scan(sc):
+            try:
+                return scan(sc)
+            finally:
+                self.check_lrus()
+
+        mm.shrinker.scan_objects = checked_scan
+
+    def check_lrus(self) -> None:
+        """The ``lru`` invariant: every LRU of the shmem shrinker is a well-formed list."""
+        mm = self.dev.shmem_mm
+        if mm is None:
+            return
+        limit = self.dev.object_count + 64  # a guard: the walk also stops at a repeated node
+        for lru in (mm.lru_pinned, mm.lru_evictable, mm.lru_evicted):
+            problem = gem_lru.check(lru, limit)
+            if problem is not None:
+                self.violate("lru", problem)
 
     def _check_unmapped(self, pfns) -> None:
         drv = getattr(self, "drv", None)
@@ -412,6 +443,7 @@ class _Run:
         for task in tasks:
             task.join()
         rt.quiet = sc.quiet_setup
+        self.check_lrus()
         self.teardown()
 
     def script_scenario(self) -> None:
@@ -747,6 +779,7 @@ def run_schedule(
     level = quiet.level
     quiet.setLevel(logging.CRITICAL + 1)
     errors.reset_warn_stats()
+    corrupted = False
     try:
         rt.run(run.main)
     except runtime.DeadlockError as exc:
@@ -760,6 +793,9 @@ def run_schedule(
         run.violate("deadlock", str(exc).split("\n")[0])
     except runtime.LivelockError as exc:
         run.violate("deadlock", f"livelock: {str(exc).splitlines()[0]}")
+    except gem_lru.ListCorruption as exc:
+        run.violate("lru", str(exc))
+        corrupted = True
     except (runtime.ReplayDivergence, runtime.RunAbandoned, KeyboardInterrupt):
         raise  # Ctrl-C stops the search; it is not a crash of the schedule
     except BaseException as exc:
@@ -771,7 +807,7 @@ def run_schedule(
         stats = errors.warn_stats()
         errors.set_strict(was_strict)
         quiet.setLevel(level)
-    aborted = any(v.kind in ("deadlock", "crash") for v in run.violations)
+    aborted = corrupted or any(v.kind in ("deadlock", "crash") for v in run.violations)
     for msg in stats.counts:
         run.violate("kernel-warning", msg)
     st = rt.lockdep

@@ -63,6 +63,7 @@ EXPECTED = {
     "shrinker-blocking-lock": {"lockdep"},
     "pt-alloc-under-lock": {"lockdep"},
     "reset-allocates": {"signalling"},
+    "madvise-list-add": {"lru"},
 }
 
 
