@@ -173,15 +173,7 @@ def add_tail_locked(lru: DrmGemLru, obj: DrmGemObject) -> None:
         raise ListCorruption(
             f"list_add double add: {obj!r} is already on {obj.lru.name}, added to {lru.name}"
         )
-    obj.lru_prev = lru.last
-    obj.lru_next = None
-    if lru.last is None:
-        lru.first = obj
-    else:
-        lru.last.lru_next = obj
-    lru.last = obj
-    lru.count += obj.size >> PAGE_SHIFT
-    obj.lru = lru
+    _link_tail(lru, obj)
 
 
 def check(lru: DrmGemLru, limit: int) -> str | None:
