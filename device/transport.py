@@ -145,22 +145,32 @@ def check_listen(text: str) -> Spec:
     return spec
 
 
+def listen_unix(path: str, backlog: int) -> socket.socket:
+    """A listening UNIX socket at ``path`` of mode :data:`SOCKET_MODE` whatever the umask.
+
+    bind() follows the umask; nobody can connect before listen(), so restricting the mode in
+    between leaves no window for another user. Raises OSError (the socket closed)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        os.chmod(path, SOCKET_MODE)
+        sock.listen(backlog)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def listen(text: str, *, backlog: int = 2) -> Listener:
     """Listen on a ``unix:`` or loopback ``tcp:`` spec (serial ports are opened, see
     :func:`open_serial`)."""
     spec = parse_spec(text)
     if spec.kind == "unix":
         _claim_unix_path(spec.path, text)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock.bind(spec.path)
-            # bind follows the umask; nobody can connect before listen(), so restricting
-            # the mode in between leaves no window for another user
-            os.chmod(spec.path, SOCKET_MODE)
+            sock = listen_unix(spec.path, backlog)
         except OSError as exc:
-            sock.close()
             raise SpecError(f"transport spec {text!r}: cannot bind: {exc.strerror}") from None
-        sock.listen(backlog)
         return Listener(sock, spec, unlink=spec.path)
     if spec.kind == "tcp":
         family, host = _loopback_address(spec, text)

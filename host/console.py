@@ -36,7 +36,7 @@ import time
 import tty
 from collections.abc import Callable
 
-from gemu.device.transport import SOCKET_MODE
+from gemu.device.transport import listen_unix
 
 POLL_S = 0.2
 DRAIN_S = 2.0
@@ -249,16 +249,10 @@ def open_console(spec: str, notice: Callable[[str], None] | None = None) -> Cons
             raise ConsoleSpecError("unix: needs a path (unix:PATH)")
         if os.path.exists(rest):
             raise ConsoleSpecError(f"{rest} already exists")
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            listener.bind(rest)
-            # owner-only whatever the umask, set before listen() so no one else can connect
-            # in between: the console is a root shell of the guest, with no authentication
-            os.chmod(rest, SOCKET_MODE)
+        try:  # owner-only whatever the umask: the console is a guest shell, unauthenticated
+            listener = listen_unix(rest, 1)
         except OSError as exc:
-            listener.close()
             raise ConsoleSpecError(f"unix:{rest}: cannot listen: {exc.strerror}") from None
-        listener.listen(1)
         notice(f"gemu: serial0: waiting for connection on unix:{rest}")
         try:
             con = _socket_console(listener, spec)

@@ -33,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from gemu.device.transport import SOCKET_MODE
+from gemu.device.transport import listen_unix
 
 log = logging.getLogger("gemu.host.qmp")
 
@@ -208,15 +208,10 @@ class QmpServer:
                 raise QmpSpecError("unix: needs a path (unix:PATH)")
             if os.path.exists(rest):
                 raise QmpSpecError(f"{rest} already exists")
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                s.bind(rest)
-                # owner-only whatever the umask, before listen(): QMP controls the machine
-                os.chmod(rest, SOCKET_MODE)
+            try:  # owner-only whatever the umask: QMP controls the machine
+                s = listen_unix(rest, 4)
             except OSError as exc:
-                s.close()
                 raise QmpSpecError(f"unix:{rest}: cannot listen: {exc.strerror}") from None
-            s.listen(4)
             self.path = rest
             return s, f"unix:{rest}"
         if kind == "tcp":
