@@ -104,6 +104,25 @@ should_fail_alloc: Callable[[str], bool] | None = None
 _atomic = threading.Lock()
 
 
+def _kref_get(obj: DrmGpuvm | DrmGpuvmBo, what: str) -> None:
+    """kref_get() of ``obj.kref``: WARN (and leave it) if the object was already freed."""
+    with _atomic:
+        bad = obj.kref <= 0
+        if not bad:
+            obj.kref += 1
+    warn_on(bad, f"{what} on freed {obj!r}")
+
+
+def _kref_put(obj: DrmGpuvm | DrmGpuvmBo, what: str) -> bool:
+    """kref_put() of ``obj.kref``; True when that was the last reference (underflow WARNs)."""
+    with _atomic:
+        bad = obj.kref <= 0
+        if not bad:
+            obj.kref -= 1
+        last = not bad and obj.kref == 0
+    return not warn_on(bad, f"{what}: refcount underflow on {obj!r}") and last
+
+
 def _alloc(what: str) -> None:
     """A ``kzalloc(..., GFP_KERNEL)``: may enter reclaim, so lockdep checks the context."""
     lockdep.might_alloc(GFP_KERNEL)
@@ -681,11 +700,7 @@ def init(
 
 def get(vm: DrmGpuvm) -> DrmGpuvm:
     """Take a reference (the caller must already hold one). Kernel: drm_gpuvm_get()"""
-    with _atomic:
-        bad = vm.kref <= 0
-        if not bad:
-            vm.kref += 1
-    warn_on(bad, f"drm_gpuvm_get on freed {vm!r}")
+    _kref_get(vm, "drm_gpuvm_get")
     return vm
 
 
@@ -707,12 +722,7 @@ def put(vm: DrmGpuvm | None) -> None:
     """
     if vm is None:
         return
-    with _atomic:
-        bad = vm.kref <= 0
-        if not bad:
-            vm.kref -= 1
-        last = not bad and vm.kref == 0
-    if warn_on(bad, f"drm_gpuvm_put: refcount underflow on {vm!r}") or not last:
+    if not _kref_put(vm, "drm_gpuvm_put"):
         return
     _fini(vm)
     vm_free = vm.ops.vm_free if vm.ops is not None else None
@@ -937,11 +947,7 @@ def bo_create(vm: DrmGpuvm, obj: DrmGemObject) -> DrmGpuvmBo:
 
 def bo_get(vm_bo: DrmGpuvmBo) -> DrmGpuvmBo:
     """Kernel: drm_gpuvm_bo_get() [include/drm/drm_gpuvm.h]"""
-    with _atomic:
-        bad = vm_bo.kref <= 0
-        if not bad:
-            vm_bo.kref += 1
-    warn_on(bad, f"drm_gpuvm_bo_get on freed {vm_bo!r}")
+    _kref_get(vm_bo, "drm_gpuvm_bo_get")
     return vm_bo
 
 
@@ -988,12 +994,7 @@ def bo_put(vm_bo: DrmGpuvmBo | None) -> bool:
     lockdep.might_sleep()
     if vm_bo is None:
         return False
-    with _atomic:
-        bad = vm_bo.kref <= 0
-        if not bad:
-            vm_bo.kref -= 1
-        last = not bad and vm_bo.kref == 0
-    if warn_on(bad, f"drm_gpuvm_bo_put: refcount underflow on {vm_bo!r}") or not last:
+    if not _kref_put(vm_bo, "drm_gpuvm_bo_put"):
         return False
     _bo_destroy(vm_bo)
     return True
