@@ -9,10 +9,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gemu.guest import errors
 from gemu.host.jobscript import ScriptError, parse_line
-from gemu.host.machine import Machine
 from gemu.host.shell import Shell
+from tests.support.machine import emulator_machine
 
 DETERMINISTIC = settings(
     derandomize=True,
@@ -127,9 +126,5 @@ def test_console_lines_with_task_blocks_end_in_a_handled_outcome(machine, lines)
 @pytest.fixture(scope="module")
 def machine():
     """One in-process machine for every example, in the emulator's non-strict mode."""
-    strict = errors.is_strict()
-    errors.set_strict(False)
-    with Machine(ram_size=8 << 20, swap_size=16 << 20, device="inproc") as m:
+    with emulator_machine(ram_size=8 << 20, swap_size=16 << 20) as m:
         yield m
-    errors.set_strict(strict)
-    errors.reset_warn_stats()

@@ -12,9 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gemu.guest import errors
-from gemu.host.machine import Machine
 from gemu.host.shell import PowerOff, Shell
+from tests.support.machine import emulator_machine
 
 DETERMINISTIC = settings(
     derandomize=True,
@@ -61,12 +60,8 @@ lines = st.one_of(
 
 @pytest.fixture(scope="module")
 def machine():
-    strict = errors.is_strict()
-    errors.set_strict(False)
-    with Machine(ram_size=8 << 20, swap_size=16 << 20, device="inproc") as m:
+    with emulator_machine(ram_size=8 << 20, swap_size=16 << 20) as m:
         yield m
-    errors.set_strict(strict)
-    errors.reset_warn_stats()
 
 
 def _session(machine) -> tuple[Shell, list[str]]:

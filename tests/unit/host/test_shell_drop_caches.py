@@ -9,16 +9,13 @@ import pytest
 from gemu.guest import errors
 from gemu.host.machine import Machine
 from gemu.host.shell import Shell
+from tests.support.machine import emulator_machine
 
 
 @pytest.fixture
 def machine():
-    strict = errors.is_strict()
-    errors.set_strict(False)
-    with Machine(ram_size=16 << 20, swap_size=64 << 20, device="inproc") as m:
+    with emulator_machine(ram_size=16 << 20, swap_size=64 << 20) as m:
         yield m
-    errors.set_strict(strict)
-    errors.reset_warn_stats()
 
 
 def _run(machine, text: str) -> tuple[Shell, list[str]]:
