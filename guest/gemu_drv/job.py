@@ -125,6 +125,12 @@ class Mutant(Enum):
     off the list it is on (list_add_tail where list_move_tail is needed): panfrost's madvise
     ioctl before 9fc33eaaa979 "drm/panfrost: Fix shrinker list corruption by madvise IOCTL"
     (host/explore/bugs.py)."""
+    # Historical bugs of GEM shmem, the GEM LRU, shrinkers and dma_resv (host/explore/bugs.py)
+    # end of GEM shmem, the GEM LRU, shrinkers and dma_resv
+    # Historical bugs of drm_sched and reset paths (host/explore/bugs.py)
+    # end of drm_sched and reset paths
+    # The VM_BIND flavour's mutants (drm_gpuvm, VM_BIND, the per-VM shrinker)
+    # end of the VM_BIND flavour's mutants
 
     @property
     def order(self) -> SubmitOrder:

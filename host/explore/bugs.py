@@ -38,6 +38,7 @@ class Bug:
 
 
 BUGS: tuple[Bug, ...] = (
+    # GEM shmem, the GEM LRU and shrinkers, dma_resv, dma_fence
     Bug(
         name="panfrost-madvise-list",
         fix="9fc33eaaa979d112d10fea729edcd2a2e21aa912",
@@ -58,6 +59,8 @@ BUGS: tuple[Bug, ...] = (
         scenario="standard",
         invariant="lru",
     ),
+    # end of GEM shmem, the GEM LRU and shrinkers, dma_resv, dma_fence
+    # drm_sched, reset paths, VM_BIND
     Bug(
         name="msm-reset-reclaim",
         fix="4625fe5bbdaccd45be274c30ff0a42e30d4e38cf",
@@ -78,6 +81,7 @@ BUGS: tuple[Bug, ...] = (
         scenario="hang",
         invariant="signalling",
     ),
+    # end of drm_sched, reset paths, VM_BIND
 )
 
 BY_NAME = {b.name: b for b in BUGS}
