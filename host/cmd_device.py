@@ -14,17 +14,25 @@ from gemu.host.cli import LOG_LEVELS, READY_LINE, _listen_spec, _log_level, setu
 
 GDB_READY_LINE = "gemu-device: gdb stub on {address}"
 READY_PREFIX = READY_LINE.format(address="")
+GDB_READY_PREFIX = GDB_READY_LINE.format(address="")
 
 
 def wait_ready(proc: subprocess.Popen, timeout: float) -> str:
     """The address from the ready line of a spawned ``gemu device`` (stdout piped), read
     without consuming more than that line's chunk; RuntimeError if the process exits or stays
     silent for ``timeout`` seconds first."""
+    return wait_lines(proc, timeout, 1)[0]
+
+
+def wait_lines(proc: subprocess.Popen, timeout: float, count: int) -> list[str]:
+    """The addresses of the first ``count`` lines a spawned ``gemu device`` prints: its ready
+    line, then (with ``--gdb``) where the gdb stub listens. RuntimeError if the process exits
+    or stays silent for ``timeout`` seconds first, or a line is not what the device prints."""
     deadline = time.monotonic() + timeout
     buf = b""
     with selectors.DefaultSelector() as sel:
         sel.register(proc.stdout, selectors.EVENT_READ)
-        while b"\n" not in buf:
+        while buf.count(b"\n") < count:
             left = deadline - time.monotonic()
             if left <= 0 or not sel.select(left):
                 raise RuntimeError(f"gemu device printed no ready line within {timeout} s")
@@ -32,10 +40,14 @@ def wait_ready(proc: subprocess.Popen, timeout: float) -> str:
             if not chunk:
                 raise RuntimeError(f"gemu device exited with {proc.wait()} before it was ready")
             buf += chunk
-    line = buf.split(b"\n", 1)[0].decode()
-    if not line.startswith(READY_PREFIX):
-        raise RuntimeError(f"unexpected first line from gemu device: {line!r}")
-    return line[len(READY_PREFIX) :].strip()
+    lines = [raw.decode(errors="replace") for raw in buf.split(b"\n")[:count]]
+    out = []
+    for i, line in enumerate(lines):
+        prefix = READY_PREFIX if i == 0 else GDB_READY_PREFIX
+        if not line.startswith(prefix):
+            raise RuntimeError(f"unexpected line {i + 1} from gemu device: {line!r}")
+        out.append(line[len(prefix) :].strip())
+    return out
 
 
 def _gdb_spec(text: str) -> str:

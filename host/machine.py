@@ -48,7 +48,7 @@ from gemu.guest.gemu_drv.uapi import DEFAULT_TIMEOUT_NS, GemuDriver, GemuFile
 from gemu.guest.locking import lockdep
 from gemu.guest.mm.page_alloc import PageAllocator, PhysMem
 from gemu.guest.mm.swap import SwapDevice
-from gemu.host.cmd_device import wait_ready
+from gemu.host.cmd_device import wait_lines
 from gemu.host.sizes import flag_names, format_size, parse_size
 
 __all__ = [
@@ -136,6 +136,8 @@ class Machine:
         self.device_timeout = device_timeout
         self._tmp = tempfile.TemporaryDirectory(prefix="gemu-machine-")
         self._proc: subprocess.Popen | None = None
+        self.gdb_address: str | None = None
+        """Where the spawned device's gdb stub listens (``tcp:127.0.0.1:PORT``), with --gdb."""
         self._server = None
         self._server_thread: threading.Thread | None = None
         self.client: DeviceClient | None = None
@@ -181,9 +183,11 @@ class Machine:
     def _start_device(
         self, device: str, device_args: tuple[str, ...], started: subprocess.Popen | None
     ) -> str:
+        # with --gdb the device prints a second line: where its gdb stub listens
+        lines = 2 if "--gdb" in device_args else 1
         if device == "spawn" and started is not None:
             self._proc = started
-            return wait_ready(started, DEVICE_READY_S)
+            return self._ready(wait_lines(started, DEVICE_READY_S, lines))
         if device == "spawn":
             sock = f"unix:{self._tmp.name}/device.sock"
             self._device_log = Path(self._tmp.name) / "device.log"
@@ -202,7 +206,7 @@ class Machine:
                     stderr=logf,
                     stdin=subprocess.DEVNULL,
                 )
-            return wait_ready(self._proc, DEVICE_READY_S)
+            return self._ready(wait_lines(self._proc, DEVICE_READY_S, lines))
         if device == "inproc":
             from gemu.device.gpu import Gpu
             from gemu.device.server import DeviceServer
@@ -214,6 +218,11 @@ class Machine:
             self._server_thread.start()
             return self._server.address
         return device
+
+    def _ready(self, addresses: list[str]) -> str:
+        if len(addresses) > 1:
+            self.gdb_address = addresses[1]
+        return addresses[0]
 
     def device_log(self) -> str:
         path = getattr(self, "_device_log", None)
@@ -285,6 +294,8 @@ class Machine:
             f"{gpu.name}: ring ready: {gpu.ring_size >> 10} KiB, {gpu.ring_slots} slots, "
             f"job timeout {self.driver.timeout_ns // 1_000_000} ms"
         )
+        if self.gdb_address is not None:
+            lines.append(f"gemu: gdb stub listening on {self.gdb_address}")
         return lines
 
     def statistics(self) -> dict:
