@@ -156,7 +156,7 @@ class _Origin:
     task: str
     held: str
     taken: str
-    stack: traceback.StackSummary | None
+    stack: _Stack | None
     label: str = ""
 
     def format(self, title: str) -> str:
@@ -207,21 +207,46 @@ _PLUMBING = (threading.__file__, runtime.__file__)
 _LOCKING_DIR = os.path.dirname(__file__)
 
 
-def _capture(skip: int = 2) -> traceback.StackSummary:
-    """The caller's stack, outermost first, without thread and runtime plumbing."""
-    frames = [
-        (f, lineno)
-        for f, lineno in traceback.walk_stack(sys._getframe(skip))
-        if f.f_code.co_filename not in _PLUMBING
-        and os.path.dirname(f.f_code.co_filename) != _LOCKING_DIR
-    ]
-    summary = traceback.StackSummary.extract(iter(frames[:16]), lookup_lines=False)
-    summary.reverse()
-    return summary
+_STACK_DEPTH = 16
 
 
-def _fmt(summary: traceback.StackSummary | None) -> str:
-    return "".join(summary.format()).rstrip() if summary else "  (no stack)"
+class _Stack:
+    """Where something happened: up to :data:`_STACK_DEPTH` frames as (file, line, function),
+    innermost first, without thread and runtime plumbing. Capturing one costs a walk of the
+    frame chain; the :class:`traceback.StackSummary` (and the source lines it shows) is made
+    only when a report is formatted, which most captured stacks never are."""
+
+    __slots__ = ("frames",)
+
+    def __init__(self, frames: tuple[tuple[str, int, str], ...]) -> None:
+        self.frames = frames
+
+    def summary(self) -> traceback.StackSummary:
+        """Outermost first, as a traceback prints."""
+        return traceback.StackSummary.from_list(
+            [(file, line, func, None) for file, line, func in reversed(self.frames)]
+        )
+
+
+def _capture(skip: int = 2) -> _Stack:
+    """The caller's stack (``skip`` frames up from here), outermost first when formatted."""
+    frames = []
+    f = sys._getframe(skip)
+    plumbing = _PLUMBING
+    locking = _LOCKING_DIR
+    while f is not None:
+        code = f.f_code
+        file = code.co_filename
+        if file not in plumbing and os.path.dirname(file) != locking:
+            frames.append((file, f.f_lineno, code.co_name))
+            if len(frames) == _STACK_DEPTH:
+                break
+        f = f.f_back
+    return _Stack(tuple(frames))
+
+
+def _fmt(stack: _Stack | None) -> str:
+    return "".join(stack.summary().format()).rstrip() if stack and stack.frames else "  (no stack)"
 
 
 # Reporting.
