@@ -61,8 +61,9 @@ from gemu.guest.drm.drm_gpuvm import (
     DrmGpuvmOps,
 )
 from gemu.guest.drm.gem_lru import DrmGemLru
-from gemu.guest.errors import Ebusy, Einval, Enoent, Etimedout, KernelError, warn_on
+from gemu.guest.errors import Ebusy, Einval, Enoent, Enomem, Etimedout, KernelError, warn_on
 from gemu.guest.gemu_drv import vm_shrinker
+from gemu.guest.gemu_drv.job import Mutant
 from gemu.guest.gemu_drv.uapi import GemuDriver, GemuFile, JobFence
 from gemu.guest.gemu_drv.vm import PAGE_SHIFT, PAGE_SIZE, VA_END, VA_START, GpuVm, Prot, pte_bits
 from gemu.guest.gemu_drv.vm_shrinker import ReclaimState, VmReclaim
@@ -248,7 +249,8 @@ def _pas(obj, offset: int, size: int) -> list[int]:
 class GemuVm(DrmGpuvm):
     """A VM of the VM_BIND flavour. Kernel: struct panthor_vm.
 
-    ``alloc_in_bind_job`` is a deliberately wrong variant for the tests: the bind ioctl does not
+    ``alloc_in_bind_job`` is a deliberately wrong variant for the tests (the
+    ``bind-allocates-pt`` mutant turns it on for every VM): the bind ioctl does not
     preallocate page tables, so the bind job allocates them in the signalling path (lockdep
     reports it). Never set in normal use.
     """
@@ -269,7 +271,7 @@ class GemuVm(DrmGpuvm):
         self._cleaning = 0
         self._cleanup_stop = False
         self.dead = False
-        self.alloc_in_bind_job = False
+        self.alloc_in_bind_job = drv.mutant is Mutant.BIND_ALLOCATES_PT
         ops = DrmGpuvmOps(
             vm_free=GemuVm._vm_free,
             vm_bo_validate=_vm_bo_validate,
@@ -516,15 +518,22 @@ class VmBindDriver:
     so does this flavour: it takes the device's reclaim over from the shmem helper's shrinker
     (``drmm_gem_shmem_release``) and registers :class:`~.vm_shrinker.VmReclaim`. BO storage
     still comes from the shmem helper (pages, swap-out, swap-in).
+
+    ``mutant`` switches on one of the flavour's deliberately wrong variants
+    (:class:`~.job.Mutant`, the section "The VM_BIND flavour's mutants"; ``gemu explore
+    --mutant``); ``None`` takes the GPU driver's, :attr:`Mutant.NONE` (the working driver)
+    unless one was asked for there.
     """
 
-    def __init__(self, gpu_drv: GemuDriver) -> None:
+    def __init__(self, gpu_drv: GemuDriver, mutant: Mutant | str | None = None) -> None:
         if gpu_drv.sched is None:
             raise Einval(msg="the GPU driver is not probed")
         self.gpu_drv = gpu_drv
         self.dev = gpu_drv.dev
+        self.mutant = Mutant(gpu_drv.mutant if mutant is None else mutant)
         gem_shmem_shrinker.drmm_gem_shmem_release(self.dev)
         self.reclaim = VmReclaim(self.dev)
+        self.reclaim.mutant = self.mutant
         self.reclaim.register()
         self.records = self.reclaim.records
         self.funcs = gem_shmem.FUNCS.replace(evict=self._evict, free=self._free)
@@ -572,6 +581,46 @@ class VmBindDriver:
             gem.put(obj)
             raise
         return rec
+
+    def cpu_access(self, rec: VmBindBo, offset: int, size: int, data: bytes | None) -> bytes:
+        """Read (``data`` None) or write a BO through its CPU mapping.
+
+        Kernel: panthor_gem_fault() behind the mmap: under the BO's resv an evicted BO is
+        swapped in (VM_FAULT_OOM when that fails) and, the pages being back,
+        panthor_gem_update_reclaim_state_locked() puts it on the LRU of its state again. The
+        shmem helper's fault (drm_gem_shmem_fault) knows nothing of the flavour's LRUs: a BO
+        it swapped in would stay UNRECLAIMABLE on no LRU, and once a few were read back the
+        shrinker would count nothing and the next swap-in would be OOM. The copy runs with
+        the resv still held, so reclaim cannot take the frames under it.
+        """
+        obj = rec.obj
+        if offset < 0 or size < 0 or offset + size > obj.size:
+            raise Einval(msg=f"access {offset}+{size} outside {rec.name} ({obj.size} bytes)")
+        mem = self.gpu_drv.frames.mem
+        dma_resv.lock(obj.resv, None)
+        try:
+            if obj.evicted:
+                try:
+                    gem_shmem.swapin_locked(obj)
+                except KernelError as err:
+                    raise Enomem(msg=f"VM_FAULT_OOM: swap-in of {rec.name} failed: {err}") from err
+                with drm_gpuvm.gem_gpuva(obj).lock:
+                    vm_shrinker.update_reclaim_state_locked(self.reclaim, obj)
+            pages = obj.pages
+            out = bytearray()
+            pos, end = offset, offset + size
+            while pos < end:
+                page, in_page = divmod(pos, PAGE_SIZE)
+                k = min(end - pos, PAGE_SIZE - in_page)
+                pa = (pages[page] << PAGE_SHIFT) + in_page
+                if data is None:
+                    out += mem[pa : pa + k]
+                else:
+                    mem[pa : pa + k] = data[pos - offset : pos - offset + k]
+                pos += k
+            return bytes(out)
+        finally:
+            dma_resv.unlock(obj.resv)
 
     def open(self) -> VmBindFile:
         f = VmBindFile(self)
@@ -639,10 +688,11 @@ class VmBindFile:
 
     def write(self, handle: int, offset: int, data: bytes) -> None:
         """A CPU store through the BO's mmap (faults an evicted BO back in)."""
-        self.drv.gpu_drv.cpu_access(self._lookup(handle), offset, len(data), data)
+        self.drv.cpu_access(self._lookup(handle), offset, len(data), data)
 
     def read(self, handle: int, offset: int, size: int) -> bytes:
-        return self.drv.gpu_drv.cpu_access(self._lookup(handle), offset, size, None)
+        """A CPU load through the BO's mmap (faults an evicted BO back in)."""
+        return self.drv.cpu_access(self._lookup(handle), offset, size, None)
 
     # -- VMs -------------------------------------------------------------------------------
     def _vm(self, vm_id: int) -> GemuVm:

@@ -8,6 +8,7 @@ left)."""
 
 from __future__ import annotations
 
+import os
 import random
 import zlib
 
@@ -28,6 +29,10 @@ from gemu.host.machine import Machine
 RAM = 8 << 20
 PAGE = 4096
 CMD_VA = 0x10_0000
+WAIT_S = 60.0 * float(os.environ.get("GEMU_TIMEOUT_MULT", "1"))
+"""How long a test waits for a bind or a job it expects to finish: a test's wait on a
+condition, so generous (the machine may be loaded); the product's own deadlines (job
+timeout, device timeout) are the machine's defaults and unchanged."""
 
 
 @pytest.fixture
@@ -472,3 +477,44 @@ def test_bind_job_that_allocates_page_tables_is_reported(lax):
         f.close()
         drv.remove()
         lockdep.reset()
+
+
+def test_cpu_reads_of_evicted_shared_bos_after_multi_vm_reclaim(machine, vdrv, f):
+    """Four VMs share four external BOs (VM i maps BO i and BO i+1) that together fill
+    guest RAM; reclaim evicts all of them (each marked evicted in both VMs that map it).
+    Reading each BO back through the CPU swaps it in through the fault path, which must put
+    it back on a reclaim LRU (panthor_gem_fault() recomputes the reclaim state once the pages
+    are back): otherwise the BOs read first sit on no LRU, the per-VM shrinker counts
+    nothing, and a later read's swap-in is OOM (reclaim frees 0 pages). Every byte comes
+    back, and the GPU then checksums each BO exactly through each VM that maps it."""
+    size = 2 << 20
+    nvm = 4
+    vms = [f.vm_create() for _ in range(nvm)]
+    datas = [pattern(40 + k, size) for k in range(nvm)]
+    bos = []
+    for k, data in enumerate(datas):
+        h = f.bo_create(size, name=f"shared{k}")
+        f.write(h, 0, data)
+        bos.append(h)
+    outs = [f.bo_create(PAGE, vm_id=vm) for vm in vms]
+    for i, vm in enumerate(vms):
+        f.wait(f.map(vm, 0x0800_0000, PAGE, outs[i]), WAIT_S)
+    for k, h in enumerate(bos):  # one BO at a time: a bind pins its BO until cleanup
+        for i in (k, (k - 1) % nvm):
+            f.wait(f.map(vms[i], 0x4000_0000 + k * size, size, h), WAIT_S)
+            f.vms[vms[i]].flush_cleanup()
+    machine.reclaim(machine.allocator.totalram_pages)
+    assert all(f.bo(h).obj.evicted for h in bos)
+    for k, h in enumerate(bos):
+        assert f.read(h, 0, size) == datas[k], f"shared{k}"
+    for h in bos:  # each on an LRU again: the resident ones UNUSED (evicted vm_bos do not count)
+        rec = f.bo(h)
+        assert rec.obj.evicted or rec.reclaim_state is ReclaimState.UNUSED
+        assert rec.obj.evicted or rec.obj.lru is vdrv.reclaim.unused
+    cmds = [Cmd(f, vm) for vm in vms]
+    for i, cmd in enumerate(cmds):
+        for k in (i, (i + 1) % nvm):
+            cmd.run(pk.crc32(0x4000_0000 + k * size, size, 0x0800_0000), timeout=WAIT_S)
+            assert u32(f.read(outs[i], 0, 4)) == zlib.crc32(datas[k]), f"shared{k} in VM {i}"
+    for h in [*bos, *outs, *(c.handle for c in cmds)]:
+        f.close_bo(h)
