@@ -72,7 +72,7 @@ class Cmd:
         self.handle = f.bo_create(size, vm_id=vm, name=f"cmd-vm{vm}")
         self.bound = f.map(vm, va, size, self.handle)
 
-    def run(self, packets: bytes, in_fences=(), timeout: float = 10.0, wait: bool = True):
+    def run(self, packets: bytes, in_fences=(), timeout: float = WAIT_S, wait: bool = True):
         self.f.write(self.handle, 0, packets)
         out = self.f.exec(self.vm, self.va, len(packets), in_fences=[self.bound, *in_fences])
         if wait:
@@ -235,7 +235,7 @@ def test_bind_in_fence_orders_the_bind_and_its_out_fence_orders_the_exec(f):
     early = Cmd(f, vm, va=0x700_0000)  # bound before the gated bind: binds run in order
     s = f.map(vm, 0x500_0000, PAGE, src)
     d = f.map(vm, 0x600_0000, PAGE, dst, in_fences=[gate])
-    f.wait(s, 5)
+    f.wait(s, WAIT_S)
     with pytest.raises(Efault, match="TRANSLATION"):
         early.run(pk.copy(0x500_0000, 0x600_0000, PAGE))
     copied = cmd.run(pk.copy(0x500_0000, 0x600_0000, PAGE), in_fences=[s, d], wait=False)
@@ -244,7 +244,7 @@ def test_bind_in_fence_orders_the_bind_and_its_out_fence_orders_the_exec(f):
     assert not d.signaled
     dma_fence.signal(gate)
     dma_fence.put(gate)
-    f.wait(copied, 5)
+    f.wait(copied, WAIT_S)
     assert d.signaled and f.read(dst, 0, PAGE) == b"s" * PAGE
 
 
@@ -266,8 +266,8 @@ def test_unbind_waits_for_the_exec_given_as_in_fence(f):
     with pytest.raises(Etimedout):
         f.wait(gone, 0.2)
     f.write(sem, 0, (1).to_bytes(4, "little"))
-    f.wait(job, 5)
-    f.wait(gone, 5)
+    f.wait(job, WAIT_S)
+    f.wait(gone, WAIT_S)
     assert f.read(dst, 0, PAGE) == b"q" * PAGE
 
 
@@ -293,7 +293,7 @@ def test_evicted_under_pressure_and_revalidated_by_each_vm(machine, vdrv, f):
     ]
     ca, cb = Cmd(f, a), Cmd(f, b)
     for fence in binds:
-        f.wait(fence, 5)
+        f.wait(fence, WAIT_S)
     f.vms[a].flush_cleanup()
     f.vms[b].flush_cleanup()
     machine.reclaim(machine.allocator.totalram_pages)
@@ -333,13 +333,13 @@ def test_busy_bo_is_not_evicted(machine, vdrv, f):
         pk.wait_mem(0x800_0000, 1) + pk.fill(0x900_0000, 64 * PAGE, 7), fences, wait=False
     )
     for fence in fences:
-        f.wait(fence, 5)
+        f.wait(fence, WAIT_S)
     f.vms[vm].flush_cleanup()
     machine.reclaim(machine.allocator.totalram_pages)
     assert not f.bo(big).obj.evicted
     assert vdrv.reclaim.stats.skipped_busy >= 1
     f.write(sem, 0, (1).to_bytes(4, "little"))
-    f.wait(job, 5)
+    f.wait(job, WAIT_S)
     f.vms[vm].flush_cleanup()
     machine.reclaim(machine.allocator.totalram_pages)
     assert f.bo(big).obj.evicted
@@ -353,7 +353,7 @@ def test_least_recently_active_vm_is_reclaimed_first(machine, vdrv, f):
     bos = {}
     for vm, va in ((old, 0x1000_0000), (new, 0x2000_0000)):
         bos[vm] = f.bo_create(64 * PAGE, vm_id=vm)
-        f.wait(f.map(vm, va, 64 * PAGE, bos[vm]), 5)
+        f.wait(f.map(vm, va, 64 * PAGE, bos[vm]), WAIT_S)
     c_old, c_new = Cmd(f, old), Cmd(f, new)
     c_old.run(pk.fill(0x1000_0000, PAGE, 1))
     c_new.run(pk.fill(0x2000_0000, PAGE, 2))
@@ -389,7 +389,7 @@ def test_workload_larger_than_ram_survives(machine, vdrv, f):
         binds = [f.map(vm, 0x0800_0000, PAGE, results)]
         binds += [f.map(vm, va, size, h) for h, owners, va in bos if i in owners]
         for fence in binds:
-            f.wait(fence, 5)
+            f.wait(fence, WAIT_S)
         f.vms[vm].flush_cleanup()
     for n, (_h, owners, va) in enumerate(bos):
         cmds[owners[0]].run(pk.fill(va, size, 0x01010101 * (n + 1)))
@@ -440,7 +440,7 @@ def test_bind_job_never_allocates(machine, vdrv, f):
     bo = f.bo_create(PAGE)
     tables = machine.driver.gpu.mmu.stats.tables
     for k in range(4):
-        f.wait(f.map(vm, (k + 1) << 30, PAGE, bo), 5)
+        f.wait(f.map(vm, (k + 1) << 30, PAGE, bo), WAIT_S)
     assert machine.driver.gpu.mmu.stats.tables >= tables + 4 * 2
     f.close_bo(bo)
 
@@ -466,7 +466,7 @@ def test_bind_job_that_allocates_page_tables_is_reported(lax):
         f.vms[vm].alloc_in_bind_job = True
         bo = f.bo_create(PAGE)
         before = {id(r): r.count for r in lockdep.reports()}
-        f.wait(f.map(vm, 3 << 30, PAGE, bo), 5)
+        f.wait(f.map(vm, 3 << 30, PAGE, bo), WAIT_S)
         reports = [r for r in lockdep.reports() if before.get(id(r), 0) != r.count]
         # lockdep sees the allocation through dma_fence_map, the signalling annotation:
         # fs_reclaim taken under op_lock, which signalling sections take
