@@ -42,6 +42,13 @@ MUTANTS = (
     "pt-alloc-under-lock",
     "reset-allocates",
     "madvise-list-add",
+    "bind-allocates-pt",
+    "fence-vm-resv-only",
+    "validate-skips-other-vm",
+    "evict-marks-one-vm",
+    "gpuvm-fence-before-validate",
+    "gpuvm-fence-after-unlock",
+    "gpuvm-arm-before-validate",
 )
 """The values of :class:`gemu.guest.gemu_drv.job.Mutant` (spelled out: the CLI parser is
 built without importing the guest; a test keeps the two equal)."""

@@ -130,6 +130,42 @@ class Mutant(Enum):
     # Historical bugs of drm_sched and reset paths (host/explore/bugs.py)
     # end of drm_sched and reset paths
     # The VM_BIND flavour's mutants (drm_gpuvm, VM_BIND, the per-VM shrinker)
+    BIND_ALLOCATES_PT = "bind-allocates-pt"
+    """The bind ioctl does not preallocate the page tables a map needs
+    (panthor_vm_op_ctx_prealloc_pts() left out): the bind job allocates them with GFP_KERNEL in
+    its run_job, in the fence signalling path, under the VM's ``op_lock``, which reclaim takes
+    too. Caught by ``lockdep``: fs_reclaim taken under ``&vm->op_lock`` against the
+    dma_fence_map annotation of the signalling path (an ``inversion`` report)."""
+    FENCE_VM_RESV_ONLY = "fence-vm-resv-only"
+    """The exec adds its job fence to the VM's resv only (a dma_resv_add_fence() on
+    drm_gpuvm_resv() where drm_gpuvm_resv_add_fence() is needed): the VM-private BOs are
+    covered, the external BOs the job uses look idle, and reclaim evicts one under the running
+    job. Caught by ``gpu-fault`` (the job reaches the unmapped range) or ``content``."""
+    VALIDATE_SKIPS_OTHER_VM = "validate-skips-other-vm"
+    """vm_bo_validate() skips a vm_bo whose BO is already resident, swapped in by another
+    VM's exec after an eviction, and only clears its ``evicted`` flag: this VM's mappings of
+    it keep no PTEs (panthor_vm_restore_vmas() not run). Caught by ``gpu-fault``: the next job
+    on this VM faults on a VA it has bound."""
+    EVICT_MARKS_ONE_VM = "evict-marks-one-vm"
+    """Reclaim evicts a BO mapped in several VMs after marking it evicted and clearing its
+    PTEs in one VM only (drm_gpuvm_bo_evict() on one vm_bo where drm_gpuvm_bo_gem_evict()
+    walks them all): the other VMs' page tables still map the frames it frees. Caught by
+    ``mapped-free`` (a frame freed while a GPU page table maps it), or by ``gpu-fault`` /
+    ``content`` when the stale mapping is used."""
+    GPUVM_FENCE_BEFORE_VALIDATE = "gpuvm-fence-before-validate"
+    """drm_sched_job_arm() and drm_gpuvm_resv_add_fence() before drm_gpuvm_validate(): the
+    swap-in of an evicted BO allocates frames inside the signalling section the published
+    fence opened. Caught by ``signalling`` (a reclaimable allocation inside a dma_fence
+    signalling critical section)."""
+    GPUVM_FENCE_AFTER_UNLOCK = "gpuvm-fence-after-unlock"
+    """Push and drm_gpuvm_exec_unlock() first, drm_gpuvm_resv_add_fence() afterwards under a
+    new lock: in between, the BOs the job uses look idle and reclaim evicts them under it.
+    Caught by ``gpu-fault``, ``content`` or ``kernel-warning`` (the job already ran and was
+    freed when its late fence is added)."""
+    GPUVM_ARM_BEFORE_VALIDATE = "gpuvm-arm-before-validate"
+    """drm_sched_job_arm() before drm_gpuvm_validate(): a swap-in that fails (-ENOMEM) after
+    the point of no return leaves an armed job that cannot be pushed and is cleaned up
+    anyway. Caught by ``kernel-warning`` (drm_sched's "an armed job must be pushed")."""
     # end of the VM_BIND flavour's mutants
 
     @property

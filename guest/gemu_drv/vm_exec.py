@@ -20,10 +20,18 @@ took, and publishes its fence on all of it, in this order (docs/gpuvm.md explain
     6. panthor_vm_active                    the VM's private BOs are reclaimed last
 
     job, fence = submit(file, vm, cmd_va, cmd_dwords, in_fences)
+
+The flavour's deliberately wrong orders are :class:`~.job.Mutant` values
+(``VmBindDriver(mutant=...)``): ``gpuvm-fence-before-validate`` (arm and add the fence, then
+validate), ``gpuvm-arm-before-validate`` (arm, then a validation that may fail),
+``gpuvm-fence-after-unlock`` (push and unlock, then add the fence), ``fence-vm-resv-only``
+(the fence on the VM's resv only); docs/validation.md ("The drm_gpuvm flow") says what each
+breaks.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING
 
 from gemu.guest.dma_buf import dma_fence, dma_resv
@@ -34,7 +42,7 @@ from gemu.guest.drm import sched as drm_sched
 from gemu.guest.drm.drm_gpuvm import DrmGpuvmExec
 from gemu.guest.errors import Einval
 from gemu.guest.gemu_drv import vm_shrinker
-from gemu.guest.gemu_drv.job import GemuJob
+from gemu.guest.gemu_drv.job import GemuJob, Mutant
 from gemu.guest.gemu_drv.vm import PAGE_SHIFT
 from gemu.guest.locking import lockdep
 
@@ -42,6 +50,25 @@ if TYPE_CHECKING:
     from gemu.guest.gemu_drv.vm_bind import GemuVm, VmBindFile
 
 __all__ = ["submit", "vm_bo_validate"]
+
+
+def _arm(job: GemuJob) -> None:
+    """drm_sched_job_arm(), and the submit's own reference to the finished fence (the job may
+    be freed once pushed)."""
+    drm_sched.job_arm(job)
+    job.fence = dma_fence.get(job.s_fence.finished)
+
+
+def _add_fence(vm: GemuVm, vm_exec: DrmGpuvmExec, job: GemuJob, mutant: Mutant) -> None:
+    """drm_gpuvm_exec_resv_add_fence(): BOOKKEEP on the VM's resv and every external BO.
+
+    Kernel: panthor_vm_update_resvs(). The ``fence-vm-resv-only`` mutant adds it to the VM's
+    resv alone (dma_resv_add_fence(drm_gpuvm_resv(vm), ...)): the external BOs stay idle.
+    """
+    if mutant is Mutant.FENCE_VM_RESV_ONLY:
+        dma_resv.add_fence(drm_gpuvm.resv(vm), job.fence, DmaResvUsage.BOOKKEEP)
+        return
+    drm_gpuvm.exec_resv_add_fence(vm_exec, job.fence, DmaResvUsage.BOOKKEEP, DmaResvUsage.BOOKKEEP)
 
 
 def _first_evicted(vm_bo):
@@ -69,8 +96,15 @@ def vm_bo_validate(vm_bo, ex) -> None:
     dma_resv.assert_held(obj.resv)
     if obj.madv < 0:
         raise Einval(msg=f"{obj!r} was purged: it cannot be mapped again")
-    gem_shmem.swapin_locked(obj)
     g = drm_gpuvm.gem_gpuva(obj)
+    if vm.drv.mutant is Mutant.VALIDATE_SKIPS_OTHER_VM and not obj.evicted:
+        # wrong: "another VM's exec swapped it in already" is no reason to skip this VM's
+        # mappings, whose PTEs reclaim cleared
+        drm_gpuvm.bo_evict(vm_bo, False)
+        with g.lock:
+            vm_shrinker.update_reclaim_state_locked(vm.drv.reclaim, obj)
+        return
+    gem_shmem.swapin_locked(obj)
     for _ in range(len(vm_bo.gpuva) + 1):  # each pass restores one mapping or ends
         with vm.op_lock, g.lock:
             va = _first_evicted(vm_bo)
@@ -108,6 +142,7 @@ def submit(
     On failure before arm nothing was published and the job is cleaned up.
     """
     drv = file.drv.gpu_drv
+    mutant = file.drv.mutant
     job = GemuJob(file, [], cmd_va, cmd_dwords, None)
     job.vm = vm.pt
     with file.inflight_lock:
@@ -117,29 +152,55 @@ def submit(
     except BaseException:
         drv.release_job_resources(job)
         raise
+    # the wrong orders that arm before validating hold the submit lock from arm to push, as
+    # a driver must around arm + push
+    early = mutant in (Mutant.GPUVM_FENCE_BEFORE_VALIDATE, Mutant.GPUVM_ARM_BEFORE_VALIDATE)
     armed = False
+    section = None
     try:
         for fence in deps:
             drm_sched.job_add_dependency(job, dma_fence.get(fence))
         with DrmGpuvmExec(vm, drm_exec.DRM_EXEC_INTERRUPTIBLE_WAIT, num_fences=1) as vm_exec:
             drm_gpuvm.exec_lock(vm_exec)
-            drm_gpuvm.exec_validate(vm_exec)
-            with vm.submit_lock:
-                drm_sched.job_arm(job)
-                armed = True
-                job.fence = dma_fence.get(job.s_fence.finished)
-                section = lockdep.dma_fence_begin_signalling()
-                try:
-                    drm_gpuvm.exec_resv_add_fence(
-                        vm_exec, job.fence, DmaResvUsage.BOOKKEEP, DmaResvUsage.BOOKKEEP
-                    )
+            if early:
+                vm.submit_lock.lock()
+            try:
+                if early:
+                    _arm(job)
+                    armed = True
+                    if mutant is Mutant.GPUVM_FENCE_BEFORE_VALIDATE:
+                        section = lockdep.dma_fence_begin_signalling()
+                        _add_fence(vm, vm_exec, job, mutant)
+                drm_gpuvm.exec_validate(vm_exec)
+                with contextlib.nullcontext() if early else vm.submit_lock:
+                    if not armed:
+                        _arm(job)
+                        armed = True
+                    if section is None and mutant is not Mutant.GPUVM_FENCE_AFTER_UNLOCK:
+                        section = lockdep.dma_fence_begin_signalling()
+                        _add_fence(vm, vm_exec, job, mutant)
                     drm_sched.entity_push_job(job)
-                finally:
+                    if section is not None:  # the submitter's part ends with the push
+                        lockdep.dma_fence_end_signalling(section)
+                        section = None
+            finally:
+                if section is not None:
                     lockdep.dma_fence_end_signalling(section)
+                if early:
+                    vm.submit_lock.unlock()
+        # drm_gpuvm_exec_unlock (drm_exec_fini): every resv unlocked here
+        if mutant is Mutant.GPUVM_FENCE_AFTER_UNLOCK:
+            with DrmGpuvmExec(vm, 0, num_fences=1) as relock:
+                drm_gpuvm.exec_lock(relock)
+                _add_fence(vm, relock, job, mutant)
     except BaseException:
-        if not armed:
+        if not armed or mutant is Mutant.GPUVM_ARM_BEFORE_VALIDATE:
+            # the mutant abandons an armed job as if it had not been armed: drm_sched's
+            # job_cleanup reports it (an armed job must be pushed)
             drv.release_job_resources(job)
             drm_sched.job_cleanup(job)
+            dma_fence.put(job.fence)
+            job.fence = None
         raise
     vm_shrinker.vm_active(vm)
     return job, job.fence

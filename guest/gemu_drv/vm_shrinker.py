@@ -36,6 +36,7 @@ from gemu.guest.dma_buf.dma_resv import DmaResvUsage
 from gemu.guest.drm import drm_gpuvm, gem, gem_lru, gem_shmem
 from gemu.guest.drm.gem_lru import DrmGemLru
 from gemu.guest.errors import KernelError, warn_on
+from gemu.guest.gemu_drv.job import Mutant
 from gemu.guest.locking.lockdep import LockClass
 from gemu.guest.locking.mutex import Mutex
 from gemu.guest.mm.shrinker import (
@@ -105,6 +106,8 @@ class VmReclaim:
         self.records: dict = {}
         """shmem object -> the driver's record of it (``reclaim_state``, ``reclaimed_count``)."""
         self.retry_count = 0
+        self.mutant = Mutant.NONE
+        """The driver's :class:`~.job.Mutant` (``evict-marks-one-vm`` acts here)."""
         self.stats = VmReclaimStats()
         self.shrinker = Shrinker(
             f"{dev.unique}-vm-bind", self.count_objects, self.scan_objects, private_data=self
@@ -326,7 +329,7 @@ def try_evict(reclaim: VmReclaim, obj) -> bool:
         if not dma_resv.test_signaled(obj.resv, DmaResvUsage.BOOKKEEP):
             reclaim.stats.skipped_busy += 1
             return False
-        if not _evict_bo_mappings_locked(obj):
+        if not _evict_bo_mappings_locked(obj, reclaim.mutant is Mutant.EVICT_MARKS_ONE_VM):
             reclaim.stats.contended += 1
             return False
         try:
@@ -346,9 +349,13 @@ def try_evict(reclaim: VmReclaim, obj) -> bool:
         g.lock.unlock()
 
 
-def _evict_bo_mappings_locked(obj) -> bool:
+def _evict_bo_mappings_locked(obj, one_vm: bool = False) -> bool:
     """Kernel: panthor_vm_evict_bo_mappings_locked(). False if a VM's op_lock is contended
-    (the mappings of VMs done before stay evicted: they are revalidated like any other)."""
+    (the mappings of VMs done before stay evicted: they are revalidated like any other).
+
+    ``one_vm`` is the ``evict-marks-one-vm`` mutant: only the first VM that maps the object
+    has it marked evicted and its PTEs cleared, and the check that every vm_bo is evicted is
+    gone with the walk it checks."""
     for vm_bo in drm_gpuvm.gem_for_each_gpuvm_bo(obj):
         if vm_bo.evicted:
             continue
@@ -363,6 +370,8 @@ def _evict_bo_mappings_locked(obj) -> bool:
                     va.evicted = True
         finally:
             vm.op_lock.unlock()
+        if one_vm:
+            return True
     warn_on(
         any(not vb.evicted for vb in drm_gpuvm.gem_for_each_gpuvm_bo(obj)),
         f"{obj!r} still mapped after evicting its mappings",

@@ -64,6 +64,14 @@ EXPECTED = {
     "pt-alloc-under-lock": {"lockdep"},
     "reset-allocates": {"signalling"},
     "madvise-list-add": {"lru"},
+    # the VM_BIND flavour's, on the gpuvm scenario (tests/unit/host/test_explore_gpuvm.py)
+    "bind-allocates-pt": {"lockdep", "signalling"},
+    "fence-vm-resv-only": {"gpu-fault", "content", "mapped-free"},
+    "validate-skips-other-vm": {"gpu-fault", "content"},
+    "evict-marks-one-vm": {"mapped-free", "gpu-fault", "content"},
+    "gpuvm-fence-before-validate": {"signalling"},
+    "gpuvm-fence-after-unlock": {"gpu-fault", "content", "mapped-free", "kernel-warning"},
+    "gpuvm-arm-before-validate": {"kernel-warning"},
 }
 
 
