@@ -320,7 +320,7 @@ def _signal(fence: DmaFence, timestamp: int | None) -> bool:
 
 
 def _signal_annotated(fence: DmaFence, timestamp: int | None) -> bool:
-    runtime.preempt("dma_fence.signal")
+    runtime.preempt("dma_fence.signal", fence)
     cookie = lockdep.dma_fence_begin_signalling()
     try:
         already = _signal(fence, timestamp)
@@ -368,7 +368,7 @@ def is_signaled(fence: DmaFence) -> bool:
 
     A driver that reports completion through the hook gets the fence signaled here.
     """
-    runtime.preempt("dma_fence.is_signaled")
+    runtime.preempt("dma_fence.is_signaled", fence)
     if fence.flags & _SIGNALED:
         return True
     ops = fence.ops
@@ -441,7 +441,7 @@ def add_callback(fence: DmaFence, cb: DmaFenceCb, func: FenceFunc) -> None:
     """
     if warn_on(fence is None or func is None, "add_callback: fence and func are required"):
         raise Einval(msg="add_callback without fence or func")
-    runtime.preempt("dma_fence.add_callback")
+    runtime.preempt("dma_fence.add_callback", fence)
     enable_sw_signaling(fence)
     with fence.lock:
         if not fence.flags & _SIGNALED:
@@ -459,7 +459,7 @@ def remove_callback(fence: DmaFence, cb: DmaFenceCb) -> bool:
 
     Kernel: dma_fence_remove_callback() [drivers/dma-buf/dma-fence.c]
     """
-    runtime.preempt("dma_fence.remove_callback")
+    runtime.preempt("dma_fence.remove_callback", fence)
     with fence.lock:
         if cb.queued and cb in fence.cb_list:
             fence.cb_list.remove(cb)
@@ -488,7 +488,7 @@ def wait_timeout(fence: DmaFence, intr: bool, timeout_ns: int) -> int:
         raise Einval(msg=f"negative timeout {timeout_ns}")
     lockdep.might_sleep()
     lockdep.dma_fence_might_wait()
-    runtime.preempt("dma_fence.wait")
+    runtime.preempt("dma_fence.wait", fence)
     enable_sw_signaling(fence)
     if is_signaled(fence):
         return timeout_ns if timeout_ns else 1

@@ -301,7 +301,7 @@ def add_fence(obj: DmaResv, fence: DmaFence, usage: DmaResvUsage) -> None:
     assert_held(obj)
     if dma_fence.is_container(fence):
         warn_on(True, f"add_fence: container fence {fence!r}; add its members instead")
-    runtime.preempt("dma_resv.add_fence")
+    runtime.preempt("dma_resv.add_fence", obj)
     dma_fence.get(fence)
     lockdep.fence_published(fence)
     fobj = obj.fences
@@ -426,7 +426,7 @@ def iter_first_unlocked(cursor: DmaResvIter) -> DmaFence | None:
 
     Kernel: dma_resv_iter_first_unlocked() [drivers/dma-buf/dma-resv.c]
     """
-    runtime.preempt("dma_resv.iter_unlocked")
+    runtime.preempt("dma_resv.iter_unlocked", cursor.obj)
     while True:
         _restart(cursor)
         _walk_unlocked(cursor)
@@ -439,7 +439,7 @@ def iter_next_unlocked(cursor: DmaResvIter) -> DmaFence | None:
 
     Kernel: dma_resv_iter_next_unlocked() [drivers/dma-buf/dma-resv.c]
     """
-    runtime.preempt("dma_resv.iter_unlocked")
+    runtime.preempt("dma_resv.iter_unlocked", cursor.obj)
     cursor.is_restarted = False
     restart = cursor.obj.fences is not cursor.fences
     while True:

@@ -145,6 +145,7 @@ class Task:
         # with and touched; kept only while a Deterministic.recorder is set.
         self._label = "start"
         self._touched: set[str] | None = None
+        self._next_on: object = None  # preempt()'s ``on`` for the transition that follows
 
     def __repr__(self) -> str:
         state = "done" if self.done else ("blocked" if self._blocked else "runnable")
@@ -203,12 +204,17 @@ def default_runtime() -> FreeRunning:
     return _DEFAULT
 
 
-def preempt(reason: str) -> None:
+def preempt(reason: str, on: object = None) -> None:
     """A preemption point; ``reason`` names the operation for the event log.
 
     Free-running: nothing. Deterministic: the scheduler may switch to another runnable task.
+    ``on`` is the object the operation after the point works on (a fence, a reservation
+    object) when ``reason`` does not name it; a systematic search (its recorder) uses it to
+    tell independent steps apart. It never reaches the event log.
     """
     task = current()
+    if on is not None and task._touched is not None:
+        task._next_on = on
     task.runtime._preempt(task, reason)
 
 
@@ -288,10 +294,13 @@ class WaitQueue:
     def wake_up_all(self) -> None:
         """Wake every task sleeping on this queue; each re-tests its condition.
         Kernel: wake_up_all()."""
-        if self._det_waiters:
+        if _recording:
+            # A search's recorder: waking is a write the waiters' next test reads, whether or
+            # not anyone sleeps here yet.
             waker = getattr(_local, "task", None)
             if waker is not None and waker._touched is not None:
                 waker._touched.add(self.name)
+        if self._det_waiters:
             waiters, self._det_waiters = self._det_waiters, []
             for task in waiters:
                 task.runtime._wake(task)
@@ -307,6 +316,9 @@ class WaitQueue:
         """Whether any task sleeps here. Kernel: wq_has_sleeper()."""
         return bool(self._det_waiters or self._free_waiters)
 
+
+_recording = 0
+"""Deterministic runs with a recorder in progress (in this thread's process)."""
 
 _COMPLETE_ALL = 1 << 62
 
@@ -735,8 +747,9 @@ class Deterministic(Runtime):
         self.recorder: Callable[[Task, str | None], None] | None = None
         """Called when a task's transition ends (at a preemption point, when it blocks, when it
         exits) with the task and the label of its next transition (None: it exited). The
-        task's ``_label`` and ``_touched`` (wait queues it used) describe the transition that
-        ended; the recorder resets them."""
+        task's ``_label`` and ``_touched`` (wait queues it used or woke) describe the
+        transition that ended, ``_next_on`` the object :func:`preempt` named for the next one;
+        the recorder resets them."""
         if self._pct:
             span = max(1, pct_steps or 64)
             points = self.rng.sample(range(1, span + 1), min(max(pct_depth - 1, 0), span))
@@ -778,13 +791,19 @@ class Deterministic(Runtime):
             raise RuntimeError("a Deterministic runtime runs once; make a new one")
         self._started = True
         main = self._new_task(main_fn, args, {}, "main")
-        if self._greenlets:
-            self._run_greenlets(main)
-        else:
-            self._done.acquire()
-            main._baton.release()
-            self._done.acquire()  # released by the last task to finish
-            self._done.release()
+        global _recording
+        recording = self.recorder is not None
+        _recording += recording
+        try:
+            if self._greenlets:
+                self._run_greenlets(main)
+            else:
+                self._done.acquire()
+                main._baton.release()
+                self._done.acquire()  # released by the last task to finish
+                self._done.release()
+        finally:
+            _recording -= recording
         if self._failure is not None:
             raise self._failure
         return main.result
