@@ -138,11 +138,9 @@ class DmaFence:
     def __init__(
         self, ops: DmaFenceOps | None = None, context: int = 0, seqno: int = 0, *, seqno64=False
     ) -> None:
+        # the kernel's inline per-fence lock; dma_fence_init()/_init64() below
         self.lock = threading.Lock()
-        if seqno64:
-            init64(self, ops, context, seqno)
-        else:
-            init(self, ops, context, seqno)
+        _fence_init(self, ops, context, seqno, _SEQNO64 if seqno64 else 0)
 
     def __repr__(self) -> str:
         state = "signaled" if self.flags & _SIGNALED else "pending"
@@ -162,6 +160,11 @@ def _fence_init(fence: DmaFence, ops, context: int, seqno: int, flags: int) -> N
     #: The task that must push or signal this fence after publishing it; lockdep uses it to
     #: open the implicit signalling section (drm_sched sets it from arm until push).
     fence.signal_owner = None
+
+
+def _ensure_lock(fence: DmaFence) -> None:
+    # A fence initialised in place (not through DmaFence()) gets its lock here; DmaFence()
+    # makes it before _fence_init, so the common path pays no attribute test.
     if not hasattr(fence, "lock"):
         fence.lock = threading.Lock()
 
@@ -171,6 +174,7 @@ def init(fence: DmaFence, ops: DmaFenceOps | None, context: int, seqno: int) -> 
 
     Kernel: dma_fence_init() [drivers/dma-buf/dma-fence.c]
     """
+    _ensure_lock(fence)
     _fence_init(fence, ops, context, seqno, 0)
 
 
@@ -179,6 +183,7 @@ def init64(fence: DmaFence, ops: DmaFenceOps | None, context: int, seqno: int) -
 
     Kernel: dma_fence_init64() [drivers/dma-buf/dma-fence.c]
     """
+    _ensure_lock(fence)
     _fence_init(fence, ops, context, seqno, _SEQNO64)
 
 

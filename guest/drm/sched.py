@@ -262,6 +262,10 @@ class DrmGpuScheduler:
         self.pending_list: list[DrmSchedJob] = []
         self.job_list_lock = threading.Lock()
         self.job_id_count = itertools.count(1)
+        # one ops object per timeline kind, shared by every job's fences (as the kernel's
+        # drm_sched_fence_ops_scheduled/_finished are static)
+        self.scheduled_ops = _SchedFenceOps(self, "scheduled")
+        self.finished_ops = _SchedFenceOps(self, "finished")
         self.pause_submit = False
         self.free_guilty = False
         self.ready = False
@@ -585,17 +589,23 @@ def job_arm(job: DrmSchedJob) -> None:
     After this the job must be pushed. The current task becomes the signal owner of
     ``finished`` until the push.
     """
-    warn_on(job.entity is None, "job_arm without an entity (job_init failed or not called)")
-    warn_on(job._state != _JobState.INITIALIZED, f"job_arm on {job!r}: arm exactly once after init")
+    # The warnings' messages are formatted only when they fire: a job's repr costs more than
+    # the rest of arm.
+    if job.entity is None:
+        warn_on(True, "job_arm without an entity (job_init failed or not called)")
+    if job._state != _JobState.INITIALIZED:
+        warn_on(True, f"job_arm on {job!r}: arm exactly once after init")
     runtime.preempt("drm_sched.job_arm")
     entity = job.entity
     me = runtime.current()
-    others = [j for j in entity._armed if j._armed_by is not me]
-    warn_on(
-        others,
-        MODEL_CHECK + f"job_arm on {entity!r} while another task has armed, unpushed jobs "
-        f"{others!r}: arm and push must run under one per-entity lock",
-    )
+    if entity._armed:
+        others = [j for j in entity._armed if j._armed_by is not me]
+        if others:
+            warn_on(
+                True,
+                MODEL_CHECK + f"job_arm on {entity!r} while another task has armed, unpushed "
+                f"jobs {others!r}: arm and push must run under one per-entity lock",
+            )
     sched = entity.rq.sched
     job.sched = sched
     job.s_priority = entity.priority
@@ -604,8 +614,8 @@ def job_arm(job: DrmSchedJob) -> None:
     seq = entity.fence_seq
     s_fence = job.s_fence
     s_fence.sched = sched
-    s_fence.scheduled = DmaFence(_SchedFenceOps(sched, "scheduled"), entity.fence_context, seq)
-    s_fence.finished = DmaFence(_SchedFenceOps(sched, "finished"), entity.fence_context + 1, seq)
+    s_fence.scheduled = DmaFence(sched.scheduled_ops, entity.fence_context, seq)
+    s_fence.finished = DmaFence(sched.finished_ops, entity.fence_context + 1, seq)
     s_fence.finished.signal_owner = me
     job._state = _JobState.ARMED
     job._armed_by = me
@@ -619,24 +629,29 @@ def entity_push_job(job: DrmSchedJob) -> None:
     Locking: the per-entity lock :func:`job_arm` ran under. Pushing out of arm order or from
     two tasks at once on one entity warns.
     """
-    warn_on(job._state != _JobState.ARMED, f"entity_push_job on {job!r}: push an armed job once")
+    if job._state != _JobState.ARMED:
+        warn_on(True, f"entity_push_job on {job!r}: push an armed job once")
     entity = job.entity
     me = runtime.current()
-    warn_on(
-        entity._pushing is not None and entity._pushing is not me,
-        MODEL_CHECK
-        + f"entity_push_job: tasks {entity._pushing!r} and {me!r} push on {entity!r} in parallel",
-    )
+    if entity._pushing is not None and entity._pushing is not me:
+        warn_on(
+            True,
+            MODEL_CHECK
+            + f"entity_push_job: tasks {entity._pushing!r} and {me!r} push on {entity!r} in "
+            "parallel",
+        )
     entity._pushing = me
     try:
         runtime.preempt("drm_sched.entity_push_job")
         finished = job.s_fence.finished
         expected = (entity._last_pushed_seq + 1) & 0xFFFFFFFF
-        warn_on(
-            finished.seqno != expected,
-            MODEL_CHECK + f"entity_push_job: seqno {finished.seqno} pushed, {expected} expected: "
-            "push out of arm order (arm and push must run under one per-entity lock)",
-        )
+        if finished.seqno != expected:
+            warn_on(
+                True,
+                MODEL_CHECK + f"entity_push_job: seqno {finished.seqno} pushed, {expected} "
+                "expected: push out of arm order (arm and push must run under one per-entity "
+                "lock)",
+            )
         entity._last_pushed_seq = finished.seqno
         if job in entity._armed:
             entity._armed.remove(job)
@@ -645,7 +660,8 @@ def entity_push_job(job: DrmSchedJob) -> None:
         job.submit_ts = runtime.now_ns()
         job._submit_seq = next(_submit_counter)
         job._state = _JobState.PUSHED
-        if warn_on(entity.stopped, f"Trying to push to a killed entity {entity!r}"):
+        if entity.stopped:
+            warn_on(True, f"Trying to push to a killed entity {entity!r}")
             return
         entity.job_queue.append(job)
     finally:
@@ -663,7 +679,8 @@ def job_cleanup(job: DrmSchedJob) -> None:
     fence may already be in a reservation object and would never signal.
     """
     state = job._state
-    warn_on(state == _JobState.CLEANED, f"job_cleanup twice on {job!r}")
+    if state == _JobState.CLEANED:
+        warn_on(True, f"job_cleanup twice on {job!r}")
     if job.s_fence is not None and job.s_fence.finished is not None:
         dma_fence.put(job.s_fence.finished)
     for fence in job.dependencies.values():
@@ -673,11 +690,12 @@ def job_cleanup(job: DrmSchedJob) -> None:
     if job.entity is not None and job in job.entity._armed:
         job.entity._armed.remove(job)
     job._state = _JobState.CLEANED
-    warn_on(
-        state == _JobState.ARMED,
-        f"job_cleanup on {job!r}: an armed job must be pushed "
-        "(drm_sched_job_arm() is the point of no return)",
-    )
+    if state == _JobState.ARMED:
+        warn_on(
+            True,
+            f"job_cleanup on {job!r}: an armed job must be pushed "
+            "(drm_sched_job_arm() is the point of no return)",
+        )
 
 
 #: Fault injection for the dependency table (True → -ENOMEM).
