@@ -190,6 +190,8 @@ def submit(
                     vm.submit_lock.unlock()
         # drm_gpuvm_exec_unlock (drm_exec_fini): every resv unlocked here
         if mutant is Mutant.GPUVM_FENCE_AFTER_UNLOCK:
+            for hook in drv.hooks.after_unlock:  # the window this order opens (tests)
+                hook(job)
             with DrmGpuvmExec(vm, 0, num_fences=1) as relock:
                 drm_gpuvm.exec_lock(relock)
                 _add_fence(vm, relock, job, mutant)

@@ -353,17 +353,24 @@ def _evict_bo_mappings_locked(obj, one_vm: bool = False) -> bool:
     """Kernel: panthor_vm_evict_bo_mappings_locked(). False if a VM's op_lock is contended
     (the mappings of VMs done before stay evicted: they are revalidated like any other).
 
+    A vm_bo already marked evicted is skipped only if none of its mappings has PTEs: a bind
+    between two evictions pins the BO back in and writes the PTEs of its new mapping while the
+    vm_bo stays marked until the next exec validates it, and skipping that vm_bo as a whole
+    (as the description of Panthor's loop, "for each vm_bo not already evicted", reads) left
+    those PTEs on frames the eviction then freed (gemu explore, ``gpuvm`` scenario).
+
     ``one_vm`` is the ``evict-marks-one-vm`` mutant: only the first VM that maps the object
     has it marked evicted and its PTEs cleared, and the check that every vm_bo is evicted is
     gone with the walk it checks."""
     for vm_bo in drm_gpuvm.gem_for_each_gpuvm_bo(obj):
-        if vm_bo.evicted:
+        if vm_bo.evicted and all(va.evicted for va in vm_bo.gpuva):
             continue
         vm = vm_bo.vm
         if not vm.op_lock.trylock():
             return False
         try:
-            drm_gpuvm.bo_evict(vm_bo, True)
+            if not vm_bo.evicted:
+                drm_gpuvm.bo_evict(vm_bo, True)
             for va in vm_bo.gpuva:
                 if not va.evicted:
                     vm.pt.unmap_pages(va.va.addr, va.va.range >> gem.PAGE_SHIFT)
@@ -373,7 +380,10 @@ def _evict_bo_mappings_locked(obj, one_vm: bool = False) -> bool:
         if one_vm:
             return True
     warn_on(
-        any(not vb.evicted for vb in drm_gpuvm.gem_for_each_gpuvm_bo(obj)),
+        any(
+            not vb.evicted or any(not va.evicted for va in vb.gpuva)
+            for vb in drm_gpuvm.gem_for_each_gpuvm_bo(obj)
+        ),
         f"{obj!r} still mapped after evicting its mappings",
     )
     return True
