@@ -128,6 +128,12 @@ class Scenario:
     have finished (the runtime's ``quiet``): booting, creating the BOs, squeezing RAM and the
     teardown run as one fixed sequence, so a systematic search spends its budget on the race
     itself. The invariants are checked all the same."""
+    flavour: str = "legacy"
+    """The driver flavour the scenario runs: ``legacy`` (a BO list per submit) or ``vm-bind``
+    (VMs on drm_gpuvm, binds and exec on a VM, the per-VM shrinker; :mod:`.gpuvm`)."""
+    plan: str = ""
+    """``vm-bind``: the tasks' plan; empty draws it from the seed, ``bind-exec-reclaim`` is the
+    fixed plan of ``gpuvm-small`` (:func:`.gpuvm.make_plan`)."""
 
 
 SCENARIOS = {
@@ -146,12 +152,50 @@ SCENARIOS = {
         reclaims=1,
         quiet_setup=True,
     ),
+    # the VM_BIND flavour (:mod:`.gpuvm`): one VM per task, external BOs bound in every
+    # VM, VM-private BOs, binds and unbinds racing execs and reclaim
+    "gpuvm": Scenario(
+        name="gpuvm",
+        tasks=3,
+        files=1,
+        jobs=6,
+        shared_bos=2,
+        private_bos=2,
+        free_frames=6,
+        reclaims=3,
+        madvise=False,
+        flavour="vm-bind",
+    ),
+    # built for --strategy exhaustive: a task rebinding its BO against a task executing on
+    # a BO shared with it, against one reclaimer; the set-up quiet
+    "gpuvm-small": Scenario(
+        name="gpuvm-small",
+        tasks=2,
+        files=1,
+        jobs=2,
+        shared_bos=1,
+        private_bos=1,
+        reclaims=1,
+        madvise=False,
+        quiet_setup=True,
+        flavour="vm-bind",
+        plan="bind-exec-reclaim",
+    ),
 }
 
 
-MUTANT_SCENARIO = {"reset-allocates": "hang"}
+MUTANT_SCENARIO = {
+    "reset-allocates": "hang",
+    "bind-allocates-pt": "gpuvm",
+    "fence-vm-resv-only": "gpuvm",
+    "validate-skips-other-vm": "gpuvm",
+    "evict-marks-one-vm": "gpuvm",
+    "gpuvm-fence-before-validate": "gpuvm",
+    "gpuvm-fence-after-unlock": "gpuvm",
+    "gpuvm-arm-before-validate": "gpuvm",
+}
 """The built-in scenario a mutant is explored on when none is named: the reset path only
-runs when a job hangs."""
+runs when a job hangs, and the VM_BIND flavour's mutants need that flavour."""
 
 
 def scenario_for_mutant(mutant: str) -> Scenario:
@@ -771,7 +815,12 @@ def run_schedule(
     )
     if search is not None:
         search.attach(rt)
-    run = _Run(cfg, seed)
+    if cfg.scenario.flavour == "vm-bind":
+        from gemu.host.explore.gpuvm import GpuvmRun
+
+        run = GpuvmRun(cfg, seed)
+    else:
+        run = _Run(cfg, seed)
     was_strict = errors.is_strict()
     errors.set_strict(False)
     # GPU faults and warnings are verdicts here, not log lines
