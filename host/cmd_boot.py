@@ -185,6 +185,15 @@ def check_device_options(args: argparse.Namespace, parser: argparse.ArgumentPars
         )
 
 
+def _driver_mode_arg(text: str) -> str:
+    from gemu.host.machine import check_driver_mode
+
+    try:
+        return check_driver_mode(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _machine_options(p: argparse.ArgumentParser, ram: str) -> None:
     p.add_argument(
         "-m",
@@ -226,6 +235,16 @@ def _machine_options(p: argparse.ArgumentParser, ram: str) -> None:
         help="how long any request waits for the device (a register round trip, a send into "
         f"its full socket buffer) before the device is declared lost: exit 3, naming what "
         f"timed out (above 0, at most {DEVICE_TIMEOUT_MAX_S:g})",
+    )
+    p.add_argument(
+        "--driver-mode",
+        type=_driver_mode_arg,
+        default=None,
+        metavar="MODE",
+        help="the GPU driver flavour: per-bo (the default: a GPU VM per file, a BO list per "
+        "submit) or vm-bind (VMs on drm_gpuvm, VM_BIND with fences, exec on a VM, per-VM "
+        "shrinker; see docs/gpuvm.md); gemu run takes the mode its scripts' driver-mode "
+        "lines name",
     )
     p.add_argument(
         "--no-kswapd", action="store_true", help="do not start background reclaim (kswapd)"
@@ -451,7 +470,7 @@ class Session:
     def boot(self) -> int | None:
         """Boot; returns an exit status if it failed."""
         from gemu.guest import errors
-        from gemu.host.machine import Machine, format_size
+        from gemu.host.machine import DEFAULT_DRIVER_MODE, DRIVER_MODES, Machine, format_size
         from gemu.host.shell import Shell
 
         args = self.args
@@ -481,6 +500,7 @@ class Session:
                 strict_signalling=args.strict_signalling,
                 device_args=dev_args,
                 device_timeout=args.device_timeout,
+                driver_mode=args.driver_mode or DEFAULT_DRIVER_MODE,
                 **extra,
             )
         except Exception as exc:
@@ -488,6 +508,8 @@ class Session:
             return EXIT_MACHINE
         for line in self.machine.boot_log():
             self.kmsg(line)
+        mode = self.machine.driver_mode
+        self.kmsg(f"gemu0: driver mode {mode}: {DRIVER_MODES[mode]}")
         self.shell = Shell(self.machine, self.write)
         self.kmsg(f"gemu: boot done in {(time.monotonic() - self.t0) * 1e3:.0f} ms")
         return None
@@ -652,12 +674,13 @@ def cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     session = Session(args, write)  # the device starts now, while the scripts are read
     from gemu.host.jobscript import ScriptError, parse_file
-    from gemu.host.shell import PROMPT, DeviceLost, PowerOff, Shell
+    from gemu.host.shell import PROMPT, DeviceLost, PowerOff, Shell, scripts_driver_mode
 
     scripts = []
     try:
         for path in args.scripts:
             scripts.append(parse_file(path, commands=Shell.COMMANDS))
+        args.driver_mode = scripts_driver_mode(scripts, args.driver_mode)
     except ScriptError as exc:
         session.discard()
         print(f"gemu run: {exc}", file=sys.stderr)

@@ -5,7 +5,10 @@
 spawned ``gemu device`` process by default, a device server on a thread with
 ``device="inproc"``, or any transport spec of a device already running), the page allocator
 and swap device of the guest, a GEM device with the shmem shrinker, and the probed gemu
-driver. ``open()`` gives a guest program its uAPI file::
+driver. ``open()`` gives a guest program its uAPI file. ``driver_mode`` picks the driver
+flavour: ``"per-bo"`` (the default: one GPU VM per file, a BO list per submit) or
+``"vm-bind"`` (VMs on drm_gpuvm, VM_BIND with fences, exec on a VM, Panthor's per-VM
+shrinker; ``open()`` then gives a :class:`~gemu.guest.gemu_drv.vm_bind.VmBindFile`)::
 
     with Machine(ram_size=16 << 20, swap_size=32 << 20) as m:
         f = m.open()
@@ -39,6 +42,7 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gemu.device.abi.client import DeviceClient, DeviceGone, DeviceTimeout, SharedMemory
 from gemu.guest.dma_buf.dma_resv import DmaResvUsage
@@ -51,8 +55,13 @@ from gemu.guest.mm.swap import SwapDevice
 from gemu.host.cmd_device import wait_lines
 from gemu.host.sizes import flag_names, format_size, parse_size
 
+if TYPE_CHECKING:
+    from gemu.guest.gemu_drv.vm_bind import VmBindFile
+
 __all__ = [
+    "DEFAULT_DRIVER_MODE",
     "DEVICE_TIMEOUT_S",
+    "DRIVER_MODES",
     "DeviceLost",
     "DeviceTimeout",
     "Machine",
@@ -69,6 +78,21 @@ DEVICE_TIMEOUT_S = 5.0
 """How long any request of the machine waits for the device before it is declared lost."""
 DEVICE_READY_S = 20.0
 """How long a spawned device may take to print its ready line."""
+
+DRIVER_MODES = {
+    "per-bo": "one GPU VM per file, BOs mapped one by one, a BO list per submit (panfrost-like)",
+    "vm-bind": "VMs on drm_gpuvm, VM_BIND with fences, exec on a VM, per-VM shrinker (Panthor-like)",
+}
+"""The driver flavours a machine can run, and what each is."""
+DEFAULT_DRIVER_MODE = "per-bo"
+
+
+def check_driver_mode(mode: str) -> str:
+    """``mode`` if it names a driver flavour; ValueError naming it and the known ones."""
+    if mode not in DRIVER_MODES:
+        raise ValueError(f"unknown driver mode {mode!r} (known: {', '.join(DRIVER_MODES)})")
+    return mode
+
 
 DeviceLost = DeviceGone
 """What a machine call raises once the device is gone: its connection broke, its process
@@ -111,6 +135,10 @@ class Machine:
             pipe, ready line not yet read) to use instead of starting one: ``gemu boot``
             starts it before importing the guest, so the two start-ups overlap. The machine
             owns it from here (terminated at shutdown).
+        driver_mode: the driver flavour, a key of :data:`DRIVER_MODES`: ``"per-bo"`` (the
+            default) or ``"vm-bind"`` (:attr:`vm_bind` is then the
+            :class:`~gemu.guest.gemu_drv.vm_bind.VmBindDriver`, which takes the device's
+            reclaim over). An unknown value is a ValueError naming it.
     """
 
     def __init__(
@@ -129,7 +157,10 @@ class Machine:
         strict_signalling: bool = False,
         device_process: subprocess.Popen | None = None,
         device_timeout: float | None = DEVICE_TIMEOUT_S,
+        driver_mode: str = DEFAULT_DRIVER_MODE,
     ) -> None:
+        self.driver_mode = check_driver_mode(driver_mode)
+        self.vm_bind = None
         self.ram_size = ram_size
         self.swap_size = swap_size
         self.device_kind = device
@@ -169,6 +200,10 @@ class Machine:
             self.driver = GemuDriver(self.dev, self.client, order=order, timeout_ns=timeout_ns)
             lockdep.set_implicit_signalling(strict_signalling)
             self.driver.probe()
+            if driver_mode == "vm-bind":
+                from gemu.guest.gemu_drv.vm_bind import VmBindDriver
+
+                self.vm_bind = VmBindDriver(self.driver)
             if kswapd:
                 self.allocator.start_kswapd()
             self.kernel_frames = self.allocator.nr_used
@@ -229,8 +264,12 @@ class Machine:
         return path.read_text(errors="replace") if path and path.exists() else ""
 
     # -- guest -----------------------------------------------------------------------------
-    def open(self) -> GemuFile:
-        """Open the GPU: a new uAPI file with its own GPU VM."""
+    def open(self) -> GemuFile | VmBindFile:
+        """Open the GPU: a new uAPI file of the machine's driver flavour, a
+        :class:`GemuFile` with its own GPU VM (per-bo) or a
+        :class:`~gemu.guest.gemu_drv.vm_bind.VmBindFile` that creates VMs (vm-bind)."""
+        if self.vm_bind is not None:
+            return self.vm_bind.open()
         return self.driver.open()
 
     def reclaim(self, nr_pages: int) -> int:
@@ -327,6 +366,9 @@ class Machine:
                 "lru_evictable_pages": mm.lru_evictable.count,
                 "lru_evicted_pages": mm.lru_evicted.count,
             }
+        vm_bind = getattr(self, "vm_bind", None)
+        if vm_bind is not None:
+            out["shrinker"] = vm_bind_shrinker_stats(vm_bind.reclaim)
         out["gpu"] = self.driver.gpu.statistics()
         return out
 
@@ -359,6 +401,11 @@ class Machine:
             }
             if any(lrus.values()):
                 problems.append(f"shrinker LRUs not empty: {lrus} pages")
+        if self.vm_bind is not None:
+            reclaim = self.vm_bind.reclaim
+            lrus = {lru.name: lru.count for lru in reclaim._lrus() if lru.count}
+            if lrus:
+                problems.append(f"VM_BIND reclaim LRUs not empty: {lrus} pages")
         if self.swap is not None and self.swap.nr_used_slots:
             problems.append(f"{self.swap.nr_used_slots} swap slots in use")
         gpu = self.driver.gpu
@@ -383,6 +430,10 @@ class Machine:
         if alloc is not None:
             with contextlib.suppress(Exception):
                 alloc.stop_kswapd()
+        vm_bind = getattr(self, "vm_bind", None)
+        if vm_bind is not None:
+            with contextlib.suppress(Exception):
+                vm_bind.remove()
         drv = getattr(self, "driver", None)
         if drv is not None:
             with contextlib.suppress(Exception):
@@ -417,3 +468,16 @@ class Machine:
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
+
+
+def vm_bind_shrinker_stats(reclaim) -> dict:
+    """The VM_BIND flavour's reclaim counters and LRU sizes in pages, as ``statistics()``
+    gives them under ``shrinker``: ``evicted``, ``scans``, ``contended``, ``harder``,
+    ``skipped_busy``, ``last_scan``, ``lru_unused_pages``, ``lru_shared_pages`` (BOs mapped
+    in several VMs), ``lru_private_pages`` (BOs mapped in one VM, over every VM)."""
+    return {
+        **reclaim.stats.as_dict(),
+        "lru_unused_pages": reclaim.unused.count,
+        "lru_shared_pages": reclaim.gpu_mapped_shared.count,
+        "lru_private_pages": sum(vm.reclaim_lru.count for vm in list(reclaim.vms)),
+    }

@@ -11,10 +11,13 @@ JSON. None of them computes its own figures::
         sh.run_text("a = bo 8K\\n")
         objs = query(m, "objects", sh)       # the console session's BOs
 
-Views of the machine (``shrinker``, ``swap``, ``mem``, ``ring``, ``lockdep``, ``stats``)
-need only the machine. Views of a console session (``objects``, ``mmu``, ``fences``,
-``tasks``) name the session's BOs, fences and tasks, so they need that session (a
-:class:`~gemu.host.shell.Shell`); without one they raise :class:`QueryError`.
+Views of the machine (``shrinker``, ``swap``, ``mem``, ``ring``, ``lockdep``, ``stats``,
+``reclaim``) need only the machine. Views of a console session (``objects``, ``mmu``,
+``fences``, ``tasks``, ``vms``) name the session's BOs, VMs, fences and tasks, so they need
+that session (a :class:`~gemu.host.shell.Shell`); without one they raise
+:class:`QueryError`. ``vms`` and ``reclaim`` show the VM_BIND driver flavour (driver mode
+``vm-bind``): a session's VMs with their mappings, vm_bos, evict and extobj lists, and the
+per-VM shrinker's LRUs and BO reclaim states; in driver mode per-bo they are ``[]`` and None.
 """
 
 from __future__ import annotations
@@ -103,6 +106,54 @@ def stats(m: Machine, session: Shell | None = None) -> dict:
     return m.statistics()
 
 
+def _vm_bind(m: Machine):
+    return getattr(m, "vm_bind", None)
+
+
+def _bo_name(drv, obj) -> str:
+    rec = drv.records.get(obj)
+    return rec.name if rec is not None else repr(obj)
+
+
+def reclaim(m: Machine, session: Shell | None = None) -> dict | None:
+    """The VM_BIND flavour's per-VM shrinker (Panthor's): its counters, the BOs on each LRU
+    (least recently used first), the VMs in reclaim order (least recently active first, each
+    with its LRU of private BOs), and every BO's reclaim state. None in driver mode per-bo."""
+    drv = _vm_bind(m)
+    if drv is None:
+        return None
+    r = drv.reclaim
+    with r.lock:  # the LRUs and the VM list change only under it
+        unused = [_bo_name(drv, o) for o in r.unused]
+        shared = [_bo_name(drv, o) for o in r.gpu_mapped_shared]
+        vms = [
+            {
+                "vm": vm.name,
+                "pages": vm.reclaim_lru.count,
+                "lru": [_bo_name(drv, o) for o in vm.reclaim_lru],
+            }
+            for vm in r.vms
+        ]
+    bos = [
+        {
+            "name": rec.name,
+            "size": obj.size,
+            "state": obj_state(obj),
+            "reclaim_state": rec.reclaim_state.name,
+            "reclaimed_count": rec.reclaimed_count,
+            "private_vm": rec.exclusive_vm.name if rec.exclusive_vm is not None else None,
+        }
+        for obj, rec in list(drv.records.items())
+    ]
+    return {
+        "stats": r.stats.as_dict(),
+        "unused": unused,
+        "gpu_mapped_shared": shared,
+        "vms": vms,
+        "bos": sorted(bos, key=lambda b: b["name"]),
+    }
+
+
 # -- views of a console session -------------------------------------------------------------
 def _need(session: Shell | None, view: str) -> Shell:
     if session is None:
@@ -112,11 +163,18 @@ def _need(session: Shell | None, view: str) -> Shell:
 
 def objects(m: Machine, session: Shell | None = None) -> dict:
     """The session's BOs with their page counters, state and GPU VA (None: not mapped), and
-    how many GEM objects the device holds (the driver's own included)."""
+    how many GEM objects the device holds (the driver's own included). Driver mode vm-bind:
+    ``va`` is None (a BO may be bound at many VAs, see ``vms``), ``private_vm`` names the VM
+    a BO is private to (None: external) and ``reclaim_state`` is its per-VM shrinker state."""
     sh = _need(session, "objects")
     out = []
+    vm_bind = _vm_bind(m) is not None
     for bo in sh.user_bos():
-        obj = sh.file.bo(bo.handle).obj
+        rec = sh.file.bo(bo.handle)
+        obj = rec.obj
+        extra = {}
+        if vm_bind:
+            extra = {"private_vm": bo.vm, "reclaim_state": rec.reclaim_state.name}
         out.append(
             {
                 "name": bo.name,
@@ -127,6 +185,7 @@ def objects(m: Machine, session: Shell | None = None) -> dict:
                 "pages_pin_count": obj.pages_pin_count,
                 "madv": obj.madv,
                 "va": bo.va,
+                **extra,
             }
         )
     return {"objects": out, "gem_objects": m.dev.object_count}
@@ -142,6 +201,8 @@ def mmu(m: Machine, session: Shell | None = None) -> dict:
         for i, vm in enumerate(gpu.mmu.slots)
         if vm is not None
     ]
+    if _vm_bind(m) is not None:
+        return _mmu_vm_bind(m, sh, slots)
     mappings = []
     for bo in sh.user_bos():
         if bo.va is None:
@@ -162,6 +223,119 @@ def mmu(m: Machine, session: Shell | None = None) -> dict:
         "mappings": mappings,
         "stats": dict(gpu.mmu.stats.__dict__),
     }
+
+
+def _mmu_vm_bind(m: Machine, sh: Shell, slots: list[dict]) -> dict:
+    """``mmu`` in driver mode vm-bind: every mapping of the session's VMs with where its first
+    page is (``first_page_pa`` None: not in the page table, e.g. evicted)."""
+    mappings = []
+    pages = 0
+    names = []
+    for vv in list(sh.vms.values()):
+        gvm = sh.file.vms.get(vv.vm_id)
+        if gvm is None:
+            continue
+        names.append(gvm.name)
+        pages += gvm.pt.mapped_pages
+        for va in _vas(gvm):
+            pte = gvm.pt.lookup(va.va.addr)
+            mappings.append(
+                {
+                    "va": va.va.addr,
+                    "name": _bo_name(m.vm_bind, va.gem.obj),
+                    "size": va.va.range,
+                    "first_page_pa": (pte & _PA_MASK) if pte else None,
+                    "vm": vv.name,
+                }
+            )
+    return {
+        "address_spaces": slots,
+        "vm": ", ".join(names),
+        "mapped_pages": pages,
+        "mappings": mappings,
+        "stats": dict(m.driver.gpu.mmu.stats.__dict__),
+    }
+
+
+def _prot(prot) -> str:
+    """A mapping's protection as ``rwx`` letters (``r--``: read-only)."""
+    from gemu.guest.gemu_drv.vm import Prot
+
+    return "".join(
+        c if prot & p else "-" for p, c in ((Prot.READ, "r"), (Prot.WRITE, "w"), (Prot.EXEC, "x"))
+    )
+
+
+def _vas(gvm) -> list:
+    from gemu.guest.drm import drm_gpuvm
+
+    return [va for va in list(drm_gpuvm.for_each_va(gvm)) if va is not gvm.kernel_alloc_node]
+
+
+def vms(m: Machine, session: Shell | None = None) -> list[dict]:
+    """The session's VMs (driver mode vm-bind; ``[]`` in per-bo): for each, its mappings (VA,
+    size, BO, offset into it, protection, evicted), its vm_bos (one per BO bound in it:
+    evicted, external, how many mappings), the BOs on its evict list and extobj list (the
+    external BOs an exec locks), and its place in reclaim (``reclaim_order``: 0 is reclaimed
+    first, None: no private BO reclaimable; ``private_lru``: its private BOs on the per-VM
+    LRU, least recently used first)."""
+    sh = _need(session, "vms")
+    drv = _vm_bind(m)
+    if drv is None:
+        return []
+    from gemu.guest.drm import drm_gpuvm
+
+    with drv.reclaim.lock:  # the VM list and the LRUs change only under it
+        order = list(drv.reclaim.vms)
+        lrus = {vv.vm_id: [] for vv in list(sh.vms.values())}
+        for vv in list(sh.vms.values()):
+            gvm = sh.file.vms.get(vv.vm_id)
+            if gvm is not None:
+                lrus[vv.vm_id] = [_bo_name(drv, o) for o in gvm.reclaim_lru]
+    out = []
+    for vv in list(sh.vms.values()):
+        gvm = sh.file.vms.get(vv.vm_id)
+        if gvm is None:
+            continue
+        mappings = [
+            {
+                "va": va.va.addr,
+                "size": va.va.range,
+                "bo": _bo_name(drv, va.gem.obj),
+                "offset": va.gem.offset,
+                "prot": _prot(va.prot),
+                "evicted": va.evicted,
+            }
+            for va in _vas(gvm)
+        ]
+        vm_bos = []
+        for va in _vas(gvm):
+            vb = va.vm_bo
+            if vb is None or any(v["bo"] == _bo_name(drv, vb.obj) for v in vm_bos):
+                continue
+            vm_bos.append(
+                {
+                    "bo": _bo_name(drv, vb.obj),
+                    "evicted": vb.evicted,
+                    "external": drm_gpuvm.is_extobj(gvm, vb.obj),
+                    "mappings": len(vb.gpuva),
+                }
+            )
+        out.append(
+            {
+                "name": vv.name,
+                "id": vv.vm_id,
+                "vm": gvm.name,
+                "mapped_pages": gvm.pt.mapped_pages,
+                "mappings": mappings,
+                "vm_bos": vm_bos,
+                "evict": [_bo_name(drv, vb.obj) for vb in gvm.evict],
+                "extobj": [_bo_name(drv, vb.obj) for vb in gvm.extobj],
+                "reclaim_order": order.index(gvm) if gvm in order else None,
+                "private_lru": lrus.get(vv.vm_id, []),
+            }
+        )
+    return out
 
 
 def fences(m: Machine, session: Shell | None = None) -> list[dict]:
@@ -208,10 +382,11 @@ MACHINE_VIEWS = {
     "ring": ring,
     "lockdep": lockdep_reports,
     "stats": stats,
+    "reclaim": reclaim,
 }
 """The views that need only the machine."""
 
-SESSION_VIEWS = {"objects": objects, "mmu": mmu, "fences": fences, "tasks": tasks}
+SESSION_VIEWS = {"objects": objects, "mmu": mmu, "fences": fences, "tasks": tasks, "vms": vms}
 """The views of a console session's BOs, fences and tasks."""
 
 VIEWS = {**MACHINE_VIEWS, **SESSION_VIEWS}

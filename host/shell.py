@@ -37,6 +37,7 @@ from gemu.device.abi.enums import WaitFunc
 from gemu.guest.drm.gem_shmem import SigBus
 from gemu.guest.errors import KernelError
 from gemu.guest.gemu_drv.uapi import READ, WRITE, JobFence
+from gemu.guest.gemu_drv.vm import VA_END, VA_START, Prot
 from gemu.guest.kernel import runtime, trace
 from gemu.guest.locking import lockdep
 from gemu.host import query
@@ -50,7 +51,7 @@ from gemu.host.jobscript import (
     parse_file,
     parse_line,
 )
-from gemu.host.machine import Machine, format_size, parse_size
+from gemu.host.machine import DEFAULT_DRIVER_MODE, DRIVER_MODES, Machine, format_size, parse_size
 
 log = logging.getLogger("gemu.host.shell")
 
@@ -105,6 +106,8 @@ class BoVar:
     va: int | None
     expected: int | None = None
     dontneed: bool = False
+    vm: str | None = None
+    """vm-bind mode: the VM the BO is private to (None: external)."""
 
 
 @dataclass
@@ -118,6 +121,36 @@ class FenceVar:
     examined: bool = False
     settled: bool = False
     judged: bool = False
+
+
+SHELL_VA = VA_END - (16 << 20)
+"""vm-bind mode: the top 16 MiB of every VM belong to the shell (its command buffer and its
+CRC results); binds there are refused."""
+CMD_VA = SHELL_VA
+CMD_SIZE = 64 << 10
+CMD_SLOT = 256
+"""Bytes of command buffer per exec: slot ``i`` holds the packets of one job until it ended."""
+CMD_SLOTS = CMD_SIZE // CMD_SLOT
+OUT_VA = SHELL_VA + (1 << 20)
+"""Where a slot's CRC result goes: ``OUT_VA + 4 * slot``."""
+
+
+@dataclass
+class VmVar:
+    """vm-bind mode: a named VM of the shell, with the command buffer its exec jobs run from
+    (a BO private to the VM, bound at :data:`CMD_VA`) and a page for GPU CRC results (at
+    :data:`OUT_VA`). ``ready`` are the out-fences of those two binds (every exec waits for
+    them); ``slots`` the out-fence of the job last run from each command slot; ``bound`` the
+    BOs ever bound in this VM (an exec that writes forgets their expected contents)."""
+
+    name: str
+    vm_id: int
+    cmd: int
+    out: int
+    ready: list[JobFence]
+    slots: list[JobFence | None] = field(default_factory=lambda: [None] * CMD_SLOTS)
+    next_slot: int = 0
+    bound: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -283,6 +316,8 @@ INFO_VIEWS: dict[str, str] = {
     "lockdep": "lockdep reports",
     "tasks": "the script's task blocks and their state",
     "stats": "every counter as NAME = VALUE (for expect stat)",
+    "vms": "vm-bind mode: the VMs' mappings, vm_bos, evict and extobj lists, reclaim order",
+    "reclaim": "vm-bind mode: the per-VM shrinker's LRUs, VM order and BO reclaim states",
 }
 """``info VIEW``: the views and what they show; each formats the data of the function of
 the same name in :mod:`gemu.host.query`."""
@@ -299,8 +334,27 @@ JOB_KINDS: dict[str, tuple[str, str]] = {
 }
 """``submit KIND ARGS``: the job kinds, their arguments and what the job does."""
 
+EXEC_KINDS: dict[str, tuple[str, str]] = {
+    "nop": ("", "a NOP packet"),
+    "copy": ("SRC DST SIZE", "COPY SIZE bytes from VA SRC to VA DST"),
+    "fill": ("DST SIZE VALUE", "FILL SIZE bytes at VA DST with a 32-bit VALUE"),
+    "crc": ("SRC SIZE DST", "CRC32 of SIZE bytes at VA SRC into the word at VA DST"),
+    "atomic": ("DST ADD", "a 64-bit ATOMIC add at VA DST"),
+    "waitmem": ("ADDR VALUE", "WAIT_MEM until the word at VA ADDR equals VALUE"),
+}
+"""vm-bind mode, ``exec VM KIND ARGS``: the job kinds, their arguments (GPU VAs of the VM)
+and what the job does."""
+
 EXPECT_FORMS: dict[str, tuple[str, str]] = {
-    "crc": ("BO OP VALUE|BO2", "the GPU's CRC32 of the whole BO compares so"),
+    "crc": (
+        "BO OP VALUE|BO2 | VM VA SIZE OP VALUE|BO[+OFF]",
+        "the GPU's CRC32 of the whole BO (driver mode vm-bind: of SIZE bytes at VA of VM; "
+        "BO: the CPU's CRC32 of SIZE bytes of BO) compares so",
+    ),
+    "cpucrc": (
+        "BO[+OFF] SIZE OP VALUE|BO2[+OFF2]",
+        "the CRC32 of SIZE bytes of BO as the CPU reads them compares so",
+    ),
     "value": ("BO[+OFF] OP VALUE", "the 32-bit word the CPU reads compares so"),
     "fence": ("F signaled|pending|failed [ERRNO]", "the job's fence is in that state"),
     "fault": ("[F]", "job F (default: the last) failed with a GPU MMU fault"),
@@ -323,6 +377,8 @@ class CommandSpec:
     method: str
     arity: Arity
     summary: str
+    mode: str | None = None
+    """The driver mode the command belongs to (None: both)."""
 
 
 _TABLE: dict[str, CommandSpec] = {}
@@ -338,9 +394,12 @@ def command(
     summary: str,
     *,
     binds: bool = False,
+    mode: str | None = None,
 ):
     def deco(fn):
-        _TABLE[name] = CommandSpec(fn.__name__, Arity(min_args, max_args, usage, binds), summary)
+        _TABLE[name] = CommandSpec(
+            fn.__name__, Arity(min_args, max_args, usage, binds), summary, mode
+        )
         fn._help = inspect.cleandoc(fn.__doc__ or "")
         return fn
 
@@ -354,6 +413,55 @@ def _plain(text: str) -> str:
 
 def _known(table) -> str:
     return ", ".join(table)
+
+
+_MODE_HINT = {
+    "per-bo": "boot with --driver-mode per-bo (the default)",
+    "vm-bind": "boot with --driver-mode vm-bind, or Machine(driver_mode='vm-bind')",
+}
+
+
+def _directives(statements: list[Statement]):
+    for st in statements:
+        if st.command == "driver-mode":
+            yield st
+        yield from _directives(list(st.body))
+
+
+def scripts_driver_mode(scripts: list[list[Statement]], requested: str | None) -> str | None:
+    """The driver mode a run of ``scripts`` needs: ``requested`` (``--driver-mode``), else the
+    one their ``driver-mode MODE`` lines name, else None (the default). A mode that does not
+    exist, two scripts naming different modes, or a line naming another mode than
+    ``requested`` is a :class:`ScriptError` at that line: scripts of different driver modes
+    cannot share a machine."""
+    declared: Statement | None = None
+    for statements in scripts:
+        for st in _directives(statements):
+            mode = st.argv[1]
+            if mode not in DRIVER_MODES:
+                raise ScriptError(
+                    st.file,
+                    st.line,
+                    f"driver-mode: unknown driver mode {mode!r} (known: {_known(DRIVER_MODES)})",
+                )
+            if requested is not None and mode != requested:
+                raise ScriptError(
+                    st.file,
+                    st.line,
+                    f"driver-mode {mode}: the machine is asked to run {requested} "
+                    f"(--driver-mode {requested})",
+                )
+            if declared is not None and mode != declared.argv[1]:
+                raise ScriptError(
+                    st.file,
+                    st.line,
+                    f"driver-mode {mode}: {declared.where} asks for {declared.argv[1]}; scripts "
+                    "of different driver modes need a machine each (separate gemu run calls)",
+                )
+            declared = declared or st
+    if requested is not None:
+        return requested
+    return declared.argv[1] if declared is not None else None
 
 
 class Shell:
@@ -378,8 +486,10 @@ class Shell:
         """Where ``echo`` lines go (progress of long scripts); ``write`` unless set apart."""
         self.echo = echo
         self.base = base or Path.cwd()
+        self.mode = getattr(machine, "driver_mode", DEFAULT_DRIVER_MODE)
         self.file = machine.open()
         self.bos: dict[str, BoVar] = {}
+        self.vms: dict[str, VmVar] = {}
         self.fences: dict[str, FenceVar] = {}
         self._retired: list[FenceVar] = []  # unbound names whose jobs were still running
         self._job_fences: list[
@@ -445,7 +555,14 @@ class Shell:
             argv = [expand(w, self.values) for w in st.argv]
         except KeyError as exc:
             raise ShellError(f"${exc.args[0]} is not set (set {exc.args[0]} VALUE)") from None
-        fn = getattr(self, _TABLE[argv[0]].method)
+        spec = _TABLE[argv[0]]
+        if spec.mode is not None and spec.mode != self.mode:
+            raise ShellError(
+                f"{argv[0]}: a command of driver mode {spec.mode}, and this machine runs "
+                f"{self.mode} ({_MODE_HINT[spec.mode]})",
+                errno_mod.EOPNOTSUPP,
+            )
+        fn = getattr(self, spec.method)
         try:
             result = fn(st, *argv[1:])
         except (ShellError, PowerOff, DeviceLost):
@@ -568,6 +685,11 @@ class Shell:
                 fv.fence.close()
         for bo in bos:
             self.file.close_bo(bo.handle)
+        with self._count:
+            vms = list(self.vms.values())
+            self.vms.clear()
+        for vm in vms:
+            self._vm_destroy(vm)
         self._judge_lockdep()
         self.lockdep_base = len(lockdep.reports())
         self.expected_lockdep = 0
@@ -656,16 +778,23 @@ class Shell:
     @command(
         "bo",
         1,
-        2,
-        "[NAME =] bo SIZE [nomap]",
-        "Create a BO of SIZE bytes and bind it into the GPU VM (nomap: leave it unbound).",
+        3,
+        "[NAME =] bo SIZE [nomap | private VM]",
+        "Create a BO of SIZE bytes: per-bo mode binds it into the GPU VM (nomap: not); "
+        "vm-bind mode makes it external, or private to VM.",
         binds=True,
     )
-    def cmd_bo(self, st: Statement, size_text: str, flag: str = "") -> BoVar:
-        """Create a BO of SIZE bytes (K/M/G suffixes) and map it into the GPU VM
-        (``nomap``: leave it unbound). Its pages come from guest RAM at once."""
-        if flag not in ("", "nomap"):
-            raise ShellError(f"bo: unknown flag {flag!r} (only 'nomap')")
+    def cmd_bo(self, st: Statement, size_text: str, flag: str = "", vm: str = "") -> BoVar:
+        """Create a BO of SIZE bytes (K/M/G suffixes); its pages come from guest RAM at once.
+        Driver mode per-bo maps it into the GPU VM (``nomap``: leave it unbound). Driver
+        mode vm-bind binds nothing (see bind): the BO is external (it has a reservation of its
+        own and can be bound into any VM), or ``private VM``: it shares VM's reservation and
+        can be bound into VM only."""
+        if self.mode == "vm-bind":
+            return self._bo_vm_bind(st, size_text, flag, vm)
+        if flag not in ("", "nomap") or vm:
+            hint = " ('private VM' needs driver mode vm-bind)" if flag == "private" else ""
+            raise ShellError(f"bo: unknown flag {flag!r} (only 'nomap'){hint}")
         n = size(size_text, "bo: SIZE", MAX_BO_SIZE)
         h = self.file.create_bo(n, name=st.target)
         name = self._new_name(st, "bo", h)
@@ -698,7 +827,9 @@ class Shell:
             self.file.close_bo(bo.handle)
             del self.bos[bo.name]
 
-    @command("map", 1, 2, "map BO [VA]", "Bind a BO into the GPU VM, at VA if given.")
+    @command(
+        "map", 1, 2, "map BO [VA]", "Bind a BO into the GPU VM, at VA if given.", mode="per-bo"
+    )
     def cmd_map(self, st: Statement, name: str, va: str = "") -> None:
         """Bind a BO into the GPU VM (at VA if given); jobs map its pages when they run."""
         bo = self._bo(name)
@@ -706,19 +837,26 @@ class Shell:
         bo.va = self.file.vm_bind(bo.handle, addr)
         self.say(f"{bo.name}: GPU VA {bo.va:#x}")
 
-    @command("unmap", 1, 1, "unmap BO", "Unbind an idle BO from the GPU VM.")
+    @command("unmap", 1, 1, "unmap BO", "Unbind an idle BO from the GPU VM.", mode="per-bo")
     def cmd_unmap(self, st: Statement, name: str) -> None:
         """Unbind a BO from the GPU VM (it must be idle)."""
         bo = self._bo(name)
         self.file.vm_unbind(bo.handle)
         bo.va = None
 
-    @command("pin", 1, 1, "pin BO", "Pin a BO's pages: never evicted or purged until unpinned.")
+    @command(
+        "pin",
+        1,
+        1,
+        "pin BO",
+        "Pin a BO's pages: never evicted or purged until unpinned.",
+        mode="per-bo",
+    )
     def cmd_pin(self, st: Statement, name: str) -> None:
         """Pin a BO's pages: never evicted or purged until unpinned."""
         self.file.pin(self._bo(name).handle)
 
-    @command("unpin", 1, 1, "unpin BO", "Drop a pin.")
+    @command("unpin", 1, 1, "unpin BO", "Drop a pin.", mode="per-bo")
     def cmd_unpin(self, st: Statement, name: str) -> None:
         """Drop a pin."""
         self.file.unpin(self._bo(name).handle)
@@ -729,6 +867,7 @@ class Shell:
         2,
         "madvise BO dontneed|willneed",
         "Say whether a BO's contents are needed; DONTNEED BOs are purged first.",
+        mode="per-bo",
     )
     def cmd_madvise(self, st: Statement, name: str, advice: str) -> None:
         """Tell the kernel whether a BO's contents are needed; DONTNEED BOs are purged first
@@ -859,6 +998,7 @@ class Shell:
         "[NAME =] submit KIND ARGS... [after FENCE...]",
         "Submit a GPU job of KIND (see help submit); after waits for other jobs' fences.",
         binds=True,
+        mode="per-bo",
     )
     def cmd_submit(self, st: Statement, kind: str, *rest: str) -> FenceVar:
         """Submit a GPU job (the submit ioctl: its BOs validated, its out-fence bound to
@@ -1043,6 +1183,7 @@ class Shell:
         "fence wait BO [timeout SECONDS]",
         "External fences, as IGT makes them with vgem: a BO busy without the GPU.",
         binds=True,
+        mode="per-bo",
     )
     def cmd_fence(self, st: Statement, op: str, *args: str) -> FenceVar | None:
         """External fences (the driver's fence_attach/fence_signal, vgem's fence ioctls).
@@ -1132,6 +1273,350 @@ class Shell:
         self.m.driver.sched.timeout = ns
         self.say(f"job timeout {ns // 1_000_000} ms")
 
+    # -- driver mode vm-bind: VMs, bind, unbind, exec --------------------------------------
+    @command(
+        "driver-mode",
+        1,
+        1,
+        "driver-mode per-bo|vm-bind",
+        "Say which driver mode the script needs (gemu run boots that mode).",
+    )
+    def cmd_driver_mode(self, st: Statement, mode: str) -> None:
+        """Say which driver mode the script needs: gemu run boots the machine in the mode its
+        scripts name (without --driver-mode). On a machine of another mode the line fails,
+        naming both, and the script stops there."""
+        if mode not in DRIVER_MODES:
+            raise ShellError(
+                f"driver-mode: unknown driver mode {mode!r} (known: {_known(DRIVER_MODES)})",
+                errno_mod.EINVAL,
+            )
+        if mode != self.mode:
+            raise ShellError(
+                f"driver-mode {mode}: this machine runs {self.mode} ({_MODE_HINT[mode]})",
+                errno_mod.EOPNOTSUPP,
+            )
+
+    def _vm(self, name: str) -> VmVar:
+        vm = self.vms.get(name)
+        if vm is None:
+            raise ShellError(f"no VM named {name!r}" + self._known("VM", self.vms))
+        return vm
+
+    def _bo_vm_bind(self, st: Statement, size_text: str, flag: str, vm_name: str) -> BoVar:
+        if flag not in ("", "private") or (flag == "private") != bool(vm_name):
+            raise ShellError(
+                "bo: usage in driver mode vm-bind: bo SIZE [private VM]"
+                + (" ('nomap' is for driver mode per-bo)" if flag == "nomap" else "")
+            )
+        n = size(size_text, "bo: SIZE", MAX_BO_SIZE)
+        vm = self._vm(vm_name) if vm_name else None
+        h = self.file.bo_create(n, vm_id=vm.vm_id if vm else None, name=st.target)
+        name = self._new_name(st, "bo", h)
+        self.file.bo(h).label = name  # views of the machine name it as the shell does
+        if name in self.bos:
+            self.file.close_bo(self.bos[name].handle)
+        bo = BoVar(name, h, self.file.bo(h).obj.size, None, zlib.crc32(bytes(n)))
+        bo.vm = vm.name if vm else None
+        self.bos[name] = bo
+        where = f"private to {vm.name}" if vm else "external"
+        self.say(f"{name}: handle {h}, {format_size(bo.size)}, {where}")
+        return bo
+
+    @command(
+        "vm",
+        1,
+        2,
+        "NAME = vm create | vm destroy VM",
+        "Create a GPU VM (VM_BIND) or destroy one (its binds and jobs end first).",
+        binds=True,
+        mode="vm-bind",
+    )
+    def cmd_vm(self, st: Statement, op: str, name: str = "") -> VmVar | None:
+        """NAME = vm create: a new GPU VA space (DRM_IOCTL_PANTHOR_VM_CREATE, a drm_gpuvm with
+        its own reservation object). The shell binds its command buffer and a result page at
+        the top 16 MiB of the VM; user binds go below. vm destroy VM: waits for the VM's binds
+        and jobs, unmaps everything, and drops the VM (its private BOs live on while named)."""
+        if op == "create":
+            if name:
+                raise ShellError("vm create: usage: NAME = vm create")
+            return self._vm_create(st)
+        if op == "destroy":
+            if not name:
+                raise ShellError("vm destroy: usage: vm destroy VM")
+            vm = self._vm(name)
+            with self._count:
+                del self.vms[vm.name]
+            self._vm_destroy(vm)
+            self.say(f"{vm.name}: destroyed")
+            return None
+        raise ShellError(f"vm: {op!r} is not create or destroy")
+
+    def _vm_create(self, st: Statement) -> VmVar:
+        f = self.file
+        vm_id = f.vm_create()
+        name = self._new_name(st, "vm", vm_id)
+        try:
+            cmd = f.bo_create(CMD_SIZE, vm_id=vm_id, name=f"_{name}-cmd")
+            out = f.bo_create(4096, vm_id=vm_id, name=f"_{name}-out")
+            ready = [
+                f.map(vm_id, CMD_VA, CMD_SIZE, cmd, prot=Prot.READ | Prot.EXEC),
+                f.map(vm_id, OUT_VA, 4096, out, prot=Prot.READ | Prot.WRITE),
+            ]
+        except BaseException:
+            f.vm_destroy(vm_id)
+            raise
+        vm = VmVar(name, vm_id, cmd, out, ready)
+        with self._count:
+            old = self.vms.pop(name, None)
+            self.vms[name] = vm
+        if old is not None:
+            self._vm_destroy(old)
+        gvm = f.vms[vm_id]
+        self.say(f"{name}: VM {vm_id} ({gvm.name}), VA {VA_START:#x} to {SHELL_VA:#x}")
+        return vm
+
+    def _vm_destroy(self, vm: VmVar) -> None:
+        self.file.vm_destroy(vm.vm_id)
+        for out in vm.ready:
+            with contextlib.suppress(KernelError):
+                out.close()
+        for h in (vm.cmd, vm.out):
+            self.file.close_bo(h)
+
+    def _after(self, args: list[str], cmd: str) -> tuple[list[str], list[FenceVar]]:
+        """Split ``... after F1 F2`` off a command's arguments."""
+        if "after" not in args:
+            return args, []
+        i = args.index("after")
+        after = [self._fence(n) for n in args[i + 1 :]]
+        if not after:
+            raise ShellError(f"{cmd}: 'after' needs fence names")
+        return args[:i], after
+
+    def _user_va(self, text: str, what: str, length: int = 1) -> int:
+        va = number(text, what, 0, GPU_VA_LIMIT - 1)
+        if va + length > SHELL_VA:
+            raise ShellError(
+                f"{what} {text}: {va:#x}+{length:#x} reaches the shell's command buffer at "
+                f"{SHELL_VA:#x} (bind below it)",
+                errno_mod.EINVAL,
+            )
+        return va
+
+    def _bind_fence(
+        self, st: Statement, prefix: str, fence: JobFence, what: str, writes=(), moved: int = 0
+    ) -> FenceVar:
+        """Name a new out-fence (a bind's, an unbind's or an exec's) as submit does."""
+        with self._count:
+            self._jobs += 1
+            self.bytes_moved += moved
+            name = self._new_name(st, prefix, self._jobs)
+            fv = FenceVar(name, fence, what, list(writes))
+            old = self.fences.get(name)
+            self.fences[name] = fv
+            self._job_fences.append((name, fence.seqno, fence.fence))
+        if old is not None:
+            self._release_fence(old)
+        self._context().last_fence = fv
+        return fv
+
+    @command(
+        "bind",
+        3,
+        None,
+        "[NAME =] bind VM VA BO [OFFSET [SIZE]] [ro] [after FENCE...]",
+        "VM_BIND map: SIZE bytes of BO from OFFSET at VA of VM, asynchronously (NAME: its "
+        "out-fence).",
+        binds=True,
+        mode="vm-bind",
+    )
+    def cmd_bind(self, st: Statement, vm_name: str, va_text: str, bo_name: str, *rest: str):
+        """Map SIZE bytes of BO, from OFFSET (default: 0 and the rest of the BO), at VA of VM
+        (DRM_IOCTL_PANTHOR_VM_BIND, asynchronous: a job on the VM's bind queue; NAME is its
+        out-fence). Any page-aligned range of the BO at any page-aligned VA: a BO can be
+        bound in pieces, several times, and in several VMs (an external BO). What the range
+        overlaps is unmapped first (drm_gpuvm_sm_map: the old mappings are split). ro: the
+        GPU may only read it. after F...: the bind waits for those fences (in-fences); binds of
+        one VM run in order. Exec jobs do not wait for binds by themselves: give them the
+        bind's fence (exec ... after NAME)."""
+        args, after = self._after(list(rest), "bind")
+        prot = None
+        if "ro" in args:
+            args.remove("ro")
+            prot = Prot.READ
+        if len(args) > 2:
+            raise ShellError(f"bind: usage: {self.COMMANDS['bind'].usage}")
+        vm, bo = self._vm(vm_name), self._bo(bo_name)
+        offset = number(args[0], "bind: OFFSET", 0, bo.size - 1) if args else 0
+        n = size(args[1], "bind: SIZE", bo.size - offset) if len(args) == 2 else bo.size - offset
+        va = self._user_va(va_text, "bind: VA", n)
+        fence = self.file.map(
+            vm.vm_id,
+            va,
+            n,
+            bo.handle,
+            offset,
+            prot,
+            in_fences=[f.fence for f in after],
+        )
+        vm.bound.add(bo.name)
+        what = f"bind {bo.name}+{offset:#x} ({format_size(n)}) at {vm.name}:{va:#x}"
+        fv = self._bind_fence(st, "b", fence, what + (" read-only" if prot else ""))
+        self.say(f"{fv.name}: {what} queued")
+        return fv
+
+    @command(
+        "unbind",
+        3,
+        None,
+        "[NAME =] unbind VM VA SIZE [after FENCE...]",
+        "VM_BIND unmap: SIZE bytes at VA of VM, any part of any mappings (NAME: its out-fence).",
+        binds=True,
+        mode="vm-bind",
+    )
+    def cmd_unbind(self, st: Statement, vm_name: str, va_text: str, size_text: str, *rest: str):
+        """Unmap SIZE bytes at VA of VM (asynchronous, on the VM's bind queue; NAME is its
+        out-fence): any page-aligned range, cutting mappings it covers in part
+        (drm_gpuvm_sm_unmap: the parts outside the range stay mapped). after F...: wait for
+        those fences first, e.g. the jobs still using the range."""
+        args, after = self._after(list(rest), "unbind")
+        if args:
+            raise ShellError(f"unbind: usage: {self.COMMANDS['unbind'].usage}")
+        vm = self._vm(vm_name)
+        n = size(size_text, "unbind: SIZE", GPU_VA_LIMIT)
+        va = self._user_va(va_text, "unbind: VA", n)
+        fence = self.file.unmap(vm.vm_id, va, n, in_fences=[f.fence for f in after])
+        what = f"unbind {vm.name}:{va:#x} ({format_size(n)})"
+        fv = self._bind_fence(st, "u", fence, what)
+        self.say(f"{fv.name}: {what} queued")
+        return fv
+
+    @command(
+        "exec",
+        2,
+        None,
+        "[NAME =] exec VM KIND ARGS... [after FENCE...]",
+        "Run a GPU job on VM, addresses in VM's VA space (see help exec); NAME: its out-fence.",
+        binds=True,
+        mode="vm-bind",
+    )
+    def cmd_exec(self, st: Statement, vm_name: str, kind: str, *rest: str) -> FenceVar:
+        """Run a GPU job on VM: its packets go into the VM's command buffer and the job names
+        only the VM (DRM_IOCTL_PANTHOR_GROUP_SUBMIT): the submit locks the VM and every
+        external BO bound in it, brings back what reclaim evicted (drm_gpuvm_validate), and
+        publishes the job's fence on all of it. Addresses are GPU VAs of VM; a VA nothing is
+        bound at faults (EFAULT). after F...: wait for those fences first (the binds the job
+        needs). An exec that writes forgets what the BOs bound in VM should hold (verify skips
+        them; check them with expect crc VM ... or expect cpucrc)."""
+        args, after = self._after(list(rest), "exec")
+        vm = self._vm(vm_name)
+        packets, what, moved, writes = self._build_exec(kind, args)
+        fence = self._exec(vm, lambda slot: packets, [f.fence for f in after])
+        forget = [(self.bos[n], None) for n in vm.bound if n in self.bos] if writes else []
+        fv = self._bind_fence(st, "e", fence, f"{what} on {vm.name}", forget, moved)
+        for bo, _ in forget:
+            bo.expected = None
+        self.say(f"{fv.name}: job {fence.seqno} submitted ({what} on {vm.name})")
+        return fv
+
+    def _build_exec(self, kind: str, args: list[str]) -> tuple[bytes, str, int, bool]:
+        """The packets of an exec job, what it does, the bytes it moves, whether it writes."""
+        usage = EXEC_KINDS.get(kind)
+        if usage is None:
+            raise ShellError(f"exec: unknown job kind {kind!r} ({_known(EXEC_KINDS)})")
+        if len(args) != len(usage[0].split()):
+            raise ShellError(f"exec {kind}: usage: exec VM {kind} {usage[0]}".rstrip())
+
+        def va(i: int, what: str) -> int:
+            return number(args[i], f"exec {kind}: {what}", 0, GPU_VA_LIMIT - 1)
+
+        def nbytes(i: int) -> int:
+            return size(args[i], f"exec {kind}: SIZE", MAX_BO_SIZE)
+
+        if kind == "nop":
+            return pk.nop(), "nop", 0, False
+        if kind == "copy":
+            src, dst, n = va(0, "SRC"), va(1, "DST"), nbytes(2)
+            return pk.copy(src, dst, n), f"copy {format_size(n)} {src:#x} -> {dst:#x}", n, True
+        if kind == "fill":
+            dst, n = va(0, "DST"), nbytes(1)
+            value = number(args[2], "exec fill: VALUE", 0, U32_MAX)
+            return pk.fill(dst, n, value), f"fill {format_size(n)} at {dst:#x}", n, True
+        if kind == "crc":
+            src, n, dst = va(0, "SRC"), nbytes(1), va(2, "DST")
+            return pk.crc32(src, n, dst), f"crc32 of {src:#x}+{n:#x} into {dst:#x}", n, True
+        if kind == "atomic":
+            dst, add = va(0, "DST"), number(args[1], "exec atomic: ADD", 0, U64_MAX)
+            return pk.atomic_add(dst, add), f"atomic add {add} at {dst:#x}", 8, True
+        addr, value = va(0, "ADDR"), number(args[1], "exec waitmem: VALUE", 0, U32_MAX)
+        return (
+            pk.wait_mem(addr, value, function=WaitFunc.EQ),
+            f"wait until {addr:#x} == {value:#x}",
+            0,
+            False,
+        )
+
+    def _exec(self, vm: VmVar, packets_for: Callable[[int], bytes], after: list) -> JobFence:
+        """Write a job's packets into a free slot of the VM's command buffer and exec it; a
+        slot is free once the job last run from it ended (waited for at most
+        :data:`WAIT_TIMEOUT_S`)."""
+        with self._count:
+            slot = vm.next_slot
+            vm.next_slot = (slot + 1) % CMD_SLOTS
+            prev = vm.slots[slot]
+        if prev is not None and not prev.closed and not prev.signaled:
+            try:
+                self.file.wait(prev, WAIT_TIMEOUT_S)
+            except KernelError as exc:
+                if exc.errno == errno_mod.ETIMEDOUT and not prev.signaled:
+                    raise ShellError(
+                        f"exec: {vm.name}'s command buffer is full ({CMD_SLOTS} jobs running)",
+                        errno_mod.EBUSY,
+                    ) from None
+        packets = packets_for(slot)
+        self.file.write(vm.cmd, slot * CMD_SLOT, packets)
+        fence = self.file.exec(
+            vm.vm_id, CMD_VA + slot * CMD_SLOT, len(packets), in_fences=[*vm.ready, *after]
+        )
+        vm.slots[slot] = fence
+        return fence
+
+    def _vm_gpu_crc(self, vm: VmVar, va: int, n: int) -> int:
+        """The GPU's CRC32 of ``n`` bytes at ``va`` of the VM (a job from the VM's command
+        buffer writing into the VM's result page)."""
+        slot_of: list[int] = []
+
+        def packets(slot: int) -> bytes:
+            slot_of.append(slot)
+            return pk.crc32(va, n, OUT_VA + 4 * slot)
+
+        fence = self._exec(vm, packets, [])
+        try:
+            self.file.wait(fence, WAIT_TIMEOUT_S)
+        except KernelError as exc:
+            if fence.signaled:  # the shell's own job failed: a GPU fault
+                with self._count:
+                    self.sum.unexpected_faults.append(
+                        f"CRC32 job of {vm.name}:{va:#x}+{n:#x}: {exc}"
+                    )
+            raise
+        self.bytes_moved += n
+        return int.from_bytes(self.file.read(vm.out, 4 * slot_of[0], 4), "little")
+
+    def _bo_range(self, text: str, n_text: str | None, what: str) -> tuple[BoVar, int, int]:
+        """``BO[+OFFSET]`` and a SIZE (default: to the end of the BO)."""
+        base, _, off = text.partition("+")
+        bo = self._bo(base)
+        offset = number(off, f"{what}: OFFSET", 0, bo.size - 1) if off else 0
+        n = size(n_text, f"{what}: SIZE", bo.size - offset) if n_text else bo.size - offset
+        return bo, offset, n
+
+    def _cpu_crc(self, bo: BoVar, offset: int, n: int) -> int:
+        crc = 0
+        for pos in range(offset, offset + n, 1 << 20):  # bounded reads: 1 MiB at a time
+            crc = zlib.crc32(self.file.read(bo.handle, pos, min(1 << 20, offset + n - pos)), crc)
+        return crc
+
     # -- memory ------------------------------------------------------------------------------
     @command(
         "pressure",
@@ -1160,13 +1645,17 @@ class Shell:
         self._reclaim(self.m.allocator.drop_slab)
 
     def _reclaim(self, run: Callable[[], object]) -> None:
-        sh = self.m.dev.shmem_mm.stats
+        def counts() -> tuple[int, int]:
+            s = self.m.statistics().get("shrinker") or {}
+            return s.get("purged", 0), s.get("evicted", 0)
+
         a = self.m.allocator
-        before = (sh.purged, sh.evicted, a.nr_free)
+        (purged, evicted), free = counts(), a.nr_free
         run()
+        (purged2, evicted2), free2 = counts(), a.nr_free
         self.say(
-            f"reclaim: {sh.purged - before[0]} purged, {sh.evicted - before[1]} evicted, "
-            f"{a.nr_free - before[2]} pages freed ({a.nr_free} free)"
+            f"reclaim: {purged2 - purged} purged, {evicted2 - evicted} evicted, "
+            f"{free2 - free} pages freed ({free2} free)"
         )
 
     # -- values ------------------------------------------------------------------------------
@@ -1225,6 +1714,18 @@ class Shell:
         if s is None:
             self.say("no shrinker")
             return
+        if "lru_unused_pages" in s:  # the VM_BIND flavour's per-VM shrinker
+            self.say(
+                f"LRU pages: unused {s['lru_unused_pages']}, private (per VM) "
+                f"{s['lru_private_pages']}, shared {s['lru_shared_pages']}"
+            )
+            for k in ("scans", "evicted", "last_scan"):
+                self.say(f"  {k:<16} {s[k]}")
+            self.say(
+                f"  skipped: busy {s['skipped_busy']}, contended {s['contended']}, "
+                f"harder to reclaim {s['harder']} (see info reclaim)"
+            )
+            return
         self.say(
             f"LRU pages: evictable {s['lru_evictable_pages']}, evicted "
             f"{s['lru_evicted_pages']}, pinned {s['lru_pinned_pages']}"
@@ -1264,15 +1765,65 @@ class Shell:
             self.say(
                 f"AS{a['slot']}: {a['vm']} ({a['jobs']} jobs), root table {a['root_table']:#x}"
             )
-        self.say(f"{q['vm']}: {q['mapped_pages']} pages mapped")
+        self.say(f"{q['vm'] or 'no VM'}: {q['mapped_pages']} pages mapped")
         for mp in q["mappings"]:
             pa = mp["first_page_pa"]
             where = f"pa {pa:#x}" if pa is not None else "not mapped"
+            vm = f"{mp['vm']}:" if "vm" in mp else ""
             self.say(
-                f"  {mp['va']:#014x} {mp['name']:<12} {format_size(mp['size']):>9}  "
+                f"  {vm}{mp['va']:#014x} {mp['name']:<12} {format_size(mp['size']):>9}  "
                 f"first page {where}"
             )
         self.say("  " + ", ".join(f"{k} {v}" for k, v in q["stats"].items()))
+
+    def _info_vms(self) -> None:
+        views = query.vms(self.m, self)
+        if self.mode != "vm-bind":
+            self.say("no VMs: driver mode per-bo has one GPU VM per file (see info mmu)")
+            return
+        if not views:
+            self.say("no VMs (NAME = vm create)")
+        for v in views:
+            order = v["reclaim_order"]
+            place = f"reclaimed #{order + 1}" if order is not None else "nothing private to reclaim"
+            self.say(
+                f"{v['name']}: VM {v['id']} ({v['vm']}), {v['mapped_pages']} pages mapped, {place}"
+            )
+            for mp in v["mappings"]:
+                state = " evicted" if mp["evicted"] else ""
+                self.say(
+                    f"  {mp['va']:#014x} {format_size(mp['size']):>9} {mp['bo']}+{mp['offset']:#x}"
+                    f" {mp['prot']}{state}"
+                )
+            for vb in v["vm_bos"]:
+                kind = "external" if vb["external"] else "private"
+                state = ", evicted" if vb["evicted"] else ""
+                self.say(f"  vm_bo {vb['bo']}: {kind}, {vb['mappings']} mappings{state}")
+            self.say(f"  evict list: {', '.join(v['evict']) or '-'}")
+            self.say(f"  extobj list: {', '.join(v['extobj']) or '-'}")
+            self.say(f"  LRU of BOs mapped only here: {', '.join(v['private_lru']) or '-'}")
+
+    def _info_reclaim(self) -> None:
+        r = query.reclaim(self.m, self)
+        if r is None:
+            self.say("no VM_BIND reclaim: driver mode per-bo (see info shrinker)")
+            return
+        st = r["stats"]
+        self.say(
+            f"reclaim: {st['scans']} scans, {st['evicted']} evicted, last scan {st['last_scan']} "
+            f"pages; skipped busy {st['skipped_busy']}, contended {st['contended']}, "
+            f"harder {st['harder']}"
+        )
+        self.say(f"  unused LRU: {', '.join(r['unused']) or '-'}")
+        for v in r["vms"]:
+            self.say(f"  {v['vm']} LRU ({v['pages']} pages): {', '.join(v['lru']) or '-'}")
+        self.say(f"  shared LRU: {', '.join(r['gpu_mapped_shared']) or '-'}")
+        for b in r["bos"]:
+            private = f", private to {b['private_vm']}" if b["private_vm"] else ""
+            self.say(
+                f"  {b['name']:<16} {format_size(b['size']):>9} {b['state']:<9} "
+                f"{b['reclaim_state']:<21} evicted {b['reclaimed_count']}x{private}"
+            )
 
     def _info_ring(self) -> None:
         r = query.ring(self.m, self)
@@ -1407,6 +1958,9 @@ class Shell:
         return self.bos["_crc"].handle
 
     def _expect_crc(self, *args: str) -> None:
+        if self.mode == "vm-bind":
+            self._crc_check_vm(*args)
+            return
         if len(args) != 3:
             raise ShellError("expect crc: usage: expect crc BO == VALUE|BO2")
         bo = self._bo(args[0])
@@ -1416,6 +1970,41 @@ class Shell:
         else:
             want = number(args[2], "expect crc: VALUE", 0, U32_MAX)
         self._cmp(f"crc {bo.name}", got, args[1], want)
+
+    def _crc_check_vm(self, *args: str) -> None:
+        """vm-bind mode: the GPU reads through a VM, so the range is named by VM and VA."""
+        if len(args) != 5:
+            raise ShellError(
+                "expect crc: usage in driver mode vm-bind: expect crc VM VA SIZE OP "
+                "VALUE|BO[+OFF] (the GPU reads through a VM)"
+            )
+        vm = self._vm(args[0])
+        va = number(args[1], "expect crc: VA", 0, GPU_VA_LIMIT - 1)
+        n = size(args[2], "expect crc: SIZE", MAX_BO_SIZE)
+        if args[4].partition("+")[0] in self.bos:
+            bo, off, _ = self._bo_range(args[4], None, "expect crc")
+            if off + n > bo.size:
+                raise ShellError(f"expect crc: {args[4]} has no {n} bytes from {off:#x}")
+            want = self._cpu_crc(bo, off, n)
+        else:
+            want = number(args[4], "expect crc: VALUE", 0, U32_MAX)
+        got = self._vm_gpu_crc(vm, va, n)
+        self._cmp(f"crc {vm.name}:{va:#x}+{n:#x}", got, args[3], want)
+
+    def _expect_cpucrc(self, *args: str) -> None:
+        if len(args) != 4:
+            raise ShellError(
+                "expect cpucrc: usage: expect cpucrc BO[+OFF] SIZE OP VALUE|BO2[+OFF2]"
+            )
+        bo, off, n = self._bo_range(args[0], args[1], "expect cpucrc")
+        if args[3].partition("+")[0] in self.bos:
+            other, off2, _ = self._bo_range(args[3], None, "expect cpucrc")
+            if off2 + n > other.size:
+                raise ShellError(f"expect cpucrc: {args[3]} has no {n} bytes from {off2:#x}")
+            want = self._cpu_crc(other, off2, n)
+        else:
+            want = number(args[3], "expect cpucrc: VALUE", 0, U32_MAX)
+        self._cmp(f"cpucrc {args[0]} {args[1]}", self._cpu_crc(bo, off, n), args[2], want)
 
     def _expect_value(self, *args: str) -> None:
         if len(args) != 3:
@@ -1557,21 +2146,24 @@ class Shell:
         views, job kinds or checks."""
         if not name:
             for _name, spec in sorted(_TABLE.items()):
-                self.say(f"  {spec.arity.usage}\n      {spec.summary}")
+                mode = f"  [driver mode {spec.mode}]" if spec.mode else ""
+                self.say(f"  {spec.arity.usage}{mode}\n      {spec.summary}")
             self.say("'help COMMAND' explains one; NAME = binds a result; # starts a comment.")
             return
         spec = _TABLE.get(name)
         if spec is None:
             raise ShellError(f"help: no command {name!r} (try 'help')")
         self.say(f"usage: {spec.arity.usage}")
+        if spec.mode:
+            self.say(f"(driver mode {spec.mode} only; this machine runs {self.mode})")
         self.say(_plain(getattr(Shell, spec.method)._help) or spec.summary)
         if name == "info":
             self.say("VIEW is one of:")
             for view, what in INFO_VIEWS.items():
                 self.say(f"  {view:<10} {what}")
-        elif name == "submit":
+        elif name in ("submit", "exec"):
             self.say("KIND is one of:")
-            for kind, (args, what) in JOB_KINDS.items():
+            for kind, (args, what) in (JOB_KINDS if name == "submit" else EXEC_KINDS).items():
                 self.say(f"  {f'{kind} {args}'.strip():<24} {what}")
         elif name == "expect":
             self.say("WHAT is one of:")

@@ -84,7 +84,7 @@ def test_bad_input_lines_are_reported_and_the_shell_goes_on(booted):
     one error naming the problem and the prompt comes back; each is a failed line, so the
     session exits 1 with a FAIL line naming each (the one rule of docs/job-scripts.md)."""
     assert "unknown command 'frobnicate'" in _run(booted, "frobnicate 1 2")
-    assert "bo: takes 1 to 2 arguments, got 0" in _run(booted, "bo")
+    assert "bo: takes 1 to 3 arguments, got 0" in _run(booted, "bo")
     assert "no BO named 'nosuch'" in _run(booted, "read nosuch")
     assert "bo: SIZE '12Q' is not a number" in _run(booted, "bo 12Q")
     assert "usage: expect WHAT" in _run(booted, "help expect")
