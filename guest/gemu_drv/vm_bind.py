@@ -604,6 +604,7 @@ class VmBindDriver:
                     gem_shmem.swapin_locked(obj)
                 except KernelError as err:
                     raise Enomem(msg=f"VM_FAULT_OOM: swap-in of {rec.name} failed: {err}") from err
+                self.reclaim.stats.swapped_in += 1
                 with drm_gpuvm.gem_gpuva(obj).lock:
                     vm_shrinker.update_reclaim_state_locked(self.reclaim, obj)
             pages = obj.pages

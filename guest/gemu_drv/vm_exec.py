@@ -104,7 +104,9 @@ def vm_bo_validate(vm_bo, ex) -> None:
         with g.lock:
             vm_shrinker.update_reclaim_state_locked(vm.drv.reclaim, obj)
         return
-    gem_shmem.swapin_locked(obj)
+    if obj.evicted:
+        gem_shmem.swapin_locked(obj)
+        vm.drv.reclaim.stats.swapped_in += 1
     for _ in range(len(vm_bo.gpuva) + 1):  # each pass restores one mapping or ends
         with vm.op_lock, g.lock:
             va = _first_evicted(vm_bo)

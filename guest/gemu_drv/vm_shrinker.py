@@ -75,13 +75,22 @@ class ReclaimState(enum.IntEnum):
 
 class VmReclaimStats:
     """Counters: scans, objects evicted, objects skipped (busy, contended, harder now),
-    ``last_scan`` (pages reclaimed by the last scan: debugfs ``nr_pages_reclaimed_on_last_scan``)."""
+    ``last_scan`` (pages reclaimed by the last scan: debugfs ``nr_pages_reclaimed_on_last_scan``),
+    ``swapped_in`` (evicted objects brought back, by validate or a CPU fault)."""
 
-    __slots__ = ("contended", "evicted", "harder", "last_scan", "scans", "skipped_busy")
+    __slots__ = (
+        "contended",
+        "evicted",
+        "harder",
+        "last_scan",
+        "scans",
+        "skipped_busy",
+        "swapped_in",
+    )
 
     def __init__(self) -> None:
         self.scans = self.evicted = self.contended = self.harder = self.skipped_busy = 0
-        self.last_scan = 0
+        self.last_scan = self.swapped_in = 0
 
     def as_dict(self) -> dict[str, int]:
         return {k: getattr(self, k) for k in self.__slots__}
