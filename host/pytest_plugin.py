@@ -8,11 +8,16 @@ Registered through the ``pytest11`` entry point, so installing gemu makes it ava
     def test_fill(gemu_console):
         assert gemu_console.run("a = bo 8K\\nfill a 5\\nexpect value a == 5\\n")
 
+    @pytest.mark.gemu(driver_mode="vm-bind")
+    def test_bind(gemu_console):
+        assert gemu_console.run("v = vm create\\na = bo 8K\\nb = bind v 0x100000 a\\nwait b\\n")
+
 ``gemu_machine`` is a booted :class:`~gemu.host.machine.Machine` (device in-process);
 ``gemu_console`` a console session on it whose power-off summary must be clean (an
 unexamined GPU fault, a lockdep report, lost data or a leak fails the test). With
 ``--gemu-jobs`` (or ``gemu_jobs = true`` in the ini file) every ``*.job`` file collected is
-a test item run on its own machine, failing with the script's ``file:line: message``.
+a test item run on its own machine (in the driver mode its ``driver-mode`` line names),
+failing with the script's ``file:line: message``.
 """
 
 from __future__ import annotations
@@ -32,7 +37,9 @@ def pytest_addoption(parser) -> None:
 
 def pytest_configure(config) -> None:
     config.addinivalue_line(
-        "markers", "gemu(ram=SIZE, swap=SIZE, mutant=NAME): the machine of gemu_machine"
+        "markers",
+        "gemu(ram=SIZE, swap=SIZE, mutant=NAME, driver_mode=per-bo|vm-bind): the machine of "
+        "gemu_machine",
     )
 
 
@@ -45,13 +52,21 @@ def _size(value, default: int) -> int:
 
 
 class _Booted:
-    def __init__(self, ram: int, swap: int, mutant: str) -> None:
+    def __init__(self, ram: int, swap: int, mutant: str, driver_mode: str | None = None) -> None:
         from gemu.guest.gemu_drv.job import Mutant
-        from gemu.host.machine import Machine
+        from gemu.host.machine import DEFAULT_DRIVER_MODE, Machine
 
-        self.machine = Machine(ram_size=ram, swap_size=swap, device="inproc")
+        self.machine = Machine(
+            ram_size=ram,
+            swap_size=swap,
+            device="inproc",
+            driver_mode=driver_mode or DEFAULT_DRIVER_MODE,
+        )
         if mutant != "none":
             self.machine.driver.set_mutant(Mutant(mutant))
+            vm_bind = self.machine.vm_bind
+            if vm_bind is not None:  # the flavour's own mutants live in its driver
+                vm_bind.mutant = vm_bind.reclaim.mutant = Mutant(mutant)
 
 
 @pytest.fixture
@@ -59,13 +74,22 @@ def gemu_machine(request):
     """A booted machine configured by the test's ``gemu`` marker; shut down afterwards."""
     marker = request.node.get_closest_marker("gemu")
     kw = dict(marker.kwargs) if marker else {}
-    unknown = set(kw) - {"ram", "swap", "mutant"}
+    unknown = set(kw) - {"ram", "swap", "mutant", "driver_mode"}
     if unknown:
         pytest.fail(f"@pytest.mark.gemu: unknown argument(s) {sorted(unknown)}", pytrace=False)
+    from gemu.host.machine import check_driver_mode
+
+    mode = kw.get("driver_mode")
+    if mode is not None:
+        try:
+            check_driver_mode(str(mode))
+        except ValueError as exc:
+            pytest.fail(f"@pytest.mark.gemu: {exc}", pytrace=False)
     booted = _Booted(
         _size(kw.get("ram"), DEFAULT_RAM),
         _size(kw.get("swap"), DEFAULT_SWAP),
         str(kw.get("mutant", "none")),
+        mode,
     )
     with booted.machine as m:
         yield m
@@ -119,12 +143,18 @@ class JobItem(pytest.Item):
     """One job script run on its own machine, as ``gemu run SCRIPT`` would."""
 
     def runtest(self) -> None:
-        from gemu.host.shell import Shell
+        from gemu.host.jobscript import ScriptError, parse_file
+        from gemu.host.shell import Shell, scripts_driver_mode
 
-        booted = _Booted(DEFAULT_RAM, DEFAULT_SWAP, "none")
+        try:
+            statements = parse_file(self.path, commands=Shell.COMMANDS)
+            mode = scripts_driver_mode([statements], None)
+        except ScriptError as exc:
+            raise JobFailed(str(exc)) from None
+        booted = _Booted(DEFAULT_RAM, DEFAULT_SWAP, "none", mode)
         with booted.machine as m:
             sh = Shell(m, lambda text: None)
-            sh.run_file(self.path)
+            sh.run_statements(statements)
             summary = sh.poweroff()
         if not summary.ok:
             raise JobFailed("\n".join(summary.problems()))

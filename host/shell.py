@@ -121,6 +121,9 @@ class FenceVar:
     examined: bool = False
     settled: bool = False
     judged: bool = False
+    bind_vm: int | None = None
+    """vm-bind mode: the VM id of a bind's or unbind's fence (waiting for it also waits for the
+    bind's deferred cleanup)."""
 
 
 SHELL_VA = VA_END - (16 << 20)
@@ -141,7 +144,8 @@ class VmVar:
     (a BO private to the VM, bound at :data:`CMD_VA`) and a page for GPU CRC results (at
     :data:`OUT_VA`). ``ready`` are the out-fences of those two binds (every exec waits for
     them); ``slots`` the out-fence of the job last run from each command slot; ``bound`` the
-    BOs ever bound in this VM (an exec that writes forgets their expected contents)."""
+    VA ranges each BO was ever bound at in this VM (an exec writing into one forgets that BO's
+    expected contents)."""
 
     name: str
     vm_id: int
@@ -150,7 +154,7 @@ class VmVar:
     ready: list[JobFence]
     slots: list[JobFence | None] = field(default_factory=lambda: [None] * CMD_SLOTS)
     next_slot: int = 0
-    bound: set[str] = field(default_factory=set)
+    bound: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -1147,7 +1151,9 @@ class Shell:
     )
     def cmd_wait(self, st: Statement, *args: str) -> None:
         """Wait for jobs to finish; a failed job is an error naming why (EFAULT: GPU MMU
-        fault, EIO: bad command, ETIMEDOUT: hang reset, ENODEV: device lost)."""
+        fault, EIO: bad command, ETIMEDOUT: hang reset, ENODEV: device lost). In driver mode
+        vm-bind, waiting for a bind or unbind also waits for its cleanup (the BO unpinned,
+        what it unmapped released), so the BOs of binds waited for are reclaimable."""
         names = list(args)
         timeout = WAIT_TIMEOUT_S
         if "timeout" in names:
@@ -1163,7 +1169,17 @@ class Shell:
                 self._settle(fv, timeout)
             except KernelError as exc:
                 raise ShellError(f"{fv.name}: job failed: {exc}", exc.errno) from None
+            if fv.bind_vm is not None:
+                self._flush_bind_cleanup(fv)
             self.say(f"{fv.name}: signaled ({(runtime.now_ns() - t0) / 1e6:.1f} ms)")
+
+    def _flush_bind_cleanup(self, fv: FenceVar) -> None:
+        """A bind's fence signals when its job ran; its BO stays pinned (and what it unmapped
+        referenced) until the VM's cleanup work ran (Panthor's cleanup_op_ctx_work). A script
+        that waited for its binds expects their BOs reclaimable, so wait waits for that too."""
+        gvm = self.file.vms.get(fv.bind_vm)
+        if gvm is not None:
+            gvm.flush_cleanup(int(WAIT_TIMEOUT_S * 1e9))
 
     class ExternalFence(JobFence):
         """A name's reference on an external fence, as on a job's out-fence (the fence's
@@ -1459,9 +1475,11 @@ class Shell:
             prot,
             in_fences=[f.fence for f in after],
         )
-        vm.bound.add(bo.name)
+        with self._count:
+            vm.bound.setdefault(bo.name, []).append((va, n))
         what = f"bind {bo.name}+{offset:#x} ({format_size(n)}) at {vm.name}:{va:#x}"
         fv = self._bind_fence(st, "b", fence, what + (" read-only" if prot else ""))
+        fv.bind_vm = vm.vm_id
         self.say(f"{fv.name}: {what} queued")
         return fv
 
@@ -1488,6 +1506,7 @@ class Shell:
         fence = self.file.unmap(vm.vm_id, va, n, in_fences=[f.fence for f in after])
         what = f"unbind {vm.name}:{va:#x} ({format_size(n)})"
         fv = self._bind_fence(st, "u", fence, what)
+        fv.bind_vm = vm.vm_id
         self.say(f"{fv.name}: {what} queued")
         return fv
 
@@ -1510,17 +1529,25 @@ class Shell:
         them; check them with expect crc VM ... or expect cpucrc)."""
         args, after = self._after(list(rest), "exec")
         vm = self._vm(vm_name)
-        packets, what, moved, writes = self._build_exec(kind, args)
+        packets, what, moved, written = self._build_exec(kind, args)
         fence = self._exec(vm, lambda slot: packets, [f.fence for f in after])
-        forget = [(self.bos[n], None) for n in vm.bound if n in self.bos] if writes else []
+        forget = []
+        if written is not None:
+            lo, hi = written
+            with self._count:
+                hit = [n for n, rs in vm.bound.items() if any(a < hi and lo < a + r for a, r in rs)]
+            forget = [(self.bos[n], None) for n in hit if n in self.bos]
         fv = self._bind_fence(st, "e", fence, f"{what} on {vm.name}", forget, moved)
         for bo, _ in forget:
             bo.expected = None
         self.say(f"{fv.name}: job {fence.seqno} submitted ({what} on {vm.name})")
         return fv
 
-    def _build_exec(self, kind: str, args: list[str]) -> tuple[bytes, str, int, bool]:
-        """The packets of an exec job, what it does, the bytes it moves, whether it writes."""
+    def _build_exec(
+        self, kind: str, args: list[str]
+    ) -> tuple[bytes, str, int, tuple[int, int] | None]:
+        """The packets of an exec job, what it does, the bytes it moves, and the VA range it
+        writes (None: none)."""
         usage = EXEC_KINDS.get(kind)
         if usage is None:
             raise ShellError(f"exec: unknown job kind {kind!r} ({_known(EXEC_KINDS)})")
@@ -1534,26 +1561,28 @@ class Shell:
             return size(args[i], f"exec {kind}: SIZE", MAX_BO_SIZE)
 
         if kind == "nop":
-            return pk.nop(), "nop", 0, False
+            return pk.nop(), "nop", 0, None
         if kind == "copy":
             src, dst, n = va(0, "SRC"), va(1, "DST"), nbytes(2)
-            return pk.copy(src, dst, n), f"copy {format_size(n)} {src:#x} -> {dst:#x}", n, True
+            what = f"copy {format_size(n)} {src:#x} -> {dst:#x}"
+            return pk.copy(src, dst, n), what, n, (dst, dst + n)
         if kind == "fill":
             dst, n = va(0, "DST"), nbytes(1)
             value = number(args[2], "exec fill: VALUE", 0, U32_MAX)
-            return pk.fill(dst, n, value), f"fill {format_size(n)} at {dst:#x}", n, True
+            return pk.fill(dst, n, value), f"fill {format_size(n)} at {dst:#x}", n, (dst, dst + n)
         if kind == "crc":
             src, n, dst = va(0, "SRC"), nbytes(1), va(2, "DST")
-            return pk.crc32(src, n, dst), f"crc32 of {src:#x}+{n:#x} into {dst:#x}", n, True
+            what = f"crc32 of {src:#x}+{n:#x} into {dst:#x}"
+            return pk.crc32(src, n, dst), what, n, (dst, dst + 4)
         if kind == "atomic":
             dst, add = va(0, "DST"), number(args[1], "exec atomic: ADD", 0, U64_MAX)
-            return pk.atomic_add(dst, add), f"atomic add {add} at {dst:#x}", 8, True
+            return pk.atomic_add(dst, add), f"atomic add {add} at {dst:#x}", 8, (dst, dst + 8)
         addr, value = va(0, "ADDR"), number(args[1], "exec waitmem: VALUE", 0, U32_MAX)
         return (
             pk.wait_mem(addr, value, function=WaitFunc.EQ),
             f"wait until {addr:#x} == {value:#x}",
             0,
-            False,
+            None,
         )
 
     def _exec(self, vm: VmVar, packets_for: Callable[[int], bytes], after: list) -> JobFence:
