@@ -421,8 +421,8 @@ def _exhaustive(args: argparse.Namespace, cfg, workers: int) -> int:
     def progress(res, pending: int) -> None:
         if not args.quiet and res.run % 100 == 0:
             print(
-                f"explore: {res.run} schedules ({res.complete} complete, {res.pruned} pruned), "
-                f"{pending} branches pending, {len(res.violating)} violations, "
+                f"explore: {res.run} schedules ({len(res.classes)} distinct interleavings, "
+                f"{res.pruned} pruned), {len(res.violating)} violations, "
                 f"{res.rate:.1f} schedules/s",
                 file=sys.stderr,
                 flush=True,
@@ -447,7 +447,8 @@ def _exhaustive(args: argparse.Namespace, cfg, workers: int) -> int:
         if seen:
             res = seen[0]
             _interrupted(
-                f"{res.run} schedules ({res.complete} complete, {res.pruned} pruned)",
+                f"{res.run} schedules ({len(res.classes)} distinct interleavings, "
+                f"{res.pruned} pruned)",
                 res.violating,
             )
         else:

@@ -4,10 +4,11 @@ Random and PCT sampling find bugs; this strategy answers the other question, "do
 interleaving of this scenario with at most K preemptions break an invariant?", and ends with a
 statement a reviewer can quote::
 
-    search = BoundedSearch(ExploreConfig(scenario=SCENARIOS["small"]), bound=1)
+    search = BoundedSearch(ExploreConfig(scenario=SCENARIOS["race"]), bound=1)
     result = search.run()
-    result.statement()   # "all 412 distinct interleavings of small with at most 1 preemption
-                         #  explored (1,530 schedules run, 1,118 pruned): 0 violations"
+    result.statement()   # "all 231 distinct interleavings (up to the order of independent
+                         #  steps) of race with at most 1 preemption explored (286 schedules
+                         #  run, 81 pruned): 0 violations"
 
 **The enumeration** is CHESS's iterative context bounding, done statelessly: every schedule
 re-runs the scenario from the start (it is a pure function of its decisions). A run follows
@@ -22,27 +23,31 @@ successor is free there (what the literature calls delay bounding at blocking po
 run records, at every decision it made after its prefix, the runnable tasks and the cost of
 choosing each; every alternative within the bound becomes a new prefix on the search stack.
 
-**The reduction** merges schedules that differ only in the order of independent steps. A
-step (transition) is what a task runs from one preemption point to the next. Its footprint
-is the object named at the preemption point it started from (``lock bo1`` -> ``bo1``; fence,
-reservation, scheduler and memory-manager operations each share one object, since their
-points do not name the instance) plus every wait queue it waited on or woke (spinlocks,
-fence waits, completions); a point the table below does not know, a task's start, and the
-runtime's clock (``advance``, the GPU's steps) are dependent with everything. Two steps are
-dependent when their footprints meet or they are steps of one task. Each step is hashed with
-its task, label, footprint and the hashes of the steps it depends on directly, and the
-schedule so far is the sum of its step hashes: two prefixes that order only independent
-steps differently get the same hash (a Mazurkiewicz trace fingerprint). A decision reached
-again with the same fingerprint, the same task at the point and no more preemptions left
-than when it was first reached has a future already being explored, and the run is
-abandoned there (counted as pruned). This is stateful reduction over trace equivalence:
-unlike sleep sets or DPOR alone it stays sound under a preemption bound, because a merged
-state is only skipped when the earlier visit had at least the budget left.
+**The reduction** is dynamic partial-order reduction (Flanagan and Godefroid, POPL 2005)
+with sleep sets, bounded as Coons, Musuvathi and McKinley's bounded partial-order reduction
+(OOPSLA 2013) is. A step (transition) is what a task runs from one preemption point to the
+next. Its footprint is the object its preemption point names (``lock bo1`` -> ``bo1``; a
+fence or reservation point names its instance through ``runtime.preempt(..., on=)``:
+``dma_fence 3:1``, ``bo3``; scheduler points share ``drm_sched``, the page allocator and
+swap share ``mm``) plus every wait queue it waited on or woke (spinlocks, fence waits,
+completions); the GPU's steps (``advance``) and every step on an object whose data lives in
+guest RAM (a BO's lock, page tables, the ring, ``mm``) also share ``memory``; a point the
+table does not know is dependent with everything. Two steps are dependent when their
+footprints meet. After each run, its races (dependent steps of two tasks that no step in
+between orders, by vector clocks) say which decisions must also try the racing task: the
+decision before the first step, and the one that began the run of steps of its task, so
+that the reversal is reachable within the bound. A decision tries nothing else: a switch
+there only reorders independent steps. A task whose next step was tried at a decision
+above sleeps until a dependent step runs and is not tried meanwhile. Every run also gets a
+fingerprint of its Mazurkiewicz trace (each step hashed with its task, footprint and the
+steps it directly depends on, summed), and the statement counts the distinct ones.
 
 The reduction is exactly as good as the dependency: code between two preemption points that
-touches shared state without a lock or wait queue the runtime sees is invisible to it. The
-test suite checks the reduction on a scenario small enough to enumerate without it: both
-searches reach the same set of outcomes (verdicts and the machine's end statistics).
+touches shared state without a lock or wait queue the runtime sees is invisible to it. Under
+a preemption bound, sleep sets can in principle prune a class whose only representatives
+within the bound were not run. The test suite checks the reduction on scenarios small
+enough to enumerate without it: both searches reach the same set of outcomes (verdicts and
+the machine's end statistics).
 """
 
 from __future__ import annotations
@@ -83,10 +88,50 @@ _SHARED_OBJECT_PREFIXES = (
 )
 
 
-def footprint_of(label: str) -> str:
+def object_key(on: object) -> str:
+    """The name of the object a preemption point named with ``on`` (:func:`runtime.preempt`):
+    a fence is named as its wait queue is (``dma_fence CONTEXT:SEQNO``), a reservation object
+    as its lock is (``bo3``), so the steps that lock, wait on and signal one instance meet."""
+    seqno = getattr(on, "seqno", None)
+    if seqno is not None:
+        return f"dma_fence {on.context}:{seqno}"
+    lock = getattr(on, "lock", None)
+    name = getattr(lock, "name", None) or getattr(on, "name", None)
+    return name if isinstance(name, str) else GLOBAL
+
+
+MEMORY = "memory"
+"""What the GPU's steps share with every step on an object whose data lives in guest RAM."""
+
+_IN_MEMORY = ("mm", "dma_resv")
+_IN_MEMORY_SUFFIXES = (".pgtable", ".as_lock", ".ring", ".cmdpool", "shmem_mm")
+
+
+def _in_memory(obj: str) -> bool:
+    """Whether the GPU may read or write what ``obj`` guards: a BO (its reservation lock
+    ``boN``), page tables, the ring and command pool, the page allocator and swap."""
+    return (
+        obj in _IN_MEMORY
+        or obj.endswith(_IN_MEMORY_SUFFIXES)
+        or (obj.startswith("bo") and obj[2:].isdigit())
+    )
+
+
+def footprint_of(label: str, on: object = None) -> str:
     """The object a step starting at preemption point ``label`` works on (:data:`GLOBAL`
-    when the label does not say)."""
+    when the label does not say); ``on`` is the object the point named, if it did.
+
+    Two labels name objects of their own: a task's first step (``start``) and a parent's
+    step after starting a task (``spawn NAME``) work on nothing shared the label names
+    (what they lock or wake is in the step's other objects); the GPU task's steps
+    (``advance``) execute packets: the GPU, and guest memory (:data:`MEMORY`)."""
+    if on is not None:
+        return object_key(on)
     op, _, rest = label.partition(" ")
+    if op == "start" or op == "spawn":
+        return f"{op} {rest}"
+    if op == "advance":
+        return "gpu"
     if op in _OBJECT_OPS and rest:
         return rest
     for prefix, obj in _SHARED_OBJECT_PREFIXES:
@@ -100,63 +145,66 @@ def _h(*parts: object) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
 
 
-class _TraceHasher:
-    """Hashes one run's steps into a fingerprint of its Mazurkiewicz trace."""
-
-    def __init__(self) -> None:
-        self.total = 0
-        self._last_of: dict[str, int] = {}  # object -> hash of the last step that touched it
-        self._last_global = 0
-        self._last_task: dict[int, int] = {}
-        self._objects: dict[str, str] = {}
-
-    def record(self, task: runtime.Task, next_label: str | None) -> None:
-        label = task._label
-        obj = self._objects.get(label)
-        if obj is None:
-            obj = self._objects[label] = footprint_of(label)
-        touched = task._touched
-        objs = {obj} | touched if touched else {obj}
-        last_of = self._last_of
-        prev_task = self._last_task.get(task.tid, 0)
-        if GLOBAL in objs:
-            preds = sorted({self._last_global, *last_of.values()})
-            h = _h(task.tid, label, GLOBAL, prev_task, *preds)
-            last_of.clear()
-            self._last_global = h
-        else:
-            preds = sorted({last_of.get(o, self._last_global) for o in objs})
-            h = _h(task.tid, label, *sorted(objs), prev_task, *preds)
-            for o in objs:
-                last_of[o] = h
-        self._last_task[task.tid] = h
-        self.total = (self.total + h) & 0xFFFF_FFFF_FFFF_FFFF
-        task._label = next_label or "exit"
-        task._touched = set()
-
-
 @dataclass
+class _Step:
+    """One transition: what a task ran from one preemption point to the next."""
+
+    tid: int
+    objs: frozenset[str]  # contains GLOBAL when dependent with every step
+    node: int | None  # the decision that let it run (None: no choice there)
+
+
 class _Point:
-    runnable: tuple[int, ...]
-    default: int
-    chosen: int
-    spent: int  # preemptions spent before this decision
+    """A decision of a run; the search keeps it across the runs that share its prefix.
+    ``backtrack`` holds the tasks to be tried there (dynamic partial-order reduction, or
+    every runnable one without the reduction), ``done`` those already tried."""
+
+    __slots__ = (
+        "backtrack",
+        "chosen",
+        "default",
+        "done",
+        "explored",
+        "runnable",
+        "sleep",
+        "spent",
+        "tried",
+    )
+
+    def __init__(self, runnable: tuple[int, ...], default: int, chosen: int, spent: int):
+        self.runnable = runnable
+        self.default = default
+        self.chosen = chosen
+        self.spent = spent  # preemptions spent before this decision
+        self.backtrack = {chosen}
+        self.done = {chosen}
+        self.tried = 1
+        self.sleep: dict[int, frozenset[str]] = {}
+        """Tasks asleep here (sleep sets): their next step, independent of everything run
+        since a decision above tried it, would only reorder a schedule already run."""
+        self.explored: dict[int, frozenset[str]] = {}
+        """The footprint of the step each task tried here ran."""
+
+    def cost(self, tid: int) -> int:
+        """Preemptions spent once ``tid`` is chosen here."""
+        return self.spent + (0 if tid == self.default else 1)
 
 
 class _Run:
-    """The chooser and recorder of one run: follow ``prefix``, then the default policy."""
+    """The chooser and recorder of one run: follow ``prefix``, then the default policy;
+    record every decision and every transition with its footprint."""
 
-    def __init__(self, search: BoundedSearch, prefix: list[int]) -> None:
-        self.search = search
+    def __init__(self, prefix: list[int]) -> None:
         self.prefix = prefix
         self.points: list[_Point] = []
+        self.steps: list[_Step] = []
         self.spent = 0
-        self.trace = _TraceHasher() if search.reduce else None
+        self.fingerprint = 0
+        self._objects: dict[tuple[str, object], str] = {}
 
     def attach(self, rt: runtime.Deterministic) -> None:
         rt.chooser = self.choose
-        if self.trace is not None:
-            rt.recorder = self.trace.record
+        rt.recorder = self.record
 
     def choose(self, rt: runtime.Deterministic, runnable: list[runtime.Task]) -> runtime.Task:
         cur = runtime.current()
@@ -171,14 +219,112 @@ class _Run:
                 )
         else:
             chosen = default
-            if self.trace is not None:
-                self.search._visit(self.trace.total, cur.tid, cur is default, self.spent)
         self.points.append(
             _Point(tuple(t.tid for t in runnable), default.tid, chosen.tid, self.spent)
         )
         if chosen is not default:
             self.spent += 1
+        chosen._node = i
         return chosen
+
+    def record(self, task: runtime.Task, next_label: str | None) -> None:
+        label = task._label
+        on = getattr(task, "_on", None)
+        key = (label, on)
+        obj = self._objects.get(key) if on is None else None
+        if obj is None:
+            obj = footprint_of(label, on)
+            if on is None:
+                self._objects[key] = obj
+        touched = task._touched
+        objs = {obj, *touched} if touched else {obj}
+        if obj == "gpu" or any(_in_memory(o) for o in objs):
+            objs.add(MEMORY)
+        if obj == "start ":
+            objs.discard(obj)
+            objs.add(f"start {task.tid}")
+        objs = frozenset(objs)
+        self.steps.append(_Step(task.tid, objs, getattr(task, "_node", None)))
+        task._node = None
+        task._on = task._next_on
+        task._next_on = None
+        task._label = next_label or "exit"
+        task._touched = set()
+
+
+def _trace_fingerprint(steps: list[_Step]) -> int:
+    """A hash of the run's Mazurkiewicz trace: every step hashed with its task, footprint and
+    the steps it directly depends on, summed, so runs that order only independent steps
+    differently get the same fingerprint (counts the distinct interleavings)."""
+    total = 0
+    last_of: dict[str, int] = {}
+    last_global = 0
+    last_task: dict[int, int] = {}
+    for st in steps:
+        prev_task = last_task.get(st.tid, 0)
+        if GLOBAL in st.objs:
+            preds = sorted({last_global, *last_of.values()})
+            h = _h(st.tid, GLOBAL, prev_task, *preds)
+            last_of.clear()
+            last_global = h
+        else:
+            preds = sorted({last_of.get(o, last_global) for o in st.objs})
+            h = _h(st.tid, *sorted(st.objs), prev_task, *preds)
+            for o in st.objs:
+                last_of[o] = h
+        last_task[st.tid] = h
+        total = (total + h) & 0xFFFF_FFFF_FFFF_FFFF
+    return total
+
+
+def races(steps: list[_Step]) -> list[tuple[int, int]]:
+    """The races of a run: pairs (i, j) of steps of different tasks, i before j, that are
+    dependent (their footprints meet) and not ordered by happens-before through other
+    steps: reversing them may reach a different state. For each object j touches, only the
+    last earlier step on it is a candidate (the earlier ones happen before that one).
+    Happens-before is tracked with vector clocks over tasks."""
+    clock_of_task: dict[int, dict[int, int]] = {}
+    clock_of_step: list[dict[int, int]] = []
+    last_of: dict[str, int] = {}
+    last_global = -1
+    out: list[tuple[int, int]] = []
+    for j, st in enumerate(steps):
+        p = st.tid
+        mine = clock_of_task.get(p)
+        if mine is None:
+            mine = clock_of_task[p] = {}
+        if GLOBAL in st.objs:
+            preds = set(last_of.values())
+            if last_global >= 0:
+                preds.add(last_global)
+        else:
+            preds = {last_of.get(o, last_global) for o in st.objs}
+            preds.discard(-1)
+        for i in sorted(preds):
+            q = steps[i].tid
+            if q == p:
+                continue
+            ci = clock_of_step[i]
+            if ci.get(q, 0) > mine.get(q, 0):  # i does not happen before j
+                out.append((i, j))
+        for i in preds:
+            for t, c in clock_of_step[i].items():
+                if c > mine.get(t, 0):
+                    mine[t] = c
+        mine[p] = mine.get(p, 0) + 1
+        clock_of_step.append(dict(mine))
+        if GLOBAL in st.objs:
+            last_of.clear()
+            last_global = j
+        else:
+            for o in st.objs:
+                last_of[o] = j
+    return out
+
+
+def dependent(a: frozenset[str], b: frozenset[str]) -> bool:
+    """Whether two steps with footprints ``a`` and ``b`` may not commute."""
+    return GLOBAL in a or GLOBAL in b or not a.isdisjoint(b)
 
 
 @dataclass
@@ -189,9 +335,13 @@ class SearchResult:
     bound: int
     reduce: bool
     complete: int = 0
-    """Schedules run to the end: the distinct interleavings (classes, with the reduction)."""
+    """Schedules run (each to its end)."""
+    classes: set[int] = field(default_factory=set)
+    """Fingerprints of the distinct Mazurkiewicz traces the runs were (their count is the
+    number of distinct interleavings up to the order of independent steps)."""
     pruned: int = 0
-    """Schedules abandoned because their future was already being explored."""
+    """Alternatives within the bound that the reduction did not run: each is a schedule
+    equivalent to one run (it only reorders independent steps)."""
     violating: list[ScheduleResult] = field(default_factory=list)
     outcomes: set[tuple] = field(default_factory=set)
     elapsed_s: float = 0.0
@@ -202,7 +352,7 @@ class SearchResult:
 
     @property
     def run(self) -> int:
-        return self.complete + self.pruned
+        return self.complete
 
     @property
     def first(self) -> ScheduleResult | None:
@@ -217,14 +367,15 @@ class SearchResult:
         plural = "" if self.bound == 1 else "s"
         what = "distinct interleavings"
         up_to = " (up to the order of independent steps)" if self.reduce else ""
+        n = len(self.classes) if self.reduce else self.complete
         if self.stopped_early:
             head = (
                 f"search of {self.scenario} with at most {self.bound} preemption{plural} "
-                f"stopped after {self.complete:,} {what}{up_to}"
+                f"stopped after {n:,} {what}{up_to}"
             )
         else:
             head = (
-                f"all {self.complete:,} {what}{up_to} of {self.scenario} with at most "
+                f"all {n:,} {what}{up_to} of {self.scenario} with at most "
                 f"{self.bound} preemption{plural} explored"
             )
         return (
@@ -235,7 +386,8 @@ class SearchResult:
 
 class BoundedSearch:
     """Depth-first enumeration of ``cfg``'s schedules with at most ``bound`` preemptions
-    (module documentation). ``reduce`` turns the trace-equivalence reduction on."""
+    (module documentation). ``reduce`` turns dynamic partial-order reduction on; without it
+    every alternative within the bound is run (naive enumeration)."""
 
     def __init__(
         self,
@@ -255,114 +407,211 @@ class BoundedSearch:
         self.keep_going = keep_going
         self.max_schedules = max_schedules
         self.progress = progress
-        self._visited: dict[tuple[int, int, bool], int] = {}
-
-    def _visit(self, trace: int, cur: int, preemptive: bool, spent: int) -> None:
-        key = (trace, cur, preemptive)
-        seen = self._visited.get(key)
-        if seen is not None and seen <= spent:
-            raise runtime.RunAbandoned("explored")
-        self._visited[key] = spent
 
     def run(self, workers: int = 1) -> SearchResult:
-        """Search; with ``workers`` > 1 the branches of the first schedule are dealt out to
-        that many worker processes, each searching its share depth first with its own record
-        of visited states (pruning stays sound within a worker; across workers a class may be
-        run twice, never missed). The result does not depend on ``workers`` but for those
-        counts and, with several violations, which one each worker met first."""
+        """Search; with ``workers`` > 1 the alternatives at the first schedule's decisions are
+        dealt out to that many worker processes, each searching the subtrees it was given
+        depth first. Alternatives a worker finds for the decisions of the first schedule
+        (races reaching back above its subtrees) come back and are dealt out in a next
+        round, until none is left. The result does not depend on ``workers`` but for the
+        counts (a class may be run in two workers) and, with several violations, which one
+        each worker met first."""
         res = SearchResult(self.cfg.scenario.name, self.bound, self.reduce)
         t0 = time.perf_counter()
-        stack: list[list[int]] = [[]]
         if workers > 1:
-            self._search(res, stack, budget=1)  # the first schedule, its branches pending
-            if stack and not (res.violating and not self.keep_going):
-                self._parallel(res, stack, workers)
-                stack = []
+            self._parallel(res, workers, t0)
         else:
-            self._search(res, stack)
+            self._search(res, [], 0, t0)
         res.elapsed_s = time.perf_counter() - t0
         res.violating.sort(key=lambda r: (len(r.schedule), r.schedule))
         return res
 
-    def _search(self, res: SearchResult, stack: list[list[int]], budget: int | None = None):
-        t0 = time.perf_counter() - res.elapsed_s
+    def _execute(self, res: SearchResult, prefix: list[int]) -> tuple[_Run, ScheduleResult]:
+        one = _Run(prefix)
+        sched = run_schedule(self.cfg, 0, search=one)
+        res.complete += 1
+        res.outcomes.add(outcome(sched))
+        if self.reduce:
+            res.classes.add(_trace_fingerprint(one.steps))
+        if sched.violations:
+            res.violating.append(sched)
+        return one, sched
+
+    def _search(
+        self,
+        res: SearchResult,
+        path: list[_Point],
+        floor: int,
+        t0: float,
+        *,
+        budget: int | None = None,
+    ) -> list[_Point]:
+        """Depth first below ``path`` (decisions whose alternatives at indices below
+        ``floor`` are not this search's to try): run ``path``'s choices, then the default
+        policy; add the alternatives the run calls for; go back to the deepest decision
+        with an untried one. Returns the path of the first run (for :meth:`_parallel`)."""
+        first: list[_Point] | None = None
+        prefix = [p.chosen for p in path]
         runs = 0
         try:
-            while stack:
-                if budget is not None and runs >= budget:
-                    return
+            while True:
                 if self.max_schedules is not None and res.run >= self.max_schedules:
                     res.stopped_early = True
-                    return
-                prefix = stack.pop()
+                    break
+                one, sched = self._execute(res, prefix)
                 runs += 1
-                one = _Run(self, prefix)
-                try:
-                    sched = run_schedule(self.cfg, 0, search=one)
-                except runtime.RunAbandoned:
-                    res.pruned += 1
-                    sched = None
-                else:
-                    res.complete += 1
-                    res.outcomes.add(outcome(sched))
-                    if sched.violations:
-                        res.violating.append(sched)
-                self._branch(one, stack)
+                path = path[: len(prefix)] + one.points[len(prefix) :]
+                self._add_alternatives(path, one)
+                if first is None:
+                    first = path
                 if self.progress is not None:
                     res.elapsed_s = time.perf_counter() - t0
-                    self.progress(res, len(stack))
-                if sched is not None and sched.violations and not self.keep_going:
-                    res.stopped_early = bool(stack)
-                    return
+                    self.progress(res, 0)
+                if sched.violations and not self.keep_going:
+                    res.stopped_early = True
+                    break
+                if budget is not None and runs >= budget:
+                    break
+                nxt = self._next(res, path, floor)
+                if nxt is None:
+                    break
+                path, prefix = nxt
         except KeyboardInterrupt:
             res.stopped_early = res.interrupted = True
+        return first or path
 
-    def _parallel(self, res: SearchResult, stack: list[list[int]], workers: int) -> None:
-        shares = [stack[i::workers] for i in range(workers)]
+    def _add_alternatives(self, path: list[_Point], one: _Run) -> None:
+        """What each decision must try besides its choice. Naive: every runnable task.
+        Reduced (dynamic partial-order reduction, Flanagan and Godefroid 2005): for each
+        race (i, j), the task of j at the decision before i (every runnable task there when
+        it could not run), and, so that the reversal stays within the bound, also at the
+        decision that began the run of i's task that i belongs to (Coons, Musuvathi and
+        McKinley 2013, bounded partial-order reduction)."""
+        if not self.reduce:
+            for p in path:
+                p.backtrack.update(p.runnable)
+            return
+        steps = one.steps
+        self._sleep_sets(path, one)
+        for i, j in races(steps):
+            tid = steps[j].tid
+            nodes = {steps[i].node}
+            k = i
+            while k > 0 and steps[k - 1].tid == steps[i].tid:
+                k -= 1
+            nodes.add(steps[k].node)
+            if k > 0:  # the switch into that run: the decision after the previous task's step
+                nodes.add(steps[k - 1].node)
+            for n in nodes:
+                if n is None or n >= len(path):
+                    continue
+                p = path[n]
+                # A task that could not run there was blocked (or not yet spawned): what
+                # let it run is a step dependent with its wait, a race of its own.
+                if tid in p.runnable:
+                    p.backtrack.add(tid)
+
+    @staticmethod
+    def _sleep_sets(path: list[_Point], one: _Run) -> None:
+        """Carry the sleep set of the decision this run branched at down its new decisions:
+        a task stays asleep until a step dependent with its next one runs. Tasks tried at a
+        decision before the one chosen fall asleep for the branches tried after them."""
+        top = len(one.prefix) - 1
+        zzz: dict[int, frozenset[str]] = {}
+        for st in one.steps:
+            n = st.node
+            if n is not None and n >= max(top, 0):
+                p = path[n]
+                if n == top:
+                    zzz = dict(p.sleep)
+                    zzz.update((t, o) for t, o in p.explored.items() if t != p.chosen)
+                elif n > top:
+                    p.sleep = dict(zzz)
+                    p.done.update(zzz)
+                p.explored[p.chosen] = st.objs
+            if zzz:
+                zzz = {t: o for t, o in zzz.items() if t != st.tid and not dependent(o, st.objs)}
+
+    def _next(
+        self, res: SearchResult, path: list[_Point], floor: int
+    ) -> tuple[list[_Point], list[int]] | None:
+        """The deepest decision at or above ``floor`` with an alternative left within the
+        bound: the path up to it and the prefix that takes the alternative. Decisions left
+        behind are finished: the alternatives within the bound they never tried count as
+        pruned."""
+        for n in range(len(path) - 1, floor - 1, -1):
+            p = path[n]
+            for tid in sorted(p.backtrack - p.done):
+                p.done.add(tid)
+                if p.cost(tid) > self.bound:
+                    continue
+                p.chosen = tid
+                p.tried += 1
+                return path[: n + 1], [q.chosen for q in path[: n + 1]]
+            res.pruned += self._untried(p)
+        return None
+
+    def _untried(self, p: _Point) -> int:
+        return sum(1 for t in p.runnable if p.cost(t) <= self.bound) - p.tried
+
+    def _parallel(self, res: SearchResult, workers: int, t0: float) -> None:
+        root = self._search(res, [], 0, t0, budget=1)
+        if not res.stopped_early:
+            self._deal_out(res, root, workers, t0)
+        for p in root:
+            res.pruned += self._untried(p)
+
+    def _deal_out(self, res: SearchResult, root: list[_Point], workers: int, t0: float) -> None:
         args = {
             "cfg": self.cfg.as_dict(),
             "bound": self.bound,
             "reduce": self.reduce,
             "keep_going": self.keep_going,
-            "max_schedules": None
-            if self.max_schedules is None
-            else max(0, self.max_schedules - res.run) // workers,
+            "max_schedules": self.max_schedules,
+            "root": [(p.runnable, p.default, p.chosen, p.spent) for p in root],
         }
         ctx = get_context("spawn")
         with ProcessPoolExecutor(workers, mp_context=ctx) as ex:
-            futures = [ex.submit(_search_share, args, share) for share in shares if share]
-            try:
-                for fut in futures:
-                    part = fut.result()
-                    res.complete += part.complete
-                    res.pruned += part.pruned
-                    res.outcomes |= part.outcomes
-                    res.violating += part.violating
-                    res.stopped_early |= part.stopped_early
-                    res.interrupted |= part.interrupted
-                    if self.progress is not None:
-                        self.progress(res, 0)
-            except KeyboardInterrupt:
-                for fut in futures:
-                    fut.cancel()
-                res.stopped_early = res.interrupted = True
+            while True:
+                items = []
+                for n, p in enumerate(root):
+                    for tid in sorted(p.backtrack - p.done):
+                        p.done.add(tid)
+                        if p.cost(tid) <= self.bound:
+                            items.append((n, tid))
+                if not items:
+                    return
+                shares = [items[i::workers] for i in range(workers)]
+                futures = [ex.submit(_search_share, args, share) for share in shares if share]
+                try:
+                    for fut in futures:
+                        part, found = fut.result()
+                        res.complete += part.complete
+                        res.pruned += part.pruned
+                        res.classes |= part.classes
+                        res.outcomes |= part.outcomes
+                        res.violating += part.violating
+                        res.stopped_early |= part.stopped_early
+                        res.interrupted |= part.interrupted
+                        for n, tids in found:
+                            root[n].backtrack.update(tids)
+                        if self.progress is not None:
+                            res.elapsed_s = time.perf_counter() - t0
+                            self.progress(res, 0)
+                except KeyboardInterrupt:
+                    for fut in futures:
+                        fut.cancel()
+                    res.stopped_early = res.interrupted = True
+                    return
+                if res.violating and not self.keep_going:
+                    res.stopped_early = True
+                    return
 
-    def _branch(self, one: _Run, stack: list[list[int]]) -> None:
-        """Push every alternative within the bound at the decisions this run made after its
-        prefix (later decisions first popped: depth first)."""
-        chosen = [p.chosen for p in one.points]
-        for i in range(len(one.prefix), len(one.points)):
-            p = one.points[i]
-            for tid in p.runnable:
-                if tid == p.chosen:
-                    continue
-                cost = p.spent + (0 if tid == p.default else 1)
-                if cost <= self.bound:
-                    stack.append([*chosen[:i], tid])
 
-
-def _search_share(args: dict, share: list[list[int]]) -> SearchResult:
-    """A worker process's part of a parallel search: depth first from its prefixes."""
+def _search_share(args: dict, share: list[tuple[int, int]]) -> tuple[SearchResult, list]:
+    """A worker process's part of a parallel search: for each (decision n of the first
+    schedule, task), the subtree below that alternative, depth first. Returns its result and
+    the alternatives its runs added to the first schedule's decisions above the subtrees."""
     search = BoundedSearch(
         ExploreConfig.from_dict(args["cfg"]),
         args["bound"],
@@ -371,9 +620,23 @@ def _search_share(args: dict, share: list[list[int]]) -> SearchResult:
         max_schedules=args["max_schedules"],
     )
     res = SearchResult(search.cfg.scenario.name, search.bound, search.reduce)
-    stack = list(share)  # the order the single-process search would pop them in
-    search._search(res, stack)
-    return res
+    t0 = time.perf_counter()
+    found: dict[int, set[int]] = {}
+    for n, tid in share:
+        if res.stopped_early:
+            break
+        path = [_Point(*point) for point in args["root"][: n + 1]]
+        for p in path:
+            p.backtrack, p.done = set(), set()
+        path[n].chosen = tid
+        search._search(res, path, n + 1, t0)
+        for m, p in enumerate(path[:n]):
+            if p.backtrack:
+                found.setdefault(m, set()).update(p.backtrack)
+        if path[n].backtrack:
+            found.setdefault(n, set()).update(path[n].backtrack)
+    res.elapsed_s = time.perf_counter() - t0
+    return res, sorted((m, sorted(t)) for m, t in found.items())
 
 
 def outcome(res: ScheduleResult) -> tuple:
@@ -381,4 +644,14 @@ def outcome(res: ScheduleResult) -> tuple:
     return res.outcome
 
 
-__all__ = ["GLOBAL", "BoundedSearch", "SearchResult", "footprint_of", "outcome"]
+__all__ = [
+    "GLOBAL",
+    "MEMORY",
+    "BoundedSearch",
+    "SearchResult",
+    "dependent",
+    "footprint_of",
+    "object_key",
+    "outcome",
+    "races",
+]

@@ -22,10 +22,9 @@ class _Recording(exhaustive.BoundedSearch):
         super().__init__(*a, **kw)
         self.runs: list[tuple[list[int], int]] = []
 
-    def _branch(self, one, stack) -> None:
-        if one.points and len(one.points) >= len(one.prefix):
-            self.runs.append(([p.chosen for p in one.points], one.spent))
-        super()._branch(one, stack)
+    def _add_alternatives(self, path, one) -> None:
+        self.runs.append(([p.chosen for p in one.points], one.spent))
+        super()._add_alternatives(path, one)
 
 
 def test_bound_zero_is_the_one_non_preemptive_schedule():
@@ -47,15 +46,42 @@ def test_naive_enumeration_runs_each_schedule_within_the_bound_once():
 
 
 def test_reduction_reaches_the_same_outcomes_with_fewer_runs():
-    """The trace-equivalence reduction prunes runs and still reaches every outcome (verdicts
-    and end statistics) the naive enumeration reaches, at K=1 on the race scenario."""
-    cfg = ExploreConfig(scenario=SCENARIOS["race"])
-    naive = exhaustive.BoundedSearch(cfg, 1, reduce=False, keep_going=True).run()
-    reduced = exhaustive.BoundedSearch(cfg, 1, reduce=True, keep_going=True).run()
+    """Dynamic partial-order reduction runs fewer schedules and still reaches every outcome
+    (verdicts and end statistics) the naive enumeration reaches, at K=1 on the race
+    scenario (naive: 367 schedules, 3 outcomes)."""
+    naive = exhaustive.BoundedSearch(RACE, 1, reduce=False, keep_going=True).run()
+    reduced = exhaustive.BoundedSearch(RACE, 1, reduce=True, keep_going=True).run()
     assert reduced.outcomes == naive.outcomes
     assert len(naive.outcomes) > 1  # the outcomes do depend on the interleaving
-    assert reduced.pruned > 0 and reduced.run == naive.run
-    assert reduced.complete < naive.complete
+    assert naive.pruned == 0 and reduced.pruned > 0
+    assert reduced.run + reduced.pruned >= naive.run // 2
+    assert 5 * reduced.run < 4 * naive.run
+    assert len(reduced.classes) <= reduced.run
+
+
+def test_reduction_on_the_tiny_race_runs_half_the_schedules():
+    """On the cut-down race, where every schedule ends the same way, the reduced search runs
+    at most half of the naive enumeration's schedules at K=1."""
+    naive = exhaustive.BoundedSearch(TINY, 1, reduce=False, keep_going=True).run()
+    reduced = exhaustive.BoundedSearch(TINY, 1, reduce=True, keep_going=True).run()
+    assert reduced.outcomes == naive.outcomes
+    assert 2 * reduced.run <= naive.run + 10
+
+
+def test_races_follow_happens_before():
+    """A race is a dependent pair of steps of two tasks that nothing orders in between: the
+    lock handed from task 1 to task 2 to task 1 gives the races (0, 1) and (1, 2), and not
+    (0, 2), which the step of task 2 orders."""
+    s = exhaustive._Step
+    steps = [
+        s(1, frozenset({"l"}), 0),
+        s(2, frozenset({"l"}), 1),
+        s(1, frozenset({"l"}), 2),
+        s(3, frozenset({"other"}), 3),
+    ]
+    assert exhaustive.races(steps) == [(0, 1), (1, 2)]
+    glob = [s(1, frozenset({"a"}), 0), s(2, frozenset({exhaustive.GLOBAL}), 1)]
+    assert exhaustive.races(glob) == [(0, 1)]
 
 
 def test_correct_driver_is_clean_and_a_mutant_is_found_within_one_preemption():
@@ -87,13 +113,28 @@ def test_a_violating_schedule_replays_exactly(tmp_path):
         ("wake dma_fence 3:1", "dma_fence 3:1"),
         ("dma_fence.signal", "dma_fence"),
         ("alloc_pages", "mm"),
-        ("advance 1000", exhaustive.GLOBAL),
-        ("spawn hog", exhaustive.GLOBAL),
-        ("start", exhaustive.GLOBAL),
+        ("advance 1000", "gpu"),
+        ("spawn hog", "spawn hog"),
+        ("hog holds its frames", "mm"),
+        ("something unknown", exhaustive.GLOBAL),
     ],
 )
 def test_footprints(label, obj):
     assert exhaustive.footprint_of(label) == obj
+
+
+def test_footprints_of_named_instances():
+    """A point that names its fence or reservation object works on that instance, named as
+    its wait queue or lock is."""
+    from gemu.guest.dma_buf import dma_resv
+
+    resv = dma_resv.DmaResv("bo9")
+    assert exhaustive.footprint_of("dma_resv.add_fence", resv) == "bo9"
+
+    class Fence:
+        context, seqno = 3, 1
+
+    assert exhaustive.footprint_of("dma_fence.signal", Fence()) == "dma_fence 3:1"
 
 
 def test_cli_prints_the_statement_and_exits_by_verdict(capsys, tmp_path):
