@@ -21,7 +21,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="boot a machine and run a curated set of example job scripts, with a summary",
         description="Boot a fresh machine (the GPU in its own process) and run the curated "
         "examples/jobs scripts: a copy, the validation sequence, purgeable BOs, a GPU fault, "
-        "a working set three times guest RAM, a hang. Prints progress and a summary (jobs, "
+        "a working set three times guest RAM, a hang, concurrent tasks; then, on a second machine "
+        "in driver mode vm-bind, VM_BIND with VMs sharing BOs larger than RAM. Prints progress "
+        "and a summary (jobs, "
         "bytes moved, evictions, swap-ins, purges, faults handled, checks passed); exit 0 "
         "when every check held. --device-tour instead drives the device registers directly "
         "(page tables, ring, FILL/COPY/CRC32/ATOMIC/WAIT_MEM, a fault and RESUME).",

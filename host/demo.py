@@ -2,7 +2,9 @@
 
 ``gemu demo`` (:func:`run_curated`) boots one machine and runs a curated set of the example
 job scripts (examples/jobs: one copy, the validation sequence, purgeable BOs, a GPU fault, a
-working set three times guest RAM, a hang, concurrent task blocks), with progress, then prints a summary: jobs run,
+working set three times guest RAM, a hang, concurrent task blocks), then a second machine in
+driver mode vm-bind for the VM_BIND flavour's larger-than-RAM script (three VMs sharing BOs,
+evicted per VM and revalidated by exec), with progress, then prints a summary: jobs run,
 bytes moved, evictions, swap-ins, purges, faults handled, checks passed.
 
 ``gemu demo --device-tour`` (:func:`main`) drives the GPU the way a driver does, with no guest
@@ -369,7 +371,11 @@ def main(*, memory_mib: int = 64, device: str | None = None) -> int:
 # --- the curated run of ``gemu demo`` -------------------------------------------------------
 
 CURATED = ("hello", "validation", "purgeable", "fault", "pressure", "hang", "tasks")
-"""Example job scripts ``gemu demo`` runs, in order, on one fresh machine."""
+"""Example job scripts ``gemu demo`` runs, in order, on one fresh machine (driver mode per-bo)."""
+
+CURATED_VM_BIND = ("vm-bind/larger-than-ram",)
+"""Example job scripts of the VM_BIND flavour ``gemu demo`` runs afterwards, on a second
+machine booted in driver mode vm-bind."""
 
 
 def examples_dir() -> Path:
@@ -400,90 +406,121 @@ def title(path: Path) -> str:
     return re.split(r"(?<=[^.]{2})[.;](?:\s|$)", text, maxsplit=1)[0].strip()
 
 
+_DELTAS = (
+    ("gpu", "jobs_emitted"),
+    ("shrinker", "evicted"),
+    ("shrinker", "swapped_in"),
+    ("shrinker", "purged"),
+    ("gpu", "mmu_faults"),
+    ("gpu", "resets"),
+)
+
+
+def _count(stats: dict, group: str, key: str) -> int:
+    return stats.get(group, {}).get(key, 0)
+
+
 def run_curated(
     *,
     ram_size: int = 16 << 20,
     swap_size: int = 64 << 20,
     device: str = "spawn",
     scripts: tuple[str, ...] = CURATED,
+    vm_bind_scripts: tuple[str, ...] = CURATED_VM_BIND,
     out=print,
 ) -> int:
-    """Boot one machine, run the curated job scripts with progress, print a summary.
+    """Boot a machine, run the curated job scripts with progress; then boot a second one in
+    driver mode vm-bind for the VM_BIND scripts; print a summary of both.
 
     Returns 0 when every script passed and nothing unexpected happened, 3 when the device
     was lost, else 1."""
     from gemu.guest import errors
-    from gemu.host.machine import Machine, format_size
+    from gemu.host.machine import DRIVER_MODES, Machine, format_size
     from gemu.host.shell import DeviceLost, Shell
 
     errors.set_strict(False)
     t0 = time.perf_counter()
-    out(
-        f"gemu demo: booting a machine with {format_size(ram_size)} RAM, "
-        f"{format_size(swap_size)} swap, the GPU in its own process"
-    )
+    phases = [
+        (mode, names)
+        for mode, names in (("per-bo", scripts), ("vm-bind", vm_bind_scripts))
+        if names
+    ]
+    total = sum(len(names) for _, names in phases)
     failed: list[str] = []
-    with Machine(ram_size=ram_size, swap_size=swap_size, device=device, kswapd=True) as m:
-        for line in m.boot_log():
-            out(f"  {line}")
-        sh = Shell(m, write=lambda text: None)
-        sh.report = lambda text: out(f"    FAIL {text}")
-        sh.progress = lambda text: out(f"    ... {text}")
-        for i, name in enumerate(scripts, 1):
-            path = examples_dir() / f"{name}.job"
-            out(f"[{i}/{len(scripts)}] {name}.job: {title(path)}")
-            before = m.statistics()
-            passed = sh.sum.checks_passed
-            t = time.perf_counter()
-            try:
-                ok = sh.run_file(path)
-            except DeviceLost as exc:
-                out(f"    device lost: {exc}")
-                failed.append(name)
-                break
-            after = m.statistics()
-            delta = {
-                k: after[g][k] - before[g][k]
-                for g, k in (
-                    ("gpu", "jobs_emitted"),
-                    ("shrinker", "evicted"),
-                    ("shrinker", "swapped_in"),
-                    ("shrinker", "purged"),
-                    ("gpu", "mmu_faults"),
-                    ("gpu", "resets"),
+    summaries = []
+    bytes_moved = 0
+    done = 0
+    lost = False
+    for mode, names in phases:
+        if lost:
+            break
+        out(
+            f"gemu demo: booting a machine with {format_size(ram_size)} RAM, "
+            f"{format_size(swap_size)} swap, the GPU in its own process, driver mode {mode} "
+            f"({DRIVER_MODES[mode]})"
+        )
+        with Machine(
+            ram_size=ram_size, swap_size=swap_size, device=device, kswapd=True, driver_mode=mode
+        ) as m:
+            for line in m.boot_log():
+                out(f"  {line}")
+            sh = Shell(m, write=lambda text: None)
+            sh.report = lambda text: out(f"    FAIL {text}")
+            sh.progress = lambda text: out(f"    ... {text}")
+            for name in names:
+                done += 1
+                path = examples_dir() / f"{name}.job"
+                out(f"[{done}/{total}] {name}.job: {title(path)}")
+                before = m.statistics()
+                passed = sh.sum.checks_passed
+                t = time.perf_counter()
+                try:
+                    ok = sh.run_file(path)
+                except DeviceLost as exc:
+                    out(f"    device lost: {exc}")
+                    failed.append(name)
+                    lost = True
+                    break
+                after = m.statistics()
+                d = {k: _count(after, g, k) - _count(before, g, k) for g, k in _DELTAS}
+                out(
+                    f"    {'ok' if ok else 'FAILED'} in {time.perf_counter() - t:.2f} s: "
+                    f"{sh.sum.checks_passed - passed} checks, {d['jobs_emitted']} jobs, "
+                    f"{d['evicted']} evictions, {d['swapped_in']} swap-ins, "
+                    f"{d['purged']} purges, {d['mmu_faults']} faults, "
+                    f"{d['resets']} resets"
                 )
-            }
-            out(
-                f"    {'ok' if ok else 'FAILED'} in {time.perf_counter() - t:.2f} s: "
-                f"{sh.sum.checks_passed - passed} checks, {delta['jobs_emitted']} jobs, "
-                f"{delta['evicted']} evictions, {delta['swapped_in']} swap-ins, "
-                f"{delta['purged']} purges, {delta['mmu_faults']} faults, "
-                f"{delta['resets']} resets"
-            )
-            if not ok:
-                failed.append(name)
-        s = sh.poweroff()
-    st = s.stats
-    gpu, shr = st.get("gpu", {}), st.get("shrinker", {})
+                if not ok:
+                    failed.append(name)
+            summaries.append(sh.poweroff())
+            bytes_moved += sh.bytes_moved
+
+    def total_of(group: str, key: str) -> int:
+        return sum(_count(s.stats, group, key) for s in summaries)
+
     out("summary:")
-    out(f"  scripts         {len(scripts) - len(failed)} of {len(scripts)} passed")
-    out(f"  jobs run        {gpu.get('jobs_emitted', 0)}")
-    out(f"  bytes moved     {format_size(sh.bytes_moved)} by GPU copy/fill/crc jobs")
+    out(f"  scripts         {total - len(failed)} of {total} passed")
+    out(f"  jobs run        {total_of('gpu', 'jobs_emitted')}")
+    out(f"  bytes moved     {format_size(bytes_moved)} by GPU copy/fill/crc jobs")
     out(
-        f"  evictions       {shr.get('evicted', 0)} BOs to swap "
-        f"({st.get('swap', {}).get('pswpout', 0)} pages)"
+        f"  evictions       {total_of('shrinker', 'evicted')} BOs to swap "
+        f"({total_of('swap', 'pswpout')} pages)"
     )
-    out(f"  swap-ins        {shr.get('swapped_in', 0)} BOs")
-    out(f"  purges          {shr.get('purged', 0)} DONTNEED BOs")
+    out(f"  swap-ins        {total_of('shrinker', 'swapped_in')} BOs")
+    out(f"  purges          {total_of('shrinker', 'purged')} DONTNEED BOs")
     out(
-        f"  faults handled  {gpu.get('mmu_faults', 0)} GPU MMU faults, "
-        f"{gpu.get('resets', 0)} hang resets"
+        f"  faults handled  {total_of('gpu', 'mmu_faults')} GPU MMU faults, "
+        f"{total_of('gpu', 'resets')} hang resets"
     )
-    out(f"  checks passed   {s.checks_passed} ({s.checks_failed} failed)")
-    out(f"  lockdep         {len(s.unexpected_lockdep)} unexpected reports")
-    for p in s.problems():
-        out(f"  FAIL: {p}")
+    out(
+        f"  checks passed   {sum(s.checks_passed for s in summaries)} "
+        f"({sum(s.checks_failed for s in summaries)} failed)"
+    )
+    out(f"  lockdep         {sum(len(s.unexpected_lockdep) for s in summaries)} unexpected reports")
+    for s in summaries:
+        for p in s.problems():
+            out(f"  FAIL: {p}")
     out(f"  wall time       {time.perf_counter() - t0:.2f} s")
-    if s.device_lost:
+    if lost or any(s.device_lost for s in summaries):
         return 3  # as gemu run: the machine lost its device
-    return 0 if s.ok and not failed else 1
+    return 0 if all(s.ok for s in summaries) and not failed else 1
