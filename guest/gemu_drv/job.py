@@ -128,6 +128,28 @@ class Mutant(Enum):
     # Historical bugs of GEM shmem, the GEM LRU, shrinkers and dma_resv (host/explore/bugs.py)
     # end of GEM shmem, the GEM LRU, shrinkers and dma_resv
     # Historical bugs of drm_sched and reset paths (host/explore/bugs.py)
+    TDR_FREES_JOB = "tdr-frees-job"
+    """The driver's timedout_job frees the job it was handed once the reset is done, while
+    the scheduler still holds it on its pending list: xe's TDR before 82926f52d7a0
+    "drm/xe: Don't free job in TDR"."""
+    NO_HANG_DROPS_JOB = "no-hang-drops-job"
+    """A timeout the driver finds spurious (the job's hardware fence already signalled)
+    returns NO_HANG without putting the job back on the pending list, on a scheduler that
+    leaves that to the driver (before v6.17): free_job never runs for it. v3d's skipped reset
+    before 35e4079bf1a2 "drm/v3d: Add job to pending list if the reset was skipped"."""
+    KILL_SKIPS_SCHEDULED = "kill-skips-scheduled"
+    """Killing an entity signals each queued job's finished fence but not its scheduled one:
+    drm_sched_entity_kill_jobs_work() before 471db2c2d4f8 "drm/scheduler: signal scheduled
+    fence when kill job"."""
+    KILL_SKIPS_DEPS = "kill-skips-deps"
+    """Killing an entity finishes its queued jobs without waiting for their dependencies:
+    drm_sched_entity_kill_jobs_cb() before 0b10ab80695d "drm/sched: Avoid data
+    corruptions"."""
+    DEP_ERROR_DOUBLE_PUT = "dep-error-double-put"
+    """When drm_sched_job_add_dependency() fails (the dependency table cannot grow) the resv
+    walk puts the fence again, though the failed call already consumed that reference:
+    drm_sched_job_add_resv_dependencies() before 5801e65206b0 "drm/sched: Fix potential
+    double free in drm_sched_job_add_resv_dependencies"."""
     # end of drm_sched and reset paths
     # The VM_BIND flavour's mutants (drm_gpuvm, VM_BIND, the per-VM shrinker)
     BIND_ALLOCATES_PT = "bind-allocates-pt"
@@ -135,17 +157,19 @@ class Mutant(Enum):
     (panthor_vm_op_ctx_prealloc_pts() left out): the bind job allocates them with GFP_KERNEL in
     its run_job, in the fence signalling path, under the VM's ``op_lock``, which reclaim takes
     too. Caught by ``lockdep``: fs_reclaim taken under ``&vm->op_lock`` against the
-    dma_fence_map annotation of the signalling path (an ``inversion`` report)."""
+    dma_fence_map annotation of the signalling path (an ``inversion`` report); under memory
+    pressure the allocation can also fail there, the bind is lost, and a later job faults on
+    the range (``gpu-fault``)."""
     FENCE_VM_RESV_ONLY = "fence-vm-resv-only"
     """The exec adds its job fence to the VM's resv only (a dma_resv_add_fence() on
     drm_gpuvm_resv() where drm_gpuvm_resv_add_fence() is needed): the VM-private BOs are
     covered, the external BOs the job uses look idle, and reclaim evicts one under the running
     job. Caught by ``gpu-fault`` (the job reaches the unmapped range) or ``content``."""
     VALIDATE_SKIPS_OTHER_VM = "validate-skips-other-vm"
-    """vm_bo_validate() skips a vm_bo whose BO is already resident, swapped in by another
-    VM's exec after an eviction, and only clears its ``evicted`` flag: this VM's mappings of
-    it keep no PTEs (panthor_vm_restore_vmas() not run). Caught by ``gpu-fault``: the next job
-    on this VM faults on a VA it has bound."""
+    """vm_bo_validate() skips a vm_bo whose BO is already resident again (swapped in by
+    another VM's exec, or by a CPU fault, after an eviction) and only clears its ``evicted``
+    flag: this VM's mappings of it keep no PTEs (panthor_vm_restore_vmas() not run). Caught by
+    ``gpu-fault``: the next job on this VM faults on a VA it has bound."""
     EVICT_MARKS_ONE_VM = "evict-marks-one-vm"
     """Reclaim evicts a BO mapped in several VMs after marking it evicted and clearing its
     PTEs in one VM only (drm_gpuvm_bo_evict() on one vm_bo where drm_gpuvm_bo_gem_evict()
@@ -156,7 +180,9 @@ class Mutant(Enum):
     """drm_sched_job_arm() and drm_gpuvm_resv_add_fence() before drm_gpuvm_validate(): the
     swap-in of an evicted BO allocates frames inside the signalling section the published
     fence opened. Caught by ``signalling`` (a reclaimable allocation inside a dma_fence
-    signalling critical section)."""
+    signalling critical section) once lockdep knows fs_reclaim -> dma_fence_map, or by
+    ``kernel-warning`` when the validation fails after arm (the armed job is never pushed and
+    the entity's next push is out of arm order)."""
     GPUVM_FENCE_AFTER_UNLOCK = "gpuvm-fence-after-unlock"
     """Push and drm_gpuvm_exec_unlock() first, drm_gpuvm_resv_add_fence() afterwards under a
     new lock: in between, the BOs the job uses look idle and reclaim evicts them under it.
@@ -415,7 +441,12 @@ class GemuSchedOps(drm_sched.DrmSchedBackendOps):
 
     def timedout_job(self, job: GemuJob) -> drm_sched.DrmGpuSchedStat:
         """Kernel: panfrost_job_timedout() — reset the GPU, resubmit the innocent jobs."""
-        return self.drv.recover(job)
+        status = self.drv.recover(job)
+        if self.drv.mutant is Mutant.TDR_FREES_JOB and status == drm_sched.DrmGpuSchedStat.RESET:
+            # xe's guc_exec_queue_timedout_job() before 82926f52d7a0 ("drm/xe: Don't free job
+            # in TDR") freed the job here; only drm_sched's free_job may
+            self.free_job(job)
+        return status
 
     def free_job(self, job: GemuJob) -> None:
         """Kernel: panfrost_job_free()."""

@@ -59,6 +59,24 @@ def _arm(job: GemuJob) -> None:
     job.fence = dma_fence.get(job.s_fence.finished)
 
 
+def _add_fence_relocking(vm: GemuVm, job: GemuJob) -> None:
+    """The ``gpuvm-fence-after-unlock`` mutant: lock each object again, the VM's resv first
+    (which protects the extobj list), to add the fence, too late."""
+    objs = [vm.r_obj]
+    dma_resv.lock(drm_gpuvm.resv(vm), None)
+    try:
+        objs += [vm_bo.obj for vm_bo in vm.extobj]
+    finally:
+        dma_resv.unlock(drm_gpuvm.resv(vm))
+    for obj in objs:
+        dma_resv.lock(obj.resv, None)
+        try:
+            dma_resv.reserve_fences(obj.resv, 1)
+            dma_resv.add_fence(obj.resv, job.fence, DmaResvUsage.BOOKKEEP)
+        finally:
+            dma_resv.unlock(obj.resv)
+
+
 def _add_fence(vm: GemuVm, vm_exec: DrmGpuvmExec, job: GemuJob, mutant: Mutant) -> None:
     """drm_gpuvm_exec_resv_add_fence(): BOOKKEEP on the VM's resv and every external BO.
 
@@ -194,9 +212,7 @@ def submit(
         if mutant is Mutant.GPUVM_FENCE_AFTER_UNLOCK:
             for hook in drv.hooks.after_unlock:  # the window this order opens (tests)
                 hook(job)
-            with DrmGpuvmExec(vm, 0, num_fences=1) as relock:
-                drm_gpuvm.exec_lock(relock)
-                _add_fence(vm, relock, job, mutant)
+            _add_fence_relocking(vm, job)
     except BaseException:
         if not armed or mutant is Mutant.GPUVM_ARM_BEFORE_VALIDATE:
             # the mutant abandons an armed job as if it had not been armed: drm_sched's

@@ -14,14 +14,19 @@ submitting task has a VM of its own with
 
 Each task runs a plan of ``jobs`` operations drawn from the seed (:func:`make_plan`):
 ``copy`` (an exec copying a shared BO into a private one), ``fill`` (an exec filling a private
-BO), ``crc`` (an exec checksumming a shared BO into a private one), ``rebind`` (unbind a
+BO), ``crc`` (an exec checksumming a shared BO into a private one); half the copies and
+checksums are *held*: the job first waits on the GPU for the task's semaphore (a private BO
+the CPU writes ``HOLD_NS`` of virtual time after the submit), so it stays on the GPU while
+the others bind, submit and reclaim; ``rebind`` (unbind a
 private BO's mapping after the task's last job and bind it again at the other VA: sm_unmap +
 sm_map), ``split`` (unbind the second page of a private mapping and bind it back: a REMAP
 that keeps ``prev``, then a MAP beside it), and ``enomem`` (an exec whose first page
 allocation fails, as ``fail-nth`` makes it: it must fail before the point of no return and
 the retry succeed). Every exec names only the VM and takes the task's last bind out-fence as
 its in-fence; an unbind takes the task's last job's out-fence. A ``hog`` task takes and gives
-back frames below the watermarks (waking kswapd, reclaiming directly) ``reclaims`` times.
+back frames below the watermarks (waking kswapd, reclaiming directly) ``reclaims - 1`` times,
+then reclaims as much as RAM holds: the shared BOs, on the LRU scanned last, go too. The
+set-up (boot, BOs, binds) and the teardown are quiet (``Scenario.quiet_setup``).
 ``gpuvm-small`` has a fixed plan (``bind-exec-reclaim``): task 0 copies and checksums the
 shared BO, task 1 rebinds its private BO and fills it, against one round of the hog.
 
@@ -48,6 +53,7 @@ import random
 import zlib
 
 from gemu.device.abi import packets as pk
+from gemu.device.abi.enums import WaitFunc
 from gemu.guest.drm import drm_gpuvm, gem_lru
 from gemu.guest.errors import Enomem, KernelError
 from gemu.guest.gemu_drv.vm_bind import GemuVm, VmBindDriver, VmBindFile
@@ -55,6 +61,9 @@ from gemu.guest.kernel import runtime
 from gemu.host.explore.scenario import PAGE, Scenario, _pattern, _Run
 
 CMD_VA = 0x10_0000
+SEM_VA = 0x0800_0000
+HOLD_NS = 50_000
+"""How long a task keeps a held job waiting on its semaphore (virtual time)."""
 SHARED_VA = 0x4000_0000
 PRIVATE_VA = 0x2000_0000
 OTHER_VA = 0x0100_0000
@@ -67,7 +76,7 @@ def make_plan(sc: Scenario, seed: int) -> list[list[tuple]]:
     """Each task's operations (independent of the interleaving)."""
     if sc.plan == "bind-exec-reclaim":
         return [
-            [("copy", 0, 0, False), ("crc", 0, 0, False)],
+            [("copy", 0, 0, False, False), ("crc", 0, 0, False, False)],
             [("rebind", 0, False), ("fill", 0, 0x5A5A0001, False)],
         ][: sc.tasks]
     if sc.plan:
@@ -80,12 +89,13 @@ def make_plan(sc: Scenario, seed: int) -> list[list[tuple]]:
             r = rng.random()
             wait = rng.random() < 0.3
             p = rng.randrange(sc.private_bos)
+            held = rng.random() < 0.5
             if r < 0.25:
-                ops.append(("copy", rng.randrange(sc.shared_bos), p, wait))
+                ops.append(("copy", rng.randrange(sc.shared_bos), p, held, wait))
             elif r < 0.45:
                 ops.append(("fill", p, rng.randrange(1, 1 << 32), wait))
             elif r < 0.6:
-                ops.append(("crc", rng.randrange(sc.shared_bos), p, wait))
+                ops.append(("crc", rng.randrange(sc.shared_bos), p, held, wait))
             elif r < 0.75:
                 ops.append(("rebind", p, wait))
             elif r < 0.87 and sc.bo_pages > 1:
@@ -105,6 +115,8 @@ class _Task:
         self.cmd = 0
         self.cmd_pages = 0
         self.cmd_next = 0
+        self.sem = 0
+        self.sem_value = 0
         self.private: list[list] = []  # [handle, va, ref bytearray]
         self.last_bind = None
         self.last_job = None
@@ -205,6 +217,9 @@ class GpuvmRun(_Run):
                 va = self._private_va(p, 0)
                 setup.append(f.map(task.vm, va, size, h))
                 task.private.append([h, va, bytearray(data)])
+            task.sem = f.bo_create(PAGE, vm_id=task.vm, name=f"t{t}sem")
+            f.write(task.sem, 0, bytes(4))
+            setup.append(f.map(task.vm, SEM_VA, PAGE, task.sem))
             task.cmd_pages = max(2, len(self.plans[t]) + 1)
             task.cmd = f.bo_create(task.cmd_pages * PAGE, vm_id=task.vm, name=f"t{t}cmd")
             setup.append(f.map(task.vm, CMD_VA, task.cmd_pages * PAGE, task.cmd))
@@ -229,6 +244,24 @@ class GpuvmRun(_Run):
     def _private_va(self, p: int, gen: int) -> int:
         return PRIVATE_VA + p * 0x10_0000 + (gen % 2) * OTHER_VA
 
+    def hog(self) -> None:
+        """The memory hog of :meth:`_Run.hog`, whose last round reclaims as much as RAM holds
+        (what a large allocation under pressure asks of the shrinkers): the BOs mapped in
+        several VMs, scanned last, go too."""
+        n = self.sc.bo_pages * 2
+        for r in range(self.sc.reclaims):
+            if r == self.sc.reclaims - 1:
+                self.allocator.direct_reclaim(self.sc.ram_pages)
+                continue
+            try:
+                pfns = self.allocator.alloc_pages(n)
+            except KernelError:
+                self.allocator.direct_reclaim(n)
+                continue
+            runtime.sleep_ns(20_000)
+            self.allocator.free_pages(pfns)
+            runtime.sleep_ns(20_000)
+
     # -- the submitters --------------------------------------------------------------------
     def submitter(self, t: int) -> None:
         task = self.tasks[t]
@@ -250,6 +283,7 @@ class GpuvmRun(_Run):
 
     def _job(self, task: _Task, op: tuple, size: int, what: str) -> None:
         kind = op[0]
+        held = kind in ("copy", "crc") and op[3]
         if kind == "copy":
             s, p = op[1], op[2]
             _h, va, ref = task.private[p]
@@ -265,6 +299,9 @@ class GpuvmRun(_Run):
             _h, va, ref = task.private[p]
             cmd = pk.fill(va, size, value)
             ref[:] = value.to_bytes(4, "little") * (size // 4)
+        if held:  # the GPU waits for the task's semaphore first: the job stays on the GPU
+            task.sem_value += 1
+            cmd = pk.wait_mem(SEM_VA, task.sem_value, function=WaitFunc.GE) + cmd
         if task.cmd_next == task.cmd_pages:  # every command page used: wait, start over
             self._wait_pending(task)
             task.cmd_next = 0
@@ -297,6 +334,15 @@ class GpuvmRun(_Run):
         self.fences.append((what, fence))
         task.pending.append((what, fence))
         task.last_job = fence
+        if held:
+            runtime.sleep_ns(HOLD_NS)
+            value = task.sem_value.to_bytes(4, "little")
+
+            def release():
+                f.write(task.sem, 0, value)
+                return True
+
+            self._retry(release, f"{what}: semaphore")
 
     def _rebind(self, task: _Task, p: int, what: str) -> None:
         """Unbind the private BO once the task's jobs are done with it, bind it at its other

@@ -164,6 +164,7 @@ SCENARIOS = {
         free_frames=6,
         reclaims=3,
         madvise=False,
+        quiet_setup=True,
         flavour="vm-bind",
     ),
     # built for --strategy exhaustive: a task rebinding its BO against a task executing on
@@ -348,7 +349,8 @@ class _Run:
         dma_fence._context_counter = itertools.count(1)
         lockdep.set_implicit_signalling(self.cfg.strict_signalling)
         self.ram = bytearray(sc.ram_pages * PAGE)
-        self.bus = InprocBus(self.ram)
+        rt = runtime.current_runtime()
+        self.bus = InprocBus(self.ram, track=getattr(rt, "recorder", None) is not None)
         self.gpu_task = runtime.spawn(self.bus.device_task, name="gpu")
         self.allocator = PageAllocator(
             PhysMem(self.ram), reserved_frames=1, watermarks=(2, 4, 8), poison_on_free=True
@@ -366,8 +368,33 @@ class _Run:
             timeout_ns=sc.job_timeout_ns or DEFAULT_TIMEOUT_NS,
         )
         self.drv.probe()
+        self.bus.owner_of = self._frame_owners
         self._watch_lrus()
         self.allocator.start_kswapd()
+
+    def _frame_owners(self, pfns: set[int]) -> set[str]:
+        """The objects whose locks guard the frames ``pfns`` (for a search: what a GPU step
+        worked on): a BO's frames its reservation lock, a VM's page tables its page-table
+        lock, the ring and the fence page the ring lock; any other frame (free, or the
+        allocator's) ``mm``."""
+        owner: dict[int, str] = {}
+        drv = self.drv
+        for obj in drv.bos:
+            pages = obj.pages
+            if pages:
+                name = obj.resv.lock.name
+                for pfn in pages:
+                    owner[pfn] = name
+        for f in drv.files:
+            vm = f.vm
+            for pa in vm._tables.values():
+                owner[pa >> 12] = vm.lock.name
+        gpu = drv.gpu
+        ring = gpu.lock.name
+        for i in range(gpu.ring_pages):
+            owner[(gpu.ring_pa >> 12) + i] = ring
+        owner[gpu.fence_pa >> 12] = ring
+        return {owner.get(pfn, "mm") for pfn in pfns}
 
     def _watch_frees(self) -> None:
         """Check every freed frame against the GPU page tables (a KASAN for the GPU)."""

@@ -65,11 +65,11 @@ EXPECTED = {
     "reset-allocates": {"signalling"},
     "madvise-list-add": {"lru"},
     # the VM_BIND flavour's, on the gpuvm scenario (tests/unit/host/test_explore_gpuvm.py)
-    "bind-allocates-pt": {"lockdep", "signalling"},
+    "bind-allocates-pt": {"lockdep", "signalling", "gpu-fault"},
     "fence-vm-resv-only": {"gpu-fault", "content", "mapped-free"},
     "validate-skips-other-vm": {"gpu-fault", "content"},
     "evict-marks-one-vm": {"mapped-free", "gpu-fault", "content"},
-    "gpuvm-fence-before-validate": {"signalling"},
+    "gpuvm-fence-before-validate": {"signalling", "kernel-warning"},
     "gpuvm-fence-after-unlock": {"gpu-fault", "content", "mapped-free", "kernel-warning"},
     "gpuvm-arm-before-validate": {"kernel-warning"},
 }
