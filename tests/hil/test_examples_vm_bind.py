@@ -104,3 +104,38 @@ def test_a_vm_bind_command_on_a_per_bo_machine_names_the_mode(tmp_path):
     ok = tmp_path / "ok.job"
     ok.write_text("v = vm create\nexpect error EOPNOTSUPP\n")
     assert gemu("run", "-q", str(ok)).returncode == 0
+
+
+def test_console_of_a_vm_bind_machine():
+    """gemu boot --driver-mode vm-bind: the console takes the VM_BIND commands, help marks
+    each command's mode, info vms shows a partial unbind, and a clean session exits 0."""
+    lines = (
+        "help\n"
+        "v = vm create\n"
+        "x = bo 16K\n"
+        "fill x 7\n"
+        "b = bind v 0x200000 x\n"
+        "u = unbind v 0x201000 4K after b\n"
+        "wait b u\n"
+        "expect crc v 0x202000 8K == x+0x2000\n"
+        "info vms\n"
+        "poweroff\n"
+    )
+    proc = subprocess.run(
+        [*gemu_executable(), "boot", "-m", "16M", "--driver-mode", "vm-bind"],
+        input=lines,
+        capture_output=True,
+        text=True,
+        timeout=T,
+        cwd=ROOT,
+    )
+    out = proc.stdout
+    assert proc.returncode == 0, out + proc.stderr
+    assert "gemu0: driver mode vm-bind" in out
+    assert (
+        "[NAME =] bind VM VA BO [OFFSET [SIZE]] [ro] [after FENCE...]  [driver mode vm-bind]" in out
+    )
+    assert "[NAME =] submit KIND ARGS... [after FENCE...]  [driver mode per-bo]" in out
+    assert "0x000000200000     4 KiB x+0x0 rwx" in out
+    assert "0x000000202000     8 KiB x+0x2000 rwx" in out
+    assert "1 checks passed, 0 failed" in out
