@@ -585,9 +585,10 @@ class VmBindDriver:
     def cpu_access(self, rec: VmBindBo, offset: int, size: int, data: bytes | None) -> bytes:
         """Read (``data`` None) or write a BO through its CPU mapping.
 
-        Kernel: panthor_gem_fault() behind the mmap: under the BO's resv an evicted BO is
-        swapped in (VM_FAULT_OOM when that fails) and, the pages being back,
-        panthor_gem_update_reclaim_state_locked() puts it on the LRU of its state again. The
+        Kernel: panthor_gem_fault() behind the mmap, its blocking_page_setup(): under the
+        BO's resv the pages come back (panthor_gem_backing_get_pages_locked(); VM_FAULT_OOM
+        here when that fails) and, under the gpuva lock,
+        panthor_gem_update_reclaim_state_locked() puts the BO on the LRU of its state again. The
         shmem helper's fault (drm_gem_shmem_fault) knows nothing of the flavour's LRUs: a BO
         it swapped in would stay UNRECLAIMABLE on no LRU, and once a few were read back the
         shrinker would count nothing and the next swap-in would be OOM. The copy runs with
