@@ -1728,6 +1728,17 @@ class Shell:
 
     def _info_objects(self) -> None:
         q = query.objects(self.m, self)
+        if self.mode == "vm-bind":  # a BO is bound at any number of VAs: see info vms
+            self.say(
+                f"{'name':<12} {'handle':>6} {'size':>9} {'state':<9} reclaim state         VM"
+            )
+            for o in q["objects"]:
+                self.say(
+                    f"{o['name']:<12} {o['handle']:>6} {format_size(o['size']):>9} "
+                    f"{o['state']:<9} {o['reclaim_state']:<21} {o['private_vm'] or 'external'}"
+                )
+            self.say(f"{q['gem_objects']} GEM objects (the driver's own included)")
+            return
         self.say(f"{'name':<12} {'handle':>6} {'size':>9} {'state':<9} use pin madv  GPU VA")
         for o in q["objects"]:
             va = f"{o['va']:#x}" if o["va"] is not None else "-"
@@ -1745,7 +1756,7 @@ class Shell:
             return
         if "lru_unused_pages" in s:  # the VM_BIND flavour's per-VM shrinker
             self.say(
-                f"LRU pages: unused {s['lru_unused_pages']}, private (per VM) "
+                f"LRU pages: unused {s['lru_unused_pages']}, mapped in one VM "
                 f"{s['lru_private_pages']}, shared {s['lru_shared_pages']}"
             )
             for k in ("scans", "evicted", "last_scan"):
