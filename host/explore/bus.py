@@ -28,6 +28,7 @@ the runtime instead of on a socket::
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 
 from gemu.device.abi import regs
 from gemu.device.abi.client import IrqEvent
@@ -42,12 +43,70 @@ WAIT_POLL_NS = 20_000
 """How often a WAIT_MEM-blocked command processor looks at memory again."""
 
 
-class InprocBus:
-    """The driver's register bus over an in-process, stepped :class:`Gpu`."""
+class TrackedMemory(MappedMemory):
+    """Guest memory that notes the frames (page frame numbers) every access touches, for a
+    systematic search: which objects a GPU step worked on."""
 
-    def __init__(self, ram, *, packets_per_step: int = 2, step_ns: int = STEP_NS) -> None:
+    def __init__(self, buffer, frames: set[int]) -> None:
+        super().__init__(buffer)
+        self.frames = frames
+
+    def _touch(self, pa: int, n: int) -> None:
+        if n > 0:
+            self.frames.update(range(pa >> 12, ((pa + n - 1) >> 12) + 1))
+
+    def read(self, pa: int, n: int) -> bytes:
+        self._touch(pa, n)
+        return super().read(pa, n)
+
+    def write(self, pa: int, data) -> None:
+        self._touch(pa, len(data) if not isinstance(data, memoryview) else data.nbytes)
+        super().write(pa, data)
+
+    def view(self, pa: int, n: int) -> memoryview:
+        self._touch(pa, n)
+        return super().view(pa, n)
+
+    def read_u32(self, pa: int) -> int:
+        self._touch(pa, 4)
+        return super().read_u32(pa)
+
+    def write_u32(self, pa: int, value: int) -> None:
+        self._touch(pa, 4)
+        super().write_u32(pa, value)
+
+    def read_u64(self, pa: int) -> int:
+        self._touch(pa, 8)
+        return super().read_u64(pa)
+
+    def write_u64(self, pa: int, value: int) -> None:
+        self._touch(pa, 8)
+        super().write_u64(pa, value)
+
+    def copy(self, src_pa: int, dst_pa: int, n: int) -> None:
+        self._touch(src_pa, n)
+        self._touch(dst_pa, n)
+        super().copy(src_pa, dst_pa, n)
+
+
+class InprocBus:
+    """The driver's register bus over an in-process, stepped :class:`Gpu`.
+
+    With ``track`` (a systematic search records the run), the GPU's memory is a
+    :class:`TrackedMemory`, and each device step adds to the GPU task's transition the
+    objects owning the frames it touched, as ``owner_of`` (set by the machine once its driver
+    exists) names them; without ``owner_of`` a step that touched memory depends on every
+    other step."""
+
+    def __init__(
+        self, ram, *, packets_per_step: int = 2, step_ns: int = STEP_NS, track: bool = False
+    ) -> None:
         self.gpu = Gpu(stepped=True)
-        self.gpu.attach_memory(MappedMemory(ram))
+        self.frames: set[int] | None = set() if track else None
+        self.owner_of: Callable[[set[int]], set[str]] | None = None
+        self.gpu.attach_memory(
+            TrackedMemory(ram, self.frames) if self.frames is not None else MappedMemory(ram)
+        )
         self.gpu.on_irq = self._on_irq
         self.packets_per_step = packets_per_step
         self.step_ns = step_ns
@@ -69,7 +128,18 @@ class InprocBus:
 
     def writel(self, offset: int, value: int) -> None:
         self.gpu.mmio_write(offset, value)
+        if self.frames:  # a register write that made the device touch memory
+            self._note_frames()
         self.work_wq.wake_up_all()
+
+    def _note_frames(self) -> None:
+        """Add the owners of the frames touched since the last note to the current task's
+        transition (a search's recorder reads them), and forget the frames."""
+        touched = runtime.current()._touched
+        if touched is not None:
+            owner_of = self.owner_of
+            touched.update(owner_of(self.frames) if owner_of is not None else ("*",))
+        self.frames.clear()
 
     writel_posted = writel
 
@@ -113,6 +183,8 @@ class InprocBus:
             if self._stop:
                 return
             executed, _state, _now = gpu.step(self.packets_per_step, self.step_ns)
+            if self.frames:
+                self._note_frames()
             self.steps += 1
             self.packets += executed
             runtime.advance(self.step_ns)

@@ -100,23 +100,6 @@ def object_key(on: object) -> str:
     return name if isinstance(name, str) else GLOBAL
 
 
-MEMORY = "memory"
-"""What the GPU's steps share with every step on an object whose data lives in guest RAM."""
-
-_IN_MEMORY = ("mm", "dma_resv")
-_IN_MEMORY_SUFFIXES = (".pgtable", ".as_lock", ".ring", ".cmdpool", "shmem_mm")
-
-
-def _in_memory(obj: str) -> bool:
-    """Whether the GPU may read or write what ``obj`` guards: a BO (its reservation lock
-    ``boN``), page tables, the ring and command pool, the page allocator and swap."""
-    return (
-        obj in _IN_MEMORY
-        or obj.endswith(_IN_MEMORY_SUFFIXES)
-        or (obj.startswith("bo") and obj[2:].isdigit())
-    )
-
-
 def footprint_of(label: str, on: object = None) -> str:
     """The object a step starting at preemption point ``label`` works on (:data:`GLOBAL`
     when the label does not say); ``on`` is the object the point named, if it did.
@@ -124,7 +107,8 @@ def footprint_of(label: str, on: object = None) -> str:
     Two labels name objects of their own: a task's first step (``start``) and a parent's
     step after starting a task (``spawn NAME``) work on nothing shared the label names
     (what they lock or wake is in the step's other objects); the GPU task's steps
-    (``advance``) execute packets: the GPU, and guest memory (:data:`MEMORY`)."""
+    (``advance``) on the GPU, and on the objects owning the guest memory they touched
+    (which the explore bus adds: :class:`~gemu.host.explore.bus.InprocBus`)."""
     if on is not None:
         return object_key(on)
     op, _, rest = label.partition(" ")
@@ -152,6 +136,7 @@ class _Step:
     tid: int
     objs: frozenset[str]  # contains GLOBAL when dependent with every step
     node: int | None  # the decision that let it run (None: no choice there)
+    label: str = ""  # the preemption point it started from
 
 
 class _Point:
@@ -238,13 +223,11 @@ class _Run:
                 self._objects[key] = obj
         touched = task._touched
         objs = {obj, *touched} if touched else {obj}
-        if obj == "gpu" or any(_in_memory(o) for o in objs):
-            objs.add(MEMORY)
         if obj == "start ":
             objs.discard(obj)
             objs.add(f"start {task.tid}")
         objs = frozenset(objs)
-        self.steps.append(_Step(task.tid, objs, getattr(task, "_node", None)))
+        self.steps.append(_Step(task.tid, objs, getattr(task, "_node", None), label))
         task._node = None
         task._on = task._next_on
         task._next_on = None
@@ -320,6 +303,33 @@ def races(steps: list[_Step]) -> list[tuple[int, int]]:
             for o in st.objs:
                 last_of[o] = j
     return out
+
+
+def _enablers(steps: list[_Step], i: int, j: int, runnable: tuple[int, ...]) -> set[int]:
+    """Tasks among ``runnable`` (the decision before step ``i``) whose running first can let
+    the task of step ``j``, blocked there, run before step ``i``: the task whose step woke it
+    (the last step before its wake-up that touched the queue it slept on), or that task's
+    own waker, and so on; none when step ``i`` is the one that woke it. Every runnable task
+    when the chain ends elsewhere (a timeout, a task not yet started)."""
+    tid = steps[j].tid
+    end = j
+    for _depth in range(8):
+        m = next((k for k in range(i + 1, end + 1) if steps[k].tid == tid), None)
+        if m is None or not steps[m].label.startswith("wake "):
+            break
+        wq = steps[m].label[5:]
+        waker = next(
+            (k for k in range(m - 1, i - 1, -1) if steps[k].tid != tid and wq in steps[k].objs),
+            None,
+        )
+        if waker == i:
+            return set()  # step i itself let it run: nothing can run it earlier from here
+        if waker is None:
+            break
+        tid, end = steps[waker].tid, waker
+        if tid in runnable:
+            return {tid}
+    return set(runnable)
 
 
 def dependent(a: frozenset[str], b: frozenset[str]) -> bool:
@@ -500,16 +510,14 @@ class BoundedSearch:
             while k > 0 and steps[k - 1].tid == steps[i].tid:
                 k -= 1
             nodes.add(steps[k].node)
-            if k > 0:  # the switch into that run: the decision after the previous task's step
-                nodes.add(steps[k - 1].node)
             for n in nodes:
                 if n is None or n >= len(path):
                     continue
                 p = path[n]
-                # A task that could not run there was blocked (or not yet spawned): what
-                # let it run is a step dependent with its wait, a race of its own.
                 if tid in p.runnable:
                     p.backtrack.add(tid)
+                else:
+                    p.backtrack.update(_enablers(steps, i, j, p.runnable))
 
     @staticmethod
     def _sleep_sets(path: list[_Point], one: _Run) -> None:
@@ -646,7 +654,6 @@ def outcome(res: ScheduleResult) -> tuple:
 
 __all__ = [
     "GLOBAL",
-    "MEMORY",
     "BoundedSearch",
     "SearchResult",
     "dependent",
