@@ -46,6 +46,8 @@ Documentation/locking/ww-mutex-design.rst.
 
 from __future__ import annotations
 
+import threading
+
 from gemu.guest.errors import Ealready, Edeadlk, Eintr, Erestartsys
 from gemu.guest.kernel import trace
 from gemu.guest.kernel.runtime import Task, WaitQueue, current, preempt
@@ -150,6 +152,11 @@ class WwMutex:
 
     ``owner`` is the holding task, ``ctx`` the holding context (None when held without one);
     both are None exactly when the mutex is free.
+
+    ``wq`` (the wait queue) and ``waiters`` are made the first time a task has to wait: every
+    GEM object has a reservation lock, most are never contended, and a wait queue costs about
+    280 bytes. Until then ``wq`` is None, ``waiters`` an empty tuple, and ``owner``/``ctx``
+    change under the module's ``_UNCONTENDED`` lock; once ``wq`` exists, under ``wq.lock``.
     """
 
     __slots__ = ("ctx", "name", "owner", "waiters", "wq", "ww_class")
@@ -159,8 +166,8 @@ class WwMutex:
         self.name = name
         self.owner: Task | None = None
         self.ctx: WwAcquireCtx | None = None
-        self.waiters: list[_Waiter] = []
-        self.wq = WaitQueue(name)
+        self.waiters: list[_Waiter] | tuple[()] = ()
+        self.wq: WaitQueue | None = None
 
     def __repr__(self) -> str:
         owner = self.owner.name if self.owner else None
@@ -178,6 +185,22 @@ class WwMutex:
 
 def _misuse(message: str) -> None:
     lockdep.report("ww-misuse", message)
+
+
+_UNCONTENDED = threading.Lock()
+"""Guards ``owner``/``ctx`` of the mutexes that never had a waiter (``wq`` is None), and the
+making of a mutex's wait queue: a task that finds ``wq`` None under it may change the owner
+without ``wq.lock``, because no waiter can exist yet."""
+
+
+def _wait_queue(lock: WwMutex) -> WaitQueue:
+    """The mutex's wait queue, made on first use (a task is about to wait on it)."""
+    with _UNCONTENDED:
+        wq = lock.wq
+        if wq is None:
+            lock.waiters = []
+            wq = lock.wq = WaitQueue(lock.name)
+    return wq
 
 
 def acquire_init(ww_class: WwClass, inject_deadlk: float | None = None) -> WwAcquireCtx:
@@ -313,7 +336,12 @@ def _lock(lock: WwMutex, ctx: WwAcquireCtx | None, interruptible: bool, op: str)
 
 
 def _acquire(lock: WwMutex, task: Task, ctx: WwAcquireCtx | None, interruptible: bool) -> None:
-    wq = lock.wq
+    if lock.wq is None:
+        with _UNCONTENDED:
+            if lock.wq is None and lock.owner is None:
+                _take(lock, task, ctx)  # no wait queue, so nobody waits: nothing to wake
+                return
+    wq = _wait_queue(lock)
     with wq.lock:
         if lock.owner is None:
             _take(lock, task, ctx)
@@ -432,10 +460,18 @@ def trylock(lock: WwMutex, ctx: WwAcquireCtx | None = None) -> bool:
         if ctx.acquired == 0:
             ctx.wounded = False
     wq = lock.wq
-    with wq.lock:
-        if lock.owner is not None:
-            return False
-        _take(lock, task, ctx)
+    if wq is None:
+        with _UNCONTENDED:
+            wq = lock.wq
+            if wq is None:
+                if lock.owner is not None:
+                    return False
+                _take(lock, task, ctx)
+    if wq is not None:
+        with wq.lock:
+            if lock.owner is not None:
+                return False
+            _take(lock, task, ctx)
     lockdep.acquire(lock, lock.ww_class.mutex_class, trylock=True, nest=ctx)
     if ctx is not None and lock.waiters:
         wq.wake_up_all()
@@ -455,16 +491,26 @@ def unlock(lock: WwMutex) -> None:
     if owner is not task:
         _misuse(f"{task.name} unlocks {lock.name} held by {owner.name}")
     wq = lock.wq
-    with wq.lock:
-        ctx = lock.ctx
-        if ctx is not None:
-            ctx.acquired -= 1
-        lock.ctx = None
-        lock.owner = None
+    if wq is None:
+        with _UNCONTENDED:
+            wq = lock.wq
+            if wq is None:
+                _release_owner(lock)
+    if wq is not None:
+        with wq.lock:
+            _release_owner(lock)
     lockdep.release(lock, task=owner)
     if lock.waiters:
         wq.wake_up_all()
     preempt(f"unlock {lock.name}")
+
+
+def _release_owner(lock: WwMutex) -> None:
+    ctx = lock.ctx
+    if ctx is not None:
+        ctx.acquired -= 1
+    lock.ctx = None
+    lock.owner = None
 
 
 def is_locked(lock: WwMutex) -> bool:
