@@ -11,7 +11,14 @@ deterministically:
       clock.advance(1_000)
       assert clock.now_ns() == 1_000
 
-TIMESTAMP and WAIT_MEM timeouts are measured on this clock.
+TIMESTAMP and WAIT_MEM timeouts are measured on this clock. It stops while the command
+processor is held (:meth:`FreeClock.hold`: a debugger or the machine's ``stop`` holds it), so
+time spent looking at a stopped GPU counts against neither a WAIT_MEM's timeout nor the guest
+driver's job timeout, which compares TIMESTAMP with its own clock::
+
+    clock = FreeClock()
+    clock.hold(True)       # gdb stops the CP: now_ns() stands still
+    clock.hold(False)      # gdb continues: time runs on from where it stood
 """
 
 from __future__ import annotations
@@ -26,12 +33,24 @@ class FreeClock:
 
     def __init__(self) -> None:
         self._t0 = time.monotonic_ns()
+        self._held_at: int | None = None  # host time the hold began (None: running)
 
     def now_ns(self) -> int:
-        return time.monotonic_ns() - self._t0
+        held_at = self._held_at
+        return (time.monotonic_ns() if held_at is None else held_at) - self._t0
+
+    def hold(self, held: bool) -> None:
+        """Stop (True) or restart (False) the clock; time held is never counted."""
+        if held and self._held_at is None:
+            self._held_at = time.monotonic_ns()
+        elif not held and self._held_at is not None:
+            self._t0 += time.monotonic_ns() - self._held_at
+            self._held_at = None
 
     def reset(self) -> None:
         self._t0 = time.monotonic_ns()
+        if self._held_at is not None:  # the hold survives a reset, as the CP's does
+            self._held_at = self._t0
 
 
 class SteppedClock:
@@ -44,6 +63,9 @@ class SteppedClock:
 
     def now_ns(self) -> int:
         return self._now
+
+    def hold(self, held: bool) -> None:
+        """Nothing to do: virtual time moves only when the guest steps the device."""
 
     def advance(self, ns: int) -> int:
         """Move time forward by ``ns`` (>= 0) nanoseconds; return the new time."""

@@ -183,7 +183,7 @@ class CommandProcessor:
 
     def __init__(self, gpu: Gpu) -> None:
         self.gpu = gpu
-        self.halted = False  # the debugger's hold: not device state, survives a reset
+        self._halted = False  # the debugger's hold: not device state, survives a reset
         self._hook_pending = False  # the packet at PC was already offered to packet_hook
         self.packets = 0
         self.op_counts = [0] * 256
@@ -228,6 +228,16 @@ class CommandProcessor:
         self._cur_in_ib = False
 
     # --- state ---------------------------------------------------------------------------
+
+    @property
+    def halted(self) -> bool:
+        """Held by the debugger or the machine (HALTED); the device clock stands still then."""
+        return self._halted
+
+    @halted.setter
+    def halted(self, value: bool) -> None:
+        self._halted = value
+        self.gpu.clock.hold(value)
 
     def state(self) -> CpState:
         if self.error:

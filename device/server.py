@@ -57,7 +57,6 @@ from typing import Any
 from gemu.device import transport
 from gemu.device.abi import link, regs
 from gemu.device.abi import protocol as p
-from gemu.device.abi.enums import CpState
 from gemu.device.memory import BusError, InBandMemory, MappedMemory
 
 log = logging.getLogger("gemu.device.server")
@@ -188,7 +187,7 @@ class DeviceServer:
         )
         self._stepped = bool(gpu.clock.stepped)
         self._next_wait_poll = 0.0
-        self._cp_waiting = gpu.cp_state() == CpState.WAITING
+        self._cp_waiting = gpu.cp.waiting is not None
         self._dma_failure: str | None = None  # what the last failed in-band DMA said
         self._serial_retry_at = 0.0
         self._serial_delay = SERIAL_RETRY_S[0]
@@ -427,7 +426,8 @@ class DeviceServer:
             gpu.run(BATCH)
         except Exception:
             log.exception("the command processor raised; the device stays up")
-        self._cp_waiting = gpu.cp_state() == CpState.WAITING
+        # a WAIT_MEM held by a debugger (HALTED) still waits: it is polled again once released
+        self._cp_waiting = gpu.cp.waiting is not None
         self.counters["batches"] += 1
         if self._cp_observers:
             self._observe_cp()
@@ -1007,7 +1007,7 @@ class DeviceServer:
     def _set_stepped(self, stepped: bool) -> None:
         self.gpu.set_stepped(stepped)
         self._stepped = stepped
-        self._cp_waiting = self.gpu.cp_state() == CpState.WAITING
+        self._cp_waiting = self.gpu.cp.waiting is not None
 
     def _memory_request(self, command: p.Command, space: int, size: int) -> None:
         if self._mem is None:

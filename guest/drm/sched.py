@@ -822,6 +822,16 @@ def _worker(sched: DrmGpuScheduler) -> None:
         _run_one(sched)
 
 
+def resume_timeout(sched: DrmGpuScheduler, remaining_ns: int) -> None:
+    """Re-arm the job timeout with ``remaining_ns`` left instead of a whole timeout; from a
+    ``timedout_job`` that returns NO_HANG, the timer then fires once that time is up.
+
+    Kernel: drm_sched_resume_timeout() [drivers/gpu/drm/scheduler/sched_main.c]
+    """
+    with sched.job_list_lock:
+        sched._tdr_deadline = runtime.now_ns() + max(0, remaining_ns)
+
+
 def _entity_wakeup(entity: DrmSchedEntity) -> None:
     dep, entity.dependency = entity.dependency, None
     dma_fence.put(dep)

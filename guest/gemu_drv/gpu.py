@@ -213,6 +213,7 @@ class GemuGpu:
         self._stop = False
         self._fault_pending: dict[int, GpuFault] = {}
         self.probed = False
+        self.clock_anchor: tuple[int, int] | None = None  # (guest ns, TIMESTAMP) read together
 
     # -- probe / remove --------------------------------------------------------------------
     def probe(self) -> None:
@@ -281,6 +282,15 @@ class GemuGpu:
             code = regs.CP_ERROR.field("CODE").ex(self.bus.readl(regs.CP_ERROR.offset))
             raise Enodev(msg=f"{self.name}: CP did not start ({CpState(state).name}, {code})")
         self.mmu.reset()
+        if not runtime.current_runtime().deterministic:
+            # the device clock stops while a debugger holds the GPU; comparing it with ours
+            # tells a job's timeout how much of its time the GPU really ran
+            self.clock_anchor = self.device_clock()
+
+    def device_clock(self) -> tuple[int, int]:
+        """The guest clock and the device's TIMESTAMP, read together (nanoseconds)."""
+        lo, hi = self.bus.readl_many(regs.TIMESTAMP_LO.offset, 2)
+        return runtime.now_ns(), lo | (hi << 32)
 
     def remove(self) -> None:
         """Stop the interrupt task, fail what is still pending, free the ring. Kernel:

@@ -60,6 +60,7 @@ FENCE_WRITE = vgem_fence.VGEM_FENCE_WRITE
 DEFAULT_TIMEOUT_NS = 2_000_000_000
 """Job timeout before a hang is declared: panfrost's 500 ms, times four for an emulated GPU
 that shares the host's cores with everything else."""
+HOLD_SLACK_NS = 1_000_000  # guest and device clocks read apart by up to a round trip
 CMD_POOL_SIZE = 256 << 10
 SCHED_LOCK_CLASS = LockClass("gemu_file.sched_lock")
 """Lock class of every file's submit lock (arm + add fences + push run under it)."""
@@ -245,6 +246,8 @@ class GemuDriver:
         self.mutant = Mutant.NONE
         self.cmd_pool_size = cmd_pool_size
         self.timeout_ns = timeout_ns
+        self._tdr_job: GemuJob | None = None  # the job whose GPU time _tdr_left counts
+        self._tdr_left = 0
         self.hooks = SubmitHooks()
         self.sched: drm_sched.DrmGpuScheduler | None = None
         self.files: list[GemuFile] = []
@@ -391,8 +394,12 @@ class GemuDriver:
         except (ConnectionError, OSError) as exc:  # DeviceGone: the interrupt task fails the jobs
             log.error("%s: job %d timed out and the device is lost: %s", self.gpu.name, job.id, exc)
             return drm_sched.DrmGpuSchedStat.ENODEV
-        if halted:
-            # a debugger holds the command processor (gdb stub): not a hang, re-arm the timer
+        left = self._gpu_time_left(job)
+        if halted or left > 0:
+            # a debugger holds (or held) the command processor: the time it held does not
+            # count, the job gets what is left of its timeout in GPU time
+            if left > 0:
+                drm_sched.resume_timeout(self.sched, left)
             return drm_sched.DrmGpuSchedStat.NO_HANG
         sched = self.sched
         ms = self.timeout_ns // 1_000_000
@@ -412,6 +419,31 @@ class GemuDriver:
             return drm_sched.DrmGpuSchedStat.ENODEV
         finally:
             lockdep.dma_fence_end_signalling(cookie)
+
+    def _gpu_time_left(self, job: GemuJob) -> int:
+        """Nanoseconds of GPU time the timed-out ``job`` still has (<= 0: it is hung).
+
+        The device clock (TIMESTAMP) stops while a debugger holds the command processor, so
+        the guest clock running ahead of it is time held. A job's first expiry charges it a
+        whole timeout less the time held since the last reading (readings are taken after
+        each reset and at each expiry, so a hold that ended before the job started can only
+        make it more lenient once); a later expiry of the same job charges the device time
+        since the previous one. Deterministic runs have no debugger and keep the plain
+        timeout (their device clock is stepped).
+        """
+        anchor = self.gpu.clock_anchor
+        if anchor is None:
+            return 0
+        now = self.gpu.device_clock()
+        self.gpu.clock_anchor = now
+        ran = now[1] - anchor[1]
+        if self._tdr_job is job:
+            left = self._tdr_left - ran
+        else:
+            held = (now[0] - anchor[0]) - ran
+            left = min(held, self.timeout_ns) if held > HOLD_SLACK_NS else 0
+        self._tdr_job, self._tdr_left = job, left
+        return left
 
     def _reset_and_restart(self, job: GemuJob, hw, message: str) -> drm_sched.DrmGpuSchedStat:
         sched = self.sched
