@@ -166,3 +166,23 @@ def test_the_job_scripts_doc_example_runs(vsh):
     assert example.startswith("driver-mode vm-bind\n")
     assert vsh.run_text(example, "job-scripts.md"), "\n".join(vsh.lines)
     assert vsh.sum.checks_passed == 3
+
+
+def test_help_lists_exec_kinds_and_marks_modes(vsh):
+    """help exec lists every exec kind with what it does; help marks each command of one
+    driver mode, and help of a command of the other mode says so."""
+    from gemu.host.shell import EXEC_KINDS
+
+    vsh.lines.clear()
+    vsh.run_line("help exec")
+    text = "\n".join(vsh.lines)
+    for kind, (args, what) in EXEC_KINDS.items():
+        assert f"{f'{kind} {args}'.strip():<24} {what}" in text
+    vsh.lines.clear()
+    vsh.run_line("help submit")
+    assert "(driver mode per-bo only; this machine runs vm-bind)" in vsh.lines
+    vsh.lines.clear()
+    vsh.run_line("help")
+    listing = "\n".join(vsh.lines)
+    assert "exec VM KIND ARGS... [after FENCE...]  [driver mode vm-bind]" in listing
+    assert "  help [COMMAND]\n" in listing  # a command of both modes carries no mark
