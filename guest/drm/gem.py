@@ -296,7 +296,8 @@ def get(obj: DrmGemObject) -> DrmGemObject:
         bad = obj.refcount <= 0
         if not bad:
             obj.refcount += 1
-    warn_on(bad, f"drm_gem_object_get on freed {obj!r}")
+    if bad:  # the message (a repr) is made only when it is printed
+        warn_on(bad, f"drm_gem_object_get on freed {obj!r}")
     return obj
 
 
@@ -324,11 +325,11 @@ def put(obj: DrmGemObject | None) -> None:
         if not bad:
             obj.refcount -= 1
         last = not bad and obj.refcount == 0
-    if warn_on(bad, f"drm_gem_object_put: refcount underflow on {obj!r}"):
+    if bad and warn_on(bad, f"drm_gem_object_put: refcount underflow on {obj!r}"):
         return
     if last:
         free = obj.funcs.free if obj.funcs is not None else None
-        if warn_on(free is None, f"{obj!r} has no free callback"):
+        if free is None and warn_on(True, f"{obj!r} has no free callback"):
             return
         free(obj)
 

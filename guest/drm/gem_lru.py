@@ -240,10 +240,8 @@ def move_tail_locked(lru: DrmGemLru, obj: DrmGemObject) -> None:
     lockdep.assert_held(lru.lock)
     old = obj.lru
     if old is not None:
-        warn_on(
-            old.lock is not lru.lock,
-            f"moving {obj!r} between LRUs {old} and {lru} with different locks",
-        )
+        if old.lock is not lru.lock:
+            warn_on(True, f"moving {obj!r} between LRUs {old} and {lru} with different locks")
         _unlink(old, obj)
     _link_tail(lru, obj)
 

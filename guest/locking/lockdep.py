@@ -228,17 +228,22 @@ class _Stack:
         )
 
 
+_shown: dict[object, bool] = {}  # code object -> whether its frames appear in stacks
+
+
 def _capture(skip: int = 2) -> _Stack:
     """The caller's stack (``skip`` frames up from here), outermost first when formatted."""
     frames = []
     f = sys._getframe(skip)
-    plumbing = _PLUMBING
-    locking = _LOCKING_DIR
+    shown = _shown
     while f is not None:
         code = f.f_code
-        file = code.co_filename
-        if file not in plumbing and os.path.dirname(file) != locking:
-            frames.append((file, f.f_lineno, code.co_name))
+        keep = shown.get(code)
+        if keep is None:
+            file = code.co_filename
+            keep = shown[code] = file not in _PLUMBING and os.path.dirname(file) != _LOCKING_DIR
+        if keep:
+            frames.append((code.co_filename, f.f_lineno, code.co_name))
             if len(frames) == _STACK_DEPTH:
                 break
         f = f.f_back
