@@ -250,3 +250,38 @@ def test_workload_larger_than_ram_with_shared_bos(sh):
     lines += ["verify", "expect stat shrinker.evicted >= 4", "expect stat shrinker.swapped_in >= 4"]
     run(sh, "\n".join(lines) + "\n")
     assert sh.sum.checks_passed >= 20
+
+
+def test_fences_order_binds_unbinds_and_execs(sh):
+    """In- and out-fences through the script language: a job held by a WAIT_MEM keeps an
+    unbind given its fence pending (the mapping stays until the job is done); poking the
+    word releases both, the job's copy lands; a bind given the job's fence runs after it;
+    vm destroy waits for the VM's work and the VM is gone from the views."""
+    run(
+        sh,
+        """
+        v = vm create
+        sem = bo 4K
+        src = bo 8K
+        dst = bo 8K
+        fill src 0x5a5a5a5a
+        b1 = bind v 0x100000 sem
+        b2 = bind v 0x200000 src
+        b3 = bind v 0x300000 dst
+        e = exec v waitmem 0x100000 1 after b1 b2 b3
+        c = exec v copy 0x200000 0x300000 8K after e
+        u = unbind v 0x200000 8K after c
+        expect fence u pending
+        later = bind v 0x400000 src after c
+        expect fence later pending
+        poke sem 1
+        wait c u later
+        expect cpucrc dst 8K == src
+        expect crc v 0x400000 8K == src
+        """,
+    )
+    mine = {mp["va"] for mp in vm_view(sh, "v")["mappings"] if not mp["bo"].startswith("_")}
+    assert mine == {0x100000, 0x300000, 0x400000}  # 0x200000 unbound after the copy
+    run(sh, "e2 = exec v fill 0x200000 4K 1\nexpect fault e2\nvm destroy v\n")
+    assert sh.m.query("vms", sh) == []
+    assert sh.m.query("reclaim")["vms"] == []
