@@ -1371,15 +1371,20 @@ class Shell:
         f = self.file
         vm_id = f.vm_create()
         name = self._new_name(st, "vm", vm_id)
+        handles: list[int] = []
+        ready: list[JobFence] = []
         try:
-            cmd = f.bo_create(CMD_SIZE, vm_id=vm_id, name=f"_{name}-cmd")
-            out = f.bo_create(4096, vm_id=vm_id, name=f"_{name}-out")
-            ready = [
-                f.map(vm_id, CMD_VA, CMD_SIZE, cmd, prot=Prot.READ | Prot.EXEC),
-                f.map(vm_id, OUT_VA, 4096, out, prot=Prot.READ | Prot.WRITE),
-            ]
+            handles.append(f.bo_create(CMD_SIZE, vm_id=vm_id, name=f"_{name}-cmd"))
+            handles.append(f.bo_create(4096, vm_id=vm_id, name=f"_{name}-out"))
+            cmd, out = handles
+            ready.append(f.map(vm_id, CMD_VA, CMD_SIZE, cmd, prot=Prot.READ | Prot.EXEC))
+            ready.append(f.map(vm_id, OUT_VA, 4096, out, prot=Prot.READ | Prot.WRITE))
         except BaseException:
-            f.vm_destroy(vm_id)
+            f.vm_destroy(vm_id)  # waits for the binds queued so far
+            for fence in ready:
+                fence.close()
+            for h in handles:
+                f.close_bo(h)
             raise
         vm = VmVar(name, vm_id, cmd, out, ready)
         with self._count:
@@ -1629,6 +1634,9 @@ class Shell:
                         f"CRC32 job of {vm.name}:{va:#x}+{n:#x}: {exc}"
                     )
             raise
+        finally:
+            if fence.signaled:  # else its slot must not be reused: the file closes it
+                fence.close()
         self.bytes_moved += n
         return int.from_bytes(self.file.read(vm.out, 4 * slot_of[0], 4), "little")
 

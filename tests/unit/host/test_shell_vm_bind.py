@@ -186,3 +186,12 @@ def test_help_lists_exec_kinds_and_marks_modes(vsh):
     listing = "\n".join(vsh.lines)
     assert "exec VM KIND ARGS... [after FENCE...]  [driver mode vm-bind]" in listing
     assert "  help [COMMAND]\n" in listing  # a command of both modes carries no mark
+
+
+def test_gpu_checks_leave_no_fence_open(vsh):
+    """expect crc VM ... runs a job of the shell's own: once it signalled its out-fence is
+    closed, so a long session does not pile them up (only the VM's two setup binds stay)."""
+    assert vsh.run_text("v = vm create\nx = bo 4K\nb = bind v 0x100000 x\nwait b\n")
+    before = len(vsh.file.out_fences)
+    assert vsh.run_text("expect crc v 0x100000 4K == x\n" * 20), vsh.lines
+    assert len(vsh.file.out_fences) == before
