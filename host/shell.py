@@ -1468,6 +1468,12 @@ class Shell:
         if len(args) > 2:
             raise ShellError(f"bind: usage: {self.COMMANDS['bind'].usage}")
         vm, bo = self._vm(vm_name), self._bo(bo_name)
+        if bo.vm is not None and bo.vm != vm.name:
+            raise ShellError(
+                f"bind: {bo.name} is private to {bo.vm}, not {vm.name} (an external BO, "
+                "made without 'private', can be bound in any VM)",
+                errno_mod.EINVAL,
+            )
         offset = number(args[0], "bind: OFFSET", 0, bo.size - 1) if args else 0
         n = size(args[1], "bind: SIZE", bo.size - offset) if len(args) == 2 else bo.size - offset
         va = self._user_va(va_text, "bind: VA", n)

@@ -105,7 +105,7 @@ def test_vm_bind_errors_name_what_was_wrong(vsh):
     assert "bind: VA 0x7fffff000000: 0x7fffff000000+0x2000 reaches the shell's" in fails(
         vsh, "bind v 0x7fffff000000 x"
     )
-    assert "is private to vm" in fails(vsh, "bind w 0x100000 p")
+    assert "bind: p is private to v, not w (an external BO" in fails(vsh, "bind w 0x100000 p")
     assert "must be whole pages" in fails(vsh, "bind v 0x100800 x")
     assert "bind: SIZE 16K is out of range (1 byte to 8 KiB)" in fails(
         vsh, "bind v 0x100000 x 0 16K"
