@@ -54,18 +54,17 @@ def test_reduction_reaches_the_same_outcomes_with_fewer_runs():
     assert reduced.outcomes == naive.outcomes
     assert len(naive.outcomes) > 1  # the outcomes do depend on the interleaving
     assert naive.pruned == 0 and reduced.pruned > 0
-    assert reduced.run + reduced.pruned >= naive.run // 2
-    assert 5 * reduced.run < 4 * naive.run
+    assert 2 * reduced.run <= naive.run  # 141 of 367
     assert len(reduced.classes) <= reduced.run
 
 
-def test_reduction_on_the_tiny_race_runs_half_the_schedules():
-    """On the cut-down race, where every schedule ends the same way, the reduced search runs
-    at most half of the naive enumeration's schedules at K=1."""
+def test_reduction_on_the_cut_down_race():
+    """On the cut-down race the reduced search runs about a third of the naive enumeration's
+    schedules at K=1 (36 of 105), with the same outcomes."""
     naive = exhaustive.BoundedSearch(TINY, 1, reduce=False, keep_going=True).run()
     reduced = exhaustive.BoundedSearch(TINY, 1, reduce=True, keep_going=True).run()
     assert reduced.outcomes == naive.outcomes
-    assert 2 * reduced.run <= naive.run + 10
+    assert 5 * reduced.run <= 2 * naive.run
 
 
 def test_races_follow_happens_before():
