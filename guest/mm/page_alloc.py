@@ -51,7 +51,6 @@ import math
 import mmap
 import os
 import threading
-from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
@@ -59,6 +58,7 @@ from gemu.guest.errors import Efault, Einval, Enomem, KernelError, warn_on
 from gemu.guest.kernel import runtime, trace
 from gemu.guest.locking import lockdep
 from gemu.guest.mm import shrinker as _shrinker
+from gemu.guest.mm.extents import Extent, RunStack, expand, mark, runs_of
 from gemu.guest.mm.gfp import (
     Gfp,
     current_gfp_context,
@@ -84,6 +84,7 @@ schedule_timeout_uninterruptible(1)."""
 
 PAGE_POISON = 0xAA
 """Byte written over freed frames when ``poison_on_free`` is set. Kernel: PAGE_POISON."""
+_POISON_PAGE = bytes((PAGE_POISON,)) * PAGE_SIZE
 
 
 # Physical memory.
@@ -167,8 +168,12 @@ class PhysMem:
 
     def zero_frames(self, pfns: Iterable[int]) -> None:
         """Zero every frame of ``pfns``, a consecutive run at a time."""
+        self.zero_extents(runs_of(pfns))
+
+    def zero_extents(self, runs: Iterable[tuple[int, int]]) -> None:
+        """Zero every frame of the extents ``runs``."""
         mem = self.mem
-        for start, nr in frame_runs(pfns):
+        for start, nr in runs:
             sl = self._range(start << PAGE_SHIFT, nr << PAGE_SHIFT)
             mem[sl] = _ZERO_PAGE if nr == 1 else bytes(nr << PAGE_SHIFT)
 
@@ -186,60 +191,7 @@ class PhysMem:
 
 def frame_runs(pfns: Iterable[int]) -> list[tuple[int, int]]:
     """Split ``pfns`` into runs of consecutive numbers: ``[(first, length), ...]`` in order."""
-    runs: list[tuple[int, int]] = []
-    start = prev = None
-    for p in pfns:
-        if prev is not None and p == prev + 1:
-            prev = p
-            continue
-        if start is not None:
-            runs.append((start, prev - start + 1))
-        start = prev = p
-    if start is not None:
-        runs.append((start, prev - start + 1))
-    return runs
-
-
-def consecutive_start(seq: Sequence[int]) -> int | None:
-    """``seq[0]`` if ``seq`` (a list or ``array``) counts up by one, else None.
-
-    Whole-object operations take this fast path: a run is checked and updated with one slice
-    operation instead of one Python step per page.
-    """
-    n = len(seq)
-    if not n:
-        return None
-    first = seq[0]
-    if seq[n - 1] - first != n - 1:
-        return None
-    if n > 2:
-        expect = range(first, first + n)
-        if isinstance(seq, array):
-            if seq != array(seq.typecode, expect):
-                return None
-        elif list(seq) != list(expect):
-            return None
-    return first
-
-
-def update_states(state: bytearray, seq: Sequence[int], old: int, new: int) -> bool:
-    """Set ``state[i] = new`` for every ``i`` of ``seq`` if each is in range and ``old``
-    (a repeated ``i`` fails too); all or nothing. Returns whether it did."""
-    start = consecutive_start(seq)
-    n = len(seq)
-    if start is not None and start >= 0:
-        if start + n > len(state) or state.count(old, start, start + n) != n:
-            return False
-        state[start : start + n] = bytes((new,)) * n
-        return True
-    limit = len(state)
-    for i, p in enumerate(seq):
-        if not 0 <= p < limit or state[p] != old:
-            for q in seq[:i]:
-                state[q] = old
-            return False
-        state[p] = new
-    return True
+    return runs_of(pfns)
 
 
 # Allocation flags.
@@ -341,6 +293,11 @@ _USED = 1
 _RESERVED = 2
 
 
+def _set_states(state: bytearray, runs: Sequence[Extent], new: int) -> None:
+    for p, n in runs:
+        state[p : p + n] = bytes((new,)) * n
+
+
 # The allocator.
 
 
@@ -392,8 +349,9 @@ class PageAllocator:
         self.poison_on_free = poison_on_free
         self._lock = threading.Lock()  # zone->lock: short, never held across a preemption
         self._state = bytearray([_RESERVED]) * reserved_frames + bytearray(self.totalram_pages)
-        # Free frames as a stack; the top is handed out first. Lowest pfns on top at start.
-        self._free = array("q", range(self.nr_frames - 1, reserved_frames - 1, -1))
+        # Free frames as a stack of extents; the top is handed out first, lowest pfns first
+        # on a fresh allocator.
+        self._free = RunStack(reserved_frames, self.totalram_pages)
         self._stats = PageAllocStats()
         self._fail_nth = _FailNth()
         #: Registered shrinkers, kept by :mod:`gemu.guest.mm.shrinker`.
@@ -497,17 +455,14 @@ class PageAllocator:
 
     # Allocation.
 
-    def _rmqueue(self, nr: int, mark: int) -> list[int] | None:
+    def _rmqueue(self, nr: int, mark: int) -> list[Extent] | None:
         """Take ``nr`` frames if ``mark`` pages stay free. Kernel: rmqueue_bulk()."""
         with self._lock:
             free = self._free
             if len(free) - nr < mark:
                 return None
-            got = free[len(free) - nr :]
-            del free[len(free) - nr :]
-            got.reverse()
-            got = got.tolist()
-            update_states(self._state, got, _FREE, _USED)
+            got = free.pop(nr)
+            _set_states(self._state, got, _USED)
             s = self._stats
             s.pages_allocated += nr
             used = self.totalram_pages - len(free)
@@ -515,7 +470,7 @@ class PageAllocator:
                 s.high_water = used
             return got
 
-    def _rmqueue_contig(self, nr: int, mark: int) -> list[int] | None:
+    def _rmqueue_contig(self, nr: int, mark: int) -> list[Extent] | None:
         with self._lock:
             if len(self._free) - nr < mark:
                 return None
@@ -523,12 +478,11 @@ class PageAllocator:
             if start < 0:
                 return None
             self._state[start : start + nr] = bytes([_USED]) * nr
-            end = start + nr
-            self._free = array("q", (p for p in self._free if not start <= p < end))
+            self._free.remove(start, nr)
             s = self._stats
             s.pages_allocated += nr
             s.high_water = max(s.high_water, self.nr_used)
-            return list(range(start, end))
+            return [(start, nr)]
 
     def alloc_pages(self, nr_pages: int, gfp: Gfp = GFP_KERNEL) -> list[int]:
         """Allocate ``nr_pages`` frames (not necessarily contiguous); return their pfns.
@@ -545,6 +499,11 @@ class PageAllocator:
         Raises:
             Enomem: not enough memory, even after reclaim; or an injected failure.
         """
+        return expand(self._alloc(nr_pages, gfp, self._rmqueue, "alloc_pages"))
+
+    def alloc_extents(self, nr_pages: int, gfp: Gfp = GFP_KERNEL) -> list[Extent]:
+        """:meth:`alloc_pages` with the frames as extents ``[(first_pfn, nr), ...]`` in the
+        same order (consecutive frames joined): the same frames, without a number per page."""
         return self._alloc(nr_pages, gfp, self._rmqueue, "alloc_pages")
 
     def alloc_contig(self, nr_pages: int, gfp: Gfp = GFP_KERNEL) -> list[int]:
@@ -553,13 +512,13 @@ class PageAllocator:
         Kernel: alloc_contig_pages() [mm/page_alloc.c]. Reclaim frees frames wherever they
         are, so under fragmentation this can fail with frames free; there is no compaction.
         """
-        return self._alloc(nr_pages, gfp, self._rmqueue_contig, "alloc_contig")
+        return expand(self._alloc(nr_pages, gfp, self._rmqueue_contig, "alloc_contig"))
 
     def alloc_page(self, gfp: Gfp = GFP_KERNEL) -> int:
         """One frame. Kernel: alloc_page()."""
         return self.alloc_pages(1, gfp)[0]
 
-    def _alloc(self, nr: int, gfp: Gfp, take, what: str) -> list[int]:
+    def _alloc(self, nr: int, gfp: Gfp, take, what: str) -> list[Extent]:
         if nr <= 0:
             raise Einval(msg=f"{what}: cannot allocate {nr} pages")
         runtime.preempt(what)
@@ -586,10 +545,10 @@ class PageAllocator:
         elif len(self._free) < self.watermarks.low and gfp & Gfp.KSWAPD_RECLAIM:
             self.wakeup_kswapd()
         if gfp & Gfp.ZERO:
-            self.physmem.zero_frames(pfns)
+            self.physmem.zero_extents(pfns)
         return pfns
 
-    def _alloc_slowpath(self, nr: int, gfp: Gfp, take, min_mark: int, what: str) -> list[int]:
+    def _alloc_slowpath(self, nr: int, gfp: Gfp, take, min_mark: int, what: str) -> list[Extent]:
         """Direct reclaim then retry. Kernel: __alloc_pages_slowpath() /
         __alloc_pages_direct_reclaim() / should_reclaim_retry() [mm/page_alloc.c]
 
@@ -724,19 +683,29 @@ class PageAllocator:
         outside RAM) is a loud :func:`~gemu.guest.errors.warn_on`; in a non-strict run the bad
         frames are skipped and the others freed.
         """
+        self.free_extents(runs_of(pfns))
+
+    def free_extents(self, runs: Sequence[Extent]) -> None:
+        """:meth:`free_pages` of the frames of the extents ``runs`` (in that order: the first
+        frame of ``runs[0]`` is the next one handed out); the same checks, one step per extent."""
         runtime.preempt("free_pages")
-        if not pfns:
+        if not runs:
             return
+        with self._lock:
+            if mark(self._state, runs, _USED, _FREE):
+                if self.poison_on_free:
+                    mem = self.physmem.mem
+                    for p, n in runs:
+                        mem[p << PAGE_SHIFT : (p + n) << PAGE_SHIFT] = _POISON_PAGE * n
+                self._free.push(runs)
+                self._stats.frees += 1
+                self._stats.pages_freed += sum(n for _, n in runs)
+                return
+        pfns = expand(runs)
         if self.poison_on_free:
             for p in pfns:
                 if self.is_allocated(p):
                     self.physmem.fill(p, PAGE_POISON)
-        with self._lock:
-            if update_states(self._state, pfns, _USED, _FREE):
-                self._free.fromlist(list(pfns[::-1]))
-                self._stats.frees += 1
-                self._stats.pages_freed += len(pfns)
-                return
         good = self._check_bad_free(pfns)
         if good:
             self.free_pages(good)

@@ -36,19 +36,22 @@ Modelled on ``mm/shmem.c``: ``shmem_file_setup``, ``shmem_read_mapping_page_gfp`
   An allocation inside ``get_pages`` may run reclaim, and reclaim must not touch a file whose
   ``get_pages`` is in progress (the GEM shrinker only trylocks); the file checks this and
   warns.
-- Per-page state is one signed 64-bit entry in an ``array('q')``: a frame number (>= 0),
-  :data:`UNPOPULATED` (-1), or a swap slot ``s`` stored as ``-2 - s``. While *every* page is
-  in swap (an evicted object) the entries are the slot numbers themselves, so evicting and
-  restoring a whole object needs no per-page conversion. No Python object per page: 100k
-  small objects cost a few tens of MiB beyond guest RAM.
+- While the whole file is in one place (every page resident, or every page in swap: the
+  states a GEM object lives in) it is a list of extents (:mod:`gemu.guest.mm.extents`): the
+  frames, or the slots, of its pages in order, consecutive numbers joined. Evicting and
+  restoring a whole object then costs one step per run of frames and slots, whatever its
+  size, and a 100k small objects cost a few tens of MiB beyond guest RAM. A file with pages
+  in several states (single pages faulted in, a partial write-out) keeps one signed 64-bit
+  entry per page in an ``array('q')``: a frame number (>= 0), :data:`UNPOPULATED` (-1), or a
+  swap slot ``s`` stored as ``-2 - s``; it goes back to extents once it is whole again.
 """
 
 from __future__ import annotations
 
 from array import array
-from operator import sub
 
 from gemu.guest.errors import Efault, Einval, KernelError, warn_on
+from gemu.guest.mm.extents import Extent, cut, expand, paired_runs, runs_of
 from gemu.guest.mm.page_alloc import GFP_KERNEL, PAGE_SHIFT, PAGE_SIZE, Gfp, PageAllocator
 from gemu.guest.mm.swap import SwapDevice
 
@@ -56,37 +59,15 @@ UNPOPULATED = -1
 """Page entry of a page that has no frame and no slot."""
 
 
-def _paired_runs(firsts: list[int], seconds: list[int]) -> list[tuple[int, int, int]]:
-    """Runs where both lists count up by one together: ``[(first, second, length), ...]``.
-
-    Both lists hold distinct numbers (a frame or a slot has one owner). If every pair has
-    the same difference and the firsts fill a range, the whole batch is one copy whatever the
-    order: frame ``p`` goes to slot ``p - d`` for every pair.
-    """
-    n = len(firsts)
-    if not n:
-        return []
-    a0, b0 = firsts[0], seconds[0]
-    low = min(firsts)
-    if max(firsts) - low == n - 1 and list(map(sub, firsts, seconds)).count(a0 - b0) == n:
-        return [(low, low - (a0 - b0), n)]
-    runs = []
-    start_a, start_b, length = a0, b0, 1
-    for a, b in zip(firsts[1:], seconds[1:]):
-        if a == start_a + length and b == start_b + length:
-            length += 1
-        else:
-            runs.append((start_a, start_b, length))
-            start_a, start_b, length = a, b, 1
-    runs.append((start_a, start_b, length))
-    return runs
-
-
 class ShmemFile:
     """The shmem file behind one GEM object. Kernel: shmem_file_setup() [mm/shmem.c]
 
     ``nr_resident + nr_swapped <= nr_pages`` always; each resident page owns one frame of
     ``allocator`` and each swapped page one slot of ``swap``, and nothing else does.
+
+    The pages are in one of three forms: ``_runs`` (extents of frames when every page is
+    resident, of slots when every page is swapped), ``_pages`` (one encoded entry per page,
+    for a file in several states), or neither (nothing populated).
 
     Args:
         allocator: where frames come from.
@@ -97,9 +78,10 @@ class ShmemFile:
 
     __slots__ = (
         "_pages",
-        "_raw_slots",
+        "_runs",
         "allocator",
         "name",
+        "nr_pages",
         "nr_resident",
         "nr_swapped",
         "released",
@@ -115,11 +97,11 @@ class ShmemFile:
         self.allocator = allocator
         self.swap = swap
         self.name = name
-        nr_pages = -(-size // PAGE_SIZE)
-        self.size = nr_pages << PAGE_SHIFT
-        self._pages = array("q", [UNPOPULATED]) * nr_pages
-        # True while every page is swapped and _pages holds plain slot numbers.
-        self._raw_slots = False
+        #: Pages of the file.
+        self.nr_pages = -(-size // PAGE_SIZE)
+        self.size = self.nr_pages << PAGE_SHIFT
+        self._pages: array | None = None
+        self._runs: list[Extent] | None = None
         #: Pages held in frames.
         self.nr_resident = 0
         #: Pages held in swap slots.
@@ -128,13 +110,9 @@ class ShmemFile:
 
     def __repr__(self) -> str:
         return (
-            f"<ShmemFile {self.name} {len(self._pages)} pages: {self.nr_resident} resident, "
+            f"<ShmemFile {self.name} {self.nr_pages} pages: {self.nr_resident} resident, "
             f"{self.nr_swapped} swapped>"
         )
-
-    @property
-    def nr_pages(self) -> int:
-        return len(self._pages)
 
     @property
     def resident_pages(self) -> int:
@@ -148,9 +126,14 @@ class ShmemFile:
 
     def page_state(self, index: int) -> tuple[str, int | None]:
         """``("resident", pfn)``, ``("swapped", slot)`` or ``("unpopulated", None)``; for dumps."""
+        if not 0 <= index < self.nr_pages:
+            raise IndexError(f"{self.name}: page {index} beyond {self.nr_pages} pages")
+        if self._runs is not None:
+            ((first, _),) = cut(self._runs, index, 1)
+            return ("resident" if self.nr_resident else "swapped"), first
+        if self._pages is None:
+            return "unpopulated", None
         e = self._pages[index]
-        if self._raw_slots:
-            return "swapped", e
         if e >= 0:
             return "resident", e
         if e == UNPOPULATED:
@@ -158,11 +141,32 @@ class ShmemFile:
         return "swapped", -2 - e
 
     def _entries(self) -> array:
-        """The page entries in the encoded form (slots as ``-2 - s``)."""
-        if self._raw_slots:
-            self._pages = array("q", [-2 - slot for slot in self._pages])
-            self._raw_slots = False
+        """The pages as one encoded entry each (slots as ``-2 - s``), for a file about to be
+        in several states."""
+        if self._pages is None:
+            runs = self._runs
+            if runs is None:
+                self._pages = array("q", [UNPOPULATED]) * self.nr_pages
+            elif self.nr_resident:
+                self._pages = array("q", expand(runs))
+            else:
+                self._pages = array("q", [-2 - slot for slot in expand(runs)])
+            self._runs = None
         return self._pages
+
+    def _settle(self) -> None:
+        """Back to extents (or to nothing) once the file is whole again."""
+        pages = self._pages
+        n = self.nr_pages
+        if pages is None:
+            return
+        if self.nr_resident == n:
+            self._runs = runs_of(pages)
+        elif self.nr_swapped == n:
+            self._runs = runs_of([-2 - e for e in pages])
+        elif self.nr_resident or self.nr_swapped:
+            return
+        self._pages = None
 
     def _check_live(self, what: str) -> None:
         if warn_on(self.released, f"{self.name}: {what} after release"):
@@ -180,17 +184,25 @@ class ShmemFile:
             Eio: a page could not be read from swap.
             In both cases the file is unchanged.
         """
-        pages = self._pages
-        if self.nr_resident == len(pages):
-            return pages.tolist()
+        return expand(self.get_extents(gfp))
+
+    def get_extents(self, gfp: Gfp = GFP_KERNEL) -> list[Extent]:
+        """:meth:`get_pages` with the frames as extents ``[(first_pfn, nr), ...]`` in page
+        order: the same work, without a number per page."""
+        if self.nr_resident == self.nr_pages:
+            return list(self._runs) if self._runs is not None else []
         self._check_live("get_pages")
-        if self._raw_slots:
+        if self._runs is not None:
             self._swapin_all(gfp)
-        elif self.nr_resident == 0:
-            self._populate(range(len(pages)), gfp)
+        elif self._pages is None:
+            frames = self._alloc_frames(self.nr_pages, gfp)
+            self.allocator.physmem.zero_extents(frames)
+            self._runs = frames
+            self.nr_resident = self.nr_pages
         else:
+            pages = self._pages
             self._populate([i for i, e in enumerate(pages) if e < 0], gfp)
-        return self._pages.tolist()
+        return list(self._runs)
 
     def get_page(self, index: int, gfp: Gfp = GFP_KERNEL) -> int:
         """Make page ``index`` resident; return its frame.
@@ -198,50 +210,50 @@ class ShmemFile:
         Kernel: shmem_read_mapping_page_gfp() [mm/shmem.c]; errors as :meth:`get_pages`.
         """
         self._check_live("get_page")
-        if not 0 <= index < len(self._pages):
-            raise Einval(msg=f"{self.name}: page {index} beyond {len(self._pages)} pages")
-        if self._entries()[index] < 0:
-            self._populate([index], gfp)
-        return self._pages[index]
+        if not 0 <= index < self.nr_pages:
+            raise Einval(msg=f"{self.name}: page {index} beyond {self.nr_pages} pages")
+        state, where = self.page_state(index)
+        if state == "resident":
+            return where
+        self._entries()
+        self._populate([index], gfp)
+        return self.page_state(index)[1]
 
-    def _alloc_frames(self, nr: int, gfp: Gfp) -> list[int]:
+    def _alloc_frames(self, nr: int, gfp: Gfp) -> list[Extent]:
         before = (self.nr_resident, self.nr_swapped)
-        pfns = self.allocator.alloc_pages(nr, gfp & ~Gfp.ZERO)
+        frames = self.allocator.alloc_extents(nr, gfp & ~Gfp.ZERO)
         if (self.nr_resident, self.nr_swapped) != before:
-            self.allocator.free_pages(pfns)
+            self.allocator.free_extents(frames)
             msg = f"{self.name}: changed during its own get_pages (callers must serialize)"
             warn_on(True, msg)
             raise Einval(msg=msg)
-        return pfns
+        return frames
 
     def _swapin_all(self, gfp: Gfp) -> None:
         """Bring back an object whose pages are all in swap (the evicted state)."""
-        slots = self._pages.tolist()
-        pfns = self._alloc_frames(len(slots), gfp)
-        self._read_swap(pfns, slots, pfns)
-        self._pages = array("q", pfns)
-        self._raw_slots = False
-        self.nr_resident = len(pfns)
+        slots = self._runs
+        frames = self._alloc_frames(self.nr_pages, gfp)
+        self._read_swap(paired_runs(frames, slots), frames)
+        self._runs = frames
+        self.nr_resident = self.nr_pages
         self.nr_swapped = 0
-        self.swap.free_slots(slots)
+        self.swap.free_extents(slots)
 
-    def _read_swap(self, pfns: list[int], slots: list[int], new_frames: list[int]) -> None:
-        """Read ``slots`` into the frames ``pfns``; on error free ``new_frames`` (all the
-        frames this call allocated) and re-raise, leaving the slots as they were."""
-        phys = self.allocator.physmem
-        read = self.swap.read_slots_into
+    def _read_swap(self, pairs: list[tuple[int, int, int]], new_frames: list[Extent]) -> None:
+        """Read the ``(pfn, slot, nr)`` pairs; on error free ``new_frames`` (all the frames
+        this call allocated) and re-raise, leaving the slots as they were."""
         try:
-            for pfn, slot, n in _paired_runs(pfns, slots):
-                read(slot, phys.frames_view(pfn, n))
+            self.swap.read_frames(self.allocator.physmem, pairs)
         except KernelError:
-            self.allocator.free_pages(new_frames)
+            self.allocator.free_extents(new_frames)
             raise
 
-    def _populate(self, indices, gfp: Gfp) -> None:
-        """Make the pages ``indices`` resident; the entries are in encoded form."""
+    def _populate(self, indices: list[int], gfp: Gfp) -> None:
+        """Make the pages ``indices`` resident; the pages are in per-page form."""
         pages = self._pages
         nr = len(indices)
-        pfns = self._alloc_frames(nr, gfp)
+        frames = self._alloc_frames(nr, gfp)
+        pfns = expand(frames)
         swap_pfns, slots, zero_pfns = [], [], []
         if self.nr_swapped == 0:
             zero_pfns = pfns
@@ -253,19 +265,19 @@ class ShmemFile:
                 else:
                     swap_pfns.append(pfn)
                     slots.append(-2 - e)
+        slot_runs = runs_of(slots)
         if slots:
-            self._read_swap(swap_pfns, slots, pfns)
+            self._read_swap(paired_runs(runs_of(swap_pfns), slot_runs), frames)
         if zero_pfns:
             self.allocator.physmem.zero_frames(zero_pfns)
-        if nr == len(pages):
-            self._pages = array("q", pfns)
-        else:
-            for i, pfn in zip(indices, pfns):
-                pages[i] = pfn
+        for i, pfn in zip(indices, pfns):
+            pages[i] = pfn
         self.nr_resident += nr
         if slots:
             self.nr_swapped -= len(slots)
-            self.swap.free_slots(slots)
+        self._settle()
+        if slots:
+            self.swap.free_extents(slot_runs)
 
     # Writing out to swap.
 
@@ -284,35 +296,29 @@ class ShmemFile:
         if nr == 0:
             return 0
         self._check_live("writeout")
-        pages = self._pages
-        whole = nr == len(pages)
+        whole = nr == self.nr_pages
         if whole:
-            pfns = pages.tolist()
+            frames = self._runs
             indices = None
         else:
+            pages = self._pages
             indices = [i for i, e in enumerate(pages) if e >= 0]
-            pfns = [pages[i] for i in indices]
-        slots = self.swap.alloc_slots(nr)
-        phys = self.allocator.physmem
+            frames = runs_of([pages[i] for i in indices])
+        slots = self.swap.alloc_extents(nr)
         try:
-            write = self.swap.write_slots
-            for pfn, slot, n in _paired_runs(pfns, slots):
-                write(slot, phys.frames_view(pfn, n))
+            self.swap.write_frames(self.allocator.physmem, paired_runs(frames, slots))
         except KernelError:
-            self.swap.free_slots(slots)
+            self.swap.free_extents(slots)
             raise
         if whole:
-            self._pages = array("q", slots)
-            self._raw_slots = True
+            self._runs = slots
         else:
-            for i, s in zip(indices, slots):
-                pages[i] = -2 - s
-            if self.nr_swapped + nr == len(pages):
-                self._pages = array("q", [-2 - e for e in pages])
-                self._raw_slots = True
+            for i, slot in zip(indices, expand(slots)):
+                pages[i] = -2 - slot
         self.nr_resident = 0
         self.nr_swapped += nr
-        self.allocator.free_pages(pfns)
+        self._settle()
+        self.allocator.free_extents(frames)
         return nr
 
     # Purging.
@@ -323,23 +329,24 @@ class ShmemFile:
 
         Kernel: shmem_truncate_range(inode, 0, -1) [mm/shmem.c]
         """
-        pages = self._pages
         if self.nr_resident == 0 and self.nr_swapped == 0:
             return 0
-        if self._raw_slots:
-            pfns, slots = [], pages.tolist()
+        freed = self.nr_resident
+        if self._runs is not None:
+            frames, slots = (self._runs, []) if self.nr_resident else ([], self._runs)
         else:
-            pfns = [e for e in pages if e >= 0]
-            slots = [-2 - e for e in pages if e < UNPOPULATED]
-        self._pages = array("q", [UNPOPULATED]) * len(pages)
-        self._raw_slots = False
+            pages = self._pages
+            frames = runs_of([e for e in pages if e >= 0])
+            slots = runs_of([-2 - e for e in pages if e < UNPOPULATED])
+        self._pages = None
+        self._runs = None
         self.nr_resident = 0
         self.nr_swapped = 0
-        if pfns:
-            self.allocator.free_pages(pfns)
+        if frames:
+            self.allocator.free_extents(frames)
         if slots:
-            self.swap.free_slots(slots)
-        return len(pfns)
+            self.swap.free_extents(slots)
+        return freed
 
     def release(self) -> None:
         """Free everything the file holds; the file is unusable afterwards.
@@ -353,19 +360,20 @@ class ShmemFile:
 
     # CPU access through the frames.
 
-    def _span(self, offset: int, n: int, what: str):
+    def _span(self, offset: int, n: int, what: str) -> list[Extent]:
+        """The frames of the pages ``[offset, offset + n)`` touches, as extents."""
         if offset < 0 or n < 0 or offset + n > self.size:
             raise Einval(msg=f"{self.name}: {what} of {n} bytes at {offset} beyond {self.size}")
         first = offset >> PAGE_SHIFT
         last = (offset + n - 1) >> PAGE_SHIFT
-        if self.nr_resident == len(self._pages):
-            return first, last
-        pages = self._entries()
+        if self.nr_resident == self.nr_pages:
+            return cut(self._runs, first, last - first + 1)
+        pages = self._pages
         for i in range(first, last + 1):
-            if pages[i] < 0:
+            if pages is None or pages[i] < 0:
                 state = self.page_state(i)[0]
                 raise Efault(msg=f"{self.name}: {what} of page {i}, which is {state}")
-        return first, last
+        return runs_of(pages[first : last + 1])
 
     def read(self, offset: int, n: int) -> bytes:
         """Copy ``n`` bytes at ``offset`` out of the resident frames.
@@ -377,19 +385,16 @@ class ShmemFile:
         self._check_live("read")
         if n == 0:
             return b""
-        first, last = self._span(offset, n, "read")
         mem = self.allocator.physmem.mem
-        pages = self._pages
         out = bytearray(n)
         done = 0
-        pos = offset
-        for i in range(first, last + 1):
-            in_page = pos & (PAGE_SIZE - 1)
-            chunk = min(PAGE_SIZE - in_page, n - done)
-            pa = (pages[i] << PAGE_SHIFT) + in_page
+        in_page = offset & (PAGE_SIZE - 1)
+        for pfn, k in self._span(offset, n, "read"):
+            chunk = min((k << PAGE_SHIFT) - in_page, n - done)
+            pa = (pfn << PAGE_SHIFT) + in_page
             out[done : done + chunk] = mem[pa : pa + chunk]
             done += chunk
-            pos += chunk
+            in_page = 0
         return bytes(out)
 
     def write(self, offset: int, data) -> None:
@@ -404,15 +409,12 @@ class ShmemFile:
         n = len(src)
         if n == 0:
             return
-        first, last = self._span(offset, n, "write")
         mem = self.allocator.physmem.mem
-        pages = self._pages
         done = 0
-        pos = offset
-        for i in range(first, last + 1):
-            in_page = pos & (PAGE_SIZE - 1)
-            chunk = min(PAGE_SIZE - in_page, n - done)
-            pa = (pages[i] << PAGE_SHIFT) + in_page
+        in_page = offset & (PAGE_SIZE - 1)
+        for pfn, k in self._span(offset, n, "write"):
+            chunk = min((k << PAGE_SHIFT) - in_page, n - done)
+            pa = (pfn << PAGE_SHIFT) + in_page
             mem[pa : pa + chunk] = src[done : done + chunk]
             done += chunk
-            pos += chunk
+            in_page = 0

@@ -30,16 +30,17 @@ from __future__ import annotations
 import os
 import random
 import threading
-from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from gemu.guest.errors import Einval, Eio, Enospc, warn_on
 from gemu.guest.kernel import runtime
-from gemu.guest.mm.page_alloc import PAGE_SHIFT, PAGE_SIZE, update_states
+from gemu.guest.mm.extents import Extent, RunStack, expand, mark, runs_of
+from gemu.guest.mm.page_alloc import PAGE_SHIFT, PAGE_SIZE
 
 _FREE = 0
 _USED = 1
+_USED_BYTE = bytes((_USED,))
 
 
 @dataclass
@@ -112,7 +113,8 @@ class SwapDevice:
             self._fd = fd
         self._lock = threading.Lock()
         self._state = bytearray(nr_slots)
-        self._free = array("q", range(nr_slots - 1, -1, -1))
+        # Free slots as a stack of extents; lowest first on a fresh device.
+        self._free = RunStack(0, nr_slots)
         self._stats = SwapStats()
         self._inject_read = 0
         self._inject_write = 0
@@ -235,6 +237,10 @@ class SwapDevice:
         Raises:
             Enospc: fewer than ``nr`` slots are free (none is taken).
         """
+        return expand(self.alloc_extents(nr))
+
+    def alloc_extents(self, nr: int) -> list[Extent]:
+        """:meth:`alloc_slots` with the slots as extents ``[(first_slot, nr), ...]``."""
         if nr <= 0:
             raise Einval(msg=f"{self.name}: cannot allocate {nr} slots")
         runtime.preempt("swap alloc")
@@ -245,11 +251,10 @@ class SwapDevice:
                 raise Enospc(
                     msg=f"{self.name}: {nr} slots wanted, {len(free)} of {self.nr_slots} free"
                 )
-            got = free[len(free) - nr :]
-            del free[len(free) - nr :]
-            got.reverse()
-            got = got.tolist()
-            update_states(self._state, got, _FREE, _USED)
+            got = free.pop(nr)
+            state = self._state
+            for s, n in got:
+                state[s : s + n] = _USED_BYTE * n
             used = self.nr_slots - len(free)
             if used > self._stats.high_water:
                 self._stats.high_water = used
@@ -267,15 +272,19 @@ class SwapDevice:
         Freeing a slot that is not in use is a loud :func:`~gemu.guest.errors.warn_on`; in a
         non-strict run the bad slots are skipped.
         """
+        self.free_extents(runs_of(slots))
+
+    def free_extents(self, runs: Sequence[Extent]) -> None:
+        """:meth:`free_slots` of the slots of the extents ``runs``, one step per extent."""
         runtime.preempt("swap free")
-        if not slots:
+        if not runs:
             return
         with self._lock:
-            if update_states(self._state, slots, _USED, _FREE):
-                self._free.fromlist(list(slots[::-1]))
+            if mark(self._state, runs, _USED, _FREE):
+                self._free.push(runs)
                 return
         problems, good, seen = [], [], set()
-        for s in slots:
+        for s in expand(runs):
             if not 0 <= s < self.nr_slots:
                 problems.append(f"slot {s} is not on {self.name}")
             elif self._state[s] != _USED or s in seen:
@@ -330,6 +339,82 @@ class SwapDevice:
         s = self._stats
         s.pswpout += nr
         s.bytes_out += nbytes
+
+    def write_frames(self, physmem, pairs: Sequence[tuple[int, int, int]]) -> None:
+        """Write frames of ``physmem`` to slots: for each ``(pfn, slot, nr)`` of ``pairs``,
+        frames ``pfn ..`` into slots ``slot ..``, as :meth:`write_slots` of each pair would
+        (the same checks, injected errors and preemption point per pair, in order), without
+        a view object per pair. Kernel: swap_writepage() for each folio.
+
+        Raises:
+            Efault: a frame outside RAM. Eio: an injected write error (the pairs before it
+            were written).
+        """
+        mem, size = physmem.mem, physmem.size
+        own = self._mem
+        state = self._state
+        stats = self._stats
+        task = runtime.current()  # runtime.preempt() per pair, looked up once
+        preempt = task.runtime._preempt
+        for pfn, slot, nr in pairs:
+            pa, nbytes = pfn << PAGE_SHIFT, nr << PAGE_SHIFT
+            if pfn < 0 or nr <= 0 or pa + nbytes > size:
+                physmem.frames_view(pfn, nr)  # raises the Efault naming the range
+                raise Einval(msg=f"{self.name}: write of {nr} pages is not whole pages")
+            preempt(task, "swap_writepage")
+            if slot < 0 or slot + nr > self.nr_slots or state.count(_USED, slot, slot + nr) != nr:
+                self._check_run(slot, nr, "write")
+            if self._inject_write or self._rate:
+                self._injected(True, slot, nr)
+            off = slot << PAGE_SHIFT
+            if own is not None:
+                own[off : off + nbytes] = mem[pa : pa + nbytes]
+            else:
+                view = mem[pa : pa + nbytes]
+                done = 0
+                while done < nbytes:
+                    done += os.pwrite(self._fd, view[done:], off + done)
+            stats.pswpout += nr
+            stats.bytes_out += nbytes
+
+    def read_frames(self, physmem, pairs: Sequence[tuple[int, int, int]]) -> None:
+        """Read slots into frames of ``physmem``: for each ``(pfn, slot, nr)`` of ``pairs``,
+        slots ``slot ..`` into frames ``pfn ..``, as :meth:`read_slots_into` of each pair
+        would (same checks, injected errors, preemption points). Kernel: swap_read_folio().
+
+        Raises:
+            Efault: a frame outside RAM. Eio: an injected read error (the pairs before it were
+            read; the slots keep their data).
+        """
+        mem, size = physmem.mem, physmem.size
+        own = self._mem
+        state = self._state
+        stats = self._stats
+        task = runtime.current()  # runtime.preempt() per pair, looked up once
+        preempt = task.runtime._preempt
+        for pfn, slot, nr in pairs:
+            pa, nbytes = pfn << PAGE_SHIFT, nr << PAGE_SHIFT
+            if pfn < 0 or nr <= 0 or pa + nbytes > size:
+                physmem.frames_view(pfn, nr)
+                raise Einval(msg=f"{self.name}: read of {nr} pages is not whole pages")
+            preempt(task, "swap_read_folio")
+            if slot < 0 or slot + nr > self.nr_slots or state.count(_USED, slot, slot + nr) != nr:
+                self._check_run(slot, nr, "read")
+            if self._inject_read or self._rate:
+                self._injected(False, slot, nr)
+            off = slot << PAGE_SHIFT
+            if own is not None:
+                mem[pa : pa + nbytes] = own[off : off + nbytes]
+            else:
+                view = mem[pa : pa + nbytes]
+                done = 0
+                while done < nbytes:
+                    got = os.preadv(self._fd, [view[done:]], off + done)
+                    if got <= 0:
+                        raise Eio(msg=f"{self.name}: short read at slot {slot}")
+                    done += got
+            stats.pswpin += nr
+            stats.bytes_in += nbytes
 
     def read_slot(self, slot: int) -> bytes:
         """Read one page. Kernel: swap_read_folio() [mm/page_io.c]"""
