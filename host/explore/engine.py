@@ -307,7 +307,8 @@ def mutant_table(
     the first violation over ``seeds`` campaigns (campaign ``k`` starts at seed ``1000 k``),
     how many campaigns found it within ``limit``, and the invariants that caught it. Each
     mutant runs on its scenario (:func:`~.scenario.scenario_for_mutant`: the standard one but
-    for the reset mutant, which needs a hang)."""
+    for the reset mutant, which needs a hang, and the VM_BIND flavour's, which run on
+    ``gpuvm``)."""
     import statistics
 
     rows = []

@@ -375,8 +375,8 @@ class _Run:
     def _frame_owners(self, pfns: set[int]) -> set[str]:
         """The objects whose locks guard the frames ``pfns`` (for a search: what a GPU step
         worked on): a BO's frames its reservation lock, a VM's page tables its page-table
-        lock, the ring and the fence page the ring lock; any other frame (free, or the
-        allocator's) ``mm``."""
+        lock, the ring and the fence page the ring lock. Any other frame (a free one, reached
+        through a stale mapping) makes the step dependent with every other (``*``)."""
         owner: dict[int, str] = {}
         drv = self.drv
         for obj in drv.bos:
@@ -394,7 +394,7 @@ class _Run:
         for i in range(gpu.ring_pages):
             owner[(gpu.ring_pa >> 12) + i] = ring
         owner[gpu.fence_pa >> 12] = ring
-        return {owner.get(pfn, "mm") for pfn in pfns}
+        return {owner.get(pfn, "*") for pfn in pfns}
 
     def _watch_frees(self) -> None:
         """Check every freed frame against the GPU page tables (a KASAN for the GPU)."""
