@@ -346,7 +346,11 @@ class GdbStub:
         self._hit: bytes | None = None  # stop reply decided by a hook during a run
         self._hit_text = ""  # ... and why, for `monitor status` / `monitor fault`
         self._errors_seen = 0
-        self._free_step = False
+        # after a watchpoint stop: (pc, in_ib) of the packet whose DMA hit, shown as pc until
+        # the first step past the stop or a continue (see _step)
+        self._free_step: tuple[int, bool] | None = None
+        self._watch_reported = False  # gdb made its step over the watchpoint stop
+        self._hit_at: tuple[int, bool] = (0, False)  # the packet that caused _hit
         self._last_sent = b""
         self.out = bytearray()  # replies gdb has not taken yet (sends never block the device)
         self.counters = dict(connections=0, packets=0, bad_packets=0, stops=0)
@@ -417,7 +421,7 @@ class GdbStub:
         self.watchpoints.clear()
         self._install_hooks()
         self.running = False
-        self._free_step = False
+        self._free_step = None
         self.gpu.resume()
         log.info("gdb detached (%s); the device runs on", why)
 
@@ -533,7 +537,8 @@ class GdbStub:
         cp = self.gpu.cp
         if self._hit is not None:
             reply, self._hit = self._hit, None
-            self._free_step = b"watch:" in reply
+            self._free_step = self._hit_at if b"watch:" in reply else None
+            self._watch_reported = False
             self._stop(reply, self._hit_text)
         elif cp.errors != self._errors_seen:
             self.gpu.halt()
@@ -555,7 +560,7 @@ class GdbStub:
         self.send(reply)
 
     def _resume(self) -> None:
-        self._free_step = False
+        self._free_step = None
         self._hit = None
         self._errors_seen = self.gpu.cp.errors
         self.running = True
@@ -564,11 +569,15 @@ class GdbStub:
 
     def _step(self) -> bytes:
         """Execute exactly one packet; the reply is the stop it caused."""
-        if self._free_step:
-            # aarch64 watchpoints are "non-steppable": after a watchpoint stop gdb steps over
-            # the accessing instruction before checking the value. Our stop comes after the
-            # packet's DMA already happened, so that step must not run another packet.
-            self._free_step = False
+        if self._free_step is not None:
+            # aarch64 watchpoints are "non-steppable": gdb expects the stop *at* the accessing
+            # instruction and steps over it before it reports the watchpoint. The stop shows
+            # pc on the packet that wrote, whose DMA already happened, so gdb's step leaves
+            # pc there (had it moved onto a breakpoint, gdb would report only that one); the
+            # user's next step moves pc to the next packet, still without running one.
+            if self._watch_reported:
+                self._free_step = None
+            self._watch_reported = True
             return b"T%02xthread:01;" % SIGTRAP
         gpu = self.gpu
         errors = gpu.cp.errors
@@ -584,7 +593,8 @@ class GdbStub:
         elif hit is not None:
             reply = hit
             self.stop_text = self._hit_text
-            self._free_step = True
+            self._free_step = self._hit_at
+            self._watch_reported = False
         else:
             reply = b"T%02xthread:01;" % SIGTRAP
             self.stop_text = "stepped one packet"
@@ -619,6 +629,8 @@ class GdbStub:
                 hit = max(addr, waddr)
                 name = {2: b"watch", 3: b"rwatch", 4: b"awatch"}[kind]
                 self._hit = b"T%02x%s:%x;thread:01;" % (SIGTRAP, name, hit)
+                cp = self.gpu.cp
+                self._hit_at = (cp._cur_pc, cp._cur_in_ib)
                 where = "PA" if space == SPACE_PHYS else f"AS{space} VA"
                 self._hit_text = (
                     f"{name.decode()}point: {'write' if write else 'read'} of {size} bytes at "
@@ -639,7 +651,11 @@ class GdbStub:
         return _error_addr(self.gpu)
 
     def core_values(self) -> dict[str, int]:
-        return core_values(self.gpu)
+        values = core_values(self.gpu)
+        if self._free_step is not None:
+            values["pc"], in_ib = self._free_step
+            values["x11"] = int(in_ib)
+        return values
 
     def register_bytes(self) -> bytes:
         """Every register in regnum order (the ``g`` reply, before hex)."""

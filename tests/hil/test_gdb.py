@@ -104,7 +104,8 @@ def test_registers_memory_break_step_watch_and_detach():
             out,
         )
         assert "Old value = 0\nNew value = 7" in out, out
-        assert values[7] == f"{RING_BASE + ring_len:#x}", out
+        fence_at = RING_BASE + ring_len - len(job.ring_packets[-1])
+        assert values[7] == f"{fence_at:#x}", ("the watch stop is at the FENCE that wrote", out)
         assert "detached" in out, out
         fence = ram.read_u64(job.data_pa + 0x3000)
         for _ in range(2000):
@@ -119,8 +120,8 @@ def test_registers_memory_break_step_watch_and_detach():
 
 def test_watchpoint_stops_at_the_writing_packet():
     """`set` writes GPU memory through AS1 (an unmapped address is refused); `watch` on a
-    word stops once, after the WRITE_DATA that stores it (old and new value shown, pc on the
-    next packet), not a packet later."""
+    word stops once, after the WRITE_DATA that stores it ran (old and new value shown, pc on
+    that packet, as a CPU's watchpoint shows the storing instruction), not a packet later."""
     ib_at = _offsets(IB, IB_VA)
     with spawn_gdb_device() as dev, attached_client(dev.spec, size=1 << 20) as client:
         job = setup_job(client, IB)
@@ -135,7 +136,7 @@ def test_watchpoint_stops_at_the_writing_packet():
             "p $x7",
         )
         assert "Old value = 0\nNew value = 3735928559" in out, out
-        assert _values(out) == [f"{ib_at[2]:#x}", "4"], out
+        assert _values(out) == [f"{ib_at[1]:#x}", "4"], out
         assert client.memory.read_u32(job.data_pa + 0x300) == 0x1234
         assert f"Cannot access memory at address {DATA_VA + 0x9000:#x}" in out, out
 

@@ -9,8 +9,8 @@ while gdb looks at it.
 
 from __future__ import annotations
 
+import re
 import socket
-import threading
 import time
 
 import pexpect
@@ -20,7 +20,16 @@ from gemu.device.abi import regs
 from gemu.device.abi.enums import CpState, WaitFunc
 from gemu.guest.gemu_drv.job import BoAccess
 from gemu.host.machine import Machine
-from tests.support.gdb import GDB, needs_gdb
+from tests.support.device import attached_client
+from tests.support.gdb import (
+    DATA_VA,
+    GDB,
+    IB_VA,
+    gdb_batch,
+    needs_gdb,
+    setup_job,
+    spawn_gdb_device,
+)
 
 pytestmark = needs_gdb
 
@@ -105,3 +114,48 @@ def test_ctrl_c_during_wait_mem_does_not_count_against_the_job():
         assert m.driver.gpu.stats.resets == 0
         f.close()
         m.check_clean()
+
+
+WATCH_IB = [
+    pk.fill(DATA_VA, 0x100, 0x11223344),
+    pk.write_data(DATA_VA + 0x200, [0xDEADBEEF]),
+    pk.nop(2),
+    pk.atomic_add(DATA_VA + 0x208, 5),
+]
+
+
+def test_watch_hit_is_reported_before_the_next_packets_breakpoint():
+    """Breakpoints on the IB's first packet and on the packet after the WRITE_DATA; at the
+    first, `watch` the word the WRITE_DATA stores and continue: gdb reports the watchpoint
+    (old and new value) at the WRITE_DATA, the next continue the breakpoint after it, and
+    stepi from there runs the NOP."""
+    at, addr = [], IB_VA
+    for p in WATCH_IB:
+        at.append(addr)
+        addr += len(p)
+    with spawn_gdb_device() as dev, attached_client(dev.spec, size=1 << 20) as client:
+        setup_job(client, WATCH_IB)
+        out = gdb_batch(
+            dev.gdb_port,
+            f"break *{at[0]:#x}",
+            f"break *{at[2]:#x}",
+            "continue",
+            "monitor as 1",
+            f"watch *(unsigned int*){DATA_VA + 0x200:#x}",
+            "continue",
+            "p/x $pc",
+            "continue",
+            "p/x $pc",
+            "stepi",
+            "p/x $pc",
+            "delete",
+            "detach",
+        )
+    watch = out.index("Hardware watchpoint 3: *(unsigned int*)0x100200\n\nOld value = 0\n")
+    assert "New value = 3735928559" in out[watch:], out
+    assert out.index("Breakpoint 2, ") > watch, out
+    assert re.findall(r"^\$\d+ = (.*)$", out, re.M) == [
+        f"{at[1]:#x}",
+        f"{at[2]:#x}",
+        f"{at[3]:#x}",
+    ], out

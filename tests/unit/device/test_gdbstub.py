@@ -244,16 +244,21 @@ def test_breakpoint_step_and_continue(rig):
 
 
 def test_watchpoint_reports_the_address(rig):
-    """Z2 on the word WRITE_DATA stores stops after that packet with watch:ADDR, and the
-    step gdb makes over the 'instruction' does not run another packet."""
-    gpu, _stub, g = rig
+    """Z2 on the word WRITE_DATA stores stops after that packet with watch:ADDR and pc on
+    the packet that wrote; the step gdb makes over the 'instruction' leaves pc there, the
+    next step moves pc to the next packet, neither runs a packet; the one after runs one."""
+    gpu, stub, g = rig
     assert g.call(b"Z2,%x,4" % DATA_VA) == b"OK"
     g.sock.sendall(frame(b"c"))
     assert g.read_byte() == b"+"
     assert g.read_packet() == b"T05watch:%x;thread:01;" % DATA_VA
+    writer = stub.core_values()["pc"]
+    assert writer < gpu.cp.pc()
     packets = gpu.cp.packets
     assert g.call(b"vCont;s:1") == b"T05thread:01;"
-    assert gpu.cp.packets == packets
+    assert gpu.cp.packets == packets and stub.core_values()["pc"] == writer
+    assert g.call(b"s") == b"T05thread:01;"
+    assert gpu.cp.packets == packets and stub.core_values()["pc"] == gpu.cp.pc()
     assert g.call(b"s") == b"T05thread:01;"
     assert gpu.cp.packets == packets + 1
 
