@@ -229,10 +229,32 @@ class Gpu:
     def halt(self) -> None:
         """Hold the CP before its next packet (HALTED)."""
         self.cp.halted = True
+        self._debugger_hold = True
 
     def resume(self) -> None:
-        """Release the hold; the packet at CP_PC runs next without asking packet_hook again."""
-        self.cp.halted = False
+        """Release the hold; the packet at CP_PC runs next without asking packet_hook again.
+        While the machine is paused (:meth:`pause`) the CP stays held until it continues."""
+        self._debugger_hold = False
+        self.cp.halted = self.paused
+
+    # --- machine run state (QMP stop/cont) -------------------------------------------------
+
+    paused = False
+    """The machine's ``stop``: the CP holds (HALTED) until ``cont``, whatever gdb does."""
+    _debugger_hold = False
+
+    def pause(self) -> None:
+        """Hold the CP for the machine (QMP ``stop``), on top of any debugger hold."""
+        if not self.paused:
+            # a breakpoint or watchpoint stop sets cp.halted without halt(): it is gdb's too
+            self._debugger_hold = self.cp.halted
+            self.paused = True
+        self.cp.halted = True
+
+    def unpause(self) -> None:
+        """Release the machine's hold (QMP ``cont``); a debugger's hold stays."""
+        self.paused = False
+        self.cp.halted = self._debugger_hold
 
     def single_step(self) -> int:
         """Execute exactly one packet, even while halted; returns 1 if one completed."""

@@ -1056,6 +1056,23 @@ class DeviceServer:
         data["server"] = self.statistics()
         return json.dumps(data, default=str).encode()
 
+    def _on_run_state(self, s: _Session, hdr: p.Header, req) -> bytes:
+        try:
+            run = p.RunRequest(req.run)
+        except ValueError:
+            raise _Reject(
+                p.ProtoError.EINVAL, f"unknown run request {req.run} (0 QUERY, 1 STOP, 2 CONT)"
+            ) from None
+        if run is p.RunRequest.STOP:
+            self.gpu.pause()
+            log.info("machine stopped by %s: the command processor holds", s.conn.name)
+        elif run is p.RunRequest.CONT:
+            self.gpu.unpause()
+            log.info("machine continued by %s", s.conn.name)
+        return p.RUN_STATE_REPLY.build(
+            dict(paused=int(self.gpu.paused), halted=int(self.gpu.cp.halted))
+        )
+
     _handlers: dict[p.Command, Callable] = {
         p.Command.VERSION: _on_version,
         p.Command.REG_READ: _on_reg_read,
@@ -1069,6 +1086,7 @@ class DeviceServer:
         p.Command.MEM_READ: _on_mem_read,
         p.Command.MEM_WRITE: _on_mem_write,
         p.Command.STATS: _on_stats,
+        p.Command.RUN_STATE: _on_run_state,
     }
 
     # --- in-band DMA -----------------------------------------------------------------------

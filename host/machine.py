@@ -41,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -300,6 +301,31 @@ class Machine:
                 self.client.readl(regs.GPU_ID.offset)
         return self.device_lost()
 
+    # -- run state: QMP stop, cont, system_reset --------------------------------------------
+    def stop(self) -> None:
+        """Hold the GPU (QMP ``stop``): its command processor stops before its next packet
+        until :meth:`cont`. The guest keeps running; its job timeouts re-arm while the GPU is
+        held (the timeout handler finds STATUS.HALTED), so a stop is never taken for a hang."""
+        from gemu.device.abi.protocol import RunRequest
+
+        self.client.run_state(RunRequest.STOP)
+
+    def cont(self) -> None:
+        """Release the hold of :meth:`stop` (a debugger's own hold stays)."""
+        from gemu.device.abi.protocol import RunRequest
+
+        self.client.run_state(RunRequest.CONT)
+
+    def paused(self) -> bool:
+        """Whether :meth:`stop` holds the GPU (asks the device)."""
+        return self.client.run_state()[0]
+
+    def system_reset(self, done: Callable[[], None] | None = None) -> None:
+        """Reset the GPU with no job to blame (QMP ``system_reset``): the driver's reset path
+        (drm_sched_stop, soft reset, re-emit unfinished jobs, drm_sched_start), queued on the
+        scheduler's timeout workqueue; ``done`` is called once the GPU runs again."""
+        self.driver.schedule_reset("system reset requested by the host", done)
+
     def boot_log(self) -> list[str]:
         """What the guest kernel printed while booting: device, memory, swap, ring."""
         gpu = self.driver.gpu
@@ -375,8 +401,10 @@ class Machine:
     def query(self, view: str, session=None):
         """One view of the machine as plain data, the same data the console's ``info VIEW``
         formats (see :mod:`gemu.host.query`): ``mem``, ``swap``, ``shrinker``, ``ring``,
-        ``lockdep``, ``stats``; ``objects``, ``mmu``, ``fences`` and ``tasks`` show a console
-        session's state and need that ``session`` (a :class:`~gemu.host.shell.Shell`)."""
+        ``lockdep``, ``stats``, ``reclaim`` (driver mode vm-bind's per-VM shrinker);
+        ``objects``, ``mmu``, ``fences``, ``tasks`` and ``vms`` (driver mode vm-bind's VMs)
+        show a console session's state and need that ``session`` (a
+        :class:`~gemu.host.shell.Shell`)."""
         from gemu.host.query import query
 
         return query(self, view, session)

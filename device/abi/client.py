@@ -440,6 +440,15 @@ class DeviceClient:
         )
         return StepResult(executed, CpState(state), clock_ns, bool(level))
 
+    def run_state(self, run: p.RunRequest = p.RunRequest.QUERY) -> tuple[bool, bool]:
+        """The machine's stop/cont of the device (QMP ``stop``/``cont``): send ``run`` and
+        return (paused, halted): the machine's hold, and whether the CP holds at all (the
+        machine's or a debugger's)."""
+        reply = p.RUN_STATE_REPLY.parse(
+            self._call(p.Command.RUN_STATE, p.RUN_STATE_REQ.build(dict(run=int(run))))
+        )
+        return bool(reply.paused), bool(reply.halted)
+
     def set_clock_mode(self, mode: p.ClockMode | int) -> None:
         self._call(p.Command.CLOCK_MODE, p.CLOCK_MODE_REQ.build(dict(mode=int(mode))))
 

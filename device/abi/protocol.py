@@ -40,7 +40,7 @@ from enum import IntEnum, IntFlag
 from construct import Bytes, Const, GreedyBytes, Int16ul, Int32ul, Int64ul, Struct, this
 
 PROTOCOL_MAJOR = 1
-PROTOCOL_MINOR = 0
+PROTOCOL_MINOR = 1
 HEADER_SIZE = 16
 MAX_DMA = 1 << 20
 MAX_MESSAGE = HEADER_SIZE + 64 + MAX_DMA
@@ -64,6 +64,7 @@ class Command(IntEnum):
     MEM_READ = 13
     MEM_WRITE = 14
     STATS = 15
+    RUN_STATE = 16
 
 
 class MsgFlags(IntFlag):
@@ -89,6 +90,12 @@ class ProtoError(IntEnum):
 class ClockMode(IntEnum):
     FREE = 0  # the CP runs on its own thread as soon as the doorbell rings
     STEPPED = 1  # the CP and the device clock advance only on STEP requests
+
+
+class RunRequest(IntEnum):
+    QUERY = 0  # only report the run state
+    STOP = 1  # the machine's stop (QMP stop): the CP holds before its next packet
+    CONT = 2  # the machine's cont: release that hold (a debugger's own hold stays)
 
 
 class MemMapFlags(IntFlag):
@@ -152,6 +159,8 @@ MEM_WRITE_REQ = Struct(
     "space" / Int32ul, "size" / Int32ul, "addr" / Int64ul, "data" / Bytes(this.size)
 )
 STATS_REPLY = Struct("json" / GreedyBytes)
+RUN_STATE_REQ = Struct("run" / Int32ul)
+RUN_STATE_REPLY = Struct("paused" / Int32ul, "halted" / Int32ul)
 
 # Payload of each request and of its successful reply. None: empty payload.
 REQUESTS = {
@@ -170,6 +179,7 @@ REQUESTS = {
     Command.MEM_READ: (MEM_READ_REQ, MEM_READ_REPLY),
     Command.MEM_WRITE: (MEM_WRITE_REQ, None),
     Command.STATS: (None, STATS_REPLY),
+    Command.RUN_STATE: (RUN_STATE_REQ, RUN_STATE_REPLY),
 }
 
 

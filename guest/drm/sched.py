@@ -51,7 +51,7 @@ import itertools
 import logging
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from enum import IntEnum
 from typing import Any
 
@@ -272,6 +272,9 @@ class DrmGpuScheduler:
         self.wake = runtime.WaitQueue(f"{name}.wake")
         self.job_scheduled = runtime.WaitQueue(f"{name}.job_scheduled")
         self._tdr_deadline: int | None = None
+        self._tdr_work: list[Callable[[], None]] = []
+        """Work queued on the timeout workqueue (:func:`queue_tdr_work`), run in order with
+        the job timeouts."""
         self._stop_requested = False
         self._worker: runtime.Task | None = None
 
@@ -797,7 +800,7 @@ def _timeout_due(sched: DrmGpuScheduler) -> bool:
 
 
 def _has_work(sched: DrmGpuScheduler) -> bool:
-    if sched._stop_requested or _timeout_due(sched):
+    if sched._stop_requested or sched._tdr_work or _timeout_due(sched):
         return True
     if sched.pause_submit:
         return False
@@ -814,6 +817,8 @@ def _worker(sched: DrmGpuScheduler) -> None:
         sched.wake.wait_event(lambda: _has_work(sched), timeout_ns=timeout)
         if sched._stop_requested:
             return
+        while sched._tdr_work:
+            sched._tdr_work.pop(0)()
         if _timeout_due(sched):
             _job_timedout(sched)
         if sched.pause_submit:
@@ -830,6 +835,18 @@ def resume_timeout(sched: DrmGpuScheduler, remaining_ns: int) -> None:
     """
     with sched.job_list_lock:
         sched._tdr_deadline = runtime.now_ns() + max(0, remaining_ns)
+
+
+def queue_tdr_work(sched: DrmGpuScheduler, work: Callable[[], None]) -> None:
+    """Run ``work`` on the scheduler's timeout workqueue: after the job timeout handler that
+    may be running, never concurrently with one, even while the scheduler is stopped.
+
+    Kernel: queue_work(sched->timeout_wq, ...): drivers share that ordered workqueue for
+    their own resets, as panfrost_device_schedule_reset() queues panfrost_reset_work on
+    pfdev->reset.wq, the timeout_wq it gives drm_sched_init().
+    """
+    sched._tdr_work.append(work)
+    wakeup(sched)
 
 
 def _entity_wakeup(entity: DrmSchedEntity) -> None:

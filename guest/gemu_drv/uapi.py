@@ -31,7 +31,7 @@ import errno
 import logging
 import threading
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from gemu.device.abi import regs
@@ -445,7 +445,34 @@ class GemuDriver:
         self._tdr_job, self._tdr_left = job, left
         return left
 
-    def _reset_and_restart(self, job: GemuJob, hw, message: str) -> drm_sched.DrmGpuSchedStat:
+    def schedule_reset(self, message: str, done: Callable[[], None] | None = None) -> None:
+        """Reset the GPU with no job to blame (a host's system_reset): queued on the
+        scheduler's timeout workqueue, so it never runs beside a job timeout's reset.
+        ``done`` is called once the GPU runs again.
+
+        Kernel: panfrost_device_schedule_reset() → panfrost_reset_work() →
+        panfrost_reset(pfdev, NULL): drm_sched_stop, soft reset, re-emit every job that had
+        not finished, drm_sched_start.
+        """
+
+        def work() -> None:
+            drm_sched.stop(self.sched, None)
+            cookie = lockdep.dma_fence_begin_signalling()
+            try:
+                self._reset_and_restart(None, None, message)
+            except (ConnectionError, OSError) as exc:  # DeviceGone, as in recover()
+                log.error("%s: %s failed, the device is lost: %s", self.gpu.name, message, exc)
+                drm_sched.start(self.sched, -errno.ENODEV)
+            finally:
+                lockdep.dma_fence_end_signalling(cookie)
+            if done is not None:
+                done()
+
+        drm_sched.queue_tdr_work(self.sched, work)
+
+    def _reset_and_restart(
+        self, job: GemuJob | None, hw, message: str
+    ) -> drm_sched.DrmGpuSchedStat:
         sched = self.sched
         with sched.job_list_lock:
             pending = list(sched.pending_list)
