@@ -126,6 +126,27 @@ class Mutant(Enum):
     ioctl before 9fc33eaaa979 "drm/panfrost: Fix shrinker list corruption by madvise IOCTL"
     (host/explore/bugs.py)."""
     # Historical bugs of GEM shmem, the GEM LRU, shrinkers and dma_resv (host/explore/bugs.py)
+    GEM_LRU_REMOVE_UNLOCKED = "gem-lru-remove-unlocked"
+    """drm_gem_lru_remove() reads ``obj->lru`` without the LRU lock and only then takes the
+    lock it reached through that pointer: a drm_gem_lru_scan() may meanwhile have returned,
+    and the pointer was its on-stack ``still_in_lru`` list. Before 379e8f1ca5e9 "drm/gem: Make
+    the GEM LRU lock part of drm_device"."""
+    SHRINKER_SCAN_TICKET = "shrinker-scan-ticket"
+    """The shrinker's LRU walk starts a ww acquire context (``ticket``) of the reservation
+    class for each object, inside fs_reclaim: msm's shrinker before 3392291fc509 "drm/msm: Fix
+    shrinker deadlock"."""
+    RESV_REPLACE_OLDER = "resv-replace-older"
+    """dma_resv_add_fence() replaces a fence of the same context without checking that the new
+    one is later: an imported older fence hides a newer, unsignalled one. Before a3f7c10a269d
+    "dma-buf/dma-resv: check if the new fence is really later"."""
+    VUNMAP_CLEARS_VADDR = "vunmap-clears-vaddr"
+    """drm_gem_shmem_vunmap_locked() clears ``vaddr`` on every call, not only on the last:
+    the next nested vmap gets a NULL mapping. Before dd7177627618 "drm/shmem-helper: Fix
+    unsetting shmem vaddr while vmap refcount > 0"."""
+    MMAP_ERRANT_PUT = "mmap-errant-put"
+    """drm_gem_shmem_mmap()'s error path (getting the pages failed) drops a GEM reference it
+    does not own: the object is freed while a handle still names it. Before 24013314be6e
+    "drm/shmem-helper: Remove errant put in error path"."""
     # end of GEM shmem, the GEM LRU, shrinkers and dma_resv
     # Historical bugs of drm_sched and reset paths (host/explore/bugs.py)
     TDR_FREES_JOB = "tdr-frees-job"
