@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -55,13 +56,17 @@ def test_system_reset_resubmits_the_job_the_reset_lost(machine):
     va = f.vm_bind(out)
     machine.stop()
     fence = f.submit(pk.write_data(va, [0x5EED]), bos=[(out, WRITE)])
+    gpu = machine.driver.gpu
+    deadline = time.monotonic() + 5
+    while gpu.stats.jobs_emitted < 1:  # the scheduler put it in the ring (not yet run)
+        assert time.monotonic() < deadline, "the job never reached the ring"
+        time.sleep(0.001)
     done = threading.Event()
     machine.system_reset(done.set)
     assert done.wait(5)
     machine.cont()
     f.wait(fence, 5)
     assert f.read(out, 0, 4) == (0x5EED).to_bytes(4, "little")
-    gpu = machine.driver.gpu
     assert gpu.stats.resets == 1 and gpu.stats.resubmitted == 1
     f.close()
 
