@@ -60,6 +60,7 @@ if TYPE_CHECKING:
 
 VA_LIMIT = 1 << VA_BITS
 _PAGE_MASK = PAGE_SIZE - 1
+_RUNS_MAX = 4096  # contiguous ranges remembered per AS (a guest cannot grow it further)
 _ADDR = pte.ADDR_MASK
 _KIND = pte.VALID | pte.TYPE_MASK  # VALID and TYPE: the bits that make an entry a table/page
 _TABLE = pte.TABLE_BITS
@@ -127,13 +128,17 @@ def perms_str(entry: int) -> str:
 class AddressSpace:
     """Latched configuration and TLB of one AS."""
 
-    __slots__ = ("fault", "index", "lock", "mode", "tlb", "transtab")
+    __slots__ = ("fault", "index", "lock", "mode", "runs", "tlb", "transtab")
 
     def __init__(self, index: int) -> None:
         self.index = index
         self.transtab = 0
         self.mode = TransCfgMode.DISABLED
         self.tlb: dict[int, int] = {}  # VA page number -> leaf entry, oldest first
+        # (first VA page, pages) -> leaf entry of the first page, for ranges whose TLB entries
+        # form one physically contiguous run with the same permission bits; dropped whenever
+        # an entry leaves the TLB, so it never answers what the TLB would not
+        self.runs: dict[tuple[int, int], int] = {}
         self.lock: tuple[int, int] | None = None  # locked page numbers [lo, hi)
         self.fault: MmuFault | None = None  # the latched fault, if any
 
@@ -255,6 +260,7 @@ class Mmu:
     def _flush(self, space: AddressSpace, lo: int | None = None, hi: int | None = None) -> int:
         self.flushes += 1
         tlb = space.tlb
+        space.runs.clear()
         if lo is None or hi is None:
             tlb.clear()
             return 1
@@ -272,6 +278,7 @@ class Mmu:
         tlb = space.tlb
         excess = len(tlb) - self.capacity
         if excess > 0:
+            space.runs.clear()
             for vpn in list(islice(tlb, max(excess, self.capacity >> 4))):
                 del tlb[vpn]
 
@@ -392,6 +399,18 @@ class Mmu:
                 raise TranslationFault(MmuFault.BUS, va + max(0, memsize - pa))
             return [(pa, size)]
 
+        runs = space.runs
+        first = runs.get((vpn0, n))
+        if first is not None:
+            # the same pages as a translation that found one contiguous run, none evicted or
+            # flushed since: the TLB would answer the same, page by page
+            self.hits += n
+            if first & need != need:
+                raise TranslationFault(MmuFault.PERMISSION, va)
+            pa = (first & _ADDR) | (va & _PAGE_MASK)
+            if pa + size > memsize:
+                raise TranslationFault(MmuFault.BUS, va + max(0, memsize - pa))
+            return [(pa, size)]
         vals = list(map(tlb.get, range(vpn0, vpn0 + n))) if tlb else [None] * n
         missing = vals.count(None)
         self.hits += n - missing
@@ -401,6 +420,10 @@ class Mmu:
             first = vals[0]
             if vals == list(range(first, first + (n << PAGE_SHIFT), PAGE_SIZE)):
                 # One physically contiguous run with identical permission bits.
+                if not missing:  # every page was in the TLB before this call
+                    if len(runs) >= _RUNS_MAX:
+                        runs.clear()
+                    runs[vpn0, n] = first
                 if first & need != need:
                     raise TranslationFault(MmuFault.PERMISSION, va)
                 pa = (first & _ADDR) | (va & _PAGE_MASK)
