@@ -138,9 +138,18 @@ class DmaFence:
     def __init__(
         self, ops: DmaFenceOps | None = None, context: int = 0, seqno: int = 0, *, seqno64=False
     ) -> None:
-        # the kernel's inline per-fence lock; dma_fence_init()/_init64() below
+        # the kernel's inline per-fence lock, then dma_fence_init()/_init64() (_fence_init,
+        # spelled out: three fences per job)
         self.lock = threading.Lock()
-        _fence_init(self, ops, context, seqno, _SEQNO64 if seqno64 else 0)
+        self.ops = ops if ops is not None else _DEFAULT_OPS
+        self.context = context
+        self.seqno = seqno
+        self.flags = _SEQNO64 | _INITIALIZED if seqno64 else _INITIALIZED
+        self.error = 0
+        self.refcount = 1
+        self.timestamp = 0
+        self.cb_list = []
+        self.signal_owner = None
 
     def __repr__(self) -> str:
         state = "signaled" if self.flags & _SIGNALED else "pending"
@@ -149,6 +158,7 @@ class DmaFence:
 
 
 def _fence_init(fence: DmaFence, ops, context: int, seqno: int, flags: int) -> None:
+    # DmaFence.__init__ has a copy of these assignments: keep the two alike.
     fence.ops = ops if ops is not None else _DEFAULT_OPS
     fence.context = context
     fence.seqno = seqno

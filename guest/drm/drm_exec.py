@@ -92,7 +92,7 @@ class DrmExec:
     __slots__ = ("contended", "flags", "max_objects", "objects", "prelocked", "ticket")
 
     def __init__(self, flags: DrmExecFlags | int = 0, nr: int = 0) -> None:
-        self.flags = DrmExecFlags(flags)
+        self.flags = flags if type(flags) is DrmExecFlags else DrmExecFlags(flags)
         self.max_objects = nr if nr else _PTRS_PER_PAGE
         self.objects: list[LockableObject] = []
         self.ticket: ww_mutex.WwAcquireCtx | None = None

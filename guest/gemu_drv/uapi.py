@@ -602,6 +602,11 @@ class CmdPool:
 
     def _copy(self, off: int, data: bytes) -> None:
         mem, pas = self.mem, self.pas
+        in_page = off & (PAGE_SIZE - 1)
+        if in_page + len(data) <= PAGE_SIZE:  # one page: most command buffers
+            pa = pas[off // PAGE_SIZE] + in_page
+            mem[pa : pa + len(data)] = data
+            return
         pos = 0
         while pos < len(data):
             page, in_page = divmod(off + pos, PAGE_SIZE)
@@ -807,7 +812,7 @@ class GemuFile:
             for handle, access in bos:
                 self._add_ref(refs, seen, handle, BoAccess(access))
             chunk = None
-            if isinstance(cmd, bytes | bytearray | memoryview):
+            if isinstance(cmd, (bytes, bytearray, memoryview)):
                 data = bytes(cmd)
                 if not data or len(data) % 4:
                     raise Einval(msg=f"command buffer must be whole dwords, not {len(data)} bytes")
