@@ -284,6 +284,23 @@ def reserve_fences(obj: DmaResv, num_fences: int) -> None:
         dma_fence.put(fence)
 
 
+def _replaces_any(new: DmaFence, old: DmaFence) -> bool:
+    return True
+
+
+replaces_same_context: Callable[[DmaFence, DmaFence], bool] = dma_fence.is_later_or_same
+"""Whether :func:`add_fence` may put ``new`` in the slot of ``old``, a fence of the same
+context: ``dma_fence_is_later_or_same`` since 95ba893c9f4f. gemu explore's
+``resv-replace-older`` mutant (set by the driver at probe) makes it :func:`_replaces_any`,
+the test before a3f7c10a269d "dma-buf/dma-resv: check if the new fence is really later"."""
+
+
+def set_replaces_older(on: bool) -> None:
+    """Switch gemu explore's ``resv-replace-older`` mutant on or off (process-wide)."""
+    global replaces_same_context
+    replaces_same_context = _replaces_any if on else dma_fence.is_later_or_same
+
+
 def add_fence(obj: DmaResv, fence: DmaFence, usage: DmaResvUsage) -> None:
     """Record that ``fence`` uses the buffer as ``usage``, in a reserved slot.
 
@@ -312,7 +329,7 @@ def add_fence(obj: DmaResv, fence: DmaFence, usage: DmaResvUsage) -> None:
             if (
                 old.context == fence.context
                 and old_usage >= usage
-                and dma_fence.is_later_or_same(fence, old)
+                and replaces_same_context(fence, old)
             ) or dma_fence.is_signaled(old):
                 table[i] = (fence, usage)
                 dma_fence.put(old)

@@ -30,6 +30,7 @@ from gemu.guest.dma_buf import dma_resv
 from gemu.guest.drm import gem
 from gemu.guest.drm.gem import PAGE_SHIFT, DrmGemObject
 from gemu.guest.errors import warn_on
+from gemu.guest.kernel import runtime
 from gemu.guest.locking import lockdep, ww_mutex
 from gemu.guest.locking.mutex import Mutex
 
@@ -217,16 +218,58 @@ def remove_locked(obj: DrmGemObject) -> None:
     _unlink(lru, obj)
 
 
+remove_reads_lru_unlocked = False
+"""gemu explore's ``gem-lru-remove-unlocked`` mutant (set by the driver at probe): :func:`remove`
+reads ``obj.lru`` and may be preempted before it takes the lock it found there."""
+
+
+class _FreedLruLock:
+    """The lock field of a :func:`scan`'s on-stack ``still_in_lru`` once the scan returned:
+    its stack frame is gone, so reaching the lock through it is a use after free (KASAN's
+    stack-out-of-bounds). Each use is reported (``lifetime``); the model then goes on with
+    the real lock so that the run can continue."""
+
+    __slots__ = ("name", "real")
+
+    def __init__(self, real: Mutex, name: str) -> None:
+        self.real = real
+        self.name = name
+
+    def _report(self) -> Mutex:
+        warn_on(True, f"use after free: the lock of {self.name}, reached after its scan returned")
+        return self.real
+
+    def lock(self) -> None:
+        self._report().lock()
+
+    def unlock(self) -> None:
+        self.real.unlock()
+
+    def __enter__(self) -> _FreedLruLock:
+        self.lock()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.real.unlock()
+
+
 def remove(obj: DrmGemObject) -> None:
     """Take ``obj`` off its LRU, if any. Kernel: drm_gem_lru_remove() [drivers/gpu/drm/drm_gem.c]
 
+    ``obj.lru`` and the lock it leads to are read together (no preemption between them), and
     ``obj.lru`` is read again under the lock: a concurrent :func:`scan` may have moved the
     object to its private list meanwhile (both lists share the lock, so the second read is
-    stable). This closes the race the kernel later fixed by making the lock device-wide.
+    stable). That is what the kernel's device-wide ``gem_lru_mutex`` gives since 379e8f1ca5e9.
     """
     lru = obj.lru
     if lru is None:
         return
+    if remove_reads_lru_unlocked:
+        # gemu explore's gem-lru-remove-unlocked mutant: drm_gem_lru_remove() before
+        # 379e8f1ca5e9 "drm/gem: Make the GEM LRU lock part of drm_device" read obj->lru
+        # without the lock, then mutex_lock(lru->lock): between the two a scan may return,
+        # and lru was its on-stack still_in_lru.
+        runtime.preempt("drm_gem_lru_remove: obj->lru read without the lock", obj)
     with lru.lock:
         remove_locked(obj)
 
@@ -309,6 +352,8 @@ def scan(
         while still_in_lru.first is not None:
             move_tail_locked(lru, still_in_lru.first)
         lru.lock.unlock()
+        # still_in_lru lives on the scan's stack: whoever still reaches its lock is too late
+        still_in_lru.lock = _FreedLruLock(lru.lock, still_in_lru.name)
     return freed
 
 

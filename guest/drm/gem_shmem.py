@@ -694,6 +694,14 @@ def vunmap_locked(shmem: DrmGemShmemObject, vaddr: IosysMap) -> None:
         shmem.vaddr.pfns = None
         shmem.vaddr = None
         unpin_locked(shmem)
+        return
+    mm = shmem.dev.shmem_mm
+    if mm is not None and mm.vunmap_clears_vaddr:
+        # gemu explore's vunmap-clears-vaddr mutant: drm_gem_shmem_vunmap_locked() between
+        # e1fc39a92332 (vmap_use_count a refcount_t) and dd7177627618 "drm/shmem-helper: Fix
+        # unsetting shmem vaddr while vmap refcount > 0" set shmem->vaddr = NULL after the
+        # refcount block, on every call.
+        shmem.vaddr = None
 
 
 def vmap(shmem: DrmGemShmemObject) -> IosysMap:
@@ -1110,6 +1118,13 @@ def mmap(shmem: DrmGemShmemObject, shared: bool = True) -> ShmemVma:
             dma_resv.unlock(shmem.resv)
     except BaseException:
         gem.put(shmem)
+        mm = shmem.dev.shmem_mm
+        if mm is not None and mm.mmap_errant_put:
+            # gemu explore's mmap-errant-put mutant: drm_gem_shmem_mmap() before 24013314be6e
+            # "drm/shmem-helper: Remove errant put in error path" called drm_gem_vm_close()
+            # (a drm_gem_object_put()) when getting the pages failed, a reference the mmap
+            # core owns and drops itself.
+            gem.put(shmem)
         raise
     vma = ShmemVma(shmem)
     with _atomic:

@@ -100,9 +100,12 @@ class DrmGemShmem:
         "lru_evicted",
         "lru_pinned",
         "madvise_list_add",
+        "mmap_errant_put",
+        "scan_ticket",
         "shrinker",
         "skip_busy_test",
         "stats",
+        "vunmap_clears_vaddr",
     )
 
     def __init__(self, dev: DrmDevice) -> None:
@@ -119,6 +122,12 @@ class DrmGemShmem:
         self.blocking_lock = False
         # Another: madvise(DONTNEED) links without unlinking first (gem_shmem.madvise_locked).
         self.madvise_list_add = False
+        # Historical bugs (host/explore/bugs.py): the walk starts a ww ticket per object
+        # (msm before 3392291fc509), vunmap clears vaddr while mapped (before dd7177627618),
+        # mmap's error path puts a reference it does not own (before 24013314be6e).
+        self.scan_ticket = False
+        self.vunmap_clears_vaddr = False
+        self.mmap_errant_put = False
         self.shrinker = Shrinker(
             dev.unique, self.count_objects, self.scan_objects, private_data=self
         )
@@ -151,12 +160,18 @@ class DrmGemShmem:
         failed_before = self.lru_evictable.trylock_failed
         self.stats.scans += 1
         blocking = self.blocking_lock
+        ticket = self.scan_ticket or None
         freed = gem_lru.scan(
-            self.lru_evictable, nr_to_scan, remaining, self._purge, blocking=blocking
+            self.lru_evictable, nr_to_scan, remaining, self._purge, ticket, blocking=blocking
         )
         if freed < nr_to_scan:
             freed += gem_lru.scan(
-                self.lru_evictable, nr_to_scan - freed, remaining, self._evict, blocking=blocking
+                self.lru_evictable,
+                nr_to_scan - freed,
+                remaining,
+                self._evict,
+                ticket,
+                blocking=blocking,
             )
         self.stats.skipped_locked += self.lru_evictable.trylock_failed - failed_before
         if trace.enabled:

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from gemu.device.abi import regs
 from gemu.guest.dma_buf import dma_fence, dma_resv
 from gemu.guest.dma_buf.dma_fence import DmaFence
-from gemu.guest.drm import gem, gem_shmem, gem_shmem_shrinker, vgem_fence
+from gemu.guest.drm import gem, gem_lru, gem_shmem, gem_shmem_shrinker, vgem_fence
 from gemu.guest.drm import sched as drm_sched
 from gemu.guest.errors import Ebusy, Einval, Enoent, Etimedout, KernelError
 from gemu.guest.gemu_drv import job as gjob
@@ -281,6 +281,13 @@ class GemuDriver:
             mm.skip_busy_test = self.mutant is Mutant.SHRINKER_SKIPS_BUSY
             mm.blocking_lock = self.mutant is Mutant.SHRINKER_BLOCKING_LOCK
             mm.madvise_list_add = self.mutant is Mutant.MADVISE_LIST_ADD
+            mm.scan_ticket = self.mutant is Mutant.SHRINKER_SCAN_TICKET
+            mm.vunmap_clears_vaddr = self.mutant is Mutant.VUNMAP_CLEARS_VADDR
+            mm.mmap_errant_put = self.mutant is Mutant.MMAP_ERRANT_PUT
+        # Process-wide switches of the generic helpers: every probe sets them for its own
+        # mutant (one machine at a time uses them: gemu explore).
+        gem_lru.remove_reads_lru_unlocked = self.mutant is Mutant.GEM_LRU_REMOVE_UNLOCKED
+        dma_resv.set_replaces_older(self.mutant is Mutant.RESV_REPLACE_OLDER)
 
     # -- probe / remove --------------------------------------------------------------------
     def probe(self) -> None:
