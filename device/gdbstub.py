@@ -353,6 +353,14 @@ class GdbStub:
         self._hit_at: tuple[int, bool] = (0, False)  # the packet that caused _hit
         self._last_sent = b""
         self.out = bytearray()  # replies gdb has not taken yet (sends never block the device)
+        # A CP error while gdb is attached is gdb's stop first: the interrupts it raises reach
+        # the guest only once gdb continues or detaches (else the guest's IRQ handler would
+        # recover the fault while gdb looks at it). _released counts the CP errors and MMU
+        # faults up to the last release (an MMU fault raises its interrupt just before the CP
+        # error it causes); _irq_deliver is the device's own on_irq, _irq_pending what waits.
+        self._released = (gpu.cp.errors, gpu.mmu.faults)
+        self._irq_deliver: Callable[[bool, int, int], None] | None = None
+        self._irq_pending: tuple[bool, int, int] | None = None
         self.counters = dict(connections=0, packets=0, bad_packets=0, stops=0)
         if wait:
             gpu.halt()
@@ -363,6 +371,8 @@ class GdbStub:
     def attach(self, server: Any) -> None:
         """Serve from ``server``'s loop."""
         self.server = server
+        self._irq_deliver = self.gpu.on_irq
+        self.gpu.on_irq = self._on_irq
         # lazy: until a gdb connects, the device keeps its fast path (an accept may wait for
         # an idle client's recv timeout, a few tens of milliseconds)
         server.add_reader(self.listener.sock, self._accept, lazy=True)
@@ -371,6 +381,8 @@ class GdbStub:
     def close(self) -> None:
         if self.conn is not None:
             self._disconnect("stub closing")
+        if self._irq_deliver is not None:
+            self.gpu.on_irq, self._irq_deliver = self._irq_deliver, None
         if self.server is not None:
             with contextlib.suppress(Exception):
                 self.server.remove_reader(self.listener.sock)
@@ -400,6 +412,7 @@ class GdbStub:
 
     def _connected(self) -> None:
         """A debugger attaches: the CP stops (like QEMU pausing the VM on connect)."""
+        self._released = (self.gpu.cp.errors, self.gpu.mmu.faults)
         self.gpu.halt()
         self.running = False
         self._errors_seen = self.gpu.cp.errors
@@ -422,6 +435,7 @@ class GdbStub:
         self._install_hooks()
         self.running = False
         self._free_step = None
+        self._release_irq()
         self.gpu.resume()
         log.info("gdb detached (%s); the device runs on", why)
 
@@ -560,6 +574,7 @@ class GdbStub:
         self.send(reply)
 
     def _resume(self) -> None:
+        self._release_irq()
         self._free_step = None
         self._hit = None
         self._errors_seen = self.gpu.cp.errors
@@ -580,6 +595,7 @@ class GdbStub:
             self._watch_reported = True
             return b"T%02xthread:01;" % SIGTRAP
         gpu = self.gpu
+        self._release_irq()
         errors = gpu.cp.errors
         self._hit = None
         gpu.halt()
@@ -600,6 +616,24 @@ class GdbStub:
             self.stop_text = "stepped one packet"
         self.last_stop = reply
         return reply
+
+    # --- interrupts ----------------------------------------------------------------------
+
+    def _on_irq(self, level: bool, irq_status: int, mmu_int_stat: int) -> None:
+        """The device's interrupt output, held back while gdb holds a CP error stop."""
+        gpu = self.gpu
+        if self.conn is not None and (gpu.cp.errors, gpu.mmu.faults) != self._released:
+            self._irq_pending = (level, irq_status, mmu_int_stat)
+        elif self._irq_deliver is not None:
+            self._irq_pending = None
+            self._irq_deliver(level, irq_status, mmu_int_stat)
+
+    def _release_irq(self) -> None:
+        """gdb lets the CP go on: the guest now sees the error as it would without gdb."""
+        self._released = (self.gpu.cp.errors, self.gpu.mmu.faults)
+        pending, self._irq_pending = self._irq_pending, None
+        if pending is not None and self._irq_deliver is not None:
+            self._irq_deliver(*pending)
 
     # --- hooks ---------------------------------------------------------------------------
 

@@ -339,6 +339,7 @@ class DeviceServer:
                         cb()
                     except Exception:
                         log.exception("reader callback for fd %d failed", fd)
+                    self._flush_irq()  # a debugger's register write or release may raise one
         if polling:
             s = self.session
             if s is not None:

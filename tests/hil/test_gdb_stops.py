@@ -9,6 +9,7 @@ while gdb looks at it.
 
 from __future__ import annotations
 
+import errno
 import re
 import socket
 import time
@@ -159,3 +160,58 @@ def test_watch_hit_is_reported_before_the_next_packets_breakpoint():
         f"{at[2]:#x}",
         f"{at[3]:#x}",
     ], out
+
+
+FAULT_VA = 0x7_0000_0000  # never mapped by the driver
+
+
+def test_fault_stays_latched_while_gdb_holds_the_sigsegv_stop():
+    """gdb continues, the guest submits a job writing an unmapped VA: gdb stops with SIGSEGV.
+    For as long as gdb holds that stop (here past two job timeouts) `monitor fault` shows the
+    latched MMU fault and CP_ERROR, the guest's driver has seen no fault and the job has not
+    finished; once gdb continues, the driver sees it as without gdb: the job fails with
+    EFAULT, no reset, and the next job runs."""
+    port = _free_port()
+    with Machine(
+        ram_size=8 << 20,
+        swap_size=0,
+        device="spawn",
+        timeout_ns=200_000_000,
+        device_args=("--gdb", f"tcp:127.0.0.1:{port}"),
+    ) as m:
+        f = m.open()
+        bo = f.create_bo(4096)
+        va = f.vm_bind(bo)
+        gpu = m.driver.gpu
+        gdb = _gdb(port)
+        try:
+            gdb.sendline("continue")
+            gdb.expect_exact("Continuing.")
+            start = time.monotonic()
+            bad = f.submit(pk.fill(FAULT_VA, 4, 1), bos=[])
+            gdb.expect("received signal SIGSEGV")
+            gdb.expect_exact("(gdb) ")
+            _until(lambda: time.monotonic() - start >= 0.5, "500 ms of holding the fault stop")
+            gdb.sendline("monitor fault")
+            gdb.expect_exact("(gdb) ")
+            assert f"TRANSLATION_L1 on WRITE at GPU VA {FAULT_VA:#x} by FILL" in gdb.before, (
+                gdb.before
+            )
+            assert "CP_ERROR: MMU_FAULT" in gdb.before, gdb.before
+            assert gpu.stats.mmu_faults == 0 and not bad.signaled
+            gdb.sendline("continue")
+            gdb.expect_exact("Continuing.")
+            _until(lambda: bad.signaled, "the faulting job to finish")
+            gdb.sendintr()
+            gdb.expect("received signal SIGINT")
+            gdb.expect_exact("(gdb) ")
+            _quit(gdb)
+        finally:
+            gdb.close(force=True)
+        assert bad.error == -errno.EFAULT, bad.message
+        assert gpu.stats.mmu_faults == 1 and gpu.stats.resets == 0
+        good = f.submit(pk.fill(va, 4096, 0x5A5A5A5A), bos=[(bo, BoAccess.WRITE)])
+        f.wait(good, 10)
+        assert f.read(bo, 0, 4) == bytes.fromhex("5a5a5a5a")
+        f.close()
+        m.check_clean()
