@@ -326,10 +326,15 @@ def _signal(fence: DmaFence, timestamp: int | None) -> bool:
         callbacks = fence.cb_list
         fence.cb_list = []
         fence.ops = None
+        # each callback's function is taken now: a callback may let its owner run and re-arm
+        # its slot on another fence before this loop reaches it (kernel callbacks run under
+        # the fence lock and cannot; the model's may reach preemption points)
+        calls = []
         for cb in callbacks:
             cb.queued = False
-    for cb in callbacks:
-        func, cb.func = cb.func, None
+            calls.append(cb.func)
+            cb.func = None
+    for cb, func in zip(callbacks, calls, strict=True):
         func(fence, cb)
     return False
 

@@ -277,6 +277,20 @@ class DrmGpuScheduler:
         the job timeouts."""
         self._stop_requested = False
         self._worker: runtime.Task | None = None
+        # Historical variants of drm_sched a driver mutant switches back on (never in normal
+        # use; gemu.guest.gemu_drv.job.Mutant, host/explore/bugs.py).
+        self.reinsert_on_false_timeout = True
+        """A job whose timedout_job said NO_HANG goes back on the pending list (v6.17's
+        drm_sched_job_reinsert_on_false_timeout(); before it each driver had to re-add it)."""
+        self.kill_waits_for_deps = True
+        """A killed job waits for its dependencies before its fences signal (0b10ab80695d
+        "drm/sched: Avoid data corruptions")."""
+        self.kill_signals_scheduled = True
+        """A killed job's scheduled fence is signalled too (471db2c2d4f8 "drm/scheduler:
+        signal scheduled fence when kill job")."""
+        self.resv_dep_error_puts = False
+        """drm_sched_job_add_resv_dependencies() puts the fence again when adding it failed
+        (before 5801e65206b0): a double put."""
 
     def __repr__(self) -> str:
         return f"<DrmGpuScheduler {self.name} pending={len(self.pending_list)}>"
@@ -492,34 +506,64 @@ def entity_flush(entity: DrmSchedEntity, timeout_ns: int) -> int:
 
 
 def _kill_job(job: DrmSchedJob) -> None:
+    """Finish a killed job with -ESRCH once every dependency it still has signalled.
+
+    Kernel: drm_sched_entity_kill_jobs_work() [drivers/gpu/drm/scheduler/sched_entity.c]:
+    one dependency at a time, re-armed as a callback on the next until none is left, then
+    scheduled and finished are signalled and the job freed. It runs as a work item (a task
+    of its own, :func:`_kill_job_cb`), never inside the fence callback that woke it.
+    """
+    sched = job.sched
+    if sched.kill_waits_for_deps:
+        deps = job.dependencies
+        while deps:
+            f = deps.pop(next(iter(deps)))
+            try:
+                dma_fence.add_callback(f, job.cb, _kill_job_cb)
+                return
+            except Enoent:
+                dma_fence.put(f)
     s_fence = job.s_fence
-    dma_fence.check_and_signal(s_fence.scheduled)
+    if sched.kill_signals_scheduled:
+        dma_fence.check_and_signal(s_fence.scheduled)
     if not dma_fence.test_signaled_flag(s_fence.finished):
         dma_fence.set_error(s_fence.finished, -errno.ESRCH)
     dma_fence.check_and_signal(s_fence.finished)
-    job.sched.ops.free_job(job)
+    sched.ops.free_job(job)
+
+
+def _kill_job_cb(fence: DmaFence | None, cb: DmaFenceCb) -> None:
+    """The fence a killed job waited for signalled (None: nothing to wait for): queue the
+    kill work. Kernel: drm_sched_entity_kill_jobs_cb() (INIT_WORK + schedule_work)."""
+    dma_fence.put(fence)
+    runtime.spawn(_kill_job, cb.job, name="kill-jobs")
 
 
 def entity_kill(entity: DrmSchedEntity) -> None:
-    """Stop the entity and cancel its queued jobs with -ESRCH, in order.
+    """Stop the entity and cancel its queued jobs with -ESRCH, in order, each once the job
+    before it finished and its own dependencies signalled.
 
     Kernel: drm_sched_entity_kill() [drivers/gpu/drm/scheduler/sched_entity.c]
     """
     entity.stopped = True
     if entity.rq is not None and entity in entity.rq.entities:
         entity.rq.entities.remove(entity)
+    if entity.job_queue and entity.dependency is not None:
+        # The head job was waiting for this one: the kernel keeps every dependency in the
+        # job's xarray until the job is freed, so the kill waits for it like the others.
+        dep = entity.dependency
+        entity.job_queue[0].dependencies.setdefault(-1, dma_fence.get(dep))
     prev = dma_fence.get(entity.last_scheduled)
     while entity.job_queue:
         job = entity.job_queue.popleft()
         finished = dma_fence.get(job.s_fence.finished)
         if prev is None:
-            _kill_job(job)
+            _kill_job_cb(None, job.cb)
         else:
             try:
-                dma_fence.add_callback(prev, job.cb, lambda _f, _cb, j=job: _kill_job(j))
+                dma_fence.add_callback(prev, job.cb, _kill_job_cb)
             except Enoent:
-                _kill_job(job)
-            dma_fence.put(prev)
+                _kill_job_cb(prev, job.cb)
         prev = finished
     dma_fence.put(prev)
 
@@ -530,18 +574,32 @@ def entity_fini(entity: DrmSchedEntity) -> None:
     Kernel: drm_sched_entity_fini() [drivers/gpu/drm/scheduler/sched_entity.c]
     """
     entity_kill(entity)
-    if entity.dependency is not None:
-        dma_fence.remove_callback(entity.dependency, entity.cb)
-        dma_fence.put(entity.dependency)
+    dep = entity.dependency
+    if dep is not None:
+        # the reference is the callback's: dropped here only if the callback will not run
+        # (it may have run, and put it, while remove_callback waited for the fence's lock)
+        if dma_fence.remove_callback(dep, entity.cb):
+            dma_fence.put(dep)
         entity.dependency = None
     dma_fence.put(entity.last_scheduled)
     entity.last_scheduled = None
     warn_on(entity._armed, f"entity torn down with armed, unpushed jobs {entity._armed!r}")
 
 
-def entity_destroy(entity: DrmSchedEntity) -> None:
-    """Flush, then tear down. Kernel: drm_sched_entity_destroy()"""
-    entity_flush(entity, MAX_SCHEDULE_TIMEOUT)
+MAX_WAIT_SCHED_ENTITY_Q_EMPTY_NS = 1_000_000_000
+"""How long an exiting process's file close waits for its entity's queue to drain before the
+rest is killed. Kernel: MAX_WAIT_SCHED_ENTITY_Q_EMPTY, msecs_to_jiffies(1000)."""
+
+
+def entity_destroy(entity: DrmSchedEntity, exiting: bool = False) -> None:
+    """Flush, then tear down. Kernel: drm_sched_entity_destroy()
+
+    A live process's close waits until every queued job was handed to the hardware (the
+    kernel's wait_event_killable); ``exiting`` (the process is being killed: PF_EXITING)
+    waits at most :data:`MAX_WAIT_SCHED_ENTITY_Q_EMPTY_NS`, and entity_fini kills what is
+    still queued.
+    """
+    entity_flush(entity, MAX_WAIT_SCHED_ENTITY_Q_EMPTY_NS if exiting else MAX_SCHEDULE_TIMEOUT)
     entity_fini(entity)
 
 
@@ -552,6 +610,17 @@ MODEL_CHECK = "gemu model check, not a kernel WARN: "
 """Prefix of the contract checks the kernel states in kernel-doc but does not check itself
 (drm_sched_entity_push_job(): arm and push under one per-entity lock, never in parallel):
 gemu warns where a kernel would silently misorder the entity's timeline."""
+
+LIFETIME_CHECK = "gemu lifetime check (KASAN's role): "
+"""Prefix of the reports of a job used after ``free_job`` freed it: the kernel would read
+freed memory (KASAN: slab-use-after-free); gemu warns and carries on without the job.
+``gemu explore`` files these under the ``lifetime`` invariant."""
+
+FENCE_ORDER_CHECK = "gemu fence-order check: "
+"""Prefix of the reports of a job's fences signalled out of their order: ``finished``
+before ``scheduled``, or before a dependency of the job (what a waiter on the job's
+``scheduled`` fence, or on the memory its dependencies write, relies on). ``gemu explore``
+files these under the ``fence-order`` invariant."""
 
 
 def job_init(
@@ -684,8 +753,11 @@ def job_cleanup(job: DrmSchedJob) -> None:
     state = job._state
     if state == _JobState.CLEANED:
         warn_on(True, f"job_cleanup twice on {job!r}")
-    if job.s_fence is not None and job.s_fence.finished is not None:
-        dma_fence.put(job.s_fence.finished)
+    s_fence = job.s_fence
+    if s_fence is not None and s_fence.finished is not None:
+        if s_fence.finished.flags & _SIGNALED:
+            _check_fence_order(job, s_fence)
+        dma_fence.put(s_fence.finished)
     for fence in job.dependencies.values():
         dma_fence.put(fence)
     job.dependencies = {}
@@ -699,6 +771,26 @@ def job_cleanup(job: DrmSchedJob) -> None:
             f"job_cleanup on {job!r}: an armed job must be pushed "
             "(drm_sched_job_arm() is the point of no return)",
         )
+
+
+def _check_fence_order(job: DrmSchedJob, s_fence: DrmSchedFence) -> None:
+    """A job freed with ``finished`` signalled: ``scheduled`` and every dependency it still
+    holds must have signalled first."""
+    if not s_fence.scheduled.flags & _SIGNALED:
+        warn_on(
+            True,
+            FENCE_ORDER_CHECK + f"{job!r} freed with its finished fence signalled and its "
+            "scheduled fence never signalled: a waiter on scheduled waits forever",
+        )
+    for dep in job.dependencies.values():
+        if not dep.flags & _SIGNALED:
+            warn_on(
+                True,
+                FENCE_ORDER_CHECK + f"{job!r} finished (error {s_fence.finished.error}) "
+                f"before its dependency {dep!r}: what the job's fence protects may still "
+                "be in use by that work",
+            )
+            return
 
 
 #: Fault injection for the dependency table (True → -ENOMEM).
@@ -741,7 +833,16 @@ def job_add_resv_dependencies(job: DrmSchedJob, resv: DmaResv, usage: DmaResvUsa
     """
     dma_resv.assert_held(resv)
     for fence in dma_resv.for_each_fence(resv, usage):
-        job_add_dependency(job, dma_fence.get(fence))
+        ref = dma_fence.get(fence)
+        try:
+            job_add_dependency(job, ref)
+        except Enomem:
+            if job.entity.rq.sched.resv_dep_error_puts:
+                # before 5801e65206b0 ("drm/sched: Fix potential double free in
+                # drm_sched_job_add_resv_dependencies"): a put of the reference the failed
+                # drm_sched_job_add_dependency() already consumed
+                dma_fence.put(ref)
+            raise
 
 
 def job_add_implicit_dependencies(job: DrmSchedJob, obj: Any, write: bool) -> None:
@@ -849,9 +950,13 @@ def queue_tdr_work(sched: DrmGpuScheduler, work: Callable[[], None]) -> None:
     wakeup(sched)
 
 
-def _entity_wakeup(entity: DrmSchedEntity) -> None:
-    dep, entity.dependency = entity.dependency, None
-    dma_fence.put(dep)
+def _entity_wakeup(entity: DrmSchedEntity, fence: DmaFence) -> None:
+    """The dependency ``fence`` signalled. Kernel: drm_sched_entity_wakeup(), which puts the
+    fence it was called for (the worker may already have moved on to the next dependency
+    when a callback runs late, so ``entity.dependency`` is cleared only if it is this one)."""
+    if entity.dependency is fence:
+        entity.dependency = None
+    dma_fence.put(fence)
     if entity.rq is not None:
         wakeup(entity.rq.sched)
 
@@ -873,7 +978,7 @@ def _entity_pop_job(entity: DrmSchedEntity) -> DrmSchedJob | None:
             break
         entity.dependency = dep
         try:
-            dma_fence.add_callback(dep, entity.cb, lambda _f, _cb, e=entity: _entity_wakeup(e))
+            dma_fence.add_callback(dep, entity.cb, lambda f, _cb, e=entity: _entity_wakeup(e, f))
         except Enoent:
             entity.dependency = None
             dma_fence.put(dep)
@@ -978,10 +1083,21 @@ def _job_timedout(sched: DrmGpuScheduler) -> None:
     if job is not None:
         job.karma += 1
         status = sched.ops.timedout_job(job)
-        if sched.free_guilty:
+        if job._state is _JobState.CLEANED:
+            # the driver freed the job it was handed (only free_job may): everything below
+            # and the scheduler's pending list would use freed memory
+            warn_on(
+                True,
+                LIFETIME_CHECK + f"drm_sched_job_timedout: {job!r} used after the driver's "
+                "timedout_job freed it",
+            )
+            with sched.job_list_lock:
+                if job in sched.pending_list:
+                    sched.pending_list.remove(job)
+        elif sched.free_guilty:
             sched.free_guilty = False
             sched.ops.free_job(job)
-        else:
+        elif status != DrmGpuSchedStat.NO_HANG or sched.reinsert_on_false_timeout:
             with sched.job_list_lock:
                 if job not in sched.pending_list:
                     sched.pending_list.insert(0, job)

@@ -255,6 +255,11 @@ class GemuDriver:
         self.funcs = gem_shmem.FUNCS.replace(evict=self._evict, free=self._free)
         self._bo_serial = 0
         self.lock = threading.Lock()
+        self.skip_reset_on_progress = False
+        """v3d's and etnaviv's timeout policy: a job that times out while the GPU executed
+        packets since the previous timeout is left running (NO_HANG) and the timer
+        re-armed, instead of resetting the GPU. Off: panfrost's, every timeout resets."""
+        self._timedout_packets = 0
         self.set_order(order)
         if mutant is not Mutant.NONE:
             self.set_mutant(mutant)
@@ -274,6 +279,7 @@ class GemuDriver:
         self.gpu.mmu.alloc_tables_under_lock = self.mutant is Mutant.PT_ALLOC_UNDER_LOCK
         self.gpu.capture_may_reclaim = self.mutant is Mutant.RESET_ALLOCATES
         self._apply_shrinker_mutant()
+        self._apply_sched_mutant()
 
     def _apply_shrinker_mutant(self) -> None:
         mm = self.dev.shmem_mm
@@ -289,6 +295,17 @@ class GemuDriver:
         gem_lru.remove_reads_lru_unlocked = self.mutant is Mutant.GEM_LRU_REMOVE_UNLOCKED
         dma_resv.set_replaces_older(self.mutant is Mutant.RESV_REPLACE_OLDER)
 
+    def _apply_sched_mutant(self) -> None:
+        """The historical drm_sched variants (host/explore/bugs.py) on this driver's
+        scheduler."""
+        sched = self.sched
+        if sched is not None:
+            m = self.mutant
+            sched.reinsert_on_false_timeout = m is not Mutant.NO_HANG_DROPS_JOB
+            sched.kill_signals_scheduled = m is not Mutant.KILL_SKIPS_SCHEDULED
+            sched.kill_waits_for_deps = m is not Mutant.KILL_SKIPS_DEPS
+            sched.resv_dep_error_puts = m is Mutant.DEP_ERROR_DOUBLE_PUT
+
     # -- probe / remove --------------------------------------------------------------------
     def probe(self) -> None:
         """Kernel: panfrost_probe() — GPU up, scheduler up, shrinker registered."""
@@ -302,6 +319,7 @@ class GemuDriver:
         if self.dev.shmem_mm is None:
             gem_shmem_shrinker.drmm_gem_shmem_init(self.dev)
         self._apply_shrinker_mutant()
+        self._apply_sched_mutant()
 
     def remove(self) -> None:
         """Close every file, stop the scheduler and the GPU. Kernel: panfrost_remove()."""
@@ -408,6 +426,13 @@ class GemuDriver:
             if left > 0:
                 drm_sched.resume_timeout(self.sched, left)
             return drm_sched.DrmGpuSchedStat.NO_HANG
+        if self.skip_reset_on_progress:
+            # v3d_gpu_reset_for_timeout() / etnaviv_sched_timedout_job(): the GPU made
+            # progress since the last timeout, so give the job more time
+            packets = self.gpu.bus.readl(regs.CP_PACKETS.offset)
+            if packets != self._timedout_packets:
+                self._timedout_packets = packets
+                return drm_sched.DrmGpuSchedStat.NO_HANG
         sched = self.sched
         ms = self.timeout_ns // 1_000_000
         message = f"job {job.id} timed out after {ms} ms (GPU hang): GPU reset"
@@ -934,13 +959,18 @@ class GemuFile:
                 raise Ebusy(msg=f"{bo.name} is busy")
             raise Etimedout(msg=f"{bo.name} still busy after {timeout} s")
 
-    def close(self) -> None:
-        """Kernel: panfrost_postclose() — flush the entity, drop handles, destroy the VM."""
+    def close(self, exiting: bool = False) -> None:
+        """Kernel: panfrost_postclose() — flush the entity, drop handles, destroy the VM.
+
+        ``exiting``: the last close of a process being killed (SIGKILL, PF_EXITING): the
+        entity's queue gets drm_sched_entity_flush()'s bounded wait and the jobs still queued
+        are killed (-ESRCH) instead of run.
+        """
         if self.closed:
             return
         self.closed = True
         self.ext_fences.close()  # vgem_fence_close(): jobs may wait on them (implicit deps)
-        drm_sched.entity_destroy(self.entity)
+        drm_sched.entity_destroy(self.entity, exiting)
         self.idle_wq.wait_event(lambda: self.inflight == 0)
         with self.inflight_lock:
             still_open = list(self.out_fences)

@@ -81,6 +81,111 @@ BUGS: tuple[Bug, ...] = (
         scenario="hang",
         invariant="signalling",
     ),
+    Bug(
+        name="xe-tdr-frees-job",
+        fix="82926f52d7a09c65d916c0ef8d4305fc95d68c0c",
+        subject="drm/xe: Don't free job in TDR",
+        fixes="e275d61c5f3f (introducing commit per the CVE record; v6.10)",
+        verified="the kernel CVE team's record of CVE-2024-50149 "
+        "(cve/published/2024/CVE-2024-50149.mbox in a GitHub mirror of the vulns repository, "
+        "thefossguy-ciq/kernel-security-vulns): subject, commit message, 'Issue introduced in "
+        "6.10 with commit e275d61c5f3f and fixed in 6.12 with commit 82926f52d7a0', "
+        "git.kernel.org/stable/c/82926f52d7a09c65d916c0ef8d4305fc95d68c0c",
+        kernel="xe's timeout handler (guc_exec_queue_timedout_job) freed the timed-out job "
+        "itself; the TDR can overtake the run_job path, and drm_sched still held the job, so "
+        "the job was used after it was freed. Only the scheduler's free_job may free a job; "
+        "the fix puts it back on the pending list instead",
+        mutant="tdr-frees-job",
+        model="GemuSchedOps.timedout_job frees the job (free_job: its BO references, command "
+        "space, drm_sched_job_cleanup) after the reset while drm_sched_stop() has put it back "
+        "on the pending list; drm_sched_job_timedout then touches a freed job",
+        scenario="timeouts",
+        invariant="lifetime",
+    ),
+    Bug(
+        name="v3d-skipped-reset-leak",
+        fix="35e4079bf1a2570abffce6ababa631afcf8ea0e5",
+        subject="drm/v3d: Add job to pending list if the reset was skipped",
+        fixes='57692c94dcbe99a1e0444409a3da13fb3443562c ("drm/v3d: Introduce a new DRM driver '
+        'for Broadcom V3D V3.x+"; introducing commit per the CVE record, v4.18)',
+        verified="the kernel CVE team's record of CVE-2025-37951 "
+        "(cve/published/2025/CVE-2025-37951.mbox, thefossguy-ciq/kernel-security-vulns): "
+        "subject, commit message, 'Issue introduced in 4.18 with commit 57692c94dcbe... and "
+        "fixed in 6.15 with commit 35e4079bf1a2570abffce6ababa631afcf8ea0e5'",
+        kernel="drm_sched takes the timed-out job off the pending list before calling the "
+        "driver; when v3d saw the GPU had made progress it skipped the reset and re-armed the "
+        "timer but left the job off the list, so free_job never ran for it when it finished: "
+        "the job, its BO references and fences leaked. The fix re-adds it, as etnaviv's "
+        "704d3d60fec4 does",
+        mutant="no-hang-drops-job",
+        model="the timeouts scenario runs the driver with v3d's policy (no reset while "
+        "CP_PACKETS advanced since the last timeout); on NO_HANG the scheduler does not "
+        "re-insert the job (drm_sched before v6.17 left that to the driver) and the driver "
+        "does not either",
+        scenario="timeouts",
+        invariant="deadlock",
+    ),
+    Bug(
+        name="sched-kill-scheduled-fence",
+        fix="471db2c2d4f80ee94225a1ef246e4f5011733e50",
+        subject="drm/scheduler: signal scheduled fence when kill job",
+        fixes="a72ce6f84109c1dec1ab236d65979d3250668af3 (introducing commit per the CVE "
+        "record, v4.3)",
+        verified="the kernel CVE team's record of CVE-2025-38436 "
+        "(cve/published/2025/CVE-2025-38436.mbox, thefossguy-ciq/kernel-security-vulns): "
+        "subject, commit message, 'fixed in 6.16 with commit 471db2c2d4f8...'; the fixed "
+        "drm_sched_entity_kill_jobs_work() read in torvalds/linux "
+        "drivers/gpu/drm/scheduler/sched_entity.c at 0755a4e3e809",
+        kernel="when an entity was killed (its process exited), drm_sched_entity_kill_jobs_work "
+        "completed each queued job by signalling its finished fence only; a job of another "
+        "process that waited on a killed job's scheduled fence (drm_sched pipelines a "
+        "dependency on a job of the same scheduler that way) waited forever",
+        mutant="kill-skips-scheduled",
+        model="the model's kill work (sched._kill_job) signals finished with -ESRCH and frees "
+        "the job without signalling scheduled",
+        scenario="exit",
+        invariant="fence-order",
+    ),
+    Bug(
+        name="sched-kill-before-deps",
+        fix="0b10ab80695d61422337ede6ff496552d8ace99d",
+        subject="drm/sched: Avoid data corruptions",
+        fixes="a72ce6f84109c1dec1ab236d65979d3250668af3 (introducing commit per the CVE "
+        "record, v4.3)",
+        verified="the kernel CVE team's record of CVE-2021-47354 "
+        "(cve/published/2021/CVE-2021-47354.mbox, thefossguy-ciq/kernel-security-vulns): "
+        "subject, commit message 'Wait for all dependencies of a job to complete before "
+        "killing it to avoid data corruptions', 'fixed in 5.14 with commit 0b10ab80695d...'",
+        kernel="on entity teardown the queued jobs were completed with an error at once, "
+        "while their dependencies (a copy or clear still running on the GPU) had not "
+        "finished: the killed job's finished fence signalled early and the memory it "
+        "protected could be reused while the GPU still wrote it",
+        mutant="kill-skips-deps",
+        model="the kill work signals and frees a killed job without first waiting, callback "
+        "by callback, for the dependencies it still holds",
+        scenario="exit",
+        invariant="fence-order",
+    ),
+    Bug(
+        name="sched-resv-deps-double-put",
+        fix="5801e65206b065b0b2af032f7f1eef222aa2fd83",
+        subject="drm/sched: Fix potential double free in drm_sched_job_add_resv_dependencies",
+        fixes='963d0b3569354230f6e2c36a286ef270a8901878 ("drm/scheduler: fix '
+        'drm_sched_job_add_implicit_dependencies harder", v5.16)',
+        verified="the kernel CVE team's record of CVE-2025-40096 "
+        "(cve/published/2025/CVE-2025-40096.mbox, thefossguy-ciq/kernel-security-vulns): "
+        "subject, commit message naming 963d0b356935 as the Fixes: target, 'fixed in 6.18 "
+        "with commit 5801e65206b065b0b2af032f7f1eef222aa2fd83'",
+        kernel="drm_sched_job_add_dependency() consumes the fence reference on success and on "
+        "failure; when the dependency xarray could not grow, "
+        "drm_sched_job_add_resv_dependencies() also put the fence on its error path: a "
+        "double put that frees a fence the reservation object still holds",
+        mutant="dep-error-double-put",
+        model="job_add_resv_dependencies puts the reference again when job_add_dependency "
+        "raised -ENOMEM (the exit scenario fails one in six dependency-table allocations)",
+        scenario="exit",
+        invariant="lifetime",
+    ),
     # end of drm_sched, reset paths, VM_BIND
 )
 

@@ -33,6 +33,10 @@ Invariants (the ``kind`` of a :class:`Violation`):
 ``content``          a BO's contents differ from the reference model's
 ``lockdep``          a lockdep report (lock order, misuse)
 ``signalling``       a dma_fence signalling-section report (allocation, lock or wait inside)
+``lifetime``         an object used after it was freed or freed twice: drm_sched used a job
+                     free_job had freed, a dma_fence reference was put once too often
+``fence-order``      a drm_sched job freed with its finished fence signalled but not its
+                     scheduled fence, or before one of its dependencies signalled
 ``kernel-warning``   a WARN_ON (a broken contract, e.g. drm_sched's arm/push rules)
 ``mapped-free``      a frame freed while a GPU page table still maps it
 ``expectation``      a job script's ``expect`` failed or one of its lines failed (``file:line``)
@@ -61,6 +65,7 @@ from gemu.guest import errors
 from gemu.guest.dma_buf import dma_fence
 from gemu.guest.dma_buf.dma_resv import DmaResvUsage
 from gemu.guest.drm import gem, gem_lru
+from gemu.guest.drm import sched as drm_sched
 from gemu.guest.errors import Einval, Enomem, Etimedout, KernelError
 from gemu.guest.gemu_drv.job import Mutant
 from gemu.guest.gemu_drv.uapi import DEFAULT_TIMEOUT_NS, READ, WRITE, GemuDriver, GemuFile
@@ -85,6 +90,8 @@ KINDS = (
     "content",
     "lockdep",
     "signalling",
+    "lifetime",
+    "fence-order",
     "kernel-warning",
     "mapped-free",
     "expectation",
@@ -134,6 +141,17 @@ class Scenario:
     plan: str = ""
     """``vm-bind``: the tasks' plan; empty draws it from the seed, ``bind-exec-reclaim`` is the
     fixed plan of ``gpuvm-small`` (:func:`.gpuvm.make_plan`)."""
+    workload: str = ""
+    """A workload of :mod:`.sched_run` on drm_sched's rarer paths instead of the standard
+    submitters: ``timeouts`` (slow jobs near the job timeout) or ``exit`` (processes killed
+    with jobs queued behind dependencies)."""
+    slow_jobs: int = 0
+    """``timeouts``: jobs of each file's slow task, each about as long as the job timeout."""
+    fail_deps: int = 0
+    """One in this many of drm_sched's dependency-table allocations fails (0: none)."""
+    skip_reset_on_progress: bool = False
+    """The driver's timeout policy is v3d's and etnaviv's: no reset while the GPU progresses
+    (``GemuDriver.skip_reset_on_progress``)."""
 
 
 SCENARIOS = {
@@ -151,6 +169,24 @@ SCENARIOS = {
         private_bos=1,
         reclaims=1,
         quiet_setup=True,
+    ),
+    # drm_sched's timeout and teardown paths (:mod:`.sched_run`)
+    "timeouts": Scenario(
+        name="timeouts",
+        hangs=1,
+        job_timeout_ns=200_000,
+        slow_jobs=2,
+        skip_reset_on_progress=True,
+        workload="timeouts",
+    ),
+    "exit": Scenario(
+        name="exit",
+        tasks=3,
+        files=3,
+        jobs=4,
+        madvise=False,
+        fail_deps=6,
+        workload="exit",
     ),
     # the VM_BIND flavour (:mod:`.gpuvm`): one VM per task, external BOs bound in every
     # VM, VM-private BOs, binds and unbinds racing execs and reclaim
@@ -187,6 +223,11 @@ SCENARIOS = {
 
 MUTANT_SCENARIO = {
     "reset-allocates": "hang",
+    "tdr-frees-job": "timeouts",
+    "no-hang-drops-job": "timeouts",
+    "kill-skips-scheduled": "exit",
+    "kill-skips-deps": "exit",
+    "dep-error-double-put": "exit",
     "bind-allocates-pt": "gpuvm",
     "fence-vm-resv-only": "gpuvm",
     "validate-skips-other-vm": "gpuvm",
@@ -488,9 +529,26 @@ class _Run:
         rt.quiet = sc.quiet_setup
         self.boot()
         self.files = [self.drv.open() for _ in range(min(sc.files, sc.tasks))]
+        self._setup_shared()
+        self.plans = make_plan(sc, self.seed)
+        self.states = [self._task_setup(t) for t in range(sc.tasks)]
+        self._squeeze()
+        rt.quiet = False
+        tasks = [runtime.spawn(self.submitter, t, name=f"submit{t}") for t in range(sc.tasks)]
+        if sc.reclaims:
+            tasks.append(runtime.spawn(self.hog, name="hog"))
+        for task in tasks:
+            task.join()
+        rt.quiet = sc.quiet_setup
+        self.check_lrus()
+        self.teardown()
+
+    def _setup_shared(self) -> None:
+        """The shared BOs: created in file 0, imported into the others (PRIME), GPU-read
+        only."""
+        sc = self.sc
         size = sc.bo_pages * PAGE
         f0 = self.files[0]
-        # shared BOs: created in file 0, imported into the others (PRIME), GPU-read only
         self.shared: list[dict[GemuFile, tuple[int, int]]] = []
         self.shared_ref: list[bytes] = []
         for s in range(sc.shared_bos):
@@ -504,18 +562,6 @@ class _Run:
                 per_file[f] = (h2, f.vm_bind(h2))
             self.shared.append(per_file)
             self.shared_ref.append(data)
-        self.plans = make_plan(sc, self.seed)
-        self.states = [self._task_setup(t) for t in range(sc.tasks)]
-        self._squeeze()
-        rt.quiet = False
-        tasks = [runtime.spawn(self.submitter, t, name=f"submit{t}") for t in range(sc.tasks)]
-        if sc.reclaims:
-            tasks.append(runtime.spawn(self.hog, name="hog"))
-        for task in tasks:
-            task.join()
-        rt.quiet = sc.quiet_setup
-        self.check_lrus()
-        self.teardown()
 
     def script_scenario(self) -> None:
         """A job script in this (main) task while the hog reclaims (:mod:`.jobscripts`)."""
@@ -846,6 +892,10 @@ def run_schedule(
         from gemu.host.explore.gpuvm import GpuvmRun
 
         run = GpuvmRun(cfg, seed)
+    elif cfg.scenario.workload:
+        from gemu.host.explore.sched_run import SchedRun
+
+        run = SchedRun(cfg, seed)
     else:
         run = _Run(cfg, seed)
     was_strict = errors.is_strict()
@@ -883,9 +933,12 @@ def run_schedule(
         stats = errors.warn_stats()
         errors.set_strict(was_strict)
         quiet.setLevel(level)
+        cleanup = getattr(run, "cleanup", None)
+        if cleanup is not None:
+            cleanup()
     aborted = corrupted or any(v.kind in ("deadlock", "crash") for v in run.violations)
     for msg in stats.counts:
-        run.violate("kernel-warning", msg)
+        run.violate(warning_kind(msg), msg)
     st = rt.lockdep
     # an aborted run unwinds every task from wherever it was: what lockdep says then is noise
     keep = run.lockdep_before_abort if aborted else None
@@ -906,6 +959,24 @@ def run_schedule(
         list(rt.event_log) if keep_log else None,
         run.stats,
     )
+
+
+_LIFETIME_WARNINGS = (
+    drm_sched.LIFETIME_CHECK,
+    "dma_fence_put: refcount underflow",
+    "dma_fence_get on a released fence",
+)
+
+
+def warning_kind(message: str) -> str:
+    """The invariant a kernel warning belongs to: ``lifetime`` for a use after free or a
+    reference put once too often, ``fence-order`` for drm_sched's fence-order check, else
+    ``kernel-warning``."""
+    if message.startswith(_LIFETIME_WARNINGS):
+        return "lifetime"
+    if message.startswith(drm_sched.FENCE_ORDER_CHECK):
+        return "fence-order"
+    return "kernel-warning"
 
 
 def scenario_from_args(name: str, **overrides) -> Scenario:

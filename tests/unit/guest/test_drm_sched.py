@@ -453,20 +453,31 @@ def test_guilty_entity_jobs_are_cancelled():
 
 def test_entity_kill_cancels_queued_jobs():
     """Tearing down an entity cancels its still-queued jobs with -ESRCH, in order, and frees
-    them."""
+    them; a job killed with a dependency pending waits for it first (0b10ab80695d "drm/sched:
+    Avoid data corruptions"), and its scheduled fence signals too (471db2c2d4f8)."""
     state = {}
 
     def body(sched, driver):
         entity = drm_sched.entity_init(DrmSchedPriority.NORMAL, [sched])
         never = DmaFence(None, dma_fence.context_alloc(1), 1)
-        fences = [submit(entity, Job("blocked"), deps=[never]), submit(entity, Job("behind"))]
+        jobs = [Job("blocked"), Job("behind")]
+        fences = [submit(entity, jobs[0], deps=[never]), submit(entity, jobs[1])]
+        scheduled = [dma_fence.get(j.s_fence.scheduled) for j in jobs]
         drm_sched.entity_fini(entity)
-        state["status"] = [dma_fence.get_status(f) for f in fences]
+        state["before"] = [dma_fence.get_status(f) for f in fences]
         dma_fence.signal(never)
+        state["status"] = [dma_fence.get_status(f) for f in fences]
+        state["scheduled"] = [dma_fence.is_signaled(f) for f in scheduled]
+        for f in scheduled:
+            dma_fence.put(f)
 
     driver = run_with_sched(body)
+    assert state["before"] == [0, 0]
     assert state["status"] == [-errno.ESRCH, -errno.ESRCH]
-    assert driver.ran == [] and driver.freed == ["blocked", "behind"]
+    assert state["scheduled"] == [True, True]
+    # "behind" is killed from inside "blocked"'s finished signal (the kernel defers the
+    # free to a work item), so the frees need not come in queue order
+    assert driver.ran == [] and sorted(driver.freed) == ["behind", "blocked"]
 
 
 # --- the init / arm / push contract -----------------------------------------------------------

@@ -64,6 +64,12 @@ EXPECTED = {
     "pt-alloc-under-lock": {"lockdep"},
     "reset-allocates": {"signalling"},
     "madvise-list-add": {"lru"},
+    # drm_sched's historical bugs, on the timeouts and exit scenarios (host/explore/bugs.py)
+    "tdr-frees-job": {"lifetime"},
+    "no-hang-drops-job": {"job-error", "deadlock"},
+    "kill-skips-scheduled": {"fence-order"},
+    "kill-skips-deps": {"fence-order"},
+    "dep-error-double-put": {"lifetime"},
     # the VM_BIND flavour's, on the gpuvm scenario (tests/unit/host/test_explore_gpuvm.py)
     "bind-allocates-pt": {"lockdep", "signalling", "gpu-fault"},
     "fence-vm-resv-only": {"gpu-fault", "content", "mapped-free"},
