@@ -156,6 +156,15 @@ def _trace_arg(text: str) -> str:
     return text
 
 
+def _qmp_arg(text: str) -> tuple[str, bool]:
+    from gemu.host.qmp import QmpSpecError, parse_spec
+
+    try:
+        return parse_spec(text)
+    except QmpSpecError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _gdb_arg(text: str) -> str:
     from gemu.host.cmd_device import _gdb_spec
 
@@ -287,6 +296,17 @@ def _machine_options(p: argparse.ArgumentParser, ram: str) -> None:
         action="store_true",
         help="hold the GPU's command processor until gdb continues (needs --gdb)",
     )
+    for flag in ("--qmp", "-qmp"):
+        p.add_argument(
+            flag,
+            dest="qmp",
+            type=_qmp_arg,
+            metavar="SPEC",
+            help="QMP control socket (QEMU's protocol): unix:PATH or tcp:127.0.0.1:PORT "
+            "(port 0 picks one; the boot log prints it), QEMU's ,server[,nowait] accepted"
+            if flag == "--qmp"
+            else "QEMU's spelling of --qmp",
+        )
     p.add_argument(
         "--coredump-dir",
         metavar="DIR",
@@ -332,12 +352,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=_chardev_arg,
         metavar="CHARDEV",
         help="the same console (gemu's shell is its monitor): as -serial",
-    )
-    boot.add_argument(
-        "--qmp",
-        metavar="SPEC",
-        help="QMP control socket (QEMU's protocol): unix:PATH or tcp:127.0.0.1:PORT "
-        "(port 0 picks one; the boot log prints it)",
     )
     boot.set_defaults(func=cmd_boot)
     run = sub.add_parser(
@@ -560,6 +574,58 @@ class Session:
         return EXIT_INTERRUPTED if interrupted else status
 
 
+def _open_qmp(args: argparse.Namespace, parser: argparse.ArgumentParser):
+    """The QMP server of ``--qmp``, listening before the boot (None without --qmp). With
+    QEMU's ``,server`` and no ``nowait`` it waits for its first client, as QEMU does."""
+    if not args.qmp:
+        return None
+    from gemu.host.qmp import QmpServer, QmpSpecError
+
+    spec, wait = args.qmp
+    try:
+        qmp = QmpServer(spec, {}, notice=lambda text: None)
+    except QmpSpecError as exc:
+        parser.error(f"argument --qmp: {exc}")
+    if wait:
+        print(f"gemu: QMP waiting for connection on {qmp.address},server=on", file=sys.stderr)
+        sys.stderr.flush()
+        try:
+            while not qmp.connected.wait(DEVICE_PROBE_S):  # Ctrl-C ends the wait
+                pass
+        except BaseException:
+            qmp.close()
+            raise
+    return qmp
+
+
+def _serve_qmp(qmp, session: Session, console: str | None, on_quit):
+    """Give the booted machine's commands to ``qmp``; returns the events' unsubscribe."""
+    from gemu.host.qmp import machine_commands, subscribe_events
+
+    def chardevs() -> list[dict]:
+        # QEMU's ChardevInfo (qapi/char.json); QEMU labels a -qmp socket compat_monitor0
+        # and its gdbstub's chardev gdb
+        out = []
+        if console is not None:
+            out.append({"label": "serial0", "filename": console, "frontend-open": True})
+        out.append(
+            {
+                "label": "compat_monitor0",
+                "filename": f"{qmp.address},server=on",
+                "frontend-open": True,
+            }
+        )
+        gdb = session.machine.gdb_address
+        if gdb is not None:
+            out.append({"label": "gdb", "filename": f"{gdb},server=on", "frontend-open": True})
+        return out
+
+    qmp.serve(machine_commands(session.shell, on_quit, qmp, chardevs))
+    unsubscribe = subscribe_events(qmp)
+    session.kmsg(f"gemu: QMP listening on {qmp.address}")
+    return unsubscribe
+
+
 def cmd_boot(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from gemu.host.console import ConsoleInterrupt, ConsoleSpecError, open_console
     from gemu.host.shell import DeviceLost, PowerOff
@@ -572,15 +638,11 @@ def cmd_boot(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 f"and -serial {args.serial} name two"
             )
         args.serial = args.monitor
-    qmp = None
     unsubscribe = None
-    if args.qmp:
-        from gemu.host.qmp import QmpServer, QmpSpecError
-
-        try:
-            qmp = QmpServer(args.qmp, {}, notice=lambda text: None)
-        except QmpSpecError as exc:
-            parser.error(f"argument --qmp: {exc}")
+    try:
+        qmp = _open_qmp(args, parser)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
     try:
         con = open_console(args.serial)
     except (ConsoleSpecError, OSError, KeyboardInterrupt) as exc:
@@ -606,16 +668,15 @@ def cmd_boot(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         lineno = 0
         next_probe = time.monotonic() + DEVICE_PROBE_S
         quit_requested = False
+        if con.filename != "stdio":
+            session.kmsg(f"gemu: console serial0 on {con.filename}")
         if qmp is not None:
-            from gemu.host.qmp import machine_commands, subscribe_events
 
             def on_quit() -> None:
                 nonlocal quit_requested
                 quit_requested = True
 
-            qmp.serve(machine_commands(sh, on_quit))
-            unsubscribe = subscribe_events(qmp)
-            session.kmsg(f"gemu: QMP listening on {qmp.address}")
+            unsubscribe = _serve_qmp(qmp, session, con.filename, on_quit)
 
         def idle() -> None:
             # a device stopped while the console waits would only be noticed by the next
@@ -668,7 +729,18 @@ def cmd_boot(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 def cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     check_device_options(args, parser)
+    try:
+        qmp = _open_qmp(args, parser)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    try:
+        return _run(args, parser, qmp)
+    finally:
+        if qmp is not None:
+            qmp.close()
 
+
+def _run(args: argparse.Namespace, parser: argparse.ArgumentParser, qmp) -> int:
     def write(text: str) -> None:
         print(text, flush=True)
 
@@ -690,6 +762,7 @@ def cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from gemu.host.report import RunRecorder
 
     recorder = RunRecorder()
+    unsubscribe = None
     interrupted = terminated = False
     status = None
     signal.signal(signal.SIGTERM, _on_sigterm)
@@ -701,6 +774,22 @@ def cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             return failed
         sh = session.shell
         sh.echo = not args.quiet
+        if qmp is not None:
+            quit_requested = False
+
+            def on_quit() -> None:
+                nonlocal quit_requested
+                quit_requested = True
+
+            unsubscribe = _serve_qmp(qmp, session, None, on_quit)
+
+            def serve_qmp() -> None:
+                # QMP commands run between the main script's lines, never beside one
+                qmp.pump()
+                if quit_requested:
+                    raise PowerOff
+
+            sh.idle = serve_qmp
         if args.quiet:
             sh.write = lambda text: None
             sh.report = write
@@ -731,6 +820,10 @@ def cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     except DeviceLost as exc:
         write(f"gemu0: device lost: {exc}; powering off")
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if qmp is not None:
+        qmp.pump()  # a quit's reply is sent before the socket closes
+        if unsubscribe is not None:
+            unsubscribe()
     session.write = write
     if session.shell is not None:
         recorder.start(session.shell.sum)

@@ -71,6 +71,9 @@ class Console:
         self._lock = threading.Lock()
         self._skip_lf = False
         self.closed = False
+        self.filename = name
+        """Where the console is, in QEMU's chardev encoding (``pty:/dev/pts/3``,
+        ``tcp:127.0.0.1:40123,server=on``): what QMP's query-chardev answers."""
 
     def write(self, text: str) -> None:
         """Write text (newlines become CRLF on a raw console); never raises once closed."""
@@ -241,9 +244,11 @@ def open_console(spec: str, notice: Callable[[str], None] | None = None) -> Cons
             os.close(master)
             os.close(slave)
 
-        return Console(
+        con = Console(
             _fd_reader(master), _fd_writer(master), raw=True, name=path, closers=(close,)
         )
+        con.filename = f"pty:{path}"
+        return con
     if kind == "unix":
         if not rest:
             raise ConsoleSpecError("unix: needs a path (unix:PATH)")
@@ -259,6 +264,7 @@ def open_console(spec: str, notice: Callable[[str], None] | None = None) -> Cons
         finally:
             with contextlib.suppress(OSError):
                 os.unlink(rest)
+        con.filename = f"unix:{rest},server=on"
         return con
     if kind == "tcp":
         host, sep, port = rest.rpartition(":")
@@ -276,8 +282,11 @@ def open_console(spec: str, notice: Callable[[str], None] | None = None) -> Cons
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind((addr, int(port)))
         listener.listen(1)
-        notice(f"gemu: serial0: waiting for connection on tcp:{addr}:{listener.getsockname()[1]}")
-        return _socket_console(listener, spec)
+        chosen = f"tcp:{addr}:{listener.getsockname()[1]}"
+        notice(f"gemu: serial0: waiting for connection on {chosen}")
+        con = _socket_console(listener, spec)
+        con.filename = f"{chosen},server=on"
+        return con
     if kind == "serial":
         if not rest:
             raise ConsoleSpecError("serial: needs a port or a pyserial URL")

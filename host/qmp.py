@@ -60,6 +60,35 @@ class QmpError(Exception):
         self.desc = desc
 
 
+def parse_spec(text: str) -> tuple[str, bool]:
+    """``--qmp``/``-qmp`` as QEMU spells it: ``unix:PATH`` or ``tcp:127.0.0.1:PORT``, with
+    QEMU's chardev options ``server`` (QMP always listens), ``nowait``, ``wait=on|off``.
+    Returns (address spec, whether to wait for a client before booting: QEMU's default for
+    ``,server`` without ``nowait``). :class:`QmpSpecError` names what is wrong."""
+    spec, *opts = text.split(",")
+    wait = False
+    for opt in opts:
+        key, eq, value = opt.partition("=")
+        if eq and value not in ("on", "off"):
+            raise QmpSpecError(f"{text!r}: {key}={value}: use on or off")
+        on = value != "off"
+        if key == "server":
+            if not on:
+                raise QmpSpecError(
+                    f"{text!r}: gemu's QMP socket listens; server=off is not supported"
+                )
+            wait = True  # QEMU: a server chardev waits for its client unless told not to
+        elif key == "nowait":
+            wait = False
+        elif key == "wait":
+            wait = on
+        else:
+            raise QmpSpecError(f"{text!r}: option {key!r} is not supported by gemu")
+    if "server" not in [o.partition("=")[0] for o in opts]:
+        wait = False
+    return spec, wait
+
+
 def generic(desc: str) -> QmpError:
     return QmpError("GenericError", desc)
 
@@ -195,6 +224,7 @@ class QmpServer:
         self.closed = False
         self.inflight = 0  # requests read whose reply is not yet sent
         self.ready = threading.Event()  # set once the machine booted and commands are known
+        self.connected = threading.Event()  # set once a first client connected
         self.path: str | None = None
         self.listener, self.address = self._listen(spec)
         notice(f"gemu: QMP listening on {self.address}")
@@ -247,6 +277,7 @@ class QmpServer:
             c = _Client(sock)
             with self._lock:
                 self.clients.append(c)
+            self.connected.set()
             threading.Thread(target=self._serve, args=(c,), name="qmp-client", daemon=True).start()
 
     def _serve(self, c: _Client) -> None:
@@ -425,16 +456,48 @@ EVENTS = {
 """Guest tracepoints sent as QMP events (category, name) -> event name."""
 
 
-def machine_commands(shell, on_quit: Callable[[], None]) -> dict[str, Command]:
-    """The commands of a booted machine driven through ``shell`` (its console session)."""
+def machine_commands(
+    shell,
+    on_quit: Callable[[], None],
+    server: QmpServer | None = None,
+    chardevs: Callable[[], list[dict]] | None = None,
+) -> dict[str, Command]:
+    """The commands of a booted machine driven through ``shell`` (its console session).
+
+    ``server`` receives the STOP, RESUME and RESET events; ``chardevs`` lists the machine's
+    character devices (console, QMP, gdb) for query-chardev."""
     from gemu.host import query
 
     m = shell.m
 
+    def emit(name: str, data: dict | None = None) -> None:
+        if server is not None:
+            server.event(name, data)
+
     def status() -> dict:
-        lost = m.device_lost()
-        st = "internal-error" if lost else "running"
-        return {"running": not lost, "singlestep": False, "status": st}
+        # QEMU's StatusInfo (qapi/run-state.json): running, and the RunState
+        if m.device_lost():
+            return {"running": False, "status": "internal-error"}
+        paused = m.paused()
+        return {"running": not paused, "status": "paused" if paused else "running"}
+
+    def stop() -> dict:
+        was = m.paused()
+        m.stop()
+        if not was:
+            emit("STOP")
+        return {}
+
+    def cont() -> dict:
+        was = m.paused()
+        m.cont()
+        if was:
+            emit("RESUME")
+        return {}
+
+    def system_reset() -> dict:
+        m.system_reset(lambda: emit("RESET", {"guest": False, "reason": "host-qmp-system-reset"}))
+        return {}
 
     def hmp(**kw: Any) -> str:
         out: list[str] = []
@@ -457,6 +520,10 @@ def machine_commands(shell, on_quit: Callable[[], None]) -> dict[str, Command]:
         "query-status": Command(status),
         "query-version": Command(lambda: greeting()["QMP"]["version"]),
         "query-commands": Command(lambda: [{"name": n} for n in (*cmds, "qmp_capabilities")]),
+        "query-chardev": Command(lambda: chardevs() if chardevs is not None else []),
+        "stop": Command(stop),
+        "cont": Command(cont),
+        "system_reset": Command(system_reset),
         "human-monitor-command": Command(
             hmp, {"command-line": (str, True), "cpu-index": (int, False)}
         ),

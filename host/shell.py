@@ -489,6 +489,8 @@ class Shell:
         self.progress = self.say
         """Where ``echo`` lines go (progress of long scripts); ``write`` unless set apart."""
         self.echo = echo
+        self.idle: Callable[[], None] | None = None
+        """Called before each line of the main script (``gemu run --qmp`` serves QMP there)."""
         self.base = base or Path.cwd()
         self.mode = getattr(machine, "driver_mode", DEFAULT_DRIVER_MODE)
         self.file = machine.open()
@@ -615,6 +617,8 @@ class Shell:
         ok = True
         ctx = self._context()
         for i, st in enumerate(statements):
+            if self.idle is not None and ctx.name is None:
+                self.idle()  # the main script's turn to serve QMP between its lines
             if self.echo:
                 self.say(f"{PROMPT}{st.text}")
             where = st.where if ctx.name is None else f"{st.where}: task {ctx.name}"
