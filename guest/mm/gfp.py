@@ -75,6 +75,7 @@ class Gfp(IntFlag):
 
 
 GFP_KERNEL = Gfp.KERNEL
+_DIRECT_RECLAIM = int(Gfp.DIRECT_RECLAIM)
 GFP_NOFS = Gfp.NOFS
 GFP_NOIO = Gfp.NOIO
 GFP_NOWAIT = Gfp.NOWAIT
@@ -94,7 +95,7 @@ __GFP_NOMEMALLOC = Gfp.NOMEMALLOC
 def gfpflags_allow_blocking(gfp: int) -> bool:
     """Whether the allocation may sleep. Kernel: gfpflags_allow_blocking()
     [include/linux/gfp.h]"""
-    return bool(gfp & Gfp.DIRECT_RECLAIM)
+    return int(gfp) & _DIRECT_RECLAIM != 0
 
 
 # Per-task allocation scope flags. Kernel: current->flags [include/linux/sched.h]
@@ -110,6 +111,8 @@ _task_flags: dict[runtime.Task, int] = {}
 
 def current_flags() -> int:
     """The current task's PF_MEMALLOC* flags."""
+    if not _task_flags:  # no task is in a scope: every allocation takes this path
+        return 0
     return _task_flags.get(runtime.current(), 0)
 
 
@@ -173,7 +176,10 @@ def current_gfp_context(gfp: int) -> Gfp:
     """``gfp`` narrowed by the current task's NOIO/NOFS scopes.
     Kernel: current_gfp_context() [include/linux/sched/mm.h]"""
     pflags = current_flags()
-    gfp = Gfp(gfp)
+    if type(gfp) is not Gfp:
+        gfp = Gfp(gfp)
+    if not pflags:
+        return gfp
     if pflags & PF_MEMALLOC_NOIO:
         gfp &= ~(Gfp.IO | Gfp.FS)
     elif pflags & PF_MEMALLOC_NOFS:

@@ -55,6 +55,7 @@ from gemu.guest.mm.extents import Extent, cut, expand, paired_runs, runs_of
 from gemu.guest.mm.page_alloc import GFP_KERNEL, PAGE_SHIFT, PAGE_SIZE, Gfp, PageAllocator
 from gemu.guest.mm.swap import SwapDevice
 
+_NOT_ZERO = ~Gfp.ZERO
 UNPOPULATED = -1
 """Page entry of a page that has no frame and no slot."""
 
@@ -221,7 +222,7 @@ class ShmemFile:
 
     def _alloc_frames(self, nr: int, gfp: Gfp) -> list[Extent]:
         before = (self.nr_resident, self.nr_swapped)
-        frames = self.allocator.alloc_extents(nr, gfp & ~Gfp.ZERO)
+        frames = self.allocator.alloc_extents(nr, gfp & _NOT_ZERO)
         if (self.nr_resident, self.nr_swapped) != before:
             self.allocator.free_extents(frames)
             msg = f"{self.name}: changed during its own get_pages (callers must serialize)"
