@@ -1062,7 +1062,8 @@ class DeviceServer:
             run = p.RunRequest(req.run)
         except ValueError:
             raise _Reject(
-                p.ProtoError.EINVAL, f"unknown run request {req.run} (0 QUERY, 1 STOP, 2 CONT)"
+                p.ProtoError.EINVAL,
+                f"unknown run request {req.run} (0 QUERY, 1 STOP, 2 CONT, 3 POWEROFF)",
             ) from None
         if run is p.RunRequest.STOP:
             self.gpu.pause()
@@ -1070,6 +1071,13 @@ class DeviceServer:
         elif run is p.RunRequest.CONT:
             self.gpu.unpause()
             log.info("machine continued by %s", s.conn.name)
+        elif run is p.RunRequest.POWEROFF:
+            # power-off never waits for a debugger: what is queued runs to its end
+            held = self.gpu.cp.halted
+            self.gpu.unpause()
+            self.gpu.resume()
+            if held:
+                log.info("machine powering off: the command processor's hold ends")
         return p.RUN_STATE_REPLY.build(
             dict(paused=int(self.gpu.paused), halted=int(self.gpu.cp.halted))
         )

@@ -45,7 +45,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gemu.device.abi.client import DeviceClient, DeviceGone, DeviceTimeout, SharedMemory
+from gemu.device.abi.client import (
+    DeviceClient,
+    DeviceError,
+    DeviceGone,
+    DeviceTimeout,
+    SharedMemory,
+)
 from gemu.guest.dma_buf.dma_resv import DmaResvUsage
 from gemu.guest.drm import gem
 from gemu.guest.gemu_drv.job import SubmitOrder
@@ -315,6 +321,16 @@ class Machine:
         from gemu.device.abi.protocol import RunRequest
 
         self.client.run_state(RunRequest.CONT)
+
+    def end_holds(self) -> None:
+        """Power-off: end every hold of the GPU, the machine's :meth:`stop` and a debugger's
+        (``-S`` with no gdb ever attached included), so power-off never waits for a debugger;
+        a device too old to know RUN_STATE, or gone, has nothing to release."""
+        from gemu.device.abi.protocol import RunRequest
+
+        if self.client is not None:
+            with contextlib.suppress(DeviceError, DeviceGone):
+                self.client.run_state(RunRequest.POWEROFF)
 
     def paused(self) -> bool:
         """Whether :meth:`stop` holds the GPU (asks the device)."""

@@ -2351,6 +2351,7 @@ class Shell:
         if self._down:
             return self.sum
         self._down = True
+        self.m.end_holds()  # jobs held for a debugger (-S, gdb, QMP stop) run now
         self._typing = None  # a task block typed at the console without its end
         self._settle_pending_failure(None)
         self._join(list(self.tasks.values()))

@@ -96,6 +96,7 @@ class RunRequest(IntEnum):
     QUERY = 0  # only report the run state
     STOP = 1  # the machine's stop (QMP stop): the CP holds before its next packet
     CONT = 2  # the machine's cont: release that hold (a debugger's own hold stays)
+    POWEROFF = 3  # the machine powers off: every hold ends, the machine's and a debugger's
 
 
 class MemMapFlags(IntFlag):

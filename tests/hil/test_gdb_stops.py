@@ -21,7 +21,7 @@ from gemu.device.abi import regs
 from gemu.device.abi.enums import CpState, WaitFunc
 from gemu.guest.gemu_drv.job import BoAccess
 from gemu.host.machine import Machine
-from tests.support.device import attached_client
+from tests.support.device import attached_client, gemu_executable
 from tests.support.gdb import (
     DATA_VA,
     GDB,
@@ -215,3 +215,24 @@ def test_fault_stays_latched_while_gdb_holds_the_sigsegv_stop():
         assert f.read(bo, 0, 4) == bytes.fromhex("5a5a5a5a")
         f.close()
         m.check_clean()
+
+
+def test_poweroff_with_dash_s_and_no_gdb_is_prompt():
+    """`gemu boot --gdb ... -S` and no gdb ever attaches: a job submitted at the prompt is held,
+    and `poweroff` still ends the machine promptly (it never waits for a debugger)."""
+    port = _free_port()
+    exe, *pre = gemu_executable()
+    argv = [*pre, "boot", "-m", "16M", "--gdb", f"tcp:127.0.0.1:{port}", "-S"]
+    child = pexpect.spawn(exe, argv, timeout=30, encoding="utf-8", echo=False)
+    try:
+        child.expect_exact("gemu# ")
+        for line in ("src = bo 64K", "dst = bo 64K", "f1 = submit copy src dst"):
+            child.sendline(line)
+            child.expect_exact("gemu# ")
+        start = time.monotonic()
+        child.sendline("poweroff")
+        child.expect(pexpect.EOF, timeout=20)
+        took = time.monotonic() - start
+    finally:
+        child.close(force=True)
+    assert took < 10, f"poweroff took {took:.1f} s"

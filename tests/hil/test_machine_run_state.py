@@ -74,7 +74,9 @@ def test_system_reset_resubmits_the_job_the_reset_lost(machine):
 def test_run_state_request_errors_name_the_value(machine):
     from gemu.device.abi.client import DeviceError
 
-    with pytest.raises(DeviceError, match=r"unknown run request 7 \(0 QUERY, 1 STOP, 2 CONT\)"):
+    with pytest.raises(
+        DeviceError, match=r"unknown run request 7 \(0 QUERY, 1 STOP, 2 CONT, 3 POWEROFF\)"
+    ):
         machine.client.run_state(7)
     assert machine.client.run_state() == (False, False)
 
