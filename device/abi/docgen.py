@@ -156,7 +156,14 @@ A soft reset or clearing `CP_CONTROL.ENABLE` abandons it; so does an error. If t
 rewrites and invalidates page tables such a packet is using while it runs, the packet may
 fault in its data pass, with the part before the fault done. Any page-table layout is
 walked within bounds, including tables that point at themselves or alias a 4 GiB range onto
-one page.
+one page. The translation pass joins physically contiguous pages into extents across page
+boundaries, and the data pass moves those extents whole; an AS also remembers (up to 4096)
+ranges whose cached TLB entries form one contiguous run with the same permissions, so
+translating such a range again is one step rather than one per page. That is only a faster
+way to read the TLB: a range is forgotten as soon as any TLB entry of its AS is dropped
+(invalidation, `UPDATE`, eviction), and every page still counts as a TLB hit and against the
+slice budget. A 64 MiB `COPY` between buffers mapped in large contiguous runs runs at about
+the speed of a host memory copy.
 """
 
 PROSE_RECOVERY = """\
