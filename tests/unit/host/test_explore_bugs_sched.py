@@ -117,3 +117,31 @@ def test_soak_every_corpus_scenario_clean(scenario, strategy):
     cfg = ExploreConfig(scenario=SCENARIOS[scenario], strategy=strategy)
     report = engine.run_campaign(cfg, 2000, seed=10_000, workers=2)
     assert report.first is None, report.first.violations
+
+
+def test_docs_bugs_md_lists_exactly_the_corpus():
+    """docs/bugs.md's generated table names every entry of BUGS, in order, and nothing else;
+    each entry's section gives its full fix id."""
+    from gemu.host.explore import bugs_table
+
+    assert bugs_table.main(["--check"]) == 0
+    doc = bugs_table.DOC.read_text()
+    for b in bugs.BUGS:
+        assert f"### {b.name}\n" in doc and b.fix in doc, b.name
+
+
+def test_bugs_table_renders_measured_figures(tmp_path):
+    """The generator writes the medians it measured into the page between its markers, and
+    keeps the figures of the entries it did not measure again."""
+    from gemu.host.explore import bugs_table
+
+    page = tmp_path / "bugs.md"
+    page.write_text(f"intro\n{bugs_table.BEGIN}\nold\n{bugs_table.END}\nkept prose\n")
+    assert bugs_table.main(["--doc", str(page), "--seeds", "2", "--only", "xe-tdr-frees-job"]) == 0
+    text = page.read_text()
+    assert text.startswith("intro\n") and text.endswith("kept prose\n") and "\nold\n" not in text
+    row = next(ln for ln in text.splitlines() if ln.startswith("| [xe-tdr-frees-job]"))
+    assert row.endswith("| 1 (2/2) | 1 (2/2) | 1 |")
+    other = next(ln for ln in text.splitlines() if ln.startswith("| [sched-kill-before-deps]"))
+    assert other.endswith("| not measured | not measured | not measured |")
+    assert bugs_table.listed_names(text) == [b.name for b in bugs.BUGS]
