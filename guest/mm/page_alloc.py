@@ -294,8 +294,12 @@ _RESERVED = 2
 
 
 def _set_states(state: bytearray, runs: Sequence[Extent], new: int) -> None:
+    fill = bytes((new,))
     for p, n in runs:
-        state[p : p + n] = bytes((new,)) * n
+        if n == 1:
+            state[p] = new
+        else:
+            state[p : p + n] = fill * n
 
 
 # The allocator.

@@ -254,7 +254,10 @@ class SwapDevice:
             got = free.pop(nr)
             state = self._state
             for s, n in got:
-                state[s : s + n] = _USED_BYTE * n
+                if n == 1:
+                    state[s] = _USED
+                else:
+                    state[s : s + n] = _USED_BYTE * n
             used = self.nr_slots - len(free)
             if used > self._stats.high_water:
                 self._stats.high_water = used
@@ -356,13 +359,17 @@ class SwapDevice:
         stats = self._stats
         task = runtime.current()  # runtime.preempt() per pair, looked up once
         preempt = task.runtime._preempt
+        nslots = self.nr_slots
         for pfn, slot, nr in pairs:
             pa, nbytes = pfn << PAGE_SHIFT, nr << PAGE_SHIFT
             if pfn < 0 or nr <= 0 or pa + nbytes > size:
                 physmem.frames_view(pfn, nr)  # raises the Efault naming the range
                 raise Einval(msg=f"{self.name}: write of {nr} pages is not whole pages")
             preempt(task, "swap_writepage")
-            if slot < 0 or slot + nr > self.nr_slots or state.count(_USED, slot, slot + nr) != nr:
+            if nr == 1:
+                if not 0 <= slot < nslots or state[slot] != _USED:
+                    self._check_run(slot, nr, "write")
+            elif slot < 0 or slot + nr > nslots or state.count(_USED, slot, slot + nr) != nr:
                 self._check_run(slot, nr, "write")
             if self._inject_write or self._rate:
                 self._injected(True, slot, nr)
@@ -392,13 +399,17 @@ class SwapDevice:
         stats = self._stats
         task = runtime.current()  # runtime.preempt() per pair, looked up once
         preempt = task.runtime._preempt
+        nslots = self.nr_slots
         for pfn, slot, nr in pairs:
             pa, nbytes = pfn << PAGE_SHIFT, nr << PAGE_SHIFT
             if pfn < 0 or nr <= 0 or pa + nbytes > size:
                 physmem.frames_view(pfn, nr)
                 raise Einval(msg=f"{self.name}: read of {nr} pages is not whole pages")
             preempt(task, "swap_read_folio")
-            if slot < 0 or slot + nr > self.nr_slots or state.count(_USED, slot, slot + nr) != nr:
+            if nr == 1:
+                if not 0 <= slot < nslots or state[slot] != _USED:
+                    self._check_run(slot, nr, "read")
+            elif slot < 0 or slot + nr > nslots or state.count(_USED, slot, slot + nr) != nr:
                 self._check_run(slot, nr, "read")
             if self._inject_read or self._rate:
                 self._injected(False, slot, nr)
