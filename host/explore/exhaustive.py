@@ -13,15 +13,19 @@ statement a reviewer can quote::
 **The enumeration** is CHESS's iterative context bounding, done statelessly: every schedule
 re-runs the scenario from the start (it is a pure function of its decisions). A run follows
 a prefix of decisions, then the default policy: keep running the task that reached the
-preemption point; when it blocks or exits, run the next runnable task after it in task-id
-order (round robin). Every choice that differs from the default costs one preemption. That
-is CHESS's count for a switch away from a task that could go on; for a switch at a point
-where the task blocked, CHESS lets every choice be free, which would make every blocking
-point of a driver (each fence wait, each lock sleep, kswapd's and the GPU's idle waits) a
-free branch and the small scenario's search tree exponential, so here only the round-robin
-successor is free there (what the literature calls delay bounding at blocking points). Each
-run records, at every decision it made after its prefix, the runnable tasks and the cost of
-choosing each; every alternative within the bound becomes a new prefix on the search stack.
+preemption point; when it blocks or exits, hand back to the task most recently preempted
+that can run (as CHESS returns to the preempted thread), else to the next runnable task
+after it in task-id order (round robin). Every choice that differs from the default costs
+one preemption. That is CHESS's count for a switch away from a task that could go on; for a
+switch at a point where the task blocked, CHESS lets every choice be free, which would make
+every blocking point of a driver (each fence wait, each lock sleep, kswapd's and the GPU's
+idle waits) a free branch and the small scenario's search tree exponential, so here only
+the default is free there (what the literature calls delay bounding at blocking points).
+Handing back to the preempted task keeps a preemption's effect local: a task run early
+slots into the schedule and the rest goes on as before, so moving the preemption across
+steps independent of it gives an equivalent schedule at the same cost, which the reduction
+relies on. Each run records, at every decision, the runnable tasks and the cost of
+choosing each.
 
 **The reduction** is dynamic partial-order reduction (Flanagan and Godefroid, POPL 2005)
 with sleep sets, bounded as Coons, Musuvathi and McKinley's bounded partial-order reduction
@@ -184,6 +188,7 @@ class _Run:
         self.points: list[_Point] = []
         self.steps: list[_Step] = []
         self.spent = 0
+        self.preempted: list[runtime.Task] = []
         self.fingerprint = 0
         self._objects: dict[tuple[str, object], str] = {}
 
@@ -193,7 +198,7 @@ class _Run:
 
     def choose(self, rt: runtime.Deterministic, runnable: list[runtime.Task]) -> runtime.Task:
         cur = runtime.current()
-        default = runtime.round_robin(cur, runnable)
+        default = self._default(cur, runnable)
         i = len(self.points)
         if i < len(self.prefix):
             chosen = rt._by_tid.get(self.prefix[i])
@@ -209,8 +214,23 @@ class _Run:
         )
         if chosen is not default:
             self.spent += 1
+            if cur in runnable:
+                self.preempted.append(cur)
         chosen._node = i
         return chosen
+
+    def _default(self, cur: runtime.Task, runnable: list[runtime.Task]) -> runtime.Task:
+        """The free choice: the task at the point goes on; one that blocked or exited hands
+        back to the task most recently preempted that can run, else to the next runnable
+        task in tid order."""
+        if cur in runnable:
+            return cur
+        stack = self.preempted
+        for k in range(len(stack) - 1, -1, -1):
+            if stack[k] in runnable:
+                return stack.pop(k)
+        stack[:] = [t for t in stack if not t.done]
+        return runtime.round_robin(cur, runnable)
 
     def record(self, task: runtime.Task, next_label: str | None) -> None:
         label = task._label
