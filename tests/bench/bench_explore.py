@@ -24,7 +24,7 @@ from dataclasses import replace
 
 from gemu.host.cmd_explore import MUTANTS
 from gemu.host.explore import engine
-from gemu.host.explore.scenario import ExploreConfig, run_schedule
+from gemu.host.explore.scenario import ExploreConfig, run_schedule, scenario_for_mutant
 from tests.bench.common import Row, thread_handoff_rate
 
 
@@ -94,7 +94,8 @@ def bench(quick: bool) -> list[Row]:
     one = 1 / rates[1]
     for mutant in MUTANTS[1:]:
         t0 = time.perf_counter()
-        count, kind = engine.schedules_to_detection(ExploreConfig(mutant=mutant), 0, 400)
+        cfg = ExploreConfig(scenario=scenario_for_mutant(mutant), mutant=mutant)
+        count, kind = engine.schedules_to_detection(cfg, 0, 400)
         dt = time.perf_counter() - t0
         rows.append(
             Row(
