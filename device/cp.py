@@ -220,6 +220,7 @@ class CommandProcessor:
         self.ib_stack: list[list[int]] = []  # [pc, end] per nesting level, VAs
         self.waiting: _Wait | None = None
         self.bulk: _Bulk | None = None  # the sliced packet in progress
+        self.error_ib_depth = 0  # IB nesting of the failing packet (the stack is dropped)
         self._budget = 0  # work units left in this run()
         self._busy = False  # executed something since the last CP_IDLE
         # Context of the packet being executed, for faults and errors.
@@ -286,6 +287,35 @@ class CommandProcessor:
     def wait_deadline_ns(self) -> int | None:
         w = self.waiting
         return None if w is None else w.deadline
+
+    def debug_set_pc(self, addr: int) -> None:
+        """The debugger moves the CP to the packet at ``addr`` (gdb's ``jump``, ``set $pc``):
+        a ring address (guest-physical) drops the indirect buffers, the wait and the packet in
+        progress and makes it RING_HEAD. While an indirect buffer executes, an address below
+        its end is a GPU VA in it and becomes its next packet (the ring and a buffer's VAs may
+        overlap: that buffer wins). Raises ValueError naming what is wrong."""
+        if addr & 3:
+            raise ValueError(f"pc {addr:#x} is not dword aligned")
+        if self.error:
+            raise ValueError("the CP is in ERROR: the guest's driver recovers it (RESUME, reset)")
+        if not self.enabled:
+            raise ValueError("the CP is not enabled (no ring latched)")
+        # the innermost buffer still executing (a drained one is popped before its next fetch)
+        live = [i for i, (pc, end) in enumerate(self.ib_stack) if pc < end]
+        if live and addr < self.ib_stack[live[-1]][1]:
+            del self.ib_stack[live[-1] + 1 :]
+            self.ib_stack[-1][0] = addr
+        else:
+            if not self.ring_base <= addr < self.ring_base + self.ring_size:
+                raise ValueError(
+                    f"pc {addr:#x} is neither in the ring (PA {self.ring_base:#x}+"
+                    f"{self.ring_size:#x}) nor in an indirect buffer being executed"
+                )
+            self.ib_stack = []
+            self.head = addr - self.ring_base
+        self.waiting = None
+        self.bulk = None
+        self._hook_pending = False
 
     # --- register behaviour --------------------------------------------------------------
 
@@ -376,6 +406,7 @@ class CommandProcessor:
         rf = gpu.regs
         self.errors += 1
         self.error = True
+        self.error_ib_depth = len(self.ib_stack) if in_ib else 0
         self.ib_stack = []
         self.waiting = None
         self.bulk = None

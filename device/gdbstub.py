@@ -47,7 +47,7 @@ from .abi import packets as pk
 from .abi import regs
 from .abi.enums import AccessType, CpError, MmuFault, Opcode
 from .abi.protocol import SPACE_PHYS
-from .gdb_target import REGISTERS, TARGET_XML
+from .gdb_target import PC_REGNUM, REGISTERS, TARGET_XML
 from .mmu import MemFault, perms_str
 from .server import OUTPUT_CAP
 
@@ -262,7 +262,7 @@ def core_values(gpu: Any) -> dict[str, int]:
         "x3": cp.as_index,
         "x4": d(regs.CP_ERROR.offset),
         "x5": _error_addr(gpu),
-        "x6": len(cp.ib_stack),
+        "x6": cp.error_ib_depth if cp.error else len(cp.ib_stack),
         "x7": d(regs.CP_PACKETS.offset),
         "x8": cp.ring_base,
         "x9": cp.ring_size,
@@ -716,11 +716,25 @@ class GdbStub:
         if not 0 <= regnum < len(REGISTERS):
             return EINVAL.encode()
         r = REGISTERS[regnum]
+        if r.regnum == PC_REGNUM:
+            return self._write_pc(int.from_bytes(data[: r.size], "little"))
         if r.mmio is None:
-            return EINVAL.encode()  # the CP state is changed through registers, not x0..pc
+            return EINVAL.encode()  # the CP state is changed through registers, not x0..x30
         value = int.from_bytes(data[: r.size], "little")
         self.gpu.mmio_write(r.mmio.offset, value)
         log.info("gdb wrote %s = %#x", r.mmio.name, value)
+        return b"OK"
+
+    def _write_pc(self, addr: int) -> bytes:
+        """Move the CP to another packet (``set $pc``, ``jump``, the entry of ``load``)."""
+        try:
+            self.gpu.cp.debug_set_pc(addr)
+        except ValueError as exc:
+            log.warning("gdb: cannot set pc to %#x: %s", addr, exc)
+            self.stop_text = f"pc not moved to {addr:#x}: {exc}"
+            return EINVAL.encode()
+        self._free_step = None
+        log.info("gdb moved pc to %#x", addr)
         return b"OK"
 
     # --- memory --------------------------------------------------------------------------
@@ -812,7 +826,23 @@ class GdbStub:
         return self.register_bytes().hex().encode()
 
     def _G(self, packet: bytes) -> bytes:
-        return EINVAL.encode()
+        """All registers at once: those whose value changed are written as ``P`` would."""
+        try:
+            raw = bytes.fromhex(packet[1:].decode())
+        except ValueError:
+            return EINVAL.encode()
+        current = self.register_bytes()
+        if len(raw) != len(current):
+            return EINVAL.encode()
+        pos = 0
+        for r in REGISTERS:
+            new, old = raw[pos : pos + r.size], current[pos : pos + r.size]
+            pos += r.size
+            if new != old:
+                reply = self._write_register(r.regnum, new)
+                if reply != b"OK":
+                    return reply
+        return b"OK"
 
     def _p(self, packet: bytes) -> bytes:
         try:

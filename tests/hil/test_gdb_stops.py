@@ -26,6 +26,7 @@ from tests.support.gdb import (
     DATA_VA,
     GDB,
     IB_VA,
+    RING_BASE,
     gdb_batch,
     needs_gdb,
     setup_job,
@@ -236,3 +237,55 @@ def test_poweroff_with_dash_s_and_no_gdb_is_prompt():
     finally:
         child.close(force=True)
     assert took < 10, f"poweroff took {took:.1f} s"
+
+
+def test_pc_is_writable_restore_faults_like_reads_and_x6_at_a_fault_in_an_ib(tmp_path):
+    """`set $pc` moves the CP to another packet of the IB (the WRITE_DATA and NOP skipped:
+    their word stays 0, the ATOMIC runs), `jump` to a ring packet; `set $pc` to an address
+    in neither is refused (E16); `restore` to an unmapped VA fails without a write; a fault
+    inside the IB stops with x6 = 1 (the IB depth) while pc is the IB VA."""
+    at, addr = [], IB_VA
+    for p in WATCH_IB:
+        at.append(addr)
+        addr += len(p)
+    blob = tmp_path / "blob.bin"
+    blob.write_bytes(b"\x01\x02\x03\x04")
+    with spawn_gdb_device() as dev, attached_client(dev.spec, size=1 << 20) as client:
+        job = setup_job(client, WATCH_IB)
+        fence_at = RING_BASE + sum(len(p) for p in job.ring_packets[:-1])
+        out = gdb_batch(
+            dev.gdb_port,
+            f"break *{at[1]:#x}",
+            "continue",
+            f"set $pc = {at[3]:#x}",
+            "p/x $pc",
+            "stepi",
+            "p/x $pc",
+            "set $pc = 0x7000000",
+            "monitor as 1",
+            f"restore {blob} binary 0x900000",
+            "monitor auto",
+            "delete",
+            f"break *{fence_at:#x}",
+            f"jump *{fence_at:#x}",
+            "p/x $pc",
+            "delete",
+            "detach",
+        )
+        ram = client.memory
+        assert _values(out)[:3] == [f"{at[3]:#x}", f"{RING_BASE + 0x18:#x}", f"{fence_at:#x}"], out
+        # the stub answers E14 (as to a read); gdb's restore words every failed write so
+        assert "restore: memory write failed" in out, out
+        assert """Could not write register "pc"; remote failure reply 'E16'""" in out, out
+        _until(lambda: ram.read_u64(job.data_pa + 0x3000) == 7, "the fence after detach")
+        assert ram.read_u32(job.data_pa + 0x200) == 0, "the skipped WRITE_DATA did not run"
+        assert ram.read_u64(job.data_pa + 0x208) == 5, "the ATOMIC ran"
+    bad = [pk.fill(DATA_VA, 0x10, 1), pk.fill(0x90_0000, 4, 1)]
+    with spawn_gdb_device() as dev, attached_client(dev.spec, size=1 << 20) as client:
+        setup_job(client, bad)
+        out = gdb_batch(dev.gdb_port, "continue", "p/x $pc", "p $x6", "p $x11", "detach")
+    assert "SIGSEGV" in out and _values(out) == [f"{IB_VA + len(bad[0]):#x}", "1", "1"], out
+
+
+def _values(out: str) -> list[str]:
+    return re.findall(r"^\$\d+ = (.*)$", out, re.M)
