@@ -108,9 +108,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "scenario",
         nargs="?",
         default=None,
-        help="a built-in scenario (standard, small, race, hang, gpuvm, gpuvm-small) or a job "
-        "script file (default: standard; hang for --mutant reset-allocates, which needs a GPU "
-        "reset; gpuvm for the VM_BIND flavour's mutants)",
+        help="a built-in scenario (standard, small, race, hang, timeouts, exit, gpuvm, "
+        "gpuvm-small) or a job script file (default: standard; hang for --mutant "
+        "reset-allocates, which needs a GPU reset; timeouts or exit for the drm_sched corpus "
+        "mutants; gpuvm for the VM_BIND flavour's mutants)",
     )
     p.add_argument(
         "--strategy",
