@@ -45,6 +45,14 @@ Invariants (the ``kind`` of a :class:`Violation`):
 ``lru``              a GEM LRU whose structure is broken (links, ``obj.lru``, page count),
                      checked after every shrinker pass and at the end, or a list operation
                      that found its node's neighbours inconsistent (CONFIG_DEBUG_LIST)
+``vmap``             a shmem object's vmap and pin counts disagree with its state: ``vaddr``
+                     None while ``vmap_use_count`` > 0 (or set at 0), a vmap without its pin,
+                     a pin without resident pages, a count below 0
+``resv-slots``       a dma_resv fence added without a reserved slot, or a fence list holding
+                     more fences than it has slots (the kernel's BUG_ON in
+                     dma_resv_add_fence(), with CONFIG_DEBUG_MUTEXES' slot reset at unlock)
+``resv-content``     (``shmem``) a BO's reservation no longer covers an unsignalled fence of a
+                     job using it: no fence of that context as late (the BO looks idle early)
 ``crash``            an unexpected exception in a task
 ==================== ==========================================================================
 """
@@ -64,7 +72,7 @@ from gemu.device.abi.enums import WaitFunc
 from gemu.guest import errors
 from gemu.guest.dma_buf import dma_fence
 from gemu.guest.dma_buf.dma_resv import DmaResvUsage
-from gemu.guest.drm import gem, gem_lru
+from gemu.guest.drm import gem, gem_lru, gem_shmem
 from gemu.guest.drm import sched as drm_sched
 from gemu.guest.errors import Einval, Enomem, Etimedout, KernelError
 from gemu.guest.gemu_drv.job import Mutant
@@ -98,6 +106,9 @@ KINDS = (
     "deadlock",
     "leak",
     "lru",
+    "vmap",
+    "resv-slots",
+    "resv-content",
     "crash",
 )
 
@@ -188,6 +199,9 @@ SCENARIOS = {
         fail_deps=6,
         workload="exit",
     ),
+    # every kind of user of a shmem object at once (:mod:`.shmem_run`): GPU jobs, madvise,
+    # kernel vmaps, userspace mmaps, explicit-sync fence imports, BOs closed and re-created
+    "shmem": Scenario(name="shmem", tasks=4, files=2, jobs=8, workload="shmem"),
     # the VM_BIND flavour (:mod:`.gpuvm`): one VM per task, external BOs bound in every
     # VM, VM-private BOs, binds and unbinds racing execs and reclaim
     "gpuvm": Scenario(
@@ -222,6 +236,10 @@ SCENARIOS = {
 
 
 MUTANT_SCENARIO = {
+    "gem-lru-remove-unlocked": "shmem",
+    "resv-replace-older": "shmem",
+    "vunmap-clears-vaddr": "shmem",
+    "mmap-errant-put": "shmem",
     "reset-allocates": "hang",
     "tdr-frees-job": "timeouts",
     "no-hang-drops-job": "timeouts",
@@ -474,6 +492,18 @@ class _Run:
             problem = gem_lru.check(lru, limit)
             if problem is not None:
                 self.violate("lru", problem)
+        self.check_objects()
+
+    def check_objects(self) -> None:
+        """The ``vmap`` and ``resv-slots`` invariants over the driver's live BOs."""
+        for obj in list(getattr(self.drv, "bos", ())):
+            if isinstance(obj, gem_shmem.DrmGemShmemObject):
+                problem = check_shmem_counts(obj)
+                if problem is not None:
+                    self.violate("vmap", problem)
+            problem = check_fence_slots(obj.resv) if obj.resv is not None else None
+            if problem is not None:
+                self.violate("resv-slots", problem)
 
     def _check_unmapped(self, pfns) -> None:
         drv = getattr(self, "drv", None)
@@ -892,6 +922,10 @@ def run_schedule(
         from gemu.host.explore.gpuvm import GpuvmRun
 
         run = GpuvmRun(cfg, seed)
+    elif cfg.scenario.workload == "shmem":
+        from gemu.host.explore.shmem_run import ShmemRun
+
+        run = ShmemRun(cfg, seed)
     elif cfg.scenario.workload:
         from gemu.host.explore.sched_run import SchedRun
 
@@ -965,7 +999,11 @@ _LIFETIME_WARNINGS = (
     drm_sched.LIFETIME_CHECK,
     "dma_fence_put: refcount underflow",
     "dma_fence_get on a released fence",
+    "drm_gem_object_get on freed",
+    "drm_gem_object_put: refcount underflow",
+    "use after free:",
 )
+_SLOT_WARNINGS = ("add_fence on",)
 
 
 def warning_kind(message: str) -> str:
@@ -976,7 +1014,48 @@ def warning_kind(message: str) -> str:
         return "lifetime"
     if message.startswith(drm_sched.FENCE_ORDER_CHECK):
         return "fence-order"
+    if message.startswith(_SLOT_WARNINGS):
+        return "resv-slots"
     return "kernel-warning"
+
+
+def check_shmem_counts(obj: gem_shmem.DrmGemShmemObject) -> str | None:
+    """What is wrong with a shmem object's vmap and pin counts, or None (the ``vmap``
+    invariant): ``vaddr`` is a live mapping exactly while ``vmap_use_count`` > 0, a vmap
+    holds a pin, a pinned object is resident (pages, not evicted or purged), and a pin holds
+    a page reference. An imported object (its exporter counts) is not checked. Reads without
+    the lock, which the deterministic runtime makes atomic."""
+    if obj.import_attach is not None:
+        return None
+    vmaps, pins, uses = obj.vmap_use_count, obj.pages_pin_count, obj.pages_use_count
+    name = obj.resv.lock.name if obj.resv is not None else "?"
+    if vmaps < 0 or pins < 0 or uses < 0:
+        return f"{name}: counts below 0 (vmap {vmaps}, pin {pins}, pages {uses})"
+    if vmaps and (obj.vaddr is None or obj.vaddr.is_null):
+        return f"{name}: vmap_use_count {vmaps} but vaddr is {obj.vaddr!r}"
+    if not vmaps and obj.vaddr is not None:
+        return f"{name}: vaddr {obj.vaddr!r} set with vmap_use_count 0"
+    if vmaps and not pins:
+        return f"{name}: vmapped ({vmaps}) but not pinned"
+    if pins and (obj.pages is None or obj.evicted or obj.madv < 0 or not uses):
+        return (
+            f"{name}: pinned ({pins}) but pages {'present' if obj.pages else 'gone'}, "
+            f"evicted {obj.evicted}, madv {obj.madv}, pages_use_count {uses}"
+        )
+    return None
+
+
+def check_fence_slots(resv) -> str | None:
+    """What is wrong with a reservation object's fence list, or None (the ``resv-slots``
+    invariant): no more fences than slots, and as many entries as it counts."""
+    lst = resv.fences
+    if lst is None:
+        return None
+    if lst.num_fences > lst.max_fences:
+        return f"{resv.lock.name}: {lst.num_fences} fences in {lst.max_fences} slots"
+    if len(lst.table) != lst.num_fences:
+        return f"{resv.lock.name}: num_fences {lst.num_fences} but {len(lst.table)} entries"
+    return None
 
 
 def scenario_from_args(name: str, **overrides) -> Scenario:
