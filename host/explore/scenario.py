@@ -34,17 +34,11 @@ Invariants (the ``kind`` of a :class:`Violation`):
 ``lockdep``          a lockdep report (lock order, misuse)
 ``signalling``       a dma_fence signalling-section report (allocation, lock or wait inside)
 ``lifetime``         an object used after it was freed or freed twice: drm_sched used a job
-                     free_job had freed, a dma_fence reference was put once too often
+                     free_job had freed, a dma_fence reference was put once too often, a GEM
+                     object got or put after its last reference, an LRU's lock reached after
+                     the scan that owned the list returned
 ``fence-order``      a drm_sched job freed with its finished fence signalled but not its
                      scheduled fence, or before one of its dependencies signalled
-``kernel-warning``   a WARN_ON (a broken contract, e.g. drm_sched's arm/push rules)
-``mapped-free``      a frame freed while a GPU page table still maps it
-``expectation``      a job script's ``expect`` failed or one of its lines failed (``file:line``)
-``deadlock``         no task can run, no end within ``max_steps``, or a hang (``HANG_NS``)
-``leak``             a frame, swap slot, object, ring slot, AS or fence left at the end
-``lru``              a GEM LRU whose structure is broken (links, ``obj.lru``, page count),
-                     checked after every shrinker pass and at the end, or a list operation
-                     that found its node's neighbours inconsistent (CONFIG_DEBUG_LIST)
 ``vmap``             a shmem object's vmap and pin counts disagree with its state: ``vaddr``
                      None while ``vmap_use_count`` > 0 (or set at 0), a vmap without its pin,
                      a pin without resident pages, a count below 0
@@ -53,6 +47,14 @@ Invariants (the ``kind`` of a :class:`Violation`):
                      dma_resv_add_fence(), with CONFIG_DEBUG_MUTEXES' slot reset at unlock)
 ``resv-content``     (``shmem``) a BO's reservation no longer covers an unsignalled fence of a
                      job using it: no fence of that context as late (the BO looks idle early)
+``kernel-warning``   a WARN_ON (a broken contract, e.g. drm_sched's arm/push rules)
+``mapped-free``      a frame freed while a GPU page table still maps it
+``expectation``      a job script's ``expect`` failed or one of its lines failed (``file:line``)
+``deadlock``         no task can run, no end within ``max_steps``, or a hang (``HANG_NS``)
+``leak``             a frame, swap slot, object, ring slot, AS or fence left at the end
+``lru``              a GEM LRU whose structure is broken (links, ``obj.lru``, page count),
+                     checked after every shrinker pass and at the end, or a list operation
+                     that found its node's neighbours inconsistent (CONFIG_DEBUG_LIST)
 ``crash``            an unexpected exception in a task
 ==================== ==========================================================================
 """
@@ -100,15 +102,15 @@ KINDS = (
     "signalling",
     "lifetime",
     "fence-order",
+    "vmap",
+    "resv-slots",
+    "resv-content",
     "kernel-warning",
     "mapped-free",
     "expectation",
     "deadlock",
     "leak",
     "lru",
-    "vmap",
-    "resv-slots",
-    "resv-content",
     "crash",
 )
 
@@ -458,14 +460,15 @@ class _Run:
     def _watch_frees(self) -> None:
         """Check every freed frame against the GPU page tables (a KASAN for the GPU)."""
         alloc = self.allocator
-        free_pages = alloc.free_pages
+        free_extents = alloc.free_extents
 
-        def checked_free_pages(pfns):
-            self._check_unmapped(pfns)
-            free_pages(pfns)
+        # free_extents is where every free ends (free_pages and free_page call it, the shmem
+        # backing store calls it directly)
+        def checked_free_extents(runs):
+            self._check_unmapped([pfn for start, n in runs for pfn in range(start, start + n)])
+            free_extents(runs)
 
-        alloc.free_pages = checked_free_pages
-        alloc.free_page = lambda pfn: checked_free_pages([pfn])
+        alloc.free_extents = checked_free_extents
 
     def _watch_lrus(self) -> None:
         """Check the GEM LRUs after every pass of the shmem shrinker (and at the end)."""
