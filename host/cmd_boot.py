@@ -17,7 +17,9 @@ job scripts and powers off. Both exit with:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import signal
 import sys
 import time
@@ -162,6 +164,15 @@ def _qmp_arg(text: str) -> tuple[str, bool]:
     try:
         return parse_spec(text)
     except QmpSpecError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _trace_events_arg(text: str) -> tuple[list[str], str | None]:
+    from gemu.host.tracefile import TraceSpecError, parse_trace_spec
+
+    try:
+        return parse_trace_spec(text)
+    except TraceSpecError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
@@ -314,12 +325,38 @@ def _machine_options(p: argparse.ArgumentParser, ram: str) -> None:
         "error and each reset of a busy GPU (read with `gemu coredump FILE`)",
     )
     p.add_argument(
+        "-trace",
+        dest="trace_events",
+        action="append",
+        type=_trace_events_arg,
+        metavar="[enable=]PATTERN[,events=FILE][,file=FILE]",
+        help="QEMU's -trace: print the guest tracepoints whose names match PATTERN (a glob; "
+        "-PATTERN disables; repeatable) to the log (-D FILE, file=FILE, or stderr); "
+        "'-trace help' lists them. With --trace FILE, only these go into the JSON too",
+    )
+    p.add_argument(
+        "-D",
+        dest="logfile",
+        type=_trace_arg,
+        metavar="FILE",
+        help="QEMU's -D: write the log (the --log/-d items, the device model's log as it "
+        "happens, -trace events) to FILE instead of the console and stderr",
+    )
+    p.add_argument(
+        "-pidfile",
+        type=_trace_arg,
+        metavar="FILE",
+        help="write gemu's process id to FILE (locked while it runs, removed at exit)",
+    )
+    p.add_argument(
+        "-d",
         "--log",
         type=_log_arg,
         default="guest_errors",
         metavar="ITEMS",
         help="comma list, QEMU -d style: guest_errors (guest kernel warnings and errors), "
-        "guest (guest info too), device (the device model log, on stderr at power-off), "
+        "guest (guest info too), device (the device model log: on stderr at power-off, or "
+        "live in the -D file), "
         "debug, none",
     )
 
@@ -352,6 +389,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=_chardev_arg,
         metavar="CHARDEV",
         help="the same console (gemu's shell is its monitor): as -serial",
+    )
+    boot.add_argument(
+        "-daemonize",
+        action="store_true",
+        help="QEMU's -daemonize: detach once the machine has booted (the console must be a "
+        "pty or a socket, not stdio); with -pidfile, the detached process's id is there",
     )
     boot.set_defaults(func=cmd_boot)
     run = sub.add_parser(
@@ -397,10 +440,13 @@ class _KmsgHandler(logging.Handler):
         self.write_line(f"[{time.monotonic() - self.t0:12.6f}] {msg}")
 
 
-def _setup_logs(items: tuple[str, ...], write, t0: float) -> _KmsgHandler:
+def _setup_logs(items: tuple[str, ...], write, t0: float, logfile=None) -> _KmsgHandler:
     from gemu.host.cli import setup_logging
 
     setup_logging(logging.WARNING, "gemu")
+    if logfile is not None:  # -D: the emulator's own log lines go to the file too
+        for h in logging.getLogger("gemu").handlers:
+            h.setStream(logfile)
     level = logging.WARNING
     if "guest" in items:
         level = logging.INFO
@@ -435,7 +481,8 @@ def _prespawn_device(args: argparse.Namespace):
         cmd = [shutil.which("gemu")]
     tmp = tempfile.mkdtemp(prefix="gemu-boot-")
     level = "info" if "device" in args.log else "warning"
-    with open(os.path.join(tmp, "device.log"), "wb") as logf:
+    logfile = getattr(args, "logfile", None)
+    with open(logfile or os.path.join(tmp, "device.log"), "ab" if logfile else "wb") as logf:
         proc = subprocess.Popen(
             [
                 *cmd,
@@ -464,6 +511,8 @@ class Session:
         self.shell = None
         self.summary = None  # the power-off summary, once finished
         self.tracer = None
+        self.trace_log = None
+        self._logf = self._tracef = None
         self.prespawned = _prespawn_device(args)
 
     def discard(self) -> None:
@@ -478,6 +527,9 @@ class Session:
             shutil.rmtree(tmp, ignore_errors=True)
             self.prespawned = None
 
+    def _log_line(self, text: str) -> None:
+        self._logf.write(text + "\n")
+
     def kmsg(self, text: str) -> None:
         self.write(f"[{time.monotonic() - self.t0:12.6f}] {text}")
 
@@ -489,11 +541,32 @@ class Session:
 
         args = self.args
         errors.set_strict(False)
-        _setup_logs(args.log, self.write, self.t0)
+        log_write = self.write
+        if args.logfile:
+            # line-buffered append: the device process appends its own lines to the file
+            self._logf = open(args.logfile, "a", buffering=1)  # noqa: SIM115 (closed in finish)
+            log_write = self._log_line
+        _setup_logs(args.log, log_write, self.t0, self._logf)
+        enabled = None
+        if args.trace_events:
+            from gemu.host.tracefile import TraceFilter, TraceLog
+
+            patterns = [p for spec, _ in args.trace_events for p in spec]
+            enabled = TraceFilter(patterns)
+            outs = [out for _, out in args.trace_events if out]
+            if outs:
+                self._tracef = open(outs[-1], "a", buffering=1)  # noqa: SIM115 (closed in finish)
+                trace_write = lambda text: self._tracef.write(text + "\n")  # noqa: E731
+            elif args.logfile:
+                trace_write = self._log_line
+            else:
+                trace_write = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
+            self.trace_log = TraceLog(enabled, trace_write)
+            self.trace_log.start()
         if args.trace:
             from gemu.host.tracefile import TraceWriter
 
-            self.tracer = TraceWriter(args.trace)
+            self.tracer = TraceWriter(args.trace, enabled)
             self.tracer.start()
         ram = args.memory
         swap = 4 * ram if args.swap is None else args.swap
@@ -562,7 +635,7 @@ class Session:
                 proc.wait(10)
             if proc.stdout is not None:
                 proc.stdout.close()
-            if "device" in self.args.log:
+            if "device" in self.args.log and not self.args.logfile:
                 sys.stderr.write((Path(tmp) / "device.log").read_text(errors="replace"))
             shutil.rmtree(tmp, ignore_errors=True)
         elif m is not None and "device" in self.args.log:
@@ -570,8 +643,81 @@ class Session:
         if self.tracer is not None:
             self.tracer.close()
             self.write(f"trace: {len(self.tracer.events)} events written to {self.args.trace}")
+        if self.trace_log is not None:
+            self.trace_log.close()
+        for f in (self._tracef, self._logf):
+            if f is not None:
+                f.close()
         self.write("reboot: Power down")
         return EXIT_INTERRUPTED if interrupted else status
+
+
+def _trace_help(args: argparse.Namespace) -> bool:
+    """``-trace help``: list the tracepoint names (QEMU prints its list and exits)."""
+    if not any(p == "help" for spec, _ in args.trace_events or () for p in spec):
+        return False
+    from gemu.host.tracefile import event_names
+
+    print("\n".join(event_names()))
+    return True
+
+
+class PidFile:
+    """``-pidfile FILE``: the process id, locked (lockf) while gemu runs, removed at exit, so
+    two machines never share one (QEMU's qemu_write_pidfile)."""
+
+    def __init__(self, path: str) -> None:
+        import fcntl
+
+        self.path = os.path.abspath(path)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            other = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise OSError(f"{path} is locked by another gemu (pid {other})") from None
+        self.fd = fd
+        self.write()
+
+    def write(self) -> None:
+        """(Re)write the current pid: after -daemonize's fork it is the detached child's."""
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+        os.close(self.fd)
+
+
+def _daemonize():
+    """QEMU's -daemonize: fork; the parent waits until the child says the machine booted
+    (then exits 0) or the child exits (then exits with its status). The child leaves the
+    terminal's session; :func:`_detached` hands it the call that releases the parent."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(w)
+        data = os.read(r, 1)
+        if data:
+            os._exit(data[0])
+        _, status = os.waitpid(pid, 0)
+        os._exit(os.waitstatus_to_exitcode(status))
+    os.close(r)
+    os.setsid()
+
+    def ready() -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.write(w, bytes([EXIT_OK]))
+        os.close(w)
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        os.close(null)
+
+    return ready
 
 
 def _open_qmp(args: argparse.Namespace, parser: argparse.ArgumentParser):
@@ -627,10 +773,34 @@ def _serve_qmp(qmp, session: Session, console: str | None, on_quit):
 
 
 def cmd_boot(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    check_device_options(args, parser)
+    if _trace_help(args):
+        return EXIT_OK
+    if args.daemonize and (args.monitor or args.serial) == "stdio":
+        parser.error(
+            "argument -daemonize: the console is stdio, which a detached gemu cannot keep; "
+            "use --serial pty, unix:PATH or tcp:127.0.0.1:PORT (or -serial CHARDEV)"
+        )
+    pidfile = None
+    if args.pidfile:
+        try:
+            pidfile = PidFile(args.pidfile)
+        except OSError as exc:
+            parser.error(f"argument -pidfile: {exc}")
+    ready = _daemonize() if args.daemonize else None
+    if pidfile is not None:
+        pidfile.write()
+    try:
+        return _boot(args, parser, ready)
+    finally:
+        if pidfile is not None:
+            pidfile.close()
+
+
+def _boot(args: argparse.Namespace, parser: argparse.ArgumentParser, ready) -> int:
     from gemu.host.console import ConsoleInterrupt, ConsoleSpecError, open_console
     from gemu.host.shell import DeviceLost, PowerOff
 
-    check_device_options(args, parser)
     if args.monitor is not None:
         if args.serial != "stdio" and args.serial != args.monitor:
             parser.error(
@@ -677,6 +847,8 @@ def cmd_boot(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 quit_requested = True
 
             unsubscribe = _serve_qmp(qmp, session, con.filename, on_quit)
+        if ready is not None:
+            ready()  # -daemonize: booted; the parent exits 0 and we go on detached
 
         def idle() -> None:
             # a device stopped while the console waits would only be noticed by the next
@@ -729,15 +901,27 @@ def cmd_boot(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 def cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     check_device_options(args, parser)
+    if _trace_help(args):
+        return EXIT_OK
+    pidfile = None
+    if args.pidfile:
+        try:
+            pidfile = PidFile(args.pidfile)
+        except OSError as exc:
+            parser.error(f"argument -pidfile: {exc}")
     try:
         qmp = _open_qmp(args, parser)
     except KeyboardInterrupt:
+        if pidfile is not None:
+            pidfile.close()
         return EXIT_INTERRUPTED
     try:
         return _run(args, parser, qmp)
     finally:
         if qmp is not None:
             qmp.close()
+        if pidfile is not None:
+            pidfile.close()
 
 
 def _run(args: argparse.Namespace, parser: argparse.ArgumentParser, qmp) -> int:

@@ -197,6 +197,37 @@ def _fd_writer(fd: int) -> Callable[[bytes], None]:
     return write
 
 
+def _pty_writer(fd: int) -> Callable[[bytes], None]:
+    """Writes to a pty master that nobody may be reading (a daemonized gemu, a client gone):
+    the terminal's buffer fills and a blocking write would wedge the machine. Wait at most
+    DRAIN_S for room, then drop what does not fit, and drop at once while the terminal
+    stays full, as QEMU's pty chardev drops output with no client."""
+    os.set_blocking(fd, False)
+    state = {"stalled": False, "dropped": 0}
+
+    def write(data: bytes) -> None:
+        view = memoryview(data)
+        deadline = time.monotonic() + DRAIN_S
+        while view:
+            try:
+                n = os.write(fd, view)
+            except BlockingIOError:
+                left = 0.0 if state["stalled"] else deadline - time.monotonic()
+                if left <= 0 or not select.select([], [fd], [], left)[1]:
+                    state["stalled"] = True
+                    state["dropped"] += len(view)
+                    return
+                continue
+            except OSError:  # the line hung up
+                state["dropped"] += len(view)
+                return
+            state["stalled"] = False
+            view = view[n:]
+
+    write.state = state  # type: ignore[attr-defined]
+    return write
+
+
 def _socket_console(listener: socket.socket, name: str) -> Console:
     conn, _ = listener.accept()
     listener.close()
@@ -245,7 +276,7 @@ def open_console(spec: str, notice: Callable[[str], None] | None = None) -> Cons
             os.close(slave)
 
         con = Console(
-            _fd_reader(master), _fd_writer(master), raw=True, name=path, closers=(close,)
+            _fd_reader(master), _pty_writer(master), raw=True, name=path, closers=(close,)
         )
         con.filename = f"pty:{path}"
         return con

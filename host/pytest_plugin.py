@@ -14,7 +14,14 @@ Registered through the ``pytest11`` entry point, so installing gemu makes it ava
 
 ``gemu_machine`` is a booted :class:`~gemu.host.machine.Machine` (device in-process);
 ``gemu_console`` a console session on it whose power-off summary must be clean (an
-unexamined GPU fault, a lockdep report, lost data or a leak fails the test). With
+unexamined GPU fault, a lockdep report, lost data or a leak fails the test); ``gemu_boot``
+the real ``gemu boot`` process at its prompt, driven with pexpect, that must power off with
+exit status 0::
+
+    def test_ci(gemu_boot):
+        assert "4 KiB" in gemu_boot.run("a = bo 4K")
+        gemu_boot.run("fill a 7")
+        assert gemu_boot.run("expect value a == 7") == "" With
 ``--gemu-jobs`` (or ``gemu_jobs = true`` in the ini file) every ``*.job`` file collected is
 a test item run on its own machine (in the driver mode its ``driver-mode`` line names),
 failing with the script's ``file:line: message``.
@@ -119,6 +126,77 @@ def gemu_console(gemu_machine):
     summary = con.shell.poweroff()
     if not summary.ok:
         pytest.fail("gemu: " + "; ".join(summary.problems()), pytrace=False)
+
+
+class BootedConsole:
+    """A real ``gemu boot`` process at its ``gemu# `` prompt, driven with pexpect as CI
+    (labgrid, LAVA) drives QEMU's console. ``run(line)`` sends one console line and returns
+    what it printed; ``child`` is the pexpect child for anything else."""
+
+    PROMPT = "gemu# "
+
+    def __init__(self, argv: list[str], timeout: float) -> None:
+        import pexpect
+
+        self.timeout = timeout
+        self.child = pexpect.spawn(argv[0], argv[1:], encoding="utf-8", timeout=timeout)
+        self.child.expect_exact(self.PROMPT)
+        self.boot_log = self.child.before
+
+    def run(self, text: str) -> str:
+        """Send each line of ``text``, waiting for the prompt after each; what they printed
+        (the echoed lines left out)."""
+        out = []
+        for line in text.splitlines() or [""]:
+            self.child.sendline(line)
+            self.child.expect_exact(self.PROMPT)
+            got = self.child.before.replace("\r\n", "\n")
+            out.append(got.split("\n", 1)[1] if "\n" in got else "")
+        return "".join(out)
+
+    def poweroff(self) -> tuple[int, str]:
+        """Power off; (exit status, the summary and everything after it)."""
+        import pexpect
+
+        self.child.sendline("poweroff")
+        self.child.expect(pexpect.EOF)
+        tail = self.child.before
+        self.child.close()
+        return self.child.exitstatus, tail
+
+
+@pytest.fixture
+def gemu_boot(request):
+    """``gemu boot`` in its own process (the device in another, as users run it), at its
+    prompt; configured by the ``gemu`` marker's ram, swap and driver_mode. At teardown it
+    powers off and the exit status must be 0: a failed expectation, an unexamined GPU fault,
+    a lockdep report, lost data or a leak fails the test with the power-off summary."""
+    import shutil
+    import sys
+
+    marker = request.node.get_closest_marker("gemu")
+    kw = dict(marker.kwargs) if marker else {}
+    unknown = set(kw) - {"ram", "swap", "driver_mode", "timeout"}
+    if unknown:
+        pytest.fail(
+            f"@pytest.mark.gemu: {sorted(unknown)} not available with gemu_boot "
+            "(ram, swap, driver_mode, timeout)",
+            pytrace=False,
+        )
+    exe = Path(sys.executable).parent / "gemu"
+    cmd = [str(exe)] if exe.exists() else [shutil.which("gemu") or "gemu"]
+    argv = [*cmd, "boot", "-m", f"{_size(kw.get('ram'), DEFAULT_RAM) >> 20}M"]
+    argv += ["--swap", f"{_size(kw.get('swap'), DEFAULT_SWAP) >> 20}M"]
+    if kw.get("driver_mode"):
+        argv += ["--driver-mode", str(kw["driver_mode"])]
+    con = BootedConsole(argv, float(kw.get("timeout", 60)))
+    try:
+        yield con
+    finally:
+        if con.child.isalive():
+            status, tail = con.poweroff()
+            if status != 0:
+                pytest.fail(f"gemu boot exited with {status}:\n{tail}", pytrace=False)
 
 
 def pytest_collect_file(parent, file_path: Path):
