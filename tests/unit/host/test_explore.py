@@ -71,7 +71,7 @@ EXPECTED = {
     "kill-skips-deps": {"fence-order"},
     "dep-error-double-put": {"lifetime"},
     # the VM_BIND flavour's, on the gpuvm scenario (tests/unit/host/test_explore_gpuvm.py)
-    "bind-allocates-pt": {"lockdep", "signalling", "gpu-fault"},
+    "bind-allocates-pt": {"lockdep", "signalling", "gpu-fault", "job-error"},
     "fence-vm-resv-only": {"gpu-fault", "content", "mapped-free"},
     "validate-skips-other-vm": {"gpu-fault", "content"},
     "evict-marks-one-vm": {"mapped-free", "gpu-fault", "content"},
