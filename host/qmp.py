@@ -451,6 +451,7 @@ def greeting() -> dict:
 EVENTS = {
     ("mmu", "fault"): "GEMU_GPU_FAULT",
     ("sched", "timeout"): "GEMU_JOB_TIMEOUT",
+    ("gpu", "reset"): "GEMU_GPU_RESET",
     ("shrinker", "scan"): "GEMU_SHRINKER_SCAN",
 }
 """Guest tracepoints sent as QMP events (category, name) -> event name."""

@@ -119,6 +119,7 @@ EVENTS: tuple[tuple[str, str, str], ...] = (
     ("gem", "purge", "i"),
     ("gem", "swapin", "b"),
     ("gem", "vma_node_unmap", "i"),
+    ("gpu", "reset", "i"),
     ("irq", "irq", "i"),
     ("job", "job", "b"),
     ("lock", "wait", "b"),

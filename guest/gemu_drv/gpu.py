@@ -610,6 +610,8 @@ class GemuGpu:
                 if fence is not guilty:
                     self._fail(fence, -errno.ECANCELED, "GPU reset (job lost, resubmitted)")
         log.error("%s: GPU reset: %s", self.name, message)
+        if trace.enabled:
+            trace.instant("gpu", "reset", message=message, lost=len(lost))
         return [f for f in lost if f is not guilty]
 
     def statistics(self) -> dict:

@@ -82,6 +82,8 @@ def test_stop_cont_system_reset_and_chardevs_through_qemus_client(booted):
         fences = await c.execute("query-gemu-fences")
         assert [f["state"] for f in fences if f["name"] == "j"] == ["pending"], fences
         await c.execute("system_reset")
+        reset = await _event(c, "GEMU_GPU_RESET")
+        assert reset["data"]["message"] == "system reset requested by the host", reset
         ev = await _event(c, "RESET")
         assert ev["data"] == {"guest": False, "reason": "host-qmp-system-reset"}
         await c.execute("cont")
