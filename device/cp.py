@@ -221,6 +221,7 @@ class CommandProcessor:
         self.waiting: _Wait | None = None
         self.bulk: _Bulk | None = None  # the sliced packet in progress
         self.error_ib_depth = 0  # IB nesting of the failing packet (the stack is dropped)
+        self.job_start = 0  # ring offset after the last ring-level FENCE: where a job begins
         self._budget = 0  # work units left in this run()
         self._busy = False  # executed something since the last CP_IDLE
         # Context of the packet being executed, for faults and errors.
@@ -312,7 +313,7 @@ class CommandProcessor:
                     f"{self.ring_size:#x}) nor in an indirect buffer being executed"
                 )
             self.ib_stack = []
-            self.head = addr - self.ring_base
+            self.head = self.job_start = addr - self.ring_base
         self.waiting = None
         self.bulk = None
         self._hook_pending = False
@@ -335,6 +336,7 @@ class CommandProcessor:
             else:
                 self.head = 0
                 self.tail = 0
+                self.job_start = 0
                 rf.set(regs.RING_TAIL, 0)
         if value & _ENABLE and not self.enabled:
             self._enable()
@@ -377,6 +379,7 @@ class CommandProcessor:
             )
             return
         self.enabled = True
+        self.job_start = self.head
         self._latch_tail()
 
     def doorbell(self) -> None:
@@ -661,7 +664,8 @@ class CommandProcessor:
     # Each handler gets (flags, buf, off, length): the body is buf[off : off + 4 * length].
 
     def _nop(self, flags, buf, off, length) -> None:
-        pass
+        if not self._cur_in_ib and self._cur_pc == self.ring_base + self.job_start:
+            self.job_start = self.head  # padding after a job's FENCE: not the next job's
 
     def _set_as(self, flags, buf, off, length) -> None:
         (as_index,) = _U32.unpack_from(buf, off)
@@ -928,6 +932,8 @@ class CommandProcessor:
         ((pa, _),) = self._extents(addr, 8, flags, AccessType.WRITE)
         mem = self.gpu.mem
         mem.write_u64(pa, slo | (shi << 32))
+        if not self._cur_in_ib:
+            self.job_start = self.head  # a ring FENCE ends a job (for the debugger's view)
         gpu = self.gpu
         gpu.regs.set(regs.FENCE_SEQNO_LO, slo)
         gpu.regs.set(regs.FENCE_SEQNO_HI, shi)

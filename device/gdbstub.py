@@ -40,12 +40,14 @@ import re
 import socket
 import struct
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
+from xml.sax.saxutils import escape as escape_xml
 
 from . import transport
 from .abi import packets as pk
 from .abi import regs
-from .abi.enums import AccessType, CpError, MmuFault, Opcode
+from .abi.enums import AccessType, CpError, CpState, MmuFault, Opcode
 from .abi.protocol import SPACE_PHYS
 from .gdb_target import PC_REGNUM, REGISTERS, TARGET_XML
 from .mmu import MemFault, perms_str
@@ -83,8 +85,15 @@ gemu GPU monitor commands:
   fence                latched FENCE seqno and fence interrupt state
   fault                why the CP stopped: CP_ERROR and every latched MMU fault
   reset                soft-reset the device (CONTROL.SOFT_RESET)
-  as N | phys | auto   memory space for x/set/watch: AS N, guest-physical, or auto
+  as N | phys | auto   memory space for x/set/break/watch: AS N, guest-physical, or auto
                        (the ring's physical window, else the CP's current AS)
+  break-space ADDR as N|phys|any
+                       breakpoints at ADDR hit only in IBs of AS N, only in the ring, or
+                       anywhere (the default); no ADDR: list the qualified addresses
+  jobs                 jobs on the ring: seqno (its FENCE), AS, ring range, IBs, fences, state
+  break-job SEQNO      stop before the first packet of the job whose FENCE writes SEQNO
+  break-next-job [AS]  stop before the first packet of the next job (of address space AS)
+  break-job list|clear job breakpoints set, or remove them all
 """
 
 _HEX = b"0123456789abcdef"
@@ -217,6 +226,16 @@ def _parse_int(text: str) -> int:
     return int(text, 0)
 
 
+def _xfer_chunk(data: bytes, span: str) -> bytes:
+    """The ``qXfer`` reply for ``OFFSET,LENGTH`` (hex) of ``data``."""
+    try:
+        off_s, len_s = span.split(",")
+        off, length = int(off_s, 16), int(len_s, 16)
+    except ValueError:
+        return EINVAL.encode()
+    return (b"l" if off + length >= len(data) else b"m") + data[off : off + length]
+
+
 # --- what gdb sees of the CP (also used by the core dumper) --------------------------------
 
 
@@ -320,6 +339,85 @@ def describe_error(gpu: Any) -> str:
     return text
 
 
+# --- jobs on the ring (the GPU's view: a job is the ring packets up to a FENCE) ------------
+
+MAX_JOBS = 256  # jobs `monitor jobs` lists at most
+
+
+@dataclass
+class RingJob:
+    """Ring packets from a job boundary up to and including its FENCE (the driver's job):
+    known by the seqno its FENCE writes, the AS it selects and the IBs it runs."""
+
+    start: int  # ring offset of its first packet
+    as_index: int
+    end: int | None = None  # ring offset after its FENCE (None: no FENCE before the tail)
+    seqno: int | None = None
+    ibs: list[tuple[int, int]] = field(default_factory=list)  # (GPU VA, bytes)
+    fences: list[tuple[int, int]] = field(default_factory=list)  # (address, seqno)
+    state: str = "queued"
+
+    def describe(self) -> str:
+        name = f"job {self.seqno}" if self.seqno is not None else "job (no FENCE yet)"
+        return f"{name}, AS {self.as_index}, {self.state}"
+
+
+def ring_jobs(gpu: Any, limit: int = MAX_JOBS) -> list[RingJob]:
+    """The jobs from the one executing (it began at ``cp.job_start``) to the ring tail, with
+    their state: the first one running (or the CP's state), the rest queued. Reads at most
+    ``MAX_LISTED`` packets; a packet that cannot be read or decoded ends the list."""
+    cp = gpu.cp
+    if not cp.ring_size:
+        return []
+    jobs: list[RingJob] = []
+    off, as_index = cp.job_start, cp.as_index
+    job = RingJob(off, as_index)
+    for _ in range(MAX_LISTED):
+        if off == cp.tail or len(jobs) >= limit:
+            break
+        addr = cp.ring_base + off
+        try:
+            hdr = gpu.mem_read(SPACE_PHYS, addr, 4)
+            size = 4 + 4 * (struct.unpack("<I", hdr)[0] >> 16)
+            first = min(size, cp.ring_size - off)
+            raw = gpu.mem_read(SPACE_PHYS, addr, first)
+            if first < size:
+                raw += gpu.mem_read(SPACE_PHYS, cp.ring_base, size - first)
+        except MemFault:
+            break
+        pkt = pk.decode(raw, 0, addr)
+        if pkt.error:
+            break
+        b = pkt.body
+        if pkt.opcode == Opcode.NOP and off == job.start:
+            job.start = (off + size) % cp.ring_size  # padding before a job is not its start
+        elif pkt.opcode == Opcode.SET_AS:
+            job.as_index = b.as_index
+        elif pkt.opcode == Opcode.INDIRECT_BUFFER:
+            job.ibs.append((b.addr_lo | (b.addr_hi << 32), 4 * b.size_dw))
+        off = (off + size) % cp.ring_size
+        if pkt.opcode == Opcode.FENCE:
+            seqno = b.seqno_lo | (b.seqno_hi << 32)
+            job.fences.append((b.addr_lo | (b.addr_hi << 32), seqno))
+            job.seqno, job.end = seqno, off
+            jobs.append(job)
+            job = RingJob(off, job.as_index)
+    else:
+        off = None
+    if off is not None and off != job.start and len(jobs) < limit:
+        jobs.append(job)
+    if jobs:
+        head = jobs[0]
+        started = cp.head not in (head.start, cp.job_start)
+        running = started or cp.ib_stack or cp.waiting or cp.bulk or cp.error
+        state = cp.state()
+        if running or state in (CpState.ERROR, CpState.WAITING):
+            head.state = state.name.lower()
+            if state is CpState.HALTED:
+                head.state = "halted by the debugger"
+    return jobs
+
+
 # --- the stub ------------------------------------------------------------------------------
 
 
@@ -339,6 +437,12 @@ class GdbStub:
         self.ack_mode = True
         self.running = False  # gdb resumed the target and waits for a stop reply
         self.breakpoints: set[int] = set()
+        # addr -> the space its breakpoints hit in (an AS index or SPACE_PHYS); unqualified
+        # addresses hit in the ring and in any IB. Kept across gdb's remove/insert of
+        # breakpoints at every stop, until detach or `monitor break-space ADDR any`.
+        self.break_spaces: dict[int, int] = {}
+        self.job_breaks: set[int] = set()  # FENCE seqnos of jobs to stop at
+        self.next_job_break: list[int | None] = []  # [AS or None] while one is set
         self.watchpoints: dict[tuple[int, int, int], int | None] = {}
         self.space: str | int = "auto"
         self.last_stop = b"S05"
@@ -431,7 +535,10 @@ class GdbStub:
             with contextlib.suppress(OSError):
                 sock.close()
         self.breakpoints.clear()
+        self.break_spaces.clear()
         self.watchpoints.clear()
+        self.job_breaks.clear()
+        self.next_job_break = []
         self._install_hooks()
         self.running = False
         self._free_step = None
@@ -639,15 +746,47 @@ class GdbStub:
 
     def _install_hooks(self) -> None:
         gpu = self.gpu
-        gpu.packet_hook = self._packet_hook if self.breakpoints else None
+        wanted = self.breakpoints or self.job_breaks or self.next_job_break
+        gpu.packet_hook = self._packet_hook if wanted else None
         gpu.access_hook = self._access_hook if self.watchpoints else None
 
     def _packet_hook(self, addr: int, in_ib: bool) -> bool:
         if addr in self.breakpoints:
-            self._hit = b"T%02xthread:01;" % SIGTRAP
-            self._hit_text = f"breakpoint at {'IB VA' if in_ib else 'ring PA'} {addr:#x}"
-            return True
+            cp = self.gpu.cp
+            space = cp.as_index if in_ib else SPACE_PHYS
+            if self.break_spaces.get(addr, space) == space:
+                self._hit = b"T%02xthread:01;" % SIGTRAP
+                where = f"AS{space} IB VA" if in_ib else "ring PA"
+                self._hit_text = f"breakpoint at {where} {addr:#x}"
+                return True
+        if (self.job_breaks or self.next_job_break) and not in_ib:
+            cp = self.gpu.cp
+            if addr == cp.ring_base + cp.job_start:
+                return self._job_starts()
         return False
+
+    def _job_starts(self) -> bool:
+        """The CP is about to run the first packet of a job: stop if a job break wants it."""
+        jobs = ring_jobs(self.gpu, limit=1)
+        cp = self.gpu.cp
+        if not jobs or cp.ring_base + jobs[0].start != cp.ring_base + cp.head:
+            return False  # padding before the job: its first packet comes next
+        job = jobs[0]
+        if job.seqno in self.job_breaks:
+            self.job_breaks.discard(job.seqno)
+            why = f"job breakpoint: job {job.seqno}"
+        elif self.next_job_break and self.next_job_break[0] in (None, job.as_index):
+            self.next_job_break = []
+            why = "next-job breakpoint: job " + (
+                str(job.seqno) if job.seqno is not None else "(no FENCE yet)"
+            )
+        else:
+            return False
+        self._hit = b"T%02xthread:01;" % SIGTRAP
+        self._hit_text = (
+            f"{why} (AS {job.as_index}) starts at ring PA {self.gpu.cp.ring_base + job.start:#x}"
+        )
+        return True
 
     def _access_hook(self, addr: int, size: int, write: bool, space: int) -> None:
         end = addr + size
@@ -778,8 +917,18 @@ class GdbStub:
         name = text.split(":", 1)[0].split(",", 1)[0]
         if name == "qSupported":
             return (
-                f"PacketSize={PACKET_SIZE:x};qXfer:features:read+;QStartNoAckMode+;vContSupported+"
+                f"PacketSize={PACKET_SIZE:x};qXfer:features:read+;qXfer:threads:read+;"
+                "QStartNoAckMode+;vContSupported+"
             ).encode()
+        if text.startswith("qXfer:threads:read::"):
+            xml = (
+                '<?xml version="1.0"?>\n<threads>\n'
+                f'  <thread id="1" core="0" name="ring 0">{escape_xml(self.thread_text())}'
+                "</thread>\n</threads>\n"
+            ).encode()
+            return _xfer_chunk(xml, text[len("qXfer:threads:read::") :])
+        if name == "qThreadExtraInfo":
+            return self.thread_text().encode().hex().encode()
         if text.startswith("qXfer:features:read:"):
             return self._xfer_features(text[len("qXfer:features:read:") :])
         if name == "qAttached":
@@ -807,18 +956,14 @@ class GdbStub:
         annex, _, span = rest.partition(":")
         if annex != "target.xml":
             return ENOENT.encode()
-        try:
-            off_s, len_s = span.split(",")
-            off, length = int(off_s, 16), int(len_s, 16)
-        except ValueError:
-            return EINVAL.encode()
-        chunk = TARGET_XML[off : off + length]
-        return (b"l" if off + length >= len(TARGET_XML) else b"m") + chunk
+        return _xfer_chunk(TARGET_XML, span)
 
     def _question(self, packet: bytes) -> bytes:
         # gdb is (re)connecting: like QEMU, drop every breakpoint it may have left
         self.breakpoints.clear()
         self.watchpoints.clear()
+        self.job_breaks.clear()
+        self.next_job_break = []
         self._install_hooks()
         return self.last_stop
 
@@ -1193,6 +1338,83 @@ class GdbStub:
         faults = self.mmu_faults()
         out.extend(faults or ["MMU: no latched fault"])
         return "\n".join(out) + "\n"
+
+    def _mon_break_space(self, args: list[str]) -> str:
+        if not args:
+            rows = [
+                f"  {a:#x}: {'ring PA' if sp == SPACE_PHYS else f'AS{sp} IB VA'}"
+                for a, sp in sorted(self.break_spaces.items())
+            ]
+            return "\n".join(["qualified breakpoint addresses:", *rows]) + "\n"
+        if len(args) not in (2, 3):
+            raise ValueError("usage: break-space ADDR as N|phys|any")
+        addr, where = _parse_int(args[0]), "".join(args[1:]).lower()
+        if where == "any":
+            self.break_spaces.pop(addr, None)
+            return f"breakpoints at {addr:#x} hit in the ring and in any IB\n"
+        if where in ("phys", "ring"):
+            self.break_spaces[addr] = SPACE_PHYS
+            return f"breakpoints at {addr:#x} hit only in the ring (guest-physical)\n"
+        n = _parse_int(where.removeprefix("as"))
+        if not 0 <= n < regs.AS_COUNT:
+            raise ValueError(f"no address space {n} (0..{regs.AS_COUNT - 1})")
+        self.break_spaces[addr] = n
+        return f"breakpoints at {addr:#x} hit only in IBs of AS{n}\n"
+
+    def _mon_jobs(self, args: list[str]) -> str:
+        cp = self.gpu.cp
+        jobs = ring_jobs(self.gpu)
+        out = [
+            f"ring 0: {len(jobs)} job(s) from ring offset {cp.job_start:#x} to the tail "
+            f"{cp.tail:#x}, CP {cp.state().name}"
+        ]
+        for job in jobs:
+            end = "tail" if job.end is None else f"{cp.ring_base + job.end:#x}"
+            ibs = " ".join(f"IB {va:#x}+{n:#x}" for va, n in job.ibs) or "no IB"
+            fences = " ".join(f"fence {a:#x}={v}" for a, v in job.fences) or "no fence"
+            seqno = "-" if job.seqno is None else str(job.seqno)
+            out.append(
+                f"  job {seqno:<6} AS{job.as_index}  ring {cp.ring_base + job.start:#x}-{end}"
+                f"  {ibs}  {fences}  {job.state}"
+            )
+        return "\n".join(out) + "\n"
+
+    def _mon_break_job(self, args: list[str]) -> str:
+        if not args or args[0] == "list":
+            seqnos = ", ".join(str(n) for n in sorted(self.job_breaks)) or "none"
+            nxt = self.next_job_break
+            pending = "" if not nxt else f"; next job{'' if nxt[0] is None else f' of AS{nxt[0]}'}"
+            return f"job breakpoints: {seqnos}{pending}\n"
+        if args[0] == "clear":
+            self.job_breaks.clear()
+            self.next_job_break = []
+            self._install_hooks()
+            return "job breakpoints removed\n"
+        seqno = _parse_int(args[0])
+        if seqno < 0:
+            raise ValueError(f"a job's seqno is not negative ({seqno})")
+        self.job_breaks.add(seqno)
+        self._install_hooks()
+        return f"will stop before the first packet of job {seqno}\n"
+
+    def _mon_break_next_job(self, args: list[str]) -> str:
+        as_index = None
+        if args:
+            word = args[0].upper().removeprefix("AS")
+            as_index = _parse_int(word)
+            if not 0 <= as_index < regs.AS_COUNT:
+                raise ValueError(f"no address space {as_index} (0..{regs.AS_COUNT - 1})")
+        self.next_job_break = [as_index]
+        self._install_hooks()
+        which = "" if as_index is None else f" of AS{as_index}"
+        return f"will stop before the first packet of the next job{which}\n"
+
+    def thread_text(self) -> str:
+        """What gdb shows for the ring's thread (``info threads``)."""
+        jobs = ring_jobs(self.gpu, limit=1)
+        if not jobs:
+            return f"ring 0: idle, CP {self.gpu.cp.state().name}"
+        return f"ring 0: {jobs[0].describe()}"
 
     def _mon_reset(self, args: list[str]) -> str:
         self.gpu.reset()

@@ -149,6 +149,43 @@ def disassemble(data: bytes) -> str:
     return f"{name}{fl} {args}".rstrip()
 
 
+BREAK_USAGE = (
+    "usage: gemu break job SEQNO | gemu break next-job [AS] | gemu break *ASn:ADDR | "
+    "gemu break *ring:ADDR | gemu break --as N ADDR | gemu break --phys ADDR"
+)
+
+
+def break_commands(arg: str) -> list[str]:
+    """The gdb commands ``gemu break ARG`` runs: job breakpoints are monitor commands; an
+    address qualified by its space (``*AS1:0x100000``, ``--as 1 0x100000``, ``*ring:ADDR``,
+    ``--phys ADDR``) qualifies the address in the stub, then sets gdb's breakpoint there.
+    Raises ValueError with the usage."""
+    words = arg.split()
+    if not words:
+        raise ValueError(BREAK_USAGE)
+    if words[0] == "job" and len(words) == 2:
+        return [f"monitor break-job {int(words[1], 0)}"]
+    if words[0] == "next-job" and len(words) <= 2:
+        return ["monitor break-next-job " + " ".join(words[1:])]
+    if words[0] == "--as" and len(words) == 3:
+        space, addr = f"as{int(words[1], 0)}", words[2]
+    elif words[0] == "--phys" and len(words) == 2:
+        space, addr = "phys", words[1]
+    elif len(words) == 1 and words[0].startswith("*") and ":" in words[0]:
+        prefix, _, addr = words[0][1:].partition(":")
+        prefix = prefix.lower()
+        if prefix in ("ring", "phys"):
+            space = "phys"
+        elif prefix.startswith("as"):
+            space = f"as{int(prefix[2:], 0)}"
+        else:
+            raise ValueError(BREAK_USAGE)
+    else:
+        raise ValueError(BREAK_USAGE)
+    value = int(addr.removeprefix("*"), 0)
+    return [f"monitor break-space {value:#x} {space}", f"break *{value:#x}"]
+
+
 if gdb is not None:
     import gdb.disassembler
 
@@ -197,7 +234,8 @@ if gdb is not None:
             return _dis.DisassemblerResult(length=4, string=text)
 
     class GemuPrefix(gdb.Command):
-        """gemu GPU commands: cp, ring, fault, as N, phys, auto, cache on|off, flush, disasm on|off."""
+        """gemu GPU commands: cp, ring, fault, jobs, break, as N, phys, auto, cache on|off,
+        flush, disasm on|off."""
 
         def __init__(self) -> None:
             super().__init__("gemu", gdb.COMMAND_USER, prefix=True)
@@ -276,6 +314,27 @@ if gdb is not None:
         def invoke(self, arg, from_tty):
             gdb.execute("maintenance flush dcache", to_string=True)
 
+    class GemuBreak(gdb.Command):
+        """Break on a job or on an address of one space.
+
+        gemu break job SEQNO       stop before the first packet of the job whose FENCE
+                                   writes SEQNO (monitor jobs lists them)
+        gemu break next-job [AS]   stop before the first packet of the next job (of AS)
+        gemu break *AS1:0x100000   a breakpoint that hits only in IBs of AS1 (also
+                                   --as 1 0x100000); *ring:ADDR or --phys ADDR: only in
+                                   the ring"""
+
+        def __init__(self) -> None:
+            super().__init__("gemu break", gdb.COMMAND_BREAKPOINTS)
+
+        def invoke(self, arg, from_tty):
+            try:
+                commands = break_commands(arg)
+            except ValueError as exc:
+                raise gdb.GdbError(str(exc) if str(exc) == BREAK_USAGE else BREAK_USAGE) from None
+            for command in commands:
+                gdb.execute(command, from_tty)
+
     class GemuSpace(gdb.Command):
         """Switch the memory space (monitor as N / phys / auto) and drop cached memory."""
 
@@ -293,6 +352,8 @@ if gdb is not None:
     GemuCp()
     GemuMonitor("ring")
     GemuMonitor("fault")
+    GemuMonitor("jobs")
+    GemuBreak()
     GemuDisasm()
     GemuCache()
     GemuFlush()
