@@ -47,6 +47,7 @@ MUTANTS = (
     "kill-skips-scheduled",
     "kill-skips-deps",
     "dep-error-double-put",
+    "kill-leaks-prev",
     "bind-allocates-pt",
     "fence-vm-resv-only",
     "validate-skips-other-vm",

@@ -288,6 +288,9 @@ class DrmGpuScheduler:
         self.kill_signals_scheduled = True
         """A killed job's scheduled fence is signalled too (471db2c2d4f8 "drm/scheduler:
         signal scheduled fence when kill job")."""
+        self.kill_puts_failed_prev = True
+        """drm_sched_entity_kill() puts the previous fence when adding the kill callback to it
+        failed (a952f1ab6968 "drm/sched: Fix fence reference count leak")."""
         self.resv_dep_error_puts = False
         """drm_sched_job_add_resv_dependencies() puts the fence again when adding it failed
         (before 5801e65206b0): a double put."""
@@ -563,7 +566,9 @@ def entity_kill(entity: DrmSchedEntity) -> None:
             try:
                 dma_fence.add_callback(prev, job.cb, _kill_job_cb)
             except Enoent:
-                _kill_job_cb(prev, job.cb)
+                # before a952f1ab6968 ("drm/sched: Fix fence reference count leak") the
+                # reference on prev was not put here
+                _kill_job_cb(prev if job.sched.kill_puts_failed_prev else None, job.cb)
         prev = finished
     dma_fence.put(prev)
 

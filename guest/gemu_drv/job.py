@@ -171,6 +171,11 @@ class Mutant(Enum):
     walk puts the fence again, though the failed call already consumed that reference:
     drm_sched_job_add_resv_dependencies() before 5801e65206b0 "drm/sched: Fix potential
     double free in drm_sched_job_add_resv_dependencies"."""
+    KILL_LEAKS_PREV = "kill-leaks-prev"
+    """Killing an entity, when adding the kill callback to the previous job's finished fence
+    (or the entity's last_scheduled) fails because it already signalled, the reference taken
+    on it is never put: drm_sched_entity_kill() before a952f1ab6968 "drm/sched: Fix fence
+    reference count leak"."""
     # end of drm_sched and reset paths
     # The VM_BIND flavour's mutants (drm_gpuvm, VM_BIND, the per-VM shrinker)
     BIND_ALLOCATES_PT = "bind-allocates-pt"

@@ -305,6 +305,7 @@ class GemuDriver:
             sched.kill_signals_scheduled = m is not Mutant.KILL_SKIPS_SCHEDULED
             sched.kill_waits_for_deps = m is not Mutant.KILL_SKIPS_DEPS
             sched.resv_dep_error_puts = m is Mutant.DEP_ERROR_DOUBLE_PUT
+            sched.kill_puts_failed_prev = m is not Mutant.KILL_LEAKS_PREV
 
     # -- probe / remove --------------------------------------------------------------------
     def probe(self) -> None:

@@ -106,8 +106,8 @@ BUGS: tuple[Bug, ...] = (
         name="v3d-skipped-reset-leak",
         fix="35e4079bf1a2570abffce6ababa631afcf8ea0e5",
         subject="drm/v3d: Add job to pending list if the reset was skipped",
-        fixes='57692c94dcbe99a1e0444409a3da13fb3443562c ("drm/v3d: Introduce a new DRM driver '
-        'for Broadcom V3D V3.x+"; introducing commit per the CVE record, v4.18)',
+        fixes="57692c94dcbe99a1e0444409a3da13fb3443562c (introducing commit per the CVE "
+        "record, v4.18)",
         verified="the kernel CVE team's record of CVE-2025-37951 "
         "(cve/published/2025/CVE-2025-37951.mbox, thefossguy-ciq/kernel-security-vulns): "
         "subject, commit message, 'Issue introduced in 4.18 with commit 57692c94dcbe... and "
@@ -206,3 +206,26 @@ def list_lines() -> list[str]:
     """``gemu explore --list-bugs``: name, the fix's first 12 hex digits, its subject."""
     width = max(len(b.name) for b in BUGS)
     return [f"{b.name:<{width}}  {b.fix[:12]}  {b.subject}" for b in BUGS]
+    Bug(
+        name="sched-kill-prev-leak",
+        fix="a952f1ab696873be124e31ce5ef964d36bce817f",
+        subject="drm/sched: Fix fence reference count leak",
+        fixes="2fdb8a8f07c2f1353770a324fd19b8114e4329ac (introducing commit per the CVE "
+        "record, v6.2)",
+        verified="the kernel CVE team's record of CVE-2025-21995 "
+        "(cve/published/2025/CVE-2025-21995.mbox, thefossguy-ciq/kernel-security-vulns): "
+        "subject, commit message, 'Issue introduced in 6.2 with commit 2fdb8a8f07c2... and "
+        "fixed in 6.14 with commit a952f1ab6968...'; the fixed drm_sched_entity_kill() "
+        "(dma_fence_put(prev) when dma_fence_add_callback() fails) read in torvalds/linux "
+        "drivers/gpu/drm/scheduler/sched_entity.c at 0755a4e3e809",
+        kernel="drm_sched_entity_kill() takes a reference on the entity's last_scheduled "
+        "fence, then on each killed job's finished fence, to chain the kills; when adding the "
+        "kill callback to that fence failed because it had already signalled, the reference "
+        "was never dropped, and the fence leaked",
+        mutant="kill-leaks-prev",
+        model="entity_kill's already-signalled branch calls the kill callback without the "
+        "reference it took on the previous fence, as the pre-fix code called "
+        "drm_sched_entity_kill_jobs_cb(NULL, ...)",
+        scenario="exit",
+        invariant="leak",
+    ),

@@ -248,6 +248,7 @@ MUTANT_SCENARIO = {
     "kill-skips-scheduled": "exit",
     "kill-skips-deps": "exit",
     "dep-error-double-put": "exit",
+    "kill-leaks-prev": "exit",
     "bind-allocates-pt": "gpuvm",
     "fence-vm-resv-only": "gpuvm",
     "validate-skips-other-vm": "gpuvm",

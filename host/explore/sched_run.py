@@ -99,6 +99,18 @@ class SchedRun(_Run):
         self.check_lrus()
         self.teardown()
 
+    def teardown(self) -> None:
+        super().teardown()
+        # every reference on a job's finished fence belongs to something the teardown
+        # released (the job, its out-fence, reservation objects, the entity's last_scheduled)
+        held = [what for what, out in self.fences if out.fence.refcount > 0]
+        if held:
+            self.violate(
+                "leak",
+                f"finished fences still referenced after teardown: {', '.join(held[:4])}"
+                + (f" and {len(held) - 4} more" if len(held) > 4 else ""),
+            )
+
     # -- timeouts --------------------------------------------------------------------------
     def _setup_timeouts(self) -> list:
         tasks = [(self.submitter, (t,), f"submit{t}") for t in range(self.sc.tasks)]

@@ -70,6 +70,7 @@ EXPECTED = {
     "kill-skips-scheduled": {"fence-order"},
     "kill-skips-deps": {"fence-order"},
     "dep-error-double-put": {"lifetime"},
+    "kill-leaks-prev": {"leak"},
     # the VM_BIND flavour's, on the gpuvm scenario (tests/unit/host/test_explore_gpuvm.py)
     "bind-allocates-pt": {"lockdep", "signalling", "gpu-fault", "job-error"},
     "fence-vm-resv-only": {"gpu-fault", "content", "mapped-free"},

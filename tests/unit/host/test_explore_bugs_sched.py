@@ -18,6 +18,7 @@ SCHED_BUGS = {
     "sched-kill-scheduled-fence": (0, 4),
     "sched-kill-before-deps": (0, 4),
     "sched-resv-deps-double-put": (0, 4),
+    "sched-kill-prev-leak": (0, 8),
 }
 
 
