@@ -212,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter,
     )
     parser.allow_abbrev = False
-    parser.add_argument("--version", action="version", version=f"gemu version {_version()}")
+    parser.add_argument("--version", action=_VersionAction)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
@@ -222,6 +222,24 @@ def build_parser() -> argparse.ArgumentParser:
         # read as a prefix of another option or as -m with the value "onitor"
         p.allow_abbrev = False
     return parser
+
+
+class _VersionAction(argparse.Action):
+    """``--version``: the installed version, looked up only when asked for (importlib.metadata
+    reads the package metadata and costs more than the rest of the command line to import)."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kwargs) -> None:
+        super().__init__(
+            option_strings,
+            dest=dest,
+            default=argparse.SUPPRESS,
+            nargs=0,
+            help="show program's version number and exit",
+        )
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        print(f"gemu version {_version()}")
+        parser.exit()
 
 
 def _version() -> str:
