@@ -118,10 +118,8 @@ def _chardev_arg(text: str) -> str:
         elif key != "wait":
             raise argparse.ArgumentTypeError(f"{text!r}: option {key!r} is not supported by gemu")
     if kind in ("unix", "tcp") and not server:
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: gemu listens for its console client; add ,server "
-            "(connecting out as a client is not supported)"
-        )
+        # QEMU's client chardev: connect out to a terminal server already listening
+        return _serial_arg(f"connect:{spec}")
     return _serial_arg(spec)
 
 

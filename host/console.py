@@ -249,6 +249,50 @@ def _socket_console(listener: socket.socket, name: str) -> Console:
     return Console(read, conn.sendall, raw=True, name=name, closers=(close,))
 
 
+CONNECT_S = 10.0
+"""How long a client console (QEMU's chardev without ``server``) tries to connect."""
+
+
+def _client_console(target: str) -> Console:
+    """QEMU's client chardev (``-serial tcp:HOST:PORT`` or ``unix:PATH`` without
+    ``server``): gemu connects out to a terminal server that is already listening."""
+    kind, _, rest = target.partition(":")
+    try:
+        if kind == "unix":
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(CONNECT_S)
+            sock.connect(rest)
+        else:
+            host, sep, port = rest.rpartition(":")
+            if not sep or not port.isdigit():
+                raise ConsoleSpecError(f"tcp:{rest}: use tcp:HOST:PORT")
+            sock = socket.create_connection((host or "127.0.0.1", int(port)), CONNECT_S)
+    except OSError as exc:
+        raise ConsoleSpecError(
+            f"{target}: cannot connect: {exc.strerror or exc} (is the terminal server "
+            "listening? add ,server for gemu to listen instead)"
+        ) from None
+    sock.settimeout(None)
+
+    def read(timeout: float) -> bytes | None:
+        r, _, _ = select.select([sock], [], [], timeout)
+        if not r:
+            return None
+        try:
+            return sock.recv(4096)
+        except OSError:
+            return b""
+
+    def close() -> None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+        sock.close()
+
+    con = Console(read, sock.sendall, raw=True, name=target, closers=(close,))
+    con.filename = target
+    return con
+
+
 def open_console(spec: str, notice: Callable[[str], None] | None = None) -> Console:
     """Open the console ``spec`` names; ``notice`` gets what a user must know to reach it
     (the pty path, the socket waiting for a client)."""
@@ -318,6 +362,8 @@ def open_console(spec: str, notice: Callable[[str], None] | None = None) -> Cons
         con = _socket_console(listener, spec)
         con.filename = f"{chosen},server=on"
         return con
+    if kind == "connect":
+        return _client_console(rest)
     if kind == "serial":
         if not rest:
             raise ConsoleSpecError("serial: needs a port or a pyserial URL")
@@ -347,6 +393,8 @@ def check_spec(spec: str) -> str:
     if spec in ("stdio", "pty"):
         return spec
     if kind in ("unix", "tcp", "serial") and sep and rest:
+        return spec
+    if kind == "connect" and rest.partition(":")[0] in ("unix", "tcp") and ":" in rest:
         return spec
     raise ConsoleSpecError(
         f"unknown console {spec!r} (stdio, pty, unix:PATH, tcp:127.0.0.1:PORT, serial:PORT)"

@@ -182,3 +182,46 @@ def test_daemonize_refuses_a_stdio_console():
     r = _run("boot", "--device", "inproc", "-daemonize")
     assert r.returncode == 2
     assert "-daemonize: the console is stdio" in r.stderr
+
+
+def test_serial_client_mode_connects_to_a_listening_terminal(tmp_path):
+    """``-serial unix:PATH`` without ``server``: gemu connects to the terminal server there
+    (as QEMU's client chardev does), boots on it, and powers off when told to; with nothing
+    listening it is an error naming the socket, not a hang."""
+    import socket
+
+    path = tmp_path / "term.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+    server.settimeout(60)
+    proc = subprocess.Popen(
+        [*_gemu_command(), "boot", "--device", "inproc", "-serial", f"unix:{path}"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        conn, _ = server.accept()
+        conn.settimeout(60)
+        seen = b""
+        while b"gemu# " not in seen:
+            chunk = conn.recv(4096)
+            assert chunk, seen
+            seen += chunk
+        conn.sendall(b"poweroff\r")
+        while b"Power down" not in seen:
+            chunk = conn.recv(4096)
+            if not chunk:
+                break
+            seen += chunk
+        assert proc.wait(60) == 0
+        assert b"boot done" in seen and b"reboot: Power down" in seen
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=30)
+        server.close()
+    r = _run("boot", "--device", "inproc", "-serial", f"unix:{tmp_path / 'nobody'}")
+    assert r.returncode == 2
+    assert "cannot connect" in r.stderr and "add ,server" in r.stderr, r.stderr

@@ -47,10 +47,15 @@ def test_qemu_chardev_syntax_names_a_console(chardev, spec):
     assert _parse("boot", "-monitor", chardev).monitor == spec
 
 
+def test_a_chardev_without_server_connects_out():
+    """QEMU's client chardevs: without ``server`` gemu connects to a listening terminal."""
+    assert _parse("boot", "-serial", "unix:/tmp/x").serial == "connect:unix:/tmp/x"
+    assert _parse("boot", "-serial", "tcp:127.0.0.1:4444").serial == "connect:tcp:127.0.0.1:4444"
+
+
 @pytest.mark.parametrize(
     ("chardev", "message"),
     [
-        ("unix:/tmp/x", "add ,server (connecting out as a client is not supported)"),
         ("telnet::4444,server", "gemu's console is stdio, pty, unix:PATH,server"),
         ("tcp:127.0.0.1:4444,server,mux=on", "option 'mux' is not supported by gemu"),
         ("tcp:127.0.0.1:4444,server=maybe", "server=maybe: use on or off"),
