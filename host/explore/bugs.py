@@ -186,26 +186,6 @@ BUGS: tuple[Bug, ...] = (
         scenario="exit",
         invariant="lifetime",
     ),
-    # end of drm_sched, reset paths, VM_BIND
-)
-
-BY_NAME = {b.name: b for b in BUGS}
-
-
-def lookup(name: str) -> Bug:
-    """The entry called ``name``; ValueError naming the known ones otherwise."""
-    try:
-        return BY_NAME[name]
-    except KeyError:
-        raise ValueError(
-            f"no bug {name!r} in the corpus (gemu explore --list-bugs: {', '.join(BY_NAME)})"
-        ) from None
-
-
-def list_lines() -> list[str]:
-    """``gemu explore --list-bugs``: name, the fix's first 12 hex digits, its subject."""
-    width = max(len(b.name) for b in BUGS)
-    return [f"{b.name:<{width}}  {b.fix[:12]}  {b.subject}" for b in BUGS]
     Bug(
         name="sched-kill-prev-leak",
         fix="a952f1ab696873be124e31ce5ef964d36bce817f",
@@ -229,3 +209,23 @@ def list_lines() -> list[str]:
         scenario="exit",
         invariant="leak",
     ),
+    # end of drm_sched, reset paths, VM_BIND
+)
+
+BY_NAME = {b.name: b for b in BUGS}
+
+
+def lookup(name: str) -> Bug:
+    """The entry called ``name``; ValueError naming the known ones otherwise."""
+    try:
+        return BY_NAME[name]
+    except KeyError:
+        raise ValueError(
+            f"no bug {name!r} in the corpus (gemu explore --list-bugs: {', '.join(BY_NAME)})"
+        ) from None
+
+
+def list_lines() -> list[str]:
+    """``gemu explore --list-bugs``: name, the fix's first 12 hex digits, its subject."""
+    width = max(len(b.name) for b in BUGS)
+    return [f"{b.name:<{width}}  {b.fix[:12]}  {b.subject}" for b in BUGS]
