@@ -49,6 +49,7 @@ Modelled on ``mm/shmem.c``: ``shmem_file_setup``, ``shmem_read_mapping_page_gfp`
 from __future__ import annotations
 
 from array import array
+from itertools import chain
 
 from gemu.guest.errors import Efault, Einval, KernelError, warn_on
 from gemu.guest.mm.extents import Extent, cut, expand, paired_runs, runs_of
@@ -78,11 +79,10 @@ class ShmemFile:
     """
 
     __slots__ = (
+        "_packed",
         "_pages",
-        "_runs",
         "allocator",
         "name",
-        "nr_pages",
         "nr_resident",
         "nr_swapped",
         "released",
@@ -98,11 +98,9 @@ class ShmemFile:
         self.allocator = allocator
         self.swap = swap
         self.name = name
-        #: Pages of the file.
-        self.nr_pages = -(-size // PAGE_SIZE)
-        self.size = self.nr_pages << PAGE_SHIFT
+        self.size = -(-size // PAGE_SIZE) << PAGE_SHIFT
         self._pages: array | None = None
-        self._runs: list[Extent] | None = None
+        self._packed: array | None = None  # _runs as [start, length, start, length, ...]
         #: Pages held in frames.
         self.nr_resident = 0
         #: Pages held in swap slots.
@@ -114,6 +112,23 @@ class ShmemFile:
             f"<ShmemFile {self.name} {self.nr_pages} pages: {self.nr_resident} resident, "
             f"{self.nr_swapped} swapped>"
         )
+
+    @property
+    def nr_pages(self) -> int:
+        """Pages of the file."""
+        return self.size >> PAGE_SHIFT
+
+    @property
+    def _runs(self) -> list[Extent] | None:
+        """The extents of a whole file (frames, or slots), or None. Kept as one flat
+        ``array('q')``: a list of tuples costs about twice the memory per object."""
+        packed = self._packed
+        return None if packed is None else list(zip(packed[::2], packed[1::2], strict=True))
+
+    @_runs.setter
+    def _runs(self, runs: list[Extent] | None) -> None:
+        # from a list, so that the array is allocated at its exact size
+        self._packed = None if runs is None else array("q", list(chain.from_iterable(runs)))
 
     @property
     def resident_pages(self) -> int:
@@ -129,7 +144,7 @@ class ShmemFile:
         """``("resident", pfn)``, ``("swapped", slot)`` or ``("unpopulated", None)``; for dumps."""
         if not 0 <= index < self.nr_pages:
             raise IndexError(f"{self.name}: page {index} beyond {self.nr_pages} pages")
-        if self._runs is not None:
+        if self._packed is not None:
             ((first, _),) = cut(self._runs, index, 1)
             return ("resident" if self.nr_resident else "swapped"), first
         if self._pages is None:
@@ -191,9 +206,9 @@ class ShmemFile:
         """:meth:`get_pages` with the frames as extents ``[(first_pfn, nr), ...]`` in page
         order: the same work, without a number per page."""
         if self.nr_resident == self.nr_pages:
-            return list(self._runs) if self._runs is not None else []
+            return self._runs if self._packed is not None else []
         self._check_live("get_pages")
-        if self._runs is not None:
+        if self._packed is not None:
             self._swapin_all(gfp)
         elif self._pages is None:
             frames = self._alloc_frames(self.nr_pages, gfp)
@@ -203,7 +218,7 @@ class ShmemFile:
         else:
             pages = self._pages
             self._populate([i for i, e in enumerate(pages) if e < 0], gfp)
-        return list(self._runs)
+        return self._runs
 
     def get_page(self, index: int, gfp: Gfp = GFP_KERNEL) -> int:
         """Make page ``index`` resident; return its frame.
@@ -333,8 +348,9 @@ class ShmemFile:
         if self.nr_resident == 0 and self.nr_swapped == 0:
             return 0
         freed = self.nr_resident
-        if self._runs is not None:
-            frames, slots = (self._runs, []) if self.nr_resident else ([], self._runs)
+        if self._packed is not None:
+            runs = self._runs
+            frames, slots = (runs, []) if self.nr_resident else ([], runs)
         else:
             pages = self._pages
             frames = runs_of([e for e in pages if e >= 0])
