@@ -54,14 +54,27 @@ class Failure:
 
 
 @dataclass
+class Check:
+    """One ``expect`` line of a script: where, its text, and the message if it failed."""
+
+    file: str | None
+    line: int | None
+    text: str
+    status: str  # passed, failed
+    message: str = ""
+
+
+@dataclass
 class Case:
-    """A test case: a script (or ``poweroff``), its outcome and its failures."""
+    """A test case: a script (or ``poweroff``), its outcome and its failures; ``checks``
+    are its ``expect`` lines (sub-cases in the JUnit XML)."""
 
     name: str
     status: str  # passed, failed, skipped
     seconds: float = 0.0
     failures: list[Failure] = field(default_factory=list)
     skipped: str = ""
+    checks: list[Check] = field(default_factory=list)
 
 
 class RunRecorder:
@@ -75,6 +88,15 @@ class RunRecorder:
     def start(self, summary) -> None:
         self._before = {k: len(getattr(summary, k)) for k in _LISTS}
         self._failed_before = summary.checks_failed
+        self._checks_before = len(summary.checks)
+
+    def _checks(self, summary) -> list[Check]:
+        out = []
+        for where, text, message in summary.checks[self._checks_before :]:
+            m = re.match(r"^(?P<file>[^:\n]+):(?P<line>\d+)", where)
+            file, line = (m["file"], int(m["line"])) if m else (None, None)
+            out.append(Check(file, line, text, "failed" if message else "passed", message))
+        return out
 
     def _new(self, summary) -> list[Failure]:
         out = []
@@ -92,6 +114,7 @@ class RunRecorder:
         if not ok and not failures:
             failures.append(Failure("the script stopped at a failing line"))
         case = Case(name, "failed" if failures else "passed", seconds, failures)
+        case.checks = self._checks(summary)
         self.cases.append(case)
         return case
 
@@ -108,11 +131,15 @@ class RunRecorder:
 
 
 def junit_xml(cases: list[Case], suite: str = "gemu run") -> ET.Element:
-    """The JUnit XML tree of ``cases``."""
+    """The JUnit XML tree of ``cases``: a test case per script (classname ``gemu.jobs``),
+    then one per ``expect`` line of it (classname the script, name ``LINE: TEXT``)."""
     total = sum(c.seconds for c in cases)
+    checks = [k for c in cases for k in c.checks]
     counts = {
-        "tests": str(len(cases)),
-        "failures": str(sum(c.status == "failed" for c in cases)),
+        "tests": str(len(cases) + len(checks)),
+        "failures": str(
+            sum(c.status == "failed" for c in cases) + sum(k.status == "failed" for k in checks)
+        ),
         "errors": "0",
         "skipped": str(sum(c.status == "skipped" for c in cases)),
         "time": f"{total:.3f}",
@@ -141,6 +168,16 @@ def junit_xml(cases: list[Case], suite: str = "gemu run") -> ET.Element:
             where = f"{f.file}:{f.line}: " if f.file is not None else ""
             el = ET.SubElement(tc, "failure", {"message": f"{where}{f.message}", "type": "failure"})
             el.text = f"{where}{f.message}"
+        for k in c.checks:
+            sub = ET.SubElement(
+                ts,
+                "testcase",
+                {"classname": c.name, "name": f"{k.line}: {k.text}", "time": "0.000"},
+            )
+            if k.status == "failed":
+                msg = f"{k.file}:{k.line}: {k.message}"
+                el = ET.SubElement(sub, "failure", {"message": msg, "type": "expectation"})
+                el.text = msg
     return root
 
 
@@ -152,7 +189,8 @@ def write_junit(path: str | Path, cases: list[Case]) -> None:
 
 def write_json(path: str | Path, cases: list[Case]) -> None:
     """``{"tests": N, "failures": N, "skipped": N, "cases": [{name, status, seconds,
-    failures: [{message, file, line}], skipped}]}``."""
+    failures: [{message, file, line}], skipped, checks: [{file, line, text, status,
+    message}]}]}`` (``checks``: the script's ``expect`` lines)."""
     doc = {
         "tests": len(cases),
         "failures": sum(c.status == "failed" for c in cases),

@@ -184,6 +184,9 @@ class _Context:
 MAX_LISTED_FAILURES = 20
 """Failed lines named one by one in :meth:`Summary.problems` (the rest are counted)."""
 
+MAX_LISTED_CHECKS = 10_000
+"""``expect`` lines recorded one by one in :attr:`Summary.checks` (the rest are counted)."""
+
 
 @dataclass
 class Summary:
@@ -206,6 +209,9 @@ class Summary:
     leaks: list[str] = field(default_factory=list)
     device_lost: str | None = None
     stats: dict = field(default_factory=dict)
+    checks: list[tuple[str, str, str]] = field(default_factory=list)
+    """Each ``expect`` line run, as (``file:line``, its text, "" if it held else the
+    message), the first :data:`MAX_LISTED_CHECKS` (CI reports make a sub-case of each)."""
 
     @property
     def ok(self) -> bool:
@@ -585,6 +591,11 @@ class Shell:
         if st.target is not None and result is None:
             raise ShellError(f"{argv[0]}: gave no result to bind to {st.target}")
 
+    def _record_check(self, where: str, text: str, message: str) -> None:
+        with self._count:
+            if len(self.sum.checks) < MAX_LISTED_CHECKS:
+                self.sum.checks.append((where, text.strip(), message))
+
     def _line_failed(self, text: str, *, error: bool = False) -> None:
         """Count a failed line (``file:line: message``) in the summary."""
         with self._count:
@@ -626,7 +637,10 @@ class Shell:
                 self.execute(st)
                 if st.command != "expect":
                     ctx.last_error = None
+                else:
+                    self._record_check(where, st.text, "")
             except ExpectationFailed as exc:
+                self._record_check(where, st.text, str(exc))
                 ctx.failed_at = ctx.failed_at or st.where
                 self.report(f"{where}: {exc}")
                 self._line_failed(f"{where}: {exc}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 import xml.etree.ElementTree as ET
 
 from junitparser import Failure, JUnitXml, Skipped
@@ -42,19 +43,52 @@ def test_junit_and_json_name_each_script_and_the_failing_line(tmp_path):
     suites = list(JUnitXml.fromfile(str(xml)))
     assert len(suites) == 1
     suite = suites[0]
-    assert (suite.tests, suite.failures, suite.errors, suite.skipped) == (4, 1, 0, 1)
+    # three scripts, poweroff, and a sub-case for each expect line that ran
+    assert (suite.tests, suite.failures, suite.errors, suite.skipped) == (6, 2, 0, 1)
     cases = list(suite)
-    assert [c.name for c in cases] == [*paths, "poweroff"]
-    assert cases[0].is_passed and cases[3].is_passed
-    (fail,) = cases[1].result
+    assert [(c.classname, c.name) for c in cases] == [
+        ("gemu.jobs", paths[0]),
+        (paths[0], "3: expect value a == 5"),
+        ("gemu.jobs", paths[1]),
+        (paths[1], "3: expect value a == 6"),
+        ("gemu.jobs", paths[2]),
+        ("gemu.jobs", "poweroff"),
+    ]
+    assert cases[0].is_passed and cases[1].is_passed and cases[5].is_passed
+    (fail,) = cases[2].result
     assert isinstance(fail, Failure)
     assert fail.message == f"{paths[1]}:3: expect value a: got 5, expected == 6"
-    (skip,) = cases[2].result
+    (sub,) = cases[3].result
+    assert isinstance(sub, Failure) and sub.message == fail.message
+    (skip,) = cases[4].result
     assert isinstance(skip, Skipped) and skip.message == f"not run: {paths[1]} failed"
     assert doc["tests"] == 4 and doc["failures"] == 1 and doc["skipped"] == 1
     assert doc["cases"][1]["failures"] == [
         {"message": "expect value a: got 5, expected == 6", "file": paths[1], "line": 3}
     ]
+    assert doc["cases"][1]["checks"] == [
+        {
+            "file": paths[1],
+            "line": 3,
+            "text": "expect value a == 6",
+            "status": "failed",
+            "message": "expect value a: got 5, expected == 6",
+        }
+    ]
+    assert [k["status"] for k in doc["cases"][0]["checks"]] == ["passed"]
+
+
+def test_the_xml_is_valid_against_the_jenkins_junit_schema(tmp_path):
+    """Validated with a real XML Schema validator (xmlschema) against the JUnit structure
+    Jenkins accepts (tests/data/junit-jenkins.xsd), for a run with passed, failed, skipped
+    and sub-cases; a report that breaks the structure is refused by the same check."""
+    import xmlschema
+
+    schema = xmlschema.XMLSchema(str(Path(__file__).parents[2] / "data" / "junit-jenkins.xsd"))
+    _, _, xml, _ = _run(tmp_path, OK, BAD, OK)
+    schema.validate(str(xml))
+    broken = xml.read_text().replace('<testsuite name="gemu run"', "<testsuite", 1)
+    assert not schema.is_valid(broken)  # the required suite name is missing
 
 
 def test_xml_has_only_the_elements_and_attributes_ci_schemas_allow(tmp_path):
