@@ -62,3 +62,30 @@ def gdbinit_text(port: int | None = None) -> str:
 def cmd_gdbinit(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     print(gdbinit_text(args.port), end="")
     return 0
+
+
+def job_symbols(named: dict[str, object], labels: dict[str, dict[str, int]] | None = None):
+    """The command buffers of submitted jobs, by name: ``named`` maps a name to a job's
+    out-fence (what ``GemuFile.submit`` returned) or to the job; ``labels`` may name packets
+    of a buffer by byte offset (``{"copy_job": {"copy_job_fence": 0x28}}``). Each buffer is
+    at the job's GPU VA (in its file's address space)."""
+    from gemu.device.symfile import CommandBuffer
+
+    out = []
+    for name, what in named.items():
+        job = getattr(what, "job", what)
+        ib_va, ib_dwords = getattr(job, "ib_va", None), getattr(job, "ib_dwords", None)
+        if ib_va is None or not ib_dwords:
+            raise ValueError(f"{name}: {what!r} is not a submitted job with a command buffer")
+        out.append(CommandBuffer(name, ib_va, 4 * ib_dwords, dict((labels or {}).get(name, {}))))
+    return out
+
+
+def write_job_symbols(
+    path: str | Path, named: dict[str, object], labels: dict[str, dict[str, int]] | None = None
+) -> Path:
+    """Write the ELF symbol file naming the command buffers of ``named`` jobs; gdb loads it
+    with ``add-symbol-file PATH`` (see docs/gdb.md, Symbols)."""
+    from gemu.device.symfile import write_symbol_elf
+
+    return write_symbol_elf(path, job_symbols(named, labels))

@@ -1,0 +1,201 @@
+"""DOC: ELF symbol files for command buffers, so gdb names packets by what they belong to.
+
+gdb shows a bare address for every packet (``0x100014 in ?? ()``). A command buffer named by
+the job script or the Python API becomes a symbol in a small ELF file (aarch64, the
+architecture the stub poses as) that gdb loads with ``symbol-file`` or ``add-symbol-file``;
+``x/8i $pc``, ``info symbol $pc`` and the stop line then say ``copy_job+20``::
+
+    buf = CommandBuffer("copy_job", 0x100000, 0x40, labels={"copy_job_fence": 0x28})
+    write_symbol_elf("jobs.elf", [buf])
+    # (gdb) add-symbol-file jobs.elf
+    # (gdb) info symbol $pc          ->  copy_job + 20 in section .gemu.copy_job
+
+Each buffer is an allocated, empty (``SHT_NOBITS``) section at its address holding a
+``STT_FUNC`` symbol of its size; a label is an ``STT_FUNC`` symbol inside it reaching to the
+next label or the buffer's end (gdb names an address after the closest sized symbol below
+it). The file carries no memory: gdb still
+reads the packets from the GPU. Formats are construct definitions; tests read the files back
+with pyelftools. (gdb shows a name ``a.b`` as ``a[b]``, its notation for compiler clones:
+name labels ``a_b``.)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from construct import Int8ul, Int16ul, Int32ul, Int64ul, Struct
+
+from .coredump import ELF_HEADER, EM_AARCH64
+
+ET_EXEC = 2
+SHT_NULL, SHT_SYMTAB, SHT_STRTAB, SHT_NOBITS = 0, 2, 3, 8
+SHF_ALLOC, SHF_EXECINSTR = 0x2, 0x4
+STB_LOCAL, STB_GLOBAL = 0, 1
+STT_FUNC, STT_SECTION = 2, 3
+MAX_BUFFERS = 4096  # a symbol file names at most this many command buffers
+_NAME = re.compile(r"[A-Za-z_.$][A-Za-z0-9_.$]*")
+
+SECTION_HEADER = Struct(
+    "sh_name" / Int32ul,
+    "sh_type" / Int32ul,
+    "sh_flags" / Int64ul,
+    "sh_addr" / Int64ul,
+    "sh_offset" / Int64ul,
+    "sh_size" / Int64ul,
+    "sh_link" / Int32ul,
+    "sh_info" / Int32ul,
+    "sh_addralign" / Int64ul,
+    "sh_entsize" / Int64ul,
+)
+SYMBOL = Struct(
+    "st_name" / Int32ul,
+    "st_info" / Int8ul,
+    "st_other" / Int8ul,
+    "st_shndx" / Int16ul,
+    "st_value" / Int64ul,
+    "st_size" / Int64ul,
+)
+
+
+@dataclass(frozen=True)
+class CommandBuffer:
+    """A named command buffer: ``size`` bytes of packets at ``addr`` (an IB's GPU VA or a ring
+    address), with ``labels`` naming packets in it by their byte offset."""
+
+    name: str
+    addr: int
+    size: int
+    labels: dict[str, int] = field(default_factory=dict)
+
+    def check(self) -> None:
+        """Raise ValueError naming what is wrong with the buffer."""
+        for name in (self.name, *self.labels):
+            if not _NAME.fullmatch(name):
+                raise ValueError(f"{name!r} is not a symbol name (letters, digits, _ . $)")
+        if not 0 <= self.addr < 1 << 64 or not 0 < self.size <= (1 << 64) - self.addr:
+            raise ValueError(f"{self.name}: {self.size:#x} bytes at {self.addr:#x} do not fit")
+        for label, off in self.labels.items():
+            if not 0 <= off < self.size:
+                raise ValueError(f"{self.name}: label {label} at +{off:#x} is outside the buffer")
+
+
+class _Strings:
+    def __init__(self) -> None:
+        self.data = bytearray(b"\0")
+
+    def add(self, name: str) -> int:
+        off = len(self.data)
+        self.data += name.encode() + b"\0"
+        return off
+
+
+def build_symbol_elf(buffers: list[CommandBuffer]) -> bytes:
+    """The ELF symbol file naming ``buffers`` (see the module documentation)."""
+    if len(buffers) > MAX_BUFFERS:
+        raise ValueError(f"{len(buffers)} command buffers: a symbol file names {MAX_BUFFERS}")
+    names = [b.name for b in buffers]
+    if len(set(names)) != len(names):
+        raise ValueError("two command buffers have the same name")
+    for b in buffers:
+        b.check()
+    shstr, strtab = _Strings(), _Strings()
+    sections = [dict(sh_name=0, sh_type=SHT_NULL, sh_flags=0, sh_addr=0, sh_size=0)]
+    symbols = [dict(st_name=0, st_info=0, st_other=0, st_shndx=0, st_value=0, st_size=0)]
+    for b in buffers:
+        shndx = len(sections)
+        sections.append(
+            dict(
+                sh_name=shstr.add(f".gemu.{b.name}"),
+                sh_type=SHT_NOBITS,
+                sh_flags=SHF_ALLOC | SHF_EXECINSTR,
+                sh_addr=b.addr,
+                sh_size=b.size,
+            )
+        )
+        symbols.append(
+            dict(
+                st_name=strtab.add(b.name),
+                st_info=(STB_GLOBAL << 4) | STT_FUNC,
+                st_other=0,
+                st_shndx=shndx,
+                st_value=b.addr,
+                st_size=b.size,
+            )
+        )
+        labels = sorted(b.labels.items(), key=lambda kv: kv[1])
+        ends = [off for _, off in labels[1:]] + [b.size] if labels else []
+        for (label, off), end in zip(labels, ends, strict=True):
+            symbols.append(
+                dict(
+                    st_name=strtab.add(label),
+                    st_info=(STB_GLOBAL << 4) | STT_FUNC,
+                    st_other=0,
+                    st_shndx=shndx,
+                    st_value=b.addr + off,
+                    st_size=end - off,  # sized: gdb prefers a sized symbol covering pc
+                )
+            )
+    symtab = b"".join(SYMBOL.build(s) for s in symbols)
+    symtab_index = len(sections)
+    sections.append(dict(sh_name=shstr.add(".symtab"), sh_type=SHT_SYMTAB, sh_flags=0, sh_addr=0))
+    sections.append(dict(sh_name=shstr.add(".strtab"), sh_type=SHT_STRTAB, sh_flags=0, sh_addr=0))
+    sections.append(dict(sh_name=shstr.add(".shstrtab"), sh_type=SHT_STRTAB, sh_flags=0, sh_addr=0))
+    offset = ELF_HEADER.sizeof()
+    blobs = {symtab_index: symtab, symtab_index + 1: bytes(strtab.data)}
+    blobs[symtab_index + 2] = bytes(shstr.data)
+    body = bytearray()
+    for index, blob in blobs.items():
+        body += bytes(-(offset + len(body)) % 8)
+        sections[index].update(sh_offset=offset + len(body), sh_size=len(blob))
+        body += blob
+    body += bytes(-(offset + len(body)) % 8)
+    shoff = offset + len(body)
+    headers = []
+    for i, sec in enumerate(sections):
+        headers.append(
+            SECTION_HEADER.build(
+                dict(
+                    sh_name=sec["sh_name"],
+                    sh_type=sec["sh_type"],
+                    sh_flags=sec["sh_flags"],
+                    sh_addr=sec["sh_addr"],
+                    sh_offset=sec.get("sh_offset", 0),
+                    sh_size=sec.get("sh_size", 0),
+                    sh_link=symtab_index + 1 if i == symtab_index else 0,
+                    sh_info=1 if i == symtab_index else 0,  # first global symbol
+                    sh_addralign=8 if i == symtab_index else (4 if sec["sh_type"] else 0),
+                    sh_entsize=SYMBOL.sizeof() if i == symtab_index else 0,
+                )
+            )
+        )
+    header = ELF_HEADER.build(
+        dict(
+            e_type=ET_EXEC,
+            e_machine=EM_AARCH64,
+            e_version=1,
+            e_entry=buffers[0].addr if buffers else 0,
+            e_phoff=0,
+            e_shoff=shoff,
+            e_flags=0,
+            e_ehsize=ELF_HEADER.sizeof(),
+            e_phentsize=0,
+            e_phnum=0,
+            e_shentsize=SECTION_HEADER.sizeof(),
+            e_shnum=len(sections),
+            e_shstrndx=symtab_index + 2,
+        )
+    )
+    return header + bytes(body) + b"".join(headers)
+
+
+def write_symbol_elf(path: str | os.PathLike, buffers: list[CommandBuffer]) -> Path:
+    """Write the symbol file for ``buffers`` to ``path``; returns the path."""
+    path = Path(path)
+    path.write_bytes(build_symbol_elf(buffers))
+    return path
+
+
+__all__ = ["CommandBuffer", "build_symbol_elf", "write_symbol_elf"]

@@ -1,0 +1,113 @@
+"""Symbols for command buffers: gemu's ELF symbol file, read back by pyelftools and used by
+the real gdb-multiarch so packets are named by the buffer they belong to."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from elftools.elf.elffile import ELFFile
+
+from gemu.device.abi import packets as pk
+from gemu.device.symfile import CommandBuffer, build_symbol_elf, write_symbol_elf
+from gemu.guest.gemu_drv.job import BoAccess
+from gemu.host.cmd_gdb import EXTENSION, write_job_symbols
+from gemu.host.machine import Machine
+from tests.support.device import attached_client
+from tests.support.gdb import DATA_VA, IB_VA, gdb_batch, needs_gdb, setup_job, spawn_gdb_device
+
+IB = [
+    pk.fill(DATA_VA, 0x100, 0x11223344),
+    pk.write_data(DATA_VA + 0x200, [0xDEADBEEF]),
+    pk.nop(2),
+    pk.atomic_add(DATA_VA + 0x208, 5),
+]
+
+
+def _symbols(data: bytes) -> dict[str, tuple[int, int, str]]:
+    elf = ELFFile(io.BytesIO(data))
+    out = {}
+    for sym in elf.get_section_by_name(".symtab").iter_symbols():
+        if sym.name:
+            section = elf.get_section(sym["st_shndx"]).name
+            out[sym.name] = (sym["st_value"], sym["st_size"], section)
+    return out
+
+
+def test_symbol_file_reads_back_with_pyelftools():
+    """Each buffer is a NOBITS section at its address with a FUNC symbol of its size; labels
+    are symbols inside it; bad names, labels outside and duplicates are refused by name."""
+    data = build_symbol_elf(
+        [
+            CommandBuffer("copy_job", 0x100000, 0x40, {"copy_job_fence": 0x28}),
+            CommandBuffer("ring_tail", 0x1000, 0x20),
+        ]
+    )
+    elf = ELFFile(io.BytesIO(data))
+    assert elf["e_machine"] == "EM_AARCH64" and elf["e_type"] == "ET_EXEC"
+    sec = elf.get_section_by_name(".gemu.copy_job")
+    assert (sec["sh_type"], sec["sh_addr"], sec["sh_size"]) == ("SHT_NOBITS", 0x100000, 0x40)
+    assert _symbols(data) == {
+        "copy_job": (0x100000, 0x40, ".gemu.copy_job"),
+        "copy_job_fence": (0x100028, 0x18, ".gemu.copy_job"),
+        "ring_tail": (0x1000, 0x20, ".gemu.ring_tail"),
+    }
+    with pytest.raises(ValueError, match="'a b' is not a symbol name"):
+        build_symbol_elf([CommandBuffer("a b", 0, 4)])
+    with pytest.raises(ValueError, match="label x at \\+0x8 is outside"):
+        build_symbol_elf([CommandBuffer("j", 0, 8, {"x": 8})])
+    with pytest.raises(ValueError, match="same name"):
+        build_symbol_elf([CommandBuffer("j", 0, 8), CommandBuffer("j", 8, 8)])
+
+
+@needs_gdb
+def test_gdb_names_packets_by_their_command_buffer(tmp_path):
+    """With the symbol file loaded, a stop in the IB reads `copy_job+20`: in `info symbol
+    $pc`, in `x/2i $pc` (decoded by the extension) and at a label (`copy_job_atomic`)."""
+    syms = write_symbol_elf(
+        tmp_path / "jobs.elf",
+        [CommandBuffer("copy_job", IB_VA, sum(map(len, IB)), {"copy_job_atomic": 0x30})],
+    )
+    with spawn_gdb_device() as dev, attached_client(dev.spec, size=1 << 20) as client:
+        setup_job(client, IB)
+        out = gdb_batch(
+            dev.gdb_port,
+            f"source {EXTENSION}",
+            f"add-symbol-file {syms}",
+            f"break *{IB_VA + 0x14:#x}",
+            "continue",
+            "info symbol $pc",
+            "x/2i $pc",
+            "stepi",
+            "stepi",
+            "info symbol $pc",
+            "delete",
+            "detach",
+        )
+    assert "copy_job + 20 in section .gemu.copy_job" in out, out
+    assert f"=> {IB_VA + 0x14:#x} <copy_job+20>:\tWRITE_DATA 0x100200, [0xdeadbeef]" in out, out
+    assert "copy_job_atomic in section .gemu.copy_job" in out, out
+
+
+def test_python_api_names_a_submitted_jobs_command_buffer(tmp_path):
+    """write_job_symbols names the command buffer of a job submitted through GemuFile at its
+    GPU VA, with its size and the labels given."""
+    with Machine(ram_size=8 << 20, swap_size=0) as m:
+        f = m.open()
+        bo = f.create_bo(4096)
+        va = f.vm_bind(bo)
+        cmd = pk.fill(va, 64, 1) + pk.fill(va + 64, 64, 2)
+        fence = f.submit(cmd, bos=[(bo, BoAccess.WRITE)])
+        f.wait(fence, 10)
+        path = write_job_symbols(
+            tmp_path / "jobs.elf", {"fill_job": fence}, {"fill_job": {"fill_job_second": 20}}
+        )
+        ib_va = fence.job.ib_va
+        assert _symbols(path.read_bytes()) == {
+            "fill_job": (ib_va, len(cmd), ".gemu.fill_job"),
+            "fill_job_second": (ib_va + 20, len(cmd) - 20, ".gemu.fill_job"),
+        }
+        with pytest.raises(ValueError, match="nope: 7 is not a submitted job"):
+            write_job_symbols(tmp_path / "x.elf", {"nope": 7})
+        f.close()
+        m.check_clean()
