@@ -33,6 +33,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,11 +46,19 @@ from .abi.protocol import SPACE_PHYS
 from .gdb_target import CORE_COUNT
 from .gdbstub import core_values, describe_error, pc_in_ib
 from .mmu import MemFault
+from .symfile import (
+    ELF_HEADER,
+    EM_AARCH64,
+    SECTION_HEADER,
+    CommandBuffer,
+    read_symbols,
+    symbol_sections,
+    symbolize,
+)
 
 log = logging.getLogger("gemu.device.coredump")
 CORE_MODE = 0o600  # core files hold guest memory: owner-only whatever the umask
 
-EM_AARCH64 = 183
 ET_CORE = 4
 PT_LOAD, PT_NOTE = 1, 4
 PF_X, PF_W, PF_R = 1, 2, 4
@@ -71,22 +80,6 @@ LINUX_SIGNALS = {
 }
 SIGILL, SIGABRT = 4, 6
 
-ELF_HEADER = Struct(
-    "e_ident" / Const(b"\x7fELF\x02\x01\x01" + bytes(9)),
-    "e_type" / Int16ul,
-    "e_machine" / Int16ul,
-    "e_version" / Int32ul,
-    "e_entry" / Int64ul,
-    "e_phoff" / Int64ul,
-    "e_shoff" / Int64ul,
-    "e_flags" / Int32ul,
-    "e_ehsize" / Int16ul,
-    "e_phentsize" / Int16ul,
-    "e_phnum" / Int16ul,
-    "e_shentsize" / Int16ul,
-    "e_shnum" / Int16ul,
-    "e_shstrndx" / Int16ul,
-)
 PROGRAM_HEADER = Struct(
     "p_type" / Int32ul,
     "p_flags" / Int32ul,
@@ -162,6 +155,7 @@ class Core:
     mmio: list[int]
     faults: list[dict] = field(default_factory=list)
     segments: list[Segment] = field(default_factory=list)
+    symbols: list[CommandBuffer] = field(default_factory=list)  # names the debugger gave
 
 
 def _note(name: bytes, n_type: int, desc: bytes) -> bytes:
@@ -230,6 +224,18 @@ def build_core(core: Core) -> bytes:
             )
         )
         body += seg.data
+    shoff = shnum = shstrndx = 0
+    sections = b""
+    if core.symbols:  # the command buffers' names, as in a symbol file (device/symfile.py)
+        body += bytes(-(offset + len(body)) % 8)
+        secs = symbol_sections(core.symbols, offset + len(body))
+        body += secs.body
+        shoff, shnum, shstrndx, sections = (
+            offset + len(body),
+            secs.shnum,
+            secs.shstrndx,
+            secs.headers,
+        )
     header = ELF_HEADER.build(
         dict(
             e_type=ET_CORE,
@@ -237,17 +243,18 @@ def build_core(core: Core) -> bytes:
             e_version=1,
             e_entry=0,
             e_phoff=ELF_HEADER.sizeof(),
-            e_shoff=0,
+            e_shoff=shoff,
             e_flags=0,
             e_ehsize=ELF_HEADER.sizeof(),
             e_phentsize=PROGRAM_HEADER.sizeof(),
             e_phnum=phnum,
-            e_shentsize=0,
-            e_shnum=0,
-            e_shstrndx=0,
+            e_shentsize=SECTION_HEADER.sizeof() if shnum else 0,
+            e_shnum=shnum,
+            e_shstrndx=shstrndx,
         )
     )
-    return header + b"".join(PROGRAM_HEADER.build(p) for p in phdrs) + bytes(body)
+    phdr_bytes = b"".join(PROGRAM_HEADER.build(p) for p in phdrs)
+    return header + phdr_bytes + bytes(body) + sections
 
 
 # --- capturing the device ------------------------------------------------------------------
@@ -364,6 +371,8 @@ class CoreDumper:
         self.directory = Path(directory)
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.written: list[Path] = []
+        # the command buffers' names a core carries (the gdb stub's `monitor symbol-file`)
+        self.symbols: Callable[[], list[CommandBuffer]] = list
         self._errors_seen = gpu.cp.errors
         self._seq = 0
 
@@ -413,6 +422,7 @@ class CoreDumper:
             text = f"{REASONS[0]}: {describe_error(self.gpu)}"
         try:
             core = capture(self.gpu, reason, text)
+            core.symbols = list(self.symbols())
             self._seq += 1
             path = self.directory / f"gemu-{os.getpid()}-{self._seq}-{name}.core"
             _write_private(path, build_core(core))
@@ -532,12 +542,22 @@ def summarize(path: str | os.PathLike) -> str:
             f"  fault:   AS{f.as_index} FAULTSTATUS {f.faultstatus:#x} at GPU VA "
             f"{f.faultaddress:#x}"
         )
+    try:
+        symbols = read_symbols(path)
+    except ValueError:  # a core written without names
+        symbols = []
+    name = symbolize(symbols, info.pc)
+    where = f" <{name}>" if name else ""
+    if symbols:
+        lines.append(
+            "  symbols: " + ", ".join(f"{b.name} {b.addr:#x}+{b.size:#x}" for b in symbols)
+        )
     raw = read_segment(path, info.pc, 4)
     if raw is not None:
         length = int.from_bytes(raw, "little") >> 16
         pkt_bytes = read_segment(path, info.pc, 4 + 4 * length) or raw
         pkt = pk.decode(pkt_bytes, 0, info.pc)
-        lines.append(f"  packet:  {info.pc:#x}: {pk.disassemble_one(pkt)}")
+        lines.append(f"  packet:  {info.pc:#x}{where}: {pk.disassemble_one(pkt)}")
     lines.append(f"  segments ({len(info.segments)}):")
     for vaddr, _paddr, size, flags in info.segments:
         kind = "GPU VA" if flags & PF_W else "ring, guest-physical"

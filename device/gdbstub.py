@@ -52,6 +52,7 @@ from .abi.protocol import SPACE_PHYS
 from .gdb_target import PC_REGNUM, REGISTERS, TARGET_XML
 from .mmu import MemFault, perms_str
 from .server import OUTPUT_CAP
+from .symfile import CommandBuffer, read_symbols, symbolize
 
 log = logging.getLogger("gemu.device.gdbstub")
 
@@ -90,6 +91,9 @@ gemu GPU monitor commands:
   break-space ADDR as N|phys|any
                        breakpoints at ADDR hit only in IBs of AS N, only in the ring, or
                        anywhere (the default); no ADDR: list the qualified addresses
+  symbol-file [PATH|clear]
+                       command buffer names from a gemu symbol file, which core files
+                       then carry (`monitor status` names pc by them)
   jobs                 jobs on the ring: seqno (its FENCE), AS, ring range, IBs, fences, state
   break-job SEQNO      stop before the first packet of the job whose FENCE writes SEQNO
   break-next-job [AS]  stop before the first packet of the next job (of address space AS)
@@ -441,6 +445,7 @@ class GdbStub:
         # addresses hit in the ring and in any IB. Kept across gdb's remove/insert of
         # breakpoints at every stop, until detach or `monitor break-space ADDR any`.
         self.break_spaces: dict[int, int] = {}
+        self.command_buffers: list[CommandBuffer] = []  # names of `monitor symbol-file`
         self.job_breaks: set[int] = set()  # FENCE seqnos of jobs to stop at
         self.next_job_break: list[int | None] = []  # [AS or None] while one is set
         self.watchpoints: dict[tuple[int, int, int], int | None] = {}
@@ -1169,6 +1174,8 @@ class GdbStub:
     def _mon_status(self, args: list[str]) -> str:
         cp = self.gpu.cp
         where = "IB VA" if self.pc_in_ib() else "ring PA"
+        name = symbolize(self.command_buffers, self.next_pc())
+        where += f", {name}" if name else ""
         return (
             f"CP {cp.state().name}, pc {self.next_pc():#x} ({where}), AS{cp.as_index}, "
             f"IB depth {len(cp.ib_stack)}, {cp.packets} packets executed\n"
@@ -1360,6 +1367,16 @@ class GdbStub:
             raise ValueError(f"no address space {n} (0..{regs.AS_COUNT - 1})")
         self.break_spaces[addr] = n
         return f"breakpoints at {addr:#x} hit only in IBs of AS{n}\n"
+
+    def _mon_symbol_file(self, args: list[str]) -> str:
+        if args and args[0] == "clear":
+            self.command_buffers = []
+            return "command buffer names removed\n"
+        if args:
+            self.command_buffers = read_symbols(" ".join(args))
+        rows = [f"  {b.name}: {b.addr:#x}+{b.size:#x}" for b in self.command_buffers]
+        head = f"{len(rows)} command buffer(s) named (core files carry them)"
+        return "\n".join([head, *rows]) + "\n"
 
     def _mon_jobs(self, args: list[str]) -> str:
         cp = self.gpu.cp

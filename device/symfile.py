@@ -26,10 +26,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from construct import Int8ul, Int16ul, Int32ul, Int64ul, Struct
+from construct import Const, Int8ul, Int16ul, Int32ul, Int64ul, Struct
 
-from .coredump import ELF_HEADER, EM_AARCH64
-
+EM_AARCH64 = 183
 ET_EXEC = 2
 SHT_NULL, SHT_SYMTAB, SHT_STRTAB, SHT_NOBITS = 0, 2, 3, 8
 SHF_ALLOC, SHF_EXECINSTR = 0x2, 0x4
@@ -38,6 +37,22 @@ STT_FUNC, STT_SECTION = 2, 3
 MAX_BUFFERS = 4096  # a symbol file names at most this many command buffers
 _NAME = re.compile(r"[A-Za-z_.$][A-Za-z0-9_.$]*")
 
+ELF_HEADER = Struct(
+    "e_ident" / Const(b"\x7fELF\x02\x01\x01" + bytes(9)),
+    "e_type" / Int16ul,
+    "e_machine" / Int16ul,
+    "e_version" / Int32ul,
+    "e_entry" / Int64ul,
+    "e_phoff" / Int64ul,
+    "e_shoff" / Int64ul,
+    "e_flags" / Int32ul,
+    "e_ehsize" / Int16ul,
+    "e_phentsize" / Int16ul,
+    "e_phnum" / Int16ul,
+    "e_shentsize" / Int16ul,
+    "e_shnum" / Int16ul,
+    "e_shstrndx" / Int16ul,
+)
 SECTION_HEADER = Struct(
     "sh_name" / Int32ul,
     "sh_type" / Int32ul,
@@ -92,8 +107,20 @@ class _Strings:
         return off
 
 
-def build_symbol_elf(buffers: list[CommandBuffer]) -> bytes:
-    """The ELF symbol file naming ``buffers`` (see the module documentation)."""
+@dataclass(frozen=True)
+class SymbolSections:
+    """The sections naming some buffers, laid out from a file offset: ``body`` (symbol and
+    string tables) goes there, ``headers`` (``shnum`` section headers) right after it."""
+
+    body: bytes
+    headers: bytes
+    shnum: int
+    shstrndx: int
+
+
+def symbol_sections(buffers: list[CommandBuffer], offset: int) -> SymbolSections:
+    """The sections of a symbol file (or of a core file's symbols) whose data starts at file
+    offset ``offset`` (a multiple of 8). Raises ValueError naming a bad buffer."""
     if len(buffers) > MAX_BUFFERS:
         raise ValueError(f"{len(buffers)} command buffers: a symbol file names {MAX_BUFFERS}")
     names = [b.name for b in buffers]
@@ -143,7 +170,6 @@ def build_symbol_elf(buffers: list[CommandBuffer]) -> bytes:
     sections.append(dict(sh_name=shstr.add(".symtab"), sh_type=SHT_SYMTAB, sh_flags=0, sh_addr=0))
     sections.append(dict(sh_name=shstr.add(".strtab"), sh_type=SHT_STRTAB, sh_flags=0, sh_addr=0))
     sections.append(dict(sh_name=shstr.add(".shstrtab"), sh_type=SHT_STRTAB, sh_flags=0, sh_addr=0))
-    offset = ELF_HEADER.sizeof()
     blobs = {symtab_index: symtab, symtab_index + 1: bytes(strtab.data)}
     blobs[symtab_index + 2] = bytes(shstr.data)
     body = bytearray()
@@ -152,7 +178,6 @@ def build_symbol_elf(buffers: list[CommandBuffer]) -> bytes:
         sections[index].update(sh_offset=offset + len(body), sh_size=len(blob))
         body += blob
     body += bytes(-(offset + len(body)) % 8)
-    shoff = offset + len(body)
     headers = []
     for i, sec in enumerate(sections):
         headers.append(
@@ -171,6 +196,13 @@ def build_symbol_elf(buffers: list[CommandBuffer]) -> bytes:
                 )
             )
         )
+    return SymbolSections(bytes(body), b"".join(headers), len(sections), symtab_index + 2)
+
+
+def build_symbol_elf(buffers: list[CommandBuffer]) -> bytes:
+    """The ELF symbol file naming ``buffers`` (see the module documentation)."""
+    offset = ELF_HEADER.sizeof()
+    secs = symbol_sections(buffers, offset)
     header = ELF_HEADER.build(
         dict(
             e_type=ET_EXEC,
@@ -178,17 +210,62 @@ def build_symbol_elf(buffers: list[CommandBuffer]) -> bytes:
             e_version=1,
             e_entry=buffers[0].addr if buffers else 0,
             e_phoff=0,
-            e_shoff=shoff,
+            e_shoff=offset + len(secs.body),
             e_flags=0,
             e_ehsize=ELF_HEADER.sizeof(),
             e_phentsize=0,
             e_phnum=0,
             e_shentsize=SECTION_HEADER.sizeof(),
-            e_shnum=len(sections),
-            e_shstrndx=symtab_index + 2,
+            e_shnum=secs.shnum,
+            e_shstrndx=secs.shstrndx,
         )
     )
-    return header + bytes(body) + b"".join(headers)
+    return header + secs.body + secs.headers
+
+
+def read_symbols(path: str | os.PathLike) -> list[CommandBuffer]:
+    """The command buffers a symbol file (or a core file) names, read with pyelftools:
+    ``.gemu.NAME`` sections with their symbols. Raises ValueError for a file that is no ELF
+    or names nothing."""
+    from elftools.common.exceptions import ELFError
+    from elftools.elf.elffile import ELFFile
+
+    try:
+        with open(path, "rb") as f:
+            elf = ELFFile(f)
+            symtab = elf.get_section_by_name(".symtab")
+            if symtab is None:
+                raise ValueError(f"{path}: no symbol table")
+            by_section: dict[int, CommandBuffer] = {}
+            labels: dict[int, dict[str, int]] = {}
+            for sym in symtab.iter_symbols():
+                shndx = sym["st_shndx"]
+                if not sym.name or not isinstance(shndx, int):
+                    continue
+                sec = elf.get_section(shndx)
+                if not sec.name.startswith(".gemu."):
+                    continue
+                if sym.name == sec.name[len(".gemu.") :]:
+                    by_section[shndx] = CommandBuffer(sym.name, sym["st_value"], sym["st_size"])
+                else:
+                    labels.setdefault(shndx, {})[sym.name] = sym["st_value"] - sec["sh_addr"]
+    except (ELFError, OSError) as exc:
+        raise ValueError(f"{path}: not a symbol file: {exc}") from None
+    if not by_section:
+        raise ValueError(f"{path}: names no command buffer")
+    return [CommandBuffer(b.name, b.addr, b.size, labels.get(i, {})) for i, b in by_section.items()]
+
+
+def symbolize(buffers: list[CommandBuffer], addr: int) -> str | None:
+    """``NAME+0xOFF`` for ``addr`` (the closest label, else the buffer), None if unnamed."""
+    for b in buffers:
+        if b.addr <= addr < b.addr + b.size:
+            best, where = b.name, b.addr
+            for label, off in b.labels.items():
+                if where < b.addr + off <= addr:
+                    best, where = label, b.addr + off
+            return best if addr == where else f"{best}+{addr - where:#x}"
+    return None
 
 
 def write_symbol_elf(path: str | os.PathLike, buffers: list[CommandBuffer]) -> Path:
@@ -198,4 +275,13 @@ def write_symbol_elf(path: str | os.PathLike, buffers: list[CommandBuffer]) -> P
     return path
 
 
-__all__ = ["CommandBuffer", "build_symbol_elf", "write_symbol_elf"]
+__all__ = [
+    "ELF_HEADER",
+    "CommandBuffer",
+    "SymbolSections",
+    "build_symbol_elf",
+    "read_symbols",
+    "symbol_sections",
+    "symbolize",
+    "write_symbol_elf",
+]

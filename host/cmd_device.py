@@ -132,6 +132,7 @@ def cmd_device(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         server = DeviceServer(gpu, args.listen)
     except transport.SpecError as exc:
         parser.error(f"argument --listen: {exc}")
+    stub = None
     if args.gdb is not None:
         from gemu.device.gdbstub import GdbStub
 
@@ -144,9 +145,12 @@ def cmd_device(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         from gemu.device.coredump import CoreDumper
 
         try:
-            CoreDumper(gpu, args.coredump_dir).attach(server)
+            dumper = CoreDumper(gpu, args.coredump_dir)
         except OSError as exc:
             parser.error(f"argument --coredump-dir: {args.coredump_dir!r}: {exc.strerror}")
+        dumper.attach(server)
+        if stub is not None:  # cores carry the names gdb gave (monitor symbol-file)
+            dumper.symbols = lambda: stub.command_buffers
 
     def _stop(signum, _frame) -> None:
         logging.getLogger("gemu.device.server").info(

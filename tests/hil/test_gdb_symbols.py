@@ -4,16 +4,17 @@ the real gdb-multiarch so packets are named by the buffer they belong to."""
 from __future__ import annotations
 
 import io
+import subprocess
 
 import pytest
 from elftools.elf.elffile import ELFFile
 
 from gemu.device.abi import packets as pk
-from gemu.device.symfile import CommandBuffer, build_symbol_elf, write_symbol_elf
+from gemu.device.symfile import CommandBuffer, build_symbol_elf, read_symbols, write_symbol_elf
 from gemu.guest.gemu_drv.job import BoAccess
 from gemu.host.cmd_gdb import EXTENSION, write_job_symbols
 from gemu.host.machine import Machine
-from tests.support.device import attached_client
+from tests.support.device import attached_client, gemu_executable
 from tests.support.gdb import DATA_VA, IB_VA, gdb_batch, needs_gdb, setup_job, spawn_gdb_device
 
 IB = [
@@ -111,3 +112,36 @@ def test_python_api_names_a_submitted_jobs_command_buffer(tmp_path):
             write_job_symbols(tmp_path / "x.elf", {"nope": 7})
         f.close()
         m.check_clean()
+
+
+@needs_gdb
+def test_core_files_carry_the_names(tmp_path):
+    """`monitor symbol-file` gives the device the names; the core of the job's fault carries
+    them (pyelftools reads them back from the core) and `gemu coredump` and `monitor status`
+    name the failing packet copy_job+0x14."""
+    bad = [pk.fill(DATA_VA, 0x10, 1), pk.fill(0x90_0000, 4, 1)]
+    syms = write_symbol_elf(tmp_path / "jobs.elf", [CommandBuffer("copy_job", IB_VA, 0x28)])
+    cores = tmp_path / "cores"
+    with (
+        spawn_gdb_device("--coredump-dir", str(cores)) as dev,
+        attached_client(dev.spec, size=1 << 20) as client,
+    ):
+        setup_job(client, bad)
+        out = gdb_batch(
+            dev.gdb_port,
+            f"monitor symbol-file {syms}",
+            "continue",
+            "monitor status",
+            f"monitor symbol-file {tmp_path}/missing.elf",
+            "detach",
+        )
+    assert "1 command buffer(s) named" in out and "copy_job: 0x200000+0x28" in out, out
+    assert "SIGSEGV" in out and "(IB VA, copy_job+0x14)" in out, out
+    assert "error: " in out and "missing.elf: not a symbol file" in out, out
+    (core,) = cores.iterdir()
+    assert read_symbols(core) == [CommandBuffer("copy_job", IB_VA, 0x28)]
+    summary = subprocess.run(
+        [*gemu_executable(), "coredump", str(core)], capture_output=True, text=True, check=True
+    ).stdout
+    assert f"packet:  {IB_VA + 0x14:#x} <copy_job+0x14>: FILL 0x900000" in summary, summary
+    assert "symbols: copy_job 0x200000+0x28" in summary, summary
