@@ -823,8 +823,7 @@ class DeviceServer:
                 p.ProtoError.EPROTO,
                 f"VERSION must be the first request on a connection, got {command.name}",
             )
-        req_fmt, _ = p.REQUESTS[command]
-        req = p.parse_payload(req_fmt, command, payload)
+        req = p.decode_payload(p.REQUEST_CODECS[command][0], command, payload)
         handler = self._handlers.get(command)
         if handler is None:
             raise _Reject(
@@ -864,7 +863,7 @@ class DeviceServer:
             req.minor,
             "|".join(f.name for f in p.Features if f in s.features) or "none",
         )
-        return p.VERSION_REPLY.build(
+        return p.CODECS["VERSION_REPLY"].build(
             dict(
                 major=p.PROTOCOL_MAJOR,
                 minor=min(req.minor, p.PROTOCOL_MINOR),
@@ -1078,7 +1077,7 @@ class DeviceServer:
             self.gpu.resume()
             if held:
                 log.info("machine powering off: the command processor's hold ends")
-        return p.RUN_STATE_REPLY.build(
+        return p.CODECS["RUN_STATE_REPLY"].build(
             dict(paused=int(self.gpu.paused), halted=int(self.gpu.cp.halted))
         )
 

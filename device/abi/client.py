@@ -338,7 +338,7 @@ class DeviceClient:
         mine = p.Features.IN_BAND_DMA | p.Features.STEPPED_CLOCK | p.Features.DEBUG
         if self.conn.supports_fds:
             mine |= p.Features.FD_PASSING
-        payload = p.VERSION_REQ.build(
+        payload = p.CODECS["VERSION_REQ"].build(
             dict(
                 major=p.PROTOCOL_MAJOR,
                 minor=p.PROTOCOL_MINOR,
@@ -346,8 +346,11 @@ class DeviceClient:
                 name=self.name.encode(),
             )
         )
-        reply = p.parse_payload(
-            p.VERSION_REPLY, p.Command.VERSION, self._call(p.Command.VERSION, payload), reply=True
+        reply = p.decode_payload(
+            p.CODECS["VERSION_REPLY"],
+            p.Command.VERSION,
+            self._call(p.Command.VERSION, payload),
+            reply=True,
         )
         self.device_features = p.Features(reply.features)
         self.features = mine & self.device_features
@@ -434,7 +437,7 @@ class DeviceClient:
     def step(self, max_packets: int, ticks_ns: int = 0) -> StepResult:
         """STEPPED mode: advance the device clock by ``ticks_ns``, then run at most
         ``max_packets`` packets."""
-        payload = p.STEP_REQ.build(dict(max_packets=max_packets, ticks_ns=ticks_ns))
+        payload = p.CODECS["STEP_REQ"].build(dict(max_packets=max_packets, ticks_ns=ticks_ns))
         executed, state, clock_ns, level = p.STEP_REPLY_FAST.unpack(
             self._call(p.Command.STEP, payload)
         )
@@ -444,13 +447,16 @@ class DeviceClient:
         """The machine's stop/cont of the device (QMP ``stop``/``cont``): send ``run`` and
         return (paused, halted): the machine's hold, and whether the CP holds at all (the
         machine's or a debugger's)."""
-        reply = p.RUN_STATE_REPLY.parse(
-            self._call(p.Command.RUN_STATE, p.RUN_STATE_REQ.build(dict(run=int(run))))
+        reply = p.decode_payload(
+            p.CODECS["RUN_STATE_REPLY"],
+            p.Command.RUN_STATE,
+            self._call(p.Command.RUN_STATE, p.CODECS["RUN_STATE_REQ"].build(dict(run=int(run)))),
+            reply=True,
         )
         return bool(reply.paused), bool(reply.halted)
 
     def set_clock_mode(self, mode: p.ClockMode | int) -> None:
-        self._call(p.Command.CLOCK_MODE, p.CLOCK_MODE_REQ.build(dict(mode=int(mode))))
+        self._call(p.Command.CLOCK_MODE, p.CODECS["CLOCK_MODE_REQ"].build(dict(mode=int(mode))))
 
     def mem_read(self, space: int, addr: int, size: int) -> bytes:
         """Read device memory through AS ``space`` (or ``protocol.SPACE_PHYS``), the
@@ -488,7 +494,7 @@ class DeviceClient:
         otherwise. Returns ``"fd"`` or ``"in-band"``."""
         by_fd = bool(self.features & p.Features.FD_PASSING) and self.conn.supports_fds
         flags = p.MemMapFlags.FD if by_fd else p.MemMapFlags.IN_BAND
-        payload = p.MEM_MAP_REQ.build(dict(base=0, size=mem.size, flags=int(flags)))
+        payload = p.CODECS["MEM_MAP_REQ"].build(dict(base=0, size=mem.size, flags=int(flags)))
         self._mem = mem  # in-band DMA may start as soon as the device has the reply out
         try:
             self._call(p.Command.MEM_MAP, payload, fds=[mem.fd] if by_fd else None)

@@ -23,47 +23,85 @@ rule, the flags each opcode accepts and whether it is privileged. The device's h
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
-
-from construct import Container, Enum, FlagsEnum, GreedyRange, Int8ul, Int16ul, Int32ul, Struct
+from typing import TYPE_CHECKING
 
 from .enums import Opcode, PacketFlags, WaitFunc
 
-HEADER = Struct(
-    "opcode" / Enum(Int8ul, Opcode),
-    "flags" / FlagsEnum(Int8ul, PacketFlags),
-    "length" / Int16ul,
-)
+if TYPE_CHECKING:
+    from construct import Container, Struct
+
 HEADER_FAST = struct.Struct("<BBH")
 MAX_LENGTH = 0xFFFF
 NO_FLAGS = PacketFlags(0)
 
 
-def _u64(name: str) -> tuple:
-    return (name + "_lo") / Int32ul, (name + "_hi") / Int32ul
+@functools.cache
+def _construct_formats() -> dict:
+    """``HEADER`` and ``BODIES``, the construct declarations of the packet formats (docs,
+    decoding, property tests). Built on first use by :func:`__getattr__`: importing
+    construct costs more than the rest of the ABI, and the CP and the builders use the equal
+    struct codecs of :data:`FIXED_FIELDS`."""
+    from construct import Enum, FlagsEnum, GreedyRange, Int8ul, Int16ul, Int32ul, Struct
+
+    def _u64(name: str) -> tuple:
+        return (name + "_lo") / Int32ul, (name + "_hi") / Int32ul
+
+    header = Struct(
+        "opcode" / Enum(Int8ul, Opcode),
+        "flags" / FlagsEnum(Int8ul, PacketFlags),
+        "length" / Int16ul,
+    )
+    bodies: dict[Opcode, Struct] = {
+        Opcode.NOP: Struct("payload" / GreedyRange(Int32ul)),
+        Opcode.SET_AS: Struct("as_index" / Int32ul),
+        Opcode.WRITE_DATA: Struct(*_u64("addr"), "data" / GreedyRange(Int32ul)),
+        Opcode.COPY: Struct(*_u64("src"), *_u64("dst"), "size" / Int32ul),
+        Opcode.FILL: Struct(*_u64("dst"), "size" / Int32ul, "value" / Int32ul),
+        Opcode.CRC32: Struct(*_u64("src"), "size" / Int32ul, *_u64("dst")),
+        Opcode.ATOMIC: Struct(*_u64("addr"), *_u64("value")),
+        Opcode.FENCE: Struct(*_u64("addr"), *_u64("seqno")),
+        Opcode.WAIT_MEM: Struct(
+            *_u64("addr"),
+            "reference" / Int32ul,
+            "mask" / Int32ul,
+            "function" / Enum(Int32ul, WaitFunc),
+            "timeout_us" / Int32ul,
+        ),
+        Opcode.INDIRECT_BUFFER: Struct(*_u64("addr"), "size_dw" / Int32ul),
+        Opcode.TLB_INVALIDATE: Struct("as_index" / Int32ul, *_u64("va"), *_u64("size")),
+    }
+    assert header.sizeof() == HEADER_FAST.size
+    return {"HEADER": header, "BODIES": bodies}
 
 
-BODIES: dict[Opcode, Struct] = {
-    Opcode.NOP: Struct("payload" / GreedyRange(Int32ul)),
-    Opcode.SET_AS: Struct("as_index" / Int32ul),
-    Opcode.WRITE_DATA: Struct(*_u64("addr"), "data" / GreedyRange(Int32ul)),
-    Opcode.COPY: Struct(*_u64("src"), *_u64("dst"), "size" / Int32ul),
-    Opcode.FILL: Struct(*_u64("dst"), "size" / Int32ul, "value" / Int32ul),
-    Opcode.CRC32: Struct(*_u64("src"), "size" / Int32ul, *_u64("dst")),
-    Opcode.ATOMIC: Struct(*_u64("addr"), *_u64("value")),
-    Opcode.FENCE: Struct(*_u64("addr"), *_u64("seqno")),
-    Opcode.WAIT_MEM: Struct(
-        *_u64("addr"),
-        "reference" / Int32ul,
-        "mask" / Int32ul,
-        "function" / Enum(Int32ul, WaitFunc),
-        "timeout_us" / Int32ul,
-    ),
-    Opcode.INDIRECT_BUFFER: Struct(*_u64("addr"), "size_dw" / Int32ul),
-    Opcode.TLB_INVALIDATE: Struct("as_index" / Int32ul, *_u64("va"), *_u64("size")),
+def __getattr__(name: str):
+    """``HEADER`` and ``BODIES``, built on first access."""
+    if name not in ("HEADER", "BODIES"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    formats = _construct_formats()
+    globals().update(formats)
+    return formats[name]
+
+
+FIXED_FIELDS: dict[Opcode, tuple[str, ...]] = {
+    Opcode.SET_AS: ("as_index",),
+    Opcode.COPY: ("src_lo", "src_hi", "dst_lo", "dst_hi", "size"),
+    Opcode.FILL: ("dst_lo", "dst_hi", "size", "value"),
+    Opcode.CRC32: ("src_lo", "src_hi", "size", "dst_lo", "dst_hi"),
+    Opcode.ATOMIC: ("addr_lo", "addr_hi", "value_lo", "value_hi"),
+    Opcode.FENCE: ("addr_lo", "addr_hi", "seqno_lo", "seqno_hi"),
+    Opcode.WAIT_MEM: ("addr_lo", "addr_hi", "reference", "mask", "function", "timeout_us"),
+    Opcode.INDIRECT_BUFFER: ("addr_lo", "addr_hi", "size_dw"),
+    Opcode.TLB_INVALIDATE: ("as_index", "va_lo", "va_hi", "size_lo", "size_hi"),
 }
+"""The fields of each fixed-size body in order, every one a little-endian u32: the same
+bodies as :data:`BODIES` (a test derives this table from them and compares)."""
+
+_FAST = {op: struct.Struct("<" + "I" * len(names)) for op, names in FIXED_FIELDS.items()}
 
 
 @dataclass(frozen=True)
@@ -83,7 +121,7 @@ class PacketSpec:
 
     @property
     def fast(self) -> struct.Struct | None:
-        """``struct`` format of a fixed-size body, derived from the construct declaration."""
+        """``struct`` format of a fixed-size body (:data:`FIXED_FIELDS`)."""
         return _FAST.get(self.opcode)
 
 
@@ -172,21 +210,6 @@ SPECS: dict[Opcode, PacketSpec] = {
 }
 
 
-def _fast_format(body: Struct) -> struct.Struct | None:
-    codes = []
-    for sub in body.subcons:
-        inner = getattr(sub, "subcon", sub)
-        inner = getattr(inner, "subcon", inner) if isinstance(inner, Enum) else inner
-        if inner is Int32ul:
-            codes.append("I")
-        else:
-            return None
-    return struct.Struct("<" + "".join(codes))
-
-
-_FAST = {op: f for op, body in BODIES.items() if (f := _fast_format(body)) is not None}
-
-
 # --- builders ----------------------------------------------------------------------------
 
 
@@ -203,23 +226,49 @@ def _lohi(v: int) -> tuple[int, int]:
 
 
 def build(opcode: Opcode, flags: PacketFlags = NO_FLAGS, **fields) -> bytes:
-    """Build any packet from its body fields (64-bit fields may be passed whole: ``addr=``)."""
-    body_def = BODIES[opcode]
-    values: dict = {}
-    for sub in body_def.subcons:
-        name = sub.name
-        if name.endswith("_lo") and name[:-3] in fields:
-            values[name], values[name[:-3] + "_hi"] = _lohi(fields[name[:-3]])
+    """Build any packet from its body fields (64-bit fields may be passed whole: ``addr=``).
+
+    Raises:
+        TypeError: a field of the body is missing.
+        ValueError: a value does not fit its field.
+    """
+    names = FIXED_FIELDS.get(opcode)
+    if names is None:  # NOP and WRITE_DATA: a run of dwords after the fixed part
+        return _build_variable(opcode, flags, fields)
+    values = []
+    for name in names:
+        if name in fields:
+            values.append(fields[name])
+        elif name.endswith("_lo") and name[:-3] in fields:
+            values += _lohi(fields[name[:-3]])
         elif name.endswith("_hi") and name[:-3] in fields:
             continue
-        elif name in fields:
-            values[name] = fields[name]
-        elif isinstance(sub.subcon, GreedyRange):
-            values[name] = []
         else:
             raise TypeError(f"{opcode.name} needs field {name!r}")
-    body = body_def.build(values)
-    return header(opcode, len(body) // 4, flags) + body
+    try:
+        body = _FAST[opcode].pack(*values)
+    except struct.error as exc:
+        raise ValueError(f"{opcode.name}: a field does not fit in 32 bits: {exc}") from None
+    return header(opcode, len(names), flags) + body
+
+
+def _build_variable(opcode: Opcode, flags: PacketFlags, fields: dict) -> bytes:
+    words = []
+    if opcode is Opcode.WRITE_DATA:
+        if "addr" in fields:
+            words += _lohi(fields["addr"])
+        elif "addr_lo" in fields and "addr_hi" in fields:
+            words += (fields["addr_lo"], fields["addr_hi"])
+        else:
+            raise TypeError("WRITE_DATA needs field 'addr_lo'")
+        words += fields.get("data", [])
+    else:
+        words += fields.get("payload", [])
+    try:
+        body = struct.pack(f"<{len(words)}I", *words)
+    except struct.error as exc:
+        raise ValueError(f"{opcode.name}: a dword does not fit in 32 bits: {exc}") from None
+    return header(opcode, len(words), flags) + body
 
 
 def nop(length: int = 0) -> bytes:
@@ -331,7 +380,7 @@ def decode(buf: bytes, offset: int = 0, address: int | None = None) -> Packet:
         return Packet(addr, opcode, flags, length, None, f"bad length {length} for {op.name}")
     if flags & ~int(spec.flags):
         return Packet(addr, opcode, flags, length, None, f"bad flags {flags:#x} for {op.name}")
-    body = BODIES[op].parse(bytes(buf[offset + 4 : end]))
+    body = _construct_formats()["BODIES"][op].parse(bytes(buf[offset + 4 : end]))
     return Packet(addr, opcode, flags, length, body)
 
 
@@ -398,8 +447,8 @@ def disassemble(buf: bytes, base: int = 0) -> list[str]:
 
 
 __all__ = [
-    "BODIES",
-    "HEADER",
+    "BODIES",  # noqa: F822 (module __getattr__)
+    "HEADER",  # noqa: F822
     "SPECS",
     "Packet",
     "PacketSpec",

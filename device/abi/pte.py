@@ -30,8 +30,6 @@ ATOMIC needs both READ and WRITE.
 
 from __future__ import annotations
 
-from construct import BitsInteger, BitStruct, ByteSwapped, Enum, Flag
-
 from .enums import PteType
 from .regs import PAGE_SHIFT, VA_BITS
 
@@ -52,20 +50,30 @@ SW_SHIFT = 48
 TABLE_BITS = VALID | (PteType.TABLE << TYPE_SHIFT)
 PAGE_BITS = VALID | (PteType.PAGE << TYPE_SHIFT)
 
-# The same layout as a construct format; fields are listed from bit 63 down to bit 0 because
-# BitStruct is MSB-first, and ByteSwapped makes the 8 bytes little-endian.
-PTE_FORMAT = ByteSwapped(
-    BitStruct(
-        "sw" / BitsInteger(16),
-        "addr" / BitsInteger(36),
-        "reserved" / BitsInteger(6),
-        "exec" / Flag,
-        "write" / Flag,
-        "read" / Flag,
-        "type" / Enum(BitsInteger(2), PteType),
-        "valid" / Flag,
+
+def __getattr__(name: str):
+    """``PTE_FORMAT``, the same layout as a construct format, built on first access (the MMU
+    and the driver use the bit masks above; importing construct costs more than they do)."""
+    if name != "PTE_FORMAT":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from construct import BitsInteger, BitStruct, ByteSwapped, Enum, Flag
+
+    # Fields are listed from bit 63 down to bit 0 because BitStruct is MSB-first, and
+    # ByteSwapped makes the 8 bytes little-endian.
+    fmt = ByteSwapped(
+        BitStruct(
+            "sw" / BitsInteger(16),
+            "addr" / BitsInteger(36),
+            "reserved" / BitsInteger(6),
+            "exec" / Flag,
+            "write" / Flag,
+            "read" / Flag,
+            "type" / Enum(BitsInteger(2), PteType),
+            "valid" / Flag,
+        )
     )
-)
+    globals()["PTE_FORMAT"] = fmt
+    return fmt
 
 
 def make(
