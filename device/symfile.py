@@ -30,7 +30,7 @@ from construct import Const, Int8ul, Int16ul, Int32ul, Int64ul, Struct
 
 EM_AARCH64 = 183
 ET_EXEC = 2
-SHT_NULL, SHT_SYMTAB, SHT_STRTAB, SHT_NOBITS = 0, 2, 3, 8
+SHT_NULL, SHT_PROGBITS, SHT_SYMTAB, SHT_STRTAB, SHT_NOBITS = 0, 1, 2, 3, 8
 SHF_ALLOC, SHF_EXECINSTR = 0x2, 0x4
 STB_LOCAL, STB_GLOBAL = 0, 1
 STT_FUNC, STT_SECTION = 2, 3
@@ -78,12 +78,15 @@ SYMBOL = Struct(
 @dataclass(frozen=True)
 class CommandBuffer:
     """A named command buffer: ``size`` bytes of packets at ``addr`` (an IB's GPU VA or a ring
-    address), with ``labels`` naming packets in it by their byte offset."""
+    address), with ``labels`` naming packets in it by their byte offset. With ``data`` (the
+    packets, ``size`` bytes) the section holds them, so gdb's ``load`` writes them to the GPU
+    and moves the CP to the file's entry (the first buffer)."""
 
     name: str
     addr: int
     size: int
     labels: dict[str, int] = field(default_factory=dict)
+    data: bytes | None = None
 
     def check(self) -> None:
         """Raise ValueError naming what is wrong with the buffer."""
@@ -92,6 +95,8 @@ class CommandBuffer:
                 raise ValueError(f"{name!r} is not a symbol name (letters, digits, _ . $)")
         if not 0 <= self.addr < 1 << 64 or not 0 < self.size <= (1 << 64) - self.addr:
             raise ValueError(f"{self.name}: {self.size:#x} bytes at {self.addr:#x} do not fit")
+        if self.data is not None and len(self.data) != self.size:
+            raise ValueError(f"{self.name}: {len(self.data)} bytes of packets, size {self.size}")
         for label, off in self.labels.items():
             if not 0 <= off < self.size:
                 raise ValueError(f"{self.name}: label {label} at +{off:#x} is outside the buffer")
@@ -136,7 +141,7 @@ def symbol_sections(buffers: list[CommandBuffer], offset: int) -> SymbolSections
         sections.append(
             dict(
                 sh_name=shstr.add(f".gemu.{b.name}"),
-                sh_type=SHT_NOBITS,
+                sh_type=SHT_NOBITS if b.data is None else SHT_PROGBITS,
                 sh_flags=SHF_ALLOC | SHF_EXECINSTR,
                 sh_addr=b.addr,
                 sh_size=b.size,
@@ -170,7 +175,9 @@ def symbol_sections(buffers: list[CommandBuffer], offset: int) -> SymbolSections
     sections.append(dict(sh_name=shstr.add(".symtab"), sh_type=SHT_SYMTAB, sh_flags=0, sh_addr=0))
     sections.append(dict(sh_name=shstr.add(".strtab"), sh_type=SHT_STRTAB, sh_flags=0, sh_addr=0))
     sections.append(dict(sh_name=shstr.add(".shstrtab"), sh_type=SHT_STRTAB, sh_flags=0, sh_addr=0))
-    blobs = {symtab_index: symtab, symtab_index + 1: bytes(strtab.data)}
+    blobs = {i + 1: b.data for i, b in enumerate(buffers) if b.data is not None}
+    blobs[symtab_index] = symtab
+    blobs[symtab_index + 1] = bytes(strtab.data)
     blobs[symtab_index + 2] = bytes(shstr.data)
     body = bytearray()
     for index, blob in blobs.items():

@@ -145,3 +145,37 @@ def test_core_files_carry_the_names(tmp_path):
     ).stdout
     assert f"packet:  {IB_VA + 0x14:#x} <copy_job+0x14>: FILL 0x900000" in summary, summary
     assert "symbols: copy_job 0x200000+0x28" in summary, summary
+
+
+@needs_gdb
+def test_load_writes_the_packets_and_moves_pc_to_the_entry(tmp_path):
+    """At a stop on the IB's first packet, `load` of a symbol file carrying packets writes
+    them at the IB's VA (through AS1) and sets pc to its entry; the job then runs them: the
+    new WRITE_DATA stores its word, the replaced FILL never runs."""
+    new = pk.write_data(DATA_VA + 0x300, [0xC0FFEE]) + pk.nop(len(IB[0]) // 4 - 4 - 1)
+    assert len(new) == len(IB[0])
+    elf = write_symbol_elf(
+        tmp_path / "patch.elf", [CommandBuffer("patch", IB_VA, len(new), data=new)]
+    )
+    with spawn_gdb_device() as dev, attached_client(dev.spec, size=1 << 20) as client:
+        job = setup_job(client, IB)
+        out = gdb_batch(
+            dev.gdb_port,
+            "monitor as 1",
+            f"break *{IB_VA:#x}",
+            "continue",
+            f"load {elf}",
+            "p/x $pc",
+            "delete",
+            "detach",
+        )
+        ram = client.memory
+        deadline = 2000
+        while ram.read_u64(job.data_pa + 0x3000) != 7 and deadline:
+            client.wait_irq(0.005)
+            deadline -= 1
+        assert "Loading section .gemu.patch" in out and "Transfer rate" in out, out
+        assert f"$1 = {IB_VA:#x}" in out, out
+        assert ram.read_u32(job.data_pa + 0x300) == 0xC0FFEE
+        assert ram.read_u32(job.data_pa) == 0, "the FILL was replaced before it ran"
+        assert ram.read_u64(job.data_pa + 0x3000) == 7
