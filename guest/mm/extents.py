@@ -23,7 +23,7 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Iterable, Sequence
 from itertools import accumulate, chain
-from operator import add, eq
+from operator import add, eq, itemgetter
 
 Extent = tuple[int, int]
 
@@ -121,10 +121,11 @@ def _one_copy(out: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
     if len(out) > 1:
         d = out[0][0] - out[0][1]
         if [x - y for x, y, _ in out].count(d) == len(out):
-            low = min(x for x, _, _ in out)
-            high = max(x + k for x, _, k in out)
-            nr = sum(k for _, _, k in out)
-            if high - low == nr:
+            # the firsts are disjoint runs: the highest starting one ends highest
+            low = min(out)[0]
+            hx, _, hk = max(out)
+            nr = sum(map(itemgetter(2), out))
+            if hx + hk - low == nr:
                 return [(low, low - d, nr)]
     return out
 
