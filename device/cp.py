@@ -31,7 +31,8 @@ runs), else translating each window again. If the guest changes the page tables 
 fragmented range while the packet runs, that second translation may fault: the packet then
 stops with the windows before the fault done.
 A soft reset, clearing CP_CONTROL.ENABLE or an error drops the packet in progress. The
-debugger's single step executes one whole packet, whatever its size.
+debugger's single step (``run(1, single=True)``) executes one whole packet, whatever its size;
+with a ``budget`` it executes one slice of it, and the caller lets the packet go on.
 
 **Indirect buffers** live in GPU VA of the current AS and are fetched with EXECUTE access
 (PTE.EXEC). They nest up to FEATURES.IB_MAX_DEPTH (deeper: IB_TOO_DEEP). A fault while
@@ -435,7 +436,8 @@ class CommandProcessor:
         Stops early when the ring drains, a WAIT_MEM blocks, the budget is spent (a large
         packet then stays in progress and the next ``run`` continues it), an error occurs or
         the debugger halts. ``single`` executes one whole packet even when halted, whatever
-        its size, without consulting ``packet_hook`` (the debugger's single step).
+        its size, without consulting ``packet_hook`` (the debugger's single step); with a
+        ``budget`` too, a packet larger than it stays in progress as in a normal run.
         """
         if max_packets <= 0 or not self.enabled or self.error or (self.halted and not single):
             return 0
@@ -453,10 +455,10 @@ class CommandProcessor:
                 )
             return 0
         mv = getattr(mem, "mv", None)
-        if single:
-            self._budget = _UNLIMITED
-        elif budget is not None:
+        if budget is not None:
             self._budget = budget
+        elif single:
+            self._budget = _UNLIMITED
         else:
             self._budget = BUDGET if mv is not None else BUDGET_IN_BAND
         memsize = mem.size

@@ -49,6 +49,7 @@ from .abi import packets as pk
 from .abi import regs
 from .abi.enums import AccessType, CpError, CpState, MmuFault, Opcode
 from .abi.protocol import SPACE_PHYS
+from .cp import BUDGET as CP_BUDGET
 from .gdb_target import PC_REGNUM, REGISTERS, TARGET_XML
 from .mmu import MemFault, perms_str
 from .server import OUTPUT_CAP
@@ -458,6 +459,9 @@ class GdbStub:
         # after a watchpoint stop: (pc, in_ib) of the packet whose DMA hit, shown as pc until
         # the first step past the stop or a continue (see _step)
         self._free_step: tuple[int, bool] | None = None
+        # a step of a packet larger than one CP slice: it goes on in the device's loop and
+        # the stop comes before the next packet (the device answers meanwhile)
+        self._stepping = False
         self._watch_reported = False  # gdb made its step over the watchpoint stop
         self._hit_at: tuple[int, bool] = (0, False)  # the packet that caused _hit
         self._last_sent = b""
@@ -546,6 +550,7 @@ class GdbStub:
         self.next_job_break = []
         self._install_hooks()
         self.running = False
+        self._stepping = False
         self._free_step = None
         self._release_irq()
         self.gpu.resume()
@@ -661,6 +666,12 @@ class GdbStub:
         if not self.running:
             return
         cp = self.gpu.cp
+        if self._stepping and cp.bulk is None and self._hit is None and not cp.runnable():
+            self.gpu.halt()
+            self._hit = b"T%02xthread:01;" % SIGTRAP  # the stepped packet ended the work
+            self._hit_text = "stepped one packet"
+        if self._hit is not None or cp.errors != self._errors_seen:
+            self._stepping = False
         if self._hit is not None:
             reply, self._hit = self._hit, None
             self._free_step = self._hit_at if b"watch:" in reply else None
@@ -686,6 +697,7 @@ class GdbStub:
         self.send(reply)
 
     def _resume(self) -> None:
+        self._stepping = False
         self._release_irq()
         self._free_step = None
         self._hit = None
@@ -711,7 +723,14 @@ class GdbStub:
         errors = gpu.cp.errors
         self._hit = None
         gpu.halt()
-        gpu.single_step()
+        gpu.cp.run(1, single=True, budget=CP_BUDGET)
+        if gpu.cp.bulk is not None and gpu.cp.errors == errors and self._hit is None:
+            self._stepping = True
+            self._errors_seen = errors
+            self.running = True
+            self._install_hooks()
+            gpu.resume()
+            return None
         hit, self._hit = self._hit, None
         if gpu.cp.errors != errors:
             self._errors_seen = gpu.cp.errors
@@ -751,11 +770,15 @@ class GdbStub:
 
     def _install_hooks(self) -> None:
         gpu = self.gpu
-        wanted = self.breakpoints or self.job_breaks or self.next_job_break
+        wanted = self.breakpoints or self.job_breaks or self.next_job_break or self._stepping
         gpu.packet_hook = self._packet_hook if wanted else None
         gpu.access_hook = self._access_hook if self.watchpoints else None
 
     def _packet_hook(self, addr: int, in_ib: bool) -> bool:
+        if self._stepping:  # the stepped packet is done: stop before this one
+            self._hit = b"T%02xthread:01;" % SIGTRAP
+            self._hit_text = "stepped one packet"
+            return True
         if addr in self.breakpoints:
             cp = self.gpu.cp
             space = cp.as_index if in_ib else SPACE_PHYS
