@@ -211,6 +211,11 @@ class Gpu:
         packet the budget cuts short stays in progress and the next call continues it."""
         return self.cp.run(max_packets, budget=budget)
 
+    def wait_pending(self) -> bool:
+        """A WAIT_MEM is in progress (WAITING, or held by a debugger in the middle of one):
+        the caller polls it again, guest memory changing without telling the device."""
+        return self.cp.waiting is not None
+
     def wait_deadline_ns(self) -> int | None:
         """Device-clock time at which the blocking WAIT_MEM times out (None: none or forever)."""
         return self.cp.wait_deadline_ns()

@@ -187,7 +187,7 @@ class DeviceServer:
         )
         self._stepped = bool(gpu.clock.stepped)
         self._next_wait_poll = 0.0
-        self._cp_waiting = gpu.cp.waiting is not None
+        self._cp_waiting = gpu.wait_pending()
         self._dma_failure: str | None = None  # what the last failed in-band DMA said
         self._serial_retry_at = 0.0
         self._serial_delay = SERIAL_RETRY_S[0]
@@ -428,7 +428,7 @@ class DeviceServer:
         except Exception:
             log.exception("the command processor raised; the device stays up")
         # a WAIT_MEM held by a debugger (HALTED) still waits: it is polled again once released
-        self._cp_waiting = gpu.cp.waiting is not None
+        self._cp_waiting = gpu.wait_pending()
         self.counters["batches"] += 1
         if self._cp_observers:
             self._observe_cp()
@@ -1007,7 +1007,7 @@ class DeviceServer:
     def _set_stepped(self, stepped: bool) -> None:
         self.gpu.set_stepped(stepped)
         self._stepped = stepped
-        self._cp_waiting = self.gpu.cp.waiting is not None
+        self._cp_waiting = self.gpu.wait_pending()
 
     def _memory_request(self, command: p.Command, space: int, size: int) -> None:
         if self._mem is None:

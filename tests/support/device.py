@@ -243,6 +243,9 @@ class FakeGpu:
     def wait_deadline_ns(self) -> int | None:
         return None
 
+    def wait_pending(self) -> bool:
+        return False
+
     def run(self, max_packets: int) -> int:
         from gemu.device.memory import BusError
 
