@@ -184,8 +184,8 @@ class Mutant(Enum):
     its run_job, in the fence signalling path, under the VM's ``op_lock``, which reclaim takes
     too. Caught by ``lockdep``: fs_reclaim taken under ``&vm->op_lock`` against the
     dma_fence_map annotation of the signalling path (an ``inversion`` report); under memory
-    pressure the allocation can also fail there, the bind is lost, and a later job faults on
-    the range (``gpu-fault``)."""
+    pressure the allocation can also fail there: the bind's out-fence carries the error
+    (``job-error``) and a later job faults on the range (``gpu-fault``)."""
     FENCE_VM_RESV_ONLY = "fence-vm-resv-only"
     """The exec adds its job fence to the VM's resv only (a dma_resv_add_fence() on
     drm_gpuvm_resv() where drm_gpuvm_resv_add_fence() is needed): the VM-private BOs are
