@@ -144,7 +144,8 @@ The device never runs by itself: the machine (or, in stepped mode, the guest sch
 it time. A `WAIT_MEM` whose condition does not hold leaves the CP `WAITING`; it is polled again
 each time the CP is given time, until the condition holds or its timeout passes on the device
 clock (`TIMESTAMP`, nanoseconds since reset; read HI, LO, HI to get a consistent value while
-the clock runs).
+the clock runs). The device clock stands still while the CP is held (`STATUS.HALTED`: a
+debugger's stop or the machine's): time held counts against no timeout.
 
 **Long packets.** The CP budgets its work in pages translated and extents moved, not in
 packets: it works in slices of about a millisecond and answers register accesses, resets and
