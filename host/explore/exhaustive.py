@@ -6,9 +6,9 @@ statement a reviewer can quote::
 
     search = BoundedSearch(ExploreConfig(scenario=SCENARIOS["race"]), bound=1)
     result = search.run()
-    result.statement()   # "all 231 distinct interleavings (up to the order of independent
-                         #  steps) of race with at most 1 preemption explored (286 schedules
-                         #  run, 81 pruned): 0 violations"
+    result.statement()   # "all 56 distinct interleavings (up to the order of independent
+                         #  steps) of race with at most 1 preemption explored (107 schedules
+                         #  run, 260 pruned): 0 violations"
 
 **The enumeration** is CHESS's iterative context bounding, done statelessly: every schedule
 re-runs the scenario from the start (it is a pure function of its decisions). A run follows
