@@ -44,6 +44,19 @@ COMMAND_MODULES = (
     "gemu.host.cmd_gdb",
     "gemu.host.cmd_explore",
 )
+# The commands each module registers: running one command imports and builds only its
+# module's parsers (``gemu device`` and ``gemu boot`` start faster); ``gemu --help`` and an
+# unknown command build them all. tests/unit/host/test_boot_path.py compares this table with
+# what the modules register.
+COMMANDS = {
+    "boot": "gemu.host.cmd_boot",
+    "run": "gemu.host.cmd_boot",
+    "device": "gemu.host.cmd_device",
+    "demo": "gemu.host.cmd_demo",
+    "coredump": "gemu.host.cmd_gdb",
+    "gdbinit": "gemu.host.cmd_gdb",
+    "explore": "gemu.host.cmd_explore",
+}
 READY_LINE = "gemu-device: listening on {address}"
 
 
@@ -205,7 +218,8 @@ def setup_logging(level: int, prog: str) -> None:
     root.propagate = False
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``gemu`` parser: with every command, or with only the module of ``command``."""
     parser = argparse.ArgumentParser(
         prog="gemu",
         description="Hardware-in-the-loop emulator for GPU memory management.",
@@ -214,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.allow_abbrev = False
     parser.add_argument("--version", action=_VersionAction)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMAND_MODULES:
+    for name in (COMMANDS[command],) if command in COMMANDS else COMMAND_MODULES:
         importlib.import_module(name).register(sub)
     for p in sub.choices.values():
         p.formatter_class = HelpFormatter
@@ -256,8 +270,8 @@ EXIT_INTERNAL = 70
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv[0] if argv else None)
     args = parser.parse_args(_attach_dash_values(argv, parser))
     subparser = parser._subparsers._group_actions[0].choices[args.command]
     try:

@@ -797,7 +797,6 @@ def cmd_boot(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 def _boot(args: argparse.Namespace, parser: argparse.ArgumentParser, ready) -> int:
     from gemu.host.console import ConsoleInterrupt, ConsoleSpecError, open_console
-    from gemu.host.shell import DeviceLost, PowerOff
 
     if args.monitor is not None:
         if args.serial != "stdio" and args.serial != args.monitor:
@@ -823,6 +822,15 @@ def _boot(args: argparse.Namespace, parser: argparse.ArgumentParser, ready) -> i
         where = f" {exc.filename}" if exc.filename else ""
         parser.error(f"argument --serial: {args.serial}:{where} {exc.strerror or exc}")
     session = Session(args, con.line)
+    try:  # the guest kernel model: imported while the device process starts
+        from gemu.host.shell import DeviceLost, PowerOff
+    except BaseException as exc:
+        session.discard()
+        con.close()
+        if isinstance(exc, KeyboardInterrupt):
+            return EXIT_INTERRUPTED
+        raise
+
     interrupted = terminated = False
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:

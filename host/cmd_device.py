@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import selectors
 import signal
-import subprocess
 import time
+from typing import TYPE_CHECKING
 
 from gemu.host.cli import LOG_LEVELS, READY_LINE, _listen_spec, _log_level, setup_logging
+
+if TYPE_CHECKING:
+    import subprocess
 
 GDB_READY_LINE = "gemu-device: gdb stub on {address}"
 READY_PREFIX = READY_LINE.format(address="")
@@ -28,6 +30,8 @@ def wait_lines(proc: subprocess.Popen, timeout: float, count: int) -> list[str]:
     """The addresses of the first ``count`` lines a spawned ``gemu device`` prints: its ready
     line, then (with ``--gdb``) where the gdb stub listens. RuntimeError if the process exits
     or stays silent for ``timeout`` seconds first, or a line is not what the device prints."""
+    import selectors  # the spawner's side: gemu device itself does not need it
+
     deadline = time.monotonic() + timeout
     buf = b""
     with selectors.DefaultSelector() as sel:

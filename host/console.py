@@ -36,8 +36,6 @@ import time
 import tty
 from collections.abc import Callable
 
-from gemu.device.transport import listen_unix
-
 POLL_S = 0.2
 DRAIN_S = 2.0
 
@@ -330,6 +328,8 @@ def open_console(spec: str, notice: Callable[[str], None] | None = None) -> Cons
         if os.path.exists(rest):
             raise ConsoleSpecError(f"{rest} already exists")
         try:  # owner-only whatever the umask: the console is a guest shell, unauthenticated
+            from gemu.device.transport import listen_unix  # only for a unix: console
+
             listener = listen_unix(rest, 1)
         except OSError as exc:
             raise ConsoleSpecError(f"unix:{rest}: cannot listen: {exc.strerror}") from None

@@ -20,8 +20,8 @@ from gemu.host import cli
 _build = cli.build_parser
 
 
-def _parser_with_stub_commands() -> argparse.ArgumentParser:
-    parser = _build()
+def _parser_with_stub_commands(command: str | None = None) -> argparse.ArgumentParser:
+    parser = _build(command)
     for sub in parser._subparsers._group_actions[0].choices.values():
         sub.set_defaults(func=lambda args, subparser: 0)
     return parser
@@ -102,8 +102,8 @@ def test_memory_sizes_are_accepted_only_in_range(command, value):
         seen["memory"] = args.memory
         return 0
 
-    def parser_capturing():
-        parser = _build()
+    def parser_capturing(command=None):
+        parser = _build(command)
         for sub in parser._subparsers._group_actions[0].choices.values():
             sub.set_defaults(func=capture)
         return parser
