@@ -27,6 +27,7 @@ clusters) and a run of pages moves in one copy.
 
 from __future__ import annotations
 
+import mmap
 import os
 import random
 import threading
@@ -101,8 +102,12 @@ class SwapDevice:
         self.backing = backing
         self._fd: int | None = None
         self._mem: memoryview | None = None
-        if backing == "memory":
-            self._mem = memoryview(bytearray(nr_slots << PAGE_SHIFT))
+        if backing == "memory" and nr_slots:
+            # anonymous pages are zero until written: bytearray(n) would zero (touch) all of
+            # them now, 64 MiB at every boot of a 16 MiB machine
+            self._mem = memoryview(mmap.mmap(-1, nr_slots << PAGE_SHIFT, flags=mmap.MAP_PRIVATE))
+        elif backing == "memory":
+            self._mem = memoryview(bytearray(0))
         else:
             fd = os.open(backing, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
