@@ -46,7 +46,7 @@ COMMAND_MODULES = (
 )
 # The commands each module registers: running one command imports and builds only its
 # module's parsers (``gemu device`` and ``gemu boot`` start faster); ``gemu --help`` and an
-# unknown command build them all. tests/unit/host/test_boot_path.py compares this table with
+# unknown command build them all. tests/hil/test_boot_path.py compares this table with
 # what the modules register.
 COMMANDS = {
     "boot": "gemu.host.cmd_boot",
