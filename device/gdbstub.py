@@ -62,6 +62,10 @@ MONITOR_MAX_ALIASES = 16  # cycle/alias lines it prints at most (the rest are co
 PACKET_SIZE = 0x4000  # the largest packet we accept and announce (PacketSize, hex)
 MAX_PAYLOAD = PACKET_SIZE * 4  # a packet longer than this (after run-length) is dropped
 MAX_LISTED = 4096  # packets listed by one `monitor dis` / `monitor ring`
+# bytes of gdb's input taken per loop iteration: what is left stays in the socket, which then
+# reads as ready again, so a burst of requests (a gdb pipelining `m` reads it never collects)
+# is answered a few dozen at a time and the device serves its client in between
+READ_CHUNK = 256
 
 # gdb's own signal numbers (gdb/signals.def), which the remote protocol uses
 SIGINT, SIGILL, SIGTRAP, SIGBUS, SIGSEGV, SIGALRM = 2, 4, 5, 10, 11, 14
@@ -565,7 +569,7 @@ class GdbStub:
             if self.conn is not sock:
                 return
         try:
-            data = sock.recv(65536)
+            data = sock.recv(READ_CHUNK)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
