@@ -429,7 +429,7 @@ def _exhaustive(args: argparse.Namespace, cfg, workers: int) -> int:
     def progress(res, pending: int) -> None:
         if not args.quiet and res.run % 100 == 0:
             print(
-                f"explore: {res.run} schedules ({len(res.classes)} distinct interleavings, "
+                f"explore: {res.run} schedules ({res.distinct} distinct interleavings, "
                 f"{res.pruned} pruned), {len(res.violating)} violations, "
                 f"{res.rate:.1f} schedules/s",
                 file=sys.stderr,
@@ -455,8 +455,7 @@ def _exhaustive(args: argparse.Namespace, cfg, workers: int) -> int:
         if seen:
             res = seen[0]
             _interrupted(
-                f"{res.run} schedules ({len(res.classes)} distinct interleavings, "
-                f"{res.pruned} pruned)",
+                f"{res.run} schedules ({res.distinct} distinct interleavings, {res.pruned} pruned)",
                 res.violating,
             )
         else:

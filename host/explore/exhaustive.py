@@ -385,6 +385,11 @@ class SearchResult:
         return self.complete
 
     @property
+    def distinct(self) -> int:
+        """Distinct interleavings: trace classes with the reduction, schedules without."""
+        return len(self.classes) if self.reduce else self.complete
+
+    @property
     def first(self) -> ScheduleResult | None:
         return self.violating[0] if self.violating else None
 
@@ -397,7 +402,7 @@ class SearchResult:
         plural = "" if self.bound == 1 else "s"
         what = "distinct interleavings"
         up_to = " (up to the order of independent steps)" if self.reduce else ""
-        n = len(self.classes) if self.reduce else self.complete
+        n = self.distinct
         if self.stopped_early:
             head = (
                 f"search of {self.scenario} with at most {self.bound} preemption{plural} "

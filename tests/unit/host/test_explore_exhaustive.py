@@ -170,3 +170,13 @@ def test_two_workers_reach_what_one_reaches():
     assert two.violating == one.violating == []
     found = exhaustive.BoundedSearch(replace(RACE, mutant="shrinker-skips-busy"), 1).run(2)
     assert found.first is not None
+
+
+def test_distinct_interleavings_in_both_modes():
+    """What the statement and the progress line count as distinct interleavings: trace
+    classes when reduced, every schedule when naive (the progress line said 0 there)."""
+    naive = exhaustive.BoundedSearch(TINY, 1, reduce=False, keep_going=True).run()
+    reduced = exhaustive.BoundedSearch(TINY, 1, keep_going=True).run()
+    assert naive.distinct == naive.complete > 1 and not naive.classes
+    assert reduced.distinct == len(reduced.classes) > 1
+    assert f"all {naive.distinct} distinct interleavings of race" in naive.statement()
