@@ -9,10 +9,12 @@ the previous design's rows out.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 ENV = "GEMU_BENCH_BASELINE"
@@ -56,3 +58,28 @@ def in_checkout(code: str) -> float | None:
     if done.returncode != 0:
         raise RuntimeError(f"baseline run in {root} failed:\n{done.stderr[-2000:]}")
     return float(done.stdout.split()[-1])
+
+
+@contextlib.contextmanager
+def checkout_env(env: dict) -> Iterator[dict | None]:
+    """``env`` with the baseline checkout as the ``gemu`` package (on PYTHONPATH), for timing
+    the baseline's own processes side by side with the current ones (the venv's ``gemu``
+    script then runs that checkout, and so does a device it spawns); None without a baseline.
+
+    Raises:
+        RuntimeError: the checkout is not a gemu tree.
+    """
+    root = checkout()
+    if root is None:
+        yield None
+        return
+    if not (root / "guest" / "mm").is_dir():
+        raise RuntimeError(f"{ENV}={root} is not a gemu checkout (no guest/mm)")
+    with tempfile.TemporaryDirectory(prefix="gemu-baseline-") as shim:
+        pkg = Path(shim) / "gemu"
+        pkg.mkdir()
+        for part in ("device", "guest", "host"):
+            (pkg / part).symlink_to(root / part)
+        out = {k: v for k, v in env.items() if k != ENV}
+        out["PYTHONPATH"] = f"{shim}{os.pathsep}{root}"
+        yield out
