@@ -975,6 +975,37 @@ class Shell:
             chunk = data[i : i + 16]
             self.say(f"{off + i:08x}  {chunk.hex(' ')}")
 
+    @command(
+        "symbols",
+        1,
+        None,
+        "symbols FILE [F...]",
+        "Write a gdb symbol file naming the command buffers of jobs F (default: every job).",
+    )
+    def cmd_symbols(self, st: Statement, path: str, *names: str) -> None:
+        """Write FILE, an ELF symbol file naming the command buffer of each job F by its
+        fence name (default: every job submitted so far, bind jobs excepted); in gdb,
+        `add-symbol-file FILE` then shows packets as `F+OFFSET` (see docs/gdb.md)."""
+        from gemu.host.cmd_gdb import write_job_symbols
+
+        named = {}
+        for name in names or list(self.fences):
+            fv = self.fences.get(name)
+            if fv is None:
+                raise ShellError(f"symbols: no job named {name!r}")
+            job = fv.fence.job
+            if getattr(job, "ib_dwords", 0):
+                named[name] = job
+            elif names:
+                raise ShellError(f"symbols: {name} ({fv.what}) runs no command buffer")
+        if not named:
+            raise ShellError("symbols: no job with a command buffer submitted yet")
+        try:
+            write_job_symbols(path, named)
+        except (ValueError, OSError) as exc:
+            raise ShellError(f"symbols: {exc}") from None
+        self.say(f"{path}: {len(named)} command buffer(s) named: {', '.join(named)}")
+
     @command("crc", 1, 1, "crc BO", "CRC32 of the BO's contents as the CPU reads them.")
     def cmd_crc(self, st: Statement, name: str) -> None:
         """CRC32 of the BO's contents read by the CPU."""

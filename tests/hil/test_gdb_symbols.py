@@ -179,3 +179,35 @@ def test_load_writes_the_packets_and_moves_pc_to_the_entry(tmp_path):
         assert ram.read_u32(job.data_pa + 0x300) == 0xC0FFEE
         assert ram.read_u32(job.data_pa) == 0, "the FILL was replaced before it ran"
         assert ram.read_u64(job.data_pa + 0x3000) == 7
+
+
+def test_job_script_symbols_command_names_jobs_by_their_fence_names(tmp_path):
+    """`symbols FILE` in a job script names every job's command buffer by its fence name, at
+    its GPU VA; naming a job that does not exist, or writing before any job, is an error that
+    says so."""
+    from gemu.guest import errors
+    from gemu.host.shell import Shell
+
+    strict = errors.is_strict()
+    errors.set_strict(False)
+    try:
+        with Machine(ram_size=8 << 20, swap_size=0, device="inproc") as m:
+            out: list[str] = []
+            sh = Shell(m, out.append)
+            assert not sh.run_line(f"symbols {tmp_path}/none.elf", "t.job", 1)
+            assert "symbols: no job with a command buffer submitted yet" in "\n".join(out)
+            for n, line in enumerate(
+                ["src = bo 64K", "dst = bo 64K", "fill src 7", "copy_job = submit copy src dst"]
+            ):
+                assert sh.run_line(line, "t.job", n + 2), out
+            assert sh.run_line("wait copy_job", "t.job", 6), out
+            assert sh.run_line(f"symbols {tmp_path}/jobs.elf", "t.job", 7), out
+            assert f"{tmp_path}/jobs.elf: 1 command buffer(s) named: copy_job" in out
+            assert not sh.run_line(f"symbols {tmp_path}/x.elf nope", "t.job", 8)
+            assert "symbols: no job named 'nope'" in "\n".join(out)
+            job = sh.fences["copy_job"].fence.job
+            syms = _symbols((tmp_path / "jobs.elf").read_bytes())
+            assert syms == {"copy_job": (job.ib_va, 4 * job.ib_dwords, ".gemu.copy_job")}
+            sh.poweroff()
+    finally:
+        errors.set_strict(strict)
