@@ -662,6 +662,7 @@ class GdbStub:
         """0x03 from gdb: hold the CP before its next packet."""
         if not self.running:
             return
+        self._stepping = False
         self.gpu.halt()
         self._stop(b"T%02xthread:01;" % SIGINT, "interrupted by gdb (Ctrl-C)")
 
@@ -723,6 +724,7 @@ class GdbStub:
             self._watch_reported = True
             return b"T%02xthread:01;" % SIGTRAP
         gpu = self.gpu
+        self._stepping = False
         self._release_irq()
         errors = gpu.cp.errors
         self._hit = None
