@@ -13,23 +13,31 @@ side-effect-free debug path (:meth:`Gpu.debug_read`, :meth:`Gpu.mem_read`, ``wal
 What gdb sees (``docs/gdb.md`` is the user guide):
 
 - an aarch64 target (:mod:`.gdb_target`): ``pc`` is the next packet, x0.. the CP state, plus
-  every MMIO register by name in group ``gpu``; ``P`` writes an MMIO register (a real write);
+  every MMIO register by name in group ``gpu``; ``P`` writes an MMIO register (a real write)
+  or ``pc`` (moves the CP to another packet), ``G`` the registers that changed;
 - memory through the selected space: ``auto`` (the ring's guest-physical window, else the
   CP's current AS), ``as N`` or ``phys`` (``monitor as N`` / ``monitor phys`` / ``monitor
   auto``); a failed translation is answered ``E14``;
-- ``Z0``/``Z1`` stop the CP *before* the packet at that address (a ring PA or an IB VA), a step
-  executes exactly one packet, ``Z2``/``Z3``/``Z4`` stop after the packet whose DMA touched the
-  range (``watch:``/``rwatch:``/``awatch:ADDR``), a CP error stops with a signal (SIGSEGV MMU
-  fault, SIGBUS bus error or alignment, SIGALRM WAIT_MEM timeout, SIGILL a bad packet), a
-  0x03 byte halts, ``D`` (or a dropped connection) lets the device run on;
+- ``Z0``/``Z1`` stop the CP *before* the packet at that address (a ring PA or an IB VA; ``monitor
+  break-space`` ties an address to one space), a step executes exactly one packet (one larger
+  than a CP slice goes on in the loop, the reply comes when it completed), ``Z2``/``Z3``/``Z4``
+  stop after the packet whose DMA touched the range (``watch:``/``rwatch:``/``awatch:ADDR``,
+  pc shown on that packet until the next step), a CP error stops with a signal (SIGSEGV MMU
+  fault, SIGBUS bus error or alignment, SIGALRM WAIT_MEM timeout, SIGILL a bad packet) and
+  holds the error's interrupts from the guest until gdb continues, a 0x03 byte halts, ``D``
+  (or a dropped connection) lets the device run on;
+- the ring as gdb's one thread, named after the job it runs (``qThreadExtraInfo``,
+  ``qXfer:threads:read``); jobs (the ring packets up to a FENCE, :func:`ring_jobs`) listed and
+  broken on by ``monitor jobs`` / ``break-job`` / ``break-next-job``;
 - ``monitor`` commands (``qRcmd``): see :data:`MONITOR_HELP`.
 
 Replies never block the device: what gdb does not read waits in a per-connection buffer,
 flushed when its socket is writable; a gdb that leaves more than the device's ``OUTPUT_CAP``
 (4 MiB) unread is disconnected with one log line, as a protocol client would be.
 
-While gdb holds the CP, STATUS.HALTED reads 1; the guest keeps running and its driver does not
-count the hold as a hang. All-stop only, one thread, one gdb at a time.
+While gdb holds the CP, STATUS.HALTED reads 1 and the device clock stands still; the guest keeps
+running and its driver does not count the hold against a job. All-stop only, one gdb at a
+time; gdb's input is taken READ_CHUNK bytes per loop iteration.
 """
 
 from __future__ import annotations
