@@ -245,7 +245,7 @@ class CommandProcessor:
     def state(self) -> CpState:
         if self.error:
             return CpState.ERROR
-        if self.halted:
+        if self._halted:
             return CpState.HALTED
         if not self.enabled:
             return CpState.STOPPED
@@ -260,7 +260,7 @@ class CommandProcessor:
         return (
             self.enabled
             and not self.error
-            and not self.halted
+            and not self._halted
             and self.waiting is None
             and (self.bulk is not None or bool(self.ib_stack) or self.head != self.tail)
         )
@@ -439,7 +439,7 @@ class CommandProcessor:
         its size, without consulting ``packet_hook`` (the debugger's single step); with a
         ``budget`` too, a packet larger than it stays in progress as in a normal run.
         """
-        if max_packets <= 0 or not self.enabled or self.error or (self.halted and not single):
+        if max_packets <= 0 or not self.enabled or self.error or (self._halted and not single):
             return 0
         gpu = self.gpu
         mem = gpu.mem
@@ -474,7 +474,7 @@ class CommandProcessor:
         try:
             while executed < max_packets and self._budget > 0:
                 if self.bulk is not None:
-                    if self.halted and not single:
+                    if self._halted and not single:
                         break
                     op = self.bulk.op
                     if not self._advance():
@@ -496,7 +496,7 @@ class CommandProcessor:
                     if single:
                         break
                     continue
-                if self.halted and not single:
+                if self._halted and not single:
                     break
                 if self.ib_stack:
                     frame = self.ib_stack[-1]
