@@ -432,6 +432,8 @@ def ring_jobs(gpu: Any, limit: int = MAX_JOBS) -> list[RingJob]:
             head.state = state.name.lower()
             if state is CpState.HALTED:
                 head.state = "halted by the debugger"
+        elif state is CpState.HALTED:
+            head.state = "halted before its first packet"
     return jobs
 
 

@@ -83,9 +83,12 @@ def test_job_breakpoint_step_read_through_the_jobs_as_and_detach():
             status = s.run("monitor status")
             assert f"job breakpoint: job {copy_seqno}" in status, status
             jobs = s.run("monitor jobs")
-            assert f"job {copy_seqno:<6} AS" in jobs and "queued" in jobs, jobs
+            assert f"job {copy_seqno:<6} AS" in jobs and "halted before its first packet" in jobs, (
+                jobs
+            )
             threads = s.run("info threads")
             assert f"ring 0: job {copy_seqno}, AS " in threads, threads
+            assert "halted before its first packet" in threads, threads
             as_index = int(jobs.split(f"job {copy_seqno:<6} AS")[1].split()[0])
             first = s.run("display/i $pc")
             assert f"SET_AS as={as_index}" in first, first

@@ -27,10 +27,15 @@ def test_ring_jobs_monitor_jobs_and_the_threads_name(rig):  # noqa: F811
     gpu, _stub, g = rig
     _append(gpu, pk.nop() + pk.set_as(1) + pk.fence(DATA_VA + 16, 6))
     jobs = ring_jobs(gpu)
-    assert [(j.seqno, j.as_index, j.state) for j in jobs] == [(5, 1, "queued"), (6, 1, "queued")]
+    assert [(j.seqno, j.as_index, j.state) for j in jobs] == [
+        (5, 1, "halted before its first packet"),
+        (6, 1, "queued"),
+    ]
     assert jobs[1].start == 0x2C + 4  # the NOP after the first FENCE is not the job's
     text = g.monitor("jobs")
-    assert "job 5      AS1  ring 0x1000-0x102c  no IB  fence 0x400008=5  queued" in text, text
+    assert "job 5      AS1  ring 0x1000-0x102c  no IB  fence 0x400008=5  halted before" in text, (
+        text
+    )
     assert "job 6      AS1  ring 0x1030-0x104c" in text, text
     assert g.call(b"s") == b"T05thread:01;"
     assert bytes.fromhex(g.call(b"qThreadExtraInfo,1").decode()) == (
