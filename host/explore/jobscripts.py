@@ -49,9 +49,18 @@ def scenario_for_script(path: Path) -> Scenario:
     from gemu.host.shell import Shell
 
     try:
-        jobscript.parse_file(path, commands=Shell.COMMANDS)
+        statements = jobscript.parse_file(path, commands=Shell.COMMANDS)
     except jobscript.ScriptError as exc:
         raise ValueError(str(exc)) from None
+    for st in statements:
+        if st.command == "driver-mode" and tuple(st.argv[1:2]) != ("per-bo",):
+            # the explore machine is the per-bo driver; a script of another mode would only
+            # fail at its first command of that mode, reported as a violation
+            raise ValueError(
+                f"{st.where}: driver-mode {' '.join(st.argv[1:])}: gemu explore runs job "
+                "scripts on the per-bo driver; explore the VM_BIND flavour with "
+                "its own scenarios: gemu explore gpuvm (or gpuvm-small)"
+            )
     text = Path(path).read_text(encoding="utf-8")
     return replace(SCRIPT_SCENARIO, script=str(path), script_text=text)
 
