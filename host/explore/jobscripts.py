@@ -81,6 +81,10 @@ class ExploreMachine:
     def reclaim(self, nr_pages: int) -> int:
         return self.allocator.direct_reclaim(nr_pages)
 
+    def end_holds(self) -> None:
+        """Power-off's release of GPU holds: an explore machine's GPU is the in-process model
+        stepped by the schedule, which no debugger or QMP stop can hold, so none is held."""
+
     def device_lost(self) -> str | None:
         return None  # the device is in this process: it cannot go away
 
