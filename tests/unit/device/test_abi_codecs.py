@@ -116,7 +116,7 @@ def _fixed_fields_from_construct() -> dict:
 
 
 def test_fixed_fields_are_the_construct_bodies():
-    assert pk.FIXED_FIELDS == _fixed_fields_from_construct()
+    assert _fixed_fields_from_construct() == pk.FIXED_FIELDS
     assert {op for op in Opcode if pk.SPECS[op].fast is not None} == set(pk.FIXED_FIELDS)
 
 
