@@ -66,7 +66,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from . import link
 from . import protocol as p
@@ -118,8 +118,7 @@ class _SendFailed(Exception):
     """A send failed; raised with the send lock held, turned into DeviceGone outside it."""
 
 
-@dataclass(frozen=True)
-class IrqEvent:
+class IrqEvent(NamedTuple):
     """One IRQ message: the line level and the status registers behind it."""
 
     level: bool
@@ -128,8 +127,7 @@ class IrqEvent:
     sequence: int
 
 
-@dataclass(frozen=True)
-class StepResult:
+class StepResult(NamedTuple):
     executed: int
     cp_state: CpState
     clock_ns: int

@@ -33,7 +33,7 @@ import contextlib
 import errno
 import os
 import socket
-from dataclasses import dataclass
+from typing import NamedTuple
 
 MAX_FDS = 4  # descriptors accepted with one message
 _CMSG_SPACE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
@@ -48,8 +48,7 @@ class TransportError(OSError):
     """The transport cannot do what was asked (e.g. pass descriptors over TCP)."""
 
 
-@dataclass(frozen=True)
-class Spec:
+class Spec(NamedTuple):
     """A parsed transport spec."""
 
     kind: str  # "unix", "tcp" or "serial"

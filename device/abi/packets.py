@@ -26,8 +26,7 @@ from __future__ import annotations
 import functools
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from .enums import Opcode, PacketFlags, WaitFunc
 
@@ -104,8 +103,7 @@ bodies as :data:`BODIES` (a test derives this table from them and compares)."""
 _FAST = {op: struct.Struct("<" + "I" * len(names)) for op, names in FIXED_FIELDS.items()}
 
 
-@dataclass(frozen=True)
-class PacketSpec:
+class PacketSpec(NamedTuple):
     """What the CP accepts for one opcode."""
 
     opcode: Opcode
@@ -343,8 +341,7 @@ def tlb_invalidate(as_index: int, va: int = 0, size: int = 0) -> bytes:
 # --- decoding ----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Packet:
+class Packet(NamedTuple):
     """A decoded packet (for disassembly, dumps and tests; the CP decodes on its own)."""
 
     address: int

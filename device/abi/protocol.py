@@ -39,9 +39,8 @@ import errno
 import functools
 import struct
 from collections.abc import Mapping
-from dataclasses import dataclass
 from enum import IntEnum, IntFlag
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     from construct import Struct
@@ -241,8 +240,7 @@ def __getattr__(name: str):
     return formats[name]
 
 
-@dataclass(frozen=True)
-class Header:
+class Header(NamedTuple):
     msg_id: int
     command: int
     size: int
