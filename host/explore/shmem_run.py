@@ -12,7 +12,8 @@ ways a buffer is used, without aiming at any one bug:
 ``mmap``
     a userspace mapping through the BO's fake mmap offset (``mmap(fd, offset)`` on the DRM
     file: drm_gem_mmap()) of any BO of the task's file, its own or another task's, purgeable
-    ones included; read through it (the shared BOs are compared), unmap. A purged BO's offset
+    ones included; read through it (the shared BOs are compared), unmap. A reader task per
+    file (a compositor, a capture tool) does the same over and over while the tasks run. A purged BO's offset
     is gone (-EINVAL), and a BO purged while it is being mapped fails with -ENOMEM or raises
     SIGBUS on the access: all right answers.
 ``import``
@@ -46,9 +47,9 @@ from gemu.guest.gemu_drv.uapi import READ, WRITE, GemuFile
 from gemu.guest.kernel import runtime
 from gemu.host.explore.scenario import PAGE, _pattern, _Run
 
-HOLD_NS = (10_000, 200_000)
+HOLD_NS = (2_000, 40_000)
 """How long a vmap user holds its mapping (virtual time, drawn per use)."""
-CACHE_MAX = 2
+CACHE_MAX = 1
 """BOs a task's userspace cache keeps (DONTNEED) before it closes the oldest."""
 
 
@@ -118,11 +119,12 @@ class ShmemRun(_Run):
 
     def reader(self, i: int, f: GemuFile) -> None:
         """A process sharing the file (a compositor, a capture tool) that maps BOs of the
-        file through their mmap offsets and reads them, ``2 * jobs`` times, a seeded pause
-        between two."""
+        file through their mmap offsets and reads them, ``4 * jobs`` times, mostly back to
+        back, now and then after a seeded pause."""
         rng = random.Random(self.seed * 4099 + 13 * i)
-        for n in range(2 * self.sc.jobs):
-            runtime.sleep_ns(rng.randrange(5_000, 50_000))
+        for n in range(4 * self.sc.jobs):
+            if rng.random() < 0.25:
+                runtime.sleep_ns(rng.randrange(5_000, 50_000))
             self._mmap_user(f, rng.randrange(1 << 16), f"reader {i} map {n}")
 
     def submitter(self, t: int) -> None:
@@ -240,18 +242,15 @@ class ShmemRun(_Run):
         self.check_objects()
 
     def _recycle(self, t: int, f: GemuFile, st: dict, p: int, reuse: bool) -> None:
-        """Put private ``p`` in the task's cache (DONTNEED) and give ``p`` a BO: the oldest
-        cached one if ``reuse`` and it was not purged, else a new one. Without memory for a
-        new BO the task takes its old one back."""
+        """Give private ``p`` another BO, the oldest cached one if ``reuse`` and it is idle
+        and was not purged, else a new one, and put the old one in the task's cache
+        (DONTNEED). Without memory for the other BO the task keeps the one it has."""
         size = self.sc.bo_pages * PAGE
         gen = st["gen"] = st.get("gen", 0) + 1
         data = _pattern(self.seed * 1000 + 700 + t * 50 + p * 10 + gen, size)
         cache = st.setdefault("cache", [])
-        old = st["private"][p]
-        f.madvise(old[0], willneed=False)
-        cache.append(old)
         new = None
-        if reuse and len(cache) > 1 and self._idle(f, cache[0][0]):
+        if reuse and cache and self._idle(f, cache[0][0]):
             h, va = cache.pop(0)
             if f.madvise(h, willneed=True):
                 new = (h, va)
@@ -261,28 +260,23 @@ class ShmemRun(_Run):
             try:
                 h = f.create_bo(size, name=f"t{t}p{p}g{gen}")
             except Enomem:
-                h = None
-            if h is not None:
-                try:
-                    new = (h, f.vm_bind(h))
-                except KernelError:
-                    f.close_bo(h)
-        if new is None:  # take the old one back
-            cache.pop()
-            if not f.madvise(old[0], willneed=True):
-                self.violate("job-error", f"task {t}: no memory to replace purged BO {p}")
-            return
+                return
+            try:
+                new = (h, f.vm_bind(h))
+            except KernelError:
+                f.close_bo(h)
+                return
         try:
             f.write(new[0], 0, data)
         except Enomem:
-            data = f.read(new[0], 0, size) if f.madvise(new[0], willneed=True) else None
-        if data is None:
-            f.close_bo(new[0])
-            cache.pop()
-            f.madvise(old[0], willneed=True)
-            return
-        st["private"][p] = new
-        st["ref"][p] = bytearray(data)
+            f.madvise(new[0], willneed=False)
+            cache.append(new)
+        else:
+            old = st["private"][p]
+            st["private"][p] = new
+            st["ref"][p] = bytearray(data)
+            f.madvise(old[0], willneed=False)
+            cache.append(old)
         while len(cache) > CACHE_MAX:
             f.close_bo(cache.pop(0)[0])
 
