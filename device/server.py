@@ -43,7 +43,6 @@ construction (SpecError if it cannot be) and reopened with back-off if it goes a
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import select
@@ -1054,6 +1053,8 @@ class DeviceServer:
     def _on_stats(self, s: _Session, hdr: p.Header, req) -> bytes:
         data = dict(self.gpu.stats())
         data["server"] = self.statistics()
+        import json  # only for this rare request: not on the device's start
+
         return json.dumps(data, default=str).encode()
 
     def _on_run_state(self, s: _Session, hdr: p.Header, req) -> bytes:

@@ -55,7 +55,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import json
 import logging
 import mmap
 import os
@@ -479,6 +478,8 @@ class DeviceClient:
 
     def stats(self) -> dict:
         """The device's counters (and its server's, under ``"server"``)."""
+        import json  # only for this rare request: not on the boot path
+
         data = json.loads(bytes(self._call(p.Command.STATS)))
         data["client"] = self.statistics()
         return data
