@@ -106,6 +106,7 @@ def test_cli_explores_the_gpuvm_scenario(capsys):
 
 
 @pytest.mark.soak
+@pytest.mark.timeout(3600)
 def test_correct_driver_long_campaign():
     """The working flavour: 3000 schedules of each strategy on gpuvm, zero violations."""
     for strategy in ("random", "pct"):
