@@ -65,7 +65,7 @@ from gemu.guest.errors import KernelWarning
 from gemu.guest.kernel import runtime
 from gemu.guest.kernel.runtime import Task, current
 from gemu.guest.mm import gfp as gfp_mod
-from gemu.guest.mm.gfp import Gfp, gfpflags_allow_blocking
+from gemu.guest.mm.gfp import Gfp
 
 
 class LockClass:
@@ -569,10 +569,31 @@ def might_alloc(gfp: int = Gfp.KERNEL) -> None:
     nothing; GFP_NOFS (or a :func:`~gemu.guest.mm.gfp.memalloc_nofs_save` scope) records no
     fs_reclaim dependency; inside reclaim (``PF_MEMALLOC``) nothing is recorded.
     """
-    fs_reclaim_acquire(gfp)
-    fs_reclaim_release(gfp)
-    if gfpflags_allow_blocking(gfp):
+    # fs_reclaim_acquire(gfp); fs_reclaim_release(gfp); might_sleep_if(...), in plain ints:
+    # every job allocates several times, and IntFlag arithmetic cost more than the checks.
+    task = current()
+    mask = int(gfp)
+    if not mask & _DIRECT_RECLAIM:
+        return  # GFP_NOWAIT, GFP_ATOMIC: no reclaim, no sleep
+    pflags = gfp_mod.current_flags()
+    if not pflags & gfp_mod.PF_MEMALLOC:  # __need_reclaim()
+        if pflags & gfp_mod.PF_MEMALLOC_NOIO:  # current_gfp_context()
+            mask &= ~(_IO | _FS)
+        elif pflags & gfp_mod.PF_MEMALLOC_NOFS:
+            mask &= ~_FS
+        if mask & _FS:
+            acquire(_FS_RECLAIM_MAP, FS_RECLAIM)
+        acquire(_MMU_NOTIFIER_MAP, MMU_NOTIFIER)
+        release(_MMU_NOTIFIER_MAP, task)
+        if mask & _FS:
+            release(_FS_RECLAIM_MAP, task)
+    if task.atomic_depth:
         might_sleep()
+
+
+_DIRECT_RECLAIM = int(Gfp.DIRECT_RECLAIM)
+_IO = int(Gfp.IO)
+_FS = int(Gfp.FS)
 
 
 # The dma_fence signalling critical section.
@@ -672,6 +693,11 @@ def fence_handed_off(fence: object) -> None:
     """The task that published ``fence`` no longer has to signal it (the job was pushed to
     the scheduler, or the fence signalled); its implicit section for this fence ends."""
     st = _state()
+    if not st.publisher:
+        # Nothing published in the implicit mode (always so when it is off). A fence this
+        # call could hand off was published by its owner before the push that leads here,
+        # so an empty table read without the lock is never stale for it.
+        return
     with st.lock:
         task = st.publisher.pop(id(fence), None)
     if task is None:
