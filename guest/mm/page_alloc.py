@@ -560,9 +560,12 @@ class PageAllocator:
         freed nothing ends the attempt, unless another task's reclaim is running at that
         moment: what it is writing to swap will come back to the free pool, so the allocation
         sleeps for :data:`RECLAIM_RETRY_WAIT_NS` and tries again (a task that finds every
-        object isolated by a concurrent reclaimer must not fail with -ENOMEM)."""
+        object isolated by a concurrent reclaimer must not fail with -ENOMEM); likewise when a
+        shrinker met reclaimable objects it could not take at that moment (locked or busy)
+        and asked to be called again (:func:`shrinker.met_contention`)."""
         passes = MAX_RECLAIM_RETRIES if not gfp & Gfp.NORETRY else 1
         reclaimed_total = done = 0
+        _shrinker.met_contention()  # only this allocation's reclaim counts
         while done < passes:
             done += 1
             deficit = max(min_mark + nr - len(self._free), 1)
@@ -572,8 +575,12 @@ class PageAllocator:
             if pfns is not None:
                 return pfns
             if reclaimed == 0:
-                if not self._reclaimers or done >= passes:
-                    break  # nobody else is reclaiming: another pass would find nothing either
+                # another pass could only find something if a reclaimer is running (what it
+                # writes to swap comes back), or if a shrinker met objects locked or busy for
+                # the moment and asked to be called again
+                contended = _shrinker.met_contention()
+                if (not self._reclaimers and not contended) or done >= passes:
+                    break
                 runtime.sleep_ns(RECLAIM_RETRY_WAIT_NS)
                 self._stats.reclaim_waits += 1
                 pfns = take(nr, min_mark)

@@ -171,6 +171,24 @@ def unregister_shrinker(allocator: PageAllocator, shrinker: Shrinker) -> None:
     shrinker._wq.wait_event(lambda: shrinker._active == 0, reason=f"unregister {shrinker.name}")
 
 
+_came_back: set = set()
+"""Tasks whose reclaim met a shrinker that freed nothing but asked to be called again (its
+objects were locked or busy at that moment): :func:`met_contention`."""
+
+
+def met_contention() -> bool:
+    """Whether the calling task's reclaim, since it last asked, met a shrinker that freed
+    nothing but said to come back (``scan_objects`` returned 0, not SHRINK_STOP: reclaimable
+    objects were contended). Clears the mark. The page allocator retries such a reclaim
+    instead of failing the allocation, as the kernel's should_reclaim_retry() keeps retrying
+    while reclaimable memory remains."""
+    task = runtime.current()
+    if task in _came_back:
+        _came_back.discard(task)
+        return True
+    return False
+
+
 def do_shrink_slab(sc: ShrinkControl, shrinker: Shrinker, nr_wanted: int) -> int:
     """Ask one shrinker for up to ``nr_wanted`` pages; return what it freed.
 
@@ -196,6 +214,8 @@ def do_shrink_slab(sc: ShrinkControl, shrinker: Shrinker, nr_wanted: int) -> int
         if ret == SHRINK_STOP:
             stats.nr_stopped += 1
             break
+        if ret == 0:
+            _came_back.add(runtime.current())
         if warn_on(ret < 0, f"{shrinker!r} scan_objects returned {ret}"):
             break
         freed += ret
