@@ -302,7 +302,13 @@ class ShmemRun(_Run):
         """The ``resv-content`` invariant (module documentation). Reads the fence tables
         without the lock and without a scheduling point (atomic in the deterministic
         runtime); fences that signalled are forgotten."""
-        for obj, fences in getattr(self, "tracked", {}).values():
+        tracked = getattr(self, "tracked", {})
+        for key, (obj, fences) in list(tracked.items()):
+            if obj.refcount <= 0:  # freed (its reservation with it): nothing to cover
+                for fence in fences:
+                    dma_fence.put(fence)
+                del tracked[key]
+                continue
             live = []
             for fence in fences:
                 if dma_fence.test_signaled_flag(fence):
