@@ -211,15 +211,23 @@ _STACK_DEPTH = 16
 
 
 class _Stack:
-    """Where something happened: up to :data:`_STACK_DEPTH` frames as (file, line, function),
-    innermost first, without thread and runtime plumbing. Capturing one costs a walk of the
-    frame chain; the :class:`traceback.StackSummary` (and the source lines it shows) is made
-    only when a report is formatted, which most captured stacks never are."""
+    """Where something happened: up to :data:`_STACK_DEPTH` frames as (code object,
+    instruction offset), innermost first, without thread and runtime plumbing. Capturing one
+    costs a walk of the frame chain; line numbers (the offset's line in the code's line table,
+    what ``frame.f_lineno`` computes) and the :class:`traceback.StackSummary` with its source
+    lines are made only when a report is formatted, which most captured stacks never are."""
 
-    __slots__ = ("frames",)
+    __slots__ = ("_at",)
 
-    def __init__(self, frames: tuple[tuple[str, int, str], ...]) -> None:
-        self.frames = frames
+    def __init__(self, at: tuple[tuple[object, int], ...]) -> None:
+        self._at = at
+
+    @property
+    def frames(self) -> tuple[tuple[str, int, str], ...]:
+        """(file, line, function) of each frame, innermost first."""
+        return tuple(
+            (code.co_filename, _line_of(code, lasti), code.co_name) for code, lasti in self._at
+        )
 
     def summary(self) -> traceback.StackSummary:
         """Outermost first, as a traceback prints."""
@@ -228,12 +236,21 @@ class _Stack:
         )
 
 
+def _line_of(code, lasti: int) -> int | None:
+    """The line of the instruction at byte offset ``lasti`` (``frame.f_lineno`` for a frame
+    stopped there)."""
+    for start, end, line in code.co_lines():
+        if start <= lasti < end:
+            return line
+    return None
+
+
 _shown: dict[object, bool] = {}  # code object -> whether its frames appear in stacks
 
 
 def _capture(skip: int = 2) -> _Stack:
     """The caller's stack (``skip`` frames up from here), outermost first when formatted."""
-    frames = []
+    at = []
     f = sys._getframe(skip)
     shown = _shown
     while f is not None:
@@ -243,15 +260,15 @@ def _capture(skip: int = 2) -> _Stack:
             file = code.co_filename
             keep = shown[code] = file not in _PLUMBING and os.path.dirname(file) != _LOCKING_DIR
         if keep:
-            frames.append((code.co_filename, f.f_lineno, code.co_name))
-            if len(frames) == _STACK_DEPTH:
+            at.append((code, f.f_lasti))
+            if len(at) == _STACK_DEPTH:
                 break
         f = f.f_back
-    return _Stack(tuple(frames))
+    return _Stack(tuple(at))
 
 
 def _fmt(stack: _Stack | None) -> str:
-    return "".join(stack.summary().format()).rstrip() if stack and stack.frames else "  (no stack)"
+    return "".join(stack.summary().format()).rstrip() if stack and stack._at else "  (no stack)"
 
 
 # Reporting.
