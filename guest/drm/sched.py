@@ -741,10 +741,18 @@ def entity_push_job(job: DrmSchedJob) -> None:
             warn_on(True, f"Trying to push to a killed entity {entity!r}")
             return
         entity.job_queue.append(job)
+        # The kernel wakes the scheduler only for the first job of the queue
+        # (spsc_queue_push() == 1): a job behind others changes nothing the worker waits for,
+        # which is each entity's head. Checked after the append, so a head popped meanwhile
+        # leaves this job first and it wakes the worker. Deterministic runs wake on every
+        # push, as they always did: explore's schedules for a seed, and what its exhaustive
+        # search counts as dependent, stay as they were.
+        behind = len(entity.job_queue) > 1 and isinstance(me.runtime, runtime.FreeRunning)
     finally:
         if entity._pushing is me:
             entity._pushing = None
-    wakeup(entity.rq.sched)
+    if not behind:
+        wakeup(entity.rq.sched)
 
 
 def job_cleanup(job: DrmSchedJob) -> None:
