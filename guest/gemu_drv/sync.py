@@ -57,6 +57,14 @@ class SpinLock:
         if self.owner is task:
             lockdep.release(self)
             raise RuntimeError(f"{task.name} takes {self.name} which it already holds")
+        if isinstance(task.runtime, runtime.FreeRunning):
+            # What wait_event's first test does, without making its condition: a free lock
+            # is taken under the queue's lock. Deterministic runs go through wait_event, which
+            # also records the queue for a search's dependencies.
+            with self.wq.lock:
+                if self.owner is None:
+                    self.owner = task
+                    return
 
         def granted() -> bool:
             if self.owner is None:
