@@ -20,6 +20,9 @@ ways a buffer is used, without aiming at any one bug:
     explicit synchronisation: the out-fence of one of the task's earlier jobs (done or not) is
     imported into one of its BOs as a writer (DMA_BUF_IOCTL_IMPORT_SYNC_FILE), as a
     userspace driver that tracks its own fences hands them back to implicit sync.
+``upload``
+    a staging upload: a new BO written by the CPU, copied by a GPU job into one of the task's
+    BOs and closed right after the submit, so its last reference goes when the job is freed.
 ``recycle``
     a userspace BO cache (Mesa's, in spirit): the task is done with one of its BOs (jobs may
     still use it) and puts it in its cache marked DONTNEED; it takes the oldest cached BO back
@@ -65,9 +68,14 @@ def make_shmem_plan(sc, seed: int) -> list[list[tuple]]:
             if sc.madvise and r < 0.15:
                 ops.append(("scratch", rng.randrange(1, 1 << 32), wait))
             elif r < 0.4:
-                if rng.random() < 0.5:
+                k = rng.random()
+                if k < 0.3:
                     ops.append(
                         ("fill", rng.randrange(sc.private_bos), rng.randrange(1 << 32), wait)
+                    )
+                elif k < 0.6:
+                    ops.append(
+                        ("upload", rng.randrange(sc.private_bos), rng.randrange(1 << 30), wait)
                     )
                 else:
                     ops.append(
@@ -142,6 +150,8 @@ class ShmemRun(_Run):
                 self._scratch_job(t, f, st, op[1], what)
             elif kind in ("fill", "copy"):
                 self._job(t, f, st, op, what, pending)
+            elif kind == "upload":
+                self._upload(t, f, st, op, what, pending)
             elif kind == "vmap":
                 self._vmap_user(op[1], op[2], what)
             elif kind == "mmap":
@@ -177,6 +187,36 @@ class ShmemRun(_Run):
         st["ref"][p][:] = data
         for h, _access in bos:
             self._track(f.bo(h).obj, fence.acquire())
+        self.fences.append((what, fence))
+        pending.append((what, fence))
+        st["done"].append(fence)
+
+    def _upload(self, t: int, f: GemuFile, st: dict, op: tuple, what: str, pending: list) -> None:
+        """A staging upload: a new BO written by the CPU, copied by the GPU into private
+        ``p``, and closed at once (the job keeps it until it is freed)."""
+        size = self.sc.bo_pages * PAGE
+        p, tag = op[1], op[2]
+        data = _pattern(tag, size)
+        try:
+            h = f.create_bo(size, name=f"t{t}up{tag & 0xFFFF}")
+        except Enomem:
+            return
+        try:
+            f.write(h, 0, data)
+            va = f.vm_bind(h)
+        except KernelError:
+            f.close_bo(h)
+            return
+        ph, pva = st["private"][p]
+        try:
+            fence = f.submit(pk.copy(va, pva, size), bos=[(h, READ), (ph, WRITE)])
+        except KernelError as exc:
+            self.violate("job-error", f"{what}: submit failed: {exc}")
+            f.close_bo(h)
+            return
+        f.close_bo(h)
+        st["ref"][p][:] = data
+        self._track(f.bo(ph).obj, fence.acquire())
         self.fences.append((what, fence))
         pending.append((what, fence))
         st["done"].append(fence)
