@@ -35,6 +35,9 @@ class Bug:
     """The built-in explore scenario (:data:`.scenario.SCENARIOS`)."""
     invariant: str
     """The :data:`.scenario.KINDS` value a schedule that hits the bug violates."""
+    seed: int = 3
+    """A seed whose first schedule (random strategy) hits the bug: the test suite's fixed
+    seed (``gemu explore --bug NAME --seed SEED --schedules 1`` reproduces it)."""
 
 
 BUGS: tuple[Bug, ...] = (
@@ -58,6 +61,129 @@ BUGS: tuple[Bug, ...] = (
         "moving it there; an object that has pages is already on an LRU",
         scenario="standard",
         invariant="lru",
+    ),
+    Bug(
+        name="gem-lru-lock-via-obj",
+        fix="379e8f1ca5e919b130b40d8115d92a536e5f8d7a",
+        subject="drm/gem: Make the GEM LRU lock part of drm_device",
+        fixes='e7c2af13f811 ("drm/gem: Add LRU/shrinker helper")',
+        verified="the commit page at git.ipfire.org (thirdparty/kernel/linux.git, "
+        "a=commit h=379e8f1ca5e919b130b40d8115d92a536e5f8d7a: subject, message, Fixes: "
+        "e7c2af13f811, Reported-by Chia-I Wu, Closes panfrost work item 86); the v4 patch mails "
+        "quoting the same Fixes: tag; e7c2af13f811d0c23340154b7b2795876c71e4be with its subject "
+        "in a kernel.org revlist mail; review replies quoting the Fixes: tag",
+        kernel="the LRU lock was reached through obj->lru, the very pointer that lock "
+        "protects: drm_gem_lru_remove() (from drm_gem_object_release() on the last put) read "
+        "obj->lru without the lock, then took lru->lock. drm_gem_lru_scan() moves objects to "
+        "its on-stack still_in_lru list and back under that lock, skipping objects whose last "
+        "reference is gone; a remover that read obj->lru while the object sat on still_in_lru "
+        "then locked through a list whose scan had returned, a use after free of the scan's "
+        "stack. The fix moves the lock to drm_device (dev->gem_lru_mutex)",
+        mutant="gem-lru-remove-unlocked",
+        model="gemu's LRUs already share one lock and drm_gem_lru_remove() reads obj.lru and "
+        "its lock with no scheduling point between them, which is what the device-wide lock "
+        "gives. The mutant puts the kernel's window back: a preemption point between reading "
+        "obj.lru and locking lru.lock. When drm_gem_lru_scan() returns, its still_in_lru's lock "
+        "field is poisoned (the stack frame is gone), and locking through it is reported as a "
+        "use after free",
+        scenario="shmem",
+        invariant="lifetime",
+        seed=80,
+    ),
+    Bug(
+        name="msm-shrinker-ticket",
+        fix="3392291fc509d8ad6e4ad90f15b0a193f721cbc9",
+        subject="drm/msm: Fix shrinker deadlock",
+        fixes='fe4952b5f27c ("drm/msm: Convert vm locking")',
+        verified="the kernel CVE team's record of CVE-2026-64100 (cve/published/2026/"
+        "CVE-2026-64100.mbox in a GitHub mirror of the vulns repository: subject, commit "
+        "message with the lockdep report, 'fixed in 7.1 with commit 3392291fc509...', "
+        "introduced in 6.17 with fe4952b5f27cca5d143d3de249562d4cc984c1d6); fe4952b5f27c's "
+        "subject read on its commit page at git.kernel.dk",
+        kernel="kswapd, holding fs_reclaim, ran the msm shrinker, whose drm_gem_lru_scan() "
+        "was given a ww_acquire_ctx (ticket): ww_acquire_init() takes "
+        "reservation_ww_class_acquire inside fs_reclaim, while dma_resv_lockdep() primes "
+        "reservation_ww_class_acquire -> reservation_ww_class_mutex -> fs_reclaim, a circular "
+        "dependency (a real deadlock once a resv holder allocates and reclaim waits for it). "
+        "The fix uses dma_resv_trylock() and drops the ticket",
+        mutant="shrinker-scan-ticket",
+        model="the shmem shrinker passes ticket to gemu's drm_gem_lru_scan(), which then "
+        "starts a ww acquire context of the reservation class per object (and trylocks with "
+        "it) from kswapd and direct reclaim; gemu's lockdep starts primed as "
+        "dma_resv_lockdep() does",
+        scenario="standard",
+        invariant="lockdep",
+        seed=0,
+    ),
+    Bug(
+        name="resv-older-fence-replaces",
+        fix="a3f7c10a269d5b77dd5822ade822643ced3057f0",
+        subject="dma-buf/dma-resv: check if the new fence is really later",
+        fixes="",
+        verified="the kernel CVE team's record of CVE-2022-49935 (cve/published/2022/"
+        "CVE-2022-49935.mbox: subject, message, 'fixed in 6.0 with commit "
+        "a3f7c10a269d5b77dd5822ade822643ced3057f0', no introducing commit); the 5.19 stable "
+        "patch mail (commit a3f7c10a269d... upstream, no Fixes: tag, the diff adding "
+        "dma_fence_is_later()); the drm-misc-fixes pull naming it",
+        kernel="dma_resv_add_fence() replaced a fence of the same context whatever its seqno, "
+        "assuming every new fence is newer. Importing a sync_file into a dma-buf "
+        "(DMA_BUF_IOCTL_IMPORT_SYNC_FILE) broke that: an older fence of a timeline replaced "
+        "the newer one of a job still using the buffer, so the buffer looked idle early; the "
+        "commit says userspace could force a use after free",
+        mutant="resv-replace-older",
+        model="dma_resv.add_fence()'s same-context test (replaces_same_context, "
+        "dma_fence_is_later_or_same) is replaced by one that always answers yes, the "
+        "condition before the fix; the scenario's tasks import the out-fences of their earlier "
+        "jobs into their BOs as writers (import_sync_file, the ioctl's effect)",
+        scenario="shmem",
+        invariant="resv-content",
+        seed=8,
+    ),
+    Bug(
+        name="shmem-vunmap-clears-vaddr",
+        fix="dd717762761807452ca25634652e180a80349cd8",
+        subject="drm/shmem-helper: Fix unsetting shmem vaddr while vmap refcount > 0",
+        fixes='e1fc39a92332 ("drm/shmem-helper: Use refcount_t for vmap_use_count")',
+        verified="the v1 patch mail of 3 Apr 2025 on linux-kernel (subject, Fixes: "
+        "e1fc39a92332, the diff moving shmem->vaddr = NULL under refcount_dec_and_test()); a "
+        "linux-next revlist mail listing dd717762761807452ca25634652e180a80349cd8 with this "
+        "subject; a drm pull request's shortlog listing it after 'drm/shmem-helper: Use "
+        "refcount_t for vmap_use_count'. Not cross-checked against a stable backport",
+        kernel="when vmap_use_count became a refcount_t, drm_gem_shmem_vunmap_locked() kept "
+        "'shmem->vaddr = NULL' after the refcount block, so every vunmap cleared the cached "
+        "mapping, also a nested one while another user still held it; the next nested vmap "
+        "returned NULL (ast, cirrus, simpledrm broke)",
+        mutant="vunmap-clears-vaddr",
+        model="gem_shmem.vunmap_locked() sets shmem.vaddr = None when the count does not "
+        "reach 0, as the pre-fix code did after its refcount block; the mapping itself "
+        "(the IosysMap) stays until the last vunmap",
+        scenario="shmem",
+        invariant="vmap",
+        seed=0,
+    ),
+    Bug(
+        name="shmem-mmap-errant-put",
+        fix="24013314be6ee4ee456114a671e9fa3461323de8",
+        subject="drm/shmem-helper: Remove errant put in error path",
+        fixes='2194a63a818d ("drm: Add library for shmem backed GEM objects")',
+        verified="the kernel CVE team's record of CVE-2022-48981 (cve/published/2022/"
+        "CVE-2022-48981.mbox: subject, message, 'fixed in 6.1 with commit 24013314be6e', "
+        "introduced in 5.2 with 2194a63a818d, git.kernel.org/stable/c/"
+        "24013314be6ee4ee456114a671e9fa3461323de8); the stable patch mail (commit "
+        "24013314be6e... upstream, Fixes: 2194a63a818d, the diff removing drm_gem_vm_close() "
+        "from the get_pages error path)",
+        kernel="when drm_gem_shmem_get_pages() failed in drm_gem_shmem_mmap(), the helper "
+        "called drm_gem_vm_close(), a drm_gem_object_put() of the reference drm_gem_mmap_obj() "
+        "owns and drops itself on the error: the object was freed while a handle still named "
+        "it, a later use after free (found by syzbot)",
+        mutant="mmap-errant-put",
+        model="gem_shmem.mmap() puts the object once more on its error path; getting the "
+        "pages fails when the shrinker purges the object while the mmap waits for its "
+        "reservation lock (the v19 helper's pages never need allocating there). The freed "
+        "object's later get or put through its handle is reported",
+        scenario="shmem",
+        invariant="lifetime",
+        seed=112,
     ),
     # end of GEM shmem, the GEM LRU and shrinkers, dma_resv, dma_fence
     # drm_sched, reset paths, VM_BIND

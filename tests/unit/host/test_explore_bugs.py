@@ -25,7 +25,7 @@ def test_entries_are_well_formed():
 @pytest.mark.parametrize("bug", bugs.BUGS, ids=lambda b: b.name)
 def test_entry_found_with_a_fixed_seed(bug):
     cfg = ExploreConfig(scenario=SCENARIOS[bug.scenario], mutant=bug.mutant)
-    res = run_schedule(cfg, 3)
+    res = run_schedule(cfg, bug.seed)
     assert bug.invariant in {v.kind for v in res.violations}, res.violations
 
 
