@@ -88,7 +88,7 @@ BUGS: tuple[Bug, ...] = (
         "use after free",
         scenario="shmem",
         invariant="lifetime",
-        seed=80,
+        seed=155,
     ),
     Bug(
         name="msm-shrinker-ticket",
@@ -183,7 +183,7 @@ BUGS: tuple[Bug, ...] = (
         "object's later get or put through its handle is reported",
         scenario="shmem",
         invariant="lifetime",
-        seed=112,
+        seed=18,
     ),
     # end of GEM shmem, the GEM LRU and shrinkers, dma_resv, dma_fence
     # drm_sched, reset paths, VM_BIND

@@ -203,7 +203,7 @@ SCENARIOS = {
     ),
     # every kind of user of a shmem object at once (:mod:`.shmem_run`): GPU jobs, madvise,
     # kernel vmaps, userspace mmaps, explicit-sync fence imports, BOs closed and re-created
-    "shmem": Scenario(name="shmem", tasks=4, files=2, jobs=8, free_frames=8, workload="shmem"),
+    "shmem": Scenario(name="shmem", tasks=4, files=2, jobs=8, free_frames=10, workload="shmem"),
     # the VM_BIND flavour (:mod:`.gpuvm`): one VM per task, external BOs bound in every
     # VM, VM-private BOs, binds and unbinds racing execs and reclaim
     "gpuvm": Scenario(

@@ -54,6 +54,9 @@ HOLD_NS = (2_000, 40_000)
 """How long a vmap user holds its mapping (virtual time, drawn per use)."""
 CACHE_MAX = 1
 """BOs a task's userspace cache keeps (DONTNEED) before it closes the oldest."""
+MAX_IN_FLIGHT = 2
+"""Jobs a task lets run before it waits for them (userspace throttling): more kept every BO
+busy at once, and reclaim found nothing to free."""
 
 
 def make_shmem_plan(sc, seed: int) -> list[list[tuple]]:
@@ -160,7 +163,7 @@ class ShmemRun(_Run):
                 self._import(st, op[1], op[2], what)
             else:
                 self._recycle(t, f, st, op[1], op[2])
-            if wait:
+            if wait or len(pending) > MAX_IN_FLIGHT:
                 self._wait_all(f, pending)
         self._wait_all(f, pending)
         for p, (ph, _va) in enumerate(st["private"]):
