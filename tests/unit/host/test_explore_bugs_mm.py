@@ -261,12 +261,13 @@ def test_older_fence_replaces_newer_under_the_mutant():
     assert [f for f, _u in resv.fences.table[: resv.fences.num_fences]] == [older]
 
 
-@pytest.mark.parametrize("seed", [801, 1012, 1374, 10085])
+@pytest.mark.parametrize("seed", [801, 1012, 1374, 1522, 1662, 10085])
 def test_working_driver_clean_where_the_scenario_once_was_wrong(seed):
-    """PCT schedules of ``shmem`` that once reported the working driver: -ENOMEM from reclaim
-    meeting only pinned or locked BOs (801, 10085: the scenario now leaves more free frames
-    and holds its vmaps shorter) and resv-content for a freed BO whose reservation held an
-    imported fence of a job that never used it (1012, 1374)."""
+    """PCT schedules of ``shmem`` that once reported the working driver: -ENOMEM when reclaim
+    found nothing it could free (801, 10085, 1522, 1662: the scenario now leaves more free
+    frames, holds its vmaps shorter and lets a task run at most two jobs before it waits) and
+    resv-content for a freed BO whose reservation held an imported fence of a job that never
+    used it (1012, 1374)."""
     cfg = ExploreConfig(scenario=SCENARIOS["shmem"], strategy="pct")
     rep = engine.run_campaign(cfg, 1, seed, workers=1)
     assert rep.first is None, rep.first.violations
