@@ -27,7 +27,10 @@ def test_statements_comments_and_bindings():
     ("text", "message"),
     [
         ("frob 1", "t.job:1: unknown command 'frob' (try 'help')"),
-        ("\n\nbo", "t.job:3: bo: takes 1 to 3 arguments, got 0 (usage: [NAME =] bo SIZE [nomap | private VM])"),
+        (
+            "\n\nbo",
+            "t.job:3: bo: takes 1 to 3 arguments, got 0 (usage: [NAME =] bo SIZE [nomap | private VM])",
+        ),
         ("1x = bo 4K", "t.job:1: '1x' is not a name"),
         ("x = fill a 1", "t.job:1: fill: gives no result to bind to x"),
         ("x =", "t.job:1: nothing to assign to x"),

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import json
 import subprocess
-from pathlib import Path
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 from junitparser import Failure, JUnitXml, Skipped
 
