@@ -30,7 +30,8 @@ failslab makes it): the submit fails and nothing of it runs, and userspace carri
 Besides the invariants of every scenario, both rely on two of drm_sched's own checks
 (:mod:`gemu.guest.drm.sched`): ``lifetime`` (the scheduler used a job after it was freed;
 a fence reference put once too often) and ``fence-order`` (a job freed with its finished
-fence signalled and its scheduled fence not, or before a dependency of it signalled).
+fence signalled and its scheduled fence not, or before a dependency of it signalled); and
+the teardown checks that no job's finished fence is still referenced (``leak``).
 """
 
 from __future__ import annotations
