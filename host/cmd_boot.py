@@ -185,7 +185,7 @@ def _device_options(args: argparse.Namespace) -> list[str]:
     out = []
     if args.gdb is not None:
         out += ["--gdb", args.gdb]
-    if args.gdb_wait:
+    if args.gdb_wait and args.gdb is not None:
         out.append("-S")
     if args.coredump_dir is not None:
         out += ["--coredump-dir", args.coredump_dir]
@@ -194,8 +194,11 @@ def _device_options(args: argparse.Namespace) -> list[str]:
 
 def check_device_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """--gdb, -S and --coredump-dir configure the device process gemu boot spawns."""
-    if args.gdb_wait and args.gdb is None:
-        parser.error("argument -S: needs --gdb (there is no debugger to continue the GPU)")
+    if args.gdb_wait and args.gdb is None and not args.qmp:
+        parser.error(
+            "argument -S: needs --gdb or --qmp (nothing could continue the machine: gdb's "
+            "continue releases the GPU, QMP's cont starts the console or the scripts)"
+        )
     if args.device != "spawn" and _device_options(args):
         parser.error(
             f"arguments --gdb/-S/--coredump-dir: they configure the device gemu boot spawns, "
@@ -303,7 +306,9 @@ def _machine_options(p: argparse.ArgumentParser, ram: str) -> None:
         "-S",
         dest="gdb_wait",
         action="store_true",
-        help="hold the GPU's command processor until gdb continues (needs --gdb)",
+        help="QEMU's -S: with --gdb, hold the GPU's command processor until gdb continues; "
+        "with --qmp (no --gdb), boot and wait in prelaunch for QMP cont before the console "
+        "or the scripts start",
     )
     for flag in ("--qmp", "-qmp"):
         p.add_argument(
@@ -742,7 +747,7 @@ def _open_qmp(args: argparse.Namespace, parser: argparse.ArgumentParser):
     return qmp
 
 
-def _serve_qmp(qmp, session: Session, console: str | None, on_quit):
+def _serve_qmp(qmp, session: Session, console: str | None, on_quit, prelaunch=None):
     """Give the booted machine's commands to ``qmp``; returns the events' unsubscribe."""
     from gemu.host.qmp import machine_commands, subscribe_events
 
@@ -764,10 +769,26 @@ def _serve_qmp(qmp, session: Session, console: str | None, on_quit):
             out.append({"label": "gdb", "filename": f"{gdb},server=on", "frontend-open": True})
         return out
 
-    qmp.serve(machine_commands(session.shell, on_quit, qmp, chardevs))
+    qmp.serve(machine_commands(session.shell, on_quit, qmp, chardevs, prelaunch))
     unsubscribe = subscribe_events(qmp)
     session.kmsg(f"gemu: QMP listening on {qmp.address}")
     return unsubscribe
+
+
+def _prelaunch_for_qmp(args: argparse.Namespace) -> list[bool] | None:
+    """QEMU's -S with QMP and no gdb: the machine boots, then waits for QMP's ``cont``."""
+    return [True] if args.gdb_wait and args.gdb is None and args.qmp else None
+
+
+def _wait_for_cont(qmp, prelaunch: list[bool], quit_requested) -> None:
+    """Serve QMP until ``cont`` (or ``quit``, which raises PowerOff)."""
+    from gemu.host.shell import PowerOff
+
+    while prelaunch[0]:
+        qmp.pump()
+        if quit_requested():
+            raise PowerOff
+        qmp.requests_ready(DEVICE_PROBE_S)
 
 
 def cmd_boot(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -852,7 +873,17 @@ def _boot(args: argparse.Namespace, parser: argparse.ArgumentParser, ready) -> i
                 nonlocal quit_requested
                 quit_requested = True
 
-            unsubscribe = _serve_qmp(qmp, session, con.filename, on_quit)
+            prelaunch = _prelaunch_for_qmp(args)
+            unsubscribe = _serve_qmp(qmp, session, con.filename, on_quit, prelaunch)
+            if prelaunch is not None:
+                session.kmsg("gemu: -S: waiting for QMP cont before the console starts")
+                if ready is not None:
+                    ready()
+                    ready = None
+                try:
+                    _wait_for_cont(qmp, prelaunch, lambda: quit_requested)
+                except PowerOff:  # QMP quit before cont
+                    pass
         if ready is not None:
             ready()  # -daemonize: booted; the parent exits 0 and we go on detached
 
@@ -869,7 +900,7 @@ def _boot(args: argparse.Namespace, parser: argparse.ArgumentParser, ready) -> i
                 if quit_requested:
                     raise PowerOff
 
-        while True:
+        while not quit_requested:
             try:
                 text = con.readline(sh.prompt, idle)
             except PowerOff:  # QMP quit
@@ -971,7 +1002,16 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser, qmp) -> int:
                 nonlocal quit_requested
                 quit_requested = True
 
-            unsubscribe = _serve_qmp(qmp, session, None, on_quit)
+            prelaunch = _prelaunch_for_qmp(args)
+            unsubscribe = _serve_qmp(qmp, session, None, on_quit, prelaunch)
+            if prelaunch is not None:
+                write("gemu: -S: waiting for QMP cont before the scripts run")
+                try:
+                    _wait_for_cont(qmp, prelaunch, lambda: quit_requested)
+                except PowerOff:  # QMP quit before cont: no script runs
+                    for path in args.scripts:
+                        recorder.skip(path, "not run: QMP quit before cont")
+                    scripts = []
 
             def serve_qmp() -> None:
                 # QMP commands run between the main script's lines, never beside one

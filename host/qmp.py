@@ -374,6 +374,13 @@ class QmpServer:
         self.commands = commands
         self.ready.set()
 
+    def requests_ready(self, timeout: float) -> bool:
+        """Wait at most ``timeout`` seconds for a queued command (without taking it)."""
+        with self.requests.not_empty:
+            if not self.requests._qsize():
+                self.requests.not_empty.wait(timeout)
+            return bool(self.requests._qsize())
+
     def pump(self) -> None:
         """Run the queued commands (in the caller's thread: the console's)."""
         for _ in range(64):  # a bounded batch: the console stays responsive
@@ -462,11 +469,14 @@ def machine_commands(
     on_quit: Callable[[], None],
     server: QmpServer | None = None,
     chardevs: Callable[[], list[dict]] | None = None,
+    prelaunch: list[bool] | None = None,
 ) -> dict[str, Command]:
     """The commands of a booted machine driven through ``shell`` (its console session).
 
     ``server`` receives the STOP, RESUME and RESET events; ``chardevs`` lists the machine's
-    character devices (console, QMP, gdb) for query-chardev."""
+    character devices (console, QMP, gdb) for query-chardev. ``prelaunch`` (``-S`` with
+    QMP): ``[True]`` until ``cont`` sets it False; until then query-status says
+    ``prelaunch`` and the console or the scripts have not started (QEMU's -S)."""
     from gemu.host import query
 
     m = shell.m
@@ -479,6 +489,8 @@ def machine_commands(
         # QEMU's StatusInfo (qapi/run-state.json): running, and the RunState
         if m.device_lost():
             return {"running": False, "status": "internal-error"}
+        if prelaunch is not None and prelaunch[0]:
+            return {"running": False, "status": "prelaunch"}
         paused = m.paused()
         return {"running": not paused, "status": "paused" if paused else "running"}
 
@@ -492,6 +504,9 @@ def machine_commands(
     def cont() -> dict:
         was = m.paused()
         m.cont()
+        if prelaunch is not None and prelaunch[0]:
+            prelaunch[0] = False
+            was = True
         if was:
             emit("RESUME")
         return {}

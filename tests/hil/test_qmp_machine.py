@@ -112,13 +112,14 @@ def test_stop_cont_system_reset_and_chardevs_through_qemus_client(booted):
 
 def test_qmp_server_without_nowait_waits_for_its_client_before_booting(tmp_path):
     """QEMU's ``-qmp unix:PATH,server`` blocks until a client connects: nothing boots (no
-    device spawned, no boot log) until then; then gemu run serves the client between the
-    script's lines and exits 0."""
+    device spawned, no boot log) until then; with -S the booted machine then waits in
+    ``prelaunch`` for ``cont`` (RESUME) before its scripts run, and exits 0."""
     sock = tmp_path / "q.sock"
     script = tmp_path / "a.job"
     script.write_text("a = bo 4K\nfill a 7\nexpect value a == 7\n")
     proc = subprocess.Popen(
-        [*_gemu_command(), "run", "--device", "inproc", "-qmp", f"unix:{sock},server", str(script)],
+        [*_gemu_command(), "run", "--device", "inproc", "-S", "-qmp", f"unix:{sock},server"]
+        + [str(script)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
@@ -132,8 +133,10 @@ def test_qmp_server_without_nowait_waits_for_its_client_before_booting(tmp_path)
             await c.connect(str(sock))
             status = await c.execute("query-status")
             chardevs = await c.execute("query-chardev")
+            await c.execute("cont")
+            resumed = await _event(c, "RESUME")
             await c.disconnect()
-            return {"status": status, "chardevs": chardevs}
+            return {"status": status, "chardevs": chardevs, "resumed": resumed}
 
         got = asyncio.run(session())
         out, err = proc.communicate(timeout=60)
@@ -143,7 +146,9 @@ def test_qmp_server_without_nowait_waits_for_its_client_before_booting(tmp_path)
             proc.communicate(timeout=30)
     assert proc.returncode == 0, (out + err).decode()
     assert f"QMP waiting for connection on unix:{sock},server=on" in err.decode()
-    assert got["status"] == {"running": True, "status": "running"}
+    assert got["status"] == {"running": False, "status": "prelaunch"}
+    assert got["resumed"]["event"] == "RESUME"
+    assert "-S: waiting for QMP cont before the scripts run" in out.decode()
     assert [d["label"] for d in got["chardevs"]] == ["compat_monitor0"]
     assert "QMP listening on unix:" in out.decode()
 

@@ -27,8 +27,8 @@ def test_options_reach_the_spawned_device_command_line():
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["boot", "-S"], "-S: needs --gdb"),
-        (["run", "-S", "x.job"], "-S: needs --gdb"),
+        (["boot", "-S"], "-S: needs --gdb or --qmp"),
+        (["run", "-S", "x.job"], "-S: needs --gdb or --qmp"),
         (
             ["boot", "--device", "inproc", "--gdb", "tcp::1"],
             "configure the device gemu boot spawns",
