@@ -880,10 +880,8 @@ def _boot(args: argparse.Namespace, parser: argparse.ArgumentParser, ready) -> i
                 if ready is not None:
                     ready()
                     ready = None
-                try:
+                with contextlib.suppress(PowerOff):  # a QMP quit before cont
                     _wait_for_cont(qmp, prelaunch, lambda: quit_requested)
-                except PowerOff:  # QMP quit before cont
-                    pass
         if ready is not None:
             ready()  # -daemonize: booted; the parent exits 0 and we go on detached
 
