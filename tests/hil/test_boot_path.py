@@ -75,11 +75,11 @@ def _offenders(names: set[str], forbidden: tuple[str, ...]) -> list[str]:
     return sorted(n for n in names for f in forbidden if n == f or n.startswith(f + "."))
 
 
-def _gemu_script() -> str:
+def _gemu_script() -> list[str]:
+    """What follows ``python -X importtime`` to run gemu: its console script, or ``-m
+    gemu.host`` where none is installed (the same entry point either way)."""
     exe = gemu_executable()
-    if len(exe) != 1:
-        pytest.skip("no gemu console script in this environment")
-    return exe[0]
+    return exe if len(exe) == 1 else ["-m", "gemu.host"]
 
 
 def test_gemu_device_imports_only_the_device(tmp_path):
@@ -88,7 +88,7 @@ def test_gemu_device_imports_only_the_device(tmp_path):
             sys.executable,
             "-X",
             "importtime",
-            _gemu_script(),
+            *_gemu_script(),
             "device",
             "--listen",
             f"unix:{tmp_path}/d.sock",
@@ -113,7 +113,7 @@ def test_gemu_device_imports_only_the_device(tmp_path):
 
 def test_gemu_boot_imports_no_construct_nor_other_commands():
     done = subprocess.run(
-        [sys.executable, "-X", "importtime", _gemu_script(), "boot", "-m", "16M"],
+        [sys.executable, "-X", "importtime", *_gemu_script(), "boot", "-m", "16M"],
         input="poweroff\n",
         capture_output=True,
         text=True,
