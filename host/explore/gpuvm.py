@@ -446,30 +446,7 @@ class GpuvmRun(_Run):
         ring_left = len(drv.gpu.pending)
         sched_left = len(sched.pending_list) if sched is not None else 0
         drv.remove()
-        self.allocator.stop_kswapd()
-        self.bus.stop()
-        if self.balloon:
-            self.allocator.free_pages(self.balloon)
-        problems = []
-        if unsignalled:
-            problems.append(f"fences never signalled: {', '.join(unsignalled)}")
-        if self.dev.object_count:
-            problems.append(f"{self.dev.object_count} GEM objects alive")
-        if self.dev.leaked:
-            problems.append(f"leaked objects {self.dev.leaked!r}")
-        if drv.frames.frames:
-            problems.append(f"{drv.frames.frames} driver frames not freed")
-        if self.allocator.nr_used:
-            problems.append(f"{self.allocator.nr_used} frames in use")
-        if self.swap.nr_used_slots:
-            problems.append(f"{self.swap.nr_used_slots} swap slots in use")
-        if ring_left or sched_left:
-            problems.append(f"{ring_left} ring slots and {sched_left} scheduler jobs left")
-        busy = [vm.name for vm in drv.gpu.mmu.slots if vm is not None]
-        if busy:
-            problems.append(f"address spaces still bound: {busy}")
-        if problems:
-            self.violate("leak", "; ".join(problems))
+        self._check_leaks(unsignalled, ring_left, sched_left)
         self.stats = {
             "jobs": len(self.fences) - self.binds,
             "binds": self.binds,

@@ -810,6 +810,22 @@ class _Run:
         sched_left = len(sched.pending_list) if sched is not None else 0
         mm_stats = self.dev.shmem_mm.stats if self.dev.shmem_mm is not None else None
         drv.remove()
+        self._check_leaks(unsignalled, ring_left, sched_left)
+        self.stats = {
+            "jobs": len(self.fences),
+            "gpu_packets": self.bus.packets,
+            "kswapd_runs": self.allocator.statistics().kswapd_runs,
+        }
+        if mm_stats is not None:
+            self.stats.update(
+                evicted=mm_stats.evicted, purged=mm_stats.purged, swapped_in=mm_stats.swapped_in
+            )
+
+    def _check_leaks(self, unsignalled: list[str], ring_left: int, sched_left: int) -> None:
+        """After the driver is removed: stop kswapd and the bus, give the balloon back, and
+        report as one ``leak`` violation every fence never signalled, object or frame or
+        swap slot still held, job left on the ring or in the scheduler, AS still bound."""
+        drv = self.drv
         self.allocator.stop_kswapd()
         self.bus.stop()
         if self.balloon:
@@ -834,15 +850,6 @@ class _Run:
             problems.append(f"address spaces still bound: {busy}")
         if problems:
             self.violate("leak", "; ".join(problems))
-        self.stats = {
-            "jobs": len(self.fences),
-            "gpu_packets": self.bus.packets,
-            "kswapd_runs": self.allocator.statistics().kswapd_runs,
-        }
-        if mm_stats is not None:
-            self.stats.update(
-                evicted=mm_stats.evicted, purged=mm_stats.purged, swapped_in=mm_stats.swapped_in
-            )
 
 
 class ExploreRuntime(runtime.Deterministic):
