@@ -15,7 +15,9 @@ Exit status:
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from gemu.host.cli import int_in, seconds_in
@@ -447,13 +449,27 @@ def _exhaustive(args: argparse.Namespace, cfg, workers: int) -> int:
         seen[:] = [res]
         progress(res, pending)
 
+    # In one process, the first Ctrl-C asks the search to stop once the running schedule has
+    # ended: a KeyboardInterrupt raised inside the guest model's tasks had to unwind every
+    # task of that schedule, which could take longer than a user waits. A second Ctrl-C
+    # interrupts at once.
+    stop = threading.Event()
+
+    def on_sigint(signum, frame) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
     search = BoundedSearch(
         cfg,
         args.preemption_bound,
         reduce=not args.no_reduction,
         keep_going=args.keep_going,
         progress=tracked,
+        should_stop=stop.is_set,
     )
+    graceful = workers == 1 and threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGINT, on_sigint) if graceful else None
     try:
         result = search.run(workers=workers)
     except KeyboardInterrupt:
@@ -466,6 +482,9 @@ def _exhaustive(args: argparse.Namespace, cfg, workers: int) -> int:
         else:
             _interrupted("before the first schedule ended", [])
         return EXIT_INTERRUPTED
+    finally:
+        if graceful:
+            signal.signal(signal.SIGINT, old)
     if result.interrupted:
         _interrupted(result.statement(), result.violating)
         return EXIT_INTERRUPTED

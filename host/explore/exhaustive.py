@@ -433,7 +433,10 @@ class BoundedSearch:
         keep_going: bool = False,
         max_schedules: int | None = None,
         progress: Callable[[SearchResult, int], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> None:
+        """``should_stop``: asked before each schedule; True ends the search as interrupted
+        (the schedule that was running finished first: Ctrl-C never lands inside the model)."""
         if bound < 0:
             raise ValueError(f"the preemption bound must be 0 or more, not {bound}")
         self.cfg = replace(cfg, strategy="exhaustive", backend="greenlet")
@@ -442,6 +445,7 @@ class BoundedSearch:
         self.keep_going = keep_going
         self.max_schedules = max_schedules
         self.progress = progress
+        self.should_stop = should_stop
 
     def run(self, workers: int = 1) -> SearchResult:
         """Search; with ``workers`` > 1 the alternatives at the first schedule's decisions are
@@ -492,6 +496,9 @@ class BoundedSearch:
             while True:
                 if self.max_schedules is not None and res.run >= self.max_schedules:
                     res.stopped_early = True
+                    break
+                if self.should_stop is not None and self.should_stop():
+                    res.stopped_early = res.interrupted = True
                     break
                 one, sched = self._execute(res, prefix)
                 runs += 1
