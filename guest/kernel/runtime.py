@@ -817,11 +817,19 @@ class Deterministic(Runtime):
         nxt: Task | None = main
         try:
             while nxt is not None:
+                glet = self._greenlet_of(nxt)
+                if glet.dead:
+                    # its greenlet ended without finishing the task (below): it cannot run
+                    # again, and switching to it would return at once, forever
+                    self._reap(nxt)
+                    nxt = self._kill_next()
+                    continue
                 try:
-                    nxt = self._greenlet_of(nxt).switch()
+                    nxt = glet.switch()
                 except BaseException as exc:
                     # The scheduler itself failed inside a task's exit (a replay that
-                    # diverges): unwind every other task before reporting it.
+                    # diverges), or an exception such as a Ctrl-C landed in the runtime's
+                    # own bookkeeping: unwind every other task before reporting it.
                     self._fail(exc)
                     nxt = self._kill_next()
         finally:
@@ -830,6 +838,14 @@ class Deterministic(Runtime):
                 _local.__dict__.pop("task", None)
             else:
                 _local.task = saved
+
+    def _reap(self, task: Task) -> None:
+        """Count as gone a task whose greenlet ended before :meth:`_exit` marked it done."""
+        if not task.done:
+            task.done = True
+            self._alive -= 1
+            if task in self._runnable:
+                self._runnable.remove(task)
 
     def _greenlet_of(self, task: Task) -> greenlet.greenlet:
         glet = task._glet
