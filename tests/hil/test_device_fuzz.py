@@ -614,8 +614,13 @@ def check_correct(spec: str) -> None:
         client.writel(regs.CP_CONTROL.offset, 1)
         client.writel(regs.RING_TAIL.offset, len(job))
         client.writel_posted(regs.RING_DOORBELL.offset, 1)
+        # The device tells a new client the interrupt line as it is (level-triggered), so
+        # the queue may start with the campaign's last FENCE interrupt, from before the
+        # reset: wait for the one that comes with this job's fence written.
         event = client.wait_irq(timeout=30)
-        while event is not None and not event.irq_status & Irq.FENCE:
+        while event is not None and not (
+            event.irq_status & Irq.FENCE and mem.read_u64(fence_pa) == 42
+        ):
             event = client.wait_irq(timeout=30)
         assert event is not None and event.irq_status & Irq.FENCE
         assert mem.read_u64(fence_pa) == 42
