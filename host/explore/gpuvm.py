@@ -134,16 +134,7 @@ class GpuvmRun(_Run):
         super().boot()
         self.vdrv = VmBindDriver(self.drv)
         self.binds = 0
-        reclaim = self.vdrv.reclaim
-        scan = reclaim.shrinker.scan_objects
-
-        def checked_scan(sc):
-            try:
-                return scan(sc)
-            finally:
-                self.check_lrus()
-
-        reclaim.shrinker.scan_objects = checked_scan
+        self._check_lrus_after_scans(self.vdrv.reclaim.shrinker)
 
     def check_lrus(self) -> None:
         """The ``lru`` invariant on the per-VM shrinker's lists."""

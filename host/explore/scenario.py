@@ -474,9 +474,12 @@ class _Run:
     def _watch_lrus(self) -> None:
         """Check the GEM LRUs after every pass of the shmem shrinker (and at the end)."""
         mm = self.dev.shmem_mm
-        if mm is None:
-            return
-        scan = mm.shrinker.scan_objects
+        if mm is not None:
+            self._check_lrus_after_scans(mm.shrinker)
+
+    def _check_lrus_after_scans(self, shrinker) -> None:
+        """Run :meth:`check_lrus` after every ``scan_objects`` pass of ``shrinker``."""
+        scan = shrinker.scan_objects
 
         def checked_scan(sc):
             try:
@@ -484,7 +487,7 @@ class _Run:
             finally:
                 self.check_lrus()
 
-        mm.shrinker.scan_objects = checked_scan
+        shrinker.scan_objects = checked_scan
 
     def check_lrus(self) -> None:
         """The ``lru`` invariant: every LRU of the shmem shrinker is a well-formed list."""
