@@ -222,11 +222,15 @@ class _Stack:
     def __init__(self, at: tuple[tuple[object, int], ...]) -> None:
         self._at = at
 
+    def at(self) -> tuple[tuple[object, int], ...]:
+        """(code object, instruction offset) of each frame, innermost first."""
+        return self._at
+
     @property
     def frames(self) -> tuple[tuple[str, int, str], ...]:
         """(file, line, function) of each frame, innermost first."""
         return tuple(
-            (code.co_filename, _line_of(code, lasti), code.co_name) for code, lasti in self._at
+            (code.co_filename, _line_of(code, lasti), code.co_name) for code, lasti in self.at()
         )
 
     def summary(self) -> traceback.StackSummary:
@@ -245,14 +249,56 @@ def _line_of(code, lasti: int) -> int | None:
     return None
 
 
+class _SectionStack(_Stack):
+    """Where a signalling section began, captured in constant time: the frame that called
+    :func:`dma_fence_begin_signalling` and the offset it was at. The frames around it are
+    walked only when a report inside the section is formatted. Their offsets are still those
+    of the beginning then, because a caller cannot move on while the frame it called runs, and
+    that frame still runs: a section begins and ends in one function (its try/finally), and
+    the reports that show this stack are made inside it, by the same task.
+
+    Were the frame found returned when a report is formatted (a section left open by a
+    function that returned), the outer frames would be read as they are then, and the stack
+    says so. The task drops the frame when the section ends (or the task exits), so it never
+    keeps a frame's locals alive past that.
+    """
+
+    __slots__ = ("_frame", "_lasti")
+
+    def __init__(self, frame) -> None:
+        self._frame = frame
+        self._lasti = frame.f_lasti
+        self._at = None
+
+    def at(self) -> tuple[tuple[object, int], ...]:
+        if self._at is None:
+            self._at = _walk(self._frame, self._lasti)
+        return self._at
+
+    def running(self) -> bool:
+        """Whether the frame that began the section is on the current task's stack."""
+        f = sys._getframe(1)
+        while f is not None:
+            if f is self._frame:
+                return True
+            f = f.f_back
+        return False
+
+
 _shown: dict[object, bool] = {}  # code object -> whether its frames appear in stacks
 
 
 def _capture(skip: int = 2) -> _Stack:
     """The caller's stack (``skip`` frames up from here), outermost first when formatted."""
+    return _Stack(_walk(sys._getframe(skip)))
+
+
+def _walk(f, first_lasti: int | None = None) -> tuple[tuple[object, int], ...]:
+    """(code, offset) of ``f`` and its callers that stacks show; ``first_lasti`` stands for
+    ``f``'s own offset when given."""
     at = []
-    f = sys._getframe(skip)
     shown = _shown
+    lasti = first_lasti
     while f is not None:
         code = f.f_code
         keep = shown.get(code)
@@ -260,15 +306,28 @@ def _capture(skip: int = 2) -> _Stack:
             file = code.co_filename
             keep = shown[code] = file not in _PLUMBING and os.path.dirname(file) != _LOCKING_DIR
         if keep:
-            at.append((code, f.f_lasti))
+            at.append((code, f.f_lasti if lasti is None else lasti))
             if len(at) == _STACK_DEPTH:
                 break
+        lasti = None
         f = f.f_back
-    return _Stack(tuple(at))
+    return tuple(at)
 
 
 def _fmt(stack: _Stack | None) -> str:
-    return "".join(stack.summary().format()).rstrip() if stack and stack._at else "  (no stack)"
+    if stack is None or not stack.at():
+        return "  (no stack)"
+    return "".join(stack.summary().format()).rstrip()
+
+
+def _fmt_section(stack: _Stack) -> str:
+    """The "signalling section began at" stack of a report made in the current task."""
+    returned = isinstance(stack, _SectionStack) and stack._at is None and not stack.running()
+    text = _fmt(stack)
+    if returned:
+        text += "\n  (the function that began the section has returned: its callers' lines are"
+        text += " where they are now)"
+    return text
 
 
 # Reporting.
@@ -463,7 +522,7 @@ def _report_cycle(task, st, prev_cls, prev_lock, cls, lock, path) -> None:
         for a, b in itertools.pairwise(path)
     ]
     if signalling and task.signalling_stack is not None and prev_cls is DMA_FENCE_MAP:
-        stacks.append(f"signalling section began at:\n{_fmt(task.signalling_stack)}")
+        stacks.append(f"signalling section began at:\n{_fmt_section(task.signalling_stack)}")
     stacks.append(
         f"new order {prev_cls.name} -> {cls.name}: {task.name} takes {_name(lock)}\n"
         + _fmt(_capture(4))
@@ -626,9 +685,9 @@ def _implicit_only(task: Task) -> bool:
     return not task.fence_signalling_depth and bool(task.published_fences)
 
 
-def _enter_signalling(task: Task) -> None:
+def _enter_signalling(task: Task, stack: _Stack) -> None:
     task.signalling_mark = len(task.held_locks)
-    task.signalling_stack = _capture(3)
+    task.signalling_stack = stack
 
 
 def _leave_signalling(task: Task) -> None:
@@ -644,9 +703,10 @@ def dma_fence_begin_signalling() -> bool:
     The cookie is True when the task already was inside a section (nesting is allowed).
     """
     task = current()
-    nested = in_signalling(task)
+    nested = bool(task.fence_signalling_depth or task.published_fences)  # in_signalling()
     if not nested:
-        _enter_signalling(task)
+        # the caller's frame: the section ends in the same function (see _SectionStack)
+        _enter_signalling(task, _SectionStack(sys._getframe(1)))
     task.fence_signalling_depth += 1
     return nested
 
@@ -671,7 +731,7 @@ def dma_fence_might_wait() -> None:
     if in_signalling(task):
         stacks = []
         if task.signalling_stack is not None:
-            stacks.append(f"signalling section began at:\n{_fmt(task.signalling_stack)}")
+            stacks.append(f"signalling section began at:\n{_fmt_section(task.signalling_stack)}")
         stacks.append(f"fence wait ({task.name}):\n{_fmt(_capture())}")
         report(
             "signalling",
@@ -701,7 +761,9 @@ def fence_published(fence: object) -> None:
     if key in task.published_fences:
         return
     if not in_signalling(task):
-        _enter_signalling(task)
+        # ends wherever the fence is handed off, maybe after this caller returned: a full
+        # capture now
+        _enter_signalling(task, _capture(2))
     task.published_fences[key] = fence
     _state(task.runtime).publisher[key] = task
 
@@ -730,6 +792,7 @@ def _check_task_exit(task: Task) -> None:
         report("held-at-exit", f"task {task.name} exited holding {names}")
     if task.fence_signalling_depth:
         task.fence_signalling_depth = 0
+        task.signalling_stack = None
         report("held-at-exit", f"task {task.name} exited inside a dma_fence signalling section")
 
 
