@@ -458,9 +458,12 @@ class DrmGpuvmBo:
     Unique per (``vm``, ``obj``): :func:`bo_obtain` finds the existing one on the object's
     gpuva list. It holds a VM reference and a GEM reference. ``gpuva`` lists this object's
     mappings in ``vm`` (the kernel's ``list.gpuva``; under the object's gpuva lock), each
-    holding one ``kref``. ``evicted`` is protected by ``obj.resv``. ``entry_extobj`` /
-    ``entry_evict`` name the list its entry is on (the VM's, an iteration's local list) or None
-    (the kernel's ``list.entry.extobj``/``evict`` being empty).
+    holding one ``kref``: a dict used as an ordered set, so that, as with the kernel's
+    list_add_tail()/list_del_init(), a mapping joins at the tail and leaves without a walk of
+    the others (one BO may have a mapping per page). ``evicted`` is protected by
+    ``obj.resv``. ``entry_extobj`` / ``entry_evict`` name the list its entry is on (the VM's,
+    an iteration's local list) or None (the kernel's ``list.entry.extobj``/``evict`` being
+    empty).
     """
 
     __slots__ = (
@@ -480,7 +483,7 @@ class DrmGpuvmBo:
         self.obj: DrmGemObject | None = None
         self.evicted = False
         self.kref = 0
-        self.gpuva: list[DrmGpuva] = []
+        self.gpuva: dict[DrmGpuva, None] = {}
         self.entry_gem = False
         self.entry_extobj: dict | None = None
         self.entry_evict: dict | None = None
@@ -788,7 +791,7 @@ def gpuva_link(va: DrmGpuva, vm_bo: DrmGpuvmBo) -> None:
     # Asserted before the reference is taken, so a reported call changes nothing.
     gem_gpuva_assert_lock_held(va.vm, obj)
     va.vm_bo = bo_get(vm_bo)
-    vm_bo.gpuva.append(va)
+    vm_bo.gpuva[va] = None
 
 
 def gpuva_unlink(va: DrmGpuva) -> None:
@@ -803,8 +806,8 @@ def gpuva_unlink(va: DrmGpuva) -> None:
     if obj is None:
         return
     gem_gpuva_assert_lock_held(va.vm, obj)
-    if vm_bo is not None and va in vm_bo.gpuva:
-        vm_bo.gpuva.remove(va)
+    if vm_bo is not None:
+        vm_bo.gpuva.pop(va, None)
     va.vm_bo = None
     bo_put(vm_bo)
 
@@ -937,7 +940,7 @@ def bo_create(vm: DrmGpuvm, obj: DrmGemObject) -> DrmGpuvmBo:
     vm_bo.vm = get(vm)
     vm_bo.obj = gem.get(obj)
     vm_bo.kref = 1
-    vm_bo.gpuva = []
+    vm_bo.gpuva = {}
     vm_bo.entry_gem = False
     vm_bo.entry_extobj = None
     vm_bo.entry_evict = None

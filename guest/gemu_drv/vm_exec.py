@@ -89,21 +89,54 @@ def _add_fence(vm: GemuVm, vm_exec: DrmGpuvmExec, job: GemuJob, mutant: Mutant) 
     drm_gpuvm.exec_resv_add_fence(vm_exec, job.fence, DmaResvUsage.BOOKKEEP, DmaResvUsage.BOOKKEEP)
 
 
-def _first_evicted(vm_bo):
-    for va in vm_bo.gpuva:
-        if va.evicted:
-            return va
-    return None
+class _EvictedVmas:
+    """The evicted mappings of one vm_bo, handed out one at a time in the order of its
+    gpuva list: the mapping panthor_vm_restore_vmas()'s select_evicted_vma() picks, the
+    first evicted one from the head of the list.
+
+    The kernel walks from the head at every pick, past every mapping already restored: a
+    BO with a mapping per page costs a walk per page. This keeps the evicted mappings one
+    walk found, in list order, and resumes after the last one handed out; once they are used
+    up it walks again, and an empty walk ends. It picks the kernel's mapping because, while
+    validate holds the BO's resv, nothing marks a linked mapping evicted (reclaim evicts
+    under that resv), a mapping joins at the list's tail (drm_gpuva_link(): one linked after
+    the walk, such as an evicted mapping's piece a bind split off, comes after every mapping
+    the walk saw, so the next walk finds it in turn), and a mapping unlinked since the walk
+    is skipped.
+    Locking: the VM's ``op_lock`` and the BO's gpuva lock around each :meth:`next`.
+    """
+
+    __slots__ = ("found", "pos", "vm_bo")
+
+    def __init__(self, vm_bo) -> None:
+        self.vm_bo = vm_bo
+        self.found: list = []
+        self.pos = 0
+
+    def next(self):
+        vm_bo = self.vm_bo
+        while True:
+            while self.pos < len(self.found):
+                va = self.found[self.pos]
+                self.pos += 1
+                if va.vm_bo is vm_bo and va.evicted:
+                    return va
+            self.found = [va for va in vm_bo.gpuva if va.evicted]
+            self.pos = 0
+            if not self.found:
+                return None
 
 
 def vm_bo_validate(vm_bo, ex) -> None:
     """Bring one evicted BO back into one VM.
 
     Kernel: panthor_vm_bo_validate(): panthor_gem_swapin_locked(), then
-    panthor_vm_restore_vmas() (per evicted mapping: select it under ``op_lock``, preallocate
-    its page tables *without* ``op_lock`` because the bind job takes ``op_lock`` in the
+    panthor_vm_restore_vmas(), per evicted mapping: select it under ``op_lock``
+    (select_evicted_vma(): the first evicted one of the vm_bo's list, which
+    :class:`_EvictedVmas` finds without walking the restored ones again), preallocate its
+    page tables *without* ``op_lock`` because the bind job takes ``op_lock`` in the
     signalling path, retake it, check the mapping is still there and still evicted, write
-    its PTEs, clear ``evicted``), then drm_gpuvm_bo_evict(vm_bo, false) and the reclaim state
+    its PTEs, clear ``evicted``; then drm_gpuvm_bo_evict(vm_bo, false) and the reclaim state
     under the gpuva lock.
     Locking: the BO's resv (held by drm_gpuvm_exec_lock).
     """
@@ -125,16 +158,17 @@ def vm_bo_validate(vm_bo, ex) -> None:
     if obj.evicted:
         gem_shmem.swapin_locked(obj)
         vm.drv.reclaim.stats.swapped_in += 1
+    evicted = _EvictedVmas(vm_bo)
     for _ in range(len(vm_bo.gpuva) + 1):  # each pass restores one mapping or ends
         with vm.op_lock, g.lock:
-            va = _first_evicted(vm_bo)
+            va = evicted.next()
             if va is None:
                 break
             addr, npages = va.va.addr, va.va.range >> PAGE_SHIFT
         reserve = vm.pt._prealloc_tables(addr, npages)
         try:
             with vm.op_lock, g.lock:
-                if va in vm_bo.gpuva and va.evicted:  # not unmapped meanwhile
+                if va in vm_bo.gpuva and va.evicted:  # not unmapped meanwhile (no walk)
                     first = va.gem.offset >> PAGE_SHIFT
                     pas = [pfn << PAGE_SHIFT for pfn in obj.pages[first : first + npages]]
                     pt_map_reserved(vm.pt, addr, pas, va.prot, reserve)
