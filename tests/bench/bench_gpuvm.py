@@ -18,6 +18,7 @@ import math
 import time
 
 from gemu.device.abi import packets as pk
+from gemu.guest.drm import drm_gpuvm
 from gemu.guest.gemu_drv.uapi import READ
 from gemu.guest.gemu_drv.vm_bind import VmBindDriver
 from gemu.host.machine import Machine
@@ -25,6 +26,7 @@ from tests.bench.common import Row
 
 PAGE = 4096
 CMD_VA = 0x10_0000
+DATA_VA = 0x1000_0000
 BOS = 8
 COUNTS = (1_000, 3_000, 10_000)
 WAIT_S = 600.0
@@ -74,7 +76,7 @@ def _gpuvm_rate(n: int) -> float:
         fences = [f.map(vm, CMD_VA, PAGE, cmd)]
         for i in range(BOS):
             h = f.bo_create(PAGE, vm_id=vm if i % 2 else None)
-            fences.append(f.map(vm, 0x1000_0000 + i * PAGE, PAGE, h))
+            fences.append(f.map(vm, DATA_VA + i * PAGE, PAGE, h))
         for fence in fences:
             f.wait(fence, WAIT_S)
 
@@ -107,17 +109,32 @@ def _mappings(count: int, one_bo: bool) -> tuple[float, float]:
         t0 = time.perf_counter()
         last = None
         for i, (h, offset) in enumerate(ranges):
-            last = f.map(vm, 0x1000_0000 + 2 * i * PAGE, PAGE, h, offset=offset)
+            last = f.map(vm, DATA_VA + 2 * i * PAGE, PAGE, h, offset=offset)
         f.wait(last, WAIT_S)
         bind_s = time.perf_counter() - t0
-        f.vms[vm].flush_cleanup()
+        gvm = f.vms[vm]
+        gvm.flush_cleanup()
         m.reclaim(m.allocator.totalram_pages)
+        _check_evicted(gvm, count, True)
         t0 = time.perf_counter()
         f.wait(f.exec(vm, CMD_VA, len(nop)), WAIT_S)
         validate_s = time.perf_counter() - t0
+        _check_evicted(gvm, count, False)
         f.close()
         drv.remove()
     return bind_s, validate_s
+
+
+def _check_evicted(vm, count: int, evicted: bool) -> None:
+    """The validate row times what it names: reclaim evicted every data mapping (and its
+    BO), and the exec restored them all."""
+    data = [va for va in drm_gpuvm.for_each_va(vm) if va.va.addr >= DATA_VA]
+    if len(data) != count:
+        raise RuntimeError(f"{vm.name}: {len(data)} data mappings, expected {count}")
+    wrong = [va for va in data if va.evicted is not evicted or va.gem.obj.evicted is not evicted]
+    if wrong:
+        state = "evicted" if evicted else "restored"
+        raise RuntimeError(f"{vm.name}: {len(wrong)} of {count} mappings not {state}: {wrong[0]!r}")
 
 
 def _exponent(counts, times) -> float:
