@@ -47,6 +47,7 @@ import time
 from bisect import insort
 from collections import deque
 from collections.abc import Callable
+from operator import attrgetter
 from typing import Any
 
 import greenlet
@@ -719,7 +720,9 @@ class Deterministic(Runtime):
         self.max_steps = max_steps
         self.rng = random.Random(seed)
         self._random = self.rng.random
-        self.event_log: list[str] = []
+        # (step, task name, event) per event; the lines of event_log are made when read
+        self._events: list[tuple[int, str, str]] = []
+        self._event_lines: list[str] = []
         self._replay = list(replay) if replay else None
         self._replay_pos = 0
         self._now = 0
@@ -763,11 +766,20 @@ class Deterministic(Runtime):
             hint += f" --pct-depth {self.pct_depth}"
         return hint
 
+    @property
+    def event_log(self) -> list[str]:
+        """The run's events, ``"<step> <task> <event>"`` per line, oldest first. The lines
+        are formatted when first read: most schedules of a search are never looked at."""
+        lines, events = self._event_lines, self._events
+        if len(lines) < len(events):
+            lines += [f"{s} {n} {e}" for s, n, e in events[len(lines) :]]
+        return lines
+
     def now_ns(self) -> int:
         return self._now
 
     def log(self, event: str) -> None:
-        self.event_log.append(f"{self.steps} {self._task_name()} {event}")
+        self._events.append((self.steps, self._task_name(), event))
 
     def advance(self, ns: int) -> None:
         """Move the virtual clock forward by ``ns``; waits whose deadline passed time out."""
@@ -877,7 +889,7 @@ class Deterministic(Runtime):
         self.tasks.append(task)
         self._by_tid[task.tid] = task
         self._alive += 1
-        insort(self._runnable, task)
+        insort(self._runnable, task, key=_TID)
         return task
 
     def _run_task(self, task: Task) -> Task | None:
@@ -948,12 +960,7 @@ class Deterministic(Runtime):
             self._replay_pos += 1
             task = self._by_tid.get(tid)
             if task is None or task not in runnable:
-                self._abandon(
-                    ReplayDivergence(
-                        f"replay decision {self._replay_pos - 1} picks task {tid}, but only "
-                        f"{[t.tid for t in runnable]} can run"
-                    )
-                )
+                task = self._replay_diverges(runnable)
         elif self.chooser is not None:
             try:
                 task = self.chooser(self, runnable)
@@ -965,6 +972,18 @@ class Deterministic(Runtime):
             task = runnable[int(self._random() * len(runnable))]
         self.schedule.append(task.tid)
         return task
+
+    def _replay_diverges(self, runnable: list[Task]) -> Task:
+        """The task to run when the replayed decision just read names one that cannot run
+        (one of ``runnable``): by default none, the run ends with :class:`ReplayDivergence`."""
+        pos = self._replay_pos - 1
+        self._fail(
+            ReplayDivergence(
+                f"replay decision {pos} picks task {self._replay[pos]}, but only "
+                f"{[t.tid for t in runnable]} can run"
+            )
+        )
+        raise _Killed  # as _abandon does
 
     def _abandon(self, exc: BaseException) -> None:
         """End the run with ``exc`` from inside a scheduling decision. The task that asked
@@ -982,7 +1001,7 @@ class Deterministic(Runtime):
 
     def _switch(self, task: Task, nxt: Task) -> None:
         if self._greenlets:
-            self._greenlet_of(nxt).switch()
+            (nxt._glet or self._greenlet_of(nxt)).switch()
             _local.task = task
         else:
             nxt._baton.release()
@@ -991,13 +1010,15 @@ class Deterministic(Runtime):
             raise _Killed
 
     def _preempt(self, task: Task, reason: str) -> None:
+        # the path every lock, unlock and fence operation takes: kept free of allocations
+        # but the event record, and of calls when the task is alone or a decision keeps it
         if self._aborting:
             raise _Killed
-        self.steps += 1
-        self.event_log.append(f"{self.steps} {task.name} {reason}")
+        steps = self.steps = self.steps + 1
+        self._events.append((steps, task.name, reason))
         if self.recorder is not None:
             self.recorder(task, reason)
-        if self.max_steps is not None and self.steps > self.max_steps:
+        if self.max_steps is not None and steps > self.max_steps:
             self._fail(
                 LivelockError(
                     f"no end after {self.max_steps} steps (seed {self.seed}, strategy "
@@ -1006,10 +1027,11 @@ class Deterministic(Runtime):
             )
             raise _Killed
         if self._change_points:
-            low = self._change_points.get(self.steps)
+            low = self._change_points.get(steps)
             if low is not None:
                 task._priority = low
-        nxt = self._pick()
+        runnable = self._runnable
+        nxt = self._pick() if len(runnable) > 1 else runnable[0]
         if nxt is not task:
             self._switch(task, nxt)
 
@@ -1036,7 +1058,7 @@ class Deterministic(Runtime):
             if task._deadline is not None:
                 self._timed.remove(task)
                 task._deadline = None
-            insort(self._runnable, task)
+            insort(self._runnable, task, key=_TID)
 
     def wake_task(self, task: Task) -> None:
         self._wake(task)
@@ -1095,6 +1117,9 @@ def round_robin(cur: Task, runnable: list[Task]) -> Task:
 
 def _priority(task: Task) -> float:
     return task._priority
+
+
+_TID = attrgetter("tid")
 
 
 def describe_task(task: Task) -> str:

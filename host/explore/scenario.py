@@ -863,15 +863,10 @@ class ExploreRuntime(runtime.Deterministic):
 
     diverged = 0
 
-    def _pick(self):
-        replay = self._replay
-        runnable = self._runnable
-        if replay is not None and self._replay_pos < len(replay) and len(runnable) > 1:
-            task = self._by_tid.get(replay[self._replay_pos])
-            if task is None or task not in runnable:
-                replay[self._replay_pos] = runnable[0].tid
-                self.diverged += 1
-        return super()._pick()
+    def _replay_diverges(self, runnable: list[runtime.Task]) -> runtime.Task:
+        self._replay[self._replay_pos - 1] = runnable[0].tid
+        self.diverged += 1
+        return runnable[0]
 
 
 _MEASURED_STEPS: dict[tuple, int] = {}
