@@ -53,7 +53,7 @@ class SpinLock:
         task = runtime.current()
         # lockdep first, as lock_acquire() runs before contending: an inversion or recursion
         # is reported even when this acquisition would deadlock.
-        lockdep.acquire(self, self.cls)
+        lockdep.acquire(self, self.cls, task=task)
         if self.owner is task:
             lockdep.release(self)
             raise RuntimeError(f"{task.name} takes {self.name} which it already holds")

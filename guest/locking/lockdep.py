@@ -387,6 +387,7 @@ def acquire(
     trylock: bool = False,
     read: bool = False,
     nest: object = None,
+    task: Task | None = None,
 ) -> None:
     """Record that the current task has taken (or is about to block on) ``lock``.
 
@@ -394,9 +395,10 @@ def acquire(
 
     ``nest`` is the object under which locks of one class may nest (a ww acquire context,
     the kernel's ``nest_lock``); without it, blocking on a second lock of a held class is
-    reported as recursive locking.
+    reported as recursive locking. ``task`` is the current task, when the caller has it.
     """
-    task = current()
+    if task is None:
+        task = current()
     held = task.held_locks
     if held or task.fence_signalling_depth or task.published_fences:
         _check_acquire(task, held, lock, cls, trylock, read, nest)
@@ -404,6 +406,7 @@ def acquire(
 
 
 def _check_acquire(task, held, lock, cls, trylock, read, nest) -> None:
+    same_class = None  # a held lock of cls, taken without an acquire context: recursion
     for entry in held:
         if entry.lock is lock and not (read and entry.read):
             report(
@@ -413,34 +416,43 @@ def _check_acquire(task, held, lock, cls, trylock, read, nest) -> None:
                 key=("recursive", id(lock)),
             )
             return
+        if same_class is None and entry.cls is cls:
+            same_class = entry
     if trylock:
         return
-    if nest is None and not read:
-        for entry in held:
-            if entry.cls is cls:
-                report(
-                    "recursive",
-                    f"possible recursive locking: {task.name} takes {_name(lock)} while "
-                    f"holding {_name(entry.lock)}, both {cls.name}, without an acquire context",
-                    key=("recursive-class", cls),
-                )
-                return
-    st = _state(task.runtime)
-    mark = min(task.signalling_mark, len(held)) if in_signalling(task) else -1
+    if same_class is not None and nest is None and not read:
+        report(
+            "recursive",
+            f"possible recursive locking: {task.name} takes {_name(lock)} while "
+            f"holding {_name(same_class.lock)}, both {cls.name}, without an acquire context",
+            key=("recursive-class", cls),
+        )
+        return
+    st = task.runtime.lockdep or _state(task.runtime)
+    after = st.after
+    if task.fence_signalling_depth or task.published_fences:  # in_signalling()
+        mark = min(task.signalling_mark, len(held))
+    else:
+        mark = -1
     # As the kernel does: order the new lock after the newest held lock, and after any
     # trylocks above it (non-trylock entries already ordered themselves after older ones).
-    # A signalling section sits in the stack where it began.
+    # A signalling section sits in the stack where it began. A known order is looked up
+    # here; _order() records a new one or reports the cycle it closes.
     for i in range(len(held) - 1, -1, -1):
         if i < mark:
-            _order(task, st, DMA_FENCE_MAP, _FENCE_WAIT_MAP, cls, lock)
-            return
+            break
         entry = held[i]
-        if entry.cls is not cls:
-            _order(task, st, entry.cls, entry.lock, cls, lock)
+        prev_cls = entry.cls
+        if prev_cls is not cls:
+            succ = after.get(prev_cls)
+            if succ is None or cls not in succ:
+                _order(task, st, prev_cls, entry.lock, cls, lock)
         if not entry.trylock:
             return
     if mark >= 0:
-        _order(task, st, DMA_FENCE_MAP, _FENCE_WAIT_MAP, cls, lock)
+        succ = after.get(DMA_FENCE_MAP)
+        if succ is None or cls not in succ:
+            _order(task, st, DMA_FENCE_MAP, _FENCE_WAIT_MAP, cls, lock)
 
 
 def _order(task, st, prev_cls, prev_lock, cls, lock) -> None:
@@ -657,12 +669,16 @@ def might_alloc(gfp: int = Gfp.KERNEL) -> None:
             mask &= ~(_IO | _FS)
         elif pflags & gfp_mod.PF_MEMALLOC_NOFS:
             mask &= ~_FS
-        if mask & _FS:
-            acquire(_FS_RECLAIM_MAP, FS_RECLAIM)
-        acquire(_MMU_NOTIFIER_MAP, MMU_NOTIFIER)
-        release(_MMU_NOTIFIER_MAP, task)
-        if mask & _FS:
-            release(_FS_RECLAIM_MAP, task)
+        # With nothing held and no signalling section open, taking the maps records
+        # nothing: fs_reclaim -> mmu_notifier is primed (_prime) and the graph never loses
+        # an order. That is most allocations of a job (the job, its scheduler structures).
+        if task.held_locks or task.fence_signalling_depth or task.published_fences:
+            if mask & _FS:
+                acquire(_FS_RECLAIM_MAP, FS_RECLAIM, task=task)
+            acquire(_MMU_NOTIFIER_MAP, MMU_NOTIFIER, task=task)
+            release(_MMU_NOTIFIER_MAP, task)
+            if mask & _FS:
+                release(_FS_RECLAIM_MAP, task)
     if task.atomic_depth:
         might_sleep()
 
@@ -814,7 +830,7 @@ def _prime() -> dict[LockClass, dict[LockClass, _Origin]]:
     order(RESV_ACQUIRE_CLASS, RESV_CLASS)
     order(RESV_CLASS, FS_RECLAIM)
     order(FS_RECLAIM, I_MMAP)
-    order(FS_RECLAIM, MMU_NOTIFIER)
+    order(FS_RECLAIM, MMU_NOTIFIER)  # might_alloc() relies on it with nothing held
     order(MMU_NOTIFIER, DMA_FENCE_MAP)
     # Fence waits are allowed under each of these directly as well.
     order(MMAP_LOCK, DMA_FENCE_MAP)

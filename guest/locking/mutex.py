@@ -83,7 +83,7 @@ class Mutex:
             raise Edeadlk(msg=f"mutex {self.name} is already held by {task.name}")
         lockdep.might_sleep()
         preempt(f"lock {self.name}")
-        lockdep.acquire(self, self.cls)
+        lockdep.acquire(self, self.cls, task=task)
         wq = self.wq
         with wq.lock:
             if self.owner is None:

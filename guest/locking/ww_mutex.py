@@ -112,7 +112,6 @@ class WwAcquireCtx:
         "done_acquire",
         "finished",
         "inject_deadlk",
-        "name",
         "stamp",
         "task",
         "wounded",
@@ -129,7 +128,12 @@ class WwAcquireCtx:
         self.done_acquire = False
         self.finished = False
         self.inject_deadlk = inject
-        self.name = f"{ww_class.acquire_class.name}#{stamp}"
+
+    @property
+    def name(self) -> str:
+        """``<acquire class>#<stamp>``, as messages and lockdep reports name the context
+        (made when asked: every submit starts a context, few are ever named)."""
+        return f"{self.ww_class.acquire_class.name}#{self.stamp}"
 
     @property
     def is_wait_die(self) -> bool:
@@ -213,7 +217,7 @@ def acquire_init(ww_class: WwClass, inject_deadlk: float | None = None) -> WwAcq
     task = current()
     stamp = task.runtime.next_stamp(ww_class)
     ctx = WwAcquireCtx(ww_class, task, stamp, inject_deadlk)
-    lockdep.acquire(ctx, ww_class.acquire_class)
+    lockdep.acquire(ctx, ww_class.acquire_class, task=task)
     return ctx
 
 
@@ -317,7 +321,7 @@ def _lock(lock: WwMutex, ctx: WwAcquireCtx | None, interruptible: bool, op: str)
         raise Edeadlk(msg=f"{lock.name} is already held by {task.name}")
     lockdep.might_sleep()
     preempt(f"{op} {lock.name}")
-    lockdep.acquire(lock, lock.ww_class.mutex_class, nest=ctx)
+    lockdep.acquire(lock, lock.ww_class.mutex_class, nest=ctx, task=task)
     try:
         _acquire(lock, task, ctx, interruptible)
     except BaseException:
