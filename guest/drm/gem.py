@@ -34,7 +34,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from gemu.guest.dma_buf import dma_resv
@@ -53,6 +53,8 @@ __all__ = [
     "DrmFile",
     "DrmGemObject",
     "DrmGemObjectFuncs",
+    "Idr",
+    "RareField",
     "create_mmap_offset",
     "evict_locked",
     "free_mmap_offset",
@@ -80,8 +82,54 @@ _serial = itertools.count(1)
 
 
 def page_align(size: int) -> int:
-    """Round ``size`` up to whole pages. Kernel: PAGE_ALIGN()"""
+    """Round ``size`` up to whole pages. Kernel: PAGE_ALIGN()
+
+    A size that is whole pages already comes back as the same int object: objects of one
+    size then share it instead of holding a copy each (an int above 256 costs 32 bytes).
+    """
+    if not size & (PAGE_SIZE - 1):
+        return size
     return (size + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+
+
+class RareField:
+    """A field of a slotted object that few objects ever set, kept out of its slots.
+
+    A machine may hold 100k small objects, and most never get a CPU mapping, a vmap, an
+    export or an import: the fields serving those live in the object's ``_rare`` dict, made
+    on the first write of a value other than the field's default and dropped again once
+    every rare field is back at its default. Reading a field that was never set gives the
+    default. Declared in the class body (``vaddr = RareField()``) of a class with a
+    ``_rare`` slot set to None by its ``__init__``.
+    """
+
+    __slots__ = ("default", "name")
+
+    def __init__(self, default: Any = None) -> None:
+        self.default = default
+        self.name = ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, objtype: type | None = None) -> Any:
+        if obj is None:
+            return self
+        rare = obj._rare
+        return self.default if rare is None else rare.get(self.name, self.default)
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        rare = obj._rare
+        default = self.default
+        if value is default or (type(value) is type(default) and value == default):
+            if rare is not None:
+                rare.pop(self.name, None)
+                if not rare:
+                    obj._rare = None
+            return
+        if rare is None:
+            obj._rare = rare = {}
+        rare[self.name] = value
 
 
 class DrmDevice:
@@ -187,30 +235,33 @@ class DrmGemObject:
     changes only under that LRU's lock, with ``lru_prev``/``lru_next`` its links there (the
     kernel's ``lru_node``). ``filp`` is the shmem file backing the object (None for a private
     object, e.g. an import). ``dma_buf`` is set while the object is exported and
-    ``import_attach`` when it was imported; the shrinker leaves both kinds alone. ``name`` is the
-    global (flink) name, 0 when unnamed. ``vma_node`` is the object's fake mmap offset in pages
-    (the kernel's ``vma_node``), 0 while it has none.
+    ``import_attach`` when it was imported; the shrinker leaves both kinds alone (both are
+    rare fields, :class:`RareField`: most objects are neither). ``vma_node`` is the object's
+    fake mmap offset in pages (the kernel's ``vma_node``), 0 while it has none. Global (flink)
+    names are not modelled.
     """
 
     __slots__ = (
         "__weakref__",
+        "_rare",
         "dev",
-        "dma_buf",
         "filp",
         "funcs",
         "handle_count",
-        "import_attach",
         "lru",
         "lru_next",
         "lru_prev",
-        "name",
         "refcount",
         "resv",
         "size",
         "vma_node",
     )
 
+    dma_buf: Any = RareField()
+    import_attach: Any = RareField()
+
     def __init__(self) -> None:
+        self._rare: dict[str, Any] | None = None
         self.dev: DrmDevice | None = None
         self.size = 0
         self.refcount = 0
@@ -218,12 +269,9 @@ class DrmGemObject:
         self.funcs: DrmGemObjectFuncs | None = None
         self.resv: DmaResv | None = None
         self.filp: Any = None
-        self.dma_buf: Any = None
-        self.import_attach: Any = None
         self.lru: DrmGemLru | None = None
         self.lru_prev: DrmGemObject | None = None
         self.lru_next: DrmGemObject | None = None
-        self.name = 0
         self.vma_node = 0
 
     @property
@@ -419,22 +467,80 @@ def mmap(dev: DrmDevice, offset: int) -> Any:
 # --- handles ------------------------------------------------------------------------------
 
 
+class Idr:
+    """Small positive ids naming objects, the lowest free id handed out first.
+
+    Kernel: struct idr with idr_alloc(idr, ptr, 1, 0, ...), idr_find() and idr_remove()
+    [lib/idr.c]
+
+    A list indexed by id (the kernel's radix tree is as dense for ids from 1 up): an entry
+    costs one pointer, where a dict costs an entry and an int per id (a file may hold 100k
+    handles). Iterating gives the live ids in increasing order; ``get``, ``len`` and
+    ``in`` read as a dict's do.
+    """
+
+    __slots__ = ("_count", "_free", "_slots")
+
+    def __init__(self) -> None:
+        self._slots: list[Any] = [None]  # id 0 is never handed out
+        self._free: list[int] = []  # heap of the free ids below len(_slots)
+        self._count = 0
+
+    def alloc(self, obj: Any) -> int:
+        """Store ``obj`` under the lowest free id; return the id."""
+        if self._free:
+            id_ = heapq.heappop(self._free)
+            self._slots[id_] = obj
+        else:
+            id_ = len(self._slots)
+            self._slots.append(obj)
+        self._count += 1
+        return id_
+
+    def get(self, id_: int, default: Any = None) -> Any:
+        """The object stored under ``id_``, or ``default``. Kernel: idr_find()"""
+        if isinstance(id_, int) and 0 < id_ < len(self._slots):
+            obj = self._slots[id_]
+            if obj is not None:
+                return obj
+        return default
+
+    def remove(self, id_: int) -> Any:
+        """Free ``id_``; return what it named, or None when it named nothing."""
+        obj = self.get(id_)
+        if obj is not None:
+            self._slots[id_] = None
+            heapq.heappush(self._free, id_)
+            self._count -= 1
+        return obj
+
+    def __contains__(self, id_: object) -> bool:
+        return self.get(id_) is not None
+
+    def __iter__(self) -> Iterator[int]:
+        return (i for i, obj in enumerate(self._slots) if obj is not None)
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __repr__(self) -> str:
+        return f"<Idr {self._count} ids>"
+
+
 class DrmFile:
     """An open DRM file: the handles its owner created. Kernel: struct drm_file
 
-    Handles are small positive integers; the lowest free one is handed out first, as
-    ``idr_alloc(&file->object_idr, obj, 1, 0, ...)`` does. Each handle holds one object
-    reference and one ``handle_count``.
+    Handles are small positive integers in ``object_idr`` (an :class:`Idr`); the lowest free
+    one is handed out first, as ``idr_alloc(&file->object_idr, obj, 1, 0, ...)`` does. Each
+    handle holds one object reference and one ``handle_count``.
     """
 
-    __slots__ = ("_free", "_next", "dev", "object_idr", "table_lock")
+    __slots__ = ("dev", "object_idr", "table_lock")
 
     def __init__(self, dev: DrmDevice) -> None:
         self.dev = dev
-        self.object_idr: dict[int, DrmGemObject] = {}
+        self.object_idr = Idr()
         self.table_lock = threading.Lock()
-        self._free: list[int] = []
-        self._next = 1
 
     def __repr__(self) -> str:
         return f"<DrmFile {len(self.object_idr)} handles>"
@@ -449,13 +555,7 @@ def handle_create(file: DrmFile, obj: DrmGemObject) -> int:
     with _atomic:
         obj.handle_count += 1
     with file.table_lock:
-        if file._free:
-            handle = heapq.heappop(file._free)
-        else:
-            handle = file._next
-            file._next += 1
-        file.object_idr[handle] = obj
-    return handle
+        return file.object_idr.alloc(obj)
 
 
 def object_lookup(file: DrmFile, handle: int) -> DrmGemObject | None:
@@ -479,9 +579,7 @@ def handle_delete(file: DrmFile, handle: int) -> None:
         Einval: no such handle.
     """
     with file.table_lock:
-        obj = file.object_idr.pop(handle, None)
-        if obj is not None:
-            heapq.heappush(file._free, handle)
+        obj = file.object_idr.remove(handle)
     if obj is None:
         raise Einval(msg=f"no GEM handle {handle}")
     with _atomic:

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import sys
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from gemu.guest.dma_buf import dma_resv
 from gemu.guest.drm import gem, gem_lru
@@ -234,8 +234,9 @@ class DrmGemShmemObject(DrmGemObject):
     paths of the counters, which never move a counter to or from 0):
 
     ``pages``
-        The frame of each page, or None. Not None exactly when ``pages_use_count > 0`` and
-        the object is neither evicted nor purged.
+        The frame of each page (a tuple: the helper replaces it whole, never changes it in
+        place, so a table of it can share it), or None. Not None exactly when
+        ``pages_use_count > 0`` and the object is neither evicted nor purged.
     ``pages_use_count``
         References on the pages (get pages, each pin period, each CPU mmap). The pages are
         dropped when it reaches 0. Eviction does not change it.
@@ -261,39 +262,38 @@ class DrmGemShmemObject(DrmGemObject):
         freed (every :class:`SgTable` records the value it was built under, and is stale once
         it differs); ``pages_gone`` says which call freed them last, for the stale-table
         report.
+
+    ``vaddr``, ``vmap_use_count``, ``vmas`` and the three driver flags are rare fields
+    (:class:`~gemu.guest.drm.gem.RareField`): an object that is never vmapped or mmapped
+    does not pay for them (a machine may hold 100k small objects).
     """
 
     __slots__ = (
         "evicted",
         "madv",
-        "map_wc",
         "pages",
         "pages_gen",
         "pages_gone",
-        "pages_mark_accessed_on_put",
-        "pages_mark_dirty_on_put",
         "pages_pin_count",
         "pages_use_count",
         "sgt",
-        "vaddr",
-        "vmap_use_count",
-        "vmas",
     )
+
+    vaddr: IosysMap | None = gem.RareField()
+    vmap_use_count: int = gem.RareField(0)
+    vmas: list[ShmemVma] | None = gem.RareField()
+    pages_mark_dirty_on_put: bool = gem.RareField(False)
+    pages_mark_accessed_on_put: bool = gem.RareField(False)
+    map_wc: bool = gem.RareField(False)
 
     def __init__(self) -> None:
         super().__init__()
-        self.pages: list[int] | None = None
+        self.pages: tuple[int, ...] | None = None
         self.pages_use_count = 0
         self.pages_pin_count = 0
         self.madv = 0
         self.sgt: SgTable | None = None
-        self.vaddr: IosysMap | None = None
-        self.vmap_use_count = 0
         self.evicted = False
-        self.pages_mark_dirty_on_put = False
-        self.pages_mark_accessed_on_put = False
-        self.map_wc = False
-        self.vmas: list[ShmemVma] | None = None
         self.pages_gen = 0
         self.pages_gone: str | None = None
 
@@ -362,17 +362,26 @@ FUNCS = DrmGemObjectFuncs(free=object_free, print_info=object_print_info, mmap=o
 A driver adds ``evict`` with ``FUNCS.replace(evict=...)``."""
 
 
-def create(dev: DrmDevice, size: int, funcs: DrmGemObjectFuncs | None = None) -> DrmGemShmemObject:
+def create(
+    dev: DrmDevice,
+    size: int,
+    funcs: DrmGemObjectFuncs | None = None,
+    create_object: Callable[[], DrmGemShmemObject] | None = None,
+) -> DrmGemShmemObject:
     """A new object of ``size`` bytes (rounded up to pages) with one reference and no pages.
 
     Kernel: drm_gem_shmem_create() [drivers/gpu/drm/drm_gem_shmem_helper.c]
+
+    ``create_object`` is the driver's ``gem_create_object`` hook: it returns the driver's
+    object, a subclass of :class:`DrmGemShmemObject` (panfrost_gem_create_object() embeds
+    the shmem object in its own), initialised here like a plain one.
 
     Raises:
         Einval: ``size`` is not positive.
     """
     if size <= 0:
         raise Einval(msg=f"shmem object of {size} bytes")
-    shmem = DrmGemShmemObject()
+    shmem = DrmGemShmemObject() if create_object is None else create_object()
     gem.object_init(dev, shmem, gem.page_align(size))
     shmem.funcs = funcs if funcs is not None else FUNCS
     gem.create_mmap_offset(shmem)
@@ -453,7 +462,7 @@ def _acquire_pages(shmem: DrmGemShmemObject) -> None:
     if shmem.pages is not None:
         warn_on(not shmem.evicted, f"{shmem!r} already has pages")
         return
-    shmem.pages = shmem.filp.get_pages(GFP_SHMEM)
+    shmem.pages = tuple(shmem.filp.get_pages(GFP_SHMEM))
 
 
 def _pages_gone(shmem: DrmGemShmemObject, what: str) -> None:

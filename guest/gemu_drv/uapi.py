@@ -80,21 +80,31 @@ class VmMapping:
     mapped: bool = False
 
 
-class GemuBo:
-    """Driver data of one BO. Kernel: struct panfrost_gem_object (the shmem object is ``obj``).
+class GemuBo(gem_shmem.DrmGemShmemObject):
+    """A BO of the gemu driver: the shmem object with the driver's fields added. Kernel:
+    struct panfrost_gem_object, which embeds its drm_gem_shmem_object (made through the
+    driver's gem_create_object hook, panfrost_gem_create_object()).
 
-    ``mappings`` lists the VMs it is bound in (usually one); ``serial`` names it in messages.
-    Kept small: a machine may hold 100k BOs.
+    ``mappings`` holds the VMs it is bound in (usually one; a tuple, replaced whole);
+    ``serial`` names it in messages unless it has a ``label``; ``pinned`` is set while the
+    driver holds a pin of its own. ``label`` and ``pinned`` are rare fields
+    (:class:`~gemu.guest.drm.gem.RareField`): a machine may hold 100k BOs.
     """
 
-    __slots__ = ("__weakref__", "label", "mappings", "obj", "pinned", "serial")
+    __slots__ = ("mappings", "serial")
 
-    def __init__(self, obj, serial: int, label: str | None = None) -> None:
-        self.obj = obj
-        self.serial = serial
-        self.label = label
-        self.mappings: list[VmMapping] = []
-        self.pinned = False
+    label: str | None = gem.RareField()
+    pinned: bool = gem.RareField(False)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mappings: tuple[VmMapping, ...] = ()
+        self.serial = 0
+
+    @property
+    def obj(self) -> GemuBo:
+        """The BO's GEM shmem object: the BO itself (the kernel's ``&bo->base``)."""
+        return self
 
     @property
     def name(self) -> str:
@@ -106,8 +116,11 @@ class GemuBo:
                 return m
         return None
 
-    def __repr__(self) -> str:
-        return f"<GemuBo {self.name} {self.obj.size} bytes>"
+    def add_mapping(self, m: VmMapping) -> None:
+        self.mappings += (m,)
+
+    def remove_mapping(self, m: VmMapping) -> None:
+        self.mappings = tuple(x for x in self.mappings if x is not m)
 
 
 class JobFence:
@@ -251,7 +264,7 @@ class GemuDriver:
         self.hooks = SubmitHooks()
         self.sched: drm_sched.DrmGpuScheduler | None = None
         self.files: list[GemuFile] = []
-        self.bos: dict[object, GemuBo] = {}  # shmem object -> driver data
+        self.bos: dict[GemuBo, GemuBo] = {}  # the live BOs, in creation order
         self.funcs = gem_shmem.FUNCS.replace(evict=self._evict, free=self._free)
         self._bo_serial = 0
         self.lock = threading.Lock()
@@ -365,7 +378,7 @@ class GemuDriver:
             self._unmap_all(bo)
             for m in bo.mappings:
                 m.vm.free_va(m.va, m.npages * PAGE_SIZE)
-            bo.mappings.clear()
+            bo.mappings = ()
             if bo.pinned:
                 gem_shmem.unpin(obj)
                 bo.pinned = False
@@ -376,14 +389,15 @@ class GemuDriver:
     def new_bo(self, size: int, name: str | None = None) -> GemuBo:
         """Create a shmem BO with its pages (allocated, not pinned). Kernel:
         panfrost_gem_create() + drm_gem_shmem_get_pages()."""
-        obj = gem_shmem.create(self.dev, gem.page_align(size), self.funcs)
+        bo = gem_shmem.create(self.dev, gem.page_align(size), self.funcs, GemuBo)
         self._bo_serial += 1
-        bo = GemuBo(obj, self._bo_serial, name)
-        self.bos[obj] = bo
+        bo.serial = self._bo_serial
+        bo.label = name
+        self.bos[bo] = bo
         try:
-            gem_shmem.get_pages(obj)
+            gem_shmem.get_pages(bo)
         except BaseException:
-            gem.put(obj)
+            gem.put(bo)
             raise
         return bo
 
@@ -587,7 +601,7 @@ class CmdPool:
         self.size = obj.size
         self.va = f.vm.alloc_va(self.size)
         m = VmMapping(f.vm, self.va, obj.npages, Prot.READ | Prot.EXEC)
-        self.bo.mappings.append(m)
+        self.bo.add_mapping(m)
         dma_resv.lock(obj.resv, None)
         try:
             pfns = gem_shmem.get_pages_sgt_locked(obj).pfns
@@ -772,7 +786,7 @@ class GemuFile:
         obj = bo.obj
         addr = self.vm.alloc_va(obj.size, va)
         prot = Prot.READ | Prot.WRITE | Prot.EXEC if prot is None else Prot(prot)
-        bo.mappings.append(VmMapping(self.vm, addr, obj.npages, prot))
+        bo.add_mapping(VmMapping(self.vm, addr, obj.npages, prot))
         return addr
 
     def vm_unbind(self, handle: int) -> None:
@@ -791,7 +805,7 @@ class GemuFile:
                 raise Ebusy(msg=f"{bo.name} is still used by a job")
             if m.mapped:
                 self.vm.unmap_pages(m.va, m.npages)
-            bo.mappings.remove(m)
+            bo.remove_mapping(m)
             self.vm.free_va(m.va, m.npages * PAGE_SIZE)
         finally:
             dma_resv.unlock(obj.resv)
@@ -985,7 +999,7 @@ class GemuFile:
         for bo in list(self.drv.bos.values()):
             m = bo.mapping(self.vm)
             if m is not None:
-                bo.mappings.remove(m)
+                bo.remove_mapping(m)
         self.vm.fini()
         if self in self.drv.files:
             self.drv.files.remove(self)

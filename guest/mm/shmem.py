@@ -48,8 +48,8 @@ Modelled on ``mm/shmem.c``: ``shmem_file_setup``, ``shmem_read_mapping_page_gfp`
 
 from __future__ import annotations
 
+import struct
 from array import array
-from itertools import chain
 
 from gemu.guest.errors import Efault, Einval, KernelError, warn_on
 from gemu.guest.mm.extents import Extent, cut, expand, paired_runs, runs_of
@@ -57,6 +57,7 @@ from gemu.guest.mm.page_alloc import GFP_KERNEL, PAGE_SHIFT, PAGE_SIZE, Gfp, Pag
 from gemu.guest.mm.swap import SwapDevice
 
 _NOT_ZERO = ~Gfp.ZERO
+_EXTENT = struct.Struct("=qq")
 UNPOPULATED = -1
 """Page entry of a page that has no frame and no slot."""
 
@@ -98,9 +99,10 @@ class ShmemFile:
         self.allocator = allocator
         self.swap = swap
         self.name = name
-        self.size = -(-size // PAGE_SIZE) << PAGE_SHIFT
+        # whole pages already: keep the caller's int (the GEM object's size), not a copy
+        self.size = size if not size & (PAGE_SIZE - 1) else -(-size // PAGE_SIZE) << PAGE_SHIFT
         self._pages: array | None = None
-        self._packed: array | None = None  # _runs as [start, length, start, length, ...]
+        self._packed: bytes | None = None  # _runs, packed
         #: Pages held in frames.
         self.nr_resident = 0
         #: Pages held in swap slots.
@@ -120,15 +122,15 @@ class ShmemFile:
 
     @property
     def _runs(self) -> list[Extent] | None:
-        """The extents of a whole file (frames, or slots), or None. Kept as one flat
-        ``array('q')``: a list of tuples costs about twice the memory per object."""
+        """The extents of a whole file (frames, or slots), or None. Kept packed in one
+        ``bytes``, two signed 64-bit numbers (start, length) per extent: a list of tuples
+        costs about four times the memory of a one-extent file, an ``array('q')`` twice."""
         packed = self._packed
-        return None if packed is None else list(zip(packed[::2], packed[1::2], strict=True))
+        return None if packed is None else list(_EXTENT.iter_unpack(packed))
 
     @_runs.setter
     def _runs(self, runs: list[Extent] | None) -> None:
-        # from a list, so that the array is allocated at its exact size
-        self._packed = None if runs is None else array("q", list(chain.from_iterable(runs)))
+        self._packed = None if runs is None else b"".join([_EXTENT.pack(*r) for r in runs])
 
     @property
     def resident_pages(self) -> int:

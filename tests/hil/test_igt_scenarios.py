@@ -101,7 +101,7 @@ def test_workload_three_times_ram_survives_swap(machine):
     for i, h in enumerate(bos):
         obj = f.bo(h).obj
         if obj.pages is not None and not obj.evicted:
-            first_frames[i] = list(obj.pages)
+            first_frames[i] = tuple(obj.pages)
     stats = m.dev.shmem_mm.stats
     assert stats.evicted > 0, "the workload did not exceed RAM"
     # three rounds of GPU checksums, three BOs per job, in random order
@@ -153,8 +153,8 @@ def test_pinned_and_busy_objects_are_never_reclaimed(machine):
         f.va_of(busy), 65536, f.va_of(out)
     )
     fence = f.submit(cmd, bos=[(sem, READ), (busy, READ), (out, WRITE)])
-    pinned_pages = list(f.bo(pinned).obj.pages)
-    busy_pages = list(f.bo(busy).obj.pages)
+    pinned_pages = tuple(f.bo(pinned).obj.pages)
+    busy_pages = tuple(f.bo(busy).obj.pages)
     # an allocation storm: BOs for more than the free RAM
     storm = [f.create_bo(1 << 20) for _ in range(RAM // (1 << 20) + 2)]
     pressure(m)

@@ -173,7 +173,7 @@ def test_get_pages_sgt(dev):
     obj = gem_shmem.create(dev, 3 * PAGE_SIZE, FUNCS)
     gem_shmem.pin(obj)
     sgt = gem_shmem.get_pages_sgt(obj)
-    assert list(sgt.pfns) == obj.pages and len(sgt) == 3 and obj.sgt is sgt
+    assert sgt.pfns == obj.pages and len(sgt) == 3 and obj.sgt is sgt
     assert sum(n for _, n in sgt.dma_segments()) == 3 * PAGE_SIZE
     assert gem_shmem.get_pages_sgt(obj) is sgt
     assert obj.pages_use_count == 1
@@ -458,7 +458,7 @@ def test_evict_write_error_leaves_the_object_resident(dev):
     obj = gem_shmem.create(dev, 2 * PAGE_SIZE, FUNCS)
     gem_shmem.get_pages(obj)
     obj.filp.write(0, b"keep")
-    frames = list(obj.pages)
+    frames = tuple(obj.pages)
     dev.swap.inject(write_errors=1)
     with pytest.raises(Eio):
         evict(obj)
