@@ -65,11 +65,13 @@ import hashlib
 import itertools
 import logging
 import random
+import struct
 import traceback
 import zlib
 from dataclasses import asdict, dataclass, field, replace
 
 from gemu.device.abi import packets as pk
+from gemu.device.abi import pte
 from gemu.device.abi.enums import WaitFunc
 from gemu.guest import errors
 from gemu.guest.dma_buf import dma_fence
@@ -376,6 +378,43 @@ def make_plan(sc: Scenario, seed: int) -> list[list[tuple]]:
     return plans
 
 
+def page_entries(mem, root_pa: int, va: int, npages: int) -> list[int]:
+    """The PAGE entries the GPU would use for the ``npages`` pages from ``va`` under the table
+    at ``root_pa`` (0 for a page it cannot translate), as :func:`.vm.walk` finds each, with
+    one walk down to each leaf table instead of one per page."""
+    out: list[int] = []
+    last = pte.LEVELS - 1
+    while npages > 0:
+        table = root_pa
+        for level in range(last):
+            (entry,) = _U64.unpack_from(mem, table + 8 * pte.index(va, level))
+            if not entry & pte.VALID:
+                table = None
+                break
+            table = pte.address(entry)
+        first = pte.index(va, last)
+        n = min(npages, pte.ENTRIES_PER_TABLE - first)
+        if table is None:
+            out += [0] * n
+        else:
+            entries = _u64s(n).unpack_from(mem, table + 8 * first)
+            out += [e if e & pte.VALID else 0 for e in entries]
+        va += n * PAGE
+        npages -= n
+    return out
+
+
+_U64 = struct.Struct("<Q")
+_U64S: dict[int, struct.Struct] = {}
+
+
+def _u64s(n: int) -> struct.Struct:
+    fmt = _U64S.get(n)
+    if fmt is None:
+        fmt = _U64S[n] = struct.Struct(f"<{n}Q")
+    return fmt
+
+
 def _pattern(tag: int, size: int) -> bytes:
     rng = random.Random(tag)
     return rng.randbytes(size)
@@ -466,7 +505,7 @@ class _Run:
         # free_extents is where every free ends (free_pages and free_page call it, the shmem
         # backing store calls it directly)
         def checked_free_extents(runs):
-            self._check_unmapped([pfn for start, n in runs for pfn in range(start, start + n)])
+            self._check_unmapped({pfn for start, n in runs for pfn in range(start, start + n)})
             free_extents(runs)
 
         alloc.free_extents = checked_free_extents
@@ -516,13 +555,12 @@ class _Run:
         drv = getattr(self, "drv", None)
         if drv is None:
             return
-        freed = set(pfns)
+        freed = pfns if isinstance(pfns, set) else set(pfns)
         for bo in list(drv.bos.values()):
             for m in bo.mappings:
                 if not m.mapped or m.vm.dead:
                     continue
-                for i in range(m.npages):
-                    entry = m.vm.lookup(m.va + i * PAGE)
+                for i, entry in enumerate(page_entries(m.vm.mem, m.vm.root_pa, m.va, m.npages)):
                     if entry and (entry >> 12) & 0xFFFFFFFFF in freed:
                         self.violate(
                             "mapped-free",
@@ -829,10 +867,16 @@ class _Run:
         report as one ``leak`` violation every fence never signalled, object or frame or
         swap slot still held, job left on the ring or in the scheduler, AS still bound."""
         drv = self.drv
-        self.allocator.stop_kswapd()
+        alloc = self.allocator
+        alloc.stop_kswapd()
         self.bus.stop()
         if self.balloon:
-            self.allocator.free_pages(self.balloon)
+            # With the driver gone no page table maps a frame and nothing reads guest memory
+            # again: the balloon (most of RAM) goes back without the mapped-free check and
+            # the poisoning, which were a tenth of a schedule; the allocator's own checks stay.
+            del alloc.free_extents  # _watch_frees' wrapper
+            alloc.poison_on_free = False
+            alloc.free_pages(self.balloon)
         problems = []
         if unsignalled:
             problems.append(f"fences never signalled: {', '.join(unsignalled)}")
