@@ -378,20 +378,29 @@ def make_plan(sc: Scenario, seed: int) -> list[list[tuple]]:
     return plans
 
 
-def page_entries(mem, root_pa: int, va: int, npages: int) -> list[int]:
+def page_entries(
+    mem, root_pa: int, va: int, npages: int, leaves: dict[tuple[int, int], int | None] | None = None
+) -> list[int]:
     """The PAGE entries the GPU would use for the ``npages`` pages from ``va`` under the table
     at ``root_pa`` (0 for a page it cannot translate), as :func:`.vm.walk` finds each, with
-    one walk down to each leaf table instead of one per page."""
+    one walk down to each leaf table instead of one per page. ``leaves`` keeps the leaf
+    tables found, for further calls while no table changes."""
     out: list[int] = []
     last = pte.LEVELS - 1
+    if leaves is None:
+        leaves = {}
     while npages > 0:
-        table = root_pa
-        for level in range(last):
-            (entry,) = _U64.unpack_from(mem, table + 8 * pte.index(va, level))
-            if not entry & pte.VALID:
-                table = None
-                break
-            table = pte.address(entry)
+        key = (root_pa, va >> _LEAF_SHIFT)
+        table = leaves.get(key, -1)  # -1: not looked up yet (None: no leaf table)
+        if table == -1:
+            table = root_pa
+            for level in range(last):
+                (entry,) = _U64.unpack_from(mem, table + 8 * pte.index(va, level))
+                if not entry & pte.VALID:
+                    table = None
+                    break
+                table = pte.address(entry)
+            leaves[key] = table
         first = pte.index(va, last)
         n = min(npages, pte.ENTRIES_PER_TABLE - first)
         if table is None:
@@ -405,6 +414,7 @@ def page_entries(mem, root_pa: int, va: int, npages: int) -> list[int]:
 
 
 _U64 = struct.Struct("<Q")
+_LEAF_SHIFT = 12 + pte.BITS_PER_LEVEL  # the VA bits above those one leaf table translates
 _U64S: dict[int, struct.Struct] = {}
 
 
@@ -556,11 +566,14 @@ class _Run:
         if drv is None:
             return
         freed = pfns if isinstance(pfns, set) else set(pfns)
+        leaves: dict = {}
         for bo in list(drv.bos.values()):
             for m in bo.mappings:
-                if not m.mapped or m.vm.dead:
+                vm = m.vm
+                if not m.mapped or vm.dead:
                     continue
-                for i, entry in enumerate(page_entries(m.vm.mem, m.vm.root_pa, m.va, m.npages)):
+                entries = page_entries(vm.mem, vm.root_pa, m.va, m.npages, leaves)
+                for i, entry in enumerate(entries):
                     if entry and (entry >> 12) & 0xFFFFFFFFF in freed:
                         self.violate(
                             "mapped-free",

@@ -39,7 +39,9 @@ def test_page_entries_match_the_gpu_walk_page_by_page():
     """Across a leaf-table boundary, through an invalid entry and under a missing level-2
     entry, each page's entry is the one :func:`walk` returns (0 where it faults)."""
     mem, root = _tables()
+    leaves: dict = {}  # shared by the calls, as the mapped-free check shares it
     for va, n in ((0x1F_E000, 4), (0x1F_F000, 1), (0x20_0000, 2), (0x3F_F000, 3), (0, 600)):
-        got = page_entries(mem, root, va, n)
-        assert got == [walk(mem, root, va + i * PAGE) for i in range(n)], hex(va)
+        want = [walk(mem, root, va + i * PAGE) for i in range(n)]
+        assert page_entries(mem, root, va, n) == want, hex(va)
+        assert page_entries(mem, root, va, n, leaves) == want, hex(va)
     assert page_entries(mem, root, 0x1F_E000, 4)[0] >> 12 == 10  # not all zero
