@@ -95,6 +95,8 @@ class DmaFenceOps:
 
 
 _DEFAULT_OPS = DmaFenceOps()
+_NO_CALLBACKS: tuple = ()
+"""``cb_list`` of a fence without queued callbacks."""
 
 FenceFunc = Callable[["DmaFence", "DmaFenceCb"], None]
 
@@ -116,7 +118,9 @@ class DmaFence:
     """A one-shot completion signal. Kernel: struct dma_fence [include/linux/dma-fence.h].
 
     Invariants: ``SIGNALED`` in ``flags`` is set at most once and never cleared; once it is set
-    ``cb_list`` is empty, ``timestamp`` is valid and ``ops`` is None. ``error`` is 0 or a
+    ``cb_list`` is empty, ``timestamp`` is valid and ``ops`` is None. ``cb_list`` is a list
+    while callbacks are queued, else the empty tuple (a fence nobody waits on, and every
+    signalled fence, has no list of its own). ``error`` is 0 or a
     negative errno and only changes before the signal. ``refcount`` > 0 while anyone holds the
     fence.
     """
@@ -148,7 +152,7 @@ class DmaFence:
         self.error = 0
         self.refcount = 1
         self.timestamp = 0
-        self.cb_list = []
+        self.cb_list = _NO_CALLBACKS
         self.signal_owner = None
 
     def __repr__(self) -> str:
@@ -166,7 +170,7 @@ def _fence_init(fence: DmaFence, ops, context: int, seqno: int, flags: int) -> N
     fence.error = 0
     fence.refcount = 1
     fence.timestamp = 0
-    fence.cb_list = []
+    fence.cb_list = _NO_CALLBACKS
     #: The task that must push or signal this fence after publishing it; lockdep uses it to
     #: open the implicit signalling section (drm_sched sets it from arm until push).
     fence.signal_owner = None
@@ -324,7 +328,7 @@ def _signal(fence: DmaFence, timestamp: int | None) -> bool:
         fence.timestamp = runtime.now_ns() if timestamp is None else timestamp
         fence.flags |= _SIGNALED | _TIMESTAMP
         callbacks = fence.cb_list
-        fence.cb_list = []
+        fence.cb_list = _NO_CALLBACKS
         fence.ops = None
         # each callback's function is taken now: a callback may let its owner run and re-arm
         # its slot on another fence before this loop reaches it (kernel callbacks run under
@@ -468,7 +472,10 @@ def add_callback(fence: DmaFence, cb: DmaFenceCb, func: FenceFunc) -> None:
             warn_on(cb.queued, "add_callback: callback is already queued on a fence")
             cb.func = func
             cb.queued = True
-            fence.cb_list.append(cb)
+            if fence.cb_list:
+                fence.cb_list.append(cb)
+            else:
+                fence.cb_list = [cb]
             return
     cb.func = None
     raise Enoent(msg=f"{fence!r} already signaled")

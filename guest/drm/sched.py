@@ -145,16 +145,6 @@ class DrmSchedFence:
         self.sched: DrmGpuScheduler | None = None
 
 
-class _JobCb(DmaFenceCb):
-    """A job's callback slot; knows its job (the kernel's container_of)."""
-
-    __slots__ = ("job",)
-
-    def __init__(self, job: DrmSchedJob) -> None:
-        super().__init__()
-        self.job = job
-
-
 class _JobState(IntEnum):
     NEW = 0
     INITIALIZED = 1
@@ -163,14 +153,18 @@ class _JobState(IntEnum):
     CLEANED = 4
 
 
-class DrmSchedJob:
+class DrmSchedJob(DmaFenceCb):
     """A unit of GPU work; drivers subclass it. Kernel: struct drm_sched_job
 
     ``dependencies`` maps a fence context to the one fence of that context the job waits for
-    (the latest added). ``credits`` is the ring space it needs while running.
+    (the latest added). ``credits`` is the ring space it needs while running. The job is its
+    own fence callback slot :attr:`cb`, as the kernel embeds ``struct dma_fence_cb cb`` in
+    the job and its callbacks find the job with container_of(): a callback's ``cb`` is the
+    job.
     """
 
     def __init__(self) -> None:
+        super().__init__()
         self.sched: DrmGpuScheduler | None = None
         self.entity: DrmSchedEntity | None = None
         self.s_fence: DrmSchedFence | None = None
@@ -180,7 +174,6 @@ class DrmSchedJob:
         self.karma = 0
         self.submit_ts = 0
         self.dependencies: dict[int, DmaFence] = {}
-        self.cb = _JobCb(self)
         self._state = _JobState.NEW
         self._armed_by: runtime.Task | None = None
         self._submit_seq = 0
@@ -188,6 +181,11 @@ class DrmSchedJob:
     def __repr__(self) -> str:
         seq = self.s_fence.finished.seqno if self.s_fence and self.s_fence.finished else "-"
         return f"<{type(self).__name__} id={self.id} seq={seq} {self._state.name}>"
+
+    @property
+    def cb(self) -> DrmSchedJob:
+        """The job's fence callback slot (``&job->cb``): the job itself."""
+        return self
 
 
 class DrmSchedRq:
@@ -539,7 +537,7 @@ def _kill_job_cb(fence: DmaFence | None, cb: DmaFenceCb) -> None:
     """The fence a killed job waited for signalled (None: nothing to wait for): queue the
     kill work. Kernel: drm_sched_entity_kill_jobs_cb() (INIT_WORK + schedule_work)."""
     dma_fence.put(fence)
-    runtime.spawn(_kill_job, cb.job, name="kill-jobs")
+    runtime.spawn(_kill_job, cb, name="kill-jobs")  # cb is the job (container_of)
 
 
 def entity_kill(entity: DrmSchedEntity) -> None:
@@ -1062,7 +1060,7 @@ def _add_credits(sched: DrmGpuScheduler, delta: int) -> None:
 
 
 def _job_done_cb(fence: DmaFence, cb: DmaFenceCb) -> None:
-    _job_done(cb.job, fence.error)
+    _job_done(cb, fence.error)  # cb is the job (container_of)
 
 
 def _job_done(job: DrmSchedJob, result: int) -> None:

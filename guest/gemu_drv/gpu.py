@@ -138,14 +138,14 @@ _HW_OPS = _HwFenceOps()
 class HwFence(DmaFence):
     """The hardware fence of one ring slot. Kernel: struct panfrost_fence.
 
-    ``message`` says why the job failed when ``error`` is set.
+    ``message`` says why the job failed when ``error`` is set. Like the kernel's, it does not
+    point back at its job (the job holds it until ``free_job``).
     """
 
-    __slots__ = ("job", "message")
+    __slots__ = ("message",)
 
-    def __init__(self, context: int, seqno: int, job: Any = None) -> None:
+    def __init__(self, context: int, seqno: int) -> None:
         super().__init__(_HW_OPS, context, seqno, seqno64=True)
-        self.job = job
         self.message = ""
 
 
@@ -317,7 +317,7 @@ class GemuGpu:
         self.probed = False
 
     # -- ring ------------------------------------------------------------------------------
-    def emit_job(self, as_nr: int, ib_va: int, ib_dwords: int, job: Any = None) -> HwFence:
+    def emit_job(self, as_nr: int, ib_va: int, ib_dwords: int) -> HwFence:
         """Write one job slot into the ring and ring the doorbell with posted writes.
 
         Kernel: panfrost_job_hw_submit() (here: ring packets + RING_TAIL + RING_DOORBELL).
@@ -331,7 +331,7 @@ class GemuGpu:
         # amdgpu_fence_emit() does (kmem_cache_alloc(..., GFP_ATOMIC)).
         lockdep.might_alloc(GFP_ATOMIC)
         with self.lock:
-            fence = HwFence(self.fence_context, self.next_seqno, job)
+            fence = HwFence(self.fence_context, self.next_seqno)
             self.next_seqno += 1
             self._write_slot(as_nr, ib_va, ib_dwords, fence.seqno)
             self.pending.append(fence)

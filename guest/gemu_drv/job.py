@@ -37,7 +37,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum, IntFlag
 from typing import TYPE_CHECKING, Any
@@ -265,7 +265,7 @@ class GemuJob(drm_sched.DrmSchedJob):
         self.message = ""
         self.pushed_failed: KernelError | None = None
         self.as_held = False
-        self.in_fences: list[dma_fence.DmaFence] = []
+        self.in_fences: Sequence[dma_fence.DmaFence] = ()
         self.fence: dma_fence.DmaFence | None = None
 
 
@@ -458,7 +458,7 @@ class GemuSchedOps(drm_sched.DrmSchedBackendOps):
         try:
             as_nr = drv.gpu.mmu.as_get(job.vm)
             job.as_held = True
-            fence = drv.gpu.emit_job(as_nr, job.ib_va, job.ib_dwords, job)
+            fence = drv.gpu.emit_job(as_nr, job.ib_va, job.ib_dwords)
         except (ConnectionError, OSError) as exc:  # the device is gone (DeviceGone)
             job.message = f"GPU device lost: {exc}"
             raise Enodev(msg=job.message) from exc
@@ -476,8 +476,13 @@ class GemuSchedOps(drm_sched.DrmSchedBackendOps):
 
     def free_job(self, job: GemuJob) -> None:
         """Kernel: panfrost_job_free()."""
-        if job.hw_fence is not None and job.hw_fence.message:
-            job.message = job.hw_fence.message
+        hw = job.hw_fence
+        if hw is not None:
+            if hw.message:
+                job.message = hw.message
+            # panfrost_job_cleanup(): the job lets go of its hardware fence (its out-fence may
+            # keep the job itself for a long time; the message is copied above)
+            job.hw_fence = None
         self.drv.release_job_resources(job)
         drm_sched.job_cleanup(job)
 

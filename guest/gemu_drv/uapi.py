@@ -123,6 +123,11 @@ class GemuBo(gem_shmem.DrmGemShmemObject):
         self.mappings = tuple(x for x in self.mappings if x is not m)
 
 
+_OUT_FENCE_LOCK = threading.Lock()
+"""Orders closing an out-fence against taking a reference through it (every out-fence: the
+kernel's syncobj table lock is per file, and these sections are a few instructions long)."""
+
+
 class JobFence:
     """The out-fence of a submit: its own reference on the job's finished fence, plus why the
     job failed, if it did.
@@ -140,7 +145,7 @@ class JobFence:
     ``error`` and ``message`` then tell the state it had when it was closed.
     """
 
-    __slots__ = ("_error", "_lock", "_signaled", "closed", "fence", "file", "job", "seqno")
+    __slots__ = ("_error", "_signaled", "closed", "fence", "file", "job", "seqno")
 
     def __init__(self, file: GemuFile | None, job: GemuJob, fence: DmaFence) -> None:
         self.file = file
@@ -148,14 +153,13 @@ class JobFence:
         self.fence: DmaFence = dma_fence.get(fence)
         self.seqno = fence.seqno
         self.closed = False
-        self._lock = threading.Lock()
         self._signaled = False
         self._error = 0
 
     def acquire(self) -> DmaFence:
         """A new reference on the fence, for the caller to put. Kernel:
         drm_syncobj_find_fence() (-ENOENT for a destroyed handle)."""
-        with self._lock:
+        with _OUT_FENCE_LOCK:
             if self.closed:
                 raise Enoent(msg=f"out-fence of job {self.seqno} is closed")
             return dma_fence.get(self.fence)
@@ -182,7 +186,7 @@ class JobFence:
             Enoent: already closed (a destroyed handle).
         """
         signaled = dma_fence.is_signaled(self.fence) if not self.closed else self._signaled
-        with self._lock:
+        with _OUT_FENCE_LOCK:
             if self.closed:
                 raise Enoent(msg=f"out-fence of job {self.seqno} is already closed")
             self._signaled, self._error = signaled, self.fence.error
@@ -413,7 +417,7 @@ class GemuDriver:
             job.cmd_chunk = None
         for ref in job.refs:
             gem.put(ref.bo.obj)
-        job.refs = []
+        job.refs = ()
         with f.inflight_lock:
             f.inflight -= 1
         f.idle_wq.wake_up_all()
@@ -885,7 +889,7 @@ class GemuFile:
             self.inflight += 1
         job.in_fences = deps
         finished = gjob.submit(self.drv, job)
-        job.in_fences = []
+        job.in_fences = ()
         out = JobFence(self, job, finished)
         # the end of panfrost_ioctl_submit(): the out-fence holds its own reference now, the
         # submit's (render_done_fence, put with the job) goes
