@@ -31,6 +31,7 @@ helper as merged in Linux 6.16+). ``docs/shmem.md`` lists what differs.
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import itertools
 import threading
@@ -55,6 +56,7 @@ __all__ = [
     "DrmGemObjectFuncs",
     "Idr",
     "RareField",
+    "VmaOffsetManager",
     "create_mmap_offset",
     "evict_locked",
     "free_mmap_offset",
@@ -132,6 +134,82 @@ class RareField:
         rare[self.name] = value
 
 
+class VmaOffsetManager:
+    """The fake mmap offsets of a device's objects, in pages, each naming its object.
+
+    Kernel: struct drm_vma_offset_manager [drivers/gpu/drm/drm_vma_manager.c]
+
+    The entries are two lists sorted by offset, searched by bisection: two pointers an
+    object, where a dict costs an entry and its share of the table (about 50 bytes an object
+    at 100k objects). Offsets are handed out in increasing order, so an entry is appended; a
+    removed one leaves a hole (object None) until holes are half the entries and the lists
+    are compacted. Reads as a dict of the live entries: ``get``, ``in``, ``len``, iteration
+    over the offsets in increasing order. The caller serialises calls (the kernel's
+    ``vm_lock``; gem's ``_atomic`` here).
+    """
+
+    __slots__ = ("_holes", "_objs", "_offsets")
+
+    def __init__(self) -> None:
+        self._offsets: list[int] = []
+        self._objs: list[DrmGemObject | None] = []
+        self._holes = 0
+
+    def add(self, offset: int, obj: DrmGemObject) -> None:
+        """Name ``obj`` by ``offset``, which no live entry has. Kernel: drm_vma_offset_add()"""
+        offsets = self._offsets
+        if not offsets or offsets[-1] < offset:
+            offsets.append(offset)
+            self._objs.append(obj)
+            return
+        i = bisect.bisect_left(offsets, offset)
+        if offsets[i] == offset:  # a hole of a removed entry
+            self._holes -= self._objs[i] is None
+            self._objs[i] = obj
+        else:
+            offsets.insert(i, offset)
+            self._objs.insert(i, obj)
+
+    def _index(self, offset: int) -> int:
+        offsets = self._offsets
+        i = bisect.bisect_left(offsets, offset)
+        return i if i < len(offsets) and offsets[i] == offset else -1
+
+    def get(self, offset: int, default: Any = None) -> Any:
+        """The object at exactly ``offset``. Kernel: drm_vma_offset_exact_lookup_locked()"""
+        i = self._index(offset)
+        obj = self._objs[i] if i >= 0 else None
+        return default if obj is None else obj
+
+    def remove(self, offset: int) -> DrmGemObject | None:
+        """Forget ``offset``; return its object (None: there was none). Kernel:
+        drm_vma_offset_remove()"""
+        i = self._index(offset)
+        obj = self._objs[i] if i >= 0 else None
+        if obj is not None:
+            self._objs[i] = None
+            self._holes += 1
+            if self._holes * 2 > len(self._objs):
+                pairs = zip(self._offsets, self._objs, strict=True)
+                live = [(o, x) for o, x in pairs if x is not None]
+                self._offsets = [o for o, _ in live]
+                self._objs = [x for _, x in live]
+                self._holes = 0
+        return obj
+
+    def __contains__(self, offset: object) -> bool:
+        return isinstance(offset, int) and self.get(offset) is not None
+
+    def __iter__(self) -> Iterator[int]:
+        return (o for o, x in zip(self._offsets, self._objs, strict=True) if x is not None)
+
+    def __len__(self) -> int:
+        return len(self._objs) - self._holes
+
+    def __repr__(self) -> str:
+        return f"<VmaOffsetManager {len(self)} offsets>"
+
+
 class DrmDevice:
     """The GEM-relevant part of a DRM device. Kernel: struct drm_device [include/drm/drm_device.h]
 
@@ -142,8 +220,8 @@ class DrmDevice:
     which fences must have signalled before :func:`evict_locked` lets an object go.
     ``leaked`` keeps the objects a v19 free refused to release (their counters were not zero),
     so a test can find them; ``object_count`` is the number of live objects.
-    ``vma_offset_manager`` maps each fake mmap offset (in pages) to its object (the kernel's
-    ``dev->vma_offset_manager``); offsets are handed out in increasing order from
+    ``vma_offset_manager`` (a :class:`VmaOffsetManager`) maps each fake mmap offset (in
+    pages) to its object (the kernel's ``dev->vma_offset_manager``); offsets are handed out in increasing order from
     :data:`DRM_FILE_PAGE_OFFSET_START` and never reused, where the kernel's drm_mm may reuse a
     freed range.
     """
@@ -180,7 +258,7 @@ class DrmDevice:
         self.shmem_mm: Any = None
         self.object_count = 0
         self.leaked: list[DrmGemObject] = []
-        self.vma_offset_manager: dict[int, DrmGemObject] = {}
+        self.vma_offset_manager = VmaOffsetManager()
         self._next_offset = DRM_FILE_PAGE_OFFSET_START
 
     @property
@@ -417,7 +495,7 @@ def create_mmap_offset(obj: DrmGemObject) -> int:
         if not obj.vma_node:
             obj.vma_node = dev._next_offset
             dev._next_offset += obj.npages
-            dev.vma_offset_manager[obj.vma_node] = obj
+            dev.vma_offset_manager.add(obj.vma_node, obj)
         return obj.vma_node << PAGE_SHIFT
 
 
@@ -429,7 +507,7 @@ def free_mmap_offset(obj: DrmGemObject) -> None:
     """
     with _atomic:
         if obj.vma_node:
-            obj.dev.vma_offset_manager.pop(obj.vma_node, None)
+            obj.dev.vma_offset_manager.remove(obj.vma_node)
             obj.vma_node = 0
 
 

@@ -31,8 +31,8 @@ import errno
 import logging
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 
 from gemu.device.abi import regs
 from gemu.guest.dma_buf import dma_fence, dma_resv
@@ -66,11 +66,13 @@ SCHED_LOCK_CLASS = LockClass("gemu_file.sched_lock")
 """Lock class of every file's submit lock (arm + add fences + push run under it)."""
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class VmMapping:
     """A BO bound into a VM. Kernel: struct drm_gpuva (with panfrost_gem_mapping's is_mapped).
 
     ``mapped`` is True while the PTEs point at the BO's current frames; eviction clears it.
+    ``next`` links the BO's mappings (panfrost_gem_mapping's ``node`` in the BO's
+    ``mappings.list``).
     """
 
     vm: GpuVm
@@ -78,6 +80,7 @@ class VmMapping:
     npages: int
     prot: Prot
     mapped: bool = False
+    next: VmMapping | None = field(default=None, repr=False)
 
 
 class GemuBo(gem_shmem.DrmGemShmemObject):
@@ -85,21 +88,23 @@ class GemuBo(gem_shmem.DrmGemShmemObject):
     struct panfrost_gem_object, which embeds its drm_gem_shmem_object (made through the
     driver's gem_create_object hook, panfrost_gem_create_object()).
 
-    ``mappings`` holds the VMs it is bound in (usually one; a tuple, replaced whole);
+    ``mappings`` lists the VMs it is bound in (usually one), linked from ``mappings_head``;
     ``serial`` names it in messages unless it has a ``label``; ``pinned`` is set while the
     driver holds a pin of its own. ``label`` and ``pinned`` are rare fields
     (:class:`~gemu.guest.drm.gem.RareField`): a machine may hold 100k BOs.
     """
 
-    __slots__ = ("mappings", "serial")
+    __slots__ = ("gems_next", "gems_prev", "mappings_head", "serial")
 
     label: str | None = gem.RareField()
     pinned: bool = gem.RareField(False)
 
     def __init__(self) -> None:
         super().__init__()
-        self.mappings: tuple[VmMapping, ...] = ()
+        self.mappings_head: VmMapping | None = None
         self.serial = 0
+        self.gems_prev: GemuBo | None = None  # links in the driver's BoList
+        self.gems_next: GemuBo | None = None
 
     @property
     def obj(self) -> GemuBo:
@@ -110,17 +115,125 @@ class GemuBo(gem_shmem.DrmGemShmemObject):
     def name(self) -> str:
         return self.label or f"bo{self.serial}"
 
+    @property
+    def mappings(self) -> tuple[VmMapping, ...]:
+        """The BO's mappings, oldest first (a snapshot)."""
+        out = []
+        m = self.mappings_head
+        while m is not None:
+            out.append(m)
+            m = m.next
+        return tuple(out)
+
     def mapping(self, vm: GpuVm) -> VmMapping | None:
-        for m in self.mappings:
-            if m.vm is vm:
-                return m
-        return None
+        m = self.mappings_head
+        while m is not None and m.vm is not vm:
+            m = m.next
+        return m
 
     def add_mapping(self, m: VmMapping) -> None:
-        self.mappings += (m,)
+        m.next = None
+        if self.mappings_head is None:
+            self.mappings_head = m
+            return
+        last = self.mappings_head
+        while last.next is not None:
+            last = last.next
+        last.next = m
 
     def remove_mapping(self, m: VmMapping) -> None:
-        self.mappings = tuple(x for x in self.mappings if x is not m)
+        if self.mappings_head is m:
+            self.mappings_head = m.next
+        else:
+            prev = self.mappings_head
+            while prev is not None and prev.next is not m:
+                prev = prev.next
+            if prev is not None:
+                prev.next = m.next
+        m.next = None
+
+
+class BoList:
+    """The driver's live BOs in creation order, linked through the BOs themselves.
+
+    Kernel: panfrost_device's ``debugfs.gems_list`` (panfrost_gem_debugfs_bo_add() and
+    _rm() link each BO's list_head under ``gems_lock``). Two pointers a BO, where a dict
+    costs an entry and its share of the table, about 50 bytes a BO at 100k BOs.
+
+    Iterating (or ``values()``, as for the dict this replaces) gives a snapshot, so BOs may
+    come and go meanwhile; ``bos[bo]`` and ``get(bo)`` give ``bo`` back if it is listed.
+    """
+
+    __slots__ = ("_count", "_head", "_lock", "_tail")
+
+    def __init__(self) -> None:
+        self._head: GemuBo | None = None
+        self._tail: GemuBo | None = None
+        self._count = 0
+        self._lock = threading.Lock()  # gems_lock; no guest code runs under it
+
+    def add(self, bo: GemuBo) -> None:
+        with self._lock:
+            bo.gems_prev, bo.gems_next = self._tail, None
+            if self._tail is None:
+                self._head = bo
+            else:
+                self._tail.gems_next = bo
+            self._tail = bo
+            self._count += 1
+
+    def pop(self, bo: GemuBo, default: GemuBo | None = None) -> GemuBo | None:
+        """Unlink ``bo``; return it, or ``default`` when it was not listed."""
+        with self._lock:
+            if not self._listed(bo):
+                return default
+            prev, nxt = bo.gems_prev, bo.gems_next
+            if prev is None:
+                self._head = nxt
+            else:
+                prev.gems_next = nxt
+            if nxt is None:
+                self._tail = prev
+            else:
+                nxt.gems_prev = prev
+            bo.gems_prev = bo.gems_next = None
+            self._count -= 1
+            return bo
+
+    def _listed(self, bo: object) -> bool:
+        return isinstance(bo, GemuBo) and (bo.gems_prev is not None or self._head is bo)
+
+    def get(self, bo: object, default: GemuBo | None = None) -> GemuBo | None:
+        with self._lock:
+            return bo if self._listed(bo) else default
+
+    def __getitem__(self, bo: object) -> GemuBo:
+        found = self.get(bo)
+        if found is None:
+            raise KeyError(bo)
+        return found
+
+    def __contains__(self, bo: object) -> bool:
+        return self.get(bo) is not None
+
+    def values(self) -> list[GemuBo]:
+        """The BOs, oldest first."""
+        out = []
+        with self._lock:
+            bo = self._head
+            for _ in range(self._count):  # the links cannot loop: count bounds the walk
+                out.append(bo)
+                bo = bo.gems_next
+        return out
+
+    def __iter__(self) -> Iterator[GemuBo]:
+        return iter(self.values())
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __repr__(self) -> str:
+        return f"<BoList {self._count} BOs>"
 
 
 _OUT_FENCE_LOCK = threading.Lock()
@@ -268,7 +381,7 @@ class GemuDriver:
         self.hooks = SubmitHooks()
         self.sched: drm_sched.DrmGpuScheduler | None = None
         self.files: list[GemuFile] = []
-        self.bos: dict[GemuBo, GemuBo] = {}  # the live BOs, in creation order
+        self.bos = BoList()
         self.funcs = gem_shmem.FUNCS.replace(evict=self._evict, free=self._free)
         self._bo_serial = 0
         self.lock = threading.Lock()
@@ -382,7 +495,7 @@ class GemuDriver:
             self._unmap_all(bo)
             for m in bo.mappings:
                 m.vm.free_va(m.va, m.npages * PAGE_SIZE)
-            bo.mappings = ()
+            bo.mappings_head = None
             if bo.pinned:
                 gem_shmem.unpin(obj)
                 bo.pinned = False
@@ -397,7 +510,7 @@ class GemuDriver:
         self._bo_serial += 1
         bo.serial = self._bo_serial
         bo.label = name
-        self.bos[bo] = bo
+        self.bos.add(bo)
         try:
             gem_shmem.get_pages(bo)
         except BaseException:
