@@ -22,36 +22,101 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Iterable, Sequence
-from itertools import accumulate, chain
-from operator import add, eq, itemgetter
+from itertools import accumulate, chain, compress, repeat
+from operator import add, eq, itemgetter, ne, sub
 
 Extent = tuple[int, int]
 
 
 def runs_of(numbers: Iterable[int]) -> list[Extent]:
-    """Split ``numbers`` into runs of consecutive numbers: ``[(first, length), ...]`` in order."""
-    runs: list[Extent] = []
-    start = prev = None
-    for p in numbers:
-        if prev is not None and p == prev + 1:
-            prev = p
-            continue
-        if start is not None:
-            runs.append((start, prev - start + 1))
-        start = prev = p
-    if start is not None:
-        runs.append((start, prev - start + 1))
-    return runs
+    """Split ``numbers`` into runs of consecutive numbers: ``[(first, length), ...]`` in order.
+
+    The runs are found with C-level iteration (the differences of neighbours, the places
+    where one is not 1), not a Python step per number: a fully fragmented batch is one
+    run per number, and this is called on every such batch.
+    """
+    nums = numbers if isinstance(numbers, list) else list(numbers)
+    n = len(nums)
+    if n <= 1:
+        return [(nums[0], 1)] if n else []
+    # index of the first number of every run, then one past the last
+    bounds = [0, *compress(range(1, n), map(ne, map(sub, nums[1:], nums), repeat(1))), n]
+    if len(bounds) == n + 1:  # no two neighbours consecutive: all single numbers
+        return list(zip(nums, repeat(1)))
+    return list(zip(map(nums.__getitem__, bounds[:-1]), map(sub, bounds[1:], bounds)))
+
+
+def no_neighbours(numbers: Sequence[int]) -> bool:
+    """Whether no two neighbours of ``numbers`` are consecutive (``b == a + 1``): each is a
+    run of its own, the fully fragmented case."""
+    return 1 not in map(sub, numbers[1:], numbers)
 
 
 def expand(runs: Iterable[Extent]) -> list[int]:
     """Every number of ``runs``, in order (the inverse of :func:`runs_of`)."""
-    return list(chain.from_iterable(range(s, s + n) for s, n in runs))
+    runs = runs if isinstance(runs, list) else list(runs)
+    if not runs:
+        return []
+    starts, lens = zip(*runs)
+    if lens.count(1) == len(lens):  # all single numbers
+        return list(starts)
+    return list(chain.from_iterable(map(range, starts, map(add, starts, lens))))
+
+
+def singles(runs: Sequence[Extent]) -> list[int] | None:
+    """The numbers of ``runs`` if every extent is one number long (a fragmented batch),
+    else None."""
+    if not runs:
+        return []
+    starts, lens = zip(*runs)
+    if lens.count(1) == len(lens):
+        return list(starts)
+    return None
+
+
+def set_numbers(state: bytearray, numbers: Iterable[int], new: int) -> None:
+    """``state[i] = new`` for every ``i`` of ``numbers`` (the caller checked them).
+
+    A plain loop: for the batches of a few dozen numbers a GEM object brings, it is about
+    three times faster than ``deque(map(state.__setitem__, ...))``, whose calls go through
+    the method wrapper (timeit, 16 numbers: 0.32 vs 1.03 us)."""
+    for i in numbers:
+        state[i] = new
+
+
+def set_states(state: bytearray, runs: Sequence[Extent], new: int) -> None:
+    """``state[i] = new`` for every number of ``runs`` (the caller checked them): one slice
+    per extent, or for extents of one number each, one C-level pass over the numbers."""
+    if len(runs) > 4 and (numbers := singles(runs)) is not None:
+        set_numbers(state, numbers, new)
+        return
+    fill = bytes((new,))
+    for s, n in runs:
+        if n == 1:
+            state[s] = new
+        else:
+            state[s : s + n] = fill * n
+
+
+def copy_pages(dst, dst_pages: Sequence[int], src, src_pages: Sequence[int], shift: int) -> None:
+    """Copy page ``src_pages[i]`` of ``src`` to page ``dst_pages[i]`` of ``dst`` for every
+    ``i`` (pages of ``1 << shift`` bytes; both buffers are flat byte memoryviews, the caller
+    checked every page is inside them and the lists have the same length), in order.
+
+    A plain loop: measured against a C-level ``map`` of slices and views it is faster
+    (1,421 vs 1,604 us/MiB of a fragmented round trip): each page costs two slices, one view
+    and the copy whichever way they are made, and the copy is most of it.
+    """
+    size = 1 << shift
+    for d, s in zip(dst_pages, src_pages):
+        d <<= shift
+        s <<= shift
+        dst[d : d + size] = src[s : s + size]
 
 
 def total(runs: Iterable[Extent]) -> int:
     """How many numbers ``runs`` hold."""
-    return sum(n for _, n in runs)
+    return sum(map(itemgetter(1), runs))
 
 
 def cut(runs: Sequence[Extent], pos: int, nr: int) -> list[Extent]:
@@ -221,6 +286,37 @@ class RunStack:
             return joined
         return out
 
+    def pop_numbers(self, nr: int) -> list[int]:
+        """:meth:`pop` as every number taken, in hand-out order. When the top ``nr`` extents
+        are single numbers (a fragmented free list) they are taken in one slice."""
+        lens = self.lens
+        if len(lens) >= nr and lens[-nr:].count(1) == nr:
+            starts = self.starts
+            out = starts[-nr:]
+            del starts[-nr:], lens[-nr:]
+            out.reverse()
+            self.nr -= nr
+            return out
+        return expand(self.pop(nr))
+
+    def push_singles(self, numbers: Sequence[int]) -> None:
+        """:meth:`push` of numbers no two of which are consecutive neighbours (the caller
+        checked, e.g. with :func:`no_neighbours`): ``numbers[0]`` is handed out first, each
+        an extent of one, in one step per list."""
+        if not numbers:
+            return
+        starts, lens = self.starts, self.lens
+        last = numbers[-1]  # goes on first, onto the old top
+        if starts and last + 1 == starts[-1]:  # and joins it
+            starts[-1] = last
+            lens[-1] += 1
+            starts.extend(reversed(numbers[:-1]))
+            lens.extend(repeat(1, len(numbers) - 1))
+        else:
+            starts.extend(reversed(numbers))
+            lens.extend(repeat(1, len(numbers)))
+        self.nr += len(numbers)
+
     def remove(self, start: int, nr: int) -> None:
         """Take the numbers ``start .. start + nr - 1`` out of the stack wherever they are
         (the caller checked that every one of them is on it); the others keep their order."""
@@ -247,6 +343,8 @@ class RunStack:
 def mark(state: bytearray, runs: Sequence[Extent], old: int, new: int) -> bool:
     """Set ``state[i] = new`` for every number of ``runs`` if each is in range and ``old``
     (a number repeated within ``runs`` fails too); all or nothing. Returns whether it did."""
+    if len(runs) > 4 and (numbers := singles(runs)) is not None:
+        return mark_numbers(state, numbers, old, new)
     limit = len(state)
     count = state.count
     fill = bytes((new,))
@@ -261,4 +359,22 @@ def mark(state: bytearray, runs: Sequence[Extent], old: int, new: int) -> bool:
         for s2, n2 in runs[:i]:
             state[s2 : s2 + n2] = bytes((old,)) * n2
         return False
+    return True
+
+
+def mark_numbers(state: bytearray, numbers: Sequence[int], old: int, new: int) -> bool:
+    """:func:`mark` of single numbers (``old != new``): every number in range, each in state
+    ``old``, none repeated; all or nothing. The states are read with one ``itemgetter``
+    call (C-level), the repeats found with a ``set``."""
+    n = len(numbers)
+    if n < 2:
+        return not n or mark(state, [(numbers[0], 1)], old, new)
+    try:
+        got = itemgetter(*numbers)(state)
+    except (IndexError, TypeError):
+        return False
+    if got.count(old) != n or min(numbers) < 0 or len(set(numbers)) != n:
+        return False
+    for i in numbers:
+        state[i] = new
     return True

@@ -51,14 +51,29 @@ import math
 import mmap
 import os
 import threading
+from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
+from itertools import repeat
+from operator import add
 
 from gemu.guest.errors import Efault, Einval, Enomem, KernelError, warn_on
 from gemu.guest.kernel import runtime, trace
 from gemu.guest.locking import lockdep
 from gemu.guest.mm import shrinker as _shrinker
-from gemu.guest.mm.extents import Extent, RunStack, expand, mark, runs_of
+from gemu.guest.mm.extents import (
+    Extent,
+    RunStack,
+    expand,
+    mark,
+    mark_numbers,
+    no_neighbours,
+    runs_of,
+    set_numbers,
+    set_states,
+    singles,
+    total,
+)
 from gemu.guest.mm.gfp import (
     Gfp,
     current_gfp_context,
@@ -293,15 +308,6 @@ _USED = 1
 _RESERVED = 2
 
 
-def _set_states(state: bytearray, runs: Sequence[Extent], new: int) -> None:
-    fill = bytes((new,))
-    for p, n in runs:
-        if n == 1:
-            state[p] = new
-        else:
-            state[p : p + n] = fill * n
-
-
 # The allocator.
 
 
@@ -466,7 +472,22 @@ class PageAllocator:
             if len(free) - nr < mark:
                 return None
             got = free.pop(nr)
-            _set_states(self._state, got, _USED)
+            set_states(self._state, got, _USED)
+            s = self._stats
+            s.pages_allocated += nr
+            used = self.totalram_pages - len(free)
+            if used > s.high_water:
+                s.high_water = used
+            return got
+
+    def _rmqueue_numbers(self, nr: int, mark: int) -> list[int] | None:
+        """:meth:`_rmqueue` with every frame as a number (``alloc_pages``)."""
+        with self._lock:
+            free = self._free
+            if len(free) - nr < mark:
+                return None
+            got = free.pop_numbers(nr)
+            set_numbers(self._state, got, _USED)
             s = self._stats
             s.pages_allocated += nr
             used = self.totalram_pages - len(free)
@@ -503,7 +524,7 @@ class PageAllocator:
         Raises:
             Enomem: not enough memory, even after reclaim; or an injected failure.
         """
-        return expand(self._alloc(nr_pages, gfp, self._rmqueue, "alloc_pages"))
+        return self._alloc(nr_pages, gfp, self._rmqueue_numbers, "alloc_pages")
 
     def alloc_extents(self, nr_pages: int, gfp: Gfp = GFP_KERNEL) -> list[Extent]:
         """:meth:`alloc_pages` with the frames as extents ``[(first_pfn, nr), ...]`` in the
@@ -522,7 +543,9 @@ class PageAllocator:
         """One frame. Kernel: alloc_page()."""
         return self.alloc_pages(1, gfp)[0]
 
-    def _alloc(self, nr: int, gfp: Gfp, take, what: str) -> list[Extent]:
+    def _alloc(self, nr: int, gfp: Gfp, take, what: str) -> list:
+        """The allocation path: ``take(nr, mark)`` takes the frames (as extents, or as
+        numbers for :meth:`_rmqueue_numbers`) once the watermarks allow."""
         if nr <= 0:
             raise Einval(msg=f"{what}: cannot allocate {nr} pages")
         runtime.preempt(what)
@@ -549,7 +572,10 @@ class PageAllocator:
         elif len(self._free) < self.watermarks.low and gfp & Gfp.KSWAPD_RECLAIM:
             self.wakeup_kswapd()
         if gfp & Gfp.ZERO:
-            self.physmem.zero_extents(pfns)
+            if take == self._rmqueue_numbers:
+                self.physmem.zero_frames(pfns)
+            else:
+                self.physmem.zero_extents(pfns)
         return pfns
 
     def _alloc_slowpath(self, nr: int, gfp: Gfp, take, min_mark: int, what: str) -> list[Extent]:
@@ -694,6 +720,18 @@ class PageAllocator:
         outside RAM) is a loud :func:`~gemu.guest.errors.warn_on`; in a non-strict run the bad
         frames are skipped and the others freed.
         """
+        if len(pfns) > 4 and no_neighbours(pfns):  # fragmented: free them as numbers
+            runtime.preempt("free_pages")
+            with self._lock:
+                if mark_numbers(self._state, pfns, _USED, _FREE):
+                    if self.poison_on_free:
+                        self._poison(list(zip(pfns, repeat(1))))
+                    self._free.push_singles(pfns)
+                    self._stats.frees += 1
+                    self._stats.pages_freed += len(pfns)
+                    return
+            self._free_bad(runs_of(pfns))
+            return
         self.free_extents(runs_of(pfns))
 
     def free_extents(self, runs: Sequence[Extent]) -> None:
@@ -705,13 +743,15 @@ class PageAllocator:
         with self._lock:
             if mark(self._state, runs, _USED, _FREE):
                 if self.poison_on_free:
-                    mem = self.physmem.mem
-                    for p, n in runs:
-                        mem[p << PAGE_SHIFT : (p + n) << PAGE_SHIFT] = _POISON_PAGE * n
+                    self._poison(runs)
                 self._free.push(runs)
                 self._stats.frees += 1
-                self._stats.pages_freed += sum(n for _, n in runs)
+                self._stats.pages_freed += total(runs)
                 return
+        self._free_bad(runs)
+
+    def _free_bad(self, runs: Sequence[Extent]) -> None:
+        """A free with a frame not in use or not ours: warn, free the good ones."""
         pfns = expand(runs)
         if self.poison_on_free:
             for p in pfns:
@@ -720,6 +760,23 @@ class PageAllocator:
         good = self._check_bad_free(pfns)
         if good:
             self.free_pages(good)
+
+    def _poison(self, runs: Sequence[Extent]) -> None:
+        mem = self.physmem.mem
+        if len(runs) > 4 and (pfns := singles(runs)) is not None:
+            # a fragmented batch: one C-level pass, not a Python step per frame
+            offs = [p << PAGE_SHIFT for p in pfns]
+            deque(
+                map(
+                    mem.__setitem__,
+                    map(slice, offs, map(add, offs, repeat(PAGE_SIZE))),
+                    repeat(_POISON_PAGE),
+                ),
+                0,
+            )
+            return
+        for p, n in runs:
+            mem[p << PAGE_SHIFT : (p + n) << PAGE_SHIFT] = _POISON_PAGE * n
 
     def _check_bad_free(self, pfns: Sequence[int]) -> list[int]:
         seen: set[int] = set()

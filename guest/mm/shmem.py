@@ -50,9 +50,18 @@ from __future__ import annotations
 
 import struct
 from array import array
+from itertools import chain
 
 from gemu.guest.errors import Efault, Einval, KernelError, warn_on
-from gemu.guest.mm.extents import Extent, cut, expand, paired_runs, runs_of
+from gemu.guest.mm.extents import (
+    Extent,
+    cut,
+    expand,
+    no_neighbours,
+    paired_runs,
+    runs_of,
+    total,
+)
 from gemu.guest.mm.page_alloc import GFP_KERNEL, PAGE_SHIFT, PAGE_SIZE, Gfp, PageAllocator
 from gemu.guest.mm.swap import SwapDevice
 
@@ -60,6 +69,13 @@ _NOT_ZERO = ~Gfp.ZERO
 _EXTENT = struct.Struct("=qq")
 UNPOPULATED = -1
 """Page entry of a page that has no frame and no slot."""
+
+
+def _fragmented(frames: list[Extent], slots: list[Extent]) -> bool:
+    """Whether a batch's runs are so short (under 4 pages on average on one side) that
+    copying page by page in one C-level pass (SwapDevice.write_pages/read_pages) beats a
+    Python step per paired run."""
+    return max(len(frames), len(slots)) * 4 > total(frames)
 
 
 class ShmemFile:
@@ -130,7 +146,27 @@ class ShmemFile:
 
     @_runs.setter
     def _runs(self, runs: list[Extent] | None) -> None:
-        self._packed = None if runs is None else b"".join([_EXTENT.pack(*r) for r in runs])
+        # array('q') packs as _EXTENT does (native order, 8 bytes), in one C-level pass
+        self._packed = None if runs is None else array("q", chain.from_iterable(runs)).tobytes()
+
+    def _singles(self) -> list[int] | None:
+        """The frames (or slots) of a whole file as numbers if every extent is one page (a
+        fragmented object), else None; read from the packed extents in C-level passes."""
+        raw = self._packed
+        if len(raw) != _EXTENT.size * self.nr_pages:  # fewer extents than pages
+            return None
+        packed = array("q")
+        packed.frombytes(raw)
+        return packed[::2].tolist()
+
+    def _set_singles(self, numbers: list[int]) -> None:
+        """``_runs = runs_of(numbers)``, packed directly when no two are consecutive."""
+        if not no_neighbours(numbers):
+            self._runs = runs_of(numbers)
+            return
+        packed = array("q", [1]) * (2 * len(numbers))
+        packed[::2] = array("q", numbers)
+        self._packed = packed.tobytes()
 
     @property
     def resident_pages(self) -> int:
@@ -202,6 +238,12 @@ class ShmemFile:
             Eio: a page could not be read from swap.
             In both cases the file is unchanged.
         """
+        if (
+            self.nr_resident != self.nr_pages
+            and self._packed is not None
+            and (pfns := self._swapin_singles(gfp)) is not None
+        ):
+            return pfns
         return expand(self.get_extents(gfp))
 
     def get_extents(self, gfp: Gfp = GFP_KERNEL) -> list[Extent]:
@@ -211,7 +253,8 @@ class ShmemFile:
             return self._runs if self._packed is not None else []
         self._check_live("get_pages")
         if self._packed is not None:
-            self._swapin_all(gfp)
+            if self._swapin_singles(gfp) is None:
+                self._swapin_all(gfp)
         elif self._pages is None:
             frames = self._alloc_frames(self.nr_pages, gfp)
             self.allocator.physmem.zero_extents(frames)
@@ -237,31 +280,66 @@ class ShmemFile:
         self._populate([index], gfp)
         return self.page_state(index)[1]
 
-    def _alloc_frames(self, nr: int, gfp: Gfp) -> list[Extent]:
+    def _alloc_frames(self, nr: int, gfp: Gfp, numbers: bool = False) -> list:
+        """``nr`` frames as extents (or as numbers), not zeroed: every one is overwritten."""
         before = (self.nr_resident, self.nr_swapped)
-        frames = self.allocator.alloc_extents(nr, gfp & _NOT_ZERO)
+        if numbers:
+            frames = self.allocator.alloc_pages(nr, gfp & _NOT_ZERO)
+        else:
+            frames = self.allocator.alloc_extents(nr, gfp & _NOT_ZERO)
         if (self.nr_resident, self.nr_swapped) != before:
-            self.allocator.free_extents(frames)
+            if numbers:
+                self.allocator.free_pages(frames)
+            else:
+                self.allocator.free_extents(frames)
             msg = f"{self.name}: changed during its own get_pages (callers must serialize)"
             warn_on(True, msg)
             raise Einval(msg=msg)
         return frames
 
+    def _swapin_singles(self, gfp: Gfp) -> list[int] | None:
+        """:meth:`_swapin_all` of a fragmented object (every slot an extent of its own, more
+        than four) when the swap device copies page by page in one call
+        (:meth:`SwapDevice.batched_io`): frames and slots as numbers. Returns the frames, or
+        None when it does not apply (nothing done)."""
+        nr = self.nr_pages
+        if nr <= 4 or not self.swap.batched_io() or (slots := self._singles()) is None:
+            return None
+        self._check_live("get_pages")
+        pfns = self._alloc_frames(nr, gfp, numbers=True)
+        try:
+            self.swap.read_pages(self.allocator.physmem, pfns, slots)
+        except KernelError:
+            self.allocator.free_pages(pfns)
+            raise
+        self._set_singles(pfns)
+        self.nr_resident = nr
+        self.nr_swapped = 0
+        self.swap.free_slots(slots)
+        return pfns
+
     def _swapin_all(self, gfp: Gfp) -> None:
         """Bring back an object whose pages are all in swap (the evicted state)."""
         slots = self._runs
         frames = self._alloc_frames(self.nr_pages, gfp)
-        self._read_swap(paired_runs(frames, slots), frames)
+        self._read_swap(frames, slots, frames)
         self._runs = frames
         self.nr_resident = self.nr_pages
         self.nr_swapped = 0
         self.swap.free_extents(slots)
 
-    def _read_swap(self, pairs: list[tuple[int, int, int]], new_frames: list[Extent]) -> None:
-        """Read the ``(pfn, slot, nr)`` pairs; on error free ``new_frames`` (all the frames
-        this call allocated) and re-raise, leaving the slots as they were."""
+    def _read_swap(
+        self, frames: list[Extent], slots: list[Extent], new_frames: list[Extent]
+    ) -> None:
+        """Read the pages of ``slots`` into ``frames`` (page by page, in order); on error free
+        ``new_frames`` (all the frames this call allocated) and re-raise, leaving the slots
+        as they were."""
+        swap = self.swap
         try:
-            self.swap.read_frames(self.allocator.physmem, pairs)
+            if _fragmented(frames, slots) and swap.batched_io():
+                swap.read_pages(self.allocator.physmem, expand(frames), expand(slots))
+            else:
+                swap.read_frames(self.allocator.physmem, paired_runs(frames, slots))
         except KernelError:
             self.allocator.free_extents(new_frames)
             raise
@@ -285,7 +363,7 @@ class ShmemFile:
                     slots.append(-2 - e)
         slot_runs = runs_of(slots)
         if slots:
-            self._read_swap(paired_runs(runs_of(swap_pfns), slot_runs), frames)
+            self._read_swap(runs_of(swap_pfns), slot_runs, frames)
         if zero_pfns:
             self.allocator.physmem.zero_frames(zero_pfns)
         for i, pfn in zip(indices, pfns):
@@ -315,18 +393,24 @@ class ShmemFile:
             return 0
         self._check_live("writeout")
         whole = nr == self.nr_pages
+        swap = self.swap
         if whole:
+            if nr > 4 and swap.batched_io() and (pfns := self._singles()) is not None:
+                return self._writeout_singles(pfns)
             frames = self._runs
             indices = None
         else:
             pages = self._pages
             indices = [i for i, e in enumerate(pages) if e >= 0]
             frames = runs_of([pages[i] for i in indices])
-        slots = self.swap.alloc_extents(nr)
+        slots = swap.alloc_extents(nr)
         try:
-            self.swap.write_frames(self.allocator.physmem, paired_runs(frames, slots))
+            if _fragmented(frames, slots) and swap.batched_io():
+                swap.write_pages(self.allocator.physmem, expand(frames), expand(slots))
+            else:
+                swap.write_frames(self.allocator.physmem, paired_runs(frames, slots))
         except KernelError:
-            self.swap.free_extents(slots)
+            swap.free_extents(slots)
             raise
         if whole:
             self._runs = slots
@@ -337,6 +421,23 @@ class ShmemFile:
         self.nr_swapped += nr
         self._settle()
         self.allocator.free_extents(frames)
+        return nr
+
+    def _writeout_singles(self, pfns: list[int]) -> int:
+        """:meth:`writeout` of a whole file whose frames are all single (fragmented):
+        frames and slots as numbers, copied page by page in one call."""
+        swap = self.swap
+        nr = len(pfns)
+        slots = swap.alloc_slots(nr)
+        try:
+            swap.write_pages(self.allocator.physmem, pfns, slots)
+        except KernelError:
+            swap.free_slots(slots)
+            raise
+        self._set_singles(slots)
+        self.nr_resident = 0
+        self.nr_swapped = nr
+        self.allocator.free_pages(pfns)
         return nr
 
     # Purging.

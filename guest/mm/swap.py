@@ -33,15 +33,27 @@ import random
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from operator import itemgetter
 
 from gemu.guest.errors import Einval, Eio, Enospc, warn_on
 from gemu.guest.kernel import runtime
-from gemu.guest.mm.extents import Extent, RunStack, expand, mark, runs_of
+from gemu.guest.mm.extents import (
+    Extent,
+    RunStack,
+    copy_pages,
+    expand,
+    mark,
+    mark_numbers,
+    no_neighbours,
+    paired_runs,
+    runs_of,
+    set_numbers,
+    set_states,
+)
 from gemu.guest.mm.page_alloc import PAGE_SHIFT, PAGE_SIZE
 
 _FREE = 0
 _USED = 1
-_USED_BYTE = bytes((_USED,))
 
 
 @dataclass
@@ -242,10 +254,13 @@ class SwapDevice:
         Raises:
             Enospc: fewer than ``nr`` slots are free (none is taken).
         """
-        return expand(self.alloc_extents(nr))
+        return self._alloc(nr, True)
 
     def alloc_extents(self, nr: int) -> list[Extent]:
         """:meth:`alloc_slots` with the slots as extents ``[(first_slot, nr), ...]``."""
+        return self._alloc(nr, False)
+
+    def _alloc(self, nr: int, numbers: bool) -> list:
         if nr <= 0:
             raise Einval(msg=f"{self.name}: cannot allocate {nr} slots")
         runtime.preempt("swap alloc")
@@ -256,13 +271,12 @@ class SwapDevice:
                 raise Enospc(
                     msg=f"{self.name}: {nr} slots wanted, {len(free)} of {self.nr_slots} free"
                 )
-            got = free.pop(nr)
-            state = self._state
-            for s, n in got:
-                if n == 1:
-                    state[s] = _USED
-                else:
-                    state[s : s + n] = _USED_BYTE * n
+            if numbers:
+                got = free.pop_numbers(nr)
+                set_numbers(self._state, got, _USED)
+            else:
+                got = free.pop(nr)
+                set_states(self._state, got, _USED)
             used = self.nr_slots - len(free)
             if used > self._stats.high_water:
                 self._stats.high_water = used
@@ -280,6 +294,14 @@ class SwapDevice:
         Freeing a slot that is not in use is a loud :func:`~gemu.guest.errors.warn_on`; in a
         non-strict run the bad slots are skipped.
         """
+        if len(slots) > 4 and no_neighbours(slots):  # fragmented: free them as numbers
+            runtime.preempt("swap free")
+            with self._lock:
+                if mark_numbers(self._state, slots, _USED, _FREE):
+                    self._free.push_singles(slots)
+                    return
+            self._free_bad(runs_of(slots))
+            return
         self.free_extents(runs_of(slots))
 
     def free_extents(self, runs: Sequence[Extent]) -> None:
@@ -291,6 +313,10 @@ class SwapDevice:
             if mark(self._state, runs, _USED, _FREE):
                 self._free.push(runs)
                 return
+        self._free_bad(runs)
+
+    def _free_bad(self, runs: Sequence[Extent]) -> None:
+        """A free with a slot not in use or not on this device: warn, free the good ones."""
         problems, good, seen = [], [], set()
         for s in expand(runs):
             if not 0 <= s < self.nr_slots:
@@ -431,6 +457,73 @@ class SwapDevice:
                     done += got
             stats.pswpin += nr
             stats.bytes_in += nbytes
+
+    def batched_io(self) -> bool:
+        """Whether :meth:`write_pages` and :meth:`read_pages` copy their pages in one step.
+
+        They do on a memory-backed device with no injected error armed, in a free-running
+        runtime. Otherwise they take the per-pair path of :meth:`write_frames` and
+        :meth:`read_frames`: counted injected errors apply per call and the injected rate
+        draws per page in order, which that path keeps exact, and a deterministic runtime
+        logs one preemption point per pair (a free-running one has none to keep).
+        """
+        return (
+            self._mem is not None
+            and not (self._inject_write or self._inject_read or self._rate)
+            and not runtime.current().runtime.deterministic
+        )
+
+    def _pages_ok(self, physmem, pfns: Sequence[int], slots: Sequence[int]) -> bool:
+        """Whether every frame is in RAM and every slot is in use, checked in C-level passes
+        (a batch that fails takes the per-pair path, which names the first bad pair)."""
+        n = len(pfns)
+        if not n or len(slots) != n or min(pfns) < 0 or max(pfns) >= physmem.nr_frames:
+            return False
+        if n == 1:
+            return 0 <= slots[0] < self.nr_slots and self._state[slots[0]] == _USED
+        try:
+            used = itemgetter(*slots)(self._state).count(_USED)
+        except (IndexError, TypeError):
+            return False
+        return used == n and min(slots) >= 0
+
+    def write_pages(self, physmem, pfns: Sequence[int], slots: Sequence[int]) -> None:
+        """Write frame ``pfns[i]`` of ``physmem`` into slot ``slots[i]`` for every ``i``: a
+        fragmented batch (few consecutive pages), page by page without a Python step per
+        page when :meth:`batched_io` allows; otherwise, or for a bad frame or slot, exactly
+        :meth:`write_frames` of the paired runs. Kernel: swap_writepage() for each folio.
+
+        Raises:
+            Efault: a frame outside RAM. Einval: a slot not in use. Eio: an injected write
+            error (the pairs before it were written).
+        """
+        if len(pfns) != len(slots):
+            raise Einval(msg=f"{self.name}: {len(pfns)} frames for {len(slots)} slots")
+        if self.batched_io() and self._pages_ok(physmem, pfns, slots):
+            copy_pages(self._mem, slots, physmem.mem, pfns, PAGE_SHIFT)
+            s = self._stats
+            s.pswpout += len(pfns)
+            s.bytes_out += len(pfns) << PAGE_SHIFT
+            return
+        self.write_frames(physmem, paired_runs(runs_of(pfns), runs_of(slots)))
+
+    def read_pages(self, physmem, pfns: Sequence[int], slots: Sequence[int]) -> None:
+        """Read slot ``slots[i]`` into frame ``pfns[i]`` of ``physmem`` for every ``i``, as
+        :meth:`write_pages` writes. Kernel: swap_read_folio() for each folio.
+
+        Raises:
+            Efault: a frame outside RAM. Einval: a slot not in use. Eio: an injected read
+            error (the pairs before it were read; the slots keep their data).
+        """
+        if len(pfns) != len(slots):
+            raise Einval(msg=f"{self.name}: {len(pfns)} frames for {len(slots)} slots")
+        if self.batched_io() and self._pages_ok(physmem, pfns, slots):
+            copy_pages(physmem.mem, pfns, self._mem, slots, PAGE_SHIFT)
+            s = self._stats
+            s.pswpin += len(pfns)
+            s.bytes_in += len(pfns) << PAGE_SHIFT
+            return
+        self.read_frames(physmem, paired_runs(runs_of(pfns), runs_of(slots)))
 
     def read_slot(self, slot: int) -> bytes:
         """Read one page. Kernel: swap_read_folio() [mm/page_io.c]"""
