@@ -213,7 +213,10 @@ def preempt(reason: str, on: object = None) -> None:
     object) when ``reason`` does not name it; a systematic search (its recorder) uses it to
     tell independent steps apart. It never reaches the event log.
     """
-    task = current()
+    try:  # current(), inline: the hottest caller
+        task = _local.task
+    except AttributeError:
+        task = current()
     if on is not None and task._touched is not None:
         task._next_on = on
     task.runtime._preempt(task, reason)
@@ -221,7 +224,11 @@ def preempt(reason: str, on: object = None) -> None:
 
 def now_ns() -> int:
     """The runtime clock in nanoseconds. Kernel: ktime_get_ns()."""
-    return current().runtime.now_ns()
+    try:  # current(), inline
+        task = _local.task
+    except AttributeError:
+        task = current()
+    return task.runtime.now_ns()
 
 
 def spawn(fn: Callable[..., Any], *args: Any, name: str, **kwargs: Any) -> Task:
@@ -287,10 +294,12 @@ class WaitQueue:
         Raises:
             Erestartsys: ``interruptible`` and the task has a signal pending.
         """
-        task = current()
-        return task.runtime._wait_event(
-            task, self, cond, timeout_ns, interruptible, reason or f"wait {self.name}"
-        )
+        try:  # current(), inline
+            task = _local.task
+        except AttributeError:
+            task = current()
+        # the runtime makes the default reason only if the task sleeps
+        return task.runtime._wait_event(task, self, cond, timeout_ns, interruptible, reason)
 
     def wake_up_all(self) -> None:
         """Wake every task sleeping on this queue; each re-tests its condition.
@@ -548,7 +557,7 @@ class FreeRunning(Runtime):
             deadline = None if timeout_ns is None else time.monotonic_ns() + timeout_ns
             wq._free_waiters += 1
             task._waiting_on = wq
-            task._wait_reason = reason
+            task._wait_reason = reason or f"wait {wq.name}"
             try:
                 while True:
                     if deadline is None:
@@ -1064,12 +1073,19 @@ class Deterministic(Runtime):
         self._wake(task)
 
     def _wait_event(self, task, wq, cond, timeout_ns, interruptible, reason) -> bool:
-        lock = wq.lock
+        # The greenlet backend tests ``cond`` without the queue's lock: its tasks share one
+        # OS thread, which already owns that (reentrant) lock whichever task takes it, and
+        # no task runs but the one testing.
+        lock = None if self._greenlets else wq.lock
         if task._touched is not None:
             task._touched.add(wq.name)
-        with lock:
+        if lock is None:
             if cond():
                 return True
+        else:
+            with lock:
+                if cond():
+                    return True
         if timeout_ns == 0:
             return False
         if interruptible and task.signal_pending:
@@ -1078,14 +1094,19 @@ class Deterministic(Runtime):
             raise _Killed
         deadline = None if timeout_ns is None else self._now + timeout_ns
         task._waiting_on = wq
+        reason = reason or f"wait {wq.name}"
         try:
             while True:
                 task._wait_reason = reason
                 wq._det_waiters.append(task)
                 self._block(task, deadline)
-                with lock:
+                if lock is None:
                     if cond():
                         return True
+                else:
+                    with lock:
+                        if cond():
+                            return True
                 if interruptible and task.signal_pending:
                     raise Erestartsys(msg=f"signal pending while waiting on {wq.name}")
                 if deadline is not None and self._now >= deadline:
