@@ -301,8 +301,12 @@ _submit_counter = itertools.count(1)
 
 
 def _wake(wq: runtime.WaitQueue) -> None:
-    with wq.lock:
-        pass
+    # the queue's lock taken and dropped (a waiter between its test and its sleep has it),
+    # by acquire()/release(): a with-block binds __enter__/__exit__ each time, and the worker
+    # is woken about twice per job
+    lock = wq.lock
+    lock.acquire()
+    lock.release()
     wq.wake_up_all()
 
 
@@ -1025,10 +1029,14 @@ def _run_one(sched: DrmGpuScheduler) -> None:
     if job is None:
         return
     s_fence = job.s_fence
-    with sched.job_list_lock:
+    lock = sched.job_list_lock
+    lock.acquire()  # not a with-block: see _wake()
+    try:
         sched.credit_count += job.credits
         sched.pending_list.append(job)
         _start_timeout(sched)
+    finally:
+        lock.release()
     # run_job is on the way from the pushed job to its finished fence's signal: annotated as a
     # signalling section (see _run_one's docstring for how this differs from mainline).
     cookie = lockdep.dma_fence_begin_signalling()
@@ -1055,8 +1063,12 @@ def _run_one(sched: DrmGpuScheduler) -> None:
 
 def _add_credits(sched: DrmGpuScheduler, delta: int) -> None:
     # The kernel's atomic_add/atomic_sub: hardware-fence callbacks run in other tasks.
-    with sched.job_list_lock:
+    lock = sched.job_list_lock
+    lock.acquire()  # not a with-block: see _wake()
+    try:
         sched.credit_count += delta
+    finally:
+        lock.release()
 
 
 def _job_done_cb(fence: DmaFence, cb: DmaFenceCb) -> None:
@@ -1074,7 +1086,9 @@ def _job_done(job: DrmSchedJob, result: int) -> None:
 
 
 def _free_finished_job(sched: DrmGpuScheduler) -> None:
-    with sched.job_list_lock:
+    lock = sched.job_list_lock
+    lock.acquire()  # not a with-block: see _wake()
+    try:
         pending = sched.pending_list
         if not pending or not pending[0].s_fence.finished.flags & _SIGNALED:
             return
@@ -1083,6 +1097,8 @@ def _free_finished_job(sched: DrmGpuScheduler) -> None:
         if pending:
             pending[0].s_fence.scheduled.timestamp = job.s_fence.finished.timestamp
             _start_timeout(sched)
+    finally:
+        lock.release()
     sched.ops.free_job(job)
 
 

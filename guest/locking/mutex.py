@@ -58,7 +58,7 @@ class Mutex:
         return f"<Mutex {self.name} owner={owner}>"
 
     def __enter__(self) -> Mutex:
-        self.lock()
+        self._lock(False)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -85,10 +85,15 @@ class Mutex:
         preempt(f"lock {self.name}")
         lockdep.acquire(self, self.cls, task=task)
         wq = self.wq
-        with wq.lock:
+        # acquire()/release() rather than a with-block, which binds __enter__ and __exit__
+        # each time: a submit locks its file's submit lock once per job
+        wq.lock.acquire()
+        try:
             if self.owner is None:
                 self.owner = task
                 return
+        finally:
+            wq.lock.release()
 
         def granted() -> bool:
             if self.owner is None:
@@ -150,10 +155,14 @@ class Mutex:
             lockdep.report(
                 "mutex-misuse", f"{task.name} unlocks mutex {self.name} held by {owner.name}"
             )
-        with self.wq.lock:
+        wq = self.wq
+        wq.lock.acquire()
+        try:
             self.owner = None
+        finally:
+            wq.lock.release()
         lockdep.release(self, task=owner)
-        self.wq.wake_up_all()
+        wq.wake_up_all()
         preempt(f"unlock {self.name}")
 
     def is_locked(self) -> bool:
