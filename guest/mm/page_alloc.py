@@ -306,6 +306,7 @@ a pass would have to free more than ``2**64`` pages to reach it)."""
 _FREE = 0
 _USED = 1
 _RESERVED = 2
+_GFP_ZERO = int(Gfp.ZERO)
 
 
 # The allocator.
@@ -571,7 +572,7 @@ class PageAllocator:
                 pfns = self._alloc_slowpath(nr, gfp, take, min_mark, what)
         elif len(self._free) < self.watermarks.low and gfp & Gfp.KSWAPD_RECLAIM:
             self.wakeup_kswapd()
-        if gfp & Gfp.ZERO:
+        if int(gfp) & _GFP_ZERO:  # the int: an IntFlag & makes a new flag object
             if take == self._rmqueue_numbers:
                 self.physmem.zero_frames(pfns)
             else:
@@ -721,18 +722,23 @@ class PageAllocator:
         frames are skipped and the others freed.
         """
         if len(pfns) > 4 and no_neighbours(pfns):  # fragmented: free them as numbers
-            runtime.preempt("free_pages")
-            with self._lock:
-                if mark_numbers(self._state, pfns, _USED, _FREE):
-                    if self.poison_on_free:
-                        self._poison(list(zip(pfns, repeat(1))))
-                    self._free.push_singles(pfns)
-                    self._stats.frees += 1
-                    self._stats.pages_freed += len(pfns)
-                    return
-            self._free_bad(runs_of(pfns))
+            self.free_singles(pfns)
             return
         self.free_extents(runs_of(pfns))
+
+    def free_singles(self, pfns: Sequence[int]) -> None:
+        """:meth:`free_pages` of frames no two of which are consecutive neighbours (the
+        caller knows: e.g. a fragmented object's frames), as numbers; the same checks."""
+        runtime.preempt("free_pages")
+        with self._lock:
+            if mark_numbers(self._state, pfns, _USED, _FREE):
+                if self.poison_on_free:
+                    self._poison(list(zip(pfns, repeat(1))))
+                self._free.push_singles(pfns)
+                self._stats.frees += 1
+                self._stats.pages_freed += len(pfns)
+                return
+        self._free_bad(runs_of(pfns))
 
     def free_extents(self, runs: Sequence[Extent]) -> None:
         """:meth:`free_pages` of the frames of the extents ``runs`` (in that order: the first

@@ -66,6 +66,7 @@ from gemu.guest.mm.page_alloc import GFP_KERNEL, PAGE_SHIFT, PAGE_SIZE, Gfp, Pag
 from gemu.guest.mm.swap import SwapDevice
 
 _NOT_ZERO = ~Gfp.ZERO
+_WITHOUT_ZERO: dict[Gfp, Gfp] = {}  # gfp & ~__GFP_ZERO by gfp: an IntFlag & makes an object
 _EXTENT = struct.Struct("=qq")
 UNPOPULATED = -1
 """Page entry of a page that has no frame and no slot."""
@@ -283,10 +284,13 @@ class ShmemFile:
     def _alloc_frames(self, nr: int, gfp: Gfp, numbers: bool = False) -> list:
         """``nr`` frames as extents (or as numbers), not zeroed: every one is overwritten."""
         before = (self.nr_resident, self.nr_swapped)
+        flags = _WITHOUT_ZERO.get(gfp)
+        if flags is None:
+            flags = _WITHOUT_ZERO[gfp] = gfp & _NOT_ZERO
         if numbers:
-            frames = self.allocator.alloc_pages(nr, gfp & _NOT_ZERO)
+            frames = self.allocator.alloc_pages(nr, flags)
         else:
-            frames = self.allocator.alloc_extents(nr, gfp & _NOT_ZERO)
+            frames = self.allocator.alloc_extents(nr, flags)
         if (self.nr_resident, self.nr_swapped) != before:
             if numbers:
                 self.allocator.free_pages(frames)
@@ -315,7 +319,7 @@ class ShmemFile:
         self._set_singles(pfns)
         self.nr_resident = nr
         self.nr_swapped = 0
-        self.swap.free_slots(slots)
+        self.swap.free_singles(slots)  # a file's extents are maximal: one per slot
         return pfns
 
     def _swapin_all(self, gfp: Gfp) -> None:
@@ -437,7 +441,7 @@ class ShmemFile:
         self._set_singles(slots)
         self.nr_resident = 0
         self.nr_swapped = nr
-        self.allocator.free_pages(pfns)
+        self.allocator.free_singles(pfns)  # a file's extents are maximal: one per frame
         return nr
 
     # Purging.

@@ -295,14 +295,19 @@ class SwapDevice:
         non-strict run the bad slots are skipped.
         """
         if len(slots) > 4 and no_neighbours(slots):  # fragmented: free them as numbers
-            runtime.preempt("swap free")
-            with self._lock:
-                if mark_numbers(self._state, slots, _USED, _FREE):
-                    self._free.push_singles(slots)
-                    return
-            self._free_bad(runs_of(slots))
+            self.free_singles(slots)
             return
         self.free_extents(runs_of(slots))
+
+    def free_singles(self, slots: Sequence[int]) -> None:
+        """:meth:`free_slots` of slots no two of which are consecutive neighbours (the caller
+        knows: e.g. a fragmented object's slots), as numbers; the same checks."""
+        runtime.preempt("swap free")
+        with self._lock:
+            if mark_numbers(self._state, slots, _USED, _FREE):
+                self._free.push_singles(slots)
+                return
+        self._free_bad(runs_of(slots))
 
     def free_extents(self, runs: Sequence[Extent]) -> None:
         """:meth:`free_slots` of the slots of the extents ``runs``, one step per extent."""
