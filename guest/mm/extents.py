@@ -5,8 +5,10 @@ guest RAM, slots of a swap device). The page allocator's free frames, the swap d
 slots and a shmem file's frames or slots while the whole file is in one place are lists of
 extents, so that allocating, freeing, checking and copying a GEM-sized object costs one
 Python step per run of consecutive numbers, not one per page. Memory that comes in long runs
-(the steady state after boot) moves in a few steps whatever its size; a fully fragmented
-object (no two pages consecutive) costs what the per-page design cost.
+(the steady state after boot) moves in a few steps whatever its size. A fully fragmented
+object (no two pages consecutive) has one extent per page; it is handled as a list of numbers
+instead (:meth:`RunStack.pop_numbers`, :meth:`RunStack.push_singles`, :func:`mark_numbers`,
+:func:`copy_pages`), each step one list operation or one short loop over the batch.
 
 :class:`RunStack` is a last-in-first-out free list kept as extents. Its order is exactly the
 order of a stack of single numbers onto which each freed batch is pushed so that its first
