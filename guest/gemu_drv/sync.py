@@ -36,13 +36,14 @@ from gemu.guest.locking.lockdep import LockClass
 class SpinLock:
     """A short, non-recursive driver lock whose waiters sleep in the guest runtime."""
 
-    __slots__ = ("cls", "name", "owner", "wq")
+    __slots__ = ("_held", "cls", "name", "owner", "wq")
 
     def __init__(self, name: str, cls: LockClass) -> None:
         self.name = name
         self.cls = cls
         self.owner: runtime.Task | None = None
         self.wq = runtime.WaitQueue(name)
+        self._held = lockdep.HeldLock(self, cls, False, False, None)  # lockdep.acquire_held()
 
     def __repr__(self) -> str:
         owner = self.owner.name if self.owner else None
@@ -53,7 +54,7 @@ class SpinLock:
         task = runtime.current()
         # lockdep first, as lock_acquire() runs before contending: an inversion or recursion
         # is reported even when this acquisition would deadlock.
-        lockdep.acquire(self, self.cls, task=task)
+        lockdep.acquire_held(self._held, task)
         if self.owner is task:
             lockdep.release(self)
             raise RuntimeError(f"{task.name} takes {self.name} which it already holds")

@@ -265,9 +265,9 @@ class _SectionStack(_Stack):
 
     __slots__ = ("_frame", "_lasti")
 
-    def __init__(self, frame) -> None:
+    def __init__(self, frame, lasti: int) -> None:
         self._frame = frame
-        self._lasti = frame.f_lasti
+        self._lasti = lasti
         self._at = None
 
     def at(self) -> tuple[tuple[object, int], ...]:
@@ -318,6 +318,16 @@ def _fmt(stack: _Stack | None) -> str:
     if stack is None or not stack.at():
         return "  (no stack)"
     return "".join(stack.summary().format()).rstrip()
+
+
+def _section_stack(task: Task) -> _Stack | None:
+    """Where the task's signalling section began: a :class:`_Stack`, or the (frame, offset)
+    that :func:`dma_fence_begin_signalling` keeps, made a :class:`_SectionStack` here (once,
+    so that every report of the section shows the same stack)."""
+    stack = task.signalling_stack
+    if type(stack) is tuple:
+        stack = task.signalling_stack = _SectionStack(*stack)
+    return stack
 
 
 def _fmt_section(stack: _Stack) -> str:
@@ -405,7 +415,28 @@ def acquire(
     held.append(HeldLock(lock, cls, trylock, read, nest))
 
 
+def acquire_held(entry: HeldLock, task: Task) -> None:
+    """:func:`acquire` for a lock that keeps its held-stack entry made once
+    (``HeldLock(lock, cls, False, False, None)``: a plain blocking acquisition, the same each
+    time): the same checks and the same entry on the stack, without making one per
+    acquisition. ``task`` is the current task."""
+    held = task.held_locks
+    if held or task.fence_signalling_depth or task.published_fences:
+        _check_acquire(task, held, entry.lock, entry.cls, False, False, None)
+    held.append(entry)
+
+
 def _check_acquire(task, held, lock, cls, trylock, read, nest) -> None:
+    if not held:
+        # Nothing held, inside a signalling section (the caller checked): only the section's
+        # order, dma_fence_map -> cls, as the code below would find it (a trylock adds none).
+        if trylock:
+            return
+        st = task.runtime.lockdep or _state(task.runtime)
+        succ = st.after.get(DMA_FENCE_MAP)
+        if succ is None or cls not in succ:
+            _order(task, st, DMA_FENCE_MAP, _FENCE_WAIT_MAP, cls, lock)
+        return
     same_class = None  # a held lock of cls, taken without an acquire context: recursion
     for entry in held:
         if entry.lock is lock and not (read and entry.read):
@@ -534,7 +565,7 @@ def _report_cycle(task, st, prev_cls, prev_lock, cls, lock, path) -> None:
         for a, b in itertools.pairwise(path)
     ]
     if signalling and task.signalling_stack is not None and prev_cls is DMA_FENCE_MAP:
-        stacks.append(f"signalling section began at:\n{_fmt_section(task.signalling_stack)}")
+        stacks.append(f"signalling section began at:\n{_fmt_section(_section_stack(task))}")
     stacks.append(
         f"new order {prev_cls.name} -> {cls.name}: {task.name} takes {_name(lock)}\n"
         + _fmt(_capture(4))
@@ -719,22 +750,28 @@ def dma_fence_begin_signalling() -> bool:
     The cookie is True when the task already was inside a section (nesting is allowed).
     """
     task = current()
-    nested = bool(task.fence_signalling_depth or task.published_fences)  # in_signalling()
-    if not nested:
-        # the caller's frame: the section ends in the same function (see _SectionStack)
-        _enter_signalling(task, _SectionStack(sys._getframe(1)))
+    if task.fence_signalling_depth or task.published_fences:  # in_signalling(): nested
+        task.fence_signalling_depth += 1
+        return True
+    # _enter_signalling() with the caller's frame and offset, made a _SectionStack only for a
+    # report: the section ends in the same function (see _SectionStack)
+    frame = sys._getframe(1)
+    task.signalling_mark = len(task.held_locks)
+    task.signalling_stack = (frame, frame.f_lasti)
     task.fence_signalling_depth += 1
-    return nested
+    return False
 
 
 def dma_fence_end_signalling(cookie: bool) -> None:
     """Kernel: dma_fence_end_signalling() [drivers/dma-buf/dma-fence.c]"""
     task = current()
-    if task.fence_signalling_depth <= 0:
+    depth = task.fence_signalling_depth
+    if depth <= 0:
         report("unbalanced", f"{task.name}: dma_fence_end_signalling without a begin")
         return
-    task.fence_signalling_depth -= 1
-    _leave_signalling(task)
+    task.fence_signalling_depth = depth - 1
+    if depth == 1 and not task.published_fences:  # _leave_signalling()
+        task.signalling_stack = None
 
 
 def dma_fence_might_wait() -> None:
@@ -747,7 +784,7 @@ def dma_fence_might_wait() -> None:
     if in_signalling(task):
         stacks = []
         if task.signalling_stack is not None:
-            stacks.append(f"signalling section began at:\n{_fmt_section(task.signalling_stack)}")
+            stacks.append(f"signalling section began at:\n{_fmt_section(_section_stack(task))}")
         stacks.append(f"fence wait ({task.name}):\n{_fmt(_capture())}")
         report(
             "signalling",

@@ -45,13 +45,14 @@ class Mutex:
     ``owner`` is the holding task, None exactly when the mutex is free.
     """
 
-    __slots__ = ("cls", "name", "owner", "wq")
+    __slots__ = ("_held", "cls", "name", "owner", "wq")
 
     def __init__(self, name: str = "mutex", cls: LockClass | None = None) -> None:
         self.name = name
         self.cls = cls or LockClass(name)
         self.owner: Task | None = None
         self.wq = WaitQueue(name)
+        self._held: lockdep.HeldLock | None = None  # for lockdep.acquire_held(), made on first lock
 
     def __repr__(self) -> str:
         owner = self.owner.name if self.owner else None
@@ -83,7 +84,10 @@ class Mutex:
             raise Edeadlk(msg=f"mutex {self.name} is already held by {task.name}")
         lockdep.might_sleep()
         preempt(f"lock {self.name}")
-        lockdep.acquire(self, self.cls, task=task)
+        held = self._held
+        if held is None:
+            held = self._held = lockdep.HeldLock(self, self.cls, False, False, None)
+        lockdep.acquire_held(held, task)
         wq = self.wq
         # acquire()/release() rather than a with-block, which binds __enter__ and __exit__
         # each time: a submit locks its file's submit lock once per job
