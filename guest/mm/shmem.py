@@ -73,10 +73,11 @@ UNPOPULATED = -1
 
 
 def _fragmented(frames: list[Extent], slots: list[Extent]) -> bool:
-    """Whether a batch's runs are so short (under 4 pages on average on one side) that
-    copying page by page in one C-level pass (SwapDevice.write_pages/read_pages) beats a
+    """Whether a batch of more than four pages has runs so short (under 4 pages on average
+    on one side) that copying it page by page (SwapDevice.write_pages/read_pages) beats a
     Python step per paired run."""
-    return max(len(frames), len(slots)) * 4 > total(frames)
+    runs = max(len(frames), len(slots))
+    return runs > 1 and runs * 4 > total(frames) > 4
 
 
 class ShmemFile:
@@ -239,23 +240,26 @@ class ShmemFile:
             Eio: a page could not be read from swap.
             In both cases the file is unchanged.
         """
-        if (
-            self.nr_resident != self.nr_pages
-            and self._packed is not None
-            and (pfns := self._swapin_singles(gfp)) is not None
-        ):
-            return pfns
-        return expand(self.get_extents(gfp))
+        if self.nr_resident == self.nr_pages:
+            return expand(self._runs) if self._packed is not None else []
+        pfns = self._make_resident(gfp)
+        return pfns if pfns is not None else expand(self._runs)
 
     def get_extents(self, gfp: Gfp = GFP_KERNEL) -> list[Extent]:
         """:meth:`get_pages` with the frames as extents ``[(first_pfn, nr), ...]`` in page
         order: the same work, without a number per page."""
-        if self.nr_resident == self.nr_pages:
-            return self._runs if self._packed is not None else []
+        if self.nr_resident != self.nr_pages:
+            self._make_resident(gfp)
+        return self._runs if self._packed is not None else []
+
+    def _make_resident(self, gfp: Gfp) -> list[int] | None:
+        """The work of :meth:`get_pages` for a file not all resident; returns the frames as
+        numbers when it had them so (a fragmented object's swap-in), else None."""
         self._check_live("get_pages")
         if self._packed is not None:
-            if self._swapin_singles(gfp) is None:
-                self._swapin_all(gfp)
+            if self.nr_pages > 4 and (slots := self._singles()) is not None:
+                return self._swapin_singles(slots, gfp)
+            self._swapin_all(gfp)
         elif self._pages is None:
             frames = self._alloc_frames(self.nr_pages, gfp)
             self.allocator.physmem.zero_extents(frames)
@@ -264,7 +268,7 @@ class ShmemFile:
         else:
             pages = self._pages
             self._populate([i for i, e in enumerate(pages) if e < 0], gfp)
-        return self._runs
+        return None
 
     def get_page(self, index: int, gfp: Gfp = GFP_KERNEL) -> int:
         """Make page ``index`` resident; return its frame.
@@ -301,15 +305,11 @@ class ShmemFile:
             raise Einval(msg=msg)
         return frames
 
-    def _swapin_singles(self, gfp: Gfp) -> list[int] | None:
-        """:meth:`_swapin_all` of a fragmented object (every slot an extent of its own, more
-        than four) when the swap device copies page by page in one call
-        (:meth:`SwapDevice.batched_io`): frames and slots as numbers. Returns the frames, or
-        None when it does not apply (nothing done)."""
+    def _swapin_singles(self, slots: list[int], gfp: Gfp) -> list[int]:
+        """:meth:`_swapin_all` of a fragmented object (every slot an extent of its own):
+        frames and slots as numbers, copied page by page (SwapDevice.read_pages, which takes
+        the per-pair path where it must). Returns the frames."""
         nr = self.nr_pages
-        if nr <= 4 or not self.swap.batched_io() or (slots := self._singles()) is None:
-            return None
-        self._check_live("get_pages")
         pfns = self._alloc_frames(nr, gfp, numbers=True)
         try:
             self.swap.read_pages(self.allocator.physmem, pfns, slots)
@@ -399,7 +399,7 @@ class ShmemFile:
         whole = nr == self.nr_pages
         swap = self.swap
         if whole:
-            if nr > 4 and swap.batched_io() and (pfns := self._singles()) is not None:
+            if nr > 4 and (pfns := self._singles()) is not None:
                 return self._writeout_singles(pfns)
             frames = self._runs
             indices = None
