@@ -78,6 +78,7 @@ class DrmSchedPriority(IntEnum):
 
 
 DRM_SCHED_PRIORITY_COUNT = 4
+_PRIORITY_NORMAL = DrmSchedPriority.NORMAL
 
 
 class DrmGpuSchedStat(IntEnum):
@@ -153,6 +154,15 @@ class _JobState(IntEnum):
     CLEANED = 4
 
 
+# Enum members as module constants for the per-job paths: reading a member through its class
+# costs several times a global's lookup, and a job passes these checks a dozen times.
+_NEW = _JobState.NEW
+_INITIALIZED = _JobState.INITIALIZED
+_ARMED = _JobState.ARMED
+_PUSHED = _JobState.PUSHED
+_CLEANED = _JobState.CLEANED
+
+
 class DrmSchedJob(DmaFenceCb):
     """A unit of GPU work; drivers subclass it. Kernel: struct drm_sched_job
 
@@ -170,11 +180,11 @@ class DrmSchedJob(DmaFenceCb):
         self.s_fence: DrmSchedFence | None = None
         self.credits = 0
         self.id = 0
-        self.s_priority = DrmSchedPriority.NORMAL
+        self.s_priority = _PRIORITY_NORMAL
         self.karma = 0
         self.submit_ts = 0
         self.dependencies: dict[int, DmaFence] = {}
-        self._state = _JobState.NEW
+        self._state = _NEW
         self._armed_by: runtime.Task | None = None
         self._submit_seq = 0
 
@@ -656,7 +666,7 @@ def job_init(
     job.dependencies = {}
     job.sched = None
     job.id = 0
-    job._state = _JobState.INITIALIZED
+    job._state = _INITIALIZED
 
 
 def job_arm(job: DrmSchedJob) -> None:
@@ -672,7 +682,7 @@ def job_arm(job: DrmSchedJob) -> None:
     # the rest of arm.
     if job.entity is None:
         warn_on(True, "job_arm without an entity (job_init failed or not called)")
-    if job._state != _JobState.INITIALIZED:
+    if job._state != _INITIALIZED:
         warn_on(True, f"job_arm on {job!r}: arm exactly once after init")
     runtime.preempt("drm_sched.job_arm")
     entity = job.entity
@@ -696,7 +706,7 @@ def job_arm(job: DrmSchedJob) -> None:
     s_fence.scheduled = DmaFence(sched.scheduled_ops, entity.fence_context, seq)
     s_fence.finished = DmaFence(sched.finished_ops, entity.fence_context + 1, seq)
     s_fence.finished.signal_owner = me
-    job._state = _JobState.ARMED
+    job._state = _ARMED
     job._armed_by = me
     entity._armed.append(job)
 
@@ -708,7 +718,7 @@ def entity_push_job(job: DrmSchedJob) -> None:
     Locking: the per-entity lock :func:`job_arm` ran under. Pushing out of arm order or from
     two tasks at once on one entity warns.
     """
-    if job._state != _JobState.ARMED:
+    if job._state != _ARMED:
         warn_on(True, f"entity_push_job on {job!r}: push an armed job once")
     entity = job.entity
     me = runtime.current()
@@ -738,7 +748,7 @@ def entity_push_job(job: DrmSchedJob) -> None:
         finished.signal_owner = None
         job.submit_ts = runtime.now_ns()
         job._submit_seq = next(_submit_counter)
-        job._state = _JobState.PUSHED
+        job._state = _PUSHED
         if entity.stopped:
             warn_on(True, f"Trying to push to a killed entity {entity!r}")
             return
@@ -766,7 +776,7 @@ def job_cleanup(job: DrmSchedJob) -> None:
     fence may already be in a reservation object and would never signal.
     """
     state = job._state
-    if state == _JobState.CLEANED:
+    if state == _CLEANED:
         warn_on(True, f"job_cleanup twice on {job!r}")
     s_fence = job.s_fence
     if s_fence is not None and s_fence.finished is not None:
@@ -776,11 +786,11 @@ def job_cleanup(job: DrmSchedJob) -> None:
     for fence in job.dependencies.values():
         dma_fence.put(fence)
     job.dependencies = {}
-    job.s_fence = None if state != _JobState.ARMED else job.s_fence
+    job.s_fence = None if state != _ARMED else job.s_fence
     if job.entity is not None and job in job.entity._armed:
         job.entity._armed.remove(job)
-    job._state = _JobState.CLEANED
-    if state == _JobState.ARMED:
+    job._state = _CLEANED
+    if state == _ARMED:
         warn_on(
             True,
             f"job_cleanup on {job!r}: an armed job must be pushed "
@@ -916,21 +926,32 @@ def _timeout_due(sched: DrmGpuScheduler) -> bool:
 
 
 def _has_work(sched: DrmGpuScheduler) -> bool:
-    if sched._stop_requested or sched._tdr_work or _timeout_due(sched):
+    # the clock is read last: with jobs to free or run it is not needed
+    if sched._stop_requested or sched._tdr_work:
         return True
-    if sched.pause_submit:
-        return False
-    pending = sched.pending_list
-    if pending and pending[0].s_fence.finished.flags & _SIGNALED:
-        return True
-    return _select_entity(sched, peek=True) is not None
+    if not sched.pause_submit:
+        pending = sched.pending_list
+        if pending and pending[0].s_fence.finished.flags & _SIGNALED:
+            return True
+        if _select_entity(sched, peek=True) is not None:
+            return True
+    return _timeout_due(sched)
 
 
 def _worker(sched: DrmGpuScheduler) -> None:
+    free_running = not runtime.current().runtime.deterministic
+
+    def has_work() -> bool:
+        return _has_work(sched)
+
     while True:
-        deadline = sched._tdr_deadline
-        timeout = None if deadline is None else max(0, deadline - runtime.now_ns())
-        sched.wake.wait_event(lambda: _has_work(sched), timeout_ns=timeout)
+        # Free-running, work found already is taken without wait_event (whose first test
+        # would find it) and without reading the clock for its timeout; deterministic runs
+        # always wait_event, which records the queue for a search's dependencies.
+        if not (free_running and _has_work(sched)):
+            deadline = sched._tdr_deadline
+            timeout = None if deadline is None else max(0, deadline - runtime.now_ns())
+            sched.wake.wait_event(has_work, timeout_ns=timeout)
         if sched._stop_requested:
             return
         while sched._tdr_work:
@@ -1110,7 +1131,7 @@ def _job_timedout(sched: DrmGpuScheduler) -> None:
     if job is not None:
         job.karma += 1
         status = sched.ops.timedout_job(job)
-        if job._state is _JobState.CLEANED:
+        if job._state is _CLEANED:
             # the driver freed the job it was handed (only free_job may): everything below
             # and the scheduler's pending list would use freed memory
             warn_on(

@@ -66,6 +66,10 @@ IRQ_POLL_S = 0.05
 RESET_POLLS = 1000
 
 _ALL_IRQS = Irq.FENCE | Irq.CP_ERROR | Irq.MMU | Irq.RESET_DONE
+# plain ints for the interrupt handler (IntFlag arithmetic costs more than the handler's tests)
+_IRQ_FENCE = int(Irq.FENCE)
+_IRQ_MMU = int(Irq.MMU)
+_IRQ_CP_ERROR = int(Irq.CP_ERROR)
 _ALL_MMU = (1 << regs.AS_COUNT) - 1 | ((1 << regs.AS_COUNT) - 1) << 16
 RING_LOCK_CLASS = LockClass("gemu_gpu.ring_lock")
 """The lockdep class of the ring lock (ring, pending list, reset)."""
@@ -439,16 +443,16 @@ class GemuGpu:
         lock.acquire()
         try:
             self.stats.irqs += 1
-            if hint and not hint & ~int(Irq.FENCE):
-                self.bus.writel_posted(regs.IRQ_CLEAR.offset, int(Irq.FENCE))
+            if hint and not hint & ~_IRQ_FENCE:
+                self.bus.writel_posted(regs.IRQ_CLEAR.offset, _IRQ_FENCE)
             else:
                 status = self.bus.readl(regs.IRQ_STATUS.offset)
-                if status & Irq.MMU:
+                if status & _IRQ_MMU:
                     self._mmu_irq()
-                clear = status & ~int(Irq.MMU)
+                clear = status & ~_IRQ_MMU
                 if clear:
                     self.bus.writel_posted(regs.IRQ_CLEAR.offset, clear)
-                if status & Irq.CP_ERROR:
+                if status & _IRQ_CP_ERROR:
                     self._cp_error()
         finally:
             lock.release()

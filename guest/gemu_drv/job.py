@@ -229,6 +229,18 @@ class Mutant(Enum):
             return SubmitOrder.CORRECT
 
 
+# Enum members as module constants for the submit path: reading a member through its class
+# costs several times a global's lookup, and every submit tests the order half a dozen times.
+_FENCE_BEFORE_SWAPIN = SubmitOrder.FENCE_BEFORE_SWAPIN
+_FENCE_AFTER_UNLOCK = SubmitOrder.FENCE_AFTER_UNLOCK
+_ARM_BEFORE_FAILING_STEP = SubmitOrder.ARM_BEFORE_FAILING_STEP
+_PUSH_OUTSIDE_ENTITY_LOCK = SubmitOrder.PUSH_OUTSIDE_ENTITY_LOCK
+_IDLE_READ_FENCES_BOOKKEEP = Mutant.IDLE_READ_FENCES_BOOKKEEP
+_USAGE_BOOKKEEP = DmaResvUsage.BOOKKEEP
+_USAGE_WRITE = DmaResvUsage.WRITE
+_USAGE_READ = DmaResvUsage.READ
+
+
 @dataclass
 class BoRef:
     """One BO of a job and how the job uses it."""
@@ -304,9 +316,9 @@ def validate_bo(drv: GemuDriver, job: GemuJob, ref: BoRef) -> None:
 
 
 def _usage(ref: BoRef, drv: GemuDriver | None = None) -> DmaResvUsage:
-    if drv is not None and drv.mutant is Mutant.IDLE_READ_FENCES_BOOKKEEP:
-        return DmaResvUsage.BOOKKEEP
-    return DmaResvUsage.WRITE if ref.write else DmaResvUsage.READ
+    if drv is not None and drv.mutant is _IDLE_READ_FENCES_BOOKKEEP:
+        return _USAGE_BOOKKEEP
+    return _USAGE_WRITE if ref.write else _USAGE_READ
 
 
 def submit(drv: GemuDriver, job: GemuJob) -> dma_fence.DmaFence:
@@ -328,7 +340,7 @@ def submit(drv: GemuDriver, job: GemuJob) -> dma_fence.DmaFence:
     objs = [r.bo.obj for r in job.refs]
     # The orders that arm before validating hold the entity's submit lock from arm to push,
     # as a driver must around arm + push; it is dropped before any failure path runs.
-    early = order in (SubmitOrder.FENCE_BEFORE_SWAPIN, SubmitOrder.ARM_BEFORE_FAILING_STEP)
+    early = order is _FENCE_BEFORE_SWAPIN or order is _ARM_BEFORE_FAILING_STEP
     submit_lock = job.file.submit_lock
     section: bool | None = None  # the signalling cookie once the fences are published
     try:
@@ -346,13 +358,13 @@ def submit(drv: GemuDriver, job: GemuJob) -> dma_fence.DmaFence:
                 if early:
                     _arm(drv, job)
                     armed = True
-                    if order is SubmitOrder.FENCE_BEFORE_SWAPIN:
+                    if order is _FENCE_BEFORE_SWAPIN:
                         section = lockdep.dma_fence_begin_signalling()
                         _add_fences(drv, job)
                 for ref in job.refs:
                     validate_bo(drv, job, ref)
                     drm_sched.job_add_implicit_dependencies(job, ref.bo.obj, ref.write)
-                if order is SubmitOrder.FENCE_AFTER_UNLOCK:
+                if order is _FENCE_AFTER_UNLOCK:
                     with submit_lock:
                         _arm(drv, job)
                         armed = True
@@ -362,12 +374,12 @@ def submit(drv: GemuDriver, job: GemuJob) -> dma_fence.DmaFence:
                         if not armed:
                             _arm(drv, job)
                             armed = True
-                        if order is not SubmitOrder.FENCE_BEFORE_SWAPIN:
+                        if order is not _FENCE_BEFORE_SWAPIN:
                             section = lockdep.dma_fence_begin_signalling()
                             _add_fences(drv, job)
-                        if order is not SubmitOrder.PUSH_OUTSIDE_ENTITY_LOCK:
+                        if order is not _PUSH_OUTSIDE_ENTITY_LOCK:
                             drm_sched.entity_push_job(job)
-                    if order is SubmitOrder.PUSH_OUTSIDE_ENTITY_LOCK:
+                    if order is _PUSH_OUTSIDE_ENTITY_LOCK:
                         drm_sched.entity_push_job(job)
             finally:
                 # The submitter's part of the section ends with the push: the job now
@@ -378,7 +390,7 @@ def submit(drv: GemuDriver, job: GemuJob) -> dma_fence.DmaFence:
                 if early:
                     submit_lock.unlock()
         # drm_exec_fini: every BO unlocked here
-        if order is SubmitOrder.FENCE_AFTER_UNLOCK:
+        if order is _FENCE_AFTER_UNLOCK:
             for hook in drv.hooks.after_unlock:
                 hook(job)
             _add_fences_relocking(drv, job)
