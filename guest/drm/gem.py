@@ -565,7 +565,7 @@ class Idr:
         self._count = 0
 
     def alloc(self, obj: Any) -> int:
-        """Store ``obj`` under the lowest free id; return the id."""
+        """Store ``obj`` under the lowest free id; return the id. Kernel: idr_alloc()"""
         if self._free:
             id_ = heapq.heappop(self._free)
             self._slots[id_] = obj
@@ -584,7 +584,8 @@ class Idr:
         return default
 
     def remove(self, id_: int) -> Any:
-        """Free ``id_``; return what it named, or None when it named nothing."""
+        """Free ``id_``; return what it named, or None when it named nothing. Kernel:
+        idr_remove()"""
         obj = self.get(id_)
         if obj is not None:
             self._slots[id_] = None

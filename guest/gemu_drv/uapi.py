@@ -132,6 +132,7 @@ class GemuBo(gem_shmem.DrmGemShmemObject):
         return m
 
     def add_mapping(self, m: VmMapping) -> None:
+        """Link ``m`` last. Kernel: panfrost_gem_open()'s list_add_tail(&mapping->node, ...)"""
         m.next = None
         if self.mappings_head is None:
             self.mappings_head = m
@@ -142,6 +143,7 @@ class GemuBo(gem_shmem.DrmGemShmemObject):
         last.next = m
 
     def remove_mapping(self, m: VmMapping) -> None:
+        """Unlink ``m``. Kernel: panfrost_gem_close()'s list_del(&mapping->node)"""
         if self.mappings_head is m:
             self.mappings_head = m.next
         else:
@@ -173,6 +175,7 @@ class BoList:
         self._lock = threading.Lock()  # gems_lock; no guest code runs under it
 
     def add(self, bo: GemuBo) -> None:
+        """Link ``bo`` last. Kernel: panfrost_gem_debugfs_bo_add()"""
         with self._lock:
             bo.gems_prev, bo.gems_next = self._tail, None
             if self._tail is None:
@@ -183,7 +186,8 @@ class BoList:
             self._count += 1
 
     def pop(self, bo: GemuBo, default: GemuBo | None = None) -> GemuBo | None:
-        """Unlink ``bo``; return it, or ``default`` when it was not listed."""
+        """Unlink ``bo``; return it, or ``default`` when it was not listed. Kernel:
+        panfrost_gem_debugfs_bo_rm()"""
         with self._lock:
             if not self._listed(bo):
                 return default
