@@ -28,6 +28,7 @@ from itertools import accumulate, chain, compress, repeat
 from operator import add, eq, itemgetter, ne, sub
 
 Extent = tuple[int, int]
+_LENGTH = itemgetter(1)
 
 
 def runs_of(numbers: Iterable[int]) -> list[Extent]:
@@ -57,6 +58,9 @@ def no_neighbours(numbers: Sequence[int]) -> bool:
 def expand(runs: Iterable[Extent]) -> list[int]:
     """Every number of ``runs``, in order (the inverse of :func:`runs_of`)."""
     runs = runs if isinstance(runs, list) else list(runs)
+    if len(runs) == 1:  # a whole object in one run
+        s, n = runs[0]
+        return list(range(s, s + n))
     if not runs:
         return []
     starts, lens = zip(*runs)
@@ -118,7 +122,7 @@ def copy_pages(dst, dst_pages: Sequence[int], src, src_pages: Sequence[int], shi
 
 def total(runs: Iterable[Extent]) -> int:
     """How many numbers ``runs`` hold."""
-    return sum(map(itemgetter(1), runs))
+    return sum(map(_LENGTH, runs))
 
 
 def cut(runs: Sequence[Extent], pos: int, nr: int) -> list[Extent]:
@@ -237,6 +241,16 @@ class RunStack:
         if not runs:
             return
         starts, lens = self.starts, self.lens
+        if len(runs) == 1:  # one run: joins the old top or goes on it
+            s, n = runs[0]
+            if starts and s + n == starts[-1]:
+                starts[-1] = s
+                lens[-1] += n
+            else:
+                starts.append(s)
+                lens.append(n)
+            self.nr += n
+            return
         ss, ns = zip(*reversed(runs))
         s, n = ss[0], ns[0]
         if starts and s + n == starts[-1]:
