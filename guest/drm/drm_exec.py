@@ -139,14 +139,17 @@ def _unlock_all(ex: DrmExec) -> None:
     The references go after all the unlocks: a put may free the object, and the free of a
     GEM object must not find its reservation still locked.
     """
-    objects = ex.objects[::-1]
-    ex.objects.clear()
-    for obj in objects:
-        dma_resv.unlock(obj.resv)
-    for obj in objects:
-        _put(obj)
-    prelocked, ex.prelocked = ex.prelocked, None
-    _put(prelocked)
+    if ex.objects:
+        objects = ex.objects[::-1]
+        ex.objects.clear()
+        for obj in objects:
+            dma_resv.unlock(obj.resv)
+        for obj in objects:
+            _put(obj)
+    prelocked = ex.prelocked
+    if prelocked is not None:
+        ex.prelocked = None
+        _put(prelocked)
 
 
 def fini(ex: DrmExec) -> None:

@@ -174,7 +174,8 @@ class DrmSchedJob(DmaFenceCb):
     """
 
     def __init__(self) -> None:
-        super().__init__()
+        self.func = None  # the callback slot's fields (DmaFenceCb.__init__, spelled out)
+        self.queued = False
         self.sched: DrmGpuScheduler | None = None
         self.entity: DrmSchedEntity | None = None
         self.s_fence: DrmSchedFence | None = None
@@ -742,8 +743,12 @@ def entity_push_job(job: DrmSchedJob) -> None:
                 "lock)",
             )
         entity._last_pushed_seq = finished.seqno
-        if job in entity._armed:
-            entity._armed.remove(job)
+        armed = entity._armed
+        if armed:
+            if armed[0] is job:
+                del armed[0]
+            elif job in armed:
+                armed.remove(job)
         lockdep.fence_handed_off(finished)
         finished.signal_owner = None
         job.submit_ts = runtime.now_ns()
@@ -759,7 +764,7 @@ def entity_push_job(job: DrmSchedJob) -> None:
         # leaves this job first and it wakes the worker. Deterministic runs wake on every
         # push, as they always did: explore's schedules for a seed, and what its exhaustive
         # search counts as dependent, stay as they were.
-        behind = len(entity.job_queue) > 1 and isinstance(me.runtime, runtime.FreeRunning)
+        behind = len(entity.job_queue) > 1 and not me.runtime.deterministic
     finally:
         if entity._pushing is me:
             entity._pushing = None

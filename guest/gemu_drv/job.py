@@ -34,7 +34,6 @@ buffer space and the BO references; ``timedout_job`` is the reset path.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 from collections.abc import Callable, Sequence
@@ -370,7 +369,9 @@ def submit(drv: GemuDriver, job: GemuJob) -> dma_fence.DmaFence:
                         armed = True
                         drm_sched.entity_push_job(job)
                 else:
-                    with contextlib.nullcontext() if early else submit_lock:
+                    if not early:  # (early: held since arm)
+                        submit_lock.lock()
+                    try:
                         if not armed:
                             _arm(drv, job)
                             armed = True
@@ -379,6 +380,9 @@ def submit(drv: GemuDriver, job: GemuJob) -> dma_fence.DmaFence:
                             _add_fences(drv, job)
                         if order is not _PUSH_OUTSIDE_ENTITY_LOCK:
                             drm_sched.entity_push_job(job)
+                    finally:
+                        if not early:
+                            submit_lock.unlock()
                     if order is _PUSH_OUTSIDE_ENTITY_LOCK:
                         drm_sched.entity_push_job(job)
             finally:

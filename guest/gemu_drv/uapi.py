@@ -535,8 +535,12 @@ class GemuDriver:
         for ref in job.refs:
             gem.put(ref.bo.obj)
         job.refs = ()
-        with f.inflight_lock:
+        lock = f.inflight_lock
+        lock.acquire()  # (not a with-block, which binds __enter__/__exit__ on every use)
+        try:
             f.inflight -= 1
+        finally:
+            lock.release()
         f.idle_wq.wake_up_all()
 
     def recover(self, job: GemuJob) -> drm_sched.DrmGpuSchedStat:
@@ -744,8 +748,10 @@ class CmdPool:
         n = (len(data) + 3) & ~3
         if n > self.size // 2:
             raise Einval(msg=f"command buffer of {len(data)} bytes exceeds {self.size // 2}")
+        lock = self.lock
         while True:
-            with self.lock:
+            lock.acquire()  # (not a with-block, which binds __enter__/__exit__ on every use)
+            try:
                 start = self.tail
                 if start + n > self.size:
                     waste = self.size - start
@@ -760,6 +766,8 @@ class CmdPool:
                     self.used += waste + n
                     self.tail = (start + n) % self.size
                     break
+            finally:
+                lock.release()
             self.wq.wait_event(lambda: self._room(n), timeout_ns=5_000_000_000)
         self._copy(start, data)
         return chunk, self.va + start
@@ -784,13 +792,17 @@ class CmdPool:
             pos += k
 
     def free(self, chunk: list) -> None:
-        with self.lock:
+        lock = self.lock
+        lock.acquire()
+        try:
             chunk[2] = True
-            while self.chunks and self.chunks[0][2]:
-                _start, size, _ = self.chunks.popleft()
-                self.used -= size
-            if not self.chunks:
+            chunks = self.chunks
+            while chunks and chunks[0][2]:
+                self.used -= chunks.popleft()[1]
+            if not chunks:
                 self.used = 0
+        finally:
+            lock.release()
         self.wq.wake_up_all()
 
     def destroy(self) -> None:
@@ -1002,8 +1014,12 @@ class GemuFile:
                 gem.put(r.bo.obj)
             raise
         job = GemuJob(self, refs, ib_va, ib_dwords, chunk)
-        with self.inflight_lock:
+        lock = self.inflight_lock
+        lock.acquire()  # (not a with-block, which binds __enter__/__exit__ on every use)
+        try:
             self.inflight += 1
+        finally:
+            lock.release()
         job.in_fences = deps
         finished = gjob.submit(self.drv, job)
         job.in_fences = ()
@@ -1011,8 +1027,11 @@ class GemuFile:
         # the end of panfrost_ioctl_submit(): the out-fence holds its own reference now, the
         # submit's (render_done_fence, put with the job) goes
         dma_fence.put(finished)
-        with self.inflight_lock:
+        lock.acquire()
+        try:
             self.out_fences[out] = None
+        finally:
+            lock.release()
         return out
 
     def _add_ref(self, refs, seen, handle: int, access: BoAccess) -> BoRef:

@@ -83,7 +83,8 @@ class Mutex:
             )
             raise Edeadlk(msg=f"mutex {self.name} is already held by {task.name}")
         lockdep.might_sleep()
-        preempt(f"lock {self.name}")
+        if task.runtime.deterministic:  # a free-running preemption point is nothing
+            preempt(f"lock {self.name}")
         held = self._held
         if held is None:
             held = self._held = lockdep.HeldLock(self, self.cls, False, False, None)
@@ -167,7 +168,8 @@ class Mutex:
             wq.lock.release()
         lockdep.release(self, task=owner)
         wq.wake_up_all()
-        preempt(f"unlock {self.name}")
+        if task.runtime.deterministic:  # a free-running preemption point is nothing
+            preempt(f"unlock {self.name}")
 
     def is_locked(self) -> bool:
         """Kernel: mutex_is_locked()."""
