@@ -278,6 +278,7 @@ class GemuJob(drm_sched.DrmSchedJob):
         self.as_held = False
         self.in_fences: Sequence[dma_fence.DmaFence] = ()
         self.fence: dma_fence.DmaFence | None = None
+        self.out_fence: Any = None  # the file's JobFence, told when the job is freed
 
 
 @dataclass

@@ -245,6 +245,27 @@ _OUT_FENCE_LOCK = threading.Lock()
 kernel's syncobj table lock is per file, and these sections are a few instructions long)."""
 
 
+class FreedJob:
+    """What an out-fence tells of its job once the driver freed it (in the kernel the job's
+    memory is gone then): where its command buffer was, for gdb's symbols, and why it failed,
+    if it did (``message``; ``hw_fence`` is gone)."""
+
+    __slots__ = ("ib_dwords", "ib_va", "message")
+    hw_fence = None
+
+    def __init__(self, ib_va: int, ib_dwords: int, message: str) -> None:
+        self.ib_va = ib_va
+        self.ib_dwords = ib_dwords
+        self.message = message
+
+    def __repr__(self) -> str:
+        return f"<FreedJob ib_va={self.ib_va:#x} dwords={self.ib_dwords}>"
+
+
+_JOB_FREED = object()
+"""``GemuJob.out_fence`` once the job was freed (release_job_resources)."""
+
+
 class JobFence:
     """The out-fence of a submit: its own reference on the job's finished fence, plus why the
     job failed, if it did.
@@ -260,13 +281,17 @@ class JobFence:
     waiting for it or passing it as a dependency is always safe, however long ago the job was
     freed. A closed out-fence is refused like a destroyed handle (-ENOENT); ``signaled``,
     ``error`` and ``message`` then tell the state it had when it was closed.
+
+    ``job`` is the job while the driver has it, then a :class:`FreedJob`: the out-fence keeps
+    (command-buffer VA, dwords, message) of a freed GEM driver job, not the job (a client that
+    never closes its out-fences would keep every job it ever submitted).
     """
 
-    __slots__ = ("_error", "_signaled", "closed", "fence", "file", "job", "seqno")
+    __slots__ = ("_error", "_job", "_signaled", "closed", "fence", "file", "seqno")
 
     def __init__(self, file: GemuFile | None, job: GemuJob, fence: DmaFence) -> None:
         self.file = file
-        self.job = job
+        self._job: GemuJob | tuple[int, int, str] = job
         self.fence: DmaFence = dma_fence.get(fence)
         self.seqno = fence.seqno
         self.closed = False
@@ -290,6 +315,17 @@ class JobFence:
     @property
     def error(self) -> int:
         return self._error if self.closed else self.fence.error
+
+    @property
+    def job(self) -> GemuJob | FreedJob:
+        """The job, or what is left of it once freed (:class:`FreedJob`)."""
+        job = self._job
+        return FreedJob(*job) if type(job) is tuple else job
+
+    def job_freed(self, job: GemuJob) -> None:
+        """The driver freed ``job``: keep its command buffer's place and message only (a
+        plain tuple, which the cyclic collector stops tracking)."""
+        self._job = (job.ib_va, job.ib_dwords, gjob.job_error_message(job))
 
     @property
     def message(self) -> str:
@@ -539,6 +575,11 @@ class GemuDriver:
         lock.acquire()  # (not a with-block, which binds __enter__/__exit__ on every use)
         try:
             f.inflight -= 1
+            # the out-fence keeps what it needs of the job from now on (or, made later, is
+            # told so by the submit: see GemuFile._submit)
+            out, job.out_fence = job.out_fence, _JOB_FREED
+            if type(out) is JobFence:
+                out.job_freed(job)
         finally:
             lock.release()
         f.idle_wq.wake_up_all()
@@ -1030,6 +1071,10 @@ class GemuFile:
         lock.acquire()
         try:
             self.out_fences[out] = None
+            if job.out_fence is _JOB_FREED:  # the job ran and was freed meanwhile
+                out.job_freed(job)
+            else:
+                job.out_fence = out
         finally:
             lock.release()
         return out
