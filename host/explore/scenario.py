@@ -66,6 +66,7 @@ import gc
 import hashlib
 import itertools
 import logging
+import mmap
 import random
 import struct
 import traceback
@@ -464,7 +465,9 @@ class _Run:
         gem._serial = itertools.count(1)
         dma_fence._context_counter = itertools.count(1)
         lockdep.set_implicit_signalling(self.cfg.strict_signalling)
-        self.ram = bytearray(sc.ram_pages * PAGE)
+        # anonymous pages read as zero until written; bytearray(n) zeroed (touched) every
+        # page of RAM at every schedule, most of which the balloon then holds untouched
+        self.ram = mmap.mmap(-1, sc.ram_pages * PAGE, flags=mmap.MAP_PRIVATE)
         rt = runtime.current_runtime()
         self.bus = InprocBus(self.ram, track=getattr(rt, "recorder", None) is not None)
         self.gpu_task = runtime.spawn(self.bus.device_task, name="gpu")
