@@ -485,13 +485,13 @@ class PageAllocator:
         """:meth:`_rmqueue` with every frame as a number (``alloc_pages``)."""
         with self._lock:
             free = self._free
-            if len(free) - nr < mark:
+            if free.nr - nr < mark:  # RunStack.nr: len() is a Python-level call
                 return None
             got = free.pop_numbers(nr)
             set_numbers(self._state, got, _USED)
             s = self._stats
             s.pages_allocated += nr
-            used = self.totalram_pages - len(free)
+            used = self.totalram_pages - free.nr
             if used > s.high_water:
                 s.high_water = used
             return got
@@ -552,9 +552,8 @@ class PageAllocator:
         runtime.preempt(what)
         self._stats.allocs += 1
         gfp = current_gfp_context(gfp)
-        can_reclaim = gfpflags_allow_blocking(gfp) and not current_is_memalloc()
         lockdep.might_alloc(gfp)
-        if self._should_fail():
+        if self._fail_nth.countdown > 0 and self._should_fail():
             self._stats.injected_failures += 1
             raise self._fail(what, nr, gfp, 0, 0, "injected failure (fail-nth)")
         if nr > self.totalram_pages:
@@ -567,10 +566,10 @@ class PageAllocator:
             min_mark = self._min_mark(gfp)
             pfns = take(nr, min_mark)
             if pfns is None:
-                if not can_reclaim:
+                if not gfpflags_allow_blocking(gfp) or current_is_memalloc():
                     raise self._fail(what, nr, gfp, 0, 0, "no reclaim allowed")
                 pfns = self._alloc_slowpath(nr, gfp, take, min_mark, what)
-        elif len(self._free) < self.watermarks.low and gfp & Gfp.KSWAPD_RECLAIM:
+        elif self._free.nr < self.watermarks.low and gfp & Gfp.KSWAPD_RECLAIM:
             self.wakeup_kswapd()
         if int(gfp) & _GFP_ZERO:  # the int: an IntFlag & makes a new flag object
             if take == self._rmqueue_numbers:

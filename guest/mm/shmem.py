@@ -225,8 +225,10 @@ class ShmemFile:
         self._pages = None
 
     def _check_live(self, what: str) -> None:
-        if warn_on(self.released, f"{self.name}: {what} after release"):
-            raise Einval(msg=f"{self.name}: {what} after release")
+        if self.released:  # the message is only formatted when it is needed
+            msg = f"{self.name}: {what} after release"
+            warn_on(True, msg)
+            raise Einval(msg=msg)
 
     # Making pages resident.
 

@@ -266,7 +266,7 @@ class SwapDevice:
         runtime.preempt("swap alloc")
         with self._lock:
             free = self._free
-            if len(free) < nr:
+            if free.nr < nr:  # RunStack.nr: len() would be a Python-level call
                 self._stats.alloc_failures += 1
                 raise Enospc(
                     msg=f"{self.name}: {nr} slots wanted, {len(free)} of {self.nr_slots} free"
@@ -277,7 +277,7 @@ class SwapDevice:
             else:
                 got = free.pop(nr)
                 set_states(self._state, got, _USED)
-            used = self.nr_slots - len(free)
+            used = self.nr_slots - free.nr
             if used > self._stats.high_water:
                 self._stats.high_water = used
             return got
