@@ -788,9 +788,11 @@ def job_cleanup(job: DrmSchedJob) -> None:
         if s_fence.finished.flags & _SIGNALED:
             _check_fence_order(job, s_fence)
         dma_fence.put(s_fence.finished)
-    for fence in job.dependencies.values():
-        dma_fence.put(fence)
-    job.dependencies = {}
+    deps = job.dependencies
+    if deps:
+        for fence in deps.values():
+            dma_fence.put(fence)
+        job.dependencies = {}
     job.s_fence = None if state != _ARMED else job.s_fence
     if job.entity is not None and job in job.entity._armed:
         job.entity._armed.remove(job)
@@ -1077,7 +1079,7 @@ def _run_one(sched: DrmGpuScheduler) -> None:
         dma_fence.check_and_signal(s_fence.scheduled)
         if fence is not None:
             try:
-                dma_fence.add_callback(fence, job.cb, _job_done_cb)
+                dma_fence.add_callback(fence, job, _job_done_cb)  # &job->cb: the job
             except Enoent:
                 _job_done(job, fence.error)
         else:
@@ -1102,13 +1104,19 @@ def _job_done_cb(fence: DmaFence, cb: DmaFenceCb) -> None:
 
 
 def _job_done(job: DrmSchedJob, result: int) -> None:
-    sched = job.s_fence.sched
-    _add_credits(sched, -job.credits)
-    finished = job.s_fence.finished
-    if result and not dma_fence.test_signaled_flag(finished):
+    s_fence = job.s_fence
+    sched = s_fence.sched
+    lock = sched.job_list_lock  # _add_credits(sched, -job.credits), once per job
+    lock.acquire()
+    try:
+        sched.credit_count -= job.credits
+    finally:
+        lock.release()
+    finished = s_fence.finished
+    if result and not finished.flags & _SIGNALED:
         dma_fence.set_error(finished, result)
     dma_fence.check_and_signal(finished)
-    wakeup(sched)
+    _wake(sched.wake)  # wakeup(sched)
 
 
 def _free_finished_job(sched: DrmGpuScheduler) -> None:

@@ -824,8 +824,8 @@ def fence_published(fence: object) -> None:
 def fence_handed_off(fence: object) -> None:
     """The task that published ``fence`` no longer has to signal it (the job was pushed to
     the scheduler, or the fence signalled); its implicit section for this fence ends."""
-    st = _state()
-    if not st.publisher:
+    st = current().runtime.lockdep
+    if st is None or not st.publisher:
         # Nothing published in the implicit mode (always so when it is off). A fence this
         # call could hand off was published by its owner before the push that leads here,
         # so an empty table read without the lock is never stale for it.
