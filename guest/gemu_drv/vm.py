@@ -288,7 +288,8 @@ class GpuMmu:
     def as_put(self, vm: GpuVm) -> None:
         """One user of ``vm``'s slot is done (its job finished). Kernel: panfrost_mmu_as_put()."""
         with self.lock:
-            if warn_on(vm.as_nr is None or vm.as_users <= 0, f"as_put on unbound VM {vm.name}"):
+            if vm.as_nr is None or vm.as_users <= 0:  # (the message only when it fires: per job)
+                warn_on(True, f"as_put on unbound VM {vm.name}")
                 return
             vm.as_users -= 1
 
