@@ -1006,7 +1006,7 @@ class GemuFile:
         """
         if self.closed:
             raise Einval(msg=f"{self.name} is closed")
-        deps = self._lookup_in_fences(in_fences)
+        deps = self._lookup_in_fences(in_fences) if in_fences else ()
         try:
             return self._submit(cmd, bos, deps)
         finally:

@@ -694,16 +694,16 @@ def might_alloc(gfp: int = Gfp.KERNEL) -> None:
     mask = int(gfp)
     if not mask & _DIRECT_RECLAIM:
         return  # GFP_NOWAIT, GFP_ATOMIC: no reclaim, no sleep
-    pflags = gfp_mod.current_flags()
-    if not pflags & gfp_mod.PF_MEMALLOC:  # __need_reclaim()
-        if pflags & gfp_mod.PF_MEMALLOC_NOIO:  # current_gfp_context()
-            mask &= ~(_IO | _FS)
-        elif pflags & gfp_mod.PF_MEMALLOC_NOFS:
-            mask &= ~_FS
-        # With nothing held and no signalling section open, taking the maps records
-        # nothing: fs_reclaim -> mmu_notifier is primed (_prime) and the graph never loses
-        # an order. That is most allocations of a job (the job, its scheduler structures).
-        if task.held_locks or task.fence_signalling_depth or task.published_fences:
+    # With nothing held and no signalling section open, taking the maps records nothing:
+    # fs_reclaim -> mmu_notifier is primed (_prime) and the graph never loses an order. That
+    # is most allocations of a job (the job, its scheduler structures).
+    if task.held_locks or task.fence_signalling_depth or task.published_fences:
+        pflags = gfp_mod.current_flags()
+        if not pflags & gfp_mod.PF_MEMALLOC:  # __need_reclaim()
+            if pflags & gfp_mod.PF_MEMALLOC_NOIO:  # current_gfp_context()
+                mask &= ~(_IO | _FS)
+            elif pflags & gfp_mod.PF_MEMALLOC_NOFS:
+                mask &= ~_FS
             if mask & _FS:
                 acquire(_FS_RECLAIM_MAP, FS_RECLAIM, task=task)
             acquire(_MMU_NOTIFIER_MAP, MMU_NOTIFIER, task=task)

@@ -82,7 +82,8 @@ class Mutex:
                 key=("recursive", id(self)),
             )
             raise Edeadlk(msg=f"mutex {self.name} is already held by {task.name}")
-        lockdep.might_sleep()
+        if task.atomic_depth:  # lockdep.might_sleep(), which reports only then
+            lockdep.might_sleep()
         if task.runtime.deterministic:  # a free-running preemption point is nothing
             preempt(f"lock {self.name}")
         held = self._held
