@@ -34,9 +34,11 @@ next. Its footprint is the object its preemption point names (``lock bo1`` -> ``
 fence or reservation point names its instance through ``runtime.preempt(..., on=)``:
 ``dma_fence 3:1``, ``bo3``; scheduler points share ``drm_sched``, the page allocator and
 swap share ``mm``) plus every wait queue it waited on or woke (spinlocks, fence waits,
-completions); the GPU's steps (``advance``) and every step on an object whose data lives in
-guest RAM (a BO's lock, page tables, the ring, ``mm``) also share ``memory``; a point the
-table does not know is dependent with everything. Two steps are dependent when their
+completions); the GPU's steps (``advance``) work on ``gpu`` and on the owners of the guest
+frames they touched (a BO's reservation lock, a VM's page-table lock, the ring lock); a
+point the table does not know is dependent with everything, and so is a fence or
+reservation point that did not name its instance. A task's first step (from its start to
+its first point) is recorded like the others. Two steps are dependent when their
 footprints meet. After each run, its races (dependent steps of two tasks that no step in
 between orders, by vector clocks) say which decisions must also try the racing task: the
 decision before the first step, and the one that began the run of steps of its task, so
@@ -81,8 +83,6 @@ _OBJECT_OPS = {
     "wake",
 }
 _SHARED_OBJECT_PREFIXES = (
-    ("dma_fence.", "dma_fence"),
-    ("dma_resv.", "dma_resv"),
     ("drm_sched.", "drm_sched"),
     ("alloc_", "mm"),
     ("free_pages", "mm"),
@@ -191,10 +191,14 @@ class _Run:
         self.preempted: list[runtime.Task] = []
         self.fingerprint = 0
         self._objects: dict[tuple[str, object], str] = {}
+        self._tasks: list[runtime.Task] = []
+        self._tracked = 0
 
     def attach(self, rt: runtime.Deterministic) -> None:
         rt.chooser = self.choose
         rt.recorder = self.record
+        self._tasks = rt.tasks
+        self._tracked = 0
 
     def choose(self, rt: runtime.Deterministic, runnable: list[runtime.Task]) -> runtime.Task:
         cur = runtime.current()
@@ -253,6 +257,15 @@ class _Run:
         task._next_on = None
         task._label = next_label or "exit"
         task._touched = set()
+        # A task spawned since the last transition records its first one too (what its start
+        # waits on or wakes, the object its first point names); the spawner's transition
+        # ends right after the spawn, before the new task can run.
+        tasks = self._tasks
+        while self._tracked < len(tasks):
+            new = tasks[self._tracked]
+            if new._touched is None:
+                new._touched = set()
+            self._tracked += 1
 
 
 def _trace_fingerprint(steps: list[_Step]) -> int:
