@@ -538,10 +538,16 @@ class BoundedSearch:
     def _add_alternatives(self, path: list[_Point], one: _Run) -> None:
         """What each decision must try besides its choice. Naive: every runnable task.
         Reduced (dynamic partial-order reduction, Flanagan and Godefroid 2005): for each
-        race (i, j), the task of j at the decision before i (every runnable task there when
-        it could not run), and, so that the reversal stays within the bound, also at the
-        decision that began the run of i's task that i belongs to (Coons, Musuvathi and
-        McKinley 2013, bounded partial-order reduction)."""
+        race (i, j), the task of j at the decision before i (when it could not run there,
+        the task whose step woke it, or every runnable task), and, so that the reversal
+        stays within the bound, also at the decision that began the run of i's task that i
+        belongs to (Coons, Musuvathi and McKinley 2013, bounded partial-order reduction).
+
+        A task tried in place of j's blocked task must leave a preemption to spare when i's
+        task is the one running at the decision before i: that choice preempts it, the
+        default hands back to the most recently preempted task (i's) whenever the chosen one
+        blocks, so j's task runs before i only at the cost of a second preemption. Trying it
+        with no preemption left runs a schedule that cannot reverse the race."""
         if not self.reduce:
             for p in path:
                 p.backtrack.update(p.runnable)
@@ -555,14 +561,22 @@ class BoundedSearch:
             while k > 0 and steps[k - 1].tid == steps[i].tid:
                 k -= 1
             nodes.add(steps[k].node)
+            # i's task ran the step before i and reached its point without blocking: at the
+            # decision before i it is the running task, so any other choice there puts it on
+            # top of the preempted tasks, and the default hands back to it before j's task,
+            # blocked there, can run: the reversal costs a second preemption there
+            running = k < i and not steps[i].label.startswith("wake ")
             for n in nodes:
                 if n is None or n >= len(path):
                     continue
                 p = path[n]
                 if tid in p.runnable:
                     p.backtrack.add(tid)
-                else:
-                    p.backtrack.update(_enablers(steps, i, j, p.runnable))
+                    continue
+                tids = _enablers(steps, i, j, p.runnable)
+                if running and n == steps[i].node:
+                    tids = {t for t in tids if p.cost(t) < self.bound}
+                p.backtrack.update(tids)
 
     @staticmethod
     def _sleep_sets(path: list[_Point], one: _Run) -> None:
