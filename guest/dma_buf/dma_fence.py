@@ -140,11 +140,19 @@ class DmaFence:
     )
 
     def __init__(
-        self, ops: DmaFenceOps | None = None, context: int = 0, seqno: int = 0, *, seqno64=False
+        self,
+        ops: DmaFenceOps | None = None,
+        context: int = 0,
+        seqno: int = 0,
+        *,
+        seqno64=False,
+        lock: threading.Lock | None = None,
     ) -> None:
-        # the kernel's inline per-fence lock, then dma_fence_init()/_init64() (_fence_init,
-        # spelled out: three fences per job)
-        self.lock = threading.Lock()
+        # ``lock``: the spinlock dma_fence_init() is given, which fences may share (a job's
+        # scheduled and finished fences share their drm_sched_fence's); by default the
+        # fence's own (the kernel's inline per-fence lock). Then dma_fence_init()/_init64()
+        # (_fence_init, spelled out: three fences per job).
+        self.lock = threading.Lock() if lock is None else lock
         self.ops = ops if ops is not None else _DEFAULT_OPS
         self.context = context
         self.seqno = seqno

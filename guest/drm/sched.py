@@ -704,8 +704,11 @@ def job_arm(job: DrmSchedJob) -> None:
     seq = entity.fence_seq
     s_fence = job.s_fence
     s_fence.sched = sched
-    s_fence.scheduled = DmaFence(sched.scheduled_ops, entity.fence_context, seq)
-    s_fence.finished = DmaFence(sched.finished_ops, entity.fence_context + 1, seq)
+    # drm_sched_fence_init(): both fences are initialised with one lock (the drm_sched_fence's
+    # ``lock``; with inline fence locks, the scheduled fence's, dma_fence_spinlock())
+    lock = threading.Lock()
+    s_fence.scheduled = DmaFence(sched.scheduled_ops, entity.fence_context, seq, lock=lock)
+    s_fence.finished = DmaFence(sched.finished_ops, entity.fence_context + 1, seq, lock=lock)
     s_fence.finished.signal_owner = me
     job._state = _ARMED
     job._armed_by = me
