@@ -645,6 +645,7 @@ class BoundedSearch:
                     for tid in sorted(p.backtrack - p.done):
                         p.done.add(tid)
                         if p.cost(tid) <= self.bound:
+                            p.tried += 1  # run by a worker: not pruned
                             items.append((n, tid))
                 if not items:
                     return
