@@ -31,9 +31,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from .abi import regs
 from .abi.enums import Access
@@ -49,11 +48,18 @@ _MASK32 = 0xFFFFFFFF
 GUEST_LOG_BURST = 5  # guest errors logged per kind and offset before they are only counted
 GUEST_LOG_INTERVAL_S = 5.0  # at most one "suppressed" summary line per interval
 _CP_ENABLE = regs.CP_CONTROL.field("ENABLE").mask
+_CP_SELF_CLEARING = regs.CP_CONTROL.field("RESUME").mask | regs.CP_CONTROL.field("RESET_HEAD").mask
+_AS_BOUND = tuple(
+    (regs.as_reg(i, "COMMAND"), regs.as_reg(i, "STATUS"), regs.as_reg(i, "TLB_ENTRIES"))
+    for i in range(AS_COUNT)
+)
+"""Each AS's registers with bound behaviour, looked up once per process."""
 
 
-@dataclass(frozen=True)
-class RegisterAccessInfo:
-    """The behaviour of one register, after QEMU's ``RegisterAccessInfo``."""
+class RegisterAccessInfo(NamedTuple):
+    """The behaviour of one register, after QEMU's ``RegisterAccessInfo``. Immutable; a
+    tuple, not a frozen dataclass, because every device built binds some forty of them
+    (explore builds one per schedule)."""
 
     reg: Register
     read: Callable[[], int] | None = None
@@ -72,6 +78,38 @@ def _write_mask(reg: Register) -> int:
     return mask
 
 
+class _MapTables:
+    """What every register file of one map shares, made once per map and process: the
+    register at each index, the bits a write keeps, which registers a guest may write and
+    read, the reset values."""
+
+    def __init__(self, regmap: RegisterMap) -> None:
+        n = MMIO_SIZE // 4
+        self.regs: list[Register | None] = [None] * n
+        self.wmask = [0] * n
+        self.writable = [False] * n
+        self.readable = [False] * n
+        self.reset = [0] * n
+        for r in regmap:
+            i = r.offset >> 2
+            self.regs[i] = r
+            self.wmask[i] = _write_mask(r)
+            self.writable[i] = r.writable
+            self.readable[i] = r.readable
+            self.reset[i] = r.reset
+
+
+_TABLES: dict[int, tuple[RegisterMap, _MapTables]] = {}
+
+
+def _tables(regmap: RegisterMap) -> _MapTables:
+    """The shared tables of ``regmap`` (keyed by identity: the map is kept alive with them)."""
+    entry = _TABLES.get(id(regmap))
+    if entry is None or entry[0] is not regmap:
+        entry = _TABLES[id(regmap)] = (regmap, _MapTables(regmap))
+    return entry[1]
+
+
 class RegFile:
     """Values of every register of a :class:`~gemu.device.abi.regs.RegisterMap`.
 
@@ -81,20 +119,20 @@ class RegFile:
 
     def __init__(self, regmap: RegisterMap = REGISTER_MAP) -> None:
         self.regmap = regmap
+        tables = self._tables = _tables(regmap)
         n = MMIO_SIZE // 4
-        self.values = [0] * n
-        self._regs: list[Register | None] = [None] * n
+        self.values = list(tables.reset)
+        # read-only tables shared by every register file of the map
+        self._regs = tables.regs
+        self._wmask = tables.wmask
+        self._writable = tables.writable
+        self._readable = tables.readable
         self._info: list[RegisterAccessInfo | None] = [None] * n
-        self._wmask = [0] * n
-        for r in regmap:
-            self._regs[r.offset >> 2] = r
-            self._wmask[r.offset >> 2] = _write_mask(r)
         self.guest_errors = 0
         self.internal_errors = 0
         self._logged: dict[tuple, int] = {}  # guest errors logged per (kind, offset)
         self._suppressed = 0  # not logged since the last summary line
         self._summary_at = 0.0  # monotonic time the next summary may be logged
-        self.reset()
 
     def bind(self, table: Iterable[RegisterAccessInfo]) -> None:
         """Install a behaviour table; every entry must name a register of the map."""
@@ -109,9 +147,9 @@ class RegFile:
             self._info[idx] = info
 
     def reset(self) -> None:
-        """Every register back to its declared reset value."""
-        for r in self.regmap:
-            self.values[r.offset >> 2] = r.reset
+        """Every register back to its declared reset value (in place: the device model keeps
+        references to ``values``)."""
+        self.values[:] = self._tables.reset
 
     def get(self, reg: Register) -> int:
         return self.values[reg.offset >> 2]
@@ -160,6 +198,12 @@ class RegFile:
     def mmio_read(self, offset: int) -> int:
         """A guest read: never raises; bad accesses log a guest error and read 0."""
         try:
+            idx = offset >> 2 if type(offset) is int and 0 <= offset < MMIO_SIZE else -1
+            if idx >= 0 and not offset & 3 and self._readable[idx]:
+                info = self._info[idx]  # the common case: a readable register
+                if info is not None and info.read is not None:
+                    return info.read() & _MASK32
+                return self.values[idx]
             reg = self._lookup(offset, "read")
             if reg is None:
                 return 0
@@ -184,6 +228,21 @@ class RegFile:
     def mmio_write(self, offset: int, value: int) -> None:
         """A guest write: never raises; bad accesses log a guest error and are ignored."""
         try:
+            idx = offset >> 2 if type(offset) is int and 0 <= offset < MMIO_SIZE else -1
+            if (
+                idx >= 0
+                and not offset & 3
+                and self._writable[idx]
+                and type(value) is int
+                and 0 <= value <= _MASK32
+            ):
+                # the common case: a 32-bit value to a writable register
+                info = self._info[idx]
+                if info is None:
+                    self.values[idx] = value & self._wmask[idx]
+                    return
+                self._write(idx, info, value)
+                return
             reg = self._lookup(offset, "write")
             if reg is None:
                 return
@@ -205,19 +264,25 @@ class RegFile:
                 return
             idx = offset >> 2
             info = self._info[idx]
-            if info is not None and info.clears is not None:
-                cidx = info.clears.offset >> 2
-                self.values[cidx] &= ~(value & self._wmask[idx]) & _MASK32
+            if info is None:
+                self.values[idx] = value & self._wmask[idx]
             else:
-                if info is not None and info.pre_write is not None:
-                    value = info.pre_write(value) & _MASK32
-                keep = self._wmask[idx] & ~(info.self_clearing if info else 0)
-                self.values[idx] = value & keep
-            if info is not None and info.post_write is not None:
-                info.post_write(value & self._wmask[idx])
+                self._write(idx, info, value)
         except Exception:
             self.internal_errors += 1
             log.exception("internal error writing %#x to register at %#x", value, offset)
+
+    def _write(self, idx: int, info: RegisterAccessInfo, value: int) -> None:
+        """Store a checked guest write to a register with bound behaviour, and act on it."""
+        if info.clears is not None:
+            cidx = info.clears.offset >> 2
+            self.values[cidx] &= ~(value & self._wmask[idx]) & _MASK32
+        else:
+            if info.pre_write is not None:
+                value = info.pre_write(value) & _MASK32
+            self.values[idx] = value & self._wmask[idx] & ~info.self_clearing
+        if info.post_write is not None:
+            info.post_write(value & self._wmask[idx])
 
     def debug_read(self, offset: int) -> int:
         """Side-effect-free read for debuggers and dumps: no hooks with effects, no logging.
@@ -261,8 +326,7 @@ def access_table(gpu: Gpu) -> list[RegisterAccessInfo]:
                 (gpu.regs.get(regs.CP_CONTROL) & ~_CP_ENABLE) | (cp.enabled and _CP_ENABLE)
             ),
             post_write=cp.control_written,
-            self_clearing=regs.CP_CONTROL.field("RESUME").mask
-            | regs.CP_CONTROL.field("RESET_HEAD").mask,
+            self_clearing=_CP_SELF_CLEARING,
         ),
         R(regs.CP_STATUS, read=cp.status_value),
         R(regs.CP_PC_LO, read=lambda: cp.pc() & _MASK32),
@@ -271,10 +335,10 @@ def access_table(gpu: Gpu) -> list[RegisterAccessInfo]:
         R(regs.MMU_INT_CLEAR, clears=regs.MMU_INT_RAWSTAT, post_write=mmu.clear_faults),
         R(regs.MMU_INT_MASK, post_write=lambda _v: gpu.update_irq()),
     ]
-    for i in range(AS_COUNT):
+    for i, (command, status, tlb_entries) in enumerate(_AS_BOUND):
         table += [
-            R(regs.as_reg(i, "COMMAND"), post_write=partial(mmu.command, i)),
-            R(regs.as_reg(i, "STATUS"), read=partial(mmu.status_value, i)),
-            R(regs.as_reg(i, "TLB_ENTRIES"), read=partial(mmu.tlb_entries, i)),
+            R(command, None, None, partial(mmu.command, i)),
+            R(status, partial(mmu.status_value, i)),
+            R(tlb_entries, partial(mmu.tlb_entries, i)),
         ]
     return table
