@@ -334,7 +334,8 @@ def _dec_and_test(shmem: DrmGemShmemObject, field: str) -> bool:
         value = getattr(shmem, field)
         if value > 0:
             setattr(shmem, field, value - 1)
-    if warn_on(value <= 0, f"{field} underflow on {shmem!r}"):
+    if value <= 0:  # the message (the object's repr) only for the warning
+        warn_on(True, f"{field} underflow on {shmem!r}")
         return False
     return value == 1
 
@@ -427,23 +428,27 @@ def free(shmem: DrmGemShmemObject) -> None:
         gem.object_release(shmem)
         return
     if _v19(shmem):
-        leaked = warn_on(shmem.vmap_use_count, f"freeing {shmem!r} while vmapped")
-        leaked |= warn_on(shmem.pages_use_count, f"freeing {shmem!r} with pages held")
-        leaked |= warn_on(shmem.pages_pin_count, f"freeing {shmem!r} while pinned")
-        if leaked:
+        if shmem.vmap_use_count or shmem.pages_use_count or shmem.pages_pin_count:
+            # the messages (the object's repr) only for an object that warns
+            warn_on(shmem.vmap_use_count, f"freeing {shmem!r} while vmapped")
+            warn_on(shmem.pages_use_count, f"freeing {shmem!r} with pages held")
+            warn_on(shmem.pages_pin_count, f"freeing {shmem!r} while pinned")
             shmem.dev.leaked.append(shmem)
             return
         shmem.sgt = None
     else:
         dma_resv.lock(shmem.resv, None)
         try:
-            warn_on(shmem.vmap_use_count, f"freeing {shmem!r} while vmapped")
+            if shmem.vmap_use_count:
+                warn_on(True, f"freeing {shmem!r} while vmapped")
             if shmem.sgt is not None:
                 shmem.sgt = None
                 if shmem.pages is not None:
                     put_pages_locked(shmem)
-            warn_on(shmem.pages_use_count, f"freeing {shmem!r} with pages held")
-            warn_on(shmem.pages_pin_count, f"freeing {shmem!r} while pinned")
+            if shmem.pages_use_count:
+                warn_on(True, f"freeing {shmem!r} with pages held")
+            if shmem.pages_pin_count:
+                warn_on(True, f"freeing {shmem!r} while pinned")
             _free_pages(shmem, "drm_gem_shmem_free")
         finally:
             dma_resv.unlock(shmem.resv)
@@ -455,12 +460,14 @@ def free(shmem: DrmGemShmemObject) -> None:
 
 def _acquire_pages(shmem: DrmGemShmemObject) -> None:
     """Kernel: drm_gem_shmem_acquire_pages() (v19, static)"""
-    if warn_on(shmem.import_attach is not None, f"getting pages of imported {shmem!r}"):
+    if shmem.import_attach is not None:
+        warn_on(True, f"getting pages of imported {shmem!r}")
         raise Einval(msg="imported object")
     if shmem.madv < 0:
         raise Enomem(msg=f"{shmem!r} was purged")
     if shmem.pages is not None:
-        warn_on(not shmem.evicted, f"{shmem!r} already has pages")
+        if not shmem.evicted:
+            warn_on(True, f"{shmem!r} already has pages")
         return
     shmem.pages = tuple(shmem.filp.get_pages(GFP_SHMEM))
 
@@ -604,7 +611,8 @@ def pin_locked(shmem: DrmGemShmemObject) -> None:
         Enomem: purged, or no frames.
     """
     dma_resv.assert_held(shmem.resv)
-    if warn_on(shmem.import_attach is not None, f"pinning imported {shmem!r}"):
+    if shmem.import_attach is not None:
+        warn_on(True, f"pinning imported {shmem!r}")
         raise Einval(msg="imported object")
     if _inc_not_zero(shmem, "pages_pin_count"):
         return
@@ -698,7 +706,8 @@ def vunmap_locked(shmem: DrmGemShmemObject, vaddr: IosysMap) -> None:
     if shmem.import_attach is not None:
         vaddr.pfns = None
         return
-    warn_on(vaddr is not shmem.vaddr, f"vunmap of {vaddr!r}, not the mapping of {shmem!r}")
+    if vaddr is not shmem.vaddr:
+        warn_on(True, f"vunmap of {vaddr!r}, not the mapping of {shmem!r}")
     if _dec_and_test(shmem, "vmap_use_count"):
         shmem.vaddr.pfns = None
         shmem.vaddr = None
@@ -743,9 +752,11 @@ def get_sg_table(shmem: DrmGemShmemObject) -> SgTable:
         Einval: the object is imported (warns).
         Enomem: the object has no pages (warns: the caller should have got or pinned them).
     """
-    if warn_on(shmem.import_attach is not None, f"get_sg_table of imported {shmem!r}"):
+    if shmem.import_attach is not None:
+        warn_on(True, f"get_sg_table of imported {shmem!r}")
         raise Einval(msg="imported object")
-    if warn_on(shmem.pages is None, f"get_sg_table of {shmem!r} without pages"):
+    if shmem.pages is None:
+        warn_on(True, f"get_sg_table of {shmem!r} without pages")
         raise Enomem(msg="object has no pages")
     # drm_prime_pages_to_sg(): kmalloc of the table and sg_alloc_table_from_pages_segment(),
     # both GFP_KERNEL; the model keeps no slab, the annotation is the allocation.
@@ -771,7 +782,8 @@ def get_pages_sgt_locked(shmem: DrmGemShmemObject) -> SgTable:
     dma_resv.assert_held(shmem.resv)
     if shmem.sgt is not None:
         return shmem.sgt
-    if warn_on(shmem.import_attach is not None, f"get_pages_sgt of imported {shmem!r}"):
+    if shmem.import_attach is not None:
+        warn_on(True, f"get_pages_sgt of imported {shmem!r}")
         raise Einval(msg="imported object")
     if _v19(shmem):
         shmem.sgt = get_sg_table(shmem)
@@ -801,10 +813,8 @@ def get_pages_sgt(shmem: DrmGemShmemObject) -> SgTable:
         Einval, Enomem: as :func:`get_pages_sgt_locked`.
     """
     if _v19(shmem):
-        if warn_on(
-            is_evictable(shmem) or is_purgeable(shmem),
-            f"get_pages_sgt of reclaimable {shmem!r}: pin it first",
-        ):
+        if is_evictable(shmem) or is_purgeable(shmem):
+            warn_on(True, f"get_pages_sgt of reclaimable {shmem!r}: pin it first")
             raise Ebusy(msg="object is not pinned")
         sgt = shmem.sgt
         if sgt is not None:
@@ -916,7 +926,8 @@ def purge_locked(shmem: DrmGemShmemObject) -> None:
     Einval, mappings made before stay and SIGBUS.
     """
     dma_resv.assert_held(shmem.resv)
-    warn_on(not is_purgeable(shmem), f"purging {shmem!r} which is not purgeable")
+    if not is_purgeable(shmem):
+        warn_on(True, f"purging {shmem!r} which is not purgeable")
     if _v19(shmem):
         if not shmem.evicted:  # drm_gem_shmem_shrinker_put_pages_locked()
             _free_pages(shmem, "drm_gem_shmem_purge_locked")
@@ -961,7 +972,8 @@ def evict_locked(shmem: DrmGemShmemObject) -> None:
         Enospc, Eio: writing to swap failed; the object is unchanged and still resident.
     """
     dma_resv.assert_held(shmem.resv)
-    if warn_on(not is_evictable(shmem), f"evicting {shmem!r} which is not evictable"):
+    if not is_evictable(shmem):
+        warn_on(True, f"evicting {shmem!r} which is not evictable")
         raise Ebusy(msg="object is not evictable")
     _zap_vmas(shmem)
     shmem.filp.writeout()
@@ -1152,10 +1164,8 @@ def vm_open(vma: ShmemVma) -> ShmemVma:
     gem.get(shmem)
     dma_resv.lock(shmem.resv, None)
     try:
-        warn_on(
-            not _inc_not_zero(shmem, "pages_use_count"),
-            f"vm_open of {shmem!r} whose pages have no users",
-        )
+        if not _inc_not_zero(shmem, "pages_use_count"):
+            warn_on(True, f"vm_open of {shmem!r} whose pages have no users")
         if _v19(shmem):
             update_lru_locked(shmem)
     finally:
@@ -1213,7 +1223,8 @@ def fault(shmem: DrmGemShmemObject, offset: int) -> int:
             raise SigBus(f"offset {offset} outside {shmem!r}")
         if shmem.madv < 0:
             raise SigBus(f"{shmem!r} was purged")
-        if warn_on(shmem.pages is None, f"fault on {shmem!r} without pages"):
+        if shmem.pages is None:
+            warn_on(True, f"fault on {shmem!r} without pages")
             raise SigBus(f"{shmem!r} has no pages")
         return shmem.pages[offset >> PAGE_SHIFT]
     finally:

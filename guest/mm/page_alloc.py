@@ -101,6 +101,20 @@ PAGE_POISON = 0xAA
 """Byte written over freed frames when ``poison_on_free`` is set. Kernel: PAGE_POISON."""
 _POISON_PAGE = bytes((PAGE_POISON,)) * PAGE_SIZE
 
+_FILL_PAGES = 16
+"""Runs up to this many frames are zeroed or poisoned from a view of one buffer made once per
+process (a fresh ``bytes`` of the run's size on every free was about 1% of an explored
+schedule); longer runs make theirs."""
+_ZEROS = memoryview(bytes(_FILL_PAGES << PAGE_SHIFT))
+_POISON = memoryview(bytes((PAGE_POISON,)) * (_FILL_PAGES << PAGE_SHIFT))
+
+
+def _fill_run(buf: memoryview, value: int, nr: int):
+    """``nr`` frames' worth of the byte ``value``: a view of ``buf`` when it is long enough."""
+    if nr <= _FILL_PAGES:
+        return buf[: nr << PAGE_SHIFT]
+    return bytes((value,)) * (nr << PAGE_SHIFT)
+
 
 # Physical memory.
 
@@ -190,7 +204,7 @@ class PhysMem:
         mem = self.mem
         for start, nr in runs:
             sl = self._range(start << PAGE_SHIFT, nr << PAGE_SHIFT)
-            mem[sl] = _ZERO_PAGE if nr == 1 else bytes(nr << PAGE_SHIFT)
+            mem[sl] = _ZERO_PAGE if nr == 1 else _fill_run(_ZEROS, 0, nr)
 
     def fill(self, pfn: int, value: int) -> None:
         """Fill a frame with the byte ``value`` (page poisoning)."""
@@ -781,7 +795,9 @@ class PageAllocator:
             )
             return
         for p, n in runs:
-            mem[p << PAGE_SHIFT : (p + n) << PAGE_SHIFT] = _POISON_PAGE * n
+            mem[p << PAGE_SHIFT : (p + n) << PAGE_SHIFT] = (
+                _POISON_PAGE if n == 1 else _fill_run(_POISON, PAGE_POISON, n)
+            )
 
     def _check_bad_free(self, pfns: Sequence[int]) -> list[int]:
         seen: set[int] = set()
