@@ -784,6 +784,13 @@ class Deterministic(Runtime):
             lines += [f"{s} {n} {e}" for s, n, e in events[len(lines) :]]
         return lines
 
+    def forget_events(self) -> None:
+        """Drop the run's event records and lines, once its caller has copied what it keeps:
+        a tuple per preemption point that the cyclic collector would otherwise walk with the
+        rest of the finished runtime (a task and the runtime refer to each other)."""
+        self._events = []
+        self._event_lines = []
+
     def now_ns(self) -> int:
         return self._now
 
