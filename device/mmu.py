@@ -81,6 +81,7 @@ _LEVEL_SHIFTS = tuple(pte.BITS_PER_LEVEL * (pte.LEVELS - 1 - lvl) for lvl in ran
 _TABLE_ENTRIES = struct.Struct(f"<{pte.ENTRIES_PER_TABLE}Q")
 _LOCK_SIZE = regs.AS_TEMPLATE[3].fields[0]  # LOCKADDR_LO.SIZE
 _LOCK_MIN_LOG2 = PAGE_SHIFT
+_MMU_COMMANDS = {int(c): c for c in MmuCommand}  # MmuCommand(v) without the enum call
 
 
 WALK_MAX_TABLES = 4096  # page tables one debug walk of an AS reads at most
@@ -164,9 +165,8 @@ class Mmu:
         """AS_COMMAND written: run the command synchronously (STATUS.ACTIVE stays 0)."""
         space = self.spaces[as_index]
         rf = self.gpu.regs
-        try:
-            cmd = MmuCommand(value & 0xFF)
-        except ValueError:
+        cmd = _MMU_COMMANDS.get(value & 0xFF)
+        if cmd is None:
             self.gpu.guest_error(f"AS{as_index}_COMMAND: unknown command {value:#x} ignored")
             return
         if cmd is MmuCommand.UPDATE:

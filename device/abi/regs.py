@@ -437,6 +437,9 @@ AS_REGISTERS = _as_registers()
 
 def as_reg(as_index: int, name: str) -> Register:
     """The register ``name`` (e.g. ``"COMMAND"``) of address space ``as_index``."""
+    reg = _AS_REG.get((as_index, name))  # the driver and the MMU ask on every AS command
+    if reg is not None:
+        return reg
     if not 0 <= as_index < AS_COUNT:
         raise ValueError(f"AS index must be 0..{AS_COUNT - 1}, not {as_index!r}")
     return REGISTER_MAP.by_name[f"AS{as_index}_{name}"]
@@ -455,3 +458,6 @@ def _all() -> Iterable[Register]:
 
 
 REGISTER_MAP = RegisterMap(tuple(_all()))
+_AS_REG: dict[tuple[int, str], Register] = {
+    (r.as_index, r.name.split("_", 1)[1]): r for r in AS_REGISTERS
+}

@@ -246,9 +246,8 @@ class GpuMmu:
             self.stats.flushes_skipped += 1
             return
         base, log2 = lock_region(va, size)
-        lo = regs.as_reg(as_nr, "LOCKADDR_LO")
-        value = lo.field("BASE").dp(0, (base >> PAGE_SHIFT) & 0xFFFFF)
-        value = lo.field("SIZE").dp(value, log2 - 1)
+        value = _LOCK_BASE.dp(0, (base >> PAGE_SHIFT) & 0xFFFFF)
+        value = _LOCK_SIZE.dp(value, log2 - 1)
         self._as_write(as_nr, "LOCKADDR_LO", value)
         self._as_write(as_nr, "LOCKADDR_HI", base >> 32)
         self._as_command(as_nr, MmuCommand.LOCK)
@@ -323,8 +322,22 @@ class GpuMmu:
             self.lru.clear()
 
 
+_LOCK_BASE = regs.as_reg(0, "LOCKADDR_LO").field("BASE")  # the same fields in every AS
+_LOCK_SIZE = regs.as_reg(0, "LOCKADDR_LO").field("SIZE")
+
+
 def pte_bits(prot: Prot) -> int:
     """The PTE bits of a page mapped with ``prot`` (valid, page type, and the permissions)."""
+    bits = _PTE_BITS.get(prot)  # an IntFlag & makes a new flag object: three per map
+    if bits is None:
+        bits = _PTE_BITS[prot] = _pte_bits(prot)
+    return bits
+
+
+_PTE_BITS: dict[int, int] = {}
+
+
+def _pte_bits(prot: Prot) -> int:
     bits = pte.PAGE_BITS
     if prot & Prot.READ:
         bits |= pte.READ
