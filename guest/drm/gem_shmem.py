@@ -130,9 +130,14 @@ class SgTable:
 
     def __init__(self, pfns: Sequence[int], owner: DrmGemShmemObject | None = None) -> None:
         self._pfns = tuple(pfns)
-        self._nents = len(frame_runs(self._pfns))
+        self._nents = -1  # counted when first asked (most tables are only walked by pfns)
         self.owner = owner
         self._gen = owner.pages_gen if owner is not None else 0
+
+    def _count_nents(self) -> int:
+        if self._nents < 0:
+            self._nents = len(frame_runs(self._pfns))
+        return self._nents
 
     @property
     def stale(self) -> str | None:
@@ -159,7 +164,7 @@ class SgTable:
     def nents(self) -> int:
         """Entries after coalescing. Kernel: sg_table.nents (a use of the table: checked)."""
         self._check()
-        return self._nents
+        return self._count_nents()
 
     def __len__(self) -> int:
         self._check()
@@ -167,7 +172,7 @@ class SgTable:
 
     def __repr__(self) -> str:
         state = " STALE" if self.stale is not None else ""
-        return f"<SgTable {len(self._pfns)} pages in {self._nents} entries{state}>"
+        return f"<SgTable {len(self._pfns)} pages in {self._count_nents()} entries{state}>"
 
     def dma_segments(self) -> list[tuple[int, int]]:
         """``(dma_address, length)`` per run of consecutive frames. Kernel: for_each_sgtable_dma_sg()"""
@@ -269,11 +274,11 @@ class DrmGemShmemObject(DrmGemObject):
     """
 
     __slots__ = (
+        "_gone",
         "evicted",
         "madv",
         "pages",
         "pages_gen",
-        "pages_gone",
         "pages_pin_count",
         "pages_use_count",
         "sgt",
@@ -295,7 +300,19 @@ class DrmGemShmemObject(DrmGemObject):
         self.sgt: SgTable | None = None
         self.evicted = False
         self.pages_gen = 0
-        self.pages_gone: str | None = None
+        self._gone: tuple | None = None  # pages_gone's parts, formatted when read
+
+    @property
+    def pages_gone(self) -> str | None:
+        """Which call freed the pages last (kernel function, task, time, callers), or None."""
+        gone = self._gone
+        if gone is None:
+            return None
+        what, task, now, callers = gone
+        where = " <- ".join(
+            f"{module.rsplit('.', 1)[-1]}.{name}:{line}" for module, name, line in callers
+        )
+        return f"its pages were freed by {what} in task {task} at {now} ns (called from {where})"
 
     def __repr__(self) -> str:
         label = self.resv.lock.name if self.resv is not None else "uninit"
@@ -481,15 +498,10 @@ def _pages_gone(shmem: DrmGemShmemObject, what: str) -> None:
     callers = []
     frame = sys._getframe(2)
     while frame is not None and len(callers) < 3:
-        code = frame.f_code
-        module = frame.f_globals.get("__name__", "?").rsplit(".", 1)[-1]
-        callers.append(f"{module}.{code.co_name}:{frame.f_lineno}")
+        callers.append((frame.f_globals.get("__name__", "?"), frame.f_code.co_name, frame.f_lineno))
         frame = frame.f_back
-    task = runtime.current()
-    shmem.pages_gone = (
-        f"its pages were freed by {what} in task {task.name} at {runtime.now_ns()} ns "
-        f"(called from {' <- '.join(callers)})"
-    )
+    # the parts only: the message is made if a stale table is ever reported
+    shmem._gone = (what, runtime.current().name, runtime.now_ns(), callers)
 
 
 def _free_pages(shmem: DrmGemShmemObject, what: str = "drm_gem_shmem_free_pages") -> None:
