@@ -50,3 +50,18 @@ def test_a_then_b_then_a_is_a_in_a_fresh_process():
         check=True,
     )
     assert json.loads(fresh.stdout.splitlines()[-1]) == first
+
+
+def test_patterns_and_digests_are_what_they_were():
+    """BO patterns made by the C generator are ``random.Random(tag).randbytes(size)``, and a
+    schedule's digest is that of its ``repr``, whatever the task ids."""
+    import random
+
+    from gemu.host.explore.scenario import _pattern, digest
+
+    for tag in (0, 1, 7, 100_123, 199_512, 2**33 + 5):
+        for size in (4096, 8192):
+            assert _pattern(tag, size) == random.Random(tag).randbytes(size)
+    for schedule in ([], [1], [3, 1, 2, 2, 9], [1, 300, 2], list(range(260))):
+        want = hashlib.blake2b(repr(schedule).encode(), digest_size=8).hexdigest()
+        assert digest(schedule) == want
