@@ -746,6 +746,7 @@ class Deterministic(Runtime):
         self._done = threading.Lock()
         self._pct = strategy == "pct"
         self._change_points: dict[int, float] = {}
+        self._plain = False
         self.quiet = False
         """While True, no decision is made: the task at a preemption point goes on, and one
         that blocks or exits hands over to the next runnable task in tid order (a scenario's
@@ -820,6 +821,14 @@ class Deterministic(Runtime):
         if self._started:
             raise RuntimeError("a Deterministic runtime runs once; make a new one")
         self._started = True
+        # decisions from the random strategy alone, nothing to record or change per step:
+        # _preempt's fast path (a search installs its chooser and recorder before the run)
+        self._plain = (
+            not self._pct
+            and self._replay is None
+            and self.chooser is None
+            and self.recorder is None
+        )
         main = self._new_task(main_fn, args, {}, "main")
         global _recording
         recording = self.recorder is not None
@@ -1034,16 +1043,26 @@ class Deterministic(Runtime):
             raise _Killed
         steps = self.steps = self.steps + 1
         self._events.append((steps, task.name, reason))
+        if self._plain:
+            # _pick's random strategy inline: the same draws, the same decisions recorded
+            if self.max_steps is not None and steps > self.max_steps:
+                self._livelock()
+            runnable = self._runnable
+            if len(runnable) > 1:
+                if self.quiet:
+                    nxt = round_robin(current(), runnable)
+                else:
+                    nxt = runnable[int(self._random() * len(runnable))]
+                    self.schedule.append(nxt.tid)
+                if nxt is not task:
+                    self._switch(task, nxt)
+            elif runnable[0] is not task:
+                self._switch(task, runnable[0])
+            return
         if self.recorder is not None:
             self.recorder(task, reason)
         if self.max_steps is not None and steps > self.max_steps:
-            self._fail(
-                LivelockError(
-                    f"no end after {self.max_steps} steps (seed {self.seed}, strategy "
-                    f"{self.strategy}); last events:\n  " + "\n  ".join(self.event_log[-10:])
-                )
-            )
-            raise _Killed
+            self._livelock()
         if self._change_points:
             low = self._change_points.get(steps)
             if low is not None:
@@ -1052,6 +1071,15 @@ class Deterministic(Runtime):
         nxt = self._pick() if len(runnable) > 1 else runnable[0]
         if nxt is not task:
             self._switch(task, nxt)
+
+    def _livelock(self) -> None:
+        self._fail(
+            LivelockError(
+                f"no end after {self.max_steps} steps (seed {self.seed}, strategy "
+                f"{self.strategy}); last events:\n  " + "\n  ".join(self.event_log[-10:])
+            )
+        )
+        raise _Killed
 
     def _block(self, task: Task, deadline: int | None) -> None:
         task._blocked = True
