@@ -58,7 +58,7 @@ class Row:
     text: str
     kind: str
     obj: str = GLOBAL
-    """The object the step works on (:func:`~.exhaustive.footprint_of`), for the pair."""
+    """The object the step works on (:func:`pair_object`), for the pair."""
     trace: bool = False
 
 
@@ -120,7 +120,7 @@ class Timeline:
                 if detected is None:
                     detected = len(rows)
                 continue
-            rows.append(Row(step, task, reason, _kind(reason), footprint_of(reason)))
+            rows.append(Row(step, task, reason, _kind(reason), pair_object(reason)))
         while pending is not None:
             _add_trace(rows, pending)
             pending = next(traced, None)
@@ -143,6 +143,19 @@ def _add_trace(rows: list[Row], item: tuple[int, trace.TraceEvent]) -> None:
 COARSE = frozenset({"dma_fence", "dma_resv", "drm_sched", "mm"})
 """Footprints that stand for a whole family of objects (their preemption points do not name
 the instance); a pair on one of them is taken only when no named object gives one."""
+
+
+def pair_object(label: str) -> str:
+    """The object a step at preemption point ``label`` is paired on: its footprint
+    (:func:`~.exhaustive.footprint_of`) or, for a fence or reservation point, whose instance
+    the event log does not name (the search then counts it dependent with everything), the
+    family it belongs to: a pointer for the eye may be coarse where the reduction must not."""
+    obj = footprint_of(label)
+    if obj == GLOBAL:
+        family = label.partition(".")[0]
+        if family in ("dma_fence", "dma_resv"):
+            return family
+    return obj
 
 
 def racing_pair(rows: list[Row]) -> tuple[int, int] | None:

@@ -11,7 +11,7 @@ RACE = ExploreConfig(scenario=SCENARIOS["race"])
 
 
 def _row(step, task, text):
-    return racepage.Row(step, task, text, racepage._kind(text), racepage.footprint_of(text))
+    return racepage.Row(step, task, text, racepage._kind(text), racepage.pair_object(text))
 
 
 def test_racing_pair_is_the_last_cross_task_meeting_after_a_switch():
