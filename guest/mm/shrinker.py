@@ -39,6 +39,7 @@ Modelled on ``mm/shrinker.c`` (``shrinker_alloc``/``shrinker_register``/``shrink
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -171,9 +172,11 @@ def unregister_shrinker(allocator: PageAllocator, shrinker: Shrinker) -> None:
     shrinker._wq.wait_event(lambda: shrinker._active == 0, reason=f"unregister {shrinker.name}")
 
 
-_came_back: set = set()
+_came_back: weakref.WeakSet = weakref.WeakSet()
 """Tasks whose reclaim met a shrinker that freed nothing but asked to be called again (its
-objects were locked or busy at that moment): :func:`met_contention`."""
+objects were locked or busy at that moment): :func:`met_contention`. Weak: a task whose
+reclaim never asks again must not keep its runtime and machine alive (gemu explore runs
+thousands of machines in one process)."""
 
 
 def met_contention() -> bool:
