@@ -192,13 +192,11 @@ class _Run:
         self.preempted: list[runtime.Task] = []
         self.fingerprint = 0
         self._objects: dict[tuple[str, object], str] = {}
-        self._tasks: list[runtime.Task] = []
         self._tracked = 0
 
     def attach(self, rt: runtime.Deterministic) -> None:
         rt.chooser = self.choose
         rt.recorder = self.record
-        self._tasks = rt.tasks
         self._tracked = 0
 
     def choose(self, rt: runtime.Deterministic, runnable: list[runtime.Task]) -> runtime.Task:
@@ -260,8 +258,10 @@ class _Run:
         task._touched = set()
         # A task spawned since the last transition records its first one too (what its start
         # waits on or wakes, the object its first point names); the spawner's transition
-        # ends right after the spawn, before the new task can run.
-        tasks = self._tasks
+        # ends right after the spawn, before the new task can run. (The runtime's task list
+        # is reached through the task: a search keeps its runs, and a run that kept the
+        # runtime would keep the whole machine alive.)
+        tasks = task.runtime.tasks
         while self._tracked < len(tasks):
             new = tasks[self._tracked]
             if new._touched is None:
