@@ -389,27 +389,8 @@ class SwapDevice:
             Efault: a frame outside RAM. Eio: an injected write error (the pairs before it
             were written).
         """
-        mem, size = physmem.mem, physmem.size
-        own = self._mem
-        state = self._state
-        stats = self._stats
-        task = runtime.current()  # runtime.preempt() per pair, looked up once
-        preempt = task.runtime._preempt
-        nslots = self.nr_slots
-        for pfn, slot, nr in pairs:
-            pa, nbytes = pfn << PAGE_SHIFT, nr << PAGE_SHIFT
-            if pfn < 0 or nr <= 0 or pa + nbytes > size:
-                physmem.frames_view(pfn, nr)  # raises the Efault naming the range
-                raise Einval(msg=f"{self.name}: write of {nr} pages is not whole pages")
-            preempt(task, "swap_writepage")
-            if nr == 1:
-                if not 0 <= slot < nslots or state[slot] != _USED:
-                    self._check_run(slot, nr, "write")
-            elif slot < 0 or slot + nr > nslots or state.count(_USED, slot, slot + nr) != nr:
-                self._check_run(slot, nr, "write")
-            if self._inject_write or self._rate:
-                self._injected(True, slot, nr)
-            off = slot << PAGE_SHIFT
+        mem, own = physmem.mem, self._mem
+        for pa, off, nbytes in self._checked_pairs(physmem, pairs, write=True):
             if own is not None:
                 own[off : off + nbytes] = mem[pa : pa + nbytes]
             else:
@@ -417,8 +398,6 @@ class SwapDevice:
                 done = 0
                 while done < nbytes:
                     done += os.pwrite(self._fd, view[done:], off + done)
-            stats.pswpout += nr
-            stats.bytes_out += nbytes
 
     def read_frames(self, physmem, pairs: Sequence[tuple[int, int, int]]) -> None:
         """Read slots into frames of ``physmem``: for each ``(pfn, slot, nr)`` of ``pairs``,
@@ -429,27 +408,8 @@ class SwapDevice:
             Efault: a frame outside RAM. Eio: an injected read error (the pairs before it were
             read; the slots keep their data).
         """
-        mem, size = physmem.mem, physmem.size
-        own = self._mem
-        state = self._state
-        stats = self._stats
-        task = runtime.current()  # runtime.preempt() per pair, looked up once
-        preempt = task.runtime._preempt
-        nslots = self.nr_slots
-        for pfn, slot, nr in pairs:
-            pa, nbytes = pfn << PAGE_SHIFT, nr << PAGE_SHIFT
-            if pfn < 0 or nr <= 0 or pa + nbytes > size:
-                physmem.frames_view(pfn, nr)
-                raise Einval(msg=f"{self.name}: read of {nr} pages is not whole pages")
-            preempt(task, "swap_read_folio")
-            if nr == 1:
-                if not 0 <= slot < nslots or state[slot] != _USED:
-                    self._check_run(slot, nr, "read")
-            elif slot < 0 or slot + nr > nslots or state.count(_USED, slot, slot + nr) != nr:
-                self._check_run(slot, nr, "read")
-            if self._inject_read or self._rate:
-                self._injected(False, slot, nr)
-            off = slot << PAGE_SHIFT
+        mem, own = physmem.mem, self._mem
+        for pa, off, nbytes in self._checked_pairs(physmem, pairs, write=False):
             if own is not None:
                 mem[pa : pa + nbytes] = own[off : off + nbytes]
             else:
@@ -458,10 +418,42 @@ class SwapDevice:
                 while done < nbytes:
                     got = os.preadv(self._fd, [view[done:]], off + done)
                     if got <= 0:
-                        raise Eio(msg=f"{self.name}: short read at slot {slot}")
+                        raise Eio(msg=f"{self.name}: short read at slot {off >> PAGE_SHIFT}")
                     done += got
-            stats.pswpin += nr
-            stats.bytes_in += nbytes
+
+    def _checked_pairs(self, physmem, pairs: Sequence[tuple[int, int, int]], *, write: bool):
+        """The ``(pfn, slot, nr)`` pairs of :meth:`write_frames` or :meth:`read_frames`, each
+        checked (frames inside RAM, slots in use), its preemption point taken and an injected
+        error applied before it is handed out as ``(pa, off, nbytes)`` for the copy; a pair
+        is counted in the statistics once the caller asks for the next one (a copy that
+        failed is not counted)."""
+        size = physmem.size
+        state = self._state
+        stats = self._stats
+        task = runtime.current()  # runtime.preempt() per pair, looked up once
+        preempt = task.runtime._preempt
+        nslots = self.nr_slots
+        what, point = ("write", "swap_writepage") if write else ("read", "swap_read_folio")
+        for pfn, slot, nr in pairs:
+            pa, nbytes = pfn << PAGE_SHIFT, nr << PAGE_SHIFT
+            if pfn < 0 or nr <= 0 or pa + nbytes > size:
+                physmem.frames_view(pfn, nr)  # raises the Efault naming the range
+                raise Einval(msg=f"{self.name}: {what} of {nr} pages is not whole pages")
+            preempt(task, point)
+            if nr == 1:
+                if not 0 <= slot < nslots or state[slot] != _USED:
+                    self._check_run(slot, nr, what)
+            elif slot < 0 or slot + nr > nslots or state.count(_USED, slot, slot + nr) != nr:
+                self._check_run(slot, nr, what)
+            if (self._inject_write if write else self._inject_read) or self._rate:
+                self._injected(write, slot, nr)
+            yield pa, slot << PAGE_SHIFT, nbytes
+            if write:
+                stats.pswpout += nr
+                stats.bytes_out += nbytes
+            else:
+                stats.pswpin += nr
+                stats.bytes_in += nbytes
 
     def batched_io(self) -> bool:
         """Whether :meth:`write_pages` and :meth:`read_pages` copy their pages in one step.
