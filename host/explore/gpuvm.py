@@ -235,23 +235,9 @@ class GpuvmRun(_Run):
     def _private_va(self, p: int, gen: int) -> int:
         return PRIVATE_VA + p * 0x10_0000 + (gen % 2) * OTHER_VA
 
-    def hog(self) -> None:
-        """The memory hog of :meth:`_Run.hog`, whose last round reclaims as much as RAM holds
-        (what a large allocation under pressure asks of the shrinkers): the BOs mapped in
-        several VMs, scanned last, go too."""
-        n = self.sc.bo_pages * 2
-        for r in range(self.sc.reclaims):
-            if r == self.sc.reclaims - 1:
-                self.allocator.direct_reclaim(self.sc.ram_pages)
-                continue
-            try:
-                pfns = self.allocator.alloc_pages(n)
-            except KernelError:
-                self.allocator.direct_reclaim(n)
-                continue
-            runtime.sleep_ns(20_000)
-            self.allocator.free_pages(pfns)
-            runtime.sleep_ns(20_000)
+    hog_ends_reclaiming_all = True
+    """The hog's last round reclaims as much as RAM holds: the BOs mapped in several VMs,
+    scanned last, go too."""
 
     # -- the submitters --------------------------------------------------------------------
     def submitter(self, t: int) -> None:

@@ -758,11 +758,18 @@ class _Run:
         extra = self.allocator.nr_free - self.sc.free_frames
         self.balloon = self.allocator.alloc_pages(extra) if extra > 0 else []
 
+    hog_ends_reclaiming_all = False
+    """Whether the hog's last round reclaims as much as RAM holds instead (what a large
+    allocation under pressure asks of the shrinkers)."""
+
     def hog(self) -> None:
         """A memory hog: take a working set's worth of frames (below the watermarks, so
         kswapd wakes and the allocation reclaims directly), hold them, give them back."""
         n = self.sc.bo_pages * 2
-        for _ in range(self.sc.reclaims):
+        for r in range(self.sc.reclaims):
+            if self.hog_ends_reclaiming_all and r == self.sc.reclaims - 1:
+                self.allocator.direct_reclaim(self.sc.ram_pages)
+                continue
             try:
                 pfns = self.allocator.alloc_pages(n)
             except KernelError:
