@@ -160,8 +160,9 @@ def _alternating(cfg: ExploreConfig, n: int) -> tuple[dict, dict, dict]:
 
 def _exhaustive_rows() -> list[Row]:
     """The bounded search with and without the reduction, on the scenarios where the naive
-    enumeration also finishes: ``race`` at K=1 and the cut-down ``race`` (one job per
-    submitter, no hog) at K=2. Both searches must reach the same outcomes."""
+    enumeration also finishes: ``race`` and the built-in ``small`` (two submitters against
+    kswapd and the hog) at K=1, and the cut-down ``race`` (one job per submitter, no hog) at
+    K=2. Both searches must reach the same outcomes."""
     from gemu.host.explore.exhaustive import BoundedSearch
     from gemu.host.explore.scenario import SCENARIOS
 
@@ -169,6 +170,7 @@ def _exhaustive_rows() -> list[Row]:
     rows = []
     for label, scenario, bound in (
         ("race K=1", race, 1),
+        ("small K=1", SCENARIOS["small"], 1),
         ("cut-down race K=2", replace(race, jobs=1, reclaims=0), 2),
     ):
         cfg = ExploreConfig(scenario=scenario)
