@@ -347,7 +347,7 @@ def _signal(fence: DmaFence, timestamp: int | None) -> bool:
     try:
         if fence.flags & _SIGNALED:
             return True
-        fence.timestamp = runtime.now_ns() if timestamp is None else timestamp
+        fence.timestamp = runtime.timestamp_ns() if timestamp is None else timestamp
         fence.flags |= _SIGNALED | _TIMESTAMP
         callbacks = fence.cb_list
         fence.cb_list = _NO_CALLBACKS

@@ -754,7 +754,7 @@ def entity_push_job(job: DrmSchedJob) -> None:
                 armed.remove(job)
         lockdep.fence_handed_off(finished)
         finished.signal_owner = None
-        job.submit_ts = me.runtime.now_ns()
+        job.submit_ts = me.runtime.timestamp_ns()
         job._submit_seq = next(_submit_counter)
         job._state = _PUSHED
         if entity.stopped:

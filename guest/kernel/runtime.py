@@ -58,6 +58,12 @@ from gemu.guest.errors import Erestartsys
 _local = threading.local()
 _tids = itertools.count(1)
 
+CLOCK = "clock"
+"""What a transition that reads or moves the deterministic runtime's clock touches (as it
+touches the wait queues it uses): the explore bus's GPU task moves the clock while other
+tasks can run, so a step reading it (a deadline, a timeout) and a step moving it do not
+commute, and a systematic search must not take them for independent."""
+
 TaskExitHook = Callable[["Task"], None]
 _task_exit_hooks: list[TaskExitHook] = []
 
@@ -229,6 +235,20 @@ def now_ns() -> int:
     except AttributeError:
         task = current()
     return task.runtime.now_ns()
+
+
+def timestamp_ns() -> int:
+    """The runtime clock for a timestamp the model records and never compares (a fence's
+    signal time, a job's submit time). Unlike :func:`now_ns`, a systematic search does not
+    count it as reading the clock (:data:`CLOCK`): the order of such a read and the GPU's
+    time passing changes only a value that no decision, invariant or outcome reads, so the
+    two steps still commute. A value anything compares must come from :func:`now_ns`.
+    Kernel: ktime_get_ns()."""
+    try:  # current(), inline
+        task = _local.task
+    except AttributeError:
+        task = current()
+    return task.runtime.timestamp_ns()
 
 
 def spawn(fn: Callable[..., Any], *args: Any, name: str, **kwargs: Any) -> Task:
@@ -440,6 +460,10 @@ class Runtime:
     def _run_exit_hooks(self, task: Task) -> None:
         for hook in _task_exit_hooks:
             hook(task)
+
+    def timestamp_ns(self) -> int:
+        """:func:`timestamp_ns`."""
+        return self.now_ns()
 
     # Overridden by both runtimes.
     def now_ns(self) -> int:
@@ -793,6 +817,12 @@ class Deterministic(Runtime):
         self._event_lines = []
 
     def now_ns(self) -> int:
+        task = getattr(_local, "task", None)
+        if task is not None and task._touched is not None:
+            task._touched.add(CLOCK)
+        return self._now
+
+    def timestamp_ns(self) -> int:
         return self._now
 
     def log(self, event: str) -> None:
@@ -800,6 +830,9 @@ class Deterministic(Runtime):
 
     def advance(self, ns: int) -> None:
         """Move the virtual clock forward by ``ns``; waits whose deadline passed time out."""
+        task = getattr(_local, "task", None)
+        if task is not None and task._touched is not None:
+            task._touched.add(CLOCK)
         now = self._now = self._now + ns
         for t in self._timed:  # a few tasks (the watchdog's, a sleeper's): look before sorting
             if t._deadline <= now:
@@ -1129,7 +1162,12 @@ class Deterministic(Runtime):
             raise Erestartsys(msg=f"signal pending while waiting on {wq.name}")
         if self._aborting:
             raise _Killed
-        deadline = None if timeout_ns is None else self._now + timeout_ns
+        if timeout_ns is None:
+            deadline = None
+        else:
+            deadline = self._now + timeout_ns
+            if task._touched is not None:
+                task._touched.add(CLOCK)
         task._waiting_on = wq
         reason = reason or f"wait {wq.name}"
         try:
@@ -1137,6 +1175,11 @@ class Deterministic(Runtime):
                 task._wait_reason = reason
                 wq._det_waiters.append(task)
                 self._block(task, deadline)
+                if deadline is not None and task._touched is not None:
+                    # the step after a timed wait depends on the clock: the clock passing
+                    # its deadline (advance(), or the jump when every task was blocked) may
+                    # be what woke it, and it compares the two
+                    task._touched.add(CLOCK)
                 if lock is None:
                     if cond():
                         return True
