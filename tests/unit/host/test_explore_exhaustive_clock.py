@@ -12,11 +12,12 @@ not count.
 from __future__ import annotations
 
 from dataclasses import replace
+from itertools import pairwise
 from types import SimpleNamespace
 
 from gemu.guest.kernel import runtime
 from gemu.host.explore import exhaustive
-from gemu.host.explore.scenario import SCENARIOS, ExploreConfig
+from gemu.host.explore.scenario import SCENARIOS, ExploreConfig, run_schedule
 
 # only names the search; the programs below never run a scenario
 CFG = ExploreConfig(scenario=replace(SCENARIOS["race"], jobs=1, reclaims=0))
@@ -161,3 +162,25 @@ def test_a_recorded_timestamp_is_not_a_clock_read():
     assert got == [7]
     tid = next(t.tid for t in rt.tasks if t.name == "stamper")
     assert all(runtime.CLOCK not in st.objs for st in one.steps if st.tid == tid)
+
+
+def test_the_gpu_moves_the_clock_while_the_driver_reads_it():
+    """In a scenario's run the premise holds: the GPU task's steps move the clock while other
+    tasks can run (a decision has more than one runnable task after a GPU step), and the
+    scheduler's steps that take the job timeout's deadline read it; both carry the clock
+    footprint, so the search orders them."""
+    one = exhaustive._Run([])
+    run_schedule(replace(CFG, strategy="exhaustive", backend="greenlet"), 0, search=one)
+    gpu = next(st.tid for st in one.steps if st.label.startswith("advance"))
+    mine = [st for st in one.steps if st.tid == gpu]
+    # a step ending at the point ``advance`` makes (the next one's label) moved the clock
+    moved = [st for st, nxt in pairwise(mine) if nxt.label.startswith("advance")]
+    assert moved and all(runtime.CLOCK in st.objs for st in moved)
+    readers = {st.tid for st in one.steps if runtime.CLOCK in st.objs} - {gpu}
+    assert readers  # the scheduler's worker, the submitters' fence waits
+    after_gpu = [
+        one.points[st.node]
+        for prev, st in pairwise(one.steps)
+        if prev.label.startswith("advance") and st.node is not None
+    ]
+    assert any(len(p.runnable) > 1 for p in after_gpu)
