@@ -219,15 +219,7 @@ class GpuvmRun(_Run):
         for task in self.tasks:
             f.vms[task.vm].flush_cleanup()
         self._squeeze()
-        rt.quiet = False
-        tasks = [runtime.spawn(self.submitter, t, name=f"submit{t}") for t in range(sc.tasks)]
-        if sc.reclaims:
-            tasks.append(runtime.spawn(self.hog, name="hog"))
-        for task in tasks:
-            task.join()
-        rt.quiet = sc.quiet_setup
-        self.check_lrus()
-        self.teardown()
+        self._race()
 
     def _shared_va(self, task: _Task, s: int) -> int:
         return SHARED_VA + task.t * 0x100_0000 + s * 0x10_0000

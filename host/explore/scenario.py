@@ -663,6 +663,13 @@ class _Run:
         self.plans = make_plan(sc, self.seed)
         self.states = [self._task_setup(t) for t in range(sc.tasks)]
         self._squeeze()
+        self._race()
+
+    def _race(self) -> None:
+        """The race: a submitter per task and the hog, scheduling decisions on; then, quiet
+        again if the set-up was, the LRU check and the teardown."""
+        sc = self.sc
+        rt = runtime.current_runtime()
         rt.quiet = False
         tasks = [runtime.spawn(self.submitter, t, name=f"submit{t}") for t in range(sc.tasks)]
         if sc.reclaims:
