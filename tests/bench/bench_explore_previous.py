@@ -17,8 +17,6 @@ Run alone: ``python tests/bench/run.py --quick explore_previous``.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,32 +25,21 @@ ROOT = Path(__file__).resolve().parents[2]
 if __name__ == "__main__":
     sys.path.insert(1, str(ROOT))  # after the previous design's tree, which comes first
 
-from tests.bench.bench_job_rate import _gemu_origin, _previous_tree  # noqa: E402
+from tests.bench.bench_job_rate import (  # noqa: E402
+    _gemu_origin,
+    _previous_tree,
+    run_in_tree,
+)
 from tests.bench.common import Row  # noqa: E402
 
 PREVIOUS_DESIGN = "c5baaee"
 """The last commit before the deterministic runtime's greenlet backend and the exploring
 engine's speed work."""
 
-MEASURE_TIMEOUT_S = 900
-
 
 def _measure(n: int, tree: Path | None) -> dict:
     """Run this file as a script timing ``n`` schedules; with ``tree``, against that gemu."""
-    env = dict(os.environ)
-    if tree is not None:
-        env["PYTHONPATH"] = os.pathsep.join([str(tree), env.get("PYTHONPATH", "")])
-    out = subprocess.run(
-        [sys.executable, __file__, str(n)],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=MEASURE_TIMEOUT_S,
-    )
-    if out.returncode != 0:
-        raise RuntimeError(f"timing schedules ({tree or 'working tree'}) failed:\n{out.stderr}")
-    return json.loads(out.stdout.splitlines()[-1])
+    return run_in_tree(__file__, [str(n)], tree, "timing schedules")
 
 
 def _schedules(n: int) -> dict:

@@ -70,13 +70,18 @@ def _previous_tree(commit: str) -> Path:
     return dest
 
 
-def _measure(what: str, n: int, tree: Path | None) -> dict:
-    """Run this file as a script measuring ``what``; with ``tree``, against that gemu."""
+def run_in_tree(script: str, args: list[str], tree: Path | None, what: str) -> dict:
+    """Run the benchmark module ``script`` as a script with ``args``, with ``tree`` (from
+    :func:`_previous_tree`) as its gemu if given; the JSON object its last line prints.
+
+    Raises:
+        RuntimeError: the script failed (``what`` names the measurement, with its stderr).
+    """
     env = dict(os.environ)
     if tree is not None:
         env["PYTHONPATH"] = os.pathsep.join([str(tree), env.get("PYTHONPATH", "")])
     out = subprocess.run(
-        [sys.executable, __file__, what, str(n)],
+        [sys.executable, script, *args],
         env=env,
         cwd=ROOT,
         capture_output=True,
@@ -84,8 +89,13 @@ def _measure(what: str, n: int, tree: Path | None) -> dict:
         timeout=MEASURE_TIMEOUT_S,
     )
     if out.returncode != 0:
-        raise RuntimeError(f"measuring {what} ({tree or 'working tree'}) failed:\n{out.stderr}")
+        raise RuntimeError(f"{what} ({tree or 'working tree'}) failed:\n{out.stderr}")
     return json.loads(out.stdout.splitlines()[-1])
+
+
+def _measure(what: str, n: int, tree: Path | None) -> dict:
+    """Run this file as a script measuring ``what``; with ``tree``, against that gemu."""
+    return run_in_tree(__file__, [what, str(n)], tree, f"measuring {what}")
 
 
 def _nop(n: int) -> dict:
