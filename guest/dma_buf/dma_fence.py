@@ -368,7 +368,6 @@ def _signal(fence: DmaFence, timestamp: int | None) -> bool:
 
 
 def _signal_annotated(fence: DmaFence, timestamp: int | None) -> bool:
-    # check_and_signal() has a copy of this body: keep the two alike
     runtime.preempt("dma_fence.signal", fence)
     cookie = lockdep.dma_fence_begin_signalling()
     try:
@@ -407,16 +406,7 @@ def check_and_signal(fence: DmaFence) -> bool:
 
     Kernel: dma_fence_check_and_signal() [drivers/dma-buf/dma-fence.c]
     """
-    # _signal_annotated(fence, None) spelled out: every job signals three fences this way
-    runtime.preempt("dma_fence.signal", fence)
-    cookie = lockdep.dma_fence_begin_signalling()
-    try:
-        already = _signal(fence, None)
-        if not already:
-            lockdep.fence_handed_off(fence)
-    finally:
-        lockdep.dma_fence_end_signalling(cookie)
-    return already
+    return _signal_annotated(fence, None)
 
 
 def is_signaled(fence: DmaFence) -> bool:
