@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -85,6 +86,9 @@ DEVICE_TIMEOUT_S = 5.0
 """How long any request of the machine waits for the device before it is declared lost."""
 DEVICE_READY_S = 20.0
 """How long a spawned device may take to print its ready line."""
+EXIT_GRACE_S = 1.0
+"""How long a spawned device that closed its connection is given to exit, so that its exit
+status (a signal, a crash) is what the device-lost message names."""
 
 DRIVER_MODES = {
     "per-bo": "one GPU VM per file, BOs mapped one by one, a BO list per submit (panfrost-like)",
@@ -104,6 +108,17 @@ def check_driver_mode(mode: str) -> str:
 DeviceLost = DeviceGone
 """What a machine call raises once the device is gone: its connection broke, its process
 died, or it missed ``device_timeout`` (then the subclass :class:`DeviceTimeout`)."""
+
+
+def _exit_status(code: int) -> str:
+    """A Popen return code as a message: ``-9 (killed by SIGKILL)``, ``1``."""
+    if code >= 0:
+        return str(code)
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        return f"{code} (killed by signal {-code})"
+    return f"{code} (killed by {name})"
 
 
 def _gemu_command() -> list[str]:
@@ -289,10 +304,26 @@ class Machine:
         return self.allocator.direct_reclaim(nr_pages)
 
     def device_lost(self) -> str | None:
-        """Why the device is unreachable (the connection broke or its process died), or None."""
+        """Why the device is unreachable (the connection broke or its process died), or None.
+
+        A spawned device that dies closes its socket before the kernel lets its parent reap
+        it, so a closed connection is followed by one bounded wait (:data:`EXIT_GRACE_S`,
+        at most ``device_timeout``) for the process to exit: the reason is then its exit
+        status ("killed by SIGKILL"), not the closed connection. A timeout does not wait: a
+        stopped device never exits by itself."""
         gone = getattr(self.client, "_gone", None) if self.client is not None else None
-        if self._proc is not None and self._proc.poll() is not None:
-            return f"gemu device process exited with status {self._proc.returncode}"
+        proc = self._proc
+        if (
+            proc is not None
+            and gone is not None
+            and not isinstance(gone, DeviceTimeout)
+            and not getattr(self, "_exit_waited", False)
+        ):
+            self._exit_waited = True
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=min(EXIT_GRACE_S, self.device_timeout or EXIT_GRACE_S))
+        if proc is not None and proc.poll() is not None:
+            return f"gemu device process exited with status {_exit_status(proc.returncode)}"
         return str(gone) if gone is not None and not self._down else None
 
     def probe_device(self) -> str | None:
