@@ -251,6 +251,21 @@ def timestamp_ns() -> int:
     return task.runtime.timestamp_ns()
 
 
+def shared(name: str) -> None:
+    """The step in progress reads or changes ``name``, state shared between tasks that no
+    lock, wait queue or named preemption point covers (a test harness's list of submitted
+    fences, appended by every submitter and read in order at the end). A systematic search
+    then counts the steps that name it as dependent (:mod:`gemu.host.explore.exhaustive`);
+    nothing else changes. No kernel counterpart: the kernel's data races are what KCSAN
+    reports."""
+    try:  # current(), inline
+        task = _local.task
+    except AttributeError:
+        return  # a thread no runtime adopted: nothing records its steps
+    if task._touched is not None:
+        task._touched.add(name)
+
+
 def spawn(fn: Callable[..., Any], *args: Any, name: str, **kwargs: Any) -> Task:
     """Start ``fn(*args, **kwargs)`` as a new task of the current runtime. Kernel: kthread_run()."""
     return current().runtime.spawn(fn, *args, name=name, **kwargs)

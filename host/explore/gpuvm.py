@@ -300,7 +300,7 @@ class GpuvmRun(_Run):
         fence = self._retry(submit, f"{what}: exec")
         if fence is None:
             return
-        self.fences.append((what, fence))
+        self.submitted(what, fence)
         task.pending.append((what, fence))
         task.last_job = fence
         if held:
@@ -354,7 +354,7 @@ class GpuvmRun(_Run):
 
     def _bound(self, task: _Task, fence, what: str) -> None:
         self.binds += 1
-        self.fences.append((what, fence))
+        self.submitted(what, fence)
         task.pending.append((what, fence))
         task.last_bind = fence
 

@@ -469,7 +469,16 @@ class _Run:
         self.stats: dict[str, int] = {}
         self.lockdep_before_abort: int | None = None
 
+    def submitted(self, what: str, fence: object) -> None:
+        """Keep ``fence`` (a job's or a bind's) for the end-of-run checks. Every submitter
+        appends to the one list and the end reads it in order, so the step doing it is
+        marked as working on that list (:func:`runtime.shared`): a systematic search then
+        orders two submitters' appends as it orders any other dependent steps."""
+        runtime.shared("scenario fences")
+        self.fences.append((what, fence))
+
     def violate(self, kind: str, message: str) -> None:
+        runtime.shared("scenario violations")
         if not any(v.kind == kind and v.message == message for v in self.violations):
             self.violations.append(Violation(kind, message))
             runtime.log(f"VIOLATION {kind}: {message}")
@@ -796,7 +805,7 @@ class _Run:
         if st["sem"] is not None:  # WAIT_MEM for a value nobody writes: only a reset ends it
             sh, sva = st["sem"]
             hang = f.submit(pk.wait_mem(sva, 1, function=WaitFunc.EQ), bos=[(sh, READ)])
-            self.fences.append((f"task {t} hang", hang))
+            self.submitted(f"task {t} hang", hang)
         for j, op in enumerate(self.plans[t]):
             kind, wait = op[0], op[-1]
             what = f"task {t} job {j} ({kind})"
@@ -828,7 +837,7 @@ class _Run:
             except KernelError as exc:
                 self.violate("job-error", f"{what}: submit failed: {exc}")
                 continue
-            self.fences.append((what, fence))
+            self.submitted(what, fence)
             pending.append((what, fence))
             if wait:
                 self._wait_all(f, pending)
@@ -854,7 +863,7 @@ class _Run:
         except KernelError as exc:
             self.violate("job-error", f"{what}: submit failed: {exc}")
         if submitted:
-            self.fences.append((what, fence))
+            self.submitted(what, fence)
             self._wait_all(f, [(what, fence)])
             ref[:] = value.to_bytes(4, "little") * (size // 4)
         if f.madvise(h, willneed=True):

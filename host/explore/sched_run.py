@@ -134,7 +134,7 @@ class SchedRun(_Run):
             except KernelError as exc:
                 self.violate("job-error", f"{what}: submit failed: {exc}")
                 return
-            self.fences.append((what, fence))
+            self.submitted(what, fence)
             runtime.sleep_ns(delay)
             f.write(h, 0, gen.to_bytes(4, "little"))
             try:
@@ -203,7 +203,7 @@ class SchedRun(_Run):
                 self.violate("job-error", f"{what}: submit failed: {exc}")
                 continue
             st["ref"][p][:] = ref
-            self.fences.append((what, out))
+            self.submitted(what, out)
             # exported as a sync_file: a reference of its own, valid after the file closes
             self.latest[t] = out.acquire()
             self.exported.append(self.latest[t])

@@ -190,7 +190,7 @@ class ShmemRun(_Run):
         st["ref"][p][:] = data
         for h, _access in bos:
             self._track(f.bo(h).obj, fence.acquire())
-        self.fences.append((what, fence))
+        self.submitted(what, fence)
         pending.append((what, fence))
         st["done"].append(fence)
 
@@ -220,7 +220,7 @@ class ShmemRun(_Run):
         f.close_bo(h)
         st["ref"][p][:] = data
         self._track(f.bo(ph).obj, fence.acquire())
-        self.fences.append((what, fence))
+        self.submitted(what, fence)
         pending.append((what, fence))
         st["done"].append(fence)
 
