@@ -141,6 +141,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="exhaustive: run every schedule, also those equivalent to one already explored",
     )
     p.add_argument(
+        "--no-state-cache",
+        action="store_true",
+        help="exhaustive: with the reduction, search again below a state an earlier "
+        "schedule reached (the reduction without its state cache)",
+    )
+    p.add_argument(
         "--schedules",
         type=_count,
         default=100,
@@ -464,6 +470,7 @@ def _exhaustive(args: argparse.Namespace, cfg, workers: int) -> int:
         cfg,
         args.preemption_bound,
         reduce=not args.no_reduction,
+        cache=not (args.no_reduction or args.no_state_cache),
         keep_going=args.keep_going,
         progress=tracked,
         should_stop=stop.is_set,
