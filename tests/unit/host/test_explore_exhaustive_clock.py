@@ -13,39 +13,11 @@ from __future__ import annotations
 
 from dataclasses import replace
 from itertools import pairwise
-from types import SimpleNamespace
 
 from gemu.guest.kernel import runtime
 from gemu.host.explore import exhaustive
-from gemu.host.explore.scenario import SCENARIOS, ExploreConfig, run_schedule
-
-# only names the search; the programs below never run a scenario
-CFG = ExploreConfig(scenario=replace(SCENARIOS["race"], jobs=1, reclaims=0))
-
-
-class _ProgramSearch(exhaustive.BoundedSearch):
-    """The bounded search over a made-up runtime program: its outcome is what it returns."""
-
-    def __init__(self, program, bound: int, *, reduce: bool) -> None:
-        super().__init__(CFG, bound, reduce=reduce, keep_going=True)
-        self.program = program
-
-    def _execute(self, res, prefix):
-        one = exhaustive._Run(prefix)
-        rt = runtime.Deterministic(0)
-        one.attach(rt)
-        out = rt.run(self.program)
-        res.complete += 1
-        res.outcomes.add(out)
-        if self.reduce:
-            res.classes.add(exhaustive._trace_fingerprint(one.steps))
-        return one, SimpleNamespace(violations=[])
-
-
-def _both(program, bound: int = 1):
-    naive = _ProgramSearch(program, bound, reduce=False).run()
-    reduced = _ProgramSearch(program, bound, reduce=True).run()
-    return naive, reduced
+from gemu.host.explore.scenario import run_schedule
+from tests.support.programs import CFG, both
 
 
 def _timestamp_program() -> tuple[int, ...]:
@@ -91,7 +63,7 @@ def test_a_clock_read_and_the_device_advancing_it_are_dependent():
     """The order of a clock read and a clock advance decides the value recorded: the naive
     enumeration reaches both, and so must the reduction (it took the two steps for
     independent and ran only one order)."""
-    naive, reduced = _both(_timestamp_program)
+    naive, reduced = both(_timestamp_program)
     assert naive.outcomes == {(0,), (1_000,)}
     assert reduced.outcomes == naive.outcomes
 
@@ -100,7 +72,7 @@ def test_a_timed_wait_and_the_device_advancing_the_clock_are_dependent():
     """A sleep that begins before the device's step ends when that step moves the clock past
     its deadline (1,000); one that begins after it ends at its own deadline (1,500): the
     reduction reaches both, as the naive enumeration does."""
-    naive, reduced = _both(_sleep_program)
+    naive, reduced = both(_sleep_program)
     assert naive.outcomes == {(1_000,), (1_500,)}
     assert reduced.outcomes == naive.outcomes
 
