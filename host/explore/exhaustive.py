@@ -752,6 +752,34 @@ class BoundedSearch:
                     return
 
 
+def naive_schedule_count(cfg: ExploreConfig, bound: int) -> int:
+    """How many schedules the naive enumeration (``reduce=False``) of ``cfg`` runs at
+    ``bound``, without running the ones with ``bound`` preemptions: the naive enumeration at
+    ``bound - 1`` is run, and each of its runs that spent all ``bound - 1`` preemptions adds
+    one schedule per choice costing one more at every decision after its last preemption
+    (decisions before it belong to the run it branched from, which counted them). The
+    schedules with ``bound`` preemptions are the larger part (small at K=2: 539,661 of
+    them against 1,058 at K=1), so this measures a reduction factor where the naive
+    enumeration itself would take most of an hour. It runs no reduction and no state cache.
+    """
+    if bound < 1:
+        return 1
+    extra = 0
+
+    class _Counting(BoundedSearch):
+        def _execute(self, res, prefix):
+            nonlocal extra
+            one, sched = super()._execute(res, prefix)
+            if one.spent == bound - 1:
+                # the last preemption is the prefix's last decision (none at K=0)
+                for p in one.points[len(prefix) :]:
+                    extra += len(p.runnable) - 1
+            return one, sched
+
+    below = _Counting(cfg, bound - 1, reduce=False, cache=False, keep_going=True).run()
+    return below.run + extra
+
+
 def _search_share(args: dict, share: list[tuple[int, int]]) -> tuple[SearchResult, list]:
     """A worker process's part of a parallel search: for each (decision n of the first
     schedule, task), the subtree below that alternative, depth first. Returns its result and
@@ -795,6 +823,7 @@ __all__ = [
     "SearchResult",
     "dependent",
     "footprint_of",
+    "naive_schedule_count",
     "object_key",
     "outcome",
     "races",
