@@ -141,10 +141,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="exhaustive: run every schedule, also those equivalent to one already explored",
     )
     p.add_argument(
-        "--no-state-cache",
+        "--state-cache",
         action="store_true",
-        help="exhaustive: with the reduction, search again below a state an earlier "
-        "schedule reached (the reduction without its state cache)",
+        help="exhaustive: with the reduction, do not search again below a state an earlier "
+        "schedule reached with as many preemptions left (fewer schedules; see docs/explore.md "
+        "for what it assumes)",
     )
     p.add_argument(
         "--schedules",
@@ -470,7 +471,7 @@ def _exhaustive(args: argparse.Namespace, cfg, workers: int) -> int:
         cfg,
         args.preemption_bound,
         reduce=not args.no_reduction,
-        cache=not (args.no_reduction or args.no_state_cache),
+        cache=args.state_cache and not args.no_reduction,
         keep_going=args.keep_going,
         progress=tracked,
         should_stop=stop.is_set,

@@ -6,9 +6,9 @@ statement a reviewer can quote::
 
     search = BoundedSearch(ExploreConfig(scenario=SCENARIOS["race"]), bound=1)
     result = search.run()
-    result.statement()   # "all 95 distinct interleavings (up to the order of independent
-                         #  steps) of race with at most 1 preemption explored (119 schedules
-                         #  run, 248 pruned): 0 violations"
+    result.statement()   # "all 96 distinct interleavings (up to the order of independent
+                         #  steps) of race with at most 1 preemption explored (120 schedules
+                         #  run, 247 pruned): 0 violations"
 
 **The enumeration** is CHESS's iterative context bounding, done statelessly: every schedule
 re-runs the scenario from the start (it is a pure function of its decisions). A run follows
@@ -27,9 +27,9 @@ steps independent of it gives an equivalent schedule at the same cost, which the
 relies on. Each run records, at every decision, the runnable tasks and the cost of
 choosing each.
 
-**The reduction** is dynamic partial-order reduction (Flanagan and Godefroid, POPL 2005)
-with sleep sets, bounded as Coons, Musuvathi and McKinley's bounded partial-order reduction
-(OOPSLA 2013) is. A step (transition) is what a task runs from one preemption point to the
+**The reduction** is dynamic partial-order reduction (Flanagan and Godefroid, POPL 2005),
+bounded as Coons, Musuvathi and McKinley's bounded partial-order reduction (OOPSLA 2013) is,
+without sleep sets (below). A step (transition) is what a task runs from one preemption point to the
 next. Its footprint is the object its preemption point names (``lock bo1`` -> ``bo1``; a
 fence or reservation point names its instance through ``runtime.preempt(..., on=)``:
 ``dma_fence 3:1``, ``bo3``; scheduler points share ``drm_sched``, the page allocator and
@@ -47,12 +47,23 @@ footprints meet. After each run, its races (dependent steps of two tasks that no
 between orders, by vector clocks) say which decisions must also try the racing task: the
 decision before the first step, and the one that began the run of steps of its task, so
 that the reversal is reachable within the bound. A decision tries nothing else: a switch
-there only reorders independent steps. A task whose next step was tried at a decision
-above sleeps until a dependent step runs and is not tried meanwhile. Every run also gets a
+there only reorders independent steps. Every run also gets a
 fingerprint of its Mazurkiewicz trace (each step hashed with its task, footprint and the
 steps it directly depends on, summed), and the statement counts the distinct ones.
 
-**The state cache** cuts what the reduction still runs twice. A decision's state is the
+**No sleep sets.** Unbounded, a task whose next step was tried at a decision above can
+sleep until a dependent step runs: its branch there covers every schedule that runs that
+step later. Under a preemption bound it does not: the schedule in the sleeping task's own
+branch that is equivalent to running its step later has to preempt it to run the steps in
+between, so it may need more preemptions than the bound leaves. The search had sleep sets
+and lost outcomes to them: on four workers each taking its own lock and then one shared
+lock, at K=2 it reached 21 of the 23 orders of the shared lock the naive enumeration
+reaches (``tests/unit/host/test_explore_exhaustive_programs.py``). Without them it reaches
+all 23, and more of the naive enumeration's trace classes everywhere (the cut-down race at
+K=2: 738 of 754 instead of 699), at the price of more runs (1,536 instead of 1,291).
+
+**The state cache** (``cache=True``, ``--state-cache``; off by default) cuts what the
+reduction still runs twice. A decision's state is the
 fingerprint of the trace run so far (equal for runs that only ordered independent steps
 differently, and so, by the same reasoning that lets the reduction skip such runs, the same
 machine state), the task at the point, the default choice and the preempted tasks (the same
@@ -63,17 +74,18 @@ below that state covered every schedule from it within the bound. The run still 
 end, so its races with the steps before the state give the decisions above it their
 alternatives as before. The cache assumes what the reduction assumes and adds one more
 step: the races between the steps before the state and the schedules searched below it were
-read on the earlier run's order of the same steps. Checked, not proven: with and without the
-cache, the search reaches exactly the same trace classes and outcomes on ``race`` and
-``small`` at K=1 and the cut-down ``race`` at K=2, where the cache saves a quarter of the
-runs (955 instead of 1,291). At K=1 it saves nothing: below a preemption the only schedule
-left is the default one.
+read on the earlier run's order of the same steps, whose decisions cost differently under
+the bound. That step does not always hold, so the cache is off by default: with and without
+it the search reaches the same outcomes on every scenario and program checked, and the same
+trace classes on ``race`` and ``small`` at K=1, the cut-down ``race`` at K=2 (1,186 runs
+instead of 1,536) and the made-up programs at K=2, but 720 of 723 classes on four workers at
+K=3. At K=1 it saves nothing: below a preemption the only schedule left is the default one.
 
 The reduction is exactly as good as the dependency: code between two preemption points that
 touches shared state without a lock or wait queue the runtime sees is invisible to it. Under
 a preemption bound, no partial-order reduction is complete in every case: a class whose
 representatives within the bound were not run is missed, so the statement counts the classes
-the search ran (on the cut-down race at K=2, 687 of the 754 the naive enumeration runs). The
+the search ran (on the cut-down race at K=2, 699 of the 754 the naive enumeration runs). The
 test suite checks the reduction on scenarios small enough to enumerate without it: both
 searches reach the same set of outcomes (verdicts and the machine's end statistics).
 """
@@ -175,9 +187,7 @@ class _Point:
         "chosen",
         "default",
         "done",
-        "explored",
         "runnable",
-        "sleep",
         "spent",
         "tried",
     )
@@ -190,11 +200,6 @@ class _Point:
         self.backtrack = {chosen}
         self.done = {chosen}
         self.tried = 1
-        self.sleep: dict[int, frozenset[str]] = {}
-        """Tasks asleep here (sleep sets): their next step, independent of everything run
-        since a decision above tried it, would only reorder a schedule already run."""
-        self.explored: dict[int, frozenset[str]] = {}
-        """The footprint of the step each task tried here ran."""
 
     def cost(self, tid: int) -> int:
         """Preemptions spent once ``tid`` is chosen here."""
@@ -510,7 +515,7 @@ class BoundedSearch:
         bound: int,
         *,
         reduce: bool = True,
-        cache: bool | None = None,
+        cache: bool = False,
         keep_going: bool = False,
         max_schedules: int | None = None,
         progress: Callable[[SearchResult, int], None] | None = None,
@@ -523,7 +528,7 @@ class BoundedSearch:
         self.cfg = replace(cfg, strategy="exhaustive", backend="greenlet")
         self.bound = bound
         self.reduce = reduce
-        self.cache = reduce if cache is None else cache
+        self.cache = cache and reduce
         self.visited: dict | None = {} if self.cache else None
         """The state cache: for each state a run reached at a decision with a preemption
         left, the fewest preemptions spent reaching it (:meth:`_Run._check_state`)."""
@@ -625,7 +630,6 @@ class BoundedSearch:
                 p.backtrack.update(p.runnable)
             return
         steps = one.steps
-        self._sleep_sets(path, one)
         for i, j in races(steps):
             tid = steps[j].tid
             nodes = {steps[i].node}
@@ -649,29 +653,6 @@ class BoundedSearch:
                 if running and n == steps[i].node:
                     tids = {t for t in tids if p.cost(t) < self.bound}
                 p.backtrack.update(tids)
-
-    @staticmethod
-    def _sleep_sets(path: list[_Point], one: _Run) -> None:
-        """Carry the sleep set of the decision this run branched at down its new decisions:
-        a task stays asleep until a step dependent with its next one runs. Tasks tried at a
-        decision before the one chosen fall asleep for the branches tried after them."""
-        top = len(one.prefix) - 1
-        zzz: dict[int, frozenset[str]] = {}
-        for st in one.steps:
-            n = st.node
-            if n is not None and n >= len(path):
-                break  # below the cut: searched by an earlier run
-            if n is not None and n >= max(top, 0):
-                p = path[n]
-                if n == top:
-                    zzz = dict(p.sleep)
-                    zzz.update((t, o) for t, o in p.explored.items() if t != p.chosen)
-                elif n > top:
-                    p.sleep = dict(zzz)
-                    p.done.update(zzz)
-                p.explored[p.chosen] = st.objs
-            if zzz:
-                zzz = {t: o for t, o in zzz.items() if t != st.tid and not dependent(o, st.objs)}
 
     def _next(
         self, res: SearchResult, path: list[_Point], floor: int
