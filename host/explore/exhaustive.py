@@ -82,12 +82,16 @@ instead of 1,536) and the made-up programs at K=2, but 720 of 723 classes on fou
 K=3. At K=1 it saves nothing: below a preemption the only schedule left is the default one.
 
 The reduction is exactly as good as the dependency: code between two preemption points that
-touches shared state without a lock or wait queue the runtime sees is invisible to it. Under
+touches shared state without a lock or wait queue the runtime sees is invisible to it, unless
+it names that state with ``runtime.shared()`` (the scenario harness's list of fences). Under
 a preemption bound, no partial-order reduction is complete in every case: a class whose
 representatives within the bound were not run is missed, so the statement counts the classes
-the search ran (on the cut-down race at K=2, 699 of the 754 the naive enumeration runs). The
+the search ran (on the cut-down race at K=2, 738 of the 754 the naive enumeration runs). The
 test suite checks the reduction on scenarios small enough to enumerate without it: both
-searches reach the same set of outcomes (verdicts and the machine's end statistics).
+searches reach the same set of outcomes (verdicts and the machine's end statistics). The
+built-in ``small`` at K=2 was checked once by running the naive enumeration in full
+(539,661 schedules, an hour on two cores): the same 11 outcomes, with 33,899 schedules
+reduced (:func:`naive_schedule_count` gives that naive count without running it).
 """
 
 from __future__ import annotations
