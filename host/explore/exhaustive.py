@@ -29,8 +29,8 @@ choosing each.
 
 **The reduction** is dynamic partial-order reduction (Flanagan and Godefroid, POPL 2005),
 bounded as Coons, Musuvathi and McKinley's bounded partial-order reduction (OOPSLA 2013) is,
-without sleep sets (below). A step (transition) is what a task runs from one preemption point to the
-next. Its footprint is the object its preemption point names (``lock bo1`` -> ``bo1``; a
+without sleep sets (below). A step (transition) is what a task runs from one preemption
+point to the next. Its footprint is the object its preemption point names (``lock bo1`` -> ``bo1``; a
 fence or reservation point names its instance through ``runtime.preempt(..., on=)``:
 ``dma_fence 3:1``, ``bo3``; scheduler points share ``drm_sched``, the page allocator and
 swap share ``mm``) plus every wait queue it waited on or woke (spinlocks, fence waits,
@@ -42,8 +42,8 @@ can run) works on ``runtime.CLOCK`` too, since a deadline or a timeout taken bef
 step differs from one taken after it; a timestamp nothing compares is read with
 ``runtime.timestamp_ns()`` and does not count. A point the table does not know is dependent
 with everything, and so is a fence or reservation point that did not name its instance. A
-task's first step (from its start to its first point) is recorded like the others. Two steps are dependent when their
-footprints meet. After each run, its races (dependent steps of two tasks that no step in
+task's first step (from its start to its first point) is recorded like the others. Two
+steps are dependent when their footprints meet. After each run, its races (dependent steps of two tasks that no step in
 between orders, by vector clocks) say which decisions must also try the racing task: the
 decision before the first step, and the one that began the run of steps of its task, so
 that the reversal is reachable within the bound. A decision tries nothing else: a switch
