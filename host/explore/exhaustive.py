@@ -357,14 +357,6 @@ class _Fingerprint:
         self.total = (self.total + h) & 0xFFFF_FFFF_FFFF_FFFF
 
 
-def _trace_fingerprint(steps: list[_Step]) -> int:
-    """The :class:`_Fingerprint` of a whole run."""
-    fp = _Fingerprint()
-    for st in steps:
-        fp.add(st)
-    return fp.total
-
-
 def races(steps: list[_Step]) -> list[tuple[int, int]]:
     """The races of a run: pairs (i, j) of steps of different tasks, i before j, that are
     dependent (their footprints meet) and not ordered by happens-before through other
