@@ -553,7 +553,7 @@ class BoundedSearch:
 
     def _execute(self, res: SearchResult, prefix: list[int]) -> tuple[_Run, ScheduleResult]:
         one = _Run(prefix, self.visited, self.bound)
-        sched = run_schedule(self.cfg, 0, search=one)
+        sched = self._schedule(one)
         res.complete += 1
         res.merged += one.cut is not None
         res.outcomes.add(outcome(sched))
@@ -561,6 +561,11 @@ class BoundedSearch:
         if sched.violations:
             res.violating.append(sched)
         return one, sched
+
+    def _schedule(self, one: _Run) -> ScheduleResult:
+        """Run the scenario once with ``one`` making the decisions and recording the steps
+        (what a search over something other than a scenario replaces)."""
+        return run_schedule(self.cfg, 0, search=one)
 
     def _search(
         self,

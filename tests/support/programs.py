@@ -18,22 +18,17 @@ CFG = ExploreConfig(scenario=replace(SCENARIOS["race"], jobs=1, reclaims=0))
 
 class ProgramSearch(exhaustive.BoundedSearch):
     """:class:`~gemu.host.explore.exhaustive.BoundedSearch` over ``program``: each run is a
-    fresh deterministic runtime running it, with the search's decisions and state cache."""
+    fresh deterministic runtime running it, with the search's decisions and state cache;
+    the program's return value is the run's outcome."""
 
     def __init__(self, program, bound: int, **kwargs) -> None:
         super().__init__(CFG, bound, keep_going=True, **kwargs)
         self.program = program
 
-    def _execute(self, res, prefix):
-        one = exhaustive._Run(prefix, self.visited, self.bound)
+    def _schedule(self, one):
         rt = runtime.Deterministic(0)
         one.attach(rt)
-        out = rt.run(self.program)
-        res.complete += 1
-        res.merged += one.cut is not None
-        res.outcomes.add(out)
-        res.classes.add(one.trace.total)
-        return one, SimpleNamespace(violations=[])
+        return SimpleNamespace(violations=[], outcome=rt.run(self.program))
 
 
 def both(program, bound: int = 1):
