@@ -189,6 +189,7 @@ class Machine:
         self.device_timeout = device_timeout
         self._tmp = tempfile.TemporaryDirectory(prefix="gemu-machine-")
         self._proc: subprocess.Popen | None = None
+        self._exit_waited = False  # device_lost() waited for a closed device to exit
         self.gdb_address: str | None = None
         """Where the spawned device's gdb stub listens (``tcp:127.0.0.1:PORT``), with --gdb."""
         self._server = None
@@ -317,7 +318,7 @@ class Machine:
             proc is not None
             and gone is not None
             and not isinstance(gone, DeviceTimeout)
-            and not getattr(self, "_exit_waited", False)
+            and not self._exit_waited
         ):
             self._exit_waited = True
             with contextlib.suppress(subprocess.TimeoutExpired):

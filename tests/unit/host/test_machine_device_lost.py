@@ -25,6 +25,7 @@ def _machine(proc: subprocess.Popen, gone: Exception | None) -> Machine:
     m.client = types.SimpleNamespace(_gone=gone)
     m._proc = proc
     m._down = False
+    m._exit_waited = False
     m.device_timeout = 2.0
     return m
 
