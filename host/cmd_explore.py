@@ -471,7 +471,7 @@ def _exhaustive(args: argparse.Namespace, cfg, workers: int) -> int:
         cfg,
         args.preemption_bound,
         reduce=not args.no_reduction,
-        cache=args.state_cache and not args.no_reduction,
+        cache=args.state_cache,  # BoundedSearch ignores it without the reduction
         keep_going=args.keep_going,
         progress=tracked,
         should_stop=stop.is_set,
