@@ -832,9 +832,7 @@ class Deterministic(Runtime):
         self._event_lines = []
 
     def now_ns(self) -> int:
-        task = getattr(_local, "task", None)
-        if task is not None and task._touched is not None:
-            task._touched.add(CLOCK)
+        shared(CLOCK)
         return self._now
 
     def timestamp_ns(self) -> int:
@@ -845,9 +843,7 @@ class Deterministic(Runtime):
 
     def advance(self, ns: int) -> None:
         """Move the virtual clock forward by ``ns``; waits whose deadline passed time out."""
-        task = getattr(_local, "task", None)
-        if task is not None and task._touched is not None:
-            task._touched.add(CLOCK)
+        shared(CLOCK)
         now = self._now = self._now + ns
         for t in self._timed:  # a few tasks (the watchdog's, a sleeper's): look before sorting
             if t._deadline <= now:
