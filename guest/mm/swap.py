@@ -372,9 +372,7 @@ class SwapDevice:
         if self._mem is not None:
             self._mem[off : off + nbytes] = view
         else:
-            done = 0
-            while done < nbytes:
-                done += os.pwrite(self._fd, view[done:], off + done)
+            self._file_write(off, view)
         s = self._stats
         s.pswpout += nr
         s.bytes_out += nbytes
@@ -394,10 +392,7 @@ class SwapDevice:
             if own is not None:
                 own[off : off + nbytes] = mem[pa : pa + nbytes]
             else:
-                view = mem[pa : pa + nbytes]
-                done = 0
-                while done < nbytes:
-                    done += os.pwrite(self._fd, view[done:], off + done)
+                self._file_write(off, mem[pa : pa + nbytes])
 
     def read_frames(self, physmem, pairs: Sequence[tuple[int, int, int]]) -> None:
         """Read slots into frames of ``physmem``: for each ``(pfn, slot, nr)`` of ``pairs``,
@@ -413,13 +408,22 @@ class SwapDevice:
             if own is not None:
                 mem[pa : pa + nbytes] = own[off : off + nbytes]
             else:
-                view = mem[pa : pa + nbytes]
-                done = 0
-                while done < nbytes:
-                    got = os.preadv(self._fd, [view[done:]], off + done)
-                    if got <= 0:
-                        raise Eio(msg=f"{self.name}: short read at slot {off >> PAGE_SHIFT}")
-                    done += got
+                self._file_read(off, mem[pa : pa + nbytes])
+
+    def _file_write(self, off: int, view: memoryview) -> None:
+        """Write ``view`` to the backing file at byte ``off``, all of it."""
+        done, nbytes = 0, len(view)
+        while done < nbytes:
+            done += os.pwrite(self._fd, view[done:], off + done)
+
+    def _file_read(self, off: int, view: memoryview) -> None:
+        """Fill ``view`` from the backing file at byte ``off``; Eio on a short read."""
+        done, nbytes = 0, len(view)
+        while done < nbytes:
+            got = os.preadv(self._fd, [view[done:]], off + done)
+            if got <= 0:
+                raise Eio(msg=f"{self.name}: short read at slot {off >> PAGE_SHIFT}")
+            done += got
 
     def _checked_pairs(self, physmem, pairs: Sequence[tuple[int, int, int]], *, write: bool):
         """The ``(pfn, slot, nr)`` pairs of :meth:`write_frames` or :meth:`read_frames`, each
@@ -545,12 +549,7 @@ class SwapDevice:
         if self._mem is not None:
             view[:] = self._mem[off : off + nbytes]
         else:
-            done = 0
-            while done < nbytes:
-                got = os.preadv(self._fd, [view[done:]], off + done)
-                if got <= 0:
-                    raise Eio(msg=f"{self.name}: short read at slot {first_slot}")
-                done += got
+            self._file_read(off, view)
         s = self._stats
         s.pswpin += nr
         s.bytes_in += nbytes
