@@ -153,13 +153,17 @@ def reset_warn_stats() -> None:
         _stats = WarnStats()
 
 
-def warn_on(cond: object, msg: str) -> bool:
-    """Report a broken contract when ``cond`` is true; return ``bool(cond)``.
+def warn_on(cond: object, msg: str, *args: object) -> bool:
+    """Report a broken contract when ``cond`` is true; return ``bool(cond)``. With ``args``,
+    the message is ``msg % args``, formatted only when ``cond`` is true (a message naming an
+    object by its repr costs a repr on every call otherwise, on paths that never warn).
 
     Kernel: WARN_ON() / drm_WARN_ON() [include/asm-generic/bug.h]
     """
     if not cond:
         return False
+    if args:
+        msg = msg % args
     if _strict:
         raise KernelWarning(msg)
     stack = "".join(traceback.format_stack(limit=8)[:-1])

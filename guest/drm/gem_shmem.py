@@ -351,8 +351,7 @@ def _dec_and_test(shmem: DrmGemShmemObject, field: str) -> bool:
         value = getattr(shmem, field)
         if value > 0:
             setattr(shmem, field, value - 1)
-    if value <= 0:  # the message (the object's repr) only for the warning
-        warn_on(True, f"{field} underflow on {shmem!r}")
+    if warn_on(value <= 0, "%s underflow on %r", field, shmem):
         return False
     return value == 1
 
@@ -445,27 +444,23 @@ def free(shmem: DrmGemShmemObject) -> None:
         gem.object_release(shmem)
         return
     if _v19(shmem):
-        if shmem.vmap_use_count or shmem.pages_use_count or shmem.pages_pin_count:
-            # the messages (the object's repr) only for an object that warns
-            warn_on(shmem.vmap_use_count, f"freeing {shmem!r} while vmapped")
-            warn_on(shmem.pages_use_count, f"freeing {shmem!r} with pages held")
-            warn_on(shmem.pages_pin_count, f"freeing {shmem!r} while pinned")
+        leaked = warn_on(shmem.vmap_use_count, "freeing %r while vmapped", shmem)
+        leaked |= warn_on(shmem.pages_use_count, "freeing %r with pages held", shmem)
+        leaked |= warn_on(shmem.pages_pin_count, "freeing %r while pinned", shmem)
+        if leaked:
             shmem.dev.leaked.append(shmem)
             return
         shmem.sgt = None
     else:
         dma_resv.lock(shmem.resv, None)
         try:
-            if shmem.vmap_use_count:
-                warn_on(True, f"freeing {shmem!r} while vmapped")
+            warn_on(shmem.vmap_use_count, "freeing %r while vmapped", shmem)
             if shmem.sgt is not None:
                 shmem.sgt = None
                 if shmem.pages is not None:
                     put_pages_locked(shmem)
-            if shmem.pages_use_count:
-                warn_on(True, f"freeing {shmem!r} with pages held")
-            if shmem.pages_pin_count:
-                warn_on(True, f"freeing {shmem!r} while pinned")
+            warn_on(shmem.pages_use_count, "freeing %r with pages held", shmem)
+            warn_on(shmem.pages_pin_count, "freeing %r while pinned", shmem)
             _free_pages(shmem, "drm_gem_shmem_free")
         finally:
             dma_resv.unlock(shmem.resv)
@@ -477,14 +472,12 @@ def free(shmem: DrmGemShmemObject) -> None:
 
 def _acquire_pages(shmem: DrmGemShmemObject) -> None:
     """Kernel: drm_gem_shmem_acquire_pages() (v19, static)"""
-    if shmem.import_attach is not None:
-        warn_on(True, f"getting pages of imported {shmem!r}")
+    if warn_on(shmem.import_attach is not None, "getting pages of imported %r", shmem):
         raise Einval(msg="imported object")
     if shmem.madv < 0:
         raise Enomem(msg=f"{shmem!r} was purged")
     if shmem.pages is not None:
-        if not shmem.evicted:
-            warn_on(True, f"{shmem!r} already has pages")
+        warn_on(not shmem.evicted, "%r already has pages", shmem)
         return
     shmem.pages = tuple(shmem.filp.get_pages(GFP_SHMEM))
 
@@ -623,8 +616,7 @@ def pin_locked(shmem: DrmGemShmemObject) -> None:
         Enomem: purged, or no frames.
     """
     dma_resv.assert_held(shmem.resv)
-    if shmem.import_attach is not None:
-        warn_on(True, f"pinning imported {shmem!r}")
+    if warn_on(shmem.import_attach is not None, "pinning imported %r", shmem):
         raise Einval(msg="imported object")
     if _inc_not_zero(shmem, "pages_pin_count"):
         return
@@ -718,8 +710,7 @@ def vunmap_locked(shmem: DrmGemShmemObject, vaddr: IosysMap) -> None:
     if shmem.import_attach is not None:
         vaddr.pfns = None
         return
-    if vaddr is not shmem.vaddr:
-        warn_on(True, f"vunmap of {vaddr!r}, not the mapping of {shmem!r}")
+    warn_on(vaddr is not shmem.vaddr, "vunmap of %r, not the mapping of %r", vaddr, shmem)
     if _dec_and_test(shmem, "vmap_use_count"):
         shmem.vaddr.pfns = None
         shmem.vaddr = None
@@ -764,11 +755,9 @@ def get_sg_table(shmem: DrmGemShmemObject) -> SgTable:
         Einval: the object is imported (warns).
         Enomem: the object has no pages (warns: the caller should have got or pinned them).
     """
-    if shmem.import_attach is not None:
-        warn_on(True, f"get_sg_table of imported {shmem!r}")
+    if warn_on(shmem.import_attach is not None, "get_sg_table of imported %r", shmem):
         raise Einval(msg="imported object")
-    if shmem.pages is None:
-        warn_on(True, f"get_sg_table of {shmem!r} without pages")
+    if warn_on(shmem.pages is None, "get_sg_table of %r without pages", shmem):
         raise Enomem(msg="object has no pages")
     # drm_prime_pages_to_sg(): kmalloc of the table and sg_alloc_table_from_pages_segment(),
     # both GFP_KERNEL; the model keeps no slab, the annotation is the allocation.
@@ -794,8 +783,7 @@ def get_pages_sgt_locked(shmem: DrmGemShmemObject) -> SgTable:
     dma_resv.assert_held(shmem.resv)
     if shmem.sgt is not None:
         return shmem.sgt
-    if shmem.import_attach is not None:
-        warn_on(True, f"get_pages_sgt of imported {shmem!r}")
+    if warn_on(shmem.import_attach is not None, "get_pages_sgt of imported %r", shmem):
         raise Einval(msg="imported object")
     if _v19(shmem):
         shmem.sgt = get_sg_table(shmem)
@@ -825,8 +813,11 @@ def get_pages_sgt(shmem: DrmGemShmemObject) -> SgTable:
         Einval, Enomem: as :func:`get_pages_sgt_locked`.
     """
     if _v19(shmem):
-        if is_evictable(shmem) or is_purgeable(shmem):
-            warn_on(True, f"get_pages_sgt of reclaimable {shmem!r}: pin it first")
+        if warn_on(
+            is_evictable(shmem) or is_purgeable(shmem),
+            "get_pages_sgt of reclaimable %r: pin it first",
+            shmem,
+        ):
             raise Ebusy(msg="object is not pinned")
         sgt = shmem.sgt
         if sgt is not None:
@@ -938,8 +929,7 @@ def purge_locked(shmem: DrmGemShmemObject) -> None:
     Einval, mappings made before stay and SIGBUS.
     """
     dma_resv.assert_held(shmem.resv)
-    if not is_purgeable(shmem):
-        warn_on(True, f"purging {shmem!r} which is not purgeable")
+    warn_on(not is_purgeable(shmem), "purging %r which is not purgeable", shmem)
     if _v19(shmem):
         if not shmem.evicted:  # drm_gem_shmem_shrinker_put_pages_locked()
             _free_pages(shmem, "drm_gem_shmem_purge_locked")
@@ -984,8 +974,7 @@ def evict_locked(shmem: DrmGemShmemObject) -> None:
         Enospc, Eio: writing to swap failed; the object is unchanged and still resident.
     """
     dma_resv.assert_held(shmem.resv)
-    if not is_evictable(shmem):
-        warn_on(True, f"evicting {shmem!r} which is not evictable")
+    if warn_on(not is_evictable(shmem), "evicting %r which is not evictable", shmem):
         raise Ebusy(msg="object is not evictable")
     _zap_vmas(shmem)
     shmem.filp.writeout()
@@ -1176,8 +1165,11 @@ def vm_open(vma: ShmemVma) -> ShmemVma:
     gem.get(shmem)
     dma_resv.lock(shmem.resv, None)
     try:
-        if not _inc_not_zero(shmem, "pages_use_count"):
-            warn_on(True, f"vm_open of {shmem!r} whose pages have no users")
+        warn_on(
+            not _inc_not_zero(shmem, "pages_use_count"),
+            "vm_open of %r whose pages have no users",
+            shmem,
+        )
         if _v19(shmem):
             update_lru_locked(shmem)
     finally:
@@ -1235,8 +1227,7 @@ def fault(shmem: DrmGemShmemObject, offset: int) -> int:
             raise SigBus(f"offset {offset} outside {shmem!r}")
         if shmem.madv < 0:
             raise SigBus(f"{shmem!r} was purged")
-        if shmem.pages is None:
-            warn_on(True, f"fault on {shmem!r} without pages")
+        if warn_on(shmem.pages is None, "fault on %r without pages", shmem):
             raise SigBus(f"{shmem!r} has no pages")
         return shmem.pages[offset >> PAGE_SHIFT]
     finally:
