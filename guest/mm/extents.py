@@ -8,7 +8,7 @@ Python step per run of consecutive numbers, not one per page. Memory that comes 
 (the steady state after boot) moves in a few steps whatever its size. A fully fragmented
 object (no two pages consecutive) has one extent per page; it is handled as a list of numbers
 instead (:meth:`RunStack.pop_numbers`, :meth:`RunStack.push_singles`, :func:`mark_numbers`,
-:func:`copy_pages`), each step one list operation or one short loop over the batch.
+:func:`copy_page_views`), each step one list operation or one short loop over the batch.
 
 :class:`RunStack` is a last-in-first-out free list kept as extents. Its order is exactly the
 order of a stack of single numbers onto which each freed batch is pushed so that its first
@@ -23,9 +23,10 @@ extent is checked with one ``bytearray.count`` and set with one slice assignment
 from __future__ import annotations
 
 from bisect import bisect_left
+from collections import deque
 from collections.abc import Iterable, Sequence
 from itertools import accumulate, chain, compress, repeat
-from operator import add, eq, itemgetter, ne, sub
+from operator import add, eq, itemgetter, ne, setitem, sub
 
 Extent = tuple[int, int]
 _LENGTH = itemgetter(1)
@@ -111,13 +112,45 @@ def copy_pages(dst, dst_pages: Sequence[int], src, src_pages: Sequence[int], shi
 
     A plain loop: measured against a C-level ``map`` of slices and views it is faster
     (1,421 vs 1,604 us/MiB of a fragmented round trip): each page costs two slices, one view
-    and the copy whichever way they are made, and the copy is most of it.
+    and the copy whichever way they are made, and the copy is most of it. With a view of
+    every page at hand, :func:`copy_page_views` does without the slices and views.
     """
     size = 1 << shift
     for d, s in zip(dst_pages, src_pages):
         d <<= shift
         s <<= shift
         dst[d : d + size] = src[s : s + size]
+
+
+def page_views(buf: memoryview, shift: int) -> list[memoryview]:
+    """A view of every whole page of ``buf`` (pages of ``1 << shift`` bytes), in order, made
+    in C-level passes: about 0.1 us and 192 bytes per page."""
+    size = 1 << shift
+    end = len(buf) >> shift << shift
+    return list(map(buf.__getitem__, map(slice, range(0, end, size), range(size, end + 1, size))))
+
+
+_WHOLE = slice(None)
+_consume = deque(maxlen=0).extend
+
+
+def copy_page_views(
+    dst_views: Sequence[memoryview],
+    dst_pages: Sequence[int],
+    src_views: Sequence[memoryview],
+    src_pages: Sequence[int],
+) -> None:
+    """:func:`copy_pages` between buffers cut into page views (:func:`page_views`): page
+    ``src_pages[i]`` to ``dst_pages[i]``, every page number already checked to be in range
+    and not negative (an index from the end would name another page). The views are picked
+    with one ``itemgetter`` call per side and each copy is one ``setitem``, all C-level:
+    0.88 against the loop's 1.00 us per scattered 4 KiB page here (timeit, memfd RAM)."""
+    n = len(dst_pages)
+    if n == 1:
+        dst_views[dst_pages[0]][:] = src_views[src_pages[0]]
+    elif n:
+        dst = itemgetter(*dst_pages)(dst_views)
+        _consume(map(setitem, dst, repeat(_WHOLE, n), itemgetter(*src_pages)(src_views)))
 
 
 def total(runs: Iterable[Extent]) -> int:
@@ -316,9 +349,10 @@ class RunStack:
         return expand(self.pop(nr))
 
     def push_singles(self, numbers: Sequence[int]) -> None:
-        """:meth:`push` of numbers no two of which are consecutive neighbours (the caller
-        checked, e.g. with :func:`no_neighbours`): ``numbers[0]`` is handed out first, each
-        an extent of one, in one step per list."""
+        """:meth:`push` of numbers as extents of one each: ``numbers[0]`` is handed out
+        first, in one step per list. Meant for numbers no two of which are consecutive
+        neighbours (a fragmented batch); neighbours that are stay two extents, which costs
+        room but not order (:meth:`pop` and :meth:`pop_numbers` hand them out the same)."""
         if not numbers:
             return
         starts, lens = self.starts, self.lens
@@ -380,17 +414,27 @@ def mark(state: bytearray, runs: Sequence[Extent], old: int, new: int) -> bool:
 
 def mark_numbers(state: bytearray, numbers: Sequence[int], old: int, new: int) -> bool:
     """:func:`mark` of single numbers (``old != new``): every number in range, each in state
-    ``old``, none repeated; all or nothing. The states are read with one ``itemgetter``
-    call (C-level), the repeats found with a ``set``."""
-    n = len(numbers)
-    if n < 2:
-        return not n or mark(state, [(numbers[0], 1)], old, new)
+    ``old``, none repeated; all or nothing.
+
+    One loop that checks each number as it sets it: a repeated number finds its own
+    ``new`` the second time, and a failure puts back what the loop had set (timeit, 16
+    numbers: 1.07 us, against 1.27 for reading every state with ``itemgetter`` and finding
+    repeats with a ``set`` first)."""
+    if not numbers:
+        return True
+    done = 0
     try:
-        got = itemgetter(*numbers)(state)
+        if min(numbers) < 0:  # an index from the end would name another number
+            return False
+        for i in numbers:
+            if state[i] != old:
+                break
+            state[i] = new
+            done += 1
+        else:
+            return True
     except (IndexError, TypeError):
-        return False
-    if got.count(old) != n or min(numbers) < 0 or len(set(numbers)) != n:
-        return False
-    for i in numbers:
-        state[i] = new
-    return True
+        pass
+    for i in numbers[:done]:
+        state[i] = old
+    return False

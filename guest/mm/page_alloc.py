@@ -68,6 +68,7 @@ from gemu.guest.mm.extents import (
     mark,
     mark_numbers,
     no_neighbours,
+    page_views,
     runs_of,
     set_numbers,
     set_states,
@@ -126,7 +127,7 @@ class PhysMem:
     it (a trailing partial page is unused). Addresses outside RAM raise :class:`Efault`.
     """
 
-    __slots__ = ("_mmap", "fd", "mem", "nr_frames", "size")
+    __slots__ = ("_mmap", "_views", "fd", "mem", "nr_frames", "size")
 
     def __init__(self, buf) -> None:
         mem = memoryview(buf)
@@ -139,6 +140,7 @@ class PhysMem:
         self.size = self.nr_frames << PAGE_SHIFT
         self.fd: int | None = None
         self._mmap: mmap.mmap | None = None
+        self._views: list[memoryview] | None = None
 
     @classmethod
     def from_memfd(cls, size: int, name: str = "gemu-ram") -> PhysMem:
@@ -159,8 +161,20 @@ class PhysMem:
         ram._mmap = mapping
         return ram
 
+    def frame_views(self) -> list[memoryview]:
+        """A view of every frame, indexed by pfn; made on the first call (about 30 ms and
+        48 MiB for 1 GiB of RAM: 192 bytes per frame), which comes with the first swap I/O of
+        a fragmented object (:meth:`SwapDevice.write_pages`): copying between these views
+        makes no slice or view object per page."""
+        views = self._views
+        if views is None:
+            views = self._views = page_views(self.mem, PAGE_SHIFT)
+        return views
+
     def close(self) -> None:
-        """Release a memfd-backed RAM (no-op for a caller-owned buffer)."""
+        """Release a memfd-backed RAM (for a caller-owned buffer, only this object's views of
+        it, so that the owner can close it)."""
+        self._views = None  # each frame view holds the buffer exported
         self.mem.release()
         if self._mmap is not None:
             self._mmap.close()

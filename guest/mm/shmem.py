@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import struct
 from array import array
-from itertools import chain
+from itertools import chain, repeat
 
 from gemu.guest.errors import Efault, Einval, KernelError, warn_on
 from gemu.guest.mm.extents import (
@@ -120,7 +120,7 @@ class ShmemFile:
         # whole pages already: keep the caller's int (the GEM object's size), not a copy
         self.size = size if not size & (PAGE_SIZE - 1) else -(-size // PAGE_SIZE) << PAGE_SHIFT
         self._pages: array | None = None
-        self._packed: bytes | None = None  # _runs, packed
+        self._packed: bytes | array | None = None  # _runs, packed (an array: the numbers)
         #: Pages held in frames.
         self.nr_resident = 0
         #: Pages held in swap slots.
@@ -142,9 +142,15 @@ class ShmemFile:
     def _runs(self) -> list[Extent] | None:
         """The extents of a whole file (frames, or slots), or None. Kept packed in one
         ``bytes``, two signed 64-bit numbers (start, length) per extent: a list of tuples
-        costs about four times the memory of a one-extent file, an ``array('q')`` twice."""
+        costs about four times the memory of a one-extent file, an ``array('q')`` twice.
+        A fragmented file (no two of its numbers consecutive) keeps its numbers instead, one
+        per page in an ``array('q')`` (:meth:`_set_singles`)."""
         packed = self._packed
-        return None if packed is None else list(_EXTENT.iter_unpack(packed))
+        if packed is None:
+            return None
+        if type(packed) is array:
+            return list(zip(packed, repeat(1)))  # no two consecutive: an extent each
+        return list(_EXTENT.iter_unpack(packed))
 
     @_runs.setter
     def _runs(self, runs: list[Extent] | None) -> None:
@@ -153,8 +159,10 @@ class ShmemFile:
 
     def _singles(self) -> list[int] | None:
         """The frames (or slots) of a whole file as numbers if every extent is one page (a
-        fragmented object), else None; read from the packed extents in C-level passes."""
+        fragmented object), else None."""
         raw = self._packed
+        if type(raw) is array:
+            return raw.tolist()
         if len(raw) != _EXTENT.size * self.nr_pages:  # fewer extents than pages
             return None
         packed = array("q")
@@ -162,13 +170,13 @@ class ShmemFile:
         return packed[::2].tolist()
 
     def _set_singles(self, numbers: list[int]) -> None:
-        """``_runs = runs_of(numbers)``, packed directly when no two are consecutive."""
-        if not no_neighbours(numbers):
+        """``_runs = runs_of(numbers)``; when no two are consecutive, the numbers are kept as
+        they are (the fragmented form: half the bytes of their extents, and read back by
+        :meth:`_singles` in one step)."""
+        if no_neighbours(numbers):
+            self._packed = array("q", numbers)
+        else:
             self._runs = runs_of(numbers)
-            return
-        packed = array("q", [1]) * (2 * len(numbers))
-        packed[::2] = array("q", numbers)
-        self._packed = packed.tobytes()
 
     @property
     def resident_pages(self) -> int:
@@ -309,19 +317,25 @@ class ShmemFile:
 
     def _swapin_singles(self, slots: list[int], gfp: Gfp) -> list[int]:
         """:meth:`_swapin_all` of a fragmented object (every slot an extent of its own):
-        frames and slots as numbers, copied page by page (SwapDevice.read_pages, which takes
+        frames and slots as numbers, copied page by page (in one step with the slots' free
+        where SwapDevice.read_and_free_pages can, else SwapDevice.read_pages, which takes
         the per-pair path where it must). Returns the frames."""
         nr = self.nr_pages
         pfns = self._alloc_frames(nr, gfp, numbers=True)
-        try:
-            self.swap.read_pages(self.allocator.physmem, pfns, slots)
-        except KernelError:
-            self.allocator.free_pages(pfns)
-            raise
+        swap = self.swap
+        physmem = self.allocator.physmem
+        freed = swap.read_and_free_pages(physmem, pfns, slots)
+        if not freed:
+            try:
+                swap.read_pages(physmem, pfns, slots)
+            except KernelError:
+                self.allocator.free_pages(pfns)
+                raise
         self._set_singles(pfns)
         self.nr_resident = nr
         self.nr_swapped = 0
-        self.swap.free_singles(slots)  # a file's extents are maximal: one per slot
+        if not freed:
+            swap.free_singles(slots)  # a file's extents are maximal: one per slot
         return pfns
 
     def _swapin_all(self, gfp: Gfp) -> None:
@@ -431,15 +445,19 @@ class ShmemFile:
 
     def _writeout_singles(self, pfns: list[int]) -> int:
         """:meth:`writeout` of a whole file whose frames are all single (fragmented):
-        frames and slots as numbers, copied page by page in one call."""
+        frames and slots as numbers, copied page by page in one call (with the slots'
+        allocation where SwapDevice.alloc_and_write_pages can)."""
         swap = self.swap
+        physmem = self.allocator.physmem
         nr = len(pfns)
-        slots = swap.alloc_slots(nr)
-        try:
-            swap.write_pages(self.allocator.physmem, pfns, slots)
-        except KernelError:
-            swap.free_slots(slots)
-            raise
+        slots = swap.alloc_and_write_pages(physmem, pfns)
+        if slots is None:
+            slots = swap.alloc_slots(nr)
+            try:
+                swap.write_pages(physmem, pfns, slots)
+            except KernelError:
+                swap.free_slots(slots)
+                raise
         self._set_singles(slots)
         self.nr_resident = 0
         self.nr_swapped = nr

@@ -40,11 +40,12 @@ from gemu.guest.kernel import runtime
 from gemu.guest.mm.extents import (
     Extent,
     RunStack,
-    copy_pages,
+    copy_page_views,
     expand,
     mark,
     mark_numbers,
     no_neighbours,
+    page_views,
     paired_runs,
     runs_of,
     set_numbers,
@@ -99,6 +100,7 @@ class SwapDevice:
         "_rng",
         "_state",
         "_stats",
+        "_views",
         "backing",
         "name",
         "nr_slots",
@@ -114,6 +116,7 @@ class SwapDevice:
         self.backing = backing
         self._fd: int | None = None
         self._mem: memoryview | None = None
+        self._views: list[memoryview] | None = None  # _slot_views()
         if backing == "memory" and nr_slots:
             # anonymous pages are zero until written: bytearray(n) would zero (touch) all of
             # them now, 64 MiB at every boot of a 16 MiB machine
@@ -146,6 +149,7 @@ class SwapDevice:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+        self._views = None  # each slot view holds the mapping exported
         if self._mem is not None:
             self._mem.release()
             self._mem = None
@@ -474,6 +478,14 @@ class SwapDevice:
             and not runtime.current().runtime.deterministic
         )
 
+    def _slot_views(self) -> list[memoryview]:
+        """A view of every slot of a memory-backed device, made on first use (192 bytes per
+        slot), as :meth:`PhysMem.frame_views` is for frames."""
+        views = self._views
+        if views is None:
+            views = self._views = page_views(self._mem, PAGE_SHIFT)
+        return views
+
     def _pages_ok(self, physmem, pfns: Sequence[int], slots: Sequence[int]) -> bool:
         """Whether every frame is in RAM and every slot is in use, checked in C-level passes
         (a batch that fails takes the per-pair path, which names the first bad pair)."""
@@ -501,7 +513,7 @@ class SwapDevice:
         if len(pfns) != len(slots):
             raise Einval(msg=f"{self.name}: {len(pfns)} frames for {len(slots)} slots")
         if self.batched_io() and self._pages_ok(physmem, pfns, slots):
-            copy_pages(self._mem, slots, physmem.mem, pfns, PAGE_SHIFT)
+            copy_page_views(self._slot_views(), slots, physmem.frame_views(), pfns)
             s = self._stats
             s.pswpout += len(pfns)
             s.bytes_out += len(pfns) << PAGE_SHIFT
@@ -519,12 +531,74 @@ class SwapDevice:
         if len(pfns) != len(slots):
             raise Einval(msg=f"{self.name}: {len(pfns)} frames for {len(slots)} slots")
         if self.batched_io() and self._pages_ok(physmem, pfns, slots):
-            copy_pages(physmem.mem, pfns, self._mem, slots, PAGE_SHIFT)
+            copy_page_views(physmem.frame_views(), pfns, self._slot_views(), slots)
             s = self._stats
             s.pswpin += len(pfns)
             s.bytes_in += len(pfns) << PAGE_SHIFT
             return
         self.read_frames(physmem, paired_runs(runs_of(pfns), runs_of(slots)))
+
+    def alloc_and_write_pages(self, physmem, pfns: Sequence[int]) -> list[int] | None:
+        """:meth:`alloc_slots` then :meth:`write_pages` of a fragmented batch in one step:
+        new slots, slot ``i`` written with frame ``pfns[i]``; returns the slots.
+
+        Kernel: folio_alloc_swap() then swap_writepage() for each folio.
+
+        The batched path of the two (:meth:`batched_io`), under one hold of the device lock
+        with the frames checked first; the slots it takes are in use by construction, so
+        write_pages' check of them is not repeated. Returns None, having done nothing, when
+        that path is not open (no batched I/O, a frame outside RAM, too few free slots):
+        the caller then takes the steps one by one, with their preemption points and
+        errors.
+        """
+        nr = len(pfns)
+        if nr < 2 or not self.batched_io() or min(pfns) < 0 or max(pfns) >= physmem.nr_frames:
+            return None
+        with self._lock:
+            free = self._free
+            if free.nr < nr:
+                return None
+            slots = free.pop_numbers(nr)
+            set_numbers(self._state, slots, _USED)
+            s = self._stats
+            used = self.nr_slots - free.nr
+            if used > s.high_water:
+                s.high_water = used
+            copy_page_views(self._slot_views(), slots, physmem.frame_views(), pfns)
+            s.pswpout += nr
+            s.bytes_out += nr << PAGE_SHIFT
+        return slots
+
+    def read_and_free_pages(self, physmem, pfns: Sequence[int], slots: Sequence[int]) -> bool:
+        """:meth:`read_pages` then :meth:`free_singles` of a fragmented batch in one step:
+        slot ``slots[i]`` read into frame ``pfns[i]``, then every slot freed.
+
+        Kernel: swap_read_folio() then swap_free() for each folio.
+
+        The batched path of the two, under one hold of the device lock: freeing's check of
+        the slots (each in use, none twice) is made first and stands for read_pages' check
+        of them. Returns False, having done nothing, when that path is not open (no
+        batched I/O, a bad frame or slot): the caller then reads and frees one step after
+        the other, and the per-pair path names what was wrong.
+        """
+        nr = len(pfns)
+        if (
+            nr < 2
+            or len(slots) != nr
+            or not self.batched_io()
+            or min(pfns) < 0
+            or max(pfns) >= physmem.nr_frames
+        ):
+            return False
+        with self._lock:
+            if not mark_numbers(self._state, slots, _USED, _FREE):
+                return False
+            copy_page_views(physmem.frame_views(), pfns, self._slot_views(), slots)
+            self._free.push_singles(slots)
+            s = self._stats
+            s.pswpin += nr
+            s.bytes_in += nr << PAGE_SHIFT
+        return True
 
     def read_slot(self, slot: int) -> bytes:
         """Read one page. Kernel: swap_read_folio() [mm/page_io.c]"""

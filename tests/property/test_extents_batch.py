@@ -11,6 +11,7 @@ bytes, the same states, the same numbers handed out in the same order, and the s
 from __future__ import annotations
 
 import random
+from array import array
 from itertools import pairwise
 
 import pytest
@@ -18,14 +19,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import rule
 
-from gemu.guest.errors import Efault, Einval, KernelWarning
+from gemu.guest.errors import Efault, Einval, Eio, KernelWarning
 from gemu.guest.mm.extents import (
     RunStack,
+    copy_page_views,
     copy_pages,
     expand,
     mark,
     mark_numbers,
     no_neighbours,
+    page_views,
     runs_of,
 )
 from gemu.guest.mm.page_alloc import PAGE_SIZE, PageAllocator, PhysMem
@@ -81,6 +84,25 @@ def test_copy_pages_is_the_per_page_copy(nr_pages, data) -> None:
 
 
 @DET
+@given(st.integers(0, 12), st.data())
+def test_copy_page_views_is_copy_pages(nr_pages, data) -> None:
+    """Copying between page views moves the same bytes as copy_pages, in order, for any
+    number of pages (none, one, or a batch with repeats)."""
+    shift = 4
+    src_pages = data.draw(st.lists(st.integers(0, 15), min_size=nr_pages, max_size=nr_pages))
+    dst_pages = data.draw(st.lists(st.integers(0, 15), min_size=nr_pages, max_size=nr_pages))
+    rnd = random.Random(data.draw(st.integers(0, 1 << 16)))
+    src = bytearray(rnd.randbytes(16 << shift))
+    dst = bytearray(rnd.randbytes(16 << shift))
+    expect = bytearray(dst)
+    copy_pages(memoryview(expect), dst_pages, memoryview(src), src_pages, shift)
+    dst_views = page_views(memoryview(dst), shift)
+    assert len(dst_views) == 16 and all(len(v) == 1 << shift for v in dst_views)
+    copy_page_views(dst_views, dst_pages, page_views(memoryview(src), shift), src_pages)
+    assert dst == expect
+
+
+@DET
 @given(
     st.lists(st.sampled_from([0, 1, 2]), min_size=1, max_size=24),
     st.lists(st.integers(-2, 26), max_size=12),
@@ -108,7 +130,7 @@ def test_numbers_of_a_run_stack_are_a_stack_of_numbers(ops, rnd) -> None:
             batch = rnd.sample(out, k)
             for p in batch:
                 out.remove(p)
-            if use_numbers and no_neighbours(batch):
+            if use_numbers:  # consecutive neighbours too: each stays an extent of one
                 stack.push_singles(batch)
             else:
                 stack.push(runs_of(batch))
@@ -178,6 +200,113 @@ def test_write_pages_names_the_first_bad_frame_or_slot() -> None:
         swap.write_pages(alloc.physmem, pfns, slots[:5])
 
 
+def _twins(nr: int = 6):
+    """Two fragmented machines built alike, each with ``nr`` frames allocated and filled
+    with the same bytes."""
+    out = []
+    for _ in range(2):
+        alloc, swap, _, _ = _fragmented_machine()
+        pfns = alloc.alloc_pages(nr)
+        rnd = random.Random(11)
+        for p in pfns:
+            alloc.physmem.write(p * PAGE_SIZE, rnd.randbytes(PAGE_SIZE))
+        out.append((alloc, swap, pfns))
+    return out
+
+
+def _swap_view(swap: SwapDevice) -> tuple:
+    st_ = swap.statistics()
+    return (
+        swap._free.extents(),
+        bytes(swap._state),
+        (st_.pswpout, st_.bytes_out, st_.pswpin, st_.bytes_in, st_.high_water),
+    )
+
+
+def test_alloc_and_write_pages_is_alloc_slots_then_write_pages() -> None:
+    """The one-step write-out takes the slots alloc_slots would (same numbers, same order,
+    same free list after), writes the same bytes and counts the same statistics."""
+    (alloc_a, swap_a, pfns_a), (alloc_b, swap_b, pfns_b) = _twins()
+    slots_a = swap_a.alloc_and_write_pages(alloc_a.physmem, pfns_a)
+    slots_b = swap_b.alloc_slots(len(pfns_b))
+    swap_b.write_pages(alloc_b.physmem, pfns_b, slots_b)
+    assert slots_a == slots_b
+    assert _swap_view(swap_a) == _swap_view(swap_b)
+    assert [swap_a.read_slot(s) for s in slots_a] == [
+        alloc_a.physmem.read(p * PAGE_SIZE, PAGE_SIZE) for p in pfns_a
+    ]
+
+
+def test_alloc_and_write_pages_declines_and_takes_nothing() -> None:
+    """Where the one-step path is not open it returns None and leaves the device as it was:
+    a frame outside RAM, too few free slots, an injected error armed, a single page."""
+    alloc, swap, _, _ = _fragmented_machine()
+    ram = alloc.physmem
+    pfns = alloc.alloc_pages(6)
+    before = _swap_view(swap)
+    assert swap.alloc_and_write_pages(ram, pfns[:5] + [ram.nr_frames]) is None
+    assert swap.alloc_and_write_pages(ram, pfns[:5] + [-1]) is None
+    assert swap.alloc_and_write_pages(ram, pfns * 3) is None  # 18 pages, 12 slots free
+    assert swap.alloc_and_write_pages(ram, pfns[:1]) is None
+    swap.inject(write_errors=1)
+    assert swap.alloc_and_write_pages(ram, pfns) is None
+    assert _swap_view(swap) == before
+    with pytest.raises(Eio, match="injected write error"):  # the caller's step-by-step path
+        swap.write_pages(ram, pfns, swap.alloc_slots(6))
+
+
+def test_read_and_free_pages_is_read_pages_then_free_singles() -> None:
+    """The one-step swap-in reads the same bytes, frees the slots to the same free list and
+    counts the same statistics as read_pages then free_singles."""
+    twins = _twins()
+    slots = []
+    for alloc, swap, pfns in twins:
+        got = swap.alloc_slots(len(pfns))
+        swap.write_pages(alloc.physmem, pfns, got)
+        for p in pfns:
+            alloc.physmem.write(p * PAGE_SIZE, bytes(PAGE_SIZE))
+        slots.append(got)
+    (alloc_a, swap_a, pfns_a), (alloc_b, swap_b, pfns_b) = twins
+    assert swap_a.read_and_free_pages(alloc_a.physmem, pfns_a, slots[0]) is True
+    swap_b.read_pages(alloc_b.physmem, pfns_b, slots[1])
+    swap_b.free_singles(slots[1])
+    assert _swap_view(swap_a) == _swap_view(swap_b)
+    assert bytes(alloc_a.physmem.mem) == bytes(alloc_b.physmem.mem)
+
+
+def test_read_and_free_pages_declines_on_a_bad_batch_and_changes_nothing() -> None:
+    """A slot not in use or named twice, or a frame outside RAM: False, with every slot's
+    state, the free list and RAM as they were (the caller's read_pages names the fault)."""
+    alloc, swap, _, held_slots = _fragmented_machine()
+    ram = alloc.physmem
+    pfns = alloc.alloc_pages(6)
+    slots = swap.alloc_slots(6)
+    swap.write_pages(ram, pfns, slots)
+    free_slot = 1 + max(held_slots + slots)
+    before = (_swap_view(swap), bytes(ram.mem))
+    assert swap.read_and_free_pages(ram, pfns, slots[:5] + [free_slot]) is False
+    assert swap.read_and_free_pages(ram, pfns, slots[:5] + slots[:1]) is False
+    assert swap.read_and_free_pages(ram, pfns[:5] + [ram.nr_frames], slots) is False
+    assert swap.read_and_free_pages(ram, pfns, slots[:5]) is False
+    assert (_swap_view(swap), bytes(ram.mem)) == before
+    with pytest.raises(KernelWarning, match=f"read of slots {free_slot}..{free_slot}"):
+        swap.read_pages(ram, pfns, slots[:5] + [free_slot])
+
+
+def test_page_views_do_not_keep_ram_or_swap_from_closing() -> None:
+    """RAM in a memfd and a memory swap device close after their page views were made
+    (each view holds the mapping exported until close drops them)."""
+    ram = PhysMem.from_memfd(8 * PAGE_SIZE)
+    assert len(ram.frame_views()) == 8
+    ram.close()
+    assert ram.fd is None
+    swap = SwapDevice(8)
+    mapping = swap._mem.obj
+    assert len(swap._slot_views()) == 8
+    swap.close()
+    mapping.close()  # BufferError while a view of it lives
+
+
 def test_a_fragmented_object_round_trips_page_by_page() -> None:
     """A 64 KiB object on every other frame and slot goes out and back through the
     page-by-page path: the bytes survive, frames and slots are freed and handed out in the
@@ -191,6 +320,8 @@ def test_a_fragmented_object_round_trips_page_by_page() -> None:
     free_slots_top = swap._free.extents()[:16]
     assert f.writeout() == 16
     assert f._singles() == expand(free_slots_top)  # the slots on top, in hand-out order
+    assert type(f._packed) is array  # kept as numbers, not as 16 one-page extents
+    assert [f.page_state(i) for i in range(16)] == [("swapped", s) for s, _ in free_slots_top]
     assert alloc._free.extents()[:16] == [(p, 1) for p in pfns]  # first frame on top
     again = f.get_pages()
     assert again == pfns  # last freed, first handed out
