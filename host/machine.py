@@ -535,6 +535,9 @@ class Machine:
         swap = getattr(self, "swap", None)
         if swap is not None:
             swap.close()
+        physmem = getattr(self, "physmem", None)
+        if physmem is not None:
+            physmem.close()  # its views of RAM keep the mapping from closing
         with contextlib.suppress(Exception):
             self.ram.close()
         self._tmp.cleanup()
