@@ -275,16 +275,22 @@ class SwapDevice:
                 raise Enospc(
                     msg=f"{self.name}: {nr} slots wanted, {len(free)} of {self.nr_slots} free"
                 )
-            if numbers:
-                got = free.pop_numbers(nr)
-                set_numbers(self._state, got, _USED)
-            else:
-                got = free.pop(nr)
-                set_states(self._state, got, _USED)
-            used = self.nr_slots - free.nr
-            if used > self._stats.high_water:
-                self._stats.high_water = used
-            return got
+            return self._take(nr, numbers)
+
+    def _take(self, nr: int, numbers: bool) -> list:
+        """Take ``nr`` slots off the free list and mark them in use, as numbers or as
+        extents; the caller holds the lock and checked that ``nr`` are free."""
+        free = self._free
+        if numbers:
+            got = free.pop_numbers(nr)
+            set_numbers(self._state, got, _USED)
+        else:
+            got = free.pop(nr)
+            set_states(self._state, got, _USED)
+        used = self.nr_slots - free.nr
+        if used > self._stats.high_water:
+            self._stats.high_water = used
+        return got
 
     def free_slot(self, slot: int) -> None:
         """Kernel: swap_free() [mm/swapfile.c]"""
@@ -555,16 +561,11 @@ class SwapDevice:
         if nr < 2 or not self.batched_io() or min(pfns) < 0 or max(pfns) >= physmem.nr_frames:
             return None
         with self._lock:
-            free = self._free
-            if free.nr < nr:
+            if self._free.nr < nr:
                 return None
-            slots = free.pop_numbers(nr)
-            set_numbers(self._state, slots, _USED)
-            s = self._stats
-            used = self.nr_slots - free.nr
-            if used > s.high_water:
-                s.high_water = used
+            slots = self._take(nr, True)
             copy_page_views(self._slot_views(), slots, physmem.frame_views(), pfns)
+            s = self._stats
             s.pswpout += nr
             s.bytes_out += nr << PAGE_SHIFT
         return slots
