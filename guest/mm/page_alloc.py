@@ -165,7 +165,8 @@ class PhysMem:
         """A view of every frame, indexed by pfn; made on the first call (about 30 ms and
         48 MiB for 1 GiB of RAM: 192 bytes per frame), which comes with the first swap I/O of
         a fragmented object (:meth:`SwapDevice.write_pages`): copying between these views
-        makes no slice or view object per page."""
+        makes no slice or view object per page. RAM over 1 GiB gets views made on demand
+        instead (:func:`~gemu.guest.mm.extents.page_views`), so this never costs more."""
         views = self._views
         if views is None:
             views = self._views = page_views(self.mem, PAGE_SHIFT)

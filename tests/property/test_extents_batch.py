@@ -20,7 +20,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import rule
 
 from gemu.guest.errors import Efault, Einval, Eio, KernelWarning
+from gemu.guest.mm import extents
 from gemu.guest.mm.extents import (
+    LazyPageViews,
     RunStack,
     copy_page_views,
     expand,
@@ -80,6 +82,30 @@ def test_copy_page_views_is_the_per_page_copy(nr_pages, data) -> None:
     assert len(dst_views) == 16 and all(len(v) == size for v in dst_views)
     copy_page_views(dst_views, dst_pages, page_views(memoryview(src), shift), src_pages)
     assert dst == expect
+    # a buffer beyond PAGE_VIEWS_MAX pages gets its views made on demand: the same copies
+    lazy_dst = bytearray(rnd.randbytes(16 * size))
+    expect = bytearray(lazy_dst)
+    for d, s in zip(dst_pages, src_pages, strict=True):
+        expect[d * size : (d + 1) * size] = src[s * size : (s + 1) * size]
+    lazy = LazyPageViews(memoryview(lazy_dst), shift)
+    copy_page_views(lazy, dst_pages, LazyPageViews(memoryview(src), shift), src_pages)
+    assert lazy_dst == expect
+
+
+def test_page_views_beyond_the_bound_are_made_on_demand(monkeypatch) -> None:
+    """Over PAGE_VIEWS_MAX pages, page_views cuts nothing up front; its views are the same
+    pages, and an index outside them (negative included) is an IndexError."""
+    monkeypatch.setattr(extents, "PAGE_VIEWS_MAX", 4)
+    buf = memoryview(bytearray(range(80)))  # five 16-byte pages
+    views = extents.page_views(buf, 4)
+    assert isinstance(views, LazyPageViews) and len(views) == 5
+    assert [bytes(views[i]) for i in range(5)] == [
+        bytes(range(16 * i, 16 * i + 16)) for i in range(5)
+    ]
+    for bad in (-1, 5):
+        with pytest.raises(IndexError):
+            views[bad]
+    assert isinstance(extents.page_views(buf[:64], 4), list)
 
 
 @DET
