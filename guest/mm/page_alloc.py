@@ -140,7 +140,7 @@ class PhysMem:
         self.size = self.nr_frames << PAGE_SHIFT
         self.fd: int | None = None
         self._mmap: mmap.mmap | None = None
-        self._views: list[memoryview] | None = None
+        self._views: Sequence[memoryview] | None = None
 
     @classmethod
     def from_memfd(cls, size: int, name: str = "gemu-ram") -> PhysMem:
@@ -161,7 +161,7 @@ class PhysMem:
         ram._mmap = mapping
         return ram
 
-    def frame_views(self) -> list[memoryview]:
+    def frame_views(self) -> Sequence[memoryview]:
         """A view of every frame, indexed by pfn; made on the first call (about 30 ms and
         48 MiB for 1 GiB of RAM: 192 bytes per frame), which comes with the first swap I/O of
         a fragmented object (:meth:`SwapDevice.write_pages`): copying between these views

@@ -116,7 +116,7 @@ class SwapDevice:
         self.backing = backing
         self._fd: int | None = None
         self._mem: memoryview | None = None
-        self._views: list[memoryview] | None = None  # _slot_views()
+        self._views: Sequence[memoryview] | None = None  # _slot_views()
         if backing == "memory" and nr_slots:
             # anonymous pages are zero until written: bytearray(n) would zero (touch) all of
             # them now, 64 MiB at every boot of a 16 MiB machine
@@ -484,7 +484,7 @@ class SwapDevice:
             and not runtime.current().runtime.deterministic
         )
 
-    def _slot_views(self) -> list[memoryview]:
+    def _slot_views(self) -> Sequence[memoryview]:
         """A view of every slot of a memory-backed device, made on first use (192 bytes per
         slot), as :meth:`PhysMem.frame_views` is for frames."""
         views = self._views
