@@ -76,6 +76,12 @@ class SwapStats:
     high_water: int = 0
 
 
+def _in_ram(physmem, pfns: Sequence[int]) -> bool:
+    """Whether every frame of ``pfns`` (not empty) is a frame of ``physmem``, in two C-level
+    passes: the check every batched copy makes before indexing RAM by frame."""
+    return min(pfns) >= 0 and max(pfns) < physmem.nr_frames
+
+
 class SwapDevice:
     """A swap area of ``nr_slots`` page slots. Kernel: struct swap_info_struct.
 
@@ -496,7 +502,7 @@ class SwapDevice:
         """Whether every frame is in RAM and every slot is in use, checked in C-level passes
         (a batch that fails takes the per-pair path, which names the first bad pair)."""
         n = len(pfns)
-        if not n or len(slots) != n or min(pfns) < 0 or max(pfns) >= physmem.nr_frames:
+        if not n or len(slots) != n or not _in_ram(physmem, pfns):
             return False
         if n == 1:
             return 0 <= slots[0] < self.nr_slots and self._state[slots[0]] == _USED
@@ -558,7 +564,7 @@ class SwapDevice:
         errors.
         """
         nr = len(pfns)
-        if nr < 2 or not self.batched_io() or min(pfns) < 0 or max(pfns) >= physmem.nr_frames:
+        if nr < 2 or not self.batched_io() or not _in_ram(physmem, pfns):
             return None
         with self._lock:
             if self._free.nr < nr:
@@ -583,13 +589,7 @@ class SwapDevice:
         the other, and the per-pair path names what was wrong.
         """
         nr = len(pfns)
-        if (
-            nr < 2
-            or len(slots) != nr
-            or not self.batched_io()
-            or min(pfns) < 0
-            or max(pfns) >= physmem.nr_frames
-        ):
+        if nr < 2 or len(slots) != nr or not self.batched_io() or not _in_ram(physmem, pfns):
             return False
         with self._lock:
             if not mark_numbers(self._state, slots, _USED, _FREE):
