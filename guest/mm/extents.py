@@ -22,6 +22,7 @@ extent is checked with one ``bytearray.count`` and set with one slice assignment
 
 from __future__ import annotations
 
+import os
 from bisect import bisect_left
 from collections import deque
 from collections.abc import Iterable, Sequence
@@ -29,6 +30,17 @@ from itertools import accumulate, chain, compress, repeat
 from operator import add, eq, itemgetter, ne, setitem, sub
 
 Extent = tuple[int, int]
+
+try:
+    from gemu.guest.mm._pagecopy import copy_pages as native_copy_pages
+except ImportError:  # built without a C compiler: copy_page_views does every copy
+    native_copy_pages = None
+if os.environ.get("GEMU_PAGECOPY") == "python":  # the Python copy, to compare or to debug
+    native_copy_pages = None
+"""``copy_pages(dst, dst_pages, src, src_pages, shift)`` from ``_pagecopy.c``: page
+``src_pages[i]`` of the buffer ``src`` to page ``dst_pages[i]`` of ``dst``, in C, every page
+number checked against both buffers before anything is copied; or None where the module is not
+built or ``GEMU_PAGECOPY=python`` is set, and :func:`copy_page_views` copies instead."""
 _LENGTH = itemgetter(1)
 
 

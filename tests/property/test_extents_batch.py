@@ -1,5 +1,5 @@
 """The page-by-page batch routines of fragmented objects against per-page references
-(Hypothesis, derandomized).
+(Hypothesis, derandomized), each with the C page copy and with the Python one.
 
 A GEM object whose frames and slots are all single pages (no two consecutive) is written out
 and swapped in with numbers rather than extents: ``copy_page_views``, ``mark_numbers``,
@@ -38,6 +38,21 @@ from gemu.guest.mm.swap import SwapDevice
 from tests.property.test_extents_machine import ShmemExtentsMachine
 
 DET = settings(derandomize=True, max_examples=200, deadline=None, database=None)
+
+
+@pytest.fixture(scope="module", params=["C copy", "Python copy"])
+def page_copy(request):
+    """A test that copies pages (marked ``both_copies``) runs twice: with the compiled page
+    copy, and with the Python copy between page views that runs where it is not built
+    (GEMU_PAGECOPY=python)."""
+    native = extents.native_copy_pages
+    if request.param == "Python copy":
+        extents.native_copy_pages = None
+    yield request.param
+    extents.native_copy_pages = native
+
+
+both_copies = pytest.mark.usefixtures("page_copy")
 
 
 def reference_runs_of(numbers: list[int]) -> list[tuple[int, int]]:
@@ -164,6 +179,7 @@ def _fragmented_machine(nr: int = 24):
     return alloc, swap, frames[1::2], slots[1::2]
 
 
+@both_copies
 @DET
 @given(st.integers(5, 12), st.data())
 def test_write_pages_and_read_pages_are_the_paired_copies(nr, data) -> None:
@@ -190,6 +206,7 @@ def test_write_pages_and_read_pages_are_the_paired_copies(nr, data) -> None:
     assert (stats.pswpin, stats.bytes_in) == (2 * nr, 2 * nr * PAGE_SIZE)  # + read_slot
 
 
+@both_copies
 def test_write_pages_names_the_first_bad_frame_or_slot() -> None:
     """A frame outside RAM or a slot not in use sends the batch down the per-pair path:
     the same errors, at the same pair, as write_frames."""
@@ -229,6 +246,7 @@ def _swap_view(swap: SwapDevice) -> tuple:
     )
 
 
+@both_copies
 def test_alloc_and_write_pages_is_alloc_slots_then_write_pages() -> None:
     """The one-step write-out takes the slots alloc_slots would (same numbers, same order,
     same free list after), writes the same bytes and counts the same statistics."""
@@ -243,6 +261,7 @@ def test_alloc_and_write_pages_is_alloc_slots_then_write_pages() -> None:
     ]
 
 
+@both_copies
 def test_alloc_and_write_pages_declines_and_takes_nothing() -> None:
     """Where the one-step path is not open it returns None and leaves the device as it was:
     a frame outside RAM, too few free slots, an injected error armed, a single page."""
@@ -261,6 +280,7 @@ def test_alloc_and_write_pages_declines_and_takes_nothing() -> None:
         swap.write_pages(ram, pfns, swap.alloc_slots(6))
 
 
+@both_copies
 def test_read_and_free_pages_is_read_pages_then_free_singles() -> None:
     """The one-step swap-in reads the same bytes, frees the slots to the same free list and
     counts the same statistics as read_pages then free_singles."""
@@ -280,6 +300,7 @@ def test_read_and_free_pages_is_read_pages_then_free_singles() -> None:
     assert bytes(alloc_a.physmem.mem) == bytes(alloc_b.physmem.mem)
 
 
+@both_copies
 def test_read_and_free_pages_declines_on_a_bad_batch_and_changes_nothing() -> None:
     """A slot not in use or named twice, or a frame outside RAM: False, with every slot's
     state, the free list and RAM as they were (the caller's read_pages names the fault)."""
@@ -313,6 +334,7 @@ def test_page_views_do_not_keep_ram_or_swap_from_closing() -> None:
     mapping.close()  # BufferError while a view of it lives
 
 
+@both_copies
 def test_a_fragmented_object_round_trips_page_by_page() -> None:
     """A 64 KiB object on every other frame and slot goes out and back through the
     page-by-page path: the bytes survive, frames and slots are freed and handed out in the
@@ -380,7 +402,25 @@ class FragmentedShmemMachine(ShmemExtentsMachine):
         super().teardown()
 
 
-TestFragmentedShmemMachine = FragmentedShmemMachine.TestCase
-TestFragmentedShmemMachine.settings = settings(
+class FragmentedShmemMachinePythonCopy(FragmentedShmemMachine):
+    """The same machine with the Python page copy (as GEMU_PAGECOPY=python runs)."""
+
+    def __init__(self) -> None:
+        self._native = extents.native_copy_pages
+        extents.native_copy_pages = None
+        super().__init__()
+
+    def teardown(self) -> None:
+        try:
+            super().teardown()
+        finally:
+            extents.native_copy_pages = self._native
+
+
+_MACHINE = settings(
     derandomize=True, max_examples=60, stateful_step_count=40, deadline=None, database=None
 )
+TestFragmentedShmemMachine = FragmentedShmemMachine.TestCase
+TestFragmentedShmemMachine.settings = _MACHINE
+TestFragmentedShmemMachinePythonCopy = FragmentedShmemMachinePythonCopy.TestCase
+TestFragmentedShmemMachinePythonCopy.settings = _MACHINE
