@@ -18,11 +18,15 @@ and reported beside these, against the same memoryview copy.
 - ``64 KiB objects, fragmented``: every other frame and slot is held by someone else, so every
   page is its own run: the per-page overhead of the model, as a lower bound. Such an object
   goes out and back as numbers (``SwapDevice.alloc_and_write_pages``/``read_and_free_pages``),
-  one copy per page between page views.
-- ``page copies alone``: the same scattered pages copied out and back between page views
-  (``copy_page_views``, the model's copy) with nothing else: the fragmented row's ceiling in
-  Python. A 4 KiB copy between scattered pages costs 0.64 us in C here (gcc -O2, memcpy in a
-  loop; 0.60 us is its share of one large copy), about 0.9 us from Python.
+  its bytes moved by the C page copy (``guest/mm/_pagecopy.c``).
+- ``..., Python page copy``: the same round trip with the bytes moved in Python between page
+  views (``copy_page_views``), what runs where the C copy is not built or
+  ``GEMU_PAGECOPY=python`` is set: the alternative, in the same run.
+- ``page copies alone``: the same scattered pages copied out and back as the model copies them
+  (``SwapDevice._copy_to_slots``/``_copy_to_frames``, 16 pages a call), with nothing else: the
+  fragmented row's ceiling, with the C copy and with the Python one. A 4 KiB copy between
+  scattered pages costs 0.64 us in a C loop here (gcc -O2, memcpy; 0.60 us is its share of
+  one large copy).
 
 Guest RAM is a memfd mapped shared, as the emulator's machine has it (``PhysMem.from_memfd``);
 swap is the memory-backed device's anonymous mapping.
@@ -31,8 +35,9 @@ swap is the memory-backed device's anonymous mapping.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 
-from gemu.guest.mm.extents import copy_page_views
+from gemu.guest.mm import extents
 from gemu.guest.mm.page_alloc import GFP_KERNEL, PAGE_SIZE, PageAllocator, PhysMem
 from gemu.guest.mm.shmem import ShmemFile
 from gemu.guest.mm.swap import SwapDevice
@@ -45,7 +50,26 @@ _BASELINE = (
 )
 
 
-def _round_trip_rate(total: int, obj_size: int, *, fragmented: bool) -> float:
+@contextmanager
+def _python_copy(on: bool):
+    """Copy pages in Python (as ``GEMU_PAGECOPY=python`` does) while ``on``."""
+    native = extents.native_copy_pages
+    if on:
+        extents.native_copy_pages = None
+    try:
+        yield
+    finally:
+        extents.native_copy_pages = native
+
+
+def _round_trip_rate(
+    total: int, obj_size: int, *, fragmented: bool, python_copy: bool = False
+) -> float:
+    with _python_copy(python_copy):
+        return _round_trip(total, obj_size, fragmented)
+
+
+def _round_trip(total: int, obj_size: int, fragmented: bool) -> float:
     nr_objs = total // obj_size
     frames = total // PAGE_SIZE * (2 if fragmented else 1) + 64
     ram = PhysMem.from_memfd(frames * PAGE_SIZE)  # guest RAM as the emulator has it
@@ -89,11 +113,11 @@ def _round_trip_rate(total: int, obj_size: int, *, fragmented: bool) -> float:
     return rate
 
 
-def _page_copy_floor_rate(total: int) -> float:
+def _page_copy_floor_rate(total: int, *, python_copy: bool = False) -> float:
     """The fragmented round trip's copies alone: every page of the working set from every
-    other frame of RAM to every other slot of a memory swap buffer and back, 16 pages (one
-    64 KiB object) per call of the model's copy (copy_page_views), with no allocation,
-    checks or state. What the fragmented row can at best reach in Python."""
+    other frame of RAM to every other slot of a memory swap device and back, 16 pages (one
+    64 KiB object) per call of the model's copy, with no allocation, checks or state. What
+    the fragmented row can at best reach with that copy."""
     nr = total // PAGE_SIZE
     physmem = PhysMem.from_memfd((2 * nr + 64) * PAGE_SIZE)
     swap = SwapDevice(2 * nr + 64)
@@ -103,17 +127,19 @@ def _page_copy_floor_rate(total: int) -> float:
         physmem.write(p * PAGE_SIZE, bytes((p & 255,)) * PAGE_SIZE)
 
     def once() -> float:
-        # the views are the devices' own (their close() drops them), looked up per pass
-        ram, slots = physmem.frame_views(), swap._slot_views()
         t0 = time.perf_counter()
         for obj in objects:
-            copy_page_views(slots, obj, ram, obj)
+            swap._copy_to_slots(physmem, obj, obj)
         for obj in objects:
-            copy_page_views(ram, obj, slots, obj)
+            swap._copy_to_frames(physmem, obj, obj)
         return time.perf_counter() - t0
 
-    once()
-    rate = total / best_of(once)
+    with _python_copy(python_copy):
+        once()
+        rate = total / best_of(once)
+    last = pages[-1] * PAGE_SIZE  # the slots were never allocated: read the buffer itself
+    if swap._mem[last : last + PAGE_SIZE] != bytes((pages[-1] & 255,)) * PAGE_SIZE:
+        raise AssertionError("benchmark data did not survive the copies")
     swap.close()
     physmem.close()
     return rate
@@ -125,7 +151,10 @@ def bench(quick: bool) -> list[Row]:
     copy_before = memoryview_copy_rate(total)
     big = _round_trip_rate(total, 1 << 20, fragmented=False)
     frag = _round_trip_rate(total, 64 << 10, fragmented=True)
+    frag_py = _round_trip_rate(total, 64 << 10, fragmented=True, python_copy=True)
     floor = _page_copy_floor_rate(total)
+    floor_py = _page_copy_floor_rate(total, python_copy=True)
+    copier = "C page copy" if extents.native_copy_pages else "Python page copy (C copy not built)"
     old_big = baseline.in_checkout(_BASELINE.format(total=total, size=1 << 20, frag=False))
     old_frag = baseline.in_checkout(_BASELINE.format(total=total, size=64 << 10, frag=True))
     # The copy floor is measured before and after and the faster kept: on a shared machine
@@ -151,7 +180,18 @@ def bench(quick: bool) -> list[Row]:
             limit_name="memoryview_copy",
             limit_value=copy / mb,
             aim=">= 0.25x",
-            note="every other frame and slot held elsewhere, so no two pages are consecutive",
+            note="every other frame and slot held elsewhere, so no two pages are consecutive; "
+            + copier,
+        ),
+        Row(
+            issue=18,
+            name="shmem evict+swapin, 64 KiB objects, fragmented, Python page copy",
+            value=frag_py / mb,
+            unit="MB/s",
+            limit_name="memoryview_copy",
+            limit_value=copy / mb,
+            aim="informational: the row above without the C copy (GEMU_PAGECOPY=python)",
+            note="the same round trip, pages copied between page views (copy_page_views)",
         ),
         Row(
             issue=18,
@@ -160,9 +200,19 @@ def bench(quick: bool) -> list[Row]:
             unit="MB/s",
             limit_name="memoryview_copy",
             limit_value=copy / mb,
-            aim="informational: the fragmented row's ceiling in Python",
-            note="the same frames and slots copied out and back one page at a time "
-            "(copy_page_views, 16 pages a call), without allocation, checks or state",
+            aim="informational: the fragmented row's ceiling",
+            note="the same frames and slots copied out and back as the model copies them, "
+            f"16 pages a call, without allocation, checks or state; {copier}",
+        ),
+        Row(
+            issue=18,
+            name="shmem evict+swapin, 64 KiB objects, fragmented: Python page copies alone",
+            value=floor_py / mb,
+            unit="MB/s",
+            limit_name="memoryview_copy",
+            limit_value=copy / mb,
+            aim="informational: the Python row's ceiling",
+            note="as the row above, pages copied between page views (copy_page_views)",
         ),
     ]
     for name, old in (("1 MiB objects", old_big), ("64 KiB objects, fragmented", old_frag)):
