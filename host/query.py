@@ -26,6 +26,7 @@ import errno as errno_mod
 from typing import TYPE_CHECKING, Any
 
 from gemu.guest.locking import lockdep
+from gemu.guest.mm import extents
 
 if TYPE_CHECKING:
     from gemu.host.machine import Machine
@@ -67,8 +68,13 @@ def shrinker(m: Machine, session: Shell | None = None) -> dict | None:
 
 
 def swap(m: Machine, session: Shell | None = None) -> dict | None:
-    """Swap use and I/O counters (None: the machine has no swap)."""
-    return m.statistics().get("swap")
+    """Swap use and I/O counters (None: the machine has no swap), and which page copy moves
+    fragmented batches: ``"C"`` (guest/mm/_pagecopy.c) or ``"python"`` (not built, or
+    ``GEMU_PAGECOPY=python``)."""
+    out = m.statistics().get("swap")
+    if out is not None:
+        out["page_copy"] = "python" if extents.native_copy_pages is None else "C"
+    return out
 
 
 def mem(m: Machine, session: Shell | None = None) -> dict:

@@ -1848,6 +1848,7 @@ class Shell:
             f"  pswpout {s['pswpout']}, pswpin {s['pswpin']}, errors "
             f"{s['write_errors']}/{s['read_errors']}, high water {s['high_water']}"
         )
+        self.say(f"  page copy {s['page_copy']}")
 
     def _info_mem(self) -> None:
         s = query.mem(self.m, self)

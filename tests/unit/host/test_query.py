@@ -85,3 +85,17 @@ def test_session_view_without_a_session_and_unknown_view_are_refused(session):
         session.m.query("objects")
     with pytest.raises(query.QueryError, match=r"unknown view 'nope'.*known: shrinker"):
         session.m.query("nope")
+
+
+def test_the_swap_view_names_the_page_copy(session, monkeypatch):
+    """``info swap`` and query-gemu-swap say which copy moves fragmented batches: the C
+    one this install built, or the Python one (GEMU_PAGECOPY=python, or not built)."""
+    from gemu.guest.mm import extents
+
+    assert extents.native_copy_pages is not None  # ci/setup.sh builds it
+    assert session.m.query("swap", session)["page_copy"] == "C"
+    session.lines.clear()
+    session.run_line("info swap")
+    assert "  page copy C" in session.lines
+    monkeypatch.setattr(extents, "native_copy_pages", None)
+    assert session.m.query("swap", session)["page_copy"] == "python"
