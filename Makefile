@@ -25,3 +25,4 @@ soak: setup
 
 clean:
 	rm -rf .venv out build *.egg-info .pytest_cache .ruff_cache .hypothesis
+	rm -f guest/mm/_pagecopy.*.so
